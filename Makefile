@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch goes in first and pinned, so resolving `torch` never pulls the CUDA stack on a CPU box.
+# GPU users: make install TORCH_SPEC=torch TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cu124
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.saeflow-installed
+
+.PHONY: install demo test test-unit test-integration bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/saeflow info --model embedded
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration" tests
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -q -m integration tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_capture.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache
