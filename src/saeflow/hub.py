@@ -234,8 +234,9 @@ def fetch(release: str, out: str | os.PathLike | None = None, layers: str | None
             if slot in pack.entries and not pack.entries[slot].extra.get("neuronpedia_id"):
                 pack.entries[slot].extra["neuronpedia_id"] = np_id
         pack.model_name = pack.model_name or plan.model_name
-        pack.provenance = {"release": release, "repo_id": plan.repo_id, "files": plan.files}
+        prov = {"release": release, "repo_id": plan.repo_id, "files": plan.files,
+                "converted_from": f"hub:{plan.repo_id}"}
         return convert_pack(pack, out, n_layers=plan.n_layers, overwrite=overwrite,
-                            progress=True)
+                            provenance=prov, progress=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -339,13 +339,14 @@ def save_pack(saes: Iterable[tuple[str, int, SAE]], out: str | os.PathLike, *,
 
 def convert_pack(src: Pack, out: str | os.PathLike, *, model_name: str | None = None,
                  n_layers: int | None = None, overwrite: bool = False,
-                 progress: bool = False) -> Pack:
+                 provenance: dict | None = None, progress: bool = False) -> Pack:
     """Write any pack as a saeflow pack (one SAE in memory at a time)."""
     np_ids = {s: i.extra.get("neuronpedia_id") for s, i in src.entries.items()
               if i.extra.get("neuronpedia_id")}
     prov = {"converted_from": str(src.root), "source_format": src.source_format,
             **({"choices": src.choices} if src.choices else {}),
-            **({"source_provenance": src.provenance} if src.provenance else {})}
+            **({"source_provenance": src.provenance} if src.provenance else {}),
+            **(provenance or {})}
     return save_pack(src.iter_saes(), out, model_name=model_name or src.model_name,
                      d_model=src.d_model, n_layers=n_layers or src.n_layers, provenance=prov,
                      overwrite=overwrite, neuronpedia_ids=np_ids, progress=progress)

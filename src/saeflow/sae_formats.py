@@ -283,8 +283,10 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         with zipfile.ZipFile(path) as zf:
             for name in zf.namelist():
                 with zf.open(name) as f:
-                    version = np.lib.format.read_magic(f)
-                    shape, _, dtype = np.lib.format._read_array_header(f, version)
+                    major, _ = np.lib.format.read_magic(f)
+                    read = (np.lib.format.read_array_header_1_0 if major == 1
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(f)
                     out[name.removesuffix(".npy")] = (tuple(shape), str(dtype))
     except (zipfile.BadZipFile, ValueError, OSError) as e:
         raise SAEFormatError(f"{path} is truncated or corrupt ({e}); re-download it") from e
