@@ -59,6 +59,29 @@ def test_fetch_gemmascope2_and_raw_repo(mirror, tmp_path, monkeypatch):
         fetch("not-a-release", out=tmp_path / "x")
 
 
+def test_fetch_saelens_release_through_its_directory(mirror, tmp_path):
+    """A SAELens release resolved through a directory shaped like sae_lens's lookup table."""
+    from types import SimpleNamespace
+
+    repo = mirror / "jbloom" / "GPT2-Small-SAEs-Reformatted"
+    for L in range(3):
+        write_saelens(repo / f"blocks.{L}.hook_resid_pre", random_weights(d_in=16, seed=L), "relu",
+                      hook=f"blocks.{L}.hook_resid_pre", model_name="gpt2-small")
+    directory = {"gpt2-small-res-jb": SimpleNamespace(
+        repo_id="jbloom/GPT2-Small-SAEs-Reformatted", model="gpt2-small",
+        saes_map={f"blocks.{L}.hook_resid_pre": f"blocks.{L}.hook_resid_pre" for L in range(3)})}
+    pack = fetch("gpt2-small-res-jb", out=tmp_path / "a", mirror=str(mirror), layers="1-2",
+                 directory=directory)
+    assert sorted(pack.entries) == [("resid_pre", 1), ("resid_pre", 2)]
+    assert pack.model_name == "gpt2-small"
+    one = fetch("gpt2-small-res-jb", out=tmp_path / "b", mirror=str(mirror),
+                ids=["blocks.0.hook_resid_pre"], directory=directory)
+    assert list(one.entries) == [("resid_pre", 0)]
+    with pytest.raises(HubError, match="no SAE id"):
+        fetch("gpt2-small-res-jb", out=tmp_path / "c", mirror=str(mirror), ids=["nope"],
+              directory=directory)
+
+
 def test_cli_info_and_pack_commands(tiny_model_dirs, tmp_path, capsys):
     assert main(["info", "--model", str(tiny_model_dirs["gemma3"]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -109,7 +109,8 @@ def cmd_pack_fetch(args) -> int:
     from .hub import fetch
 
     pack = fetch(args.release, out=args.out, layers=args.layers, width=args.width, l0=args.l0,
-                 positions=args.positions, mirror=args.mirror, overwrite=args.force)
+                 positions=args.positions, mirror=args.mirror, overwrite=args.force,
+                 ids=args.ids.split(",") if args.ids else None)
     print(f"fetched {len(pack)} SAEs into saeflow pack {pack.root}")
     return 0
 
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     fet.add_argument("--l0", default=None, help="e.g. 82, medium; default: canonical choice")
     fet.add_argument("--positions", default=None,
                      help="Gemma Scope 2: comma list of resid_post,mlp_out,attn_z")
+    fet.add_argument("--ids", default=None,
+                     help="SAELens release: comma list of SAE ids, e.g. blocks.8.hook_resid_pre")
     fet.add_argument("--out", default=None, help="pack dir (default: cache/packs/RELEASE)")
     fet.add_argument("--mirror", default=None,
                      help="read from a local directory laid out like the hub (also "

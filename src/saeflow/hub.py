@@ -4,7 +4,7 @@
     gemma-scope-2b-pt-mlp[-canonical]    ... -mlp (mlp_out), -att (attn_z, head space)
     gemma-scope-2-270m-pt-res[-all]      google/gemma-scope-2-270m-pt, resid_post[_all]/ folders
     gemma-scope-2-270m-pt                that repo, several positions (--positions)
-    any SAELens release                  resolved through sae_lens's directory when installed
+    any SAELens release [--ids ...]      resolved through sae_lens's directory (pip install sae-lens)
     owner/name                           a raw hub repo of SAELens-format folders
 
 Downloads go through huggingface_hub (its cache, resume and auth). For tests and air-gapped
@@ -151,23 +151,39 @@ def _gemmascope2_plan(m: re.Match, files, layers, width, l0, positions) -> Plan:
     return plan
 
 
-def _saelens_directory_plan(release: str, files_of, layers) -> Plan | None:
+def saelens_directory() -> dict | None:
+    """SAELens's release directory {release: lookup with repo_id, model, saes_map}, if installed."""
     try:
         from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
     except ImportError:
         return None
-    directory = get_pretrained_saes_directory()
-    if release not in directory:
+    return get_pretrained_saes_directory()
+
+
+def _saelens_directory_plan(release: str, files_of, layers, ids, directory) -> Plan | None:
+    if directory is None or release not in directory:
         return None
     info = directory[release]
     plan = Plan(info.repo_id, info.model, None)
     repo_files = set(files_of(info.repo_id))
+    chosen = []
     for sae_id, path in info.saes_map.items():
+        if ids is not None and sae_id not in ids:
+            continue
+        if layers is not None:
+            m = re.search(r"(?:blocks|layers?)[._](\d+)", sae_id)
+            if m and int(m.group(1)) not in layers:
+                continue
+        chosen.append(sae_id)
         for name in ("cfg.json", "sae_weights.safetensors", "params.npz", "params.safetensors",
                      "config.json"):
-            f = f"{path.rstrip('/')}/{name}"
+            f = f"{path.strip('/')}/{name}" if path.strip("/") else name
             if f in repo_files:
                 plan.files.append(f)
+    if ids is not None and len(chosen) != len(ids):
+        unknown = sorted(set(ids) - set(chosen))
+        raise HubError(f"release {release!r} has no SAE id(s) {unknown}; "
+                       f"known: {sorted(info.saes_map)[:10]}...")
     return plan
 
 
@@ -188,7 +204,8 @@ def _raw_repo_plan(repo_id: str, files: list[str]) -> Plan:
 
 
 def plan_release(release: str, downloader, layers: str | None = "all", width: str | None = None,
-                 l0: str | None = None, positions: str | None = None) -> Plan:
+                 l0: str | None = None, positions: str | None = None,
+                 ids: list[str] | None = None, directory: dict | None = None) -> Plan:
     gs = re.fullmatch(r"gemma-scope-(2b|9b|27b)-pt-(res|mlp|att)(-canonical)?", release)
     gs2 = re.fullmatch(r"gemma-scope-2-(270m|1b|4b|12b|27b)-(pt|it)(?:-(res|mlp|att))?(-all)?",
                        release)
@@ -201,7 +218,10 @@ def plan_release(release: str, downloader, layers: str | None = "all", width: st
         poss = [p.strip() for p in positions.split(",")] if positions else None
         return _gemmascope2_plan(gs2, downloader.list_files(repo), parse_layers(layers, None),
                                  width, l0, poss)
-    plan = _saelens_directory_plan(release, downloader.list_files, layers)
+    if directory is None:
+        directory = saelens_directory()
+    plan = _saelens_directory_plan(release, downloader.list_files, parse_layers(layers, None), ids,
+                                   directory)
     if plan is not None:
         return plan
     if re.fullmatch(r"[\w.-]+/[\w.-]+", release):
@@ -213,10 +233,15 @@ def plan_release(release: str, downloader, layers: str | None = "all", width: st
 
 def fetch(release: str, out: str | os.PathLike | None = None, layers: str | None = "all",
           width: str | None = None, l0: str | None = None, positions: str | None = None,
-          mirror: str | None = None, overwrite: bool = False) -> Pack:
-    """Download the chosen files of a release and write them as a saeflow pack at `out`."""
+          mirror: str | None = None, overwrite: bool = False, ids: list[str] | None = None,
+          directory: dict | None = None) -> Pack:
+    """Download the chosen files of a release and write them as a saeflow pack at `out`.
+
+    ids: SAELens SAE ids within a release (e.g. blocks.8.hook_resid_pre). directory: a SAELens
+    release directory to use instead of the installed sae_lens one.
+    """
     dl = get_downloader(mirror)
-    plan = plan_release(release, dl, layers, width, l0, positions)
+    plan = plan_release(release, dl, layers, width, l0, positions, ids, directory)
     if not plan.files:
         raise HubError(f"nothing to fetch for {release!r} with layers={layers}")
     out = Path(out) if out else cache_dir("packs") / release.replace("/", "--")
