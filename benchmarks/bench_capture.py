@@ -7,6 +7,10 @@ Prints, from one run:
   - tokens/s when capturing only layers <= 5 with early stop, and its ratio to the baseline.
 
     .venv/bin/python benchmarks/bench_capture.py [--batch 8 --ctx 256 --batches 4 --skip-cold]
+
+On a machine without the model's weights (e.g. a lent GPU box), `--config config.json` builds
+a randomly initialised model of that architecture (same shapes, so the same cost) and feeds
+random token ids; the load-time lines are then skipped.
 """
 from __future__ import annotations
 
@@ -27,13 +31,22 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--device", default=None)
     ap.add_argument("--skip-cold", action="store_true")
+    ap.add_argument("--config", default=None, help="HF config.json: random-init model, random tokens")
+    ap.add_argument("--dtype", default=None)
     args = ap.parse_args()
 
-    from saeflow import POSITIONS, HookPoint, capture, load_model
+    from saeflow import load_model
     from saeflow.corpora import Corpus
-    from saeflow.hooks import _body
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.config:
+        model = _random_model(args.config, args.device, args.dtype)
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.randint(4, model.vocab_size, (args.batch, args.ctx), generator=g)
+                   for _ in range(args.batches)]
+        print(f"random-init {model.arch.family} from {args.config} on {model.device} "
+              f"({str(model.dtype).removeprefix('torch.')})")
+        return _measure(model, batches, args)
     if not args.skip_cold and args.model == "embedded":
         tmp = tempfile.mkdtemp(prefix="saeflow-bench-cache-")
         old = os.environ.get("SAEFLOW_CACHE")
@@ -51,13 +64,34 @@ def main() -> None:
                 os.environ.pop("SAEFLOW_CACHE", None)
             else:
                 os.environ["SAEFLOW_CACHE"] = old
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     print(f"warm load (user cache): {model.load_seconds:.1f} s on {model.device}")
 
     corpus = Corpus.from_spec(seed=0)
-    batches = list(corpus.token_batches(model.tokenizer, args.batch, args.ctx,
-                                        max_tokens=args.batch * args.ctx * args.batches))
-    n_tok = sum(b.input_ids.numel() for b in batches)
+    batches = [b.input_ids for b in corpus.token_batches(
+        model.tokenizer, args.batch, args.ctx, max_tokens=args.batch * args.ctx * args.batches)]
+    _measure(model, batches, args)
+
+
+def _random_model(config_path, device, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from saeflow.hookpoints import architecture_for
+    from saeflow.models import LoadedModel, default_device, parse_dtype
+
+    cfg = AutoConfig.from_pretrained(config_path)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg).to(parse_dtype(dtype))
+    hf.to(torch.device(device) if device else default_device()).eval()
+    return LoadedModel(hf=hf, tokenizer=None, arch=architecture_for(cfg.model_type),
+                       name=f"random-{cfg.model_type}", source=str(config_path))
+
+
+def _measure(model, batches, args):
+    from saeflow import POSITIONS, HookPoint, capture
+    from saeflow.hooks import _body
+
+    n_tok = sum(b.numel() for b in batches)
     body = _body(model)
     dev = model.device
 
@@ -68,7 +102,7 @@ def main() -> None:
     def run_plain():
         with torch.inference_mode():
             for b in batches:
-                body(input_ids=b.input_ids.to(dev), use_cache=False)
+                body(input_ids=b.to(dev), use_cache=False)
 
     all_points = [HookPoint(p, L) for L in range(model.n_layers) for p in POSITIONS]
     early_points = [HookPoint(p, L) for L in range(6) for p in POSITIONS]
@@ -76,7 +110,7 @@ def main() -> None:
     def run_capture(points):
         def go():
             for b in batches:
-                acts = capture(model, b.input_ids, points)
+                acts = capture(model, b, points)
                 assert len(acts) == len(points)
         return go
 

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -26,4 +27,6 @@ def tiny_model_dirs(tmp_path_factory):
 def tiny_models(tiny_model_dirs):
     from saeflow import load_model
 
-    return {f: load_model(str(d), device="cpu") for f, d in tiny_model_dirs.items()}
+    # SAEFLOW_TEST_DEVICE=cuda runs the model tests on a GPU (never required).
+    device = os.environ.get("SAEFLOW_TEST_DEVICE", "cpu")
+    return {f: load_model(str(d), device=device) for f, d in tiny_model_dirs.items()}

@@ -17,7 +17,7 @@ def _n_hooks(m):
 
 def _ids(model, n=2, t=12, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(4, model.vocab_size, (n, t), generator=g)
+    return torch.randint(4, model.vocab_size, (n, t), generator=g).to(model.device)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -103,7 +103,7 @@ def test_edits_add_and_replace(tiny_models, family):
     ids = _ids(m)
     with torch.no_grad():
         base = m.hf(input_ids=ids).logits
-    delta = torch.randn(m.d_model)
+    delta = torch.randn(m.d_model).to(m.device)
     p = HookPoint("resid_post", 0)
     with torch.no_grad(), Hooks(m, capture=[p], edits={p: lambda a: a + delta}) as h:
         edited = m.hf(input_ids=ids).logits
@@ -151,7 +151,7 @@ def test_layer_out_of_range_and_unknown_position(tiny_models):
 def test_attn_z_to_residual_matches_module_output_direction(tiny_models, family):
     m = tiny_models[family]
     L = 1
-    z = torch.randn(5, m.n_heads * m.d_head)
+    z = torch.randn(5, m.n_heads * m.d_head).to(m.device)
     mapped = m.attn_z_to_residual(z, L)
     layer = m.layer_module(L)
     with torch.no_grad():
@@ -162,7 +162,7 @@ def test_attn_z_to_residual_matches_module_output_direction(tiny_models, family)
         else:
             ref = layer.self_attn.o_proj(z)
     cos = torch.nn.functional.cosine_similarity(mapped, ref, dim=-1)
-    torch.testing.assert_close(cos, torch.ones(5), rtol=0, atol=1e-5)
+    torch.testing.assert_close(cos, torch.ones(5, device=m.device), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="expects"):
         m.attn_z_to_residual(torch.randn(2, 7), L)
 
