@@ -18,8 +18,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# QUICK=1: the quick pack profile (a few minutes) instead of the default (~25 min on 2 cores).
+PACK := $(if $(QUICK),embedded-quick,embedded)
+
 demo: $(STAMP)
 	$(BIN)/saeflow info --model embedded
+	$(BIN)/saeflow pack eval $(PACK) --tokens 8k --ce-tokens 1k
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -32,6 +36,7 @@ test-integration: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_capture.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

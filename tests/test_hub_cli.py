@@ -114,3 +114,21 @@ def test_console_script_runs(tiny_model_dirs):
                         str(tiny_model_dirs["gpt2"])], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "transformer.h.2.mlp.output" in r.stdout and "blocks.2.hook_mlp_out" in r.stdout
+
+
+def test_cli_train_and_eval(tiny_model_dirs, tmp_path, capsys):
+    model = str(tiny_model_dirs["qwen3"])
+    out = tmp_path / "pack"
+    args = ["train", "--model", model, "--positions", "resid_post,attn_out", "--layers", "0-1",
+            "--width", "48", "--k", "4", "--tokens", "2k", "--batch-size", "128",
+            "--chunk-tokens", "1024", "--corpus", "wiki", "--out", str(out)]
+    assert main(args) == 0
+    assert "wrote 4 SAEs" in capsys.readouterr().out
+    assert main(["pack", "eval", str(out), "--model", model, "--tokens", "512", "--ce-tokens",
+                 "128", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res["saes"]) == 4 and all(r["fvu"] < 1.5 for r in res["saes"])
+    assert main(args[:-2] + ["--k", "48", "--out", str(tmp_path / "bad")]) == 2
+    assert "k must be" in capsys.readouterr().err
+    assert main(["pack", "eval", str(out)]) == 2
+    assert "needs --model" in capsys.readouterr().err

@@ -36,10 +36,49 @@ def cmd_info(args) -> int:
 
 
 # --- pack ---------------------------------------------------------------------------------
-def _open_pack(args):
-    from .packs import load_pack
+def _open_pack(args, model=None):
+    from .recipes import open_pack
 
-    return load_pack(args.path, position=args.position, width=args.width, l0=args.l0)
+    return open_pack(args.path, model=model, position=getattr(args, "position", None),
+                     width=getattr(args, "width", None), l0=getattr(args, "l0", None))
+
+
+def cmd_train(args) -> int:
+    from .models import load_model
+    from .train import TrainConfig, parse_tokens, train_family
+    from .hookpoints import parse_layers
+
+    model = load_model(args.model, device=args.device)
+    cfg = TrainConfig(positions=[p.strip() for p in args.positions.split(",") if p.strip()],
+                      layers=parse_layers(args.layers, model.n_layers), width=args.width, k=args.k,
+                      architecture=args.architecture, tokens=parse_tokens(args.tokens),
+                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, ctx_len=args.ctx_len,
+                      corpus=args.corpus, chunk_tokens=args.chunk_tokens,
+                      model_dtype=args.model_dtype, encoder_dtype=args.encoder_dtype,
+                      checkpoint_every_s=args.checkpoint_every)
+    res = train_family(model, cfg, args.out, overwrite=args.overwrite)
+    print(f"wrote {len(res.pack)} SAEs to {res.pack.root} ({res.tokens} tokens, "
+          f"{res.wall_seconds / 60:.1f} min)")
+    return 0
+
+
+def cmd_pack_eval(args) -> int:
+    from .evaluate import evaluate_pack, format_table
+    from .models import load_model
+    from .train import parse_tokens
+
+    model_spec = args.model or ("embedded" if args.path.startswith("embedded") else None)
+    if model_spec is None:
+        raise ValueError("pack eval needs --model (the model the pack was made for)")
+    model = load_model(model_spec, device=args.device)
+    pack = _open_pack(args, model=model)
+    res = evaluate_pack(pack, model, tokens=parse_tokens(args.tokens),
+                        ce_tokens=parse_tokens(args.ce_tokens), corpus=args.corpus)
+    if args.json:
+        _print_json(res)
+    else:
+        print(format_table(res))
+    return 0
 
 
 def cmd_pack_inspect(args) -> int:
@@ -131,7 +170,31 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
 
-    pack = sub.add_parser("pack", help="inspect, convert and fetch SAE families")
+    tr = sub.add_parser("train", help="train an SAE family from one pass over a corpus")
+    tr.add_argument("--model", default="embedded")
+    tr.add_argument("--positions", default="resid_post,mlp_out,attn_out")
+    tr.add_argument("--layers", default="all", help="all, 0-5, or 1,3,7")
+    tr.add_argument("--width", type=int, default=4096)
+    tr.add_argument("--k", type=int, default=32)
+    tr.add_argument("--architecture", default="topk", choices=["topk", "batchtopk"])
+    tr.add_argument("--tokens", default="300k")
+    tr.add_argument("--batch-size", type=int, default=1024, help="tokens per SAE step")
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--ctx-len", type=int, default=128)
+    tr.add_argument("--corpus", default="wiki=0.8,python=0.2",
+                    help="sources with text shares: wiki, python, PATH, hf:NAME")
+    tr.add_argument("--chunk-tokens", type=int, default=8192,
+                    help="tokens shuffled together; checkpoints fall between chunks")
+    tr.add_argument("--model-dtype", default="auto", help="capture dtype: auto, float32, bfloat16")
+    tr.add_argument("--encoder-dtype", default="auto", help="encoder matmul: auto, float32, bfloat16")
+    tr.add_argument("--checkpoint-every", type=float, default=180.0, help="seconds")
+    tr.add_argument("--device", default=None)
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--overwrite", action="store_true", help="replace a different pack at --out")
+    tr.set_defaults(func=cmd_train)
+
+    pack = sub.add_parser("pack", help="inspect, convert, evaluate and fetch SAE families")
     psub = pack.add_subparsers(dest="pack_cmd", required=True)
 
     def selectors(sp):
@@ -157,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--n-layers", type=int, default=None)
     conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
     conv.set_defaults(func=cmd_pack_convert)
+
+    ev = psub.add_parser("eval", help="FVU, L0, dead/dense fractions, ΔCE and KL per SAE")
+    ev.add_argument("path", help="a pack path, or 'embedded' / 'embedded-quick'")
+    selectors(ev)
+    ev.add_argument("--model", default=None, help="default: embedded for the embedded packs")
+    ev.add_argument("--tokens", default="8k", help="held-out tokens for FVU/L0/dead/dense")
+    ev.add_argument("--ce-tokens", default="1k", help="held-out tokens for ΔCE/KL (costly)")
+    ev.add_argument("--corpus", default="wiki=0.8,python=0.2")
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_pack_eval)
 
     fet = psub.add_parser("fetch", help="download a published family (needs the hub)")
     fet.add_argument("release", help="e.g. gemma-scope-2b-pt-res-canonical, "

@@ -1,0 +1,156 @@
+"""Quality of every SAE of a pack on held-out text.
+
+Pass 1 (one forward per batch, all SAEs): FVU, mean L0, dead fraction (never active on these
+tokens), dense fraction (active on more than 10% of tokens).
+Pass 2 (one forward per SAE per batch): the SAE's reconstruction replaces the activation at its
+position, on document tokens (BOS and separators keep their own activations, as SAEs are
+trained without them); we report the change of next-token cross-entropy (ΔCE) and the KL
+divergence from the clean next-token distribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .corpora import Corpus
+from .hooks import HookPoint, Hooks, capture
+from .models import LoadedModel
+from .packs import Pack
+
+DENSE_FRACTION = 0.10
+
+
+@dataclass
+class _Acc:
+    sse: float = 0.0
+    sum_sq: float = 0.0
+    n: int = 0
+    l0_sum: float = 0.0
+    x_sum: torch.Tensor | None = None
+    fire: torch.Tensor | None = None  # [d_sae] count of tokens where the latent fired
+
+
+def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens: int = 1024,
+                  corpus: str = "wiki=0.8,python=0.2", seed: int = 0, batch: int = 8,
+                  ctx_len: int = 128, progress: bool = True) -> dict:
+    """Return {"saes": [row per SAE], "clean_ce": float, ...} on the held-out split."""
+    from tqdm.auto import tqdm
+
+    pack.check_model(model)
+    slots = sorted(pack.entries)
+    points = [HookPoint(p, L) for p, L in slots]
+    dev = model.device
+    saes = {s: pack.sae(*s, device=dev, dtype=torch.float32) for s in slots} \
+        if len(slots) <= pack.max_cached else None
+
+    def sae_of(s):
+        return saes[s] if saes is not None else pack.sae(*s, device=dev, dtype=torch.float32)
+
+    data = Corpus.from_spec(corpus, seed=seed)
+    acc = {s: _Acc() for s in slots}
+    bar = tqdm(total=tokens, unit="tok", desc="eval: reconstruction", disable=not progress)
+    seen = 0
+    with torch.inference_mode():
+        for b in data.token_batches(model.tokenizer, batch, ctx_len, split="heldout"):
+            mask = b.content_mask().to(dev)
+            acts = capture(model, b.input_ids, points, attention_mask=b.attention_mask)
+            for s, pt in zip(slots, points):
+                x = acts[pt][mask].float()  # [n, d]
+                sae = sae_of(s)
+                z = sae.encode(x)
+                err = sae.decode(z) - x
+                a = acc[s]
+                a.sse += float(err.pow(2).sum())
+                a.sum_sq += float(x.pow(2).sum())
+                a.x_sum = x.sum(0) if a.x_sum is None else a.x_sum + x.sum(0)
+                a.n += x.shape[0]
+                fired = (z > 0)
+                a.l0_sum += float(fired.sum())
+                cnt = fired.sum(0)
+                a.fire = cnt if a.fire is None else a.fire + cnt
+            n_new = int(mask.sum())
+            seen += n_new
+            bar.update(n_new)
+            if seen >= tokens:
+                break
+    bar.close()
+    if seen == 0:
+        raise ValueError("the held-out split gave no tokens")
+
+    # Pass 2: splicing.
+    ce = _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, progress)
+    rows = []
+    for s in slots:
+        a = acc[s]
+        var = a.sum_sq - float(a.x_sum.pow(2).sum()) / a.n
+        freq = a.fire.float() / a.n
+        info = pack.entries[s]
+        rows.append({
+            "position": s[0], "layer": s[1], "d_sae": info.d_sae,
+            "architecture": info.architecture,
+            "fvu": a.sse / max(var, 1e-12),
+            "l0": a.l0_sum / a.n,
+            "dead_fraction": float((a.fire == 0).float().mean()),
+            "dense_fraction": float((freq > DENSE_FRACTION).float().mean()),
+            "delta_ce": ce["per_sae"][s]["ce"] - ce["clean_ce"],
+            "kl": ce["per_sae"][s]["kl"],
+            "tokens": a.n,
+        })
+    return {"pack": str(pack.root), "model": model.name, "tokens": seen,
+            "ce_tokens": ce["tokens"], "clean_ce": ce["clean_ce"], "saes": rows}
+
+
+def _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, progress):
+    from tqdm.auto import tqdm
+
+    dev = model.device
+    totals = {s: {"ce": 0.0, "kl": 0.0} for s in slots}
+    clean_total, n_tok = 0.0, 0
+    bar = tqdm(total=ce_tokens, unit="tok", desc=f"eval: splice {len(slots)} SAEs",
+               disable=not progress)
+    with torch.inference_mode():
+        for b in data.token_batches(model.tokenizer, batch, ctx_len, split="heldout"):
+            ids = b.input_ids.to(dev)
+            am = b.attention_mask.to(dev)
+            mask = b.content_mask().to(dev)
+            tgt_mask = mask[:, 1:]  # predict document tokens only
+            tgt = ids[:, 1:][tgt_mask]
+            if tgt.numel() == 0:
+                continue
+            clean_logp = torch.log_softmax(
+                model.hf(input_ids=ids, attention_mask=am).logits[:, :-1][tgt_mask].float(), -1)
+            clean_total += float(-clean_logp.gather(1, tgt[:, None]).sum())
+            for s in slots:
+                sae = sae_of(s)
+
+                def splice(act, sae=sae):
+                    out = act.clone()
+                    out[mask] = sae(act[mask].float()).to(act.dtype)
+                    return out
+                with Hooks(model, edits={HookPoint(*s): splice}):
+                    logp = torch.log_softmax(
+                        model.hf(input_ids=ids, attention_mask=am).logits[:, :-1][tgt_mask].float(),
+                        -1)
+                totals[s]["ce"] += float(-logp.gather(1, tgt[:, None]).sum())
+                totals[s]["kl"] += float((clean_logp.exp() * (clean_logp - logp)).sum())
+            n_tok += tgt.numel()
+            bar.update(tgt.numel())
+            if n_tok >= ce_tokens:
+                break
+    bar.close()
+    return {"tokens": n_tok, "clean_ce": clean_total / n_tok,
+            "per_sae": {s: {"ce": v["ce"] / n_tok, "kl": v["kl"] / n_tok}
+                        for s, v in totals.items()}}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"pack {result['pack']} on {result['model']}: {result['tokens']} held-out tokens "
+             f"(ΔCE/KL on {result['ce_tokens']}); clean CE {result['clean_ce']:.4f}",
+             f"{'position':<11}{'layer':>5} {'d_sae':>7} {'FVU':>7} {'L0':>7} {'dead':>6} "
+             f"{'dense':>6} {'ΔCE':>8} {'KL':>8}"]
+    for r in result["saes"]:
+        lines.append(f"{r['position']:<11}{r['layer']:>5} {r['d_sae']:>7} {r['fvu']:>7.3f} "
+                     f"{r['l0']:>7.1f} {r['dead_fraction']:>6.3f} {r['dense_fraction']:>6.3f} "
+                     f"{r['delta_ce']:>8.4f} {r['kl']:>8.4f}")
+    return "\n".join(lines)

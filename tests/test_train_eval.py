@@ -1,0 +1,203 @@
+"""Training a family on a tiny model: quality, exact resume, faults; evaluation vs a reference."""
+import json
+import math
+
+import pytest
+import torch
+
+from fixtures import random_weights, write_saelens
+from saeflow import HookPoint, Hooks, capture, load_pack
+from saeflow.corpora import Corpus
+from saeflow.evaluate import evaluate_pack
+from saeflow.train import SAETrainer, TrainConfig, TrainingError, _GatherPre, _csr_rows, train_family
+
+
+def tiny_cfg(**kw):
+    base = dict(positions=["resid_post", "mlp_out"], layers=[0, 1], width=64, k=4, tokens=6144,
+                batch_size=128, lr=3e-3, ctx_len=32, model_batch=8, chunk_tokens=1024,
+                corpus="wiki", model_dtype="float32", encoder_dtype="float32",
+                checkpoint_every_s=1e9)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_sparse_backward_matches_dense_autograd():
+    torch.manual_seed(0)
+    B, d, n, k = 16, 8, 32, 3
+    x = torch.randn(B, d)
+    W = torch.randn(d, n, requires_grad=True)
+    b = torch.randn(n, requires_grad=True)
+    bd = torch.randn(d, requires_grad=True)
+    # reference: dense autograd through the same selection
+    pre = (x - bd) @ W + b
+    idx = pre.detach().topk(k, dim=1).indices
+    vals_ref = pre.gather(1, idx)
+    w = torch.randn(B, k)
+    (vals_ref * w).sum().backward()
+    ref = [W.grad.clone(), b.grad.clone(), bd.grad.clone()]
+    for t in (W, b, bd):
+        t.grad = None
+    rows = torch.arange(B).repeat_interleave(k)
+    cols = idx.reshape(-1)
+    with torch.no_grad():
+        xc = x - bd
+        pre2 = xc @ W + b
+    vals = _GatherPre.apply(pre2[rows, cols], xc, W, b, bd, cols, _csr_rows(rows, B))
+    (vals * w.reshape(-1)).sum().backward()
+    for got, want in zip([W.grad, b.grad, bd.grad], ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_trainer_learns_on_synthetic_sparse_data(arch):
+    """Data made of 4-sparse combinations of 64 directions: FVU must fall far below 1."""
+    g = torch.Generator().manual_seed(0)
+    D = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
+
+    def batch(n):
+        z = torch.zeros(n, 64)
+        idx = torch.rand(n, 64, generator=g).topk(4, dim=1).indices
+        z.scatter_(1, idx, 1 + torch.rand(n, 4, generator=g))
+        return z @ D + 0.5
+    cfg = tiny_cfg(architecture=arch, tokens=128 * 400, width=96)
+    t = SAETrainer(16, cfg, 400, torch.device("cpu"), 0, torch.float32)
+    t.init_from(batch(1024))
+    for _ in range(400):
+        m = t.step(batch(128))
+    assert m["fvu"] < 0.3  # from 1.0 at the start
+    sae = t.export({})
+    x = batch(512)
+    err = (sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert err < 0.35
+    assert sae.input_scale == t.input_scale
+    if arch == "batchtopk":
+        assert sae.threshold is not None and sae.activation == "jumprelu"
+        assert 2 <= (sae.encode(x) > 0).sum(1).float().mean() <= 8
+
+
+def test_train_family_pack_and_eval(tiny_models, tmp_path):
+    m = tiny_models["gemma3"]
+    res = train_family(m, tiny_cfg(), tmp_path / "pack", progress=False)
+    pack = load_pack(tmp_path / "pack")
+    assert sorted(pack.entries) == [("mlp_out", 0), ("mlp_out", 1), ("resid_post", 0),
+                                    ("resid_post", 1)]
+    prov = pack.provenance
+    assert prov["tokens"] == 6144 and prov["seed"] == 0 and prov["wall_seconds"] > 0
+    assert prov["corpus"]["sources"][0]["name"] == "wiki" and prov["saeflow_version"]
+    assert not (tmp_path / "pack.ckpt").exists()
+    sae = pack.sae("resid_post", 1)
+    assert sae.architecture == "topk" and sae.k == 4 and sae.d_sae == 64
+    cfg = json.loads((tmp_path / "pack" / "resid_post" / "layer_1" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["metadata"]["saeflow"]["input_scale_folded"] > 0
+    ev = evaluate_pack(pack, m, tokens=2048, ce_tokens=256, corpus="wiki", batch=4, ctx_len=32,
+                       progress=False)
+    for r in ev["saes"]:
+        assert r["fvu"] < 0.6, r  # a random tiny model; trained for 48 steps
+        assert 3.0 <= r["l0"] <= 4.0
+    # same command again: reuses the finished pack
+    again = train_family(m, tiny_cfg(), tmp_path / "pack", progress=False)
+    assert again.pack.provenance["wall_seconds"] == prov["wall_seconds"]
+
+
+def test_resume_equals_uninterrupted(tiny_models, tmp_path):
+    m = tiny_models["llama"]
+    cfg = tiny_cfg(tokens=4096)
+    full = train_family(m, cfg, tmp_path / "full", progress=False).pack
+    with pytest.raises(KeyboardInterrupt):
+        train_family(m, cfg, tmp_path / "part", progress=False, stop_after_chunks=2)
+    assert (tmp_path / "part.ckpt" / "state.pt").is_file() and not (tmp_path / "part").exists()
+    resumed = train_family(m, cfg, tmp_path / "part", progress=False).pack
+    for slot in full.entries:
+        a, b = full.sae(*slot), resumed.sae(*slot)
+        for name, t in a.tensors().items():
+            torch.testing.assert_close(b.tensors()[name], t, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_input_writes_nothing(tiny_models, tmp_path):
+    m = tiny_models["llama"]
+    out = tmp_path / "p"
+    for kw, msg in [(dict(k=64), "k must be"), (dict(width=0), "width must be positive"),
+                    (dict(layers=[7]), "layers 0..2"), (dict(positions=["resid_mid"]),
+                                                        "unknown position")]:
+        with pytest.raises(ValueError, match=msg):
+            train_family(m, tiny_cfg(**kw), out, progress=False)
+    (tmp_path / "small.txt").write_text("only a few words here")
+    with pytest.raises(ValueError, match="has only .* training tokens"):
+        train_family(m, tiny_cfg(corpus=str(tmp_path / "small.txt")), out, progress=False)
+    assert not out.exists() and not (tmp_path / "p.ckpt").exists()
+    write_saelens(tmp_path / "other" / "x", random_weights(d_in=32), "relu")
+    from saeflow import convert_pack
+
+    convert_pack(load_pack(tmp_path / "other"), out)
+    with pytest.raises(FileExistsError, match="different pack"):
+        train_family(m, tiny_cfg(), out, progress=False)
+
+
+def test_nan_is_reported_with_the_sae_and_checkpoint_kept(tiny_models, tmp_path, monkeypatch):
+    m = tiny_models["llama"]
+    real_step = SAETrainer.step
+    calls = {"n": 0}
+
+    def poisoned(self, x):
+        calls["n"] += 1
+        if calls["n"] > 4 * 8 * 2:  # after two chunks of all four SAEs
+            x = x * float("nan")
+        return real_step(self, x)
+    monkeypatch.setattr(SAETrainer, "step", poisoned)
+    with pytest.raises(TrainingError, match=r"in the SAE at resid_post layer 0 .*checkpoint"):
+        train_family(m, tiny_cfg(checkpoint_every_s=0), tmp_path / "p", progress=False)
+    assert (tmp_path / "p.ckpt" / "state.pt").is_file() and not (tmp_path / "p").exists()
+
+
+def test_eval_matches_reference_computation(tiny_models, tmp_path):
+    """FVU, L0, dead/dense fractions, ΔCE and KL recomputed here by hand."""
+    m = tiny_models["qwen2"]
+    write_saelens(tmp_path / "s" / "a", random_weights(d_in=32, d_sae=48, seed=1), "relu",
+                  hook="blocks.1.hook_resid_post")
+    pack = load_pack(tmp_path / "s")
+    ev = evaluate_pack(pack, m, tokens=300, ce_tokens=200, corpus="wiki", batch=2, ctx_len=32,
+                       progress=False)
+    row = ev["saes"][0]
+    sae = pack.sae("resid_post", 1)
+    corpus = Corpus.from_spec("wiki", seed=0)
+    xs, n_ce, ce_clean, ce_spl, kl = [], 0, 0.0, 0.0, 0.0
+    p = HookPoint("resid_post", 1)
+    for b in corpus.token_batches(m.tokenizer, 2, 32, split="heldout"):
+        mask = b.content_mask()
+        xs.append(capture(m, b.input_ids, [p], attention_mask=b.attention_mask)[p][mask])
+        if sum(len(x) for x in xs) >= 300:
+            break
+    x = torch.cat(xs).double()
+    z = sae.encode(x.float()).double()
+    xhat = sae.decode(z.float()).double()
+    fvu = ((xhat - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert row["fvu"] == pytest.approx(float(fvu), rel=1e-4)
+    assert row["l0"] == pytest.approx(float((z > 0).sum(1).double().mean()), rel=1e-6)
+    freq = (z > 0).double().mean(0)
+    assert row["dead_fraction"] == pytest.approx(float((freq == 0).double().mean()))
+    assert row["dense_fraction"] == pytest.approx(float((freq > 0.1).double().mean()))
+    for b in corpus.token_batches(m.tokenizer, 2, 32, split="heldout"):
+        mask = b.content_mask()
+        tm = mask[:, 1:]
+        tgt = b.input_ids[:, 1:][tm]
+        with torch.no_grad():
+            lc = torch.log_softmax(m.hf(input_ids=b.input_ids, attention_mask=b.attention_mask)
+                                   .logits[:, :-1][tm].double(), -1)
+
+            def splice(a):
+                out = a.clone()
+                out[mask] = sae(a[mask])
+                return out
+            with Hooks(m, edits={p: splice}):
+                ls = torch.log_softmax(m.hf(input_ids=b.input_ids, attention_mask=b.attention_mask)
+                                       .logits[:, :-1][tm].double(), -1)
+        ce_clean += float(-lc.gather(1, tgt[:, None]).sum())
+        ce_spl += float(-ls.gather(1, tgt[:, None]).sum())
+        kl += float((lc.exp() * (lc - ls)).sum())
+        n_ce += len(tgt)
+        if n_ce >= 200:
+            break
+    assert ev["clean_ce"] == pytest.approx(ce_clean / n_ce, rel=1e-4)
+    assert row["delta_ce"] == pytest.approx((ce_spl - ce_clean) / n_ce, rel=1e-3, abs=1e-5)
+    assert row["kl"] == pytest.approx(kl / n_ce, rel=1e-3, abs=1e-6)
+    assert math.isfinite(row["delta_ce"]) and row["kl"] >= 0
