@@ -201,3 +201,15 @@ def test_eval_matches_reference_computation(tiny_models, tmp_path):
     assert row["delta_ce"] == pytest.approx((ce_spl - ce_clean) / n_ce, rel=1e-3, abs=1e-5)
     assert row["kl"] == pytest.approx(kl / n_ce, rel=1e-3, abs=1e-6)
     assert math.isfinite(row["delta_ce"]) and row["kl"] >= 0
+
+
+def test_failed_training_leaves_model_dtype_alone(tiny_models, tmp_path, monkeypatch):
+    m = tiny_models["gemma2"]
+    before = m.dtype
+
+    def boom(self, x):
+        raise TrainingError("loss is nan")
+    monkeypatch.setattr(SAETrainer, "step", boom)
+    with pytest.raises(TrainingError):
+        train_family(m, tiny_cfg(model_dtype="bfloat16"), tmp_path / "p", progress=False)
+    assert m.dtype == before

@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError, ImportError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError, ImportError,
+            RuntimeError) as e:  # RuntimeError: TrainingError, HubError
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"saeflow: error: {msg}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from .models import LoadedModel
 from .packs import Pack
 
 DENSE_FRACTION = 0.10
+KEEP_IN_MEMORY_BYTES = 4 << 30  # below this, all SAEs stay loaded for the whole evaluation
 
 
 @dataclass
@@ -41,8 +42,10 @@ def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens:
     slots = sorted(pack.entries)
     points = [HookPoint(p, L) for p, L in slots]
     dev = model.device
+    total = sum(2 * pack.entries[s].d_in * pack.entries[s].d_sae * 4 for s in slots)
+    # Loading every SAE once beats re-reading them from disk for every batch.
     saes = {s: pack.sae(*s, device=dev, dtype=torch.float32) for s in slots} \
-        if len(slots) <= pack.max_cached else None
+        if total <= KEEP_IN_MEMORY_BYTES else None
 
     def sae_of(s):
         return saes[s] if saes is not None else pack.sae(*s, device=dev, dtype=torch.float32)

@@ -499,15 +499,10 @@ def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
                 last_ckpt = time.perf_counter()
         if chunk_i < n_chunks:
             raise ValueError(f"the corpus ran out after {chunk_i} of {n_chunks} chunks")
-    except KeyboardInterrupt:
-        bar.close()
-        if model.dtype != orig_dtype:
-            model.hf.to(orig_dtype)
-        raise
     finally:
         bar.close()
-    if model.dtype != orig_dtype:
-        model.hf.to(orig_dtype)
+        if model.dtype != orig_dtype:  # leave the caller's model as it was, whatever happened
+            model.hf.to(orig_dtype)
 
     wall = wall_before + time.perf_counter() - t_start
     metrics = {f"{p}/{L}": trainers[(p, L)].last for p, L in slots}
