@@ -1,0 +1,499 @@
+"""Data-free feature flow: predecessors and successors of every residual feature, thresholds, classes.
+
+For every layer L and every feature of the residual SAE R_L (resid_post L) we match its direction
+against three predecessor dictionaries: R_{L-1} (resid_post L-1, or resid_pre L), M_L (mlp_out L)
+and A_L (attn_out L, or attn_z L mapped into the residual through W_O). One blocked pass per pair
+(see match.py) gives both directions: R_L -> P (predecessors) and P -> R_L (successors).
+
+Outputs (a RUN directory, shared with later stages):
+    RUN/flow.json              manifest: pack fingerprint, config, mappings, per-slot widths
+    RUN/predecessors.parquet   one row per (layer, feature) of resid_post
+    RUN/successors.parquet     one row per (layer, position, feature): its top matches downstream
+    RUN/thresholds.json        the class thresholds per layer, and where each came from
+    RUN/plots/                 figures (flow_plots.py)
+
+The expensive part (the matches and null samples) is cached per layer under
+$SAEFLOW_CACHE/flow/<key>, keyed by the pack's content hash and the matching settings; a repeated
+run, or a run with other thresholds, reuses it. A killed run resumes at the next layer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .hookpoints import check_position
+from .match import (MATCH_METHODS, Directions, MatchError, SafetensorsRows, TensorDirections,
+                    null_top1, permutation_match, top_k_pairs)
+from .store import cache_dir, sha256_file, write_json_atomic
+
+CLASSES = ("translated", "processed", "newborn", "unexplained")
+PRED_KINDS = ("res", "mlp", "attn")
+FLOW_MANIFEST = "flow.json"
+FLOW_FORMAT = "saeflow-flow"
+CACHE_VERSION = 1
+RESIDUAL_SPACE = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+
+
+class FlowError(ValueError):
+    pass
+
+
+@dataclass
+class FlowConfig:
+    k: int = 5
+    method: str = "decoder"  # decoder | encoder | folded | permutation
+    precision: str = "fp32"  # fp32 (exact) | bf16 (bf16 ranking, exact fp32 re-scoring)
+    null: str = "shuffle"  # null model for default thresholds: shuffle | gaussian
+    null_samples: int = 2048
+    null_quantile: float = 0.99
+    seed: int = 0
+    block_a: int = 1024
+    block_b: int = 4096
+    memory_budget_mb: int = 512
+
+    def __post_init__(self):
+        if self.method not in MATCH_METHODS:
+            raise FlowError(f"unknown matching method {self.method!r}; use one of "
+                            f"{', '.join(MATCH_METHODS)}")
+        if self.k < 1:
+            raise FlowError("k must be >= 1")
+        if not 0.5 <= self.null_quantile < 1:
+            raise FlowError("null_quantile must be in [0.5, 1)")
+
+    def identity(self) -> dict:
+        """The settings that change the matches (block sizes do not)."""
+        k = 1 if self.method == "permutation" else self.k
+        return {"k": k, "method": self.method, "precision": self.precision, "null": self.null,
+                "null_samples": self.null_samples, "seed": self.seed}
+
+
+@dataclass
+class LayerPlan:
+    layer: int
+    resid: tuple[str, int]
+    preds: dict[str, tuple[str, int] | None]  # kind -> slot
+
+
+def feature_id(layer: int, position: str, feature: int) -> str:
+    return f"{layer}/{position}/{feature}"
+
+
+def parse_feature(spec: str) -> tuple[int, str, int]:
+    """'12/resid_post/4230' -> (12, 'resid_post', 4230)."""
+    parts = str(spec).strip().split("/")
+    if len(parts) != 3:
+        raise FlowError(f"a feature is written LAYER/POSITION/INDEX, e.g. 12/resid_post/4230; "
+                        f"got {spec!r}")
+    try:
+        layer, index = int(parts[0]), int(parts[2])
+    except ValueError:
+        raise FlowError(f"layer and index must be integers in {spec!r}") from None
+    try:
+        position = check_position(parts[1])
+    except ValueError as e:
+        raise FlowError(str(e)) from None
+    return layer, position, index
+
+
+# --- which SAEs feed which ------------------------------------------------------------------
+def plan_layers(pack, layers: list[int] | None = None) -> list[LayerPlan]:
+    """Residual SAE and predecessor slots per layer; clear errors for gaps and width mismatches."""
+    res_layers = pack.layers("resid_post")
+    if not res_layers:
+        raise FlowError(f"the pack at {pack.root} has no resid_post SAEs; feature flow matches "
+                        f"residual features to their predecessors (it has: "
+                        f"{', '.join(pack.positions) or 'nothing'})")
+    want = sorted(set(layers)) if layers else res_layers
+    missing = [L for L in want if ("resid_post", L) not in pack]
+    if missing:
+        raise FlowError(f"the pack has no resid_post SAE at layers {missing}; choose layers among "
+                        f"{res_layers} (--layers)")
+    attn_pos = "attn_out" if "attn_out" in pack.positions else (
+        "attn_z" if "attn_z" in pack.positions else None)
+    gaps = []
+    for pos in ("mlp_out", attn_pos):
+        if pos is None or pos not in pack.positions:
+            continue
+        gaps += [f"{pos} {L}" for L in want if (pos, L) not in pack]
+    if gaps:
+        raise FlowError(f"the pack lacks SAEs at: {', '.join(gaps)}; every chosen layer needs the "
+                        f"same predecessor positions (restrict --layers, or add the SAEs)")
+    plans = []
+    for L in want:
+        res = ("resid_post", L - 1) if ("resid_post", L - 1) in pack else (
+            ("resid_pre", L) if ("resid_pre", L) in pack else None)
+        preds = {"res": res,
+                 "mlp": ("mlp_out", L) if ("mlp_out", L) in pack else None,
+                 "attn": (attn_pos, L) if attn_pos and (attn_pos, L) in pack else None}
+        plans.append(LayerPlan(L, ("resid_post", L), preds))
+    d_in = {}
+    for p in plans:
+        for slot in [p.resid, *p.preds.values()]:
+            if slot and slot[0] in RESIDUAL_SPACE:
+                d_in[slot] = pack.info(*slot).d_in
+    if len(set(d_in.values())) > 1:
+        by = {}
+        for (pos, L), d in d_in.items():
+            by.setdefault(d, []).append(f"{pos} {L}")
+        detail = "; ".join(f"d_in {d}: {', '.join(v[:6])}{' ...' if len(v) > 6 else ''}"
+                           for d, v in by.items())
+        raise FlowError(f"the residual-space SAEs of this pack disagree on d_model ({detail}); "
+                        f"they cannot come from one model")
+    return plans
+
+
+# --- directions -----------------------------------------------------------------------------
+_LAZY = {"saelens": ("sae_weights.safetensors", "W_dec"),
+         "gemmascope2": ("params.safetensors", "w_dec"),
+         "sparsify": ("sae.safetensors", "W_dec")}
+
+
+def attn_z_mapping(model, layer: int) -> torch.Tensor:
+    """[n_heads*d_head, d_model]: head-space direction -> residual direction (W_O, norm gain)."""
+    n_z = model.width("attn_z")
+    return model.attn_z_to_residual(torch.eye(n_z), layer)
+
+
+def describe_mapping(model, position: str) -> str:
+    if position != "attn_z":
+        return position
+    gain = " * (1 + post-attention norm weight)" if model.arch.post_attn_norm else ""
+    return f"attn_z mapped to the residual through W_O ({model.arch.o_proj}){gain}"
+
+
+def slot_directions(pack, slot: tuple[str, int], method: str = "decoder",
+                    model=None) -> Directions:
+    """The slot's feature directions in residual space, for `method`, readable in blocks."""
+    pos, L = slot
+    info = pack.info(pos, L)
+    project = None
+    if pos == "attn_z":
+        if model is None:
+            raise FlowError(f"the pack's attention SAEs sit at attn_z (head space); mapping them "
+                            f"into the residual needs the model's W_O: pass --model")
+        if info.d_in != model.width("attn_z"):
+            raise FlowError(f"attn_z SAE at layer {L} has d_in {info.d_in}, but the model's "
+                            f"n_heads*d_head is {model.width('attn_z')}")
+        project = attn_z_mapping(model, L)
+    label = f"{L}/{pos}"
+    if method in ("decoder", "permutation") and info.format in _LAZY:
+        fname, key = _LAZY[info.format]
+        try:
+            return SafetensorsRows(info.path / fname, key, label=label, project=project)
+        except (MatchError, OSError):
+            pass  # fall back to loading the SAE
+    from . import sae_formats
+
+    sae = sae_formats.load(info.path, info.format)
+    if method == "encoder":
+        return TensorDirections(sae.W_enc.T, label=label, project=project)
+    scale = None
+    if method == "folded":
+        # SAE Match: rank by the dot product of threshold-folded decoder rows theta * W_dec.
+        # Divided by the target's mean folded norm, so scores stay on a cosine-like scale.
+        norms = sae.decoder_norms()
+        if sae.threshold is not None and sae.activation == "jumprelu":
+            norms = norms * sae.threshold.float()
+        scale = norms / norms.mean().clamp_min(1e-12)
+    return TensorDirections(sae.W_dec, label=label, project=project, row_scale=scale)
+
+
+# --- fingerprints ---------------------------------------------------------------------------
+def _file_digest(path: Path) -> str:
+    """sha256 of a file, memoised by (path, size, mtime) so big packs are hashed once."""
+    st = path.stat()
+    memo_file = cache_dir("hashes") / "files.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    if key not in memo:
+        memo[key] = sha256_file(path)
+        write_json_atomic(memo_file, memo)
+    return memo[key]
+
+
+def pack_fingerprint(pack) -> str:
+    """Content hash of the pack's SAEs (the manifest's hashes where it has them)."""
+    parts = []
+    for slot in sorted(pack.entries):
+        info = pack.entries[slot]
+        digest = info.extra.get("sha256")
+        if not digest:
+            files = sorted(p for p in Path(info.path).iterdir() if p.is_file()) \
+                if Path(info.path).is_dir() else [Path(info.path)]
+            digest = hashlib.sha256("".join(_file_digest(f) for f in files).encode()).hexdigest()
+        parts.append([slot[0], slot[1], digest])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _mapping_fingerprint(pack, model) -> str | None:
+    if "attn_z" not in pack.positions or model is None:
+        return None
+    h = hashlib.sha256()
+    for L in pack.layers("attn_z"):
+        h.update(attn_z_mapping(model, L).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --- the computation ------------------------------------------------------------------------
+def _layer_cache_file(cache: Path, layer: int) -> Path:
+    return cache / f"layer_{layer}.npz"
+
+
+def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def compute_layer(pack, plan: LayerPlan, cfg: FlowConfig, model=None) -> dict[str, np.ndarray]:
+    """Matches of one layer's residual SAE against its predecessors (both directions), + nulls."""
+    budget = cfg.memory_budget_mb << 20
+    A = slot_directions(pack, plan.resid, cfg.method, model).materialize(budget)
+    out: dict[str, np.ndarray] = {"n_resid": np.array(A.n)}
+    kw = dict(block_a=cfg.block_a, block_b=cfg.block_b, memory_budget=budget)
+    for kind, slot in plan.preds.items():
+        if slot is None:
+            continue
+        B = slot_directions(pack, slot, cfg.method, model).materialize(budget)
+        out[f"{kind}_n"] = np.array(B.n)
+        if cfg.method == "permutation":
+            rows, cols, cos = permutation_match(A, B, **kw)
+            row_i = np.full((A.n, 1), -1, np.int64)
+            row_v = np.full((A.n, 1), np.nan, np.float32)
+            col_i = np.full((B.n, 1), -1, np.int64)
+            col_v = np.full((B.n, 1), np.nan, np.float32)
+            row_i[rows, 0], row_v[rows, 0] = cols, cos
+            col_i[cols, 0], col_v[cols, 0] = rows, cos
+        else:
+            m = top_k_pairs(A, B, k=min(cfg.k, A.n, B.n), cols=True, precision=cfg.precision, **kw)
+            row_i, row_v = m.row_indices.numpy(), m.row_values.numpy()
+            col_i, col_v = m.col_indices.numpy(), m.col_values.numpy()
+        out.update({f"{kind}_row_i": row_i.astype(np.int32), f"{kind}_row_v": row_v,
+                    f"{kind}_col_i": col_i.astype(np.int32), f"{kind}_col_v": col_v})
+        out[f"{kind}_null"] = null_top1(A, B, n=cfg.null_samples, kind=cfg.null,
+                                        seed=cfg.seed + plan.layer, **kw)
+    return out
+
+
+@dataclass
+class FlowRun:
+    """A finished flow in a RUN directory (what `saeflow flow` wrote)."""
+
+    root: Path
+    manifest: dict
+    thresholds: dict
+    _tables: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["layers"])
+
+    def n_features(self, position: str, layer: int) -> int | None:
+        return self.manifest["slots"].get(f"{layer}/{position}")
+
+    def table(self, name: str):
+        """'predecessors' or 'successors' as a pyarrow Table (cached)."""
+        import pyarrow.parquet as pq
+
+        if name not in self._tables:
+            self._tables[name] = pq.read_table(self.root / f"{name}.parquet")
+        return self._tables[name]
+
+    def predecessors(self):
+        return self.table("predecessors").to_pandas()
+
+    def successors(self):
+        return self.table("successors").to_pandas()
+
+    def class_counts(self) -> dict[int, dict[str, int]]:
+        t = self.table("predecessors")
+        layers = t.column("layer").to_numpy()
+        classes = np.asarray(t.column("class").to_pylist())
+        return {int(L): {c: int(((layers == L) & (classes == c)).sum()) for c in CLASSES}
+                for L in self.layers}
+
+    def check_feature(self, layer: int, position: str, feature: int) -> None:
+        n = self.n_features(position, layer)
+        if n is None:
+            have = sorted({k.split("/")[1] for k in self.manifest["slots"]})
+            raise FlowError(f"this flow has no SAE at {position} layer {layer} (positions: "
+                            f"{', '.join(have)}; layers {self.layers[0]}..{self.layers[-1]})")
+        if not 0 <= feature < n:
+            raise FlowError(f"feature {feature} is out of range for {layer}/{position}: it has "
+                            f"{n} features (0..{n - 1})")
+
+
+def open_flow(run: str | os.PathLike) -> FlowRun:
+    root = Path(run)
+    mf = root / FLOW_MANIFEST
+    if not mf.is_file():
+        raise FlowError(f"{root} holds no flow results ({FLOW_MANIFEST} missing); run "
+                        f"`saeflow flow PACK --out {root}` first")
+    manifest = json.loads(mf.read_text())
+    if manifest.get("format") != FLOW_FORMAT:
+        raise FlowError(f"{mf} is not a saeflow flow manifest")
+    thresholds = json.loads((root / "thresholds.json").read_text())
+    return FlowRun(root, manifest, thresholds)
+
+
+def default_thresholds(nulls: dict[int, dict[str, np.ndarray]], q: float) -> dict:
+    """Per layer and kind: the q-quantile of the null top-1 similarity ("far above chance")."""
+    return {L: {kind: float(np.quantile(v, q)) for kind, v in per.items()}
+            for L, per in nulls.items()}
+
+
+def resolve_thresholds(defaults: dict, overrides: dict | None) -> dict:
+    """Apply user thresholds: {"res": t, ...} globally and/or {"layers": {L: {"res": t}}}.
+
+    Returns {L: {kind: {"value": t, "source": "null q=..." | "user"}}}.
+    """
+    overrides = overrides or {}
+    unknown = set(overrides) - set(PRED_KINDS) - {"layers"}
+    if unknown:
+        raise FlowError(f"unknown threshold keys {sorted(unknown)}; use res, mlp, attn or layers")
+    per_layer = {int(L): v for L, v in (overrides.get("layers") or {}).items()}
+    bad_layers = sorted(set(per_layer) - set(defaults))
+    if bad_layers:
+        raise FlowError(f"thresholds given for layers {bad_layers}, which this flow does not have")
+    out = {}
+    for L, kinds in defaults.items():
+        out[L] = {}
+        for kind, (value, source) in kinds.items():
+            for scope in (per_layer.get(L, {}), overrides):
+                if kind in scope and scope[kind] is not None:
+                    t = float(scope[kind])
+                    if not -1.0 <= t <= 1.0:
+                        raise FlowError(f"threshold {kind}={t} must be a similarity in [-1, 1]")
+                    value, source = t, "user"
+                    break
+            out[L][kind] = {"value": value, "source": source}
+    return out
+
+
+def classify(s_res: np.ndarray, s_mlp: np.ndarray, s_attn: np.ndarray,
+             t_res: float, t_mlp: float, t_attn: float) -> np.ndarray:
+    """Section 3.3 classes. NaN (no such predecessor) counts as low."""
+    with np.errstate(invalid="ignore"):
+        hr, hm, ha = s_res >= t_res, s_mlp >= t_mlp, s_attn >= t_attn
+    mod = hm | ha
+    out = np.full(s_res.shape, "unexplained", dtype=object)
+    out[hr & ~mod] = "translated"
+    out[hr & mod] = "processed"
+    out[~hr & mod] = "newborn"
+    return out
+
+
+def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
+             layers: list[int] | None = None, thresholds: dict | None = None, model=None,
+             t_res: float = 0.5, force: bool = False, plots: bool = True,
+             progress: bool = True) -> FlowRun:
+    """Compute (or reuse) the flow of `pack` and write it into the RUN directory `out`."""
+    from tqdm.auto import tqdm
+
+    cfg = cfg or FlowConfig()
+    t0 = time.time()
+    out = Path(out)
+    plans = plan_layers(pack, layers)
+    if model is not None and "attn_z" in pack.positions:
+        pack.check_model(model)
+    fingerprint = pack_fingerprint(pack)
+    prior = out / FLOW_MANIFEST
+    if prior.is_file() and not force:
+        old = json.loads(prior.read_text())
+        if old.get("pack", {}).get("fingerprint") != fingerprint:
+            raise FlowError(f"{out} holds the flow of a different pack "
+                            f"({old.get('pack', {}).get('root')}); use another --out, or --force "
+                            f"to replace it")
+    key_src = {"pack": fingerprint, "config": cfg.identity(), "cache_version": CACHE_VERSION,
+               "mapping": _mapping_fingerprint(pack, model)}
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:20]
+    request = {"layers": [p.layer for p in plans], "thresholds": thresholds or {},
+               "t_res": t_res}
+    if prior.is_file() and not force:
+        old = json.loads(prior.read_text())
+        if old.get("cache_key") == key and old.get("request") == json.loads(json.dumps(request)) \
+                and all((out / f).is_file() for f in ("predecessors.parquet", "successors.parquet",
+                                                      "thresholds.json")):
+            return open_flow(out)  # the same pack and settings: nothing to do
+    cache = cache_dir("flow", key)
+    write_json_atomic(cache / "key.json", key_src)
+
+    todo = [p for p in plans if not _layer_cache_file(cache, p.layer).is_file()]
+    work = {p.layer: sum(1 for s in p.preds.values() if s) for p in todo}
+    bar = tqdm(total=sum(work.values()), desc="flow: matching", unit="pair",
+               disable=not progress or not todo)
+    for p in todo:
+        bar.set_postfix_str(f"layer {p.layer}")
+        arrays = compute_layer(pack, p, cfg, model)
+        _save_npz_atomic(_layer_cache_file(cache, p.layer), arrays)
+        bar.update(work[p.layer])
+    bar.close()
+    results = {p.layer: dict(np.load(_layer_cache_file(cache, p.layer))) for p in plans}
+
+    nulls = {p.layer: {k: results[p.layer][f"{k}_null"] for k in PRED_KINDS
+                       if f"{k}_null" in results[p.layer]} for p in plans}
+    defaults = {L: {k: (v, f"null {cfg.null} q={cfg.null_quantile}")
+                    for k, v in ts.items()} for L, ts in
+                default_thresholds(nulls, cfg.null_quantile).items()}
+    resolved = resolve_thresholds(defaults, thresholds)
+
+    from .flow_tables import predecessor_table, successor_table, write_parquet_atomic
+
+    pred = predecessor_table(plans, results, resolved)
+    succ = successor_table(plans, results, pack)
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(pred, out / "predecessors.parquet")
+    write_parquet_atomic(succ, out / "successors.parquet")
+    thr_doc = {"method": (f"A predecessor similarity is 'high' when it is at or above the "
+                          f"{cfg.null_quantile} quantile of the top-1 similarities that "
+                          f"{cfg.null_samples} '{cfg.null}' null directions reach against the "
+                          f"same predecessor SAE (see docs/method.md); user values replace it."),
+               "layers": {str(L): v for L, v in resolved.items()},
+               "null_quantiles": {str(L): {k: {q: float(np.quantile(v, q))
+                                               for q in (0.5, 0.9, 0.99, 0.999)}
+                                           for k, v in per.items()} for L, per in nulls.items()}}
+    write_json_atomic(out / "thresholds.json", thr_doc)
+    slots = {}
+    for p in plans:
+        slots[f"{p.layer}/resid_post"] = int(results[p.layer]["n_resid"])
+        for kind, slot in p.preds.items():
+            if slot:
+                slots[f"{slot[1]}/{slot[0]}"] = int(results[p.layer][f"{kind}_n"])
+    mapping = {}
+    for p in plans:
+        s = p.preds["attn"]
+        if s:
+            mapping[str(p.layer)] = describe_mapping(model, s[0]) if s[0] == "attn_z" else s[0]
+    manifest = {
+        "format": FLOW_FORMAT, "saeflow_version": __version__,
+        "pack": {"root": str(pack.root), "fingerprint": fingerprint, "model": pack.model_name,
+                 "source_format": pack.source_format,
+                 "neuronpedia_ids": {f"{L}/{p}": i.extra["neuronpedia_id"]
+                                     for (p, L), i in pack.entries.items()
+                                     if i.extra.get("neuronpedia_id")}},
+        "config": cfg.identity(), "cache_key": key, "layers": [p.layer for p in plans],
+        "predecessor_slots": {str(p.layer): {k: (f"{s[1]}/{s[0]}" if s else None)
+                                             for k, s in p.preds.items()} for p in plans},
+        "attention_mapping": mapping, "slots": slots, "request": request,
+        "seconds": round(time.time() - t0, 2), "reused_cache": not todo,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json_atomic(out / FLOW_MANIFEST, manifest)
+    run = open_flow(out)
+    if plots:
+        from .flow_plots import write_flow_plots
+
+        write_flow_plots(run, out / "plots", t_res=t_res)
+    return run
