@@ -154,6 +154,119 @@ def cmd_pack_fetch(args) -> int:
     return 0
 
 
+# --- flow ---------------------------------------------------------------------------------
+def _thresholds_arg(args) -> dict | None:
+    out = {}
+    if args.thresholds:
+        out = json.loads(Path(args.thresholds).read_text())
+    for kind in ("res", "mlp", "attn"):
+        v = getattr(args, f"high_{kind}")
+        if v is not None:
+            out[kind] = v
+    return out or None
+
+
+def cmd_flow(args) -> int:
+    from .flow import FlowConfig, run_flow
+    from .hookpoints import parse_layers
+
+    model = None
+    if args.model:
+        from .models import load_model
+
+        model = load_model(args.model, device="cpu")
+    pack = _open_pack(args, model=model)
+    if model is None and "attn_z" in pack.positions:
+        raise ValueError("this pack's attention SAEs sit at attn_z (head space); pass --model so "
+                         "their directions can be mapped into the residual through W_O")
+    n_layers = pack.n_layers or (max(pack.layers()) + 1)
+    layers = parse_layers(args.layers, n_layers) if args.layers != "all" else None
+    cfg = FlowConfig(k=args.k, method=args.method, precision=args.precision, null=args.null,
+                     null_samples=args.null_samples, null_quantile=args.null_quantile,
+                     memory_budget_mb=args.memory_mb)
+    run = run_flow(pack, args.out, cfg, layers=layers, thresholds=_thresholds_arg(args),
+                   model=model, t_res=args.t_res, force=args.force, plots=not args.no_plots)
+    counts = run.class_counts()
+    if args.json:
+        _print_json({"run": str(run.root), "manifest": run.manifest, "class_counts": counts,
+                     "thresholds": run.thresholds["layers"]})
+        return 0
+    m = run.manifest
+    how = "reused cached matches" if m.get("reused_cache") else "computed"
+    print(f"flow of {m['pack']['root']} ({how}, {m['seconds']:.1f}s) -> {run.root}")
+    print(f"  {'layer':>5}  {'translated':>10} {'processed':>10} {'newborn':>10} "
+          f"{'unexplained':>11}   thresholds res / mlp / attn")
+    for L, c in counts.items():
+        n = max(sum(c.values()), 1)
+        t = run.thresholds["layers"][str(L)]
+        ts = " / ".join(f"{t[k]['value']:.3f}" if k in t else "-" for k in ("res", "mlp", "attn"))
+        print(f"  {L:>5}  " + " ".join(f"{100 * c[k] / n:>9.1f}%" for k in
+                                       ("translated", "processed", "newborn")) +
+              f" {100 * c['unexplained'] / n:>10.1f}%   {ts}")
+    for L, how in m["attention_mapping"].items():
+        if "attn_z" in how:
+            print(f"  attention at layer {L}: {how}")
+            break
+    print(f"  files: predecessors.parquet, successors.parquet, thresholds.json, plots/")
+    return 0
+
+
+def cmd_trace(args) -> int:
+    from .flow import open_flow, pack_fingerprint
+    from .graphs import node_link, trace, write_graph
+
+    run = open_flow(args.run)
+    if args.pack:
+        from .recipes import open_pack
+
+        if pack_fingerprint(open_pack(args.pack)) != run.manifest["pack"]["fingerprint"]:
+            raise ValueError(f"{args.run} was computed from a different pack than {args.pack} "
+                             f"({run.manifest['pack']['root']}); rerun `saeflow flow`")
+    G = trace(run, args.feature, t_res=args.t_res, t_mod=args.t_mod, mod_k=args.mod_k,
+              direction=args.direction)
+    out = Path(args.out) if args.out else run.root / "traces" / args.feature.replace("/", "_")
+    formats = ["json", "graphml", *args.picture.split(",")]
+    written = write_graph(G, out, formats=[f for f in formats if f])
+    if args.json:
+        _print_json(node_link(G))
+        return 0
+    layers = sorted({d["layer"] for _, d in G.nodes(data=True)})
+    print(f"flow graph of {args.feature}: {G.number_of_nodes()} nodes, {G.number_of_edges()} "
+          f"links, layers {layers[0]}..{layers[-1]} (t_res={args.t_res}, t_mod={args.t_mod})")
+    for u, v, d in sorted(G.edges(data=True), key=lambda e: (G.nodes[e[1]]["layer"], e[0])):
+        print(f"  {u:>22} -> {v:<22} {d['similarity']:.3f}  ({d['kind']})")
+    print("  wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+def cmd_match(args) -> int:
+    from .flow import match_pair
+    from .flow_tables import write_parquet_atomic
+
+    model = None
+    if args.model:
+        from .models import load_model
+
+        model = load_model(args.model, device="cpu")
+    summary, table = match_pair(args.a, args.b, method=args.method, k=args.k, model=model,
+                                precision=args.precision)
+    if args.out:
+        write_parquet_atomic(table, Path(args.out))
+        summary["out"] = args.out
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(f"{summary['a_slot']} ({summary['n_a']} features) -> {summary['b_slot']} "
+          f"({summary['n_b']} features), method {summary['method']}")
+    print(f"  top-1 similarity: mean {summary['mean_top1']:.3f}, median {summary['median_top1']:.3f}")
+    print(f"  above chance (null q{summary['null_quantile']} = {summary['null_threshold']:.3f}): "
+          f"{100 * summary['share_above_null']:.1f}%;  >= 0.5: {100 * summary['share_above_0.5']:.1f}%;"
+          f"  mutual top-1: {100 * summary['share_mutual_top1']:.1f}%")
+    if args.out:
+        print(f"  wrote {args.out}")
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -248,6 +361,59 @@ def build_parser() -> argparse.ArgumentParser:
                           "$SAEFLOW_HUB_MIRROR)")
     fet.add_argument("--force", action="store_true")
     fet.set_defaults(func=cmd_pack_fetch)
+
+    fl = sub.add_parser("flow", help="data-free feature flow of a pack: predecessors, classes, plots")
+    fl.add_argument("path", help="a pack path, or 'embedded' / 'embedded-quick'")
+    selectors(fl)
+    fl.add_argument("--out", required=True, help="RUN directory")
+    fl.add_argument("--model", default=None, help="needed when attention SAEs sit at attn_z")
+    fl.add_argument("--layers", default="all", help="all, 0-5, or 1,3,7")
+    fl.add_argument("--k", type=int, default=5, help="matches kept per feature and predecessor")
+    fl.add_argument("--method", default="decoder",
+                    choices=["decoder", "encoder", "folded", "permutation"])
+    fl.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="bf16 ranks in bf16 and re-scores the candidates exactly in fp32")
+    fl.add_argument("--null", default="shuffle", choices=["shuffle", "gaussian"],
+                    help="null model for the default class thresholds")
+    fl.add_argument("--null-samples", type=int, default=2048)
+    fl.add_argument("--null-quantile", type=float, default=0.99)
+    for kind in ("res", "mlp", "attn"):
+        fl.add_argument(f"--high-{kind}", type=float, default=None,
+                        help=f"class threshold for s_{kind}, all layers (default: from the null)")
+    fl.add_argument("--thresholds", default=None,
+                    help='JSON file: {"res": 0.4, "layers": {"12": {"mlp": 0.2}}}')
+    fl.add_argument("--t-res", type=float, default=0.5, help="chain threshold for persistence")
+    fl.add_argument("--memory-mb", type=int, default=512,
+                    help="dictionaries larger than this are streamed from disk in blocks")
+    fl.add_argument("--no-plots", action="store_true")
+    fl.add_argument("--force", action="store_true", help="replace the flow of another pack in RUN")
+    fl.add_argument("--json", action="store_true")
+    fl.set_defaults(func=cmd_flow)
+
+    tc = sub.add_parser("trace", help="the flow graph of one feature, e.g. 12/resid_post/4230")
+    tc.add_argument("run", help="RUN directory written by `saeflow flow`")
+    tc.add_argument("feature", help="LAYER/POSITION/INDEX")
+    tc.add_argument("--t-res", type=float, default=0.5)
+    tc.add_argument("--t-mod", type=float, default=0.15)
+    tc.add_argument("--mod-k", type=int, default=1, help="MLP/attention predecessors per node")
+    tc.add_argument("--direction", default="both", choices=["both", "backward", "forward"])
+    tc.add_argument("--pack", default=None, help="check that RUN was computed from this pack")
+    tc.add_argument("--out", default=None, help="default: RUN/traces/FEATURE")
+    tc.add_argument("--picture", default="svg,png", help="svg, png, both, or '' for none")
+    tc.add_argument("--json", action="store_true", help="print the node-link JSON")
+    tc.set_defaults(func=cmd_trace)
+
+    mt = sub.add_parser("match", help="match the features of any two SAEs")
+    mt.add_argument("a", help="SAE folder, or PACK@LAYER/POSITION")
+    mt.add_argument("b", help="SAE folder, or PACK@LAYER/POSITION")
+    mt.add_argument("--method", default="decoder",
+                    choices=["decoder", "encoder", "folded", "permutation"])
+    mt.add_argument("--k", type=int, default=5)
+    mt.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    mt.add_argument("--model", default=None, help="needed for attn_z SAEs")
+    mt.add_argument("--out", default=None, help="write the matches as parquet")
+    mt.add_argument("--json", action="store_true")
+    mt.set_defaults(func=cmd_match)
     return p
 
 
