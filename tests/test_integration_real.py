@@ -126,3 +126,17 @@ def test_quick_profile_trains_on_the_real_model(gemma, tmp_path):
         assert r["fvu"] < 0.75 and 14 <= r["l0"] <= 16
         assert 0 <= r["kl"] < 6.0
     assert by[("resid_post", 6)]["fvu"] < 0.35 and by[("mlp_out", 6)]["fvu"] < 0.25
+
+    # Data-free flow on the real pack: layers 0, 6, 12 (no residual predecessors in between).
+    from saeflow.flow import run_flow
+    from saeflow.graphs import trace
+
+    run = run_flow(res.pack, tmp_path / "run", progress=False)
+    pred = run.predecessors()
+    assert pred.s_res.isna().all() and pred.s_mlp.notna().all() and pred.s_attn.notna().all()
+    counts = run.class_counts()
+    print(counts)
+    # M_L / A_L explain R_L features far above chance (the null lets 1% through per kind).
+    assert (counts[6]["newborn"] / sum(counts[6].values())) > 0.05
+    G = trace(run, "6/resid_post/0", t_mod=0.0)
+    assert G.number_of_nodes() == 3  # the seed with its MLP and attention predecessors

@@ -27,3 +27,73 @@ def test_self_match_finds_itself_and_errors():
         top_k_cosine(A, torch.randn(5, 9))
     with pytest.raises(ValueError, match="k must be"):
         top_k_cosine(A, A, k=41)
+
+
+@pytest.mark.parametrize("block_a,block_b", [(7, 11), (64, 1000), (1000, 5)])
+def test_rows_and_columns_from_one_pass(block_a, block_b):
+    from saeflow.match import top_k_pairs
+
+    g = torch.Generator().manual_seed(2)
+    A, B = torch.randn(61, 12, generator=g), torch.randn(45, 12, generator=g)
+    m = top_k_pairs(A, B, k=4, cols=True, block_a=block_a, block_b=block_b)
+    S = unit_rows(A) @ unit_rows(B).T
+    assert torch.equal(m.row_indices, S.topk(4, dim=1).indices)
+    assert torch.equal(m.col_indices, S.T.topk(4, dim=1).indices)
+    torch.testing.assert_close(m.col_values, S.T.topk(4, dim=1).values)
+
+
+def test_bf16_ranking_is_rescored_exactly():
+    from saeflow.match import top_k_pairs
+
+    g = torch.Generator().manual_seed(3)
+    A, B = torch.randn(300, 64, generator=g), torch.randn(500, 64, generator=g)
+    exact = top_k_pairs(A, B, k=5, cols=True)
+    fast = top_k_pairs(A, B, k=5, cols=True, precision="bf16")
+    S = unit_rows(A) @ unit_rows(B).T
+    # Whatever bf16 picked is scored in fp32; and with the re-rank margin it picks the same.
+    torch.testing.assert_close(fast.row_values, S.gather(1, fast.row_indices))
+    assert (fast.row_indices == exact.row_indices).float().mean() > 0.99
+    assert (fast.col_indices == exact.col_indices).float().mean() > 0.99
+
+
+def test_safetensors_rows_stream_from_disk(tmp_path):
+    from safetensors.torch import save_file
+
+    from saeflow.match import MatchError, SafetensorsRows, top_k_pairs
+
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(70, 16, generator=g)
+    f = tmp_path / "w.safetensors"
+    save_file({"b": torch.zeros(3), "W_dec": W.to(torch.bfloat16)}, str(f))
+    rows = SafetensorsRows(f, "W_dec")
+    assert (rows.n, rows.d) == (70, 16)
+    torch.testing.assert_close(rows.block(10, 25), W[10:25].to(torch.bfloat16).float())
+    B = torch.randn(33, 16, generator=g)
+    m = top_k_pairs(rows, B, k=3, block_a=8, memory_budget=0)  # forced to stream
+    ref = unit_rows(W.to(torch.bfloat16).float()) @ unit_rows(B).T
+    assert torch.equal(m.row_indices, ref.topk(3, dim=1).indices)
+    data = f.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
+    with pytest.raises(MatchError, match="truncated"):
+        SafetensorsRows(tmp_path / "cut.safetensors", "W_dec")
+    with pytest.raises(MatchError, match="no tensor"):
+        SafetensorsRows(f, "W_enc")
+
+
+@pytest.mark.parametrize("n_a,n_b", [(40, 40), (30, 50), (50, 30)])
+def test_permutation_equals_scipy_dense_and_sparse(n_a, n_b):
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    from saeflow.match import permutation_match
+
+    g = torch.Generator().manual_seed(5)
+    A, B = torch.randn(n_a, 8, generator=g), torch.randn(n_b, 8, generator=g)
+    S = (unit_rows(A) @ unit_rows(B).T).double().numpy()
+    r, c = linear_sum_assignment(S, maximize=True)
+    for dense_limit in (10**9, 0):  # dense solver, then the sparse candidate graph
+        rows, cols, cos = permutation_match(A, B, dense_limit=dense_limit, candidates=min(n_a, n_b))
+        assert len(rows) == min(n_a, n_b)
+        np.testing.assert_allclose(cos.sum(), S[r, c].sum(), rtol=1e-5)
+        order = np.argsort(rows)
+        assert np.array_equal(rows[order], r) and np.array_equal(cols[order], c)
