@@ -257,16 +257,21 @@ def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def compute_layer(pack, plan: LayerPlan, cfg: FlowConfig, model=None) -> dict[str, np.ndarray]:
-    """Matches of one layer's residual SAE against its predecessors (both directions), + nulls."""
+def compute_layer(pack, plan: LayerPlan, cfg: FlowConfig, model=None,
+                  directions=None) -> dict[str, np.ndarray]:
+    """Matches of one layer's residual SAE against its predecessors (both directions), + nulls.
+
+    `directions(slot) -> Directions` overrides where directions come from (benchmarks).
+    """
     budget = cfg.memory_budget_mb << 20
-    A = slot_directions(pack, plan.resid, cfg.method, model).materialize(budget)
+    directions = directions or (lambda slot: slot_directions(pack, slot, cfg.method, model))
+    A = directions(plan.resid).materialize(budget)
     out: dict[str, np.ndarray] = {"n_resid": np.array(A.n)}
     kw = dict(block_a=cfg.block_a, block_b=cfg.block_b, memory_budget=budget)
     for kind, slot in plan.preds.items():
         if slot is None:
             continue
-        B = slot_directions(pack, slot, cfg.method, model).materialize(budget)
+        B = directions(slot).materialize(budget)
         out[f"{kind}_n"] = np.array(B.n)
         if cfg.method == "permutation":
             rows, cols, cos = permutation_match(A, B, **kw)

@@ -172,6 +172,15 @@ def top_k_pairs(A, B, k: int = 5, cols: bool = False, block_a: int = 1024, block
     kc = min(k + rerank_margin, B.n) if precision == "bf16" else k  # candidates kept per row
     kc_col = min(k + rerank_margin, A.n) if precision == "bf16" else k
     n_a, n_b = A.n, B.n
+    in_memory = isinstance(B, TensorDirections) and B.normalized and B.project is None \
+        and B.row_scale is None
+    B_low = B.W.bfloat16() if precision == "bf16" and in_memory else None  # convert once
+
+    def b_block(b0: int, b1: int) -> torch.Tensor:
+        if B_low is not None:
+            return B_low[b0:b1]
+        return B.unit_block(b0, b1)
+
     row_v = torch.empty(n_a, kc)
     row_i = torch.empty(n_a, kc, dtype=torch.long)
     col_v = torch.full((n_b, kc_col), float("-inf")) if cols else None
@@ -183,7 +192,7 @@ def top_k_pairs(A, B, k: int = 5, cols: bool = False, block_a: int = 1024, block
         best_v = torch.full((a.shape[0], kc), float("-inf"))
         best_i = torch.zeros((a.shape[0], kc), dtype=torch.long)
         for b0 in range(0, n_b, block_b):
-            b = B.unit_block(b0, min(b0 + block_b, n_b))  # [bb, d]
+            b = b_block(b0, min(b0 + block_b, n_b))  # [bb, d]
             sims = (a @ b.to(a.dtype).T).float()  # [ba, bb]
             v, i = sims.topk(min(kc, sims.shape[1]), dim=1)
             best_v, best_i = _merge(best_v, best_i, v, i + b0)

@@ -1,0 +1,210 @@
+"""Feature-flow matching at scale, against the machine's GEMM ceiling and a naive reference.
+
+    .venv/bin/python benchmarks/bench_flow.py gemmascope [--layers 26 --d 2304 --width 16384]
+    .venv/bin/python benchmarks/bench_flow.py embedded
+    .venv/bin/python benchmarks/bench_flow.py wide --width 131072 [--rows 2048]
+
+gemmascope: the full flow matching (R_L vs R_{L-1}, M_L, A_L, both directions, plus the null
+    samples) of a random pack of Gemma Scope's shape, generated in memory slot by slot. Prints
+    wall time, achieved GFLOP/s, the GEMM ceiling (a plain torch matmul of the same block shape,
+    timed in the same run), the naive reference (full similarity matrix in numpy, then argsort),
+    timed on one pair and multiplied by the number of pairs, and peak RSS.
+embedded: `run_flow` on the embedded pack with an empty cache (so everything is computed).
+wide: one slice of a very wide pair read from safetensors files on disk (streamed): `--rows`
+    rows of A against all of B, in a child process so its peak RSS is its own; the full pair
+    time is extrapolated from the slice and said to be.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gemm_ceiling(block_a: int, block_b: int, d: int, dtype=torch.float32, reps: int = 6) -> float:
+    a, b = torch.randn(block_a, d, dtype=dtype), torch.randn(block_b, d, dtype=dtype)
+    a @ b.T
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b.T
+    return 2 * block_a * block_b * d * reps / (time.perf_counter() - t) / 1e9
+
+
+def naive_pair(A: torch.Tensor, B: torch.Tensor, k: int) -> float:
+    """Full similarity matrix in numpy, then argsort per row and per column (the baseline)."""
+    t = time.perf_counter()
+    a = A.numpy() / np.linalg.norm(A.numpy(), axis=1, keepdims=True)
+    b = B.numpy() / np.linalg.norm(B.numpy(), axis=1, keepdims=True)
+    S = a @ b.T
+    np.argsort(-S, axis=1)[:, :k]
+    np.argsort(-S, axis=0)[:k]
+    return time.perf_counter() - t
+
+
+def bench_gemmascope(args) -> dict:
+    from saeflow.flow import FlowConfig, LayerPlan, compute_layer
+    from saeflow.match import TensorDirections
+
+    cfg = FlowConfig(k=args.k, precision=args.precision, block_a=args.block_a,
+                     block_b=args.block_b, null_samples=args.null_samples)
+
+    def directions(slot):
+        pos, L = slot
+        g = torch.Generator().manual_seed(hash((pos, L)) % (2**31))
+        return TensorDirections(torch.randn(args.width, args.d, generator=g), label=f"{L}/{pos}")
+
+    plans = [LayerPlan(L, ("resid_post", L),
+                       {"res": ("resid_post", L - 1) if L else None, "mlp": ("mlp_out", L),
+                        "attn": ("attn_out", L)}) for L in range(args.layers)]
+    n_pairs = sum(1 for p in plans for s in p.preds.values() if s)
+    flops_pair = 2 * args.width * args.width * args.d
+    flops_null = 2 * args.null_samples * args.width * args.d
+    gen_s = 0.0
+    t0 = time.perf_counter()
+    for p in plans:
+        tg = time.perf_counter()
+        cache = {s: directions(s).materialize(1 << 40) for s in [p.resid, *p.preds.values()] if s}
+        gen_s += time.perf_counter() - tg
+        compute_layer(None, p, cfg, directions=lambda s: cache[s])
+        print(f"  layer {p.layer}: {time.perf_counter() - t0:.1f}s", flush=True)
+    wall = time.perf_counter() - t0 - gen_s
+    flops = n_pairs * (flops_pair + flops_null)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    ceiling = gemm_ceiling(args.block_a, args.block_b, args.d, dtype)
+    res = {"case": "gemmascope-shaped random pack", "layers": args.layers, "d": args.d,
+           "width": args.width, "pairs": n_pairs, "k": args.k, "precision": args.precision,
+           "wall_s": round(wall, 1), "generation_s_excluded": round(gen_s, 1),
+           "gflops_achieved": round(flops / wall / 1e9, 1), "gflops_ceiling": round(ceiling, 1),
+           "ratio_to_ceiling": round(flops / wall / 1e9 / ceiling, 3),
+           "gflops_effective_two_directions": round(2 * flops / wall / 1e9, 1),
+           "peak_rss_mb": round(peak_rss_mb())}
+    if not args.skip_naive:
+        g = torch.Generator().manual_seed(0)
+        A = torch.randn(args.width, args.d, generator=g)
+        B = torch.randn(args.width, args.d, generator=g)
+        naive = naive_pair(A, B, args.k)
+        res["naive_one_pair_s"] = round(naive, 1)
+        res["naive_all_pairs_s_extrapolated"] = round(naive * n_pairs, 1)
+        res["speedup_vs_naive"] = round(naive * n_pairs / wall, 2)
+        res["naive_similarity_matrix_mb"] = round(args.width * args.width * 4 / 2**20)
+        res["peak_rss_mb_after_naive"] = round(peak_rss_mb())
+    return res
+
+
+def bench_embedded(args) -> dict:
+    from saeflow.flow import FlowConfig, run_flow
+    from saeflow.recipes import open_pack
+
+    pack = open_pack("embedded")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["SAEFLOW_CACHE"] = tmp  # empty cache: nothing reused
+        t = time.perf_counter()
+        run = run_flow(pack, Path(tmp) / "run", FlowConfig(k=args.k, precision=args.precision),
+                       progress=False, plots=False)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        run_flow(pack, Path(tmp) / "run2", FlowConfig(k=args.k, precision=args.precision),
+                 progress=False, plots=False)
+        again = time.perf_counter() - t
+        n = sum(sum(c.values()) for c in run.class_counts().values())
+    return {"case": "embedded pack (18 layers x 3 positions, width 4096, d 640)",
+            "precision": args.precision, "first_run_s": round(first, 1),
+            "second_run_s_cached": round(again, 2), "residual_features": n,
+            "peak_rss_mb": round(peak_rss_mb())}
+
+
+def _write_wide(path: Path, n: int, d: int, seed: int, chunk: int = 65536) -> None:
+    """A bf16 safetensors file holding W_dec [n, d], written in chunks (1M x 2304 never sits in
+    memory). The header follows the safetensors layout: u64 length, JSON, 8-byte aligned data."""
+    if path.is_file():
+        return
+    header = {"W_dec": {"dtype": "BF16", "shape": [n, d], "data_offsets": [0, n * d * 2]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    g = torch.Generator().manual_seed(seed)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for i in range(0, n, chunk):
+            block = torch.randn(min(chunk, n - i), d, generator=g).to(torch.bfloat16)
+            f.write(block.view(torch.int16).numpy().tobytes())
+    os.replace(tmp, path)
+
+
+def bench_wide(args) -> dict:
+    if args.child:
+        from saeflow.match import SafetensorsRows, top_k_pairs
+
+        A = SafetensorsRows(args.child[0], "W_dec")
+        B = SafetensorsRows(args.child[1], "W_dec")
+        rows = min(args.rows, A.n)
+        A.n = rows  # the first `rows` rows of A
+        t = time.perf_counter()
+        m = top_k_pairs(A, B, k=args.k, cols=True, block_a=args.block_a, block_b=args.block_b,
+                        precision=args.precision, memory_budget=args.memory_mb << 20)
+        dt = time.perf_counter() - t
+        print(json.dumps({"slice_s": dt, "rows": rows, "n_b": B.n, "peak_rss_mb": peak_rss_mb(),
+                          "top1_mean": float(m.row_values[:, 0].mean())}))
+        return {}
+    folder = Path(args.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    fa, fb = folder / f"a_{args.rows}.safetensors", folder / f"b_{args.width}.safetensors"
+    t = time.perf_counter()
+    _write_wide(fa, min(args.width, args.rows), args.d, 1)
+    _write_wide(fb, args.width, args.d, 2)
+    write_s = time.perf_counter() - t
+    cmd = [sys.executable, __file__, "wide", "--child", str(fa), str(fb), "--rows", str(args.rows),
+           "--k", str(args.k), "--block-a", str(args.block_a), "--block-b", str(args.block_b),
+           "--precision", args.precision, "--memory-mb", str(args.memory_mb)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    child = json.loads(out[-1])
+    full_pair_s = child["slice_s"] * args.width / child["rows"]
+    return {"case": f"one pair, width {args.width}, d {args.d}, streamed from bf16 safetensors",
+            "precision": args.precision, "rows_measured": child["rows"],
+            "slice_s": round(child["slice_s"], 1),
+            "full_pair_s_extrapolated": round(full_pair_s, 1),
+            "gemmascope_26_layers_3_positions_extrapolated_h": round(full_pair_s * 77 / 3600, 1),
+            "peak_rss_mb": round(child["peak_rss_mb"]), "files_written_s": round(write_s, 1),
+            "b_file_gb": round(fb.stat().st_size / 1e9, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["gemmascope", "embedded", "wide"])
+    ap.add_argument("--layers", type=int, default=26)
+    ap.add_argument("--d", type=int, default=2304)
+    ap.add_argument("--width", type=int, default=16384)
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--block-a", type=int, default=1024)
+    ap.add_argument("--block-b", type=int, default=4096)
+    ap.add_argument("--null-samples", type=int, default=2048)
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--rows", type=int, default=2048, help="wide: rows of A measured")
+    ap.add_argument("--memory-mb", type=int, default=512)
+    ap.add_argument("--dir", default="/tmp/saeflow-bench-wide")
+    ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    res = {"gemmascope": bench_gemmascope, "embedded": bench_embedded, "wide": bench_wide}[
+        args.mode](args)
+    if res:
+        print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
