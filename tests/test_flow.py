@@ -312,3 +312,17 @@ def test_attn_z_mapping_equals_the_real_output_path(tiny_models, tmp_path):
     got = run.predecessors().pred_attn.to_numpy()
     want = (_unit(pack.sae("resid_post", 1).W_dec) @ _unit(W).T).argmax(1).numpy()
     assert np.array_equal(got, want) and dirs.d == d
+
+
+def test_trace_from_module_seed_and_edge_slots(planted, tmp_path):
+    pack, _ = planted
+    run = run_flow(pack, tmp_path / "sub", layers=[2, 3], progress=False, plots=False)
+    # 2/mlp_out/120 was planted as the source of newborn 2/resid_post/60.
+    G = trace(run, "2/mlp_out/120", t_res=0.5, t_mod=0.5)
+    assert G.has_edge("2/mlp_out/120", "2/resid_post/60")
+    assert G.edges["2/mlp_out/120", "2/resid_post/60"]["similarity"] > 0.9
+    # 1/resid_post is only a predecessor slot of this run: it can seed a forward trace.
+    G = trace(run, "1/resid_post/0", t_res=0.0)
+    assert any(G.nodes[n]["layer"] == 3 for n in G)
+    with pytest.raises(FlowError, match="no SAE at resid_post layer 0"):
+        trace(run, "0/resid_post/0")

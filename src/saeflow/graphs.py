@@ -36,7 +36,8 @@ def _padded(col: pa.ChunkedArray, n: int) -> tuple[np.ndarray, np.ndarray]:
     f = flat.field("feature").to_numpy(zero_copy_only=False)
     v = flat.field("similarity").to_numpy(zero_copy_only=False)
     rows = np.repeat(np.arange(n), lengths)
-    cols = np.concatenate([np.arange(c) for c in lengths]) if len(lengths) else np.array([], int)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if n else np.zeros(0, int)
+    cols = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
     idx[rows, cols], val[rows, cols] = f, v
     return idx, val
 
@@ -82,7 +83,7 @@ class FlowIndex:
 
     def predecessor(self, layer: int, feature: int, kind: str, rank: int = 0):
         """(slot position, slot layer, index, similarity) or None."""
-        slot = self.pred_slots[layer].get(kind)
+        slot = self.pred_slots.get(layer, {}).get(kind)
         if slot is None:
             return None
         i = self.pred[layer].top_i[kind][feature]
