@@ -1,0 +1,363 @@
+"""The feature index: what each feature of a pack means, from one pass of the model over a corpus.
+
+For every feature of every SAE it records, in memory bounded by n_features x n_top (never by
+the number of tokens):
+  - activation count (density), mean and max, and a histogram of its nonzero activations;
+  - its top-n activating tokens, each with a token window and the feature's activation on
+    every token of the window;
+  - a uniform sample of its activations (a bottom-k sketch on random keys), reported by
+    activation quantile;
+plus, from weights only, the logit lens of its decoder direction, and an automatic label.
+
+Written to RUN/index/: features.parquet, examples.parquet, index.json. Queried with DuckDB
+(`search`). The pass checkpoints its running state and resumes after a kill.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .hookpoints import POSITIONS
+
+INDEX_DIR = "index"
+INDEX_MANIFEST = "index.json"
+INDEX_FORMAT = "saeflow-index"
+# Log-spaced histogram edges for nonzero activations: 1e-3 .. 1e4, 56 bins (ends clamp).
+HIST_EDGES = torch.logspace(-3, 4, 57)
+
+
+class IndexError_(ValueError):
+    pass
+
+
+@dataclass
+class IndexConfig:
+    tokens: int = 200_000
+    corpus: str = "wiki=0.8,python=0.2"
+    seed: int = 0
+    batch_size: int = 32
+    ctx_len: int = 128
+    n_top: int = 16
+    n_samples: int = 8
+    window_left: int = 10
+    window_right: int = 3
+    n_logits: int = 10
+    encoder_dtype: str = "auto"  # auto: bf16 on CPU, model dtype elsewhere
+    checkpoint_every_s: float = 120.0
+
+    def identity(self) -> dict:
+        d = asdict(self)
+        d.pop("checkpoint_every_s")
+        return d
+
+    @property
+    def window(self) -> int:
+        return self.window_left + 1 + self.window_right
+
+
+class _Reservoir:
+    """Per feature, the n entries with the largest key seen so far, with their token windows.
+
+    key [d, n] float32 (-inf = empty), value [d, n] activation, doc/tok [d, n] int64,
+    win_ids [d, n, W] int32 (-1 outside the context), win_act [d, n, W] float16.
+    """
+
+    def __init__(self, d: int, n: int, W: int):
+        self.key = torch.full((d, n), float("-inf"))
+        self.value = torch.zeros(d, n)
+        self.doc = torch.full((d, n), -1, dtype=torch.long)
+        self.tok = torch.full((d, n), -1, dtype=torch.long)
+        self.win_ids = torch.full((d, n, W), -1, dtype=torch.int32)
+        self.win_act = torch.zeros(d, n, W, dtype=torch.float16)
+
+    def state(self) -> dict:
+        return dict(vars(self))
+
+    def load(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+    def offer(self, key, act, feat, flat_tok, z, batch, W_left: int, W_right: int) -> None:
+        """Candidates: key/value/feat/flat_tok [M] (flat_tok indexes the batch's B*T tokens)."""
+        d, n = self.key.shape
+        if key.numel() == 0:
+            return
+        # Group candidates by feature with keys descending; keep each feature's best n.
+        o = torch.argsort(key, descending=True, stable=True)
+        o = o[torch.argsort(feat[o], stable=True)]
+        f_sorted = feat[o]
+        counts = torch.bincount(f_sorted, minlength=d)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(len(o)) - starts[f_sorted]
+        keep = rank < n
+        sel, f, r = o[keep], f_sorted[keep], rank[keep]
+        cand_key = torch.full((d, n), float("-inf"))
+        cand_key[f, r] = key[sel]
+        cand_idx = torch.full((d, n), -1, dtype=torch.long)
+        cand_idx[f, r] = sel
+        new_key, pos = torch.cat([self.key, cand_key], 1).topk(n, dim=1)  # [d, n]
+        from_new = pos >= n
+        # Survivors from the old buffers move to their new slots.
+        fo, jo = (~from_new).nonzero(as_tuple=True)
+        po = pos[fo, jo]
+        value, doc, tok = self.value.clone(), self.doc.clone(), self.tok.clone()
+        win_ids, win_act = self.win_ids.clone(), self.win_act.clone()
+        value[fo, jo], doc[fo, jo], tok[fo, jo] = self.value[fo, po], self.doc[fo, po], self.tok[fo, po]
+        win_ids[fo, jo], win_act[fo, jo] = self.win_ids[fo, po], self.win_act[fo, po]
+        # New entries: read their windows out of this batch.
+        fn, jn = from_new.nonzero(as_tuple=True)
+        if len(fn):
+            c = cand_idx[fn, pos[fn, jn] - n]  # candidate index
+            ft = flat_tok[c]
+            B, T = batch.input_ids.shape
+            b, t = ft // T, ft % T
+            offs = torch.arange(-W_left, W_right + 1)
+            p = t[:, None] + offs[None, :]  # [m, W]
+            inside = (p >= 0) & (p < T)
+            pc = p.clamp(0, T - 1)
+            ids = batch.input_ids[b[:, None], pc].to(torch.int32)
+            ids[~inside] = -1
+            acts = z[b[:, None], pc, fn[:, None]].float()
+            acts[~inside] = 0
+            value[fn, jn] = act[c]
+            doc[fn, jn] = batch.doc_ids[b, t]
+            tok[fn, jn] = batch.token_index[b, t]
+            win_ids[fn, jn], win_act[fn, jn] = ids, acts.to(torch.float16)
+        self.key, self.value, self.doc, self.tok = new_key, value, doc, tok
+        self.win_ids, self.win_act = win_ids, win_act
+
+
+class _SlotStats:
+    """Running statistics of one SAE's features."""
+
+    def __init__(self, d: int, cfg: IndexConfig, seed: int):
+        self.count = torch.zeros(d, dtype=torch.long)
+        self.total = torch.zeros(d, dtype=torch.float64)
+        self.max = torch.zeros(d)
+        self.hist = torch.zeros(d, len(HIST_EDGES) - 1, dtype=torch.long)
+        self.top = _Reservoir(d, cfg.n_top, cfg.window)
+        self.sample = _Reservoir(d, cfg.n_samples, cfg.window)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def update(self, z: torch.Tensor, batch, content: torch.Tensor, cfg: IndexConfig) -> None:
+        """z [B, T, d] activations; content [B, T] bool (real document tokens)."""
+        B, T, d = z.shape
+        z = z * content[..., None].to(z.dtype)
+        flat = z.reshape(B * T, d)
+        tok, feat = flat.nonzero(as_tuple=True)  # sparse: tens of features per token
+        val = flat[tok, feat].float()
+        self.count += torch.bincount(feat, minlength=d)
+        self.total.index_add_(0, feat, val.double())
+        self.max = torch.maximum(self.max, torch.zeros(d).scatter_reduce(0, feat, val, "amax"))
+        bins = (torch.bucketize(val, HIST_EDGES) - 1).clamp(0, self.hist.shape[1] - 1)
+        self.hist.view(-1).index_add_(0, feat * self.hist.shape[1] + bins,
+                                      torch.ones_like(bins))
+        self.top.offer(val, val, feat, tok, z, batch, cfg.window_left, cfg.window_right)
+        u = torch.rand(len(val), generator=self.gen)
+        self.sample.offer(u, val, feat, tok, z, batch, cfg.window_left, cfg.window_right)
+
+    def state(self) -> dict:
+        return {"count": self.count, "total": self.total, "max": self.max, "hist": self.hist,
+                "top": self.top.state(), "sample": self.sample.state(),
+                "gen": self.gen.get_state()}
+
+    def load(self, s: dict) -> None:
+        self.count, self.total, self.max, self.hist = s["count"], s["total"], s["max"], s["hist"]
+        self.top.load(s["top"])
+        self.sample.load(s["sample"])
+        self.gen.set_state(s["gen"])
+
+
+# --- logit lens -----------------------------------------------------------------------------
+def unembed_directions(model, dirs: torch.Tensor) -> torch.Tensor:
+    """Residual directions [n, d_model] -> logits [n, vocab] through the final norm's gain.
+
+    The norm's 1/rms (or 1/std) factor is a positive scalar per token and does not change the
+    ranking; LayerNorm's centring does, so it is applied. Gemma's gain is (1 + w).
+    """
+    norm = model.module(model.arch.final_norm)
+    x = dirs.float()
+    if isinstance(norm, torch.nn.LayerNorm):
+        x = x - x.mean(dim=-1, keepdim=True)
+    w = norm.weight.detach().float()
+    gain = (1.0 + w) if model.arch.family in ("gemma2", "gemma3") else w
+    W_U = model.hf.get_output_embeddings().weight.detach()  # [vocab, d_model]
+    return (x * gain) @ W_U.float().T if W_U.dtype == torch.float32 and x.shape[0] < 64 \
+        else ((x * gain).to(torch.bfloat16) @ W_U.to(torch.bfloat16).T).float()
+
+
+def logit_lens(model, dirs: torch.Tensor, n: int = 10, block: int = 256):
+    """Top and bottom n tokens of each direction: (top_ids, top_vals, bot_ids, bot_vals) [N, n]."""
+    outs = [[], [], [], []]
+    for i in range(0, dirs.shape[0], block):
+        logits = unembed_directions(model, dirs[i:i + block])
+        tv, ti = logits.topk(n, dim=1)
+        bv, bi = logits.topk(n, dim=1, largest=False)
+        for o, t in zip(outs, (ti, tv, bi, bv)):
+            o.append(t)
+    return tuple(torch.cat(o) for o in outs)
+
+
+# --- labels ---------------------------------------------------------------------------------
+def token_strings(tokenizer, ids) -> dict[int, str]:
+    """Readable text of each token id (decoded one at a time, so spaces and bytes show)."""
+    return {int(i): tokenizer.decode([int(i)]) for i in sorted(set(int(i) for i in ids) - {-1})}
+
+
+def auto_label(center_ids: list[int], weights: list[float], logit_ids: list[int],
+               strings: dict[int, str], doc_freq: np.ndarray, n_docs_tokens: int,
+               n_words: int = 3) -> tuple[str, list[str]]:
+    """A short label from the evidence: the most characteristic activating tokens (count in the
+    top contexts, weighted by activation, times inverse corpus frequency), then the top logit
+    tokens. Returns (label, characteristic tokens)."""
+    score: dict[str, float] = {}
+    for i, w in zip(center_ids, weights):
+        s = strings.get(i, "").strip()
+        if not s or i < 0:
+            continue
+        idf = math.log((1 + n_docs_tokens) / (1 + float(doc_freq[i]))) + 1.0
+        score[s] = score.get(s, 0.0) + w * idf
+    words = [w for w, _ in sorted(score.items(), key=lambda x: -x[1])[:n_words]]
+    outs = []
+    for i in logit_ids:
+        s = strings.get(i, "").strip()
+        if s and s not in outs and s not in words:
+            outs.append(s)
+        if len(outs) == 2:
+            break
+    label = ", ".join(repr(w)[1:-1] for w in words) if words else "(never active)"
+    if outs:
+        label += " → " + ", ".join(repr(w)[1:-1] for w in outs)
+    return label, words
+
+
+# --- the pass -------------------------------------------------------------------------------
+def _index_identity(pack, model, cfg: IndexConfig) -> dict:
+    from .flow import pack_fingerprint
+
+    return {"pack": pack_fingerprint(pack), "model": model.name, "config": cfg.identity()}
+
+
+def _content_tokens_available(corpus, tokenizer, cfg: IndexConfig) -> int:
+    n = 0
+    for b in corpus.token_batches(tokenizer, cfg.batch_size, cfg.ctx_len, max_tokens=cfg.tokens):
+        n += int(b.content_mask().sum())
+    return n
+
+
+def build_index(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = None, *,
+                force: bool = False, progress: bool = True,
+                stop_after_batches: int | None = None) -> "FeatureIndex":
+    """Run the model over `cfg.tokens` tokens once and index every feature of `pack`.
+
+    Resumes from RUN/index/.state when it holds the state of the same pack, model and settings;
+    refuses a state from another pack or corpus unless `force`.
+    """
+    from tqdm.auto import tqdm
+
+    from . import sae_formats
+    from .corpora import Corpus
+    from .hooks import HookPoint, capture
+    from .store import write_json_atomic
+    from .train import _resolve_dtype
+
+    cfg = cfg or IndexConfig()
+    pack.check_model(model)
+    root = Path(out) / INDEX_DIR
+    ident = _index_identity(pack, model, cfg)
+    manifest = root / INDEX_MANIFEST
+    if manifest.is_file() and not force:
+        old = json.loads(manifest.read_text())
+        if old.get("identity") == ident:
+            from .index_tables import open_index
+
+            return open_index(out)
+        if old.get("identity", {}).get("pack") != ident["pack"]:
+            raise IndexError_(f"{root} holds the index of a different pack; use another --out "
+                              f"or --force")
+    state_file = root / ".state" / "state.pt"
+    state = None
+    if state_file.is_file():
+        state = torch.load(state_file, weights_only=False)
+        if state["identity"] != ident:
+            if not force:
+                what = [k for k in ident if state["identity"].get(k) != ident[k]]
+                raise IndexError_(f"{state_file} is a partial index of a different "
+                                  f"{' and '.join(what)}; refusing to resume against it "
+                                  f"(use --force to start over)")
+            state = None
+    slots = sorted(pack.entries, key=lambda s: (s[1], POSITIONS.index(s[0])))
+    enc_dtype = _resolve_dtype(cfg.encoder_dtype, model.device)
+    saes = {}
+    for slot in slots:
+        info = pack.entries[slot]
+        saes[slot] = sae_formats.load(info.path, info.format).to(device=model.device,
+                                                                  dtype=enc_dtype)
+    stats = {slot: _SlotStats(saes[slot].d_sae, cfg, seed=cfg.seed * 1000 + i)
+             for i, slot in enumerate(slots)}
+    vocab = model.vocab_size
+    unigram = torch.zeros(vocab, dtype=torch.long)
+    batches_done = tokens_done = 0
+    t_start = time.time()
+    corpus = Corpus.from_spec(cfg.corpus, seed=cfg.seed)
+    tok = model.tokenizer
+    if state is not None:
+        for slot in slots:
+            stats[slot].load(state["stats"][f"{slot[1]}/{slot[0]}"])
+        unigram, batches_done, tokens_done = state["unigram"], state["batches"], state["tokens"]
+    else:
+        available = _content_tokens_available(corpus, tok, cfg)
+        if available < 0.98 * cfg.tokens:
+            raise IndexError_(f"the corpus {cfg.corpus!r} gives only {available} tokens, fewer "
+                              f"than the {cfg.tokens} asked; ask for fewer or add sources")
+    points = [HookPoint(p, L) for p, L in slots]
+
+    def save_state():
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = state_file.with_suffix(".tmp")
+        torch.save({"identity": ident, "batches": batches_done, "tokens": tokens_done,
+                    "unigram": unigram,
+                    "stats": {f"{L}/{p}": stats[(p, L)].state() for p, L in slots}}, tmp)
+        os.replace(tmp, state_file)
+
+    bar = tqdm(total=cfg.tokens, initial=tokens_done, desc="index", unit="tok",
+               disable=not progress, smoothing=0.05)
+    last_ckpt = time.perf_counter()
+    batches = corpus.token_batches(tok, cfg.batch_size, cfg.ctx_len, max_tokens=cfg.tokens)
+    for i, b in enumerate(batches):
+        if i < batches_done:
+            continue  # resume: these were counted before the interruption
+        acts = capture(model, b.input_ids, points, attention_mask=b.attention_mask)
+        content = b.content_mask()
+        with torch.inference_mode():
+            for slot, pt in zip(slots, points):
+                z = saes[slot].encode(acts[pt].to(enc_dtype)).float().cpu()  # [B, T, d_sae]
+                stats[slot].update(z, b, content, cfg)
+        unigram += torch.bincount(b.input_ids[content], minlength=vocab)
+        n = int(content.sum())
+        batches_done, tokens_done = i + 1, tokens_done + n
+        bar.update(n)
+        if time.perf_counter() - last_ckpt > cfg.checkpoint_every_s:
+            save_state()
+            last_ckpt = time.perf_counter()
+        if stop_after_batches is not None and batches_done >= stop_after_batches:
+            save_state()
+            bar.close()
+            raise KeyboardInterrupt("stopped on request (stop_after_batches)")
+    bar.close()
+    save_state()
+    from .index_tables import write_index
+
+    write_index(root, pack, model, saes, stats, unigram, cfg, ident, tokens_done,
+                time.time() - t_start, progress=progress)
+    from .index_tables import open_index
+
+    return open_index(out)
