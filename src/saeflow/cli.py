@@ -267,6 +267,62 @@ def cmd_match(args) -> int:
     return 0
 
 
+# --- index --------------------------------------------------------------------------------
+def cmd_index(args) -> int:
+    from .index import IndexConfig, build_index
+    from .models import load_model
+    from .train import parse_tokens
+
+    model_spec = args.model or ("embedded" if args.path.startswith("embedded") else None)
+    if model_spec is None:
+        raise ValueError("index needs --model (the model the pack was made for)")
+    model = load_model(model_spec, device=args.device)
+    pack = _open_pack(args, model=model)
+    cfg = IndexConfig(tokens=parse_tokens(args.tokens), corpus=args.corpus, seed=args.seed,
+                      batch_size=args.batch_size, ctx_len=args.ctx_len, n_top=args.n_top,
+                      n_samples=args.n_samples, encoder_dtype=args.encoder_dtype)
+    idx = build_index(pack, model, args.out, cfg, force=args.force)
+    m = idx.manifest
+    print(f"indexed {sum(m['slots'].values())} features of {len(m['slots'])} SAEs over "
+          f"{m['tokens']} tokens ({m['seconds'] / 60:.1f} min) -> {idx.root}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .index_tables import open_index
+
+    hits = open_index(args.run).search(args.query, limit=args.limit)
+    if args.json:
+        _print_json(hits)
+        return 0
+    if not hits:
+        print(f"no feature mentions {args.query!r}")
+    for h in hits:
+        print(f"  {h['id']:<22} score {h['score']:.2f}  density {h['density']:.2e}  {h['label']}")
+    return 0
+
+
+def cmd_feature(args) -> int:
+    from .flow import parse_feature
+    from .index_tables import open_index
+
+    L, pos, f = parse_feature(args.feature)
+    row = open_index(args.run).feature(L, pos, f)
+    if args.json:
+        _print_json(row)
+        return 0
+    print(f"{args.feature}: {row['label']}")
+    print(f"  density {row['density']:.2e}  mean {row['mean_act']:.3g}  max {row['max_act']:.3g}"
+          + (f"  {row['neuronpedia']}" if row['neuronpedia'] else ""))
+    print("  logit lens +: " + ", ".join(repr(t["token"]) for t in row["logit_top"]))
+    print("  logit lens -: " + ", ".join(repr(t["token"]) for t in row["logit_bottom"]))
+    for e in row["examples"][:args.n]:
+        toks = "".join(f"[{t}]" if i == e["center"] else (t or "")
+                       for i, t in enumerate(e["tokens"]))
+        print(f"  {e['activation']:7.3f}  {toks!r}")
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -414,6 +470,38 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--out", default=None, help="write the matches as parquet")
     mt.add_argument("--json", action="store_true")
     mt.set_defaults(func=cmd_match)
+
+    ix = sub.add_parser("index", help="feature index: top contexts, densities, logit lens, labels")
+    ix.add_argument("path", help="a pack path, or 'embedded' / 'embedded-quick'")
+    selectors(ix)
+    ix.add_argument("--model", default=None, help="default: embedded for the embedded packs")
+    ix.add_argument("--out", required=True, help="RUN directory (writes RUN/index/)")
+    ix.add_argument("--tokens", default="200k")
+    ix.add_argument("--corpus", default="wiki=0.8,python=0.2")
+    ix.add_argument("--seed", type=int, default=0)
+    ix.add_argument("--batch-size", type=int, default=32, help="contexts per forward")
+    ix.add_argument("--ctx-len", type=int, default=128)
+    ix.add_argument("--n-top", type=int, default=16, help="top contexts kept per feature")
+    ix.add_argument("--n-samples", type=int, default=8, help="random contexts per feature")
+    ix.add_argument("--encoder-dtype", default="auto", help="auto, float32, bfloat16")
+    ix.add_argument("--device", default=None)
+    ix.add_argument("--force", action="store_true",
+                    help="start over when RUN holds an index or partial state of another pack")
+    ix.set_defaults(func=cmd_index)
+
+    se = sub.add_parser("search", help="find features by label or token, best first")
+    se.add_argument("run")
+    se.add_argument("query")
+    se.add_argument("--limit", type=int, default=20)
+    se.add_argument("--json", action="store_true")
+    se.set_defaults(func=cmd_search)
+
+    fe = sub.add_parser("feature", help="one feature's page: label, stats, logit lens, contexts")
+    fe.add_argument("run")
+    fe.add_argument("feature", help="LAYER/POSITION/INDEX")
+    fe.add_argument("--n", type=int, default=8, help="top contexts to print")
+    fe.add_argument("--json", action="store_true")
+    fe.set_defaults(func=cmd_feature)
     return p
 
 

@@ -1,0 +1,158 @@
+"""The feature index on a tiny model and random SAEs: exact against a brute-force pass."""
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from saeflow.cli import main
+from saeflow.corpora import Corpus
+from saeflow.hooks import HookPoint, capture
+from saeflow.index import IndexConfig, IndexError_, build_index, logit_lens
+from saeflow.index_tables import open_index
+from saeflow.packs import save_pack
+from saeflow.sae import random_sae
+
+CFG = IndexConfig(tokens=1500, batch_size=4, ctx_len=48, n_top=5, n_samples=4,
+                  encoder_dtype="float32", corpus="wiki=0.8,python=0.2")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models, tmp_path_factory):
+    model = tiny_models["gemma3"]
+    d = model.d_model
+    saes = [("resid_post", 1, random_sae(d, 40, "relu", seed=1)),
+            ("mlp_out", 1, random_sae(d, 30, "topk", k=4, seed=2)),
+            ("attn_z", 2, random_sae(model.width("attn_z"), 24, "relu", seed=3))]
+    root = tmp_path_factory.mktemp("index")
+    pack = save_pack(saes, root / "pack", model_name="tiny", d_model=d, n_layers=3,
+                     neuronpedia_ids={("resid_post", 1): "tiny-model/1-res"})
+    return model, pack, root
+
+
+def _reference(model, pack, cfg):
+    """All activations of the same batches, computed directly."""
+    corpus = Corpus.from_spec(cfg.corpus, seed=cfg.seed)
+    out = {s: [] for s in pack.entries}
+    meta = []
+    for b in corpus.token_batches(model.tokenizer, cfg.batch_size, cfg.ctx_len,
+                                  max_tokens=cfg.tokens):
+        acts = capture(model, b.input_ids, [HookPoint(p, L) for p, L in pack.entries],
+                       attention_mask=b.attention_mask)
+        content = b.content_mask()
+        for (p, L) in pack.entries:
+            z = pack.sae(p, L).encode(acts[HookPoint(p, L)].float()) * content[..., None]
+            out[(p, L)].append(z.reshape(-1, z.shape[-1]))
+        meta.append((b.doc_ids.reshape(-1), b.token_index.reshape(-1)))
+    doc = torch.cat([m[0] for m in meta])
+    tok = torch.cat([m[1] for m in meta])
+    return {s: torch.cat(v) for s, v in out.items()}, doc, tok
+
+
+def test_index_equals_brute_force(setup):
+    model, pack, root = setup
+    idx = build_index(pack, model, root / "run", CFG, progress=False)
+    Z, doc, tok = _reference(model, pack, CFG)
+    feats = pq.read_table(idx.root / "features.parquet").to_pandas()
+    ex = pq.read_table(idx.root / "examples.parquet").to_pandas()
+    n_tokens = idx.manifest["tokens"]
+    assert n_tokens >= CFG.tokens * 0.98
+    for (p, L), z in Z.items():
+        fr = feats[(feats.layer == L) & (feats.position == p)].sort_values("feature")
+        count = (z > 0).sum(0).numpy()
+        assert np.array_equal(fr["count"].to_numpy(), count)
+        np.testing.assert_allclose(fr["max_act"].to_numpy(), z.max(0).values.numpy(), rtol=1e-5)
+        assert np.array_equal(np.stack(fr["hist"].to_numpy()).sum(1), count)
+        np.testing.assert_allclose(fr["density"].to_numpy(), count / n_tokens)
+        top = ex[(ex.layer == L) & (ex.position == p) & (ex.kind == "top")]
+        for f in range(z.shape[1]):
+            want = z[:, f].topk(min(CFG.n_top, int(count[f]))).values.numpy()
+            got = top[top.feature == f].sort_values("rank")
+            np.testing.assert_allclose(got.activation.to_numpy(), want, rtol=1e-5)
+            for _, e in got.iterrows():  # each example points at a token with that activation
+                hit = ((doc == e.doc_id) & (tok == e.token_index)).nonzero()[:, 0]
+                assert len(hit) >= 1
+                np.testing.assert_allclose(z[hit[0], f].item(), e.activation, rtol=1e-5)
+                np.testing.assert_allclose(e.acts[e.center], e.activation, rtol=2e-3)
+        samples = ex[(ex.layer == L) & (ex.position == p) & (ex.kind == "sample")]
+        for _, e in samples.iterrows():  # samples are real activations of that feature
+            hit = ((doc == e.doc_id) & (tok == e.token_index)).nonzero()[:, 0]
+            np.testing.assert_allclose(z[hit[0], e.feature].item(), e.activation, rtol=1e-5)
+        assert (samples.groupby("feature").size() <= CFG.n_samples).all()
+    row = idx.feature(1, "resid_post", 0)
+    assert row["neuronpedia"] == "https://www.neuronpedia.org/tiny-model/1-res/0"
+    assert row["examples"] and row["examples"][0]["tokens"][row["examples"][0]["center"]]
+    assert row["label"]
+
+
+def test_logit_lens_matches_the_real_unembedding(tiny_models):
+    for family in ("gemma3", "llama", "gpt2"):
+        model = tiny_models[family]
+        dirs = torch.randn(6, model.d_model)
+        top_i, top_v, bot_i, _ = logit_lens(model, dirs, n=5)
+        norm = model.module(model.arch.final_norm)
+        with torch.no_grad():
+            head = model.hf.get_output_embeddings()
+            ref = head(norm(dirs[:, None, :] * 3.0))[:, 0]
+            if getattr(norm, "bias", None) is not None:  # a constant offset, not the direction's
+                ref = ref - head(norm.bias[None])
+        ref = ref.float()
+        for r in range(6):
+            assert set(top_i[r].tolist()) == set(ref[r].topk(5).indices.tolist()), family
+            assert set(bot_i[r].tolist()) == set((-ref[r]).topk(5).indices.tolist()), family
+
+
+def test_resume_gives_the_same_index(setup, tmp_path):
+    model, pack, _ = setup
+    with pytest.raises(KeyboardInterrupt):
+        build_index(pack, model, tmp_path / "a", CFG, progress=False, stop_after_batches=3)
+    assert (tmp_path / "a" / "index" / ".state" / "state.pt").is_file()
+    resumed = build_index(pack, model, tmp_path / "a", CFG, progress=False)
+    whole = build_index(pack, model, tmp_path / "b", CFG, progress=False)
+    for name in ("features", "examples"):
+        a = pq.read_table(resumed.root / f"{name}.parquet").to_pandas()
+        b = pq.read_table(whole.root / f"{name}.parquet").to_pandas()
+        assert a.drop(columns=[c for c in a if a[c].dtype == object]).equals(
+            b.drop(columns=[c for c in b if b[c].dtype == object]))
+        assert a.label.equals(b.label) if name == "features" else True
+
+
+def test_index_bad_input(setup, tmp_path, tiny_models):
+    model, pack, root = setup
+    with pytest.raises(KeyboardInterrupt):
+        build_index(pack, model, tmp_path / "r", CFG, progress=False, stop_after_batches=1)
+    other = save_pack([("resid_post", 1, random_sae(model.d_model, 16, "relu", seed=9))],
+                      tmp_path / "other", model_name="tiny", d_model=model.d_model, n_layers=3)
+    with pytest.raises(IndexError_, match="partial index of a different pack"):
+        build_index(other, model, tmp_path / "r", CFG, progress=False)
+    short = IndexConfig(tokens=10**9, corpus=str(_tiny_text(tmp_path)), batch_size=2, ctx_len=32)
+    with pytest.raises(IndexError_, match="gives only"):
+        build_index(pack, model, tmp_path / "s", short, progress=False)
+    with pytest.raises(ValueError, match="d_in|d_model"):
+        build_index(pack, tiny_models["llama"], tmp_path / "t", CFG, progress=False)
+    idx = open_index(root / "run") if (root / "run" / "index").exists() else None
+    if idx is not None:
+        with pytest.raises(IndexError_, match="out of range"):
+            idx.feature(1, "resid_post", 999)
+
+
+def _tiny_text(tmp_path):
+    p = tmp_path / "tiny.txt"
+    p.write_text("A short text about weddings and rings.\n")
+    return p
+
+
+def test_search_and_cli(setup, capsys):
+    model, pack, root = setup
+    idx = build_index(pack, model, root / "run", CFG, progress=False)  # reused
+    feats = pq.read_table(idx.root / "features.parquet").to_pandas()
+    word = feats.top_tokens.explode().dropna().value_counts().index[0]
+    hits = idx.search(word)
+    assert hits and all(word.lower() in (h["label"].lower()) or h["score"] > 0 for h in hits)
+    assert hits == sorted(hits, key=lambda h: -h["score"])
+    assert main(["search", str(root / "run"), word, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data[0]["id"] == hits[0]["id"]
+    assert main(["feature", str(root / "run"), hits[0]["id"]]) == 0
+    assert "logit lens" in capsys.readouterr().out
