@@ -91,6 +91,17 @@ def bench_gemmascope(args) -> dict:
            "ratio_to_ceiling": round(flops / wall / 1e9 / ceiling, 3),
            "gflops_effective_two_directions": round(2 * flops / wall / 1e9, 1),
            "peak_rss_mb": round(peak_rss_mb())}
+    if args.precision == "bf16":  # how often bf16 ranking + fp32 re-scoring gives the exact sets
+        from saeflow.match import top_k_pairs
+
+        A, B = directions(("resid_post", 1)), directions(("resid_post", 0))
+        ex = top_k_pairs(A, B, k=args.k, cols=True)
+        fa = top_k_pairs(A, B, k=args.k, cols=True, precision="bf16")
+        same = lambda x, y: float((x.sort(1).values == y.sort(1).values).all(1).float().mean())
+        res["bf16_rows_with_exact_topk_set"] = round(same(ex.row_indices, fa.row_indices), 5)
+        res["bf16_cols_with_exact_topk_set"] = round(same(ex.col_indices, fa.col_indices), 5)
+        res["bf16_top1_identical"] = round(float((ex.row_indices[:, 0] ==
+                                                  fa.row_indices[:, 0]).float().mean()), 5)
     if not args.skip_naive:
         g = torch.Generator().manual_seed(0)
         A = torch.randn(args.width, args.d, generator=g)

@@ -288,7 +288,8 @@ def compute_layer(pack, plan: LayerPlan, cfg: FlowConfig, model=None,
         out.update({f"{kind}_row_i": row_i.astype(np.int32), f"{kind}_row_v": row_v,
                     f"{kind}_col_i": col_i.astype(np.int32), f"{kind}_col_v": col_v})
         out[f"{kind}_null"] = null_top1(A, B, n=cfg.null_samples, kind=cfg.null,
-                                        seed=cfg.seed + plan.layer, **kw)
+                                        seed=cfg.seed + plan.layer, precision=cfg.precision,
+                                        **kw)
     return out
 
 

@@ -12,7 +12,9 @@ One pass computes each block of cosine similarities once (a GEMM) and feeds it t
 row top-k (A -> B, e.g. predecessors) and a running column top-k (B -> A, e.g. successors), so
 the two directions cost one GEMM, not two. Memory is O(block_a * block_b + (n_a + n_b) * k),
 never n_a * n_b. The result is exact in fp32; `precision="bf16"` ranks candidates in bf16 and
-re-scores the best `k + rerank_margin` of them exactly in fp32.
+re-scores the best `k + rerank_margin` of them exactly in fp32 (the values are exact; the
+membership of the top-k is exact unless bf16 rounding pushed a true member below k + margin
+candidates; benchmarks/bench_flow.py measures how often).
 """
 from __future__ import annotations
 
@@ -152,7 +154,7 @@ def _as_directions(x) -> Directions:
 
 
 def top_k_pairs(A, B, k: int = 5, cols: bool = False, block_a: int = 1024, block_b: int = 4096,
-                precision: str = "fp32", rerank_margin: int = 8, memory_budget: int = 512 << 20,
+                precision: str = "fp32", rerank_margin: int = 4, memory_budget: int = 512 << 20,
                 progress: Callable[[int], None] | None = None) -> Matches:
     """Top-k rows of B for every row of A (and, with cols=True, top-k rows of A for every row of B).
 
@@ -172,9 +174,8 @@ def top_k_pairs(A, B, k: int = 5, cols: bool = False, block_a: int = 1024, block
     kc = min(k + rerank_margin, B.n) if precision == "bf16" else k  # candidates kept per row
     kc_col = min(k + rerank_margin, A.n) if precision == "bf16" else k
     n_a, n_b = A.n, B.n
-    in_memory = isinstance(B, TensorDirections) and B.normalized and B.project is None \
-        and B.row_scale is None
-    B_low = B.W.bfloat16() if precision == "bf16" and in_memory else None  # convert once
+    rows_b = _in_memory_rows(B)
+    B_low = rows_b.bfloat16() if precision == "bf16" and rows_b is not None else None  # once
 
     def b_block(b0: int, b1: int) -> torch.Tensor:
         if B_low is not None:
@@ -210,17 +211,30 @@ def top_k_pairs(A, B, k: int = 5, cols: bool = False, block_a: int = 1024, block
     return Matches(row_v, row_i, col_v, col_i)
 
 
+def _in_memory_rows(D: Directions) -> torch.Tensor | None:
+    """The unit rows themselves when D holds them in memory as they are, else None."""
+    if isinstance(D, TensorDirections) and D.normalized and D.project is None \
+            and D.row_scale is None:
+        return D.W
+    return None
+
+
 def _rerank(A: Directions, B: Directions, cand: torch.Tensor, k: int, block: int = 1024):
     """Exact fp32 scores of candidate pairs, re-sorted; keeps the best k. cand [n_a, kc]."""
     out_v = torch.empty(A.n, k)
     out_i = torch.empty(A.n, k, dtype=torch.long)
+    rows_b = _in_memory_rows(B)
     for a0 in range(0, A.n, block):
-        a = A.unit_block(a0, min(a0 + block, A.n))  # [ba, d]
+        a = A.unit_block(a0, min(a0 + block, A.n)).float()  # [ba, d]
         c = cand[a0:a0 + a.shape[0]]  # [ba, kc]
-        uniq, inv = torch.unique(c, return_inverse=True)
-        rows = torch.cat([B.unit_block(int(j), int(j) + 1) for j in uniq]) if len(uniq) < 64 \
-            else _gather_rows(B, uniq)
-        s = torch.einsum("ad,akd->ak", a, rows[inv])  # [ba, kc]
+        if rows_b is not None:
+            # One candidate column at a time: a [ba, d] gather stays in cache, [ba, kc, d] not.
+            s = torch.stack([(a * rows_b.index_select(0, c[:, j]).float()).sum(1)
+                             for j in range(c.shape[1])], dim=1)  # [ba, kc]
+        else:
+            uniq, inv = torch.unique(c, return_inverse=True)
+            rows = _gather_rows(B, uniq)
+            s = torch.einsum("ad,akd->ak", a, rows[inv])  # [ba, kc]
         v, pos = s.topk(k, dim=1)
         out_v[a0:a0 + a.shape[0]], out_i[a0:a0 + a.shape[0]] = v, c.gather(1, pos)
     return out_v, out_i

@@ -1,0 +1,151 @@
+"""Data-driven co-activation statistics between SAEs (feature evolution), built on sparsity.
+
+For an upstream SAE U and a downstream SAE D read on the same tokens, we accumulate
+    per feature:  n (tokens active), S = sum z, Q = sum z^2
+    per pair:     C[i, j] = tokens where both are active, P[i, j] = sum z_U[i] z_D[j]
+over co-active pairs only: each token activates tens of features, so a batch's outer products are
+a sparse matrix product (scipy), never the dense d_U x d_D einsum. From these sums every measure
+of the reference follows exactly:
+    Pearson   (N P - S_i S_j) / sqrt((N Q_i - S_i^2)(N Q_j - S_j^2))
+    Jaccard   C / (n_i + n_j - C)
+    sufficiency P(j | i) = C / n_i,  necessity P(i | j) = C / n_j
+    binary mutual information of the 2 x 2 table (C, n_i - C, n_j - C, N - n_i - n_j + C)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+MEASURES = ("pearson", "jaccard", "sufficiency", "necessity", "mutual_info")
+
+
+def _csr(z: torch.Tensor, active: torch.Tensor) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """z [T, d] -> (values, indicators) as CSR [T, d] over the active entries."""
+    t, f = active.nonzero(as_tuple=True)
+    vals = z[t, f].double().numpy()
+    shape = tuple(z.shape)
+    t, f = t.numpy(), f.numpy()
+    return (sp.csr_matrix((vals, (t, f)), shape=shape),
+            sp.csr_matrix((np.ones(len(t)), (t, f)), shape=shape))
+
+
+@dataclass
+class PairAccumulator:
+    """Running sums for one (upstream, downstream) pair of SAEs."""
+
+    d_up: int
+    d_down: int
+    n_tokens: int = 0
+
+    def __post_init__(self):
+        self.n_up = np.zeros(self.d_up, np.int64)
+        self.n_down = np.zeros(self.d_down, np.int64)
+        self.s_up = np.zeros(self.d_up)
+        self.s_down = np.zeros(self.d_down)
+        self.q_up = np.zeros(self.d_up)
+        self.q_down = np.zeros(self.d_down)
+        self.max_up = np.zeros(self.d_up)
+        self.max_down = np.zeros(self.d_down)
+        self.C = sp.csr_matrix((self.d_up, self.d_down), dtype=np.float64)
+        self.P = sp.csr_matrix((self.d_up, self.d_down), dtype=np.float64)
+        self._pending: list[tuple[sp.csr_matrix, sp.csr_matrix]] = []
+
+    def update(self, z_up: torch.Tensor, z_down: torch.Tensor, act_up: torch.Tensor | None = None,
+               act_down: torch.Tensor | None = None) -> None:
+        """z_up [T, d_up], z_down [T, d_down] on the same T tokens; act_* [T, d] bool
+        ("active"; default z > 0)."""
+        act_up = z_up > 0 if act_up is None else act_up
+        act_down = z_down > 0 if act_down is None else act_down
+        vu, bu = _csr(z_up, act_up)
+        vd, bd = _csr(z_down, act_down)
+        self.n_tokens += z_up.shape[0]
+        self.n_up += np.asarray(bu.sum(0)).ravel().astype(np.int64)
+        self.n_down += np.asarray(bd.sum(0)).ravel().astype(np.int64)
+        zu, zd = z_up.double().numpy(), z_down.double().numpy()
+        self.s_up += zu.sum(0)
+        self.s_down += zd.sum(0)
+        self.q_up += (zu * zu).sum(0)
+        self.q_down += (zd * zd).sum(0)
+        self.max_up = np.maximum(self.max_up, zu.max(0))
+        self.max_down = np.maximum(self.max_down, zd.max(0))
+        # Sparse outer products summed over tokens: [d_up, T] @ [T, d_down].
+        self._pending.append(((bu.T @ bd).tocsr(), (vu.T @ vd).tocsr()))
+        if len(self._pending) >= 8:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.C = self.C + sum(c for c, _ in self._pending)
+            self.P = self.P + sum(p for _, p in self._pending)
+            self._pending = []
+
+    def state(self) -> dict:
+        self._flush()
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def load(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._pending = []
+
+    # --- measures over the co-active pairs ----------------------------------------------
+    def pairs(self) -> dict[str, np.ndarray]:
+        """Every co-active pair (i, j) with count and all measures (float64 arrays)."""
+        self._flush()
+        C = self.C.tocoo()
+        P = self.P.tocsr()
+        i, j, c = C.row, C.col, C.data
+        p = np.asarray(P[i, j]).ravel()
+        return {"up": i, "down": j, "count": c, **measures(
+            c, p, self.n_up[i], self.n_down[j], self.s_up[i], self.s_down[j], self.q_up[i],
+            self.q_down[j], self.n_tokens)}
+
+
+def measures(c, p, n_i, n_j, s_i, s_j, q_i, q_j, N) -> dict[str, np.ndarray]:
+    """All measures from the sums (vectorised; float64)."""
+    c, p = np.asarray(c, float), np.asarray(p, float)
+    n_i, n_j = np.asarray(n_i, float), np.asarray(n_j, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var_i = N * q_i - s_i ** 2
+        var_j = N * q_j - s_j ** 2
+        pearson = (N * p - s_i * s_j) / np.sqrt(var_i * var_j)
+        pearson = np.where((var_i > 0) & (var_j > 0), pearson, 0.0)
+        jaccard = c / (n_i + n_j - c)
+        suff = np.where(n_i > 0, c / n_i, 0.0)
+        nec = np.where(n_j > 0, c / n_j, 0.0)
+        mi = _binary_mi(c, n_i, n_j, N)
+    return {"pearson": pearson, "jaccard": np.nan_to_num(jaccard), "sufficiency": suff,
+            "necessity": nec, "mutual_info": mi}
+
+
+def _binary_mi(c, n_i, n_j, N) -> np.ndarray:
+    """Mutual information (nats) of two binary variables from their 2 x 2 counts."""
+    cells = [c, n_i - c, n_j - c, N - n_i - n_j + c]
+    margins = [(n_i, n_j), (n_i, N - n_j), (N - n_i, n_j), (N - n_i, N - n_j)]
+    mi = np.zeros_like(c, dtype=float)
+    for cell, (a, b) in zip(cells, margins):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            term = (cell / N) * np.log(cell * N / (a * b))
+        mi += np.where(cell > 0, term, 0.0)
+    return mi
+
+
+def dense_reference(z_up: torch.Tensor, z_down: torch.Tensor, act_up=None, act_down=None
+                    ) -> dict[str, np.ndarray]:
+    """The original method: full d_up x d_down matrices by einsum (tests and benchmarks)."""
+    act_up = (z_up > 0) if act_up is None else act_up
+    act_down = (z_down > 0) if act_down is None else act_down
+    zu, zd = z_up.double(), z_down.double()
+    bu, bd = act_up.double(), act_down.double()
+    N = zu.shape[0]
+    C = torch.einsum("ti,tj->ij", bu, bd).numpy()
+    P = torch.einsum("ti,tj->ij", zu, zd).numpy()
+    n_i, n_j = bu.sum(0).numpy()[:, None], bd.sum(0).numpy()[None, :]
+    s_i, s_j = zu.sum(0).numpy()[:, None], zd.sum(0).numpy()[None, :]
+    q_i, q_j = (zu * zu).sum(0).numpy()[:, None], (zd * zd).sum(0).numpy()[None, :]
+    out = measures(C, P, n_i, n_j, s_i, s_j, q_i, q_j, N)
+    out["count"] = C
+    return out
