@@ -124,7 +124,7 @@ def test_index_bad_input(setup, tmp_path, tiny_models):
         build_index(pack, model, tmp_path / "r", CFG, progress=False, stop_after_batches=1)
     other = save_pack([("resid_post", 1, random_sae(model.d_model, 16, "relu", seed=9))],
                       tmp_path / "other", model_name="tiny", d_model=model.d_model, n_layers=3)
-    with pytest.raises(IndexError_, match="partial index of a different pack"):
+    with pytest.raises(IndexError_, match="partial pass over a different pack"):
         build_index(other, model, tmp_path / "r", CFG, progress=False)
     short = IndexConfig(tokens=10**9, corpus=str(_tiny_text(tmp_path)), batch_size=2, ctx_len=32)
     with pytest.raises(IndexError_, match="gives only"):

@@ -14,7 +14,6 @@ Written to RUN/index/: features.parquet, examples.parquet, index.json. Queried w
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -246,13 +245,6 @@ def _index_identity(pack, model, cfg: IndexConfig) -> dict:
     return {"pack": pack_fingerprint(pack), "model": model.name, "config": cfg.identity()}
 
 
-def _content_tokens_available(corpus, tokenizer, cfg: IndexConfig) -> int:
-    n = 0
-    for b in corpus.token_batches(tokenizer, cfg.batch_size, cfg.ctx_len, max_tokens=cfg.tokens):
-        n += int(b.content_mask().sum())
-    return n
-
-
 def build_index(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = None, *,
                 force: bool = False, progress: bool = True,
                 stop_after_batches: int | None = None) -> "FeatureIndex":
@@ -261,13 +253,7 @@ def build_index(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = N
     Resumes from RUN/index/.state when it holds the state of the same pack, model and settings;
     refuses a state from another pack or corpus unless `force`.
     """
-    from tqdm.auto import tqdm
-
-    from . import sae_formats
-    from .corpora import Corpus
-    from .hooks import HookPoint, capture
-    from .store import write_json_atomic
-    from .train import _resolve_dtype
+    from .scan import ScanError, ScanSpec, scan
 
     cfg = cfg or IndexConfig()
     pack.check_model(model)
@@ -283,77 +269,35 @@ def build_index(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = N
         if old.get("identity", {}).get("pack") != ident["pack"]:
             raise IndexError_(f"{root} holds the index of a different pack; use another --out "
                               f"or --force")
-    state_file = root / ".state" / "state.pt"
-    state = None
-    if state_file.is_file():
-        state = torch.load(state_file, weights_only=False)
-        if state["identity"] != ident:
-            if not force:
-                what = [k for k in ident if state["identity"].get(k) != ident[k]]
-                raise IndexError_(f"{state_file} is a partial index of a different "
-                                  f"{' and '.join(what)}; refusing to resume against it "
-                                  f"(use --force to start over)")
-            state = None
-    slots = sorted(pack.entries, key=lambda s: (s[1], POSITIONS.index(s[0])))
-    enc_dtype = _resolve_dtype(cfg.encoder_dtype, model.device)
-    saes = {}
-    for slot in slots:
-        info = pack.entries[slot]
-        saes[slot] = sae_formats.load(info.path, info.format).to(device=model.device,
-                                                                  dtype=enc_dtype)
-    stats = {slot: _SlotStats(saes[slot].d_sae, cfg, seed=cfg.seed * 1000 + i)
+    slots = sorted(pack.entries)
+    stats = {slot: _SlotStats(pack.entries[slot].d_sae, cfg, seed=cfg.seed * 1000 + i)
              for i, slot in enumerate(slots)}
-    vocab = model.vocab_size
-    unigram = torch.zeros(vocab, dtype=torch.long)
-    batches_done = tokens_done = 0
-    t_start = time.time()
-    corpus = Corpus.from_spec(cfg.corpus, seed=cfg.seed)
-    tok = model.tokenizer
-    if state is not None:
-        for slot in slots:
-            stats[slot].load(state["stats"][f"{slot[1]}/{slot[0]}"])
-        unigram, batches_done, tokens_done = state["unigram"], state["batches"], state["tokens"]
-    else:
-        available = _content_tokens_available(corpus, tok, cfg)
-        if available < 0.98 * cfg.tokens:
-            raise IndexError_(f"the corpus {cfg.corpus!r} gives only {available} tokens, fewer "
-                              f"than the {cfg.tokens} asked; ask for fewer or add sources")
-    points = [HookPoint(p, L) for p, L in slots]
+    unigram = [torch.zeros(model.vocab_size, dtype=torch.long)]
 
-    def save_state():
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = state_file.with_suffix(".tmp")
-        torch.save({"identity": ident, "batches": batches_done, "tokens": tokens_done,
-                    "unigram": unigram,
-                    "stats": {f"{L}/{p}": stats[(p, L)].state() for p, L in slots}}, tmp)
-        os.replace(tmp, state_file)
+    def on_batch(z, b, content):
+        for slot, zs in z.items():
+            stats[slot].update(zs, b, content, cfg)
+        unigram[0] += torch.bincount(b.input_ids[content], minlength=model.vocab_size)
 
-    bar = tqdm(total=cfg.tokens, initial=tokens_done, desc="index", unit="tok",
-               disable=not progress, smoothing=0.05)
-    last_ckpt = time.perf_counter()
-    batches = corpus.token_batches(tok, cfg.batch_size, cfg.ctx_len, max_tokens=cfg.tokens)
-    for i, b in enumerate(batches):
-        if i < batches_done:
-            continue  # resume: these were counted before the interruption
-        acts = capture(model, b.input_ids, points, attention_mask=b.attention_mask)
-        content = b.content_mask()
-        with torch.inference_mode():
-            for slot, pt in zip(slots, points):
-                z = saes[slot].encode(acts[pt].to(enc_dtype)).float().cpu()  # [B, T, d_sae]
-                stats[slot].update(z, b, content, cfg)
-        unigram += torch.bincount(b.input_ids[content], minlength=vocab)
-        n = int(content.sum())
-        batches_done, tokens_done = i + 1, tokens_done + n
-        bar.update(n)
-        if time.perf_counter() - last_ckpt > cfg.checkpoint_every_s:
-            save_state()
-            last_ckpt = time.perf_counter()
-        if stop_after_batches is not None and batches_done >= stop_after_batches:
-            save_state()
-            bar.close()
-            raise KeyboardInterrupt("stopped on request (stop_after_batches)")
-    bar.close()
-    save_state()
+    def get_state():
+        return {"unigram": unigram[0], "stats": {f"{L}/{p}": stats[(p, L)].state()
+                                                 for p, L in slots}}
+
+    def set_state(st):
+        unigram[0] = st["unigram"]
+        for p, L in slots:
+            stats[(p, L)].load(st["stats"][f"{L}/{p}"])
+
+    spec = ScanSpec(cfg.tokens, cfg.corpus, cfg.seed, cfg.batch_size, cfg.ctx_len,
+                    cfg.encoder_dtype, cfg.checkpoint_every_s)
+    try:
+        res = scan(model, pack, slots, spec, root / ".state" / "state.pt", ident, on_batch,
+                   get_state, set_state, force=force, progress=progress, desc="index",
+                   stop_after_batches=stop_after_batches)
+    except ScanError as e:
+        raise IndexError_(str(e)) from None
+    saes, unigram, tokens_done = res["saes"], unigram[0], res["tokens"]
+    t_start = time.time() - res["seconds"]
     from .index_tables import write_index
 
     write_index(root, pack, model, saes, stats, unigram, cfg, ident, tokens_done,

@@ -149,3 +149,68 @@ def dense_reference(z_up: torch.Tensor, z_down: torch.Tensor, act_up=None, act_d
     out = measures(C, P, n_i, n_j, s_i, s_j, q_i, q_j, N)
     out["count"] = C
     return out
+
+
+# --- the pass over a corpus -----------------------------------------------------------------
+STATS_DIR = "stats"
+STATS_MANIFEST = "stats.json"
+STATS_FORMAT = "saeflow-stats"
+
+
+class StatsError(ValueError):
+    pass
+
+
+@dataclass
+class StatsConfig:
+    tokens: int = 200_000
+    corpus: str = "wiki=0.8,python=0.2"
+    seed: int = 0
+    batch_size: int = 32
+    ctx_len: int = 128
+    pairs: str = "adjacent"  # adjacent | flow | both
+    active: str = "zero"  # zero (z > 0) | frac:F (z > F * the feature's max)
+    top_k: int = 10  # kept per row and per column (by Pearson)
+    floor: float = 0.1  # and every pair with |Pearson| or Jaccard at or above it
+    encoder_dtype: str = "auto"
+    checkpoint_every_s: float = 120.0
+
+    def identity(self) -> dict:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d.pop("checkpoint_every_s")
+        return d
+
+    def active_fraction(self) -> float | None:
+        if self.active == "zero":
+            return None
+        if self.active.startswith("frac:"):
+            f = float(self.active[5:])
+            if not 0 < f < 1:
+                raise StatsError("active=frac:F needs 0 < F < 1")
+            return f
+        raise StatsError(f"active must be 'zero' or 'frac:F' (e.g. frac:0.2), not {self.active!r}")
+
+
+def stat_pairs(pack, kind: str = "adjacent") -> list[tuple[tuple[str, int], tuple[str, int]]]:
+    """(upstream slot, downstream slot) pairs: same position at L -> L+1 ("adjacent"), and/or
+    R_{L-1} / M_L / A_L -> R_L ("flow")."""
+    if kind not in ("adjacent", "flow", "both"):
+        raise StatsError("pairs must be adjacent, flow or both")
+    out = []
+    if kind in ("adjacent", "both"):
+        for pos in pack.positions:
+            for L in pack.layers(pos):
+                if (pos, L + 1) in pack:
+                    out.append(((pos, L), (pos, L + 1)))
+    if kind in ("flow", "both"):
+        for L in pack.layers("resid_post"):
+            for up in (("resid_post", L - 1), ("mlp_out", L), ("attn_out", L)):
+                if up in pack and (up, ("resid_post", L)) not in out:
+                    out.append((up, ("resid_post", L)))
+    if not out:
+        raise StatsError(f"the pack has no SAE pairs for '{kind}' statistics (positions "
+                         f"{pack.positions}, layers {pack.layers()}); adjacent pairs need the "
+                         f"same position at consecutive layers, flow pairs need resid_post")
+    return out
