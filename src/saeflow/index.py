@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .hookpoints import POSITIONS
 
 INDEX_DIR = "index"
 INDEX_MANIFEST = "index.json"

@@ -214,3 +214,108 @@ def stat_pairs(pack, kind: str = "adjacent") -> list[tuple[tuple[str, int], tupl
                          f"{pack.positions}, layers {pack.layers()}); adjacent pairs need the "
                          f"same position at consecutive layers, flow pairs need resid_post")
     return out
+
+
+def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool = False,
+              progress: bool = True, stop_after_batches: int | None = None,
+              max_by_feature: dict | None = None) -> "StatsRun":
+    """Accumulate the co-activation sums of every pair over `cfg.tokens` tokens, then write
+    RUN/stats/{edges,features}.parquet and stats.json.
+
+    With active="frac:F", "active" means z > F * the feature's maximum; the maxima come from
+    the feature index in RUN when there is one, else from `max_by_feature`, else a first pass.
+    """
+    import json
+    from pathlib import Path
+
+    from .flow import pack_fingerprint
+    from .scan import ScanError, ScanSpec, scan
+    from .stats_tables import open_stats, write_stats
+
+    cfg = cfg or StatsConfig()
+    frac = cfg.active_fraction()
+    pairs = stat_pairs(pack, cfg.pairs)
+    pack.check_model(model)
+    root = Path(out) / STATS_DIR
+    ident = {"pack": pack_fingerprint(pack), "model": model.name, "config": cfg.identity()}
+    mf = root / STATS_MANIFEST
+    if mf.is_file() and not force:
+        old = json.loads(mf.read_text())
+        if old.get("identity") == ident:
+            return open_stats(out)
+        if old.get("identity", {}).get("pack") != ident["pack"]:
+            raise StatsError(f"{root} holds statistics of a different pack; use another --out "
+                             f"or --force")
+    slots = sorted({s for pr in pairs for s in pr})
+    spec = ScanSpec(cfg.tokens, cfg.corpus, cfg.seed, cfg.batch_size, cfg.ctx_len,
+                    cfg.encoder_dtype, cfg.checkpoint_every_s)
+    thresholds = None
+    if frac is not None:
+        maxima = max_by_feature or _maxima_from_index(out, slots)
+        if maxima is None:
+            maxima = _maxima_pass(pack, model, slots, spec, progress)
+        thresholds = {s: torch.as_tensor(maxima[s], dtype=torch.float32) * frac for s in slots}
+    acc = {pr: PairAccumulator(pack.entries[pr[0]].d_sae, pack.entries[pr[1]].d_sae)
+           for pr in pairs}
+
+    def on_batch(z, b, content):
+        flat = {s: z[s][content] for s in slots}  # [T_content, d]
+        act = {s: (flat[s] > thresholds[s]) if thresholds else None for s in slots}
+        for (u, d), a in acc.items():
+            a.update(flat[u], flat[d], act[u], act[d])
+
+    def get_state():
+        return {f"{u[1]}/{u[0]}->{d[1]}/{d[0]}": a.state() for (u, d), a in acc.items()}
+
+    def set_state(st):
+        for (u, d), a in acc.items():
+            a.load(st[f"{u[1]}/{u[0]}->{d[1]}/{d[0]}"])
+
+    try:
+        res = scan(model, pack, slots, spec, root / ".state" / "state.pt", ident, on_batch,
+                   get_state, set_state, force=force, progress=progress, desc="stats",
+                   stop_after_batches=stop_after_batches)
+    except ScanError as e:
+        raise StatsError(str(e)) from None
+    write_stats(root, acc, cfg, ident, res["tokens"], res["seconds"])
+    return open_stats(out)
+
+
+def _maxima_from_index(run, slots) -> dict | None:
+    from .index_tables import open_index
+
+    try:
+        idx = open_index(run)
+    except ValueError:
+        return None
+    con = idx._con()
+    out = {}
+    for p, L in slots:
+        rows = con.execute("SELECT feature, max_act FROM features WHERE layer=? AND position=? "
+                           "ORDER BY feature", [L, p]).fetchall()
+        if not rows:
+            return None
+        out[(p, L)] = np.array([r[1] for r in rows], np.float32)
+    return out
+
+
+def _maxima_pass(pack, model, slots, spec, progress) -> dict:
+    """Each feature's maximum activation over the same tokens (a first, cheaper pass)."""
+    from .corpora import Corpus
+    from .hooks import HookPoint, capture
+    from .scan import load_saes
+    from .train import _resolve_dtype
+
+    saes = load_saes(pack, slots, model.device, _resolve_dtype(spec.encoder_dtype, model.device))
+    maxima = {s: torch.zeros(saes[s].d_sae) for s in slots}
+    points = [HookPoint(p, L) for p, L in slots]
+    corpus = Corpus.from_spec(spec.corpus, seed=spec.seed)
+    for b in corpus.token_batches(model.tokenizer, spec.batch_size, spec.ctx_len,
+                                  max_tokens=spec.tokens):
+        acts = capture(model, b.input_ids, points, attention_mask=b.attention_mask)
+        content = b.content_mask()
+        with torch.inference_mode():
+            for s, pt in zip(slots, points):
+                z = saes[s].encode(acts[pt].to(saes[s].dtype)).float().cpu()[content]
+                maxima[s] = torch.maximum(maxima[s], z.max(0).values)
+    return {s: v.numpy() for s, v in maxima.items()}
