@@ -323,6 +323,48 @@ def cmd_feature(args) -> int:
     return 0
 
 
+# --- stats --------------------------------------------------------------------------------
+def cmd_stats(args) -> int:
+    from .evolution import write_evolution_outputs
+    from .models import load_model
+    from .stats import StatsConfig, run_stats
+    from .train import parse_tokens
+
+    model_spec = args.model or ("embedded" if args.path.startswith("embedded") else None)
+    if model_spec is None:
+        raise ValueError("stats needs --model (the model the pack was made for)")
+    model = load_model(model_spec, device=args.device)
+    pack = _open_pack(args, model=model)
+    cfg = StatsConfig(tokens=parse_tokens(args.tokens), corpus=args.corpus, seed=args.seed,
+                      batch_size=args.batch_size, ctx_len=args.ctx_len, pairs=args.pairs,
+                      active=args.active, top_k=args.top_k, floor=args.floor,
+                      encoder_dtype=args.encoder_dtype)
+    st = run_stats(pack, model, args.out, cfg, force=args.force)
+    summary = write_evolution_outputs(args.out, st, pack, pass_threshold=args.pass_threshold,
+                                      gate_threshold=args.gate_threshold,
+                                      gate_min_count=args.gate_min_count,
+                                      community_floor=args.community_floor,
+                                      resolution=args.resolution, method=args.community_method)
+    if args.json:
+        _print_json(summary)
+        return 0
+    m = st.manifest
+    print(f"statistics of {len(m['pairs'])} SAE pairs over {m['tokens']} tokens "
+          f"({m['seconds'] / 60:.1f} min) -> {st.root}")
+    print(f"  pass-through at Pearson >= {args.pass_threshold}:")
+    for r in summary["pass_through"]:
+        print(f"    {r['position']:<11} {r['layer']:>2}->{r['next_layer']:<2}  pass "
+              f"{r['pass_through_pct']:5.1f}%  disappear {r['disappearing_pct']:5.1f}%  "
+              f"appear {r['appearing_pct']:5.1f}%")
+    print(f"  gates: {summary['gates']['AND']} AND, {summary['gates']['OR']} OR "
+          f"(threshold {args.gate_threshold}); see gates.json")
+    print(f"  communities: {summary['communities']['n']}")
+    for r in summary.get("agreement", []):
+        print(f"    layer {r['layer']:>2}: top-1 cosine = top-1 Pearson for "
+              f"{100 * r['top1_agreement']:.1f}%; Spearman {r['spearman_cosine_pearson']:.3f}")
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -502,6 +544,32 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--n", type=int, default=8, help="top contexts to print")
     fe.add_argument("--json", action="store_true")
     fe.set_defaults(func=cmd_feature)
+
+    st = sub.add_parser("stats", help="co-activation statistics, pass-through, gates, communities")
+    st.add_argument("path", help="a pack path, or 'embedded' / 'embedded-quick'")
+    selectors(st)
+    st.add_argument("--model", default=None, help="default: embedded for the embedded packs")
+    st.add_argument("--out", required=True, help="RUN directory (writes RUN/stats/)")
+    st.add_argument("--tokens", default="200k")
+    st.add_argument("--corpus", default="wiki=0.8,python=0.2")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--batch-size", type=int, default=32)
+    st.add_argument("--ctx-len", type=int, default=128)
+    st.add_argument("--pairs", default="adjacent", choices=["adjacent", "flow", "both"])
+    st.add_argument("--active", default="zero", help="zero (z > 0) or frac:F (z > F * max)")
+    st.add_argument("--top-k", type=int, default=10, help="pairs kept per row and column")
+    st.add_argument("--floor", type=float, default=0.1, help="and every pair above this")
+    st.add_argument("--pass-threshold", type=float, default=0.5)
+    st.add_argument("--gate-threshold", type=float, default=0.999)
+    st.add_argument("--gate-min-count", type=int, default=5)
+    st.add_argument("--community-floor", type=float, default=0.1)
+    st.add_argument("--resolution", type=float, default=1.0)
+    st.add_argument("--community-method", default="leiden", choices=["leiden", "louvain"])
+    st.add_argument("--encoder-dtype", default="auto")
+    st.add_argument("--device", default=None)
+    st.add_argument("--force", action="store_true")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_stats)
     return p
 
 

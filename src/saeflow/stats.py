@@ -231,6 +231,7 @@ def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
     from .flow import pack_fingerprint
     from .scan import ScanError, ScanSpec, scan
     from .stats_tables import open_stats, write_stats
+    from .store import write_json_atomic
 
     cfg = cfg or StatsConfig()
     frac = cfg.active_fraction()
@@ -246,7 +247,14 @@ def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
         if old.get("identity", {}).get("pack") != ident["pack"]:
             raise StatsError(f"{root} holds statistics of a different pack; use another --out "
                              f"or --force")
-    slots = sorted({s for pr in pairs for s in pr})
+    slots = {s for pr in pairs for s in pr}
+    flow_pred = _flow_predecessors(out, pack)
+    if flow_pred:
+        ident["flow"] = flow_pred.pop("_key")
+        for L, info in flow_pred.items():
+            slots |= {s for s in info["slots"].values() if s} | {("resid_post", L)}
+    slots = sorted(slots)
+    group_counts = {L: np.zeros(8, np.int64) for L in flow_pred}
     spec = ScanSpec(cfg.tokens, cfg.corpus, cfg.seed, cfg.batch_size, cfg.ctx_len,
                     cfg.encoder_dtype, cfg.checkpoint_every_s)
     thresholds = None
@@ -263,13 +271,31 @@ def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
         act = {s: (flat[s] > thresholds[s]) if thresholds else None for s in slots}
         for (u, d), a in acc.items():
             a.update(flat[u], flat[d], act[u], act[d])
+        for L, info in flow_pred.items():  # empirical predecessor groups (flow section 5.1)
+            r = ("resid_post", L)
+            on_r = act[r] if thresholds else flat[r] > 0
+            t, f = on_r.nonzero(as_tuple=True)
+            code = torch.zeros(len(t), dtype=torch.long)
+            for bit, kind in ((1, "res"), (2, "mlp"), (4, "attn")):
+                slot = info["slots"].get(kind)
+                if slot is None:
+                    continue
+                pred = torch.as_tensor(info[kind])[f]  # top-1 predecessor of each active feature
+                ok = pred >= 0
+                src = act[slot] if thresholds else flat[slot] > 0
+                fired = torch.zeros(len(t), dtype=torch.bool)
+                fired[ok] = src[t[ok], pred[ok]]
+                code += bit * fired.long()
+            group_counts[L] += torch.bincount(code, minlength=8).numpy()
 
     def get_state():
-        return {f"{u[1]}/{u[0]}->{d[1]}/{d[0]}": a.state() for (u, d), a in acc.items()}
+        return {"pairs": {f"{u[1]}/{u[0]}->{d[1]}/{d[0]}": a.state() for (u, d), a in acc.items()},
+                "groups": group_counts}
 
     def set_state(st):
         for (u, d), a in acc.items():
-            a.load(st[f"{u[1]}/{u[0]}->{d[1]}/{d[0]}"])
+            a.load(st["pairs"][f"{u[1]}/{u[0]}->{d[1]}/{d[0]}"])
+        group_counts.update(st["groups"])
 
     try:
         res = scan(model, pack, slots, spec, root / ".state" / "state.pt", ident, on_batch,
@@ -278,7 +304,49 @@ def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
     except ScanError as e:
         raise StatsError(str(e)) from None
     write_stats(root, acc, cfg, ident, res["tokens"], res["seconds"])
+    if group_counts:
+        from .evolution import group_name
+
+        order = [0, 1, 2, 3, 4, 5, 6, 7]
+        write_json_atomic(root / "groups.json", {
+            "method": "for every active resid_post feature on every content token: which of its "
+                      "top-1 data-free predecessors (RES / MLP / ATT) are active on that token",
+            "layers": {str(L): {group_name(bool(c & 1), bool(c & 2), bool(c & 4)): int(v[c])
+                                for c in order} for L, v in group_counts.items()}})
     return open_stats(out)
+
+
+def _flow_predecessors(run, pack) -> dict:
+    """{L: {"res"/"mlp"/"attn": top-1 index array (-1 none), "slots": {kind: slot}}} from the
+    flow results in RUN, for layers whose predecessor SAEs are in `pack`; {} without a flow."""
+    from .flow import open_flow, pack_fingerprint
+
+    try:
+        fr = open_flow(run)
+    except ValueError:
+        return {}
+    if fr.manifest["pack"]["fingerprint"] != pack_fingerprint(pack):
+        raise StatsError(f"{run} holds a flow of a different pack; statistics and flow must "
+                         f"come from the same pack (use another --out)")
+    pred = fr.predecessors()
+    out = {"_key": fr.manifest["cache_key"]}
+    for L in fr.layers:
+        sel = pred[pred.layer == L].sort_values("feature")
+        slots = {}
+        info = {}
+        for kind, spec in fr.manifest["predecessor_slots"][str(L)].items():
+            if spec is None:
+                slots[kind] = None
+                continue
+            lay, pos = spec.split("/")
+            slot = (pos, int(lay))
+            if slot not in pack or pos == "attn_z":
+                slots[kind] = None
+                continue
+            slots[kind] = slot
+            info[kind] = sel[f"pred_{kind}"].fillna(-1).to_numpy().astype(np.int64)
+        out[L] = {**info, "slots": slots}
+    return out
 
 
 def _maxima_from_index(run, slots) -> dict | None:
