@@ -337,6 +337,7 @@ def cmd_stats(args) -> int:
     pack = _open_pack(args, model=model)
     cfg = StatsConfig(tokens=parse_tokens(args.tokens), corpus=args.corpus, seed=args.seed,
                       batch_size=args.batch_size, ctx_len=args.ctx_len, pairs=args.pairs,
+                      positions=args.positions,
                       active=args.active, top_k=args.top_k, floor=args.floor,
                       encoder_dtype=args.encoder_dtype)
     st = run_stats(pack, model, args.out, cfg, force=args.force)
@@ -556,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--batch-size", type=int, default=32)
     st.add_argument("--ctx-len", type=int, default=128)
     st.add_argument("--pairs", default="adjacent", choices=["adjacent", "flow", "both"])
+    st.add_argument("--positions", default="resid_post",
+                    help="adjacent pairs at these positions (comma list, or all); each pair of "
+                         "4096-wide SAEs holds 192 MB of sums")
     st.add_argument("--active", default="zero", help="zero (z > 0) or frac:F (z > F * max)")
     st.add_argument("--top-k", type=int, default=10, help="pairs kept per row and column")
     st.add_argument("--floor", type=float, default=0.1, help="and every pair above this")

@@ -34,10 +34,18 @@ def _csr(z: torch.Tensor, active: torch.Tensor) -> tuple[sp.csr_matrix, sp.csr_m
 
 @dataclass
 class PairAccumulator:
-    """Running sums for one (upstream, downstream) pair of SAEs."""
+    """Running sums for one (upstream, downstream) pair of SAEs.
+
+    Batches are buffered as sparse matrices and multiplied every `flush_tokens` tokens: one
+    sparse product over many tokens costs about as much as over few, because the result
+    saturates. C and P are dense arrays when d_up * d_down <= dense_limit (co-occurrence over
+    many tokens fills most of a small matrix anyway), else sparse matrices.
+    """
 
     d_up: int
     d_down: int
+    flush_tokens: int = 16384
+    dense_limit: int = 32 * 2**20
     n_tokens: int = 0
 
     def __post_init__(self):
@@ -49,9 +57,15 @@ class PairAccumulator:
         self.q_down = np.zeros(self.d_down)
         self.max_up = np.zeros(self.d_up)
         self.max_down = np.zeros(self.d_down)
-        self.C = sp.csr_matrix((self.d_up, self.d_down), dtype=np.float64)
-        self.P = sp.csr_matrix((self.d_up, self.d_down), dtype=np.float64)
-        self._pending: list[tuple[sp.csr_matrix, sp.csr_matrix]] = []
+        self.dense = self.d_up * self.d_down <= self.dense_limit
+        if self.dense:
+            self.C = np.zeros((self.d_up, self.d_down), np.int32)
+            self.P = np.zeros((self.d_up, self.d_down), np.float64)
+        else:
+            self.C = sp.csr_matrix((self.d_up, self.d_down), dtype=np.float64)
+            self.P = sp.csr_matrix((self.d_up, self.d_down), dtype=np.float64)
+        self._buffer: list[tuple[sp.csr_matrix, ...]] = []
+        self._buffered = 0
 
     def update(self, z_up: torch.Tensor, z_down: torch.Tensor, act_up: torch.Tensor | None = None,
                act_down: torch.Tensor | None = None) -> None:
@@ -69,18 +83,28 @@ class PairAccumulator:
         self.s_down += zd.sum(0)
         self.q_up += (zu * zu).sum(0)
         self.q_down += (zd * zd).sum(0)
-        self.max_up = np.maximum(self.max_up, zu.max(0))
-        self.max_down = np.maximum(self.max_down, zd.max(0))
-        # Sparse outer products summed over tokens: [d_up, T] @ [T, d_down].
-        self._pending.append(((bu.T @ bd).tocsr(), (vu.T @ vd).tocsr()))
-        if len(self._pending) >= 8:
+        if len(zu):
+            self.max_up = np.maximum(self.max_up, zu.max(0))
+            self.max_down = np.maximum(self.max_down, zd.max(0))
+        self._buffer.append((vu, bu, vd, bd))
+        self._buffered += z_up.shape[0]
+        if self._buffered >= self.flush_tokens:
             self._flush()
 
     def _flush(self) -> None:
-        if self._pending:
-            self.C = self.C + sum(c for c, _ in self._pending)
-            self.P = self.P + sum(p for _, p in self._pending)
-            self._pending = []
+        if not self._buffer:
+            return
+        vu, bu, vd, bd = (sp.vstack([b[i] for b in self._buffer], format="csr") for i in range(4))
+        self._buffer, self._buffered = [], 0
+        # Sparse outer products summed over tokens: [d_up, T] @ [T, d_down].
+        c = (bu.T.tocsr() @ bd).tocoo()
+        p = (vu.T.tocsr() @ vd).tocoo()
+        if self.dense:
+            self.C[c.row, c.col] += c.data.astype(np.int32)  # (row, col) unique after the product
+            self.P[p.row, p.col] += p.data
+        else:
+            self.C = self.C + c.tocsr()
+            self.P = self.P + p.tocsr()
 
     def state(self) -> dict:
         self._flush()
@@ -89,16 +113,19 @@ class PairAccumulator:
     def load(self, state: dict) -> None:
         for k, v in state.items():
             setattr(self, k, v)
-        self._pending = []
+        self._buffer, self._buffered = [], 0
 
     # --- measures over the co-active pairs ----------------------------------------------
     def pairs(self) -> dict[str, np.ndarray]:
         """Every co-active pair (i, j) with count and all measures (float64 arrays)."""
         self._flush()
-        C = self.C.tocoo()
-        P = self.P.tocsr()
-        i, j, c = C.row, C.col, C.data
-        p = np.asarray(P[i, j]).ravel()
+        if self.dense:
+            i, j = np.nonzero(self.C)
+            c, p = self.C[i, j].astype(np.float64), self.P[i, j]
+        else:
+            C = self.C.tocoo()
+            i, j, c = C.row, C.col, C.data
+            p = np.asarray(self.P.tocsr()[i, j]).ravel()
         return {"up": i, "down": j, "count": c, **measures(
             c, p, self.n_up[i], self.n_down[j], self.s_up[i], self.s_down[j], self.q_up[i],
             self.q_down[j], self.n_tokens)}
@@ -169,6 +196,7 @@ class StatsConfig:
     batch_size: int = 32
     ctx_len: int = 128
     pairs: str = "adjacent"  # adjacent | flow | both
+    positions: str = "resid_post"  # adjacent pairs at these positions (comma list, or "all")
     active: str = "zero"  # zero (z > 0) | frac:F (z > F * the feature's max)
     top_k: int = 10  # kept per row and per column (by Pearson)
     floor: float = 0.1  # and every pair with |Pearson| or Jaccard at or above it
@@ -193,14 +221,20 @@ class StatsConfig:
         raise StatsError(f"active must be 'zero' or 'frac:F' (e.g. frac:0.2), not {self.active!r}")
 
 
-def stat_pairs(pack, kind: str = "adjacent") -> list[tuple[tuple[str, int], tuple[str, int]]]:
-    """(upstream slot, downstream slot) pairs: same position at L -> L+1 ("adjacent"), and/or
-    R_{L-1} / M_L / A_L -> R_L ("flow")."""
+def stat_pairs(pack, kind: str = "adjacent", positions: str = "all"
+               ) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+    """(upstream slot, downstream slot) pairs: same position at L -> L+1 ("adjacent", at
+    `positions`), and/or R_{L-1} / M_L / A_L -> R_L ("flow")."""
     if kind not in ("adjacent", "flow", "both"):
         raise StatsError("pairs must be adjacent, flow or both")
+    wanted = pack.positions if positions == "all" else [p.strip() for p in positions.split(",")]
+    missing = [p for p in wanted if p not in pack.positions]
+    if missing:
+        raise StatsError(f"the pack has no SAEs at {', '.join(missing)} (it has "
+                         f"{', '.join(pack.positions)})")
     out = []
     if kind in ("adjacent", "both"):
-        for pos in pack.positions:
+        for pos in wanted:
             for L in pack.layers(pos):
                 if (pos, L + 1) in pack:
                     out.append(((pos, L), (pos, L + 1)))
@@ -235,7 +269,7 @@ def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
 
     cfg = cfg or StatsConfig()
     frac = cfg.active_fraction()
-    pairs = stat_pairs(pack, cfg.pairs)
+    pairs = stat_pairs(pack, cfg.pairs, cfg.positions)
     pack.check_model(model)
     root = Path(out) / STATS_DIR
     ident = {"pack": pack_fingerprint(pack), "model": model.name, "config": cfg.identity()}
