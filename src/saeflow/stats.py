@@ -201,7 +201,7 @@ class StatsConfig:
     top_k: int = 10  # kept per row and per column (by Pearson)
     floor: float = 0.1  # and every pair with |Pearson| or Jaccard at or above it
     encoder_dtype: str = "auto"
-    checkpoint_every_s: float = 120.0
+    checkpoint_every_s: float = 600.0  # the state holds every pair's sums: save rarely
 
     def identity(self) -> dict:
         from dataclasses import asdict

@@ -1,0 +1,150 @@
+"""Co-activation statistics: sparse accumulation equals the dense method; analyses find planted
+gates and pass-through; the corpus pass resumes and refuses a changed pack."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from saeflow.cli import main
+from saeflow.evolution import communities, gates, pass_through
+from saeflow.packs import save_pack
+from saeflow.sae import random_sae
+from saeflow.stats import (MEASURES, PairAccumulator, StatsConfig, StatsError, dense_reference,
+                           run_stats)
+from saeflow.stats_tables import open_stats, write_stats
+
+
+def _sparse_acts(T, d, p, seed):
+    g = torch.Generator().manual_seed(seed)
+    on = torch.rand(T, d, generator=g) < p
+    return on * torch.rand(T, d, generator=g) * 3
+
+
+@pytest.mark.parametrize("dense_limit,flush", [(10**9, 50), (0, 50), (10**9, 10**6), (0, 7)])
+def test_sparse_accumulation_equals_dense_reference(dense_limit, flush):
+    zu, zd = _sparse_acts(600, 37, 0.1, 0), _sparse_acts(600, 29, 0.15, 1)
+    zd[:, :5] += zu[:, :5]  # some real correlation
+    acc = PairAccumulator(37, 29, flush_tokens=flush, dense_limit=dense_limit)
+    for i in range(0, 600, 64):
+        acc.update(zu[i:i + 64], zd[i:i + 64])
+    p, ref = acc.pairs(), dense_reference(zu, zd)
+    assert set(zip(p["up"], p["down"])) == set(zip(*np.nonzero(ref["count"])))
+    for m in (*MEASURES, "count"):
+        np.testing.assert_allclose(p[m], ref[m][p["up"], p["down"]], atol=1e-5, err_msg=m)
+    # "active" as a fraction of each feature's maximum
+    au, ad = zu > 0.5 * zu.max(0).values, zd > 0.5 * zd.max(0).values
+    acc = PairAccumulator(37, 29, flush_tokens=flush, dense_limit=dense_limit)
+    acc.update(zu, zd, au, ad)
+    p, ref = acc.pairs(), dense_reference(zu, zd, au, ad)
+    np.testing.assert_allclose(p["necessity"], ref["necessity"][p["up"], p["down"]], atol=1e-5)
+
+
+def _planted_stats(tmp_path):
+    """Upstream features 0..5 random; downstream 0 = AND(0, 1), 1 = OR(2, 3), 2 = copy of 4."""
+    T, d = 4000, 12
+    g = torch.Generator().manual_seed(3)
+    zu = _sparse_acts(T, d, 0.3, 4)
+    zd = _sparse_acts(T, d, 0.05, 5)
+    zd[:, 0] = ((zu[:, 0] > 0) & (zu[:, 1] > 0)).float() * 2
+    zd[:, 1] = ((zu[:, 2] > 0) | (zu[:, 3] > 0)).float() * (1 + torch.rand(T, generator=g))
+    zd[:, 2] = zu[:, 4] * 1.5
+    acc = PairAccumulator(d, d)
+    acc.update(zu, zd)
+    cfg = StatsConfig(top_k=3, floor=0.1)
+    write_stats(tmp_path / "stats", {(("resid_post", 3), ("resid_post", 4)): acc}, cfg,
+                {"test": True}, T, 0.0)
+    return open_stats(tmp_path)
+
+
+def test_gates_and_pass_through_find_what_was_planted(tmp_path):
+    st = _planted_stats(tmp_path)
+    g = gates(st, threshold=0.999, min_count=5)
+    and_ = g[g.gate == "AND"]
+    or_ = g[g.gate == "OR"]
+    assert list(and_.down) == ["4/resid_post/0"]
+    assert {and_.iloc[0].up_a, and_.iloc[0].up_b} == {"3/resid_post/0", "3/resid_post/1"}
+    assert "4/resid_post/1" in set(or_.down)
+    row = or_[or_.down == "4/resid_post/1"].iloc[0]
+    assert {row.up_a, row.up_b} == {"3/resid_post/2", "3/resid_post/3"}
+    pt = pass_through(st, threshold=0.99)
+    assert pt.iloc[0].pass_through == 1  # only the copy passes at Pearson >= 0.99
+    assert pt.iloc[0].appearing == pt.iloc[0].alive_next - 1
+    members, summary = communities(st, floor=0.5)
+    same = members.set_index("id").community
+    assert same["3/resid_post/4"] == same["4/resid_post/2"]
+    _, summary = communities(st, floor=0.5, method="louvain")
+    assert summary["size"].sum() == len(members)
+
+
+@pytest.fixture(scope="module")
+def pack_and_model(tiny_models, tmp_path_factory):
+    model = tiny_models["gemma3"]
+    d = model.d_model
+    saes = [(p, L, random_sae(d, 48, "relu", seed=10 * L + i))
+            for L in range(3) for i, p in enumerate(("resid_post", "mlp_out", "attn_out"))]
+    pack = save_pack(saes, tmp_path_factory.mktemp("st") / "pack", model_name="tiny",
+                     d_model=d, n_layers=3)
+    return pack, model
+
+
+CFG = StatsConfig(tokens=1500, batch_size=4, ctx_len=48, pairs="both", encoder_dtype="float32")
+
+
+def test_corpus_pass_equals_dense_and_resumes(pack_and_model, tmp_path):
+    from saeflow.corpora import Corpus
+    from saeflow.hooks import HookPoint, capture
+
+    pack, model = pack_and_model
+    with pytest.raises(KeyboardInterrupt):
+        run_stats(pack, model, tmp_path / "a", CFG, progress=False, stop_after_batches=2)
+    resumed = run_stats(pack, model, tmp_path / "a", CFG, progress=False)
+    whole = run_stats(pack, model, tmp_path / "b", CFG, progress=False)
+    ea, eb = resumed.edges(), whole.edges()
+    assert len(ea) == len(eb) and np.allclose(ea.pearson, eb.pearson, atol=1e-6)
+    # Against a dense computation on the same tokens.
+    zs = {s: [] for s in pack.entries}
+    corpus = Corpus.from_spec(CFG.corpus, seed=CFG.seed)
+    for b in corpus.token_batches(model.tokenizer, CFG.batch_size, CFG.ctx_len,
+                                  max_tokens=CFG.tokens):
+        acts = capture(model, b.input_ids, [HookPoint(*s) for s in pack.entries],
+                       attention_mask=b.attention_mask)
+        for s in pack.entries:
+            zs[s].append(pack.sae(*s).encode(acts[HookPoint(*s)])[b.content_mask()])
+    for up, down in [(("resid_post", 0), ("resid_post", 1)), (("mlp_out", 2), ("resid_post", 2))]:
+        ref = dense_reference(torch.cat(zs[up]), torch.cat(zs[down]))
+        e = whole.edges(up, down)
+        for m in MEASURES:
+            np.testing.assert_allclose(e[m], ref[m][e.up, e.down], atol=1e-5, err_msg=m)
+        # Each row's best partner by Pearson is kept.
+        best = np.where(ref["count"] > 0, ref["pearson"], -np.inf).argmax(1)
+        kept = set(zip(e.up, e.down))
+        assert all((i, j) in kept for i, j in enumerate(best) if ref["count"][i].any())
+
+
+def test_stats_bad_input_and_cli(pack_and_model, tmp_path, capsys):
+    pack, model = pack_and_model
+    with pytest.raises(KeyboardInterrupt):
+        run_stats(pack, model, tmp_path / "r", CFG, progress=False, stop_after_batches=1)
+    other = save_pack([(p, L, random_sae(model.d_model, 16, "relu", seed=L))
+                       for L in range(2) for p in ("resid_post",)],
+                      tmp_path / "other", model_name="tiny", d_model=model.d_model, n_layers=3)
+    with pytest.raises(StatsError, match="partial pass over a different pack"):
+        run_stats(other, model, tmp_path / "r", CFG, progress=False)
+    with pytest.raises(StatsError, match="no SAEs at attn_z"):
+        run_stats(pack, model, tmp_path / "x", StatsConfig(positions="resid_post,attn_z"),
+                  progress=False)
+    run = tmp_path / "cli"
+    assert main(["flow", str(pack.root), "--out", str(run), "--no-plots"]) == 0
+    capsys.readouterr()
+    assert main(["stats", str(pack.root), "--model", str(model.source), "--out", str(run),
+                 "--tokens", "1500", "--batch-size", "4", "--ctx-len", "48", "--pairs", "both",
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["pass_through"] and "agreement" in summary and "groups" in summary
+    groups = json.loads((run / "stats" / "groups.json").read_text())["layers"]
+    assert set(groups) == {"0", "1", "2"} and all(sum(v.values()) > 0 for v in groups.values())
+    assert groups["0"]["From RES"] == 0  # layer 0 has no residual predecessor
+    for f in ("pass_through.csv", "gates.json", "communities.parquet", "agreement.csv",
+              "plots/groups.png", "plots/pass_through_resid_post.html"):
+        assert (run / "stats" / f).is_file(), f
