@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -298,7 +299,28 @@ def cmd_search(args) -> int:
     if not hits:
         print(f"no feature mentions {args.query!r}")
     for h in hits:
-        print(f"  {h['id']:<22} score {h['score']:.2f}  density {h['density']:.2e}  {h['label']}")
+        print(f"  {h['id']:<22} score {h['score']:.2f}  density {h['density']:.2e}  {h['label']}"
+              + (f"  | {h['explanation']}" if h.get("explanation") else ""))
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .explain import ExplainerConfig, explain_features
+    from .hookpoints import parse_layers
+
+    key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    cfg = ExplainerConfig(url=args.llm_url, model=args.llm, api_key=key,
+                          n_examples=args.n_examples)
+    feats = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else None
+    layers = parse_layers(args.layers, None)
+    positions = [p.strip() for p in args.positions.split(",")] if args.positions else None
+    out = explain_features(args.run, cfg, feats, layers=layers, positions=positions,
+                           limit=args.limit, force=args.force, progress=not args.json)
+    if args.json:
+        _print_json(out)
+        return 0
+    for fid, text in out.items():
+        print(f"  {fid:<22} {text}")
     return 0
 
 
@@ -312,6 +334,8 @@ def cmd_feature(args) -> int:
         _print_json(row)
         return 0
     print(f"{args.feature}: {row['label']}")
+    if row.get("explanation"):
+        print(f"  explained: {row['explanation']}")
     print(f"  density {row['density']:.2e}  mean {row['mean_act']:.3g}  max {row['max_act']:.3g}"
           + (f"  {row['neuronpedia']}" if row['neuronpedia'] else ""))
     print("  logit lens +: " + ", ".join(repr(t["token"]) for t in row["logit_top"]))
@@ -538,6 +562,22 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--limit", type=int, default=20)
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=cmd_search)
+
+    ex = sub.add_parser("explain", help="explain features with an LLM (any OpenAI-compatible API)")
+    ex.add_argument("run", help="RUN directory with a feature index")
+    ex.add_argument("--llm-url", required=True,
+                    help="base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
+    ex.add_argument("--llm", required=True, help="the endpoint's model name")
+    ex.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                    help="environment variable holding the API key (unset: no key is sent)")
+    ex.add_argument("--features", default=None, help="comma list, e.g. 8/resid_post/12,9/mlp_out/3")
+    ex.add_argument("--layers", default="all")
+    ex.add_argument("--positions", default=None, help="comma list (default: all)")
+    ex.add_argument("--limit", type=int, default=100, help="densest active features first")
+    ex.add_argument("--n-examples", type=int, default=8, help="top contexts shown per feature")
+    ex.add_argument("--force", action="store_true", help="ask again for features already done")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(func=cmd_explain)
 
     fe = sub.add_parser("feature", help="one feature's page: label, stats, logit lens, contexts")
     fe.add_argument("run")

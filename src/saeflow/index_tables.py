@@ -25,6 +25,7 @@ from .index import (HIST_EDGES, INDEX_DIR, INDEX_FORMAT, INDEX_MANIFEST, IndexEr
                     logit_lens, token_strings)
 
 NEURONPEDIA = "https://www.neuronpedia.org"
+EXPLANATIONS = "explanations.parquet"  # see explain.py
 
 
 def neuronpedia_url(np_id: str | None, feature: int) -> str | None:
@@ -197,6 +198,14 @@ class FeatureIndex:
         for name in ("features", "examples", "tokens"):
             path = str(self.root / f"{name}.parquet").replace("'", "''")
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path}')")
+        expl = self.root / EXPLANATIONS  # optional: written by `saeflow explain`
+        if expl.is_file():
+            path = str(expl).replace("'", "''")
+            con.execute(f"CREATE VIEW explanations AS SELECT id, explanation "
+                        f"FROM read_parquet('{path}')")
+        else:
+            con.execute("CREATE VIEW explanations AS SELECT NULL::VARCHAR AS id, "
+                        "NULL::VARCHAR AS explanation WHERE false")
         return con
 
     def feature(self, layer: int, position: str, feature: int) -> dict:
@@ -208,7 +217,8 @@ class FeatureIndex:
         if not 0 <= feature < n:
             raise IndexError_(f"feature {feature} is out of range for {key} (0..{n - 1})")
         con = self._con()
-        row = con.execute("SELECT * FROM features WHERE layer=? AND position=? AND feature=?",
+        row = con.execute("SELECT f.*, e.explanation FROM features f LEFT JOIN explanations e "
+                          "USING (id) WHERE layer=? AND position=? AND feature=?",
                           [layer, position, feature])
         row = _rows(row)[0]
         ex = con.execute(
@@ -229,8 +239,9 @@ class FeatureIndex:
     def search(self, query: str, limit: int = 20) -> list[dict]:
         """Features whose label or top contexts contain `query` (case-insensitive), best first.
 
-        score = 3 * (label contains it) + 2 * (share of top examples whose activating token is
-        it) + (share of top examples whose window contains it).
+        score = 3 * (label contains it) + 3 * (the LLM explanation, if any, contains it)
+        + 2 * (share of top examples whose activating token is it) + (share of top examples whose
+        window contains it).
         """
         q = query.strip().lower()
         if not q:
@@ -244,15 +255,19 @@ class FeatureIndex:
                  avg(CASE WHEN len(list_intersect(token_ids, (SELECT list(id) FROM hit_tokens))) > 0 THEN 1 ELSE 0 END) AS window_share
           FROM examples WHERE kind = 'top' GROUP BY layer, position, feature
         )
-        SELECT f.id, f.layer, f.position, f.feature, f.label, f.density, f.neuronpedia,
+        SELECT f.id, f.layer, f.position, f.feature, f.label, e.explanation, f.density,
+               f.neuronpedia,
                (CASE WHEN lower(f.label) LIKE '%' || ? || '%' THEN 3 ELSE 0 END)
+               + (CASE WHEN lower(coalesce(e.explanation, '')) LIKE '%' || ? || '%' THEN 3 ELSE 0 END)
                + 2 * coalesce(ex.center_share, 0) + coalesce(ex.window_share, 0) AS score,
                coalesce(ex.center_share, 0) AS center_share
         FROM features f LEFT JOIN ex USING (layer, position, feature)
+        LEFT JOIN explanations e ON e.id = f.id
         WHERE lower(f.label) LIKE '%' || ? || '%' OR ex.window_share > 0
-        ORDER BY score DESC, f.density DESC LIMIT ?
+           OR lower(coalesce(e.explanation, '')) LIKE '%' || ? || '%'
+        ORDER BY score DESC, f.density DESC, f.id LIMIT ?
         """
-        return _rows(con.execute(sql, [q, q, q, limit]))
+        return _rows(con.execute(sql, [q, q, q, q, q, limit]))
 
 
 def _rows(cursor) -> list[dict]:
