@@ -8,7 +8,7 @@ import torch
 from saeflow.cli import main
 from saeflow.flow import (FlowConfig, FlowError, classify, open_flow, plan_layers, run_flow)
 from saeflow.graphs import FlowIndex, load_graph, node_link, persistence, trace, write_graph
-from saeflow.packs import load_pack, save_pack
+from saeflow.packs import save_pack
 from saeflow.sae import SAE, random_sae
 
 D, N, LAYERS = 96, 384, 4

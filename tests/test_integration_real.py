@@ -1,8 +1,6 @@
 """Integration tests on real models from PyPI: Gemma 3 270M (embedded) and SmolLM2-135M (GGUF)."""
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import pytest

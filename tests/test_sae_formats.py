@@ -1,7 +1,6 @@
 """SAE math against a reference written here, and round trips of every supported format."""
 import json
 
-import numpy as np
 import pytest
 import torch
 

@@ -208,7 +208,7 @@ def cmd_flow(args) -> int:
         if "attn_z" in how:
             print(f"  attention at layer {L}: {how}")
             break
-    print(f"  files: predecessors.parquet, successors.parquet, thresholds.json, plots/")
+    print("  files: predecessors.parquet, successors.parquet, thresholds.json, plots/")
     return 0
 
 
@@ -242,7 +242,7 @@ def cmd_trace(args) -> int:
 
 def cmd_match(args) -> int:
     from .flow import match_pair
-    from .flow_tables import write_parquet_atomic
+    from .store import write_parquet_atomic
 
     model = None
     if args.model:
@@ -269,16 +269,22 @@ def cmd_match(args) -> int:
 
 
 # --- index --------------------------------------------------------------------------------
-def cmd_index(args) -> int:
-    from .index import IndexConfig, build_index
+def _model_and_pack(args, stage: str):
+    """The model (--model, or the embedded one for the embedded packs) and the pack."""
     from .models import load_model
-    from .train import parse_tokens
 
     model_spec = args.model or ("embedded" if args.path.startswith("embedded") else None)
     if model_spec is None:
-        raise ValueError("index needs --model (the model the pack was made for)")
+        raise ValueError(f"{stage} needs --model (the model the pack was made for)")
     model = load_model(model_spec, device=args.device)
-    pack = _open_pack(args, model=model)
+    return model, _open_pack(args, model=model)
+
+
+def cmd_index(args) -> int:
+    from .index import IndexConfig, build_index
+    from .train import parse_tokens
+
+    model, pack = _model_and_pack(args, "index")
     cfg = IndexConfig(tokens=parse_tokens(args.tokens), corpus=args.corpus, seed=args.seed,
                       batch_size=args.batch_size, ctx_len=args.ctx_len, n_top=args.n_top,
                       n_samples=args.n_samples, encoder_dtype=args.encoder_dtype)
@@ -350,15 +356,10 @@ def cmd_feature(args) -> int:
 # --- stats --------------------------------------------------------------------------------
 def cmd_stats(args) -> int:
     from .evolution import write_evolution_outputs
-    from .models import load_model
     from .stats import StatsConfig, run_stats
     from .train import parse_tokens
 
-    model_spec = args.model or ("embedded" if args.path.startswith("embedded") else None)
-    if model_spec is None:
-        raise ValueError("stats needs --model (the model the pack was made for)")
-    model = load_model(model_spec, device=args.device)
-    pack = _open_pack(args, model=model)
+    model, pack = _model_and_pack(args, "stats")
     cfg = StatsConfig(tokens=parse_tokens(args.tokens), corpus=args.corpus, seed=args.seed,
                       batch_size=args.batch_size, ctx_len=args.ctx_len, pairs=args.pairs,
                       positions=args.positions,

@@ -2,7 +2,6 @@
 empirical predecessor groups, and agreement between data-free and data-driven links."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

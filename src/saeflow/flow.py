@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -177,8 +177,8 @@ def slot_directions(pack, slot: tuple[str, int], method: str = "decoder",
     project = None
     if pos == "attn_z":
         if model is None:
-            raise FlowError(f"the pack's attention SAEs sit at attn_z (head space); mapping them "
-                            f"into the residual needs the model's W_O: pass --model")
+            raise FlowError("the pack's attention SAEs sit at attn_z (head space); mapping them "
+                            "into the residual needs the model's W_O: pass --model")
         if info.d_in != model.width("attn_z"):
             raise FlowError(f"attn_z SAE at layer {L} has d_in {info.d_in}, but the model's "
                             f"n_heads*d_head is {model.width('attn_z')}")
@@ -455,7 +455,8 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
                 default_thresholds(nulls, cfg.null_quantile).items()}
     resolved = resolve_thresholds(defaults, thresholds)
 
-    from .flow_tables import predecessor_table, successor_table, write_parquet_atomic
+    from .flow_tables import predecessor_table, successor_table
+    from .store import write_parquet_atomic
 
     pred = predecessor_table(plans, results, resolved)
     succ = successor_table(plans, results, pack)

@@ -5,12 +5,9 @@ null in the table, never a magic number. Top-k lists are list<struct<feature, si
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .flow import PRED_KINDS, classify
 
@@ -97,12 +94,3 @@ def successor_table(plans, results: dict, pack) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .store import write_parquet_atomic
 from .stats import MEASURES, STATS_DIR, STATS_FORMAT, STATS_MANIFEST, StatsError
 
 
@@ -44,14 +45,6 @@ def select_pairs(p: dict, top_k: int, floor: float) -> np.ndarray:
     return keep
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_stats(root: Path, acc: dict, cfg, ident: dict, tokens: int, seconds: float) -> None:
@@ -83,8 +76,8 @@ def write_stats(root: Path, acc: dict, cfg, ident: dict, tokens: int, seconds: f
                 "n_active": pa.array(nn), "density": pa.array(nn / max(a.n_tokens, 1)),
                 "mean": pa.array((s / max(a.n_tokens, 1)).astype(np.float32)),
                 "max": pa.array(mx.astype(np.float32))}))
-    _write_atomic(pa.concat_tables(edge_tables), root / "edges.parquet")
-    _write_atomic(pa.concat_tables(feat_rows), root / "features.parquet")
+    write_parquet_atomic(pa.concat_tables(edge_tables), root / "edges.parquet")
+    write_parquet_atomic(pa.concat_tables(feat_rows), root / "features.parquet")
     write_json_atomic(root / STATS_MANIFEST, {
         "format": STATS_FORMAT, "identity": ident, "tokens": tokens, "seconds": round(seconds, 1),
         "pairs": [[f"{u[1]}/{u[0]}", f"{d[1]}/{d[0]}"] for u, d in acc],

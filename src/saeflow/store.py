@@ -48,6 +48,20 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         raise
 
 
+def write_parquet_atomic(table, path: str | os.PathLike) -> None:
+    """Write a pyarrow table to `path` through a temp file and a rename: all or nothing."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp dir beside `final`; on success rename it to `final`, on error delete it.

@@ -34,12 +34,11 @@ import torch.nn.functional as F
 
 from . import __version__
 from .corpora import Corpus
-from .hookpoints import POSITIONS, check_position, parse_layers
+from .hookpoints import check_position
 from .hooks import HookPoint, capture
 from .models import LoadedModel, parse_dtype
 from .packs import PACK_MANIFEST, Pack, save_pack
 from .sae import SAE
-from .store import atomic_dir
 
 CKPT_FILE = "state.pt"
 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
