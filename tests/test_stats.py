@@ -1,6 +1,7 @@
 """Co-activation statistics: sparse accumulation equals the dense method; analyses find planted
 gates and pass-through; the corpus pass resumes and refuses a changed pack."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -134,6 +135,20 @@ def test_stats_bad_input_and_cli(pack_and_model, tmp_path, capsys):
     with pytest.raises(StatsError, match="no SAEs at attn_z"):
         run_stats(pack, model, tmp_path / "x", StatsConfig(positions="resid_post,attn_z"),
                   progress=False)
+    # The same pack over another corpus (or seed) does not resume the partial pass either.
+    with pytest.raises(StatsError, match="partial pass over a different config"):
+        run_stats(pack, model, tmp_path / "r", replace(CFG, seed=1), progress=False)
+    # A corpus shorter than asked, and a model the pack was not made for.
+    text = tmp_path / "tiny.txt"
+    text.write_text("A short text about weddings and rings.\n")
+    with pytest.raises(StatsError, match="gives only"):
+        run_stats(pack, model, tmp_path / "s", replace(CFG, tokens=10**6, corpus=str(text)),
+                  progress=False)
+    wide = save_pack([("resid_post", L, random_sae(48, 16, "relu", seed=L)) for L in range(2)],
+                     tmp_path / "wide", model_name="other", d_model=48, n_layers=3)
+    with pytest.raises(ValueError, match="d_in 48 does not match model d_model 32"):
+        run_stats(wide, model, tmp_path / "t", CFG, progress=False)
+    assert not (tmp_path / "t" / "stats" / "stats.json").exists()
     run = tmp_path / "cli"
     assert main(["flow", str(pack.root), "--out", str(run), "--no-plots"]) == 0
     capsys.readouterr()
