@@ -156,3 +156,33 @@ def test_search_and_cli(setup, capsys):
     assert data[0]["id"] == hits[0]["id"]
     assert main(["feature", str(root / "run"), hits[0]["id"]]) == 0
     assert "logit lens" in capsys.readouterr().out
+
+
+def test_trace_nodes_carry_index_labels(setup, tmp_path, capsys):
+    from saeflow.flow import run_flow
+    from saeflow.graphs import add_labels, trace
+
+    model, _, _ = setup
+    d = model.d_model
+    pack = save_pack([(p, L, random_sae(d, 24, "relu", seed=10 + L + 2 * i))
+                      for i, p in enumerate(("resid_post", "mlp_out")) for L in (0, 1)],
+                     tmp_path / "pack", model_name="tiny", d_model=d, n_layers=3)
+    root = tmp_path
+    idx = build_index(pack, model, root / "run", CFG, progress=False)
+    flow = run_flow(pack, root / "run", plots=False)
+    G = trace(flow, "1/resid_post/0", t_res=0.0, t_mod=0.0)
+    assert add_labels(G, root / "run") == G.number_of_nodes() >= 3  # seed, R_0 and M_1 matches
+    for n, d in G.nodes(data=True):
+        L, p, f = n.split("/")
+        assert d["label"] == idx.feature(int(L), p, int(f))["label"]
+    # An index of another pack is not used: its feature numbers mean other features.
+    other_pack = save_pack([("resid_post", 1, random_sae(model.d_model, 40, "relu", seed=7))],
+                           tmp_path / "other", model_name="tiny", d_model=model.d_model,
+                           n_layers=3)
+    other = run_flow(other_pack, tmp_path / "r2", plots=False)
+    (tmp_path / "r2" / "index").symlink_to(root / "run" / "index")
+    assert add_labels(trace(other, "1/resid_post/0"), tmp_path / "r2") == 0
+    assert main(["trace", str(root / "run"), "1/resid_post/0", "--t-res", "0", "--t-mod", "0",
+                 "--picture", "", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert all(n["label"] for n in data["nodes"])

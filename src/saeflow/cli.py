@@ -214,7 +214,7 @@ def cmd_flow(args) -> int:
 
 def cmd_trace(args) -> int:
     from .flow import open_flow, pack_fingerprint
-    from .graphs import node_link, trace, write_graph
+    from .graphs import add_labels, node_link, trace, write_graph
 
     run = open_flow(args.run)
     if args.pack:
@@ -225,6 +225,7 @@ def cmd_trace(args) -> int:
                              f"({run.manifest['pack']['root']}); rerun `saeflow flow`")
     G = trace(run, args.feature, t_res=args.t_res, t_mod=args.t_mod, mod_k=args.mod_k,
               direction=args.direction)
+    add_labels(G, args.run)  # from RUN's feature index, when it has one
     out = Path(args.out) if args.out else run.root / "traces" / args.feature.replace("/", "_")
     formats = ["json", "graphml", *args.picture.split(",")]
     written = write_graph(G, out, formats=[f for f in formats if f])
@@ -236,6 +237,9 @@ def cmd_trace(args) -> int:
           f"links, layers {layers[0]}..{layers[-1]} (t_res={args.t_res}, t_mod={args.t_mod})")
     for u, v, d in sorted(G.edges(data=True), key=lambda e: (G.nodes[e[1]]["layer"], e[0])):
         print(f"  {u:>22} -> {v:<22} {d['similarity']:.3f}  ({d['kind']})")
+    labelled = [n for n in G if G.nodes[n].get("label")]
+    for n in sorted(labelled, key=lambda n: (G.nodes[n]["layer"], n)):
+        print(f"  {n:>22}: {G.nodes[n].get('explanation') or G.nodes[n]['label']}")
     print("  wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 

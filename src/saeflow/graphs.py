@@ -115,7 +115,8 @@ def trace(run: FlowRun | FlowIndex, seed: str, t_res: float = 0.5, t_mod: float 
         raise FlowError("mod_k must be >= 1")
     L, pos, f = parse_feature(seed)
     run.check_feature(L, pos, f)
-    G = nx.DiGraph(seed=feature_id(L, pos, f), t_res=t_res, t_mod=t_mod, mod_k=mod_k)
+    G = nx.DiGraph(seed=feature_id(L, pos, f), t_res=t_res, t_mod=t_mod, mod_k=mod_k,
+                   pack=run.manifest["pack"]["fingerprint"])
 
     def node(layer, position, feature, score, role):
         nid = feature_id(layer, position, feature)
@@ -194,6 +195,26 @@ def persistence(run: FlowRun | FlowIndex, t_res: float = 0.5) -> dict[int, np.nd
 
 
 # --- export ---------------------------------------------------------------------------------
+def add_labels(G: nx.DiGraph, run_dir: str | Path) -> int:
+    """Give each node its label (and LLM explanation) from the feature index in `run_dir`, when
+    there is one built from the same pack as the flow. Returns how many nodes got a label."""
+    from .index_tables import open_index
+
+    try:
+        index = open_index(run_dir)
+    except ValueError:
+        return 0
+    flow_pack = G.graph.get("pack")
+    if flow_pack and index.manifest.get("identity", {}).get("pack") not in (None, flow_pack):
+        return 0  # an index of another pack: its feature numbers mean other features
+    found = index.labels(list(G.nodes))
+    for nid, info in found.items():
+        for key in ("label", "explanation"):
+            if info.get(key):
+                G.nodes[nid][key] = info[key]
+    return sum(1 for n in G if G.nodes[n].get("label"))
+
+
 def node_link(G: nx.DiGraph) -> dict:
     """{'directed', 'seed', 'thresholds', 'nodes': [{id, layer, position, feature, score, ...}],
     'links': [{source, target, similarity, kind}]}"""

@@ -236,6 +236,15 @@ class FeatureIndex:
         row["hist_edges"] = self.manifest["hist_edges"]
         return row
 
+    def labels(self, ids: list[str]) -> dict[str, dict]:
+        """{feature id: {"label", "explanation"}} for the ids this index holds."""
+        if not ids:
+            return {}
+        rows = self._con().execute(
+            "SELECT f.id, f.label, e.explanation FROM features f LEFT JOIN explanations e "
+            "USING (id) WHERE list_contains(?, f.id)", [list(ids)]).fetchall()
+        return {i: {"label": lab, "explanation": ex} for i, lab, ex in rows}
+
     def search(self, query: str, limit: int = 20) -> list[dict]:
         """Features whose label or top contexts contain `query` (case-insensitive), best first.
 
