@@ -175,11 +175,12 @@ class _SlotStats:
 
 
 # --- logit lens -----------------------------------------------------------------------------
-def unembed_directions(model, dirs: torch.Tensor) -> torch.Tensor:
+def unembed_directions(model, dirs: torch.Tensor, W_U: torch.Tensor | None = None) -> torch.Tensor:
     """Residual directions [n, d_model] -> logits [n, vocab] through the final norm's gain.
 
     The norm's 1/rms (or 1/std) factor is a positive scalar per token and does not change the
-    ranking; LayerNorm's centring does, so it is applied. Gemma's gain is (1 + w).
+    ranking; LayerNorm's centring does, so it is applied. Gemma's gain is (1 + w). `W_U`
+    [vocab, d_model] may be passed in another dtype (logit_lens casts it once, not per block).
     """
     norm = model.module(model.arch.final_norm)
     x = dirs.float()
@@ -187,20 +188,31 @@ def unembed_directions(model, dirs: torch.Tensor) -> torch.Tensor:
         x = x - x.mean(dim=-1, keepdim=True)
     w = norm.weight.detach().float()
     gain = (1.0 + w) if model.arch.family in ("gemma2", "gemma3") else w
-    W_U = model.hf.get_output_embeddings().weight.detach()  # [vocab, d_model]
-    return (x * gain) @ W_U.float().T if W_U.dtype == torch.float32 and x.shape[0] < 64 \
-        else ((x * gain).to(torch.bfloat16) @ W_U.to(torch.bfloat16).T).float()
+    if W_U is None:
+        W_U = model.hf.get_output_embeddings().weight.detach()  # [vocab, d_model]
+    x = (x * gain).to(device=W_U.device, dtype=W_U.dtype)
+    return (x @ W_U.T).float()
 
 
 def logit_lens(model, dirs: torch.Tensor, n: int = 10, block: int = 256):
-    """Top and bottom n tokens of each direction: (top_ids, top_vals, bot_ids, bot_vals) [N, n]."""
+    """Top and bottom n tokens of each direction: (top_ids, top_vals, bot_ids, bot_vals) [N, n].
+
+    The [vocab, d_model] unembedding is cast once: to bf16 where bf16 matmuls are measurably
+    faster (GPUs, CPUs with AVX-512 BF16), else kept in fp32; on CPUs without bf16 units a bf16
+    matmul is emulated and ~10x slower than fp32.
+    """
+    from .train import _bf16_is_faster
+
+    W_U = model.hf.get_output_embeddings().weight.detach()  # [vocab, d_model]
+    fast_bf16 = dirs.shape[0] >= 64 and _bf16_is_faster(W_U.device)
+    W_U = W_U.to(torch.bfloat16 if fast_bf16 else torch.float32)
     outs = [[], [], [], []]
     for i in range(0, dirs.shape[0], block):
-        logits = unembed_directions(model, dirs[i:i + block])
+        logits = unembed_directions(model, dirs[i:i + block], W_U)  # [block, vocab]
         tv, ti = logits.topk(n, dim=1)
         bv, bi = logits.topk(n, dim=1, largest=False)
         for o, t in zip(outs, (ti, tv, bi, bv)):
-            o.append(t)
+            o.append(t.cpu())
     return tuple(torch.cat(o) for o in outs)
 
 
