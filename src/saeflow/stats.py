@@ -32,29 +32,14 @@ def _csr(z: torch.Tensor, active: torch.Tensor) -> tuple[sp.csr_matrix, sp.csr_m
             sp.csr_matrix((np.ones(len(t)), (t, f)), shape=shape))
 
 
-def _padded_active(z: torch.Tensor, active: torch.Tensor):
-    """[T, d] -> per token its active features, padded: (index [T, k], value [T, k] float64,
-    valid [T, k] bool), k = the most active features on any token."""
-    t, f = active.nonzero(as_tuple=True)  # row-major: grouped by token
-    counts = torch.bincount(t, minlength=z.shape[0])
-    k = int(counts.max()) if len(t) else 1
-    starts = torch.cumsum(counts, 0) - counts
-    col = torch.arange(len(t)) - starts[t]
-    idx = torch.zeros(z.shape[0], k, dtype=torch.long)
-    val = torch.zeros(z.shape[0], k, dtype=torch.float64)
-    ok = torch.zeros(z.shape[0], k, dtype=torch.bool)
-    idx[t, col], val[t, col], ok[t, col] = f, z[t, f].double(), True
-    return idx, val, ok
-
-
 @dataclass
 class PairAccumulator:
     """Running sums for one (upstream, downstream) pair of SAEs.
 
-    When d_up * d_down <= dense_limit, C and P are dense (flat) tensors and each token's active
-    (i, j) pairs are added in place by flat index (co-occurrence over many tokens fills most of
-    such a matrix anyway). Beyond it, batches are buffered as sparse matrices and multiplied
-    every `flush_tokens` tokens (scipy), and C and P stay sparse.
+    Batches are buffered as sparse matrices and multiplied every `flush_tokens` tokens: one
+    sparse product over many tokens costs about as much as over few, because the result
+    saturates. C and P are dense arrays when d_up * d_down <= dense_limit (co-occurrence over
+    many tokens fills most of a small matrix anyway), else sparse matrices.
     """
 
     d_up: int
@@ -74,8 +59,8 @@ class PairAccumulator:
         self.max_down = np.zeros(self.d_down)
         self.dense = self.d_up * self.d_down <= self.dense_limit
         if self.dense:
-            self.C = torch.zeros(self.d_up * self.d_down, dtype=torch.int32)  # flat [d_up*d_down]
-            self.P = torch.zeros(self.d_up * self.d_down, dtype=torch.float64)
+            self.C = np.zeros((self.d_up, self.d_down), np.int32)
+            self.P = np.zeros((self.d_up, self.d_down), np.float64)
         else:
             self.C = sp.csr_matrix((self.d_up, self.d_down), dtype=np.float64)
             self.P = sp.csr_matrix((self.d_up, self.d_down), dtype=np.float64)
@@ -88,9 +73,11 @@ class PairAccumulator:
         ("active"; default z > 0)."""
         act_up = z_up > 0 if act_up is None else act_up
         act_down = z_down > 0 if act_down is None else act_down
+        vu, bu = _csr(z_up, act_up)
+        vd, bd = _csr(z_down, act_down)
         self.n_tokens += z_up.shape[0]
-        self.n_up += act_up.sum(0).numpy().astype(np.int64)
-        self.n_down += act_down.sum(0).numpy().astype(np.int64)
+        self.n_up += np.asarray(bu.sum(0)).ravel().astype(np.int64)
+        self.n_down += np.asarray(bd.sum(0)).ravel().astype(np.int64)
         zu, zd = z_up.double().numpy(), z_down.double().numpy()
         self.s_up += zu.sum(0)
         self.s_down += zd.sum(0)
@@ -99,25 +86,10 @@ class PairAccumulator:
         if len(zu):
             self.max_up = np.maximum(self.max_up, zu.max(0))
             self.max_down = np.maximum(self.max_down, zd.max(0))
-        if self.dense:
-            self._scatter(z_up, z_down, act_up, act_down)
-            return
-        vu, bu = _csr(z_up, act_up)
-        vd, bd = _csr(z_down, act_down)
         self._buffer.append((vu, bu, vd, bd))
         self._buffered += z_up.shape[0]
         if self._buffered >= self.flush_tokens:
             self._flush()
-
-    def _scatter(self, z_up, z_down, act_up, act_down, chunk: int = 1024) -> None:
-        """Dense sums: each token's active (i, j) pairs, added in place by flat index."""
-        for t0 in range(0, z_up.shape[0], chunk):
-            iu, vu, mu = _padded_active(z_up[t0:t0 + chunk], act_up[t0:t0 + chunk])
-            jd, vd, md = _padded_active(z_down[t0:t0 + chunk], act_down[t0:t0 + chunk])
-            ok = mu[:, :, None] & md[:, None, :]  # [t, k_u, k_d]
-            keys = (iu[:, :, None] * self.d_down + jd[:, None, :])[ok]
-            self.C.index_add_(0, keys, torch.ones(len(keys), dtype=torch.int32))
-            self.P.index_add_(0, keys, (vu[:, :, None] * vd[:, None, :])[ok])
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -127,8 +99,12 @@ class PairAccumulator:
         # Sparse outer products summed over tokens: [d_up, T] @ [T, d_down].
         c = (bu.T.tocsr() @ bd).tocoo()
         p = (vu.T.tocsr() @ vd).tocoo()
-        self.C = self.C + c.tocsr()
-        self.P = self.P + p.tocsr()
+        if self.dense:
+            self.C[c.row, c.col] += c.data.astype(np.int32)  # (row, col) unique after the product
+            self.P[p.row, p.col] += p.data
+        else:
+            self.C = self.C + c.tocsr()
+            self.P = self.P + p.tocsr()
 
     def state(self) -> dict:
         self._flush()
@@ -144,9 +120,8 @@ class PairAccumulator:
         """Every co-active pair (i, j) with count and all measures (float64 arrays)."""
         self._flush()
         if self.dense:
-            flat = torch.nonzero(self.C).squeeze(1)
-            i, j = (flat // self.d_down).numpy(), (flat % self.d_down).numpy()
-            c, p = self.C[flat].double().numpy(), self.P[flat].numpy()
+            i, j = np.nonzero(self.C)
+            c, p = self.C[i, j].astype(np.float64), self.P[i, j]
         else:
             C = self.C.tocoo()
             i, j, c = C.row, C.col, C.data
