@@ -91,6 +91,8 @@ def test_logit_lens_matches_the_real_unembedding(tiny_models):
         model = tiny_models[family]
         dirs = torch.randn(6, model.d_model)
         top_i, top_v, bot_i, _ = logit_lens(model, dirs, n=5)
+        tiled = logit_lens(model, dirs, n=5, block=4, vocab_block=7)  # running top-n merges
+        assert torch.equal(tiled[0], top_i) and torch.equal(tiled[2], bot_i), family
         norm = model.module(model.arch.final_norm)
         with torch.no_grad():
             head = model.hf.get_output_embeddings()
