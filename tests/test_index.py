@@ -188,3 +188,13 @@ def test_trace_nodes_carry_index_labels(setup, tmp_path, capsys):
                  "--picture", "", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert all(n["label"] for n in data["nodes"])
+
+
+def test_label_shows_whitespace_tokens():
+    from saeflow.index import auto_label
+
+    strings = {5: " ", 6: "\n", 7: "river"}
+    freq = np.ones(10)
+    label, words = auto_label([5, 5, 6], [3.0, 2.0, 1.0], [7], strings, freq, 100)
+    assert words == ["␣", "\\n"] and label.startswith("␣") and "river" in label
+    assert auto_label([], [], [7], strings, freq, 100)[0].startswith("(never active)")

@@ -245,8 +245,13 @@ def auto_label(center_ids: list[int], weights: list[float], logit_ids: list[int]
     tokens. Returns (label, characteristic tokens)."""
     score: dict[str, float] = {}
     for i, w in zip(center_ids, weights):
-        s = strings.get(i, "").strip()
-        if not s or i < 0:
+        if i < 0:
+            continue
+        raw = strings.get(i, "")
+        # Whitespace tokens are real evidence (a feature may fire on the space before a year):
+        # show them visibly instead of dropping them.
+        s = raw.strip() or raw.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t")
+        if not s:
             continue
         idf = math.log((1 + n_docs_tokens) / (1 + float(doc_freq[i]))) + 1.0
         score[s] = score.get(s, 0.0) + w * idf
@@ -258,7 +263,8 @@ def auto_label(center_ids: list[int], weights: list[float], logit_ids: list[int]
             outs.append(s)
         if len(outs) == 2:
             break
-    label = ", ".join(repr(w)[1:-1] for w in words) if words else "(never active)"
+    label = (", ".join(repr(w)[1:-1] for w in words) if words else
+             "(never active)" if not any(i >= 0 for i in center_ids) else "(unreadable tokens)")
     if outs:
         label += " → " + ", ".join(repr(w)[1:-1] for w in outs)
     return label, words
