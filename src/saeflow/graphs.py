@@ -290,9 +290,10 @@ def draw_graph(G: nx.DiGraph, out_dir: Path, formats=("svg", "png"),
         ax.scatter([x], [y], s=260 if seed else 160, color=POSITION_COLORS[d["position"]],
                    edgecolors="black" if seed else "white", linewidths=2 if seed else 1, zorder=3)
         label = str(d["feature"])
-        if d.get("label"):
-            label += f"\n{d['label'][:28]}"
-        ax.text(x, y - 0.2, label, fontsize=7, ha="center", va="top")
+        if d.get("label"):  # the activating tokens only (before " → "), short, so layers don't collide
+            label += f"\n{d['label'].split(' → ')[0][:16]}"
+        # Alternate the label height by layer so neighbours' labels do not overlap.
+        ax.text(x, y - 0.2 - 0.16 * (d["layer"] % 2), label, fontsize=7, ha="center", va="top")
     ax.set_yticks([1, 0, -1], ["attention", "residual", "MLP"])
     ax.set_xlabel("layer")
     ax.set_xticks(sorted(set(layers)))
