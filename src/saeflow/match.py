@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ class MatchError(ValueError):
 
 
 # --- dictionaries ---------------------------------------------------------------------------
-class Directions:
+class Directions(ABC):
     """Rows [n, d] readable in blocks, as float32. Subclasses implement `_read(i0, i1)`."""
 
     n: int
@@ -47,8 +48,9 @@ class Directions:
         self.project = None if project is None else project.float()  # [d_src, d]
         self.row_scale = None if row_scale is None else row_scale.float()  # [n]
 
+    @abstractmethod
     def _read(self, i0: int, i1: int) -> torch.Tensor:  # [i1-i0, d_src]
-        raise NotImplementedError
+        """Raw rows i0..i1 of the source dictionary (each subclass reads its own storage)."""
 
     def block(self, i0: int, i1: int) -> torch.Tensor:
         """Rows i0..i1 in the matching space, float32 [i1-i0, d]."""
