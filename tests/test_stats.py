@@ -38,7 +38,23 @@ def test_sparse_accumulation_equals_dense_reference(dense_limit, flush):
     acc = PairAccumulator(37, 29, flush_tokens=flush, dense_limit=dense_limit)
     acc.update(zu, zd, au, ad)
     p, ref = acc.pairs(), dense_reference(zu, zd, au, ad)
-    np.testing.assert_allclose(p["necessity"], ref["necessity"][p["up"], p["down"]], atol=1e-5)
+    for m in (*MEASURES, "count"):
+        np.testing.assert_allclose(p[m], ref[m][p["up"], p["down"]], atol=1e-5, err_msg=m)
+
+
+def test_sparse_runs_without_packed_sort_equal_dense_reference(monkeypatch):
+    # Keys beyond 2**32 (widths above 65,536) take the argsort path; force it on small sizes.
+    import saeflow.stats as stats
+
+    monkeypatch.setattr(stats, "PACKED_SORT_MAX_KEYS", 0)
+    zu, zd = _sparse_acts(300, 37, 0.1, 2), _sparse_acts(300, 29, 0.15, 3)
+    au, ad = zu > 0.4 * zu.max(0).values, zd > 0.4 * zd.max(0).values
+    acc = PairAccumulator(37, 29, flush_tokens=40, dense_limit=0)
+    for i in range(0, 300, 32):
+        acc.update(zu[i:i + 32], zd[i:i + 32], au[i:i + 32], ad[i:i + 32])
+    p, ref = acc.pairs(), dense_reference(zu, zd, au, ad)
+    for m in (*MEASURES, "count"):
+        np.testing.assert_allclose(p[m], ref[m][p["up"], p["down"]], atol=1e-5, err_msg=m)
 
 
 def _planted_stats(tmp_path):
