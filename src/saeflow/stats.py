@@ -21,18 +21,24 @@ import torch
 MEASURES = ("pearson", "jaccard", "sufficiency", "necessity", "mutual_info")
 
 
-def _nonzero_lists(z: torch.Tensor, active: torch.Tensor
+def _nonzero_lists(z: torch.Tensor, active: torch.Tensor | None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """z [T, d], active [T, d] bool -> (index, value, nonzero, active), each [T, m] with m the
-    most features nonzero on one token: every token's nonzero features, padded to m."""
-    nz = (z != 0) | active
-    m = int(nz.sum(1).max()) if z.shape[0] else 0
-    if m == 0:
-        empty = np.zeros((z.shape[0], 0))
-        return empty.astype(np.int64), empty, empty.astype(bool), empty.astype(bool)
-    ok, idx = torch.topk(nz.to(torch.float32), m, dim=1)  # ties: any m include every nonzero
-    return (idx.numpy(), torch.gather(z, 1, idx).double().numpy(), ok.numpy() > 0,
-            torch.gather(active, 1, idx).numpy())
+    """z [T, d], active [T, d] bool (None: z > 0) -> (index, value, nonzero, active), each
+    [T, m] with m the most features nonzero on one token: every token's nonzero features,
+    padded to m."""
+    nz = z > 0 if active is None else (z != 0) | active
+    t, f = nz.nonzero(as_tuple=True)  # row-major: grouped by token
+    T = z.shape[0]
+    per_token = torch.bincount(t, minlength=T)
+    m = int(per_token.max()) if T else 0
+    slot = torch.arange(len(t)) - (per_token.cumsum(0) - per_token)[t]  # rank within its token
+    idx = torch.zeros(T, m, dtype=torch.long)
+    val = torch.zeros(T, m, dtype=torch.float64)
+    ok = torch.zeros(T, m, dtype=torch.bool)
+    idx[t, slot], val[t, slot], ok[t, slot] = f, z[t, f].double(), True
+    on = ok if active is None else torch.zeros(T, m, dtype=torch.bool).index_put_(
+        (t, slot), active[t, f])
+    return idx.numpy(), val.numpy(), ok.numpy(), on.numpy()
 
 
 @dataclass
@@ -81,8 +87,6 @@ class PairAccumulator:
                act_down: torch.Tensor | None = None) -> None:
         """z_up [T, d_up], z_down [T, d_down] on the same T tokens; act_* [T, d] bool
         ("active"; default z > 0)."""
-        act_up = z_up > 0 if act_up is None else act_up
-        act_down = z_down > 0 if act_down is None else act_down
         T = z_up.shape[0]
         self.n_tokens += T
         iu, vu, nz_u, on_u = _nonzero_lists(z_up, act_up)  # [T, m_up]
