@@ -395,6 +395,61 @@ def cmd_stats(args) -> int:
     return 0
 
 
+# --- steer --------------------------------------------------------------------------------
+def _int_list(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_steer(args) -> int:
+    from .generate import SamplingConfig, steer
+    from .interventions import SteeringPlan, build_plan
+    from .models import load_model
+    from .recipes import open_pack
+
+    if bool(args.plan) == bool(args.feature):
+        raise ValueError("give either --plan PLAN.json or --feature LAYER/POSITION/INDEX")
+    model_spec = args.model or ("embedded" if args.pack.startswith("embedded") else None)
+    if model_spec is None:
+        raise ValueError("steer needs --model (the model the pack was made for)")
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, n=args.n,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    cfg.check(args.force)  # before loading anything
+    model = load_model(model_spec, device=args.device)
+    pack = open_pack(args.pack, model=model)
+    if args.plan:
+        plan = SteeringPlan.load(args.plan)
+    else:
+        plan = build_plan(pack, feature=args.feature, strength=args.strength,
+                          graph_mode=args.mode, kind=args.kind, layer=args.layer,
+                          schedule=args.schedule, alpha=args.alpha,
+                          tokens=_int_list(args.at_tokens), run=args.run, model=model,
+                          t_res=args.t_res, t_mod=args.t_mod,
+                          positions=tuple(args.graph_positions.split(",")))
+    if args.save_plan:
+        plan.check(pack, force=args.force)
+        plan.save(args.save_plan)
+    res = steer(model, pack, plan, args.prompt, cfg, run=args.run, force=args.force)
+    if args.json:
+        from .store import write_json_atomic
+
+        write_json_atomic(Path(args.json), res)
+    print(f"plan: {plan.description or plan.mode} ({len(plan.interventions)} interventions: "
+          f"{', '.join(i.id for i in plan.interventions[:8])}"
+          f"{' ...' if len(plan.interventions) > 8 else ''})")
+    for i, (a, b) in enumerate(zip(res["default"], res["steered"])):
+        print(f"--- sample {i}")
+        print(f"  default: {args.prompt}{a}")
+        print(f"  steered: {args.prompt}{b}")
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -619,6 +674,39 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--force", action="store_true")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_stats)
+    sr = sub.add_parser("steer", help="default vs steered completions, side by side")
+    sr.add_argument("--pack", default="embedded", help="a pack path, or 'embedded'")
+    sr.add_argument("--model", default=None, help="default: embedded for the embedded packs")
+    sr.add_argument("--plan", default=None, help="a steering plan (JSON)")
+    sr.add_argument("--feature", default=None, help="LAYER/POSITION/INDEX to steer")
+    sr.add_argument("--mode", default="seed", choices=["seed", "single", "cumulative", "span"],
+                    help="the feature alone, or its flow graph at --layer (single), at layers "
+                         "<= --layer (cumulative; the whole graph without --layer), or all (span)")
+    sr.add_argument("--kind", default="add", choices=["add", "rescale"],
+                    help="add: h + s * typical activation * direction; rescale: activation * r")
+    sr.add_argument("--strength", type=float, default=4.0, help="s (add) or r (rescale)")
+    sr.add_argument("--layer", type=int, default=None)
+    sr.add_argument("--schedule", default="constant",
+                    choices=["constant", "linear", "exponential"])
+    sr.add_argument("--alpha", type=float, default=-0.05, help="exponential schedule rate")
+    sr.add_argument("--at-tokens", default=None,
+                    help="comma-separated token positions (0 = BOS); default every token")
+    sr.add_argument("--graph-positions", default="resid_post",
+                    help="which graph nodes to steer, e.g. resid_post,mlp_out,attn_out")
+    sr.add_argument("--run", default=None, help="RUN with the flow (and index) of this pack")
+    sr.add_argument("--t-res", type=float, default=0.5)
+    sr.add_argument("--t-mod", type=float, default=0.15)
+    sr.add_argument("--prompt", default="I think")
+    sr.add_argument("--n", type=int, default=4)
+    sr.add_argument("--max-new-tokens", type=int, default=40)
+    sr.add_argument("--temperature", type=float, default=1.0)
+    sr.add_argument("--top-p", type=float, default=0.9)
+    sr.add_argument("--seed", type=int, default=0)
+    sr.add_argument("--force", action="store_true", help="lift the bounds on strength, n, ...")
+    sr.add_argument("--save-plan", default=None, help="write the plan used as JSON")
+    sr.add_argument("--json", default=None, help="write prompt, plan and completions as JSON")
+    sr.add_argument("--device", default=None)
+    sr.set_defaults(func=cmd_steer)
     return p
 
 

@@ -361,3 +361,44 @@ def _rescale_edit(sae, feats: torch.Tensor, factor: torch.Tensor, W: torch.Tenso
             change = change * m[:, None]
         return act + change.to(act.dtype)
     return edit
+
+
+# --- plans from the command line / API requests -----------------------------------------------
+def flow_for_pack(pack, run: str | os.PathLike | None = None, model=None):
+    """The flow of `pack`: from RUN when it holds one of this pack, else computed once into the
+    cache (data-free: seconds to a minute)."""
+    from .flow import FlowError, open_flow, pack_fingerprint, run_flow
+    from .store import cache_dir
+
+    fp = pack_fingerprint(pack)
+    if run is not None:
+        try:
+            fr = open_flow(run)
+        except (ValueError, FileNotFoundError):
+            fr = None
+        if fr is not None:
+            if fr.manifest["pack"]["fingerprint"] != fp:
+                raise FlowError(f"{run} holds the flow of a different pack; steer with the pack "
+                                f"it was computed from, or another RUN")
+            return fr
+    return run_flow(pack, cache_dir("flow-runs") / fp, model=model, plots=False, progress=False)
+
+
+def build_plan(pack, *, feature: str, strength: float, graph_mode: str = "seed",
+               kind: str = "add", layer: int | None = None, schedule: str = "constant",
+               alpha: float = -0.05, tokens: list[int] | None = None, run=None, model=None,
+               t_res: float = 0.5, t_mod: float = 0.15,
+               positions: tuple[str, ...] = ("resid_post",)) -> SteeringPlan:
+    """One feature, or its flow graph in seed / single / cumulative / span mode."""
+    if graph_mode == "seed":
+        plan = plan_for_feature(feature, strength, kind, tokens)
+        plan.check(pack, force=True)  # unknown features: a clear error now (bounds: later)
+        return plan
+    from .graphs import trace
+
+    L, pos, f = parse_feature(feature)
+    if (pos, L) not in pack or not 0 <= f < pack.info(pos, L).d_sae:
+        plan_for_feature(feature, strength, kind).check(pack, force=True)
+    G = trace(flow_for_pack(pack, run, model), feature, t_res=t_res, t_mod=t_mod)
+    return plan_from_graph(G, strength, graph_mode, layer, kind, schedule, alpha, tokens,
+                           positions)
