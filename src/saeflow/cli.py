@@ -450,6 +450,56 @@ def cmd_steer(args) -> int:
     return 0
 
 
+# --- validate -----------------------------------------------------------------------------
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_validate(args) -> int:
+    from .interventions import flow_for_pack
+    from .models import load_model
+    from .recipes import open_pack
+    from .validate import (VALIDATE_DIR, ValidateConfig, pick_seeds, r_sweep, run_validation,
+                           table_markdown)
+
+    model_spec = args.model or ("embedded" if args.pack.startswith("embedded") else None)
+    if model_spec is None:
+        raise ValueError("validate needs --model (the model the pack was made for)")
+    model = load_model(model_spec, device=args.device)
+    pack = open_pack(args.pack, model=model)
+    for L in _int_list(args.layers) or []:
+        model.check_layer(L)
+    cfg = ValidateConfig(layers=_int_list(args.layers), texts=args.texts,
+                         tokens_per_text=args.tokens_per_text, max_features=args.max_features,
+                         ctx_len=args.ctx_len, corpus=args.corpus, seed=args.seed,
+                         r_values=_float_list(args.r_values), r_graphs=args.r_graphs,
+                         r_texts=args.r_texts)
+    summary = run_validation(pack, model, args.run, cfg)
+    print(f"deactivation on {summary['texts']} texts, layers {summary['layers']} "
+          f"({summary['seconds']:.0f} s):")
+    print(table_markdown(summary))
+    print("top-1 cosine by empirical group (is removing one predecessor enough?):")
+    for g, r in summary["by_group_top1"].items():
+        print(f"  {g:<22} {r['cases']:>5} cases  success {100 * r['success_rate']:5.1f}%")
+    if cfg.r_graphs > 0:
+        flow = flow_for_pack(pack, args.run, model)
+        seeds = pick_seeds(flow, cfg.r_graphs, seed=cfg.seed)
+        df = r_sweep(pack, model, args.run, seeds, cfg.r_values, texts=cfg.r_texts,
+                     ctx_len=cfg.ctx_len, corpus=cfg.corpus, seed=cfg.seed)
+        out = Path(args.run) / VALIDATE_DIR / "r_sweep.csv"
+        tmp = out.with_suffix(".csv.tmp")
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, out)
+        print("r sweep (relative change of LM loss, mean over graphs):")
+        for r, g in df.groupby("r"):
+            print(f"  r = {r:5.2f}: {g.relative_change.mean():+.4f}")
+    print(f"wrote {Path(args.run) / VALIDATE_DIR}")
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -707,6 +757,23 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--json", default=None, help="write prompt, plan and completions as JSON")
     sr.add_argument("--device", default=None)
     sr.set_defaults(func=cmd_steer)
+
+    va = sub.add_parser("validate", help="deactivation experiments: do predecessors matter?")
+    va.add_argument("run", help="RUN directory (its flow and stats are used; writes RUN/validate)")
+    va.add_argument("--pack", default="embedded")
+    va.add_argument("--model", default=None, help="default: embedded for the embedded packs")
+    va.add_argument("--layers", default=None, help="comma list; default about 1/4, 1/2, 3/4")
+    va.add_argument("--texts", type=int, default=12)
+    va.add_argument("--tokens-per-text", type=int, default=4)
+    va.add_argument("--max-features", type=int, default=10)
+    va.add_argument("--ctx-len", type=int, default=64)
+    va.add_argument("--corpus", default="wiki=0.8,python=0.2")
+    va.add_argument("--seed", type=int, default=0)
+    va.add_argument("--r-values", default="-2,-1,0,0.5,1,2,3")
+    va.add_argument("--r-graphs", type=int, default=4, help="flow graphs in the r sweep (0: none)")
+    va.add_argument("--r-texts", type=int, default=8)
+    va.add_argument("--device", default=None)
+    va.set_defaults(func=cmd_validate)
     return p
 
 

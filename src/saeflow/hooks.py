@@ -67,7 +67,9 @@ class Hooks:
         self.edits = dict(edits or {})
         for p in [*self.capture_points, *self.edits]:
             model.check_layer(p.layer)
-        self.stop_early = stop_early and bool(self.capture_points) and not self.edits
+        # Stopping after the last captured layer is safe while no edit sits deeper.
+        self.stop_early = stop_early and bool(self.capture_points) and all(
+            p.layer <= max(c.layer for c in self.capture_points) for p in self.edits)
         self.detach, self.to_cpu = detach, to_cpu
         self.activations: dict[HookPoint, torch.Tensor] = {}
         self._handles: list = []
