@@ -500,6 +500,45 @@ def cmd_validate(args) -> int:
     return 0
 
 
+# --- steer-sweep --------------------------------------------------------------------------
+def cmd_steer_sweep(args) -> int:
+    from .models import load_model
+    from .recipes import open_pack
+    from .sweep import SweepConfig, run_sweep
+
+    model_spec = args.model or ("embedded" if args.pack.startswith("embedded") else None)
+    if model_spec is None:
+        raise ValueError("steer-sweep needs --model (the model the pack was made for)")
+    seeds = {}
+    for item in (args.seed_features or "").split(","):
+        if item.strip():
+            th, _, fid = item.partition("=")
+            seeds[th.strip()] = fid.strip()
+    cfg = SweepConfig(themes=args.themes.split(","), modes=args.modes.split(","),
+                      strengths=_float_list(args.strengths), max_layers=args.max_layers,
+                      prompt=args.prompt, n=args.n, max_new_tokens=args.max_new_tokens,
+                      seeds=_int_list(args.seeds), kind=args.kind, seed_features=seeds,
+                      classifier_docs=args.classifier_docs)
+    model = load_model(model_spec, device=args.device)
+    pack = open_pack(args.pack, model=model)
+    s = run_sweep(model, pack, args.run, cfg)
+    print(f"steering sweep ({s['seconds'] / 60:.1f} min); topic classifier held-out accuracy "
+          f"{100 * s['classifier']['held_out_accuracy']:.1f}%")
+    for th, info in s["seeds"].items():
+        print(f"  {th:<12} seed {info['seed']} ({info.get('label') or 'no label'}), graph layers "
+              f"{info['graph_layers']}")
+    print("best setting per theme and mode (activation score = concept x coherence, 95% CI):")
+    for r in s["best"]:
+        print(f"  {r['theme']:<12} {r['mode']:<10} layer {r['layer']:>3} strength "
+              f"{r['strength']:>5g}: {r['activation_score']:.3f} [{r['ci_low']:.3f}, "
+              f"{r['ci_high']:.3f}]  concept {r['concept']:.2f} coherence {r['coherence']:.2f}")
+    c = s["cumulative_vs_single"]
+    if "mean_over_themes" in c:
+        print(f"cumulative - single (best settings): mean {c['mean_over_themes']:+.3f} over themes")
+    print(f"wrote {Path(args.run) / 'sweep'}")
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -774,6 +813,26 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--r-texts", type=int, default=8)
     va.add_argument("--device", default=None)
     va.set_defaults(func=cmd_validate)
+
+    sw = sub.add_parser("steer-sweep", help="steering grid: modes x layers x strengths x themes")
+    sw.add_argument("run", help="RUN with the flow and feature index of the pack (writes RUN/sweep)")
+    sw.add_argument("--pack", default="embedded")
+    sw.add_argument("--model", default=None, help="default: embedded for the embedded packs")
+    sw.add_argument("--themes", default="religion,mathematics,arts,biology")
+    sw.add_argument("--modes", default="seed,single,cumulative")
+    sw.add_argument("--strengths", default="2,4,8")
+    sw.add_argument("--max-layers", type=int, default=3, help="graph layers tried per theme")
+    sw.add_argument("--kind", default="add", choices=["add", "rescale"])
+    sw.add_argument("--prompt", default="I think ")
+    sw.add_argument("--n", type=int, default=4)
+    sw.add_argument("--max-new-tokens", type=int, default=36)
+    sw.add_argument("--seeds", default="0,1", help="sampling seeds (for confidence intervals)")
+    sw.add_argument("--seed-features", default=None,
+                    help="theme=LAYER/POSITION/INDEX,... instead of searching the index")
+    sw.add_argument("--classifier-docs", type=int, default=None,
+                    help="wiki summaries for the topic classifier (default: all)")
+    sw.add_argument("--device", default=None)
+    sw.set_defaults(func=cmd_steer_sweep)
     return p
 
 

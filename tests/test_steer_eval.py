@@ -1,0 +1,128 @@
+"""Offline steering scores (real MiniLM embedder, real topic classifier on wiki summaries) and
+the sweep, on a tiny random model that also stands in as the fluency scorer."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from saeflow.steer_eval import (THEMES, Baseline, EvalError, distinct_n, judge, perplexities,
+                                score_texts, theme, topic_classifier)
+
+
+@pytest.fixture(scope="module")
+def clf(tmp_path_factory):
+    import os
+
+    old = os.environ.get("SAEFLOW_CACHE")
+    os.environ["SAEFLOW_CACHE"] = str(tmp_path_factory.mktemp("clf-cache"))
+    try:
+        yield topic_classifier(max_docs=600, progress=False)
+    finally:
+        if old is None:
+            os.environ.pop("SAEFLOW_CACHE", None)
+        else:
+            os.environ["SAEFLOW_CACHE"] = old
+
+
+def test_topic_classifier_is_trained_held_out_and_sensible(clf):
+    assert len(clf.classes) == 12 and clf.n_test == 120
+    assert clf.held_out_accuracy > 0.5  # 12 classes: chance is about 0.18
+    from saeflow.steer_eval import embed
+
+    e = embed(["The church holds a mass every Sunday where people pray to God.",
+               "The theorem proves that every prime number greater than two is odd."])
+    assert clf.prob_of(e[:1], "Philosophy and religion")[0] > clf.prob_of(e[1:], "Philosophy and religion")[0]
+    assert clf.prob_of(e[1:], "Mathematics")[0] > clf.prob_of(e[:1], "Mathematics")[0]
+
+
+def test_scores_reward_on_theme_fluent_text(clf, tiny_models):
+    scorer = tiny_models["llama"]
+    th = theme("religion")
+    base = Baseline(emb_similarity=0.05, ref_similarity=0.45, perplexity=300.0, distinct2=0.9)
+    rows = score_texts(["The priest prayed in the church and spoke of God and faith.",
+                        "The stock market fell as interest rates rose again."], th, clf, base,
+                       scorer)
+    assert rows[0]["concept"] > rows[1]["concept"]
+    assert rows[0]["concept_embedding"] > rows[1]["concept_embedding"]
+    for r in rows:
+        assert 0 <= r["coherence"] <= 1
+        assert r["activation_score"] == pytest.approx(r["concept"] * r["coherence"])
+        assert r["deactivation_score"] == pytest.approx((1 - r["concept"]) * r["coherence"])
+    assert distinct_n("a b a b a b") < distinct_n("a b c d e f") == 1.0
+    ppl = perplexities(["hello world", ""], scorer)
+    assert np.isfinite(ppl[0]) and ppl[0] > 1 and np.isinf(ppl[1])
+    with pytest.raises(EvalError, match="unknown theme"):
+        theme("cooking")
+    assert {"religion", "mathematics", "arts", "biology"} <= set(THEMES)
+
+
+def test_llm_judge_uses_the_rubric(tmp_path):
+    import http.server
+    import threading
+
+    from saeflow.explain import ExplainerConfig
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            text = body["messages"][0]["content"]
+            score = "5" if "Text: We went to church" in text else "1"
+            reply = {"choices": [{"message": {"content": f"Behavioral: {score}, Coherence: 4"}}]}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        cfg = ExplainerConfig(url=f"http://127.0.0.1:{srv.server_port}/v1", model="judge")
+        out = judge(["We went to church.", "Stocks fell."], theme("religion"), cfg)
+    finally:
+        srv.shutdown()
+    assert out[0]["behavioral"] == 1.0 and out[1]["behavioral"] == 0.2
+    assert out[0]["activation_score"] == pytest.approx(0.8)
+    assert out[1]["deactivation_score"] == pytest.approx(0.8 * 0.8)
+
+
+def test_sweep_runs_the_grid_and_writes_curves(tiny_models, tmp_path, clf):
+    from saeflow.packs import save_pack
+    from saeflow.sae import random_sae
+    from saeflow.sweep import SweepConfig, best_settings, compare_modes, run_sweep
+
+    model = tiny_models["gemma3"]
+    d = model.d_model
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(40, d, generator=g)
+    saes = []
+    for L in range(3):  # residual SAEs sharing directions: long flow graphs
+        s = random_sae(d, 40, "relu", seed=L)
+        s = s._replace(W_dec=base / base.norm(dim=-1, keepdim=True), W_enc=base.T.clone())
+        saes.append(("resid_post", L, s))
+        saes += [("mlp_out", L, random_sae(d, 16, "relu", seed=10 + L)),
+                 ("attn_out", L, random_sae(d, 16, "relu", seed=20 + L))]
+    pack = save_pack(saes, tmp_path / "pack", model_name="tiny", d_model=d,
+                     n_layers=model.n_layers)
+    cfg = SweepConfig(themes=["religion", "arts"], strengths=[2.0, 8.0], max_layers=2, n=2,
+                      max_new_tokens=6, seeds=[0, 1], classifier_docs=600,
+                      seed_features={"religion": "1/resid_post/3", "arts": "1/resid_post/5"})
+    s = run_sweep(model, pack, tmp_path / "run", cfg, progress=False,
+                  scorer=tiny_models["llama"], classifier=clf)
+    df = pd.read_parquet(tmp_path / "run" / "sweep" / "sweep.parquet")
+    # default + seed x 2 strengths + (single, cumulative) x 2 layers x 2 strengths, 2 seeds, n 2
+    assert set(df["mode"]) == {"default", "seed", "single", "cumulative"}
+    assert len(df) == 2 * (1 + 2 + 8) * 2 * 2
+    assert s["seeds"]["religion"]["graph_layers"] == [0, 1, 2]
+    best = best_settings(df)
+    assert len(best) == 2 * 4 and (best.ci_low <= best.activation_score).all()
+    assert "mean_over_themes" in compare_modes(df, "cumulative", "single")
+    for f in ("score_vs_layer.png", "score_vs_strength.html", "best.csv", "summary.json"):
+        assert (tmp_path / "run" / "sweep" / f).is_file()
