@@ -484,6 +484,10 @@ def cmd_validate(args) -> int:
     print("top-1 cosine by empirical group (is removing one predecessor enough?):")
     for g, r in summary["by_group_top1"].items():
         print(f"  {g:<22} {r['cases']:>5} cases  success {100 * r['success_rate']:5.1f}%")
+    print("top-1 cosine by the top-1 predecessor's similarity:")
+    for b, r in summary["by_similarity_top1"].items():
+        print(f"  cosine in {b:<11} {r['cases']:>5} cases  success {100 * r['success_rate']:5.1f}%"
+              f"  mean change {r['mean_activation_change']:.3f}")
     if cfg.r_graphs > 0:
         flow = flow_for_pack(pack, args.run, model)
         seeds = pick_seeds(flow, cfg.r_graphs, seed=cfg.seed)

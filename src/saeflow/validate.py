@@ -191,6 +191,7 @@ def _validate_text(model, saes, index, input_ids, tokens, layers, pearson, perm,
                 if not any(fired.values()):
                     continue  # "From nowhere": nothing upstream to remove
                 cands = [c for c in _predecessor_candidates(index, L, f) if c[0] in z]
+                case["top1_similarity"] = float(cands[0][2]) if cands else float("nan")
 
                 def act(c):
                     return float(z[c[0]][t, c[1]])
@@ -258,6 +259,7 @@ def _run_trials(model, saes, input_ids, trials, batch_rows) -> list[dict]:
             z_new, removed = min(results, key=lambda r: r[0])  # exhaustive: the best single one
             rows.append({"text": rec["text"], "token": rec["token"], "layer": rec["layer"],
                          "feature": rec["feature"], "group": rec["group"], "method": method,
+                         "top1_similarity": rec["top1_similarity"],
                          "z_old": rec["z_old"], "z_new": z_new,
                          "change": 1.0 - z_new / rec["z_old"], "deactivated": z_new <= 0.0,
                          "removed": ",".join(removed), "tried": len(results)})
@@ -279,6 +281,11 @@ def summarize(cases: pd.DataFrame) -> dict:
             out["by_layer"][m] = {str(L): agg(g) for L, g in sel.groupby("layer")}
     top1 = cases[cases.method == "top1_cosine"]
     out["by_group_top1"] = {g: agg(d) for g, d in top1.groupby("group")}
+    # How much the answer depends on how alike the predecessor is (the cosine of the top-1).
+    bins = [0.0, 0.3, 0.5, 0.7, 1.01]
+    cut = pd.cut(top1.top1_similarity, bins, right=False)
+    out["by_similarity_top1"] = {f"[{iv.left:.1f}, {min(iv.right, 1.0):.1f})": agg(d)
+                                 for iv, d in top1.groupby(cut, observed=True)}
     return out
 
 
