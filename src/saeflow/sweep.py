@@ -93,7 +93,9 @@ def run_sweep(model, pack, run, cfg: SweepConfig | None = None, progress: bool =
     if bad:
         raise SweepError(f"unknown modes {bad}; use seed, single, cumulative")
     t0 = time.time()
-    flow = flow_for_pack(pack, run, model)
+    from .graphs import FlowIndex
+
+    flow = FlowIndex(flow_for_pack(pack, run, model))  # built once; every trace reuses it
     clf = classifier or topic_classifier(cfg.classifier_docs, progress=progress)
     jobs = []
     seeds = {}
