@@ -65,14 +65,9 @@ def cmd_train(args) -> int:
 
 def cmd_pack_eval(args) -> int:
     from .evaluate import evaluate_pack, format_table
-    from .models import load_model
     from .train import parse_tokens
 
-    model_spec = args.model or ("embedded" if args.path.startswith("embedded") else None)
-    if model_spec is None:
-        raise ValueError("pack eval needs --model (the model the pack was made for)")
-    model = load_model(model_spec, device=args.device)
-    pack = _open_pack(args, model=model)
+    model, pack = _model_and_pack(args, "pack eval")
     res = evaluate_pack(pack, model, tokens=parse_tokens(args.tokens),
                         ce_tokens=parse_tokens(args.ce_tokens), corpus=args.corpus)
     if args.json:
@@ -273,15 +268,29 @@ def cmd_match(args) -> int:
 
 
 # --- index --------------------------------------------------------------------------------
+def _model_spec(pack_spec: str, model_spec: str | None, stage: str) -> str:
+    """--model, or the embedded model for the embedded packs."""
+    model_spec = model_spec or ("embedded" if pack_spec.startswith("embedded") else None)
+    if model_spec is None:
+        raise ValueError(f"{stage} needs --model (the model the pack was made for)")
+    return model_spec
+
+
 def _model_and_pack(args, stage: str):
     """The model (--model, or the embedded one for the embedded packs) and the pack."""
     from .models import load_model
 
-    model_spec = args.model or ("embedded" if args.path.startswith("embedded") else None)
-    if model_spec is None:
-        raise ValueError(f"{stage} needs --model (the model the pack was made for)")
-    model = load_model(model_spec, device=args.device)
+    model = load_model(_model_spec(args.path, args.model, stage), device=args.device)
     return model, _open_pack(args, model=model)
+
+
+def _load_model_and_pack(args, stage: str):
+    """The same for commands that name the pack with --pack."""
+    from .models import load_model
+    from .recipes import open_pack
+
+    model = load_model(_model_spec(args.pack, args.model, stage), device=args.device)
+    return model, open_pack(args.pack, model=model)
 
 
 def cmd_index(args) -> int:
@@ -408,19 +417,14 @@ def _int_list(text: str | None) -> list[int] | None:
 def cmd_steer(args) -> int:
     from .generate import SamplingConfig, steer
     from .interventions import SteeringPlan, build_plan
-    from .models import load_model
-    from .recipes import open_pack
 
     if bool(args.plan) == bool(args.feature):
         raise ValueError("give either --plan PLAN.json or --feature LAYER/POSITION/INDEX")
-    model_spec = args.model or ("embedded" if args.pack.startswith("embedded") else None)
-    if model_spec is None:
-        raise ValueError("steer needs --model (the model the pack was made for)")
+    _model_spec(args.pack, args.model, "steer")
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, n=args.n,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     cfg.check(args.force)  # before loading anything
-    model = load_model(model_spec, device=args.device)
-    pack = open_pack(args.pack, model=model)
+    model, pack = _load_model_and_pack(args, "steer")
     if args.plan:
         plan = SteeringPlan.load(args.plan)
     else:
@@ -460,16 +464,10 @@ def _float_list(text: str) -> list[float]:
 
 def cmd_validate(args) -> int:
     from .interventions import flow_for_pack
-    from .models import load_model
-    from .recipes import open_pack
     from .validate import (VALIDATE_DIR, ValidateConfig, pick_seeds, r_sweep, run_validation,
                            table_markdown)
 
-    model_spec = args.model or ("embedded" if args.pack.startswith("embedded") else None)
-    if model_spec is None:
-        raise ValueError("validate needs --model (the model the pack was made for)")
-    model = load_model(model_spec, device=args.device)
-    pack = open_pack(args.pack, model=model)
+    model, pack = _load_model_and_pack(args, "validate")
     for L in _int_list(args.layers) or []:
         model.check_layer(L)
     cfg = ValidateConfig(layers=_int_list(args.layers), texts=args.texts,
@@ -506,13 +504,9 @@ def cmd_validate(args) -> int:
 
 # --- steer-sweep --------------------------------------------------------------------------
 def cmd_steer_sweep(args) -> int:
-    from .models import load_model
-    from .recipes import open_pack
     from .sweep import SweepConfig, run_sweep
 
-    model_spec = args.model or ("embedded" if args.pack.startswith("embedded") else None)
-    if model_spec is None:
-        raise ValueError("steer-sweep needs --model (the model the pack was made for)")
+    _model_spec(args.pack, args.model, "steer-sweep")
     seeds = {}
     for item in (args.seed_features or "").split(","):
         if item.strip():
@@ -522,9 +516,8 @@ def cmd_steer_sweep(args) -> int:
                       strengths=_float_list(args.strengths), max_layers=args.max_layers,
                       prompt=args.prompt, n=args.n, max_new_tokens=args.max_new_tokens,
                       seeds=_int_list(args.seeds), kind=args.kind, seed_features=seeds,
-                      classifier_docs=args.classifier_docs)
-    model = load_model(model_spec, device=args.device)
-    pack = open_pack(args.pack, model=model)
+                      classifier_docs=args.classifier_docs or None)
+    model, pack = _load_model_and_pack(args, "steer-sweep")
     s = run_sweep(model, pack, args.run, cfg)
     print(f"steering sweep ({s['seconds'] / 60:.1f} min); topic classifier held-out accuracy "
           f"{100 * s['classifier']['held_out_accuracy']:.1f}%")
@@ -833,8 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--seeds", default="0,1", help="sampling seeds (for confidence intervals)")
     sw.add_argument("--seed-features", default=None,
                     help="theme=LAYER/POSITION/INDEX,... instead of searching the index")
-    sw.add_argument("--classifier-docs", type=int, default=None,
-                    help="wiki summaries for the topic classifier (default: all)")
+    sw.add_argument("--classifier-docs", type=int, default=4000,
+                    help="wiki summaries for the topic classifier (0: all 10,033)")
     sw.add_argument("--device", default=None)
     sw.set_defaults(func=cmd_steer_sweep)
     return p

@@ -122,17 +122,19 @@ class TopicClassifier:
         return self.proba(emb)[:, self.classes.index(topic)]
 
 
-def topic_classifier(max_docs: int | None = None, seed: int = 0,
+def topic_classifier(max_docs: int | None = 4000, seed: int = 0, max_chars: int = 600,
                      progress: bool = True) -> TopicClassifier:
-    """Logistic regression over MiniLM embeddings of the wiki summaries (80/20 split by a
-    seeded shuffle); trained once and cached by corpus file hash and settings."""
+    """Logistic regression over MiniLM embeddings of the wiki summaries (a seeded shuffle,
+    80/20 split; each summary's first `max_chars` characters, which name its subject); trained
+    once and cached by corpus file hash and settings. 4,000 summaries embed in about 1-2 minutes
+    on 2 cores, all 10,033 in about 10 (MiniLM is the cost)."""
     from sklearn.linear_model import LogisticRegression
 
     from .corpora import WikiSummaries
     from .store import cache_dir, sha256_file, write_json_atomic
 
     src = WikiSummaries()
-    key = hashlib.sha256(f"{sha256_file(src.path())}|{max_docs}|{seed}|v1".encode()
+    key = hashlib.sha256(f"{sha256_file(src.path())}|{max_docs}|{seed}|{max_chars}|v1".encode()
                          ).hexdigest()[:16]
     path = cache_dir("topics") / f"classifier-{key}.npz"
     if path.is_file():
@@ -146,7 +148,7 @@ def topic_classifier(max_docs: int | None = None, seed: int = 0,
     order = rng.permutation(len(docs))
     if max_docs:
         order = order[:max_docs]
-    texts = [docs[i][0][:1000] for i in order]
+    texts = [docs[i][0][:max_chars] for i in order]
     labels = np.array([docs[i][1] for i in order])
     if progress:
         print(f"[saeflow] training the topic classifier on {len(texts)} wiki summaries "

@@ -43,7 +43,7 @@ class SweepConfig:
     top_p: float = 0.9
     kind: str = "add"
     t_res: float = 0.5
-    classifier_docs: int | None = None  # None: every wiki summary
+    classifier_docs: int | None = 4000  # wiki summaries for the topic classifier (None: all)
     seed_features: dict[str, str] = field(default_factory=dict)  # theme -> feature id (no search)
 
 
