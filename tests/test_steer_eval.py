@@ -57,11 +57,9 @@ def test_scores_reward_on_theme_fluent_text(clf, tiny_models):
     assert {"religion", "mathematics", "arts", "biology"} <= set(THEMES)
 
 
-def test_llm_judge_uses_the_rubric(tmp_path):
+def _judge_server():
     import http.server
     import threading
-
-    from saeflow.explain import ExplainerConfig
 
     class H(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
@@ -81,6 +79,13 @@ def test_llm_judge_uses_the_rubric(tmp_path):
 
     srv = http.server.HTTPServer(("127.0.0.1", 0), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_llm_judge_uses_the_rubric(tmp_path):
+    from saeflow.explain import ExplainerConfig
+
+    srv = _judge_server()
     try:
         cfg = ExplainerConfig(url=f"http://127.0.0.1:{srv.server_port}/v1", model="judge")
         out = judge(["We went to church.", "Stocks fell."], theme("religion"), cfg)
@@ -114,12 +119,21 @@ def test_sweep_runs_the_grid_and_writes_curves(tiny_models, tmp_path, clf):
     cfg = SweepConfig(themes=["religion", "arts"], strengths=[2.0, 8.0], max_layers=2, n=2,
                       max_new_tokens=6, seeds=[0, 1], classifier_docs=600,
                       seed_features={"religion": "1/resid_post/3", "arts": "1/resid_post/5"})
-    s = run_sweep(model, pack, tmp_path / "run", cfg, progress=False,
-                  scorer=tiny_models["llama"], classifier=clf)
+    from saeflow.explain import ExplainerConfig
+
+    srv = _judge_server()  # a real HTTP judge on localhost
+    try:
+        s = run_sweep(model, pack, tmp_path / "run", cfg, progress=False,
+                      scorer=tiny_models["llama"], classifier=clf,
+                      judge_cfg=ExplainerConfig(url=f"http://127.0.0.1:{srv.server_port}/v1",
+                                                model="judge"))
+    finally:
+        srv.shutdown()
     df = pd.read_parquet(tmp_path / "run" / "sweep" / "sweep.parquet")
     # default + seed x 2 strengths + (single, cumulative) x 2 layers x 2 strengths, 2 seeds, n 2
     assert set(df["mode"]) == {"default", "seed", "single", "cumulative"}
     assert len(df) == 2 * (1 + 2 + 8) * 2 * 2
+    assert df.judge_coherence.eq(0.8).all() and df.judge_behavioral.isin([0.2, 1.0]).all()
     assert s["seeds"]["religion"]["graph_layers"] == [0, 1, 2]
     best = best_settings(df)
     assert len(best) == 2 * 4 and (best.ci_low <= best.activation_score).all()

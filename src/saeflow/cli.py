@@ -517,8 +517,14 @@ def cmd_steer_sweep(args) -> int:
                       prompt=args.prompt, n=args.n, max_new_tokens=args.max_new_tokens,
                       seeds=_int_list(args.seeds), kind=args.kind, seed_features=seeds,
                       classifier_docs=args.classifier_docs or None)
+    judge_cfg = None
+    if args.llm_url:
+        from .explain import ExplainerConfig
+
+        key = os.environ.get(args.api_key_env) if args.api_key_env else None
+        judge_cfg = ExplainerConfig(url=args.llm_url, model=args.llm or "", api_key=key)
     model, pack = _load_model_and_pack(args, "steer-sweep")
-    s = run_sweep(model, pack, args.run, cfg)
+    s = run_sweep(model, pack, args.run, cfg, judge_cfg=judge_cfg)
     print(f"steering sweep ({s['seconds'] / 60:.1f} min); topic classifier held-out accuracy "
           f"{100 * s['classifier']['held_out_accuracy']:.1f}%")
     for th, info in s["seeds"].items():
@@ -828,6 +834,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="theme=LAYER/POSITION/INDEX,... instead of searching the index")
     sw.add_argument("--classifier-docs", type=int, default=4000,
                     help="wiki summaries for the topic classifier (0: all 10,033)")
+    sw.add_argument("--llm-url", default=None,
+                    help="optional LLM judge: an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
+    sw.add_argument("--llm", default=None, help="the judge's model name")
+    sw.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                    help="environment variable holding the judge's API key")
     sw.add_argument("--device", default=None)
     sw.set_defaults(func=cmd_steer_sweep)
     return p

