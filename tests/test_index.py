@@ -109,8 +109,12 @@ def test_resume_gives_the_same_index(setup, tmp_path):
     model, pack, _ = setup
     with pytest.raises(KeyboardInterrupt):
         build_index(pack, model, tmp_path / "a", CFG, progress=False, stop_after_batches=3)
-    assert (tmp_path / "a" / "index" / ".state" / "state.pt").is_file()
+    state = tmp_path / "a" / "index" / ".state" / "state.pt"
+    assert state.is_file()
+    before = torch.load(state, weights_only=False)["seconds"]
+    assert before > 0
     resumed = build_index(pack, model, tmp_path / "a", CFG, progress=False)
+    assert resumed.manifest["seconds"] >= before  # the reported time includes the first part
     whole = build_index(pack, model, tmp_path / "b", CFG, progress=False)
     for name in ("features", "examples"):
         a = pq.read_table(resumed.root / f"{name}.parquet").to_pandas()

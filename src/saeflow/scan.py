@@ -62,6 +62,7 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
     corpus = Corpus.from_spec(spec.corpus, seed=spec.seed)
     tok = model.tokenizer
     batches_done = tokens_done = 0
+    seconds_before = 0.0  # pass time spent before an interruption (reported in the total)
     if state_file.is_file():
         state = torch.load(state_file, weights_only=False)
         if state["identity"] != identity and not force:
@@ -72,6 +73,7 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
         if state["identity"] == identity:
             set_state(state["consumer"])
             batches_done, tokens_done = state["batches"], state["tokens"]
+            seconds_before = float(state.get("seconds", 0.0))
     if batches_done == 0:
         available = 0
         for b in corpus.token_batches(tok, spec.batch_size, spec.ctx_len, max_tokens=spec.tokens):
@@ -87,7 +89,7 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
         state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = state_file.with_suffix(".tmp")
         torch.save({"identity": identity, "batches": batches_done, "tokens": tokens_done,
-                    "consumer": get_state()}, tmp)
+                    "seconds": seconds_before + time.time() - t0, "consumer": get_state()}, tmp)
         os.replace(tmp, state_file)
 
     t0 = time.time()
@@ -117,4 +119,4 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
             raise KeyboardInterrupt("stopped on request (stop_after_batches)")
     bar.close()
     save()
-    return {"tokens": tokens_done, "seconds": time.time() - t0, "saes": saes}
+    return {"tokens": tokens_done, "seconds": seconds_before + time.time() - t0, "saes": saes}
