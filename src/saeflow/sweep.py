@@ -115,6 +115,9 @@ def run_sweep(model, pack, run, cfg: SweepConfig | None = None, progress: bool =
             G = trace(flow, seed_id, t_res=cfg.t_res)
         else:
             seed_id, G = theme_seed(run, flow, th, cfg.t_res)
+        from .graphs import add_labels
+
+        add_labels(G, run)  # labels from RUN's feature index, for the summary
         res_layers = sorted({d["layer"] for _, d in G.nodes(data=True)
                              if d["position"] == "resid_post"})
         seeds[th.name] = {"seed": seed_id, "graph_layers": res_layers,
