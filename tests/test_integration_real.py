@@ -138,3 +138,31 @@ def test_quick_profile_trains_on_the_real_model(gemma, tmp_path):
     assert (counts[6]["newborn"] / sum(counts[6].values())) > 0.05
     G = trace(run, "6/resid_post/0", t_mod=0.0)
     assert G.number_of_nodes() == 3  # the seed with its MLP and attention predecessors
+
+
+def test_steering_the_real_model(gemma, tmp_path):
+    """A plan on Gemma 3 270M changes its greedy text; the same seed without a plan does not."""
+    from saeflow.generate import SamplingConfig, generate
+    from saeflow.interventions import plan_for_feature, typical_activations
+    from saeflow.packs import save_pack
+    from saeflow.sae import random_sae
+
+    d = gemma.d_model
+    pack = save_pack([("resid_post", 6, random_sae(d, 64, "relu", seed=0))], tmp_path / "pack",
+                     model_name="gemma-3-270m", d_model=d, n_layers=gemma.n_layers)
+    typical = typical_activations(pack, [("resid_post", 6)], model=gemma, tokens=1024)
+    cfg = SamplingConfig(max_new_tokens=12, n=2, temperature=0)
+    plain = generate(gemma, "The capital of France is", cfg)
+    assert plain == generate(gemma, "The capital of France is", cfg)
+    steered = generate(gemma, "The capital of France is", cfg,
+                       plan_for_feature("6/resid_post/5", 40.0), pack, typical)
+    assert steered != plain and all(isinstance(t, str) for t in steered)
+
+
+def test_fluency_model_prefers_language():
+    """SmolLM2-135M (the coherence scorer, a different model from the one steered)."""
+    from saeflow.steer_eval import perplexities
+
+    ppl = perplexities(["The cat sat on the mat and looked out of the window.",
+                        "window the of out looked and mat the on sat cat The."])
+    assert ppl[0] < ppl[1] / 3
