@@ -76,6 +76,13 @@ def _planted_stats(tmp_path):
 
 def test_gates_and_pass_through_find_what_was_planted(tmp_path):
     st = _planted_stats(tmp_path)
+    # A downstream feature that always co-fires with an upstream one that fires almost always
+    # is not an AND gate: with the density filter off, the planted gates are joined by such
+    # trivial ones, with it on they are not.
+    assert len(gates(st, threshold=0.999, min_count=5, max_up_density=1.0, min_up_count=0)) >= \
+        len(gates(st, threshold=0.999, min_count=5))
+    assert gates(st, threshold=0.999, min_count=5, max_up_density=0.01).empty
+    assert gates(st, threshold=0.999, min_count=5, min_up_count=10**6).empty
     g = gates(st, threshold=0.999, min_count=5)
     and_ = g[g.gate == "AND"]
     or_ = g[g.gate == "OR"]

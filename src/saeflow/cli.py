@@ -382,6 +382,8 @@ def cmd_stats(args) -> int:
     summary = write_evolution_outputs(args.out, st, pack, pass_threshold=args.pass_threshold,
                                       gate_threshold=args.gate_threshold,
                                       gate_min_count=args.gate_min_count,
+                                      gate_max_up_density=args.gate_max_up_density,
+                                      gate_min_up_count=args.gate_min_up_count,
                                       community_floor=args.community_floor,
                                       resolution=args.resolution, method=args.community_method)
     if args.json:
@@ -758,6 +760,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--pass-threshold", type=float, default=0.5)
     st.add_argument("--gate-threshold", type=float, default=0.999)
     st.add_argument("--gate-min-count", type=int, default=5)
+    st.add_argument("--gate-max-up-density", type=float, default=0.4,
+                    help="ignore upstream features active on more than this share of tokens")
+    st.add_argument("--gate-min-up-count", type=int, default=20,
+                    help="ignore upstream features active fewer times than this")
     st.add_argument("--community-floor", type=float, default=0.1)
     st.add_argument("--resolution", type=float, default=1.0)
     st.add_argument("--community-method", default="leiden", choices=["leiden", "louvain"])

@@ -43,16 +43,22 @@ def pass_through(stats: StatsRun, threshold: float = 0.5, measure: str = "pearso
 
 
 def gates(stats: StatsRun, threshold: float = 0.999, min_count: int = 5,
-          labels: dict[str, str] | None = None) -> pd.DataFrame:
+          labels: dict[str, str] | None = None, max_up_density: float = 0.4,
+          min_up_count: int = 20) -> pd.DataFrame:
     """AND: a downstream feature with exactly two upstream features of necessity >= threshold
     (whenever it fires, both fire); OR: exactly two of sufficiency >= threshold (either one
-    firing makes it fire). Pairs seen fewer than `min_count` times do not count."""
+    firing makes it fire). Pairs seen fewer than `min_count` times do not count, nor upstream
+    features active on more than `max_up_density` of the tokens (they are "necessary" for
+    almost anything) or fewer than `min_up_count` times (they are "sufficient" by chance)."""
     labels = labels or {}
     counts = stats.features().set_index(["position", "layer", "feature"]).n_active
+    n_tokens = max(int(stats.manifest.get("tokens", 0)), 1)
     out = []
     for u, d in stats.pairs:
         e = stats.edges(u, d)
         e = e[e["count"] >= min_count]
+        up_n = np.array([counts.get((u[0], u[1], int(a)), 0) for a in e.up], dtype=float)
+        e = e[(up_n <= max_up_density * n_tokens) & (up_n >= min_up_count)]
         for kind, measure in (("AND", "necessity"), ("OR", "sufficiency")):
             hits = e[e[measure] >= threshold]
             for j, grp in hits.groupby("down"):
@@ -189,6 +195,7 @@ def sankey_figure(pt: pd.DataFrame, position: str):
 
 def write_evolution_outputs(run, stats: StatsRun, pack, *, pass_threshold: float = 0.5,
                             gate_threshold: float = 0.999, gate_min_count: int = 5,
+                            gate_max_up_density: float = 0.4, gate_min_up_count: int = 20,
                             community_floor: float = 0.1, resolution: float = 1.0,
                             method: str = "leiden") -> dict:
     """Tables, JSON and figures of every analysis into RUN/stats/; returns a summary."""
@@ -226,7 +233,8 @@ def write_evolution_outputs(run, stats: StatsRun, pack, *, pass_threshold: float
         fig.savefig(plots / f"pass_through_{pos}.png", dpi=150)
         plt.close(fig)
 
-    g = gates(stats, gate_threshold, gate_min_count, labels)
+    g = gates(stats, gate_threshold, gate_min_count, labels, gate_max_up_density,
+              gate_min_up_count)
     write_json_atomic(root / "gates.json", g.to_dict("records"))
     summary["gates"] = {"AND": int((g.gate == "AND").sum()) if len(g) else 0,
                         "OR": int((g.gate == "OR").sum()) if len(g) else 0}
