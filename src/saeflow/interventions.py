@@ -390,15 +390,12 @@ def build_plan(pack, *, feature: str, strength: float, graph_mode: str = "seed",
                t_res: float = 0.5, t_mod: float = 0.15,
                positions: tuple[str, ...] = ("resid_post",)) -> SteeringPlan:
     """One feature, or its flow graph in seed / single / cumulative / span mode."""
+    plan = plan_for_feature(feature, strength, kind, tokens)
+    plan.check(pack, force=True)  # an unknown feature fails here, clearly (bounds: later)
     if graph_mode == "seed":
-        plan = plan_for_feature(feature, strength, kind, tokens)
-        plan.check(pack, force=True)  # unknown features: a clear error now (bounds: later)
         return plan
     from .graphs import trace
 
-    L, pos, f = parse_feature(feature)
-    if (pos, L) not in pack or not 0 <= f < pack.info(pos, L).d_sae:
-        plan_for_feature(feature, strength, kind).check(pack, force=True)
     G = trace(flow_for_pack(pack, run, model), feature, t_res=t_res, t_mod=t_mod)
     return plan_from_graph(G, strength, graph_mode, layer, kind, schedule, alpha, tokens,
                            positions)
