@@ -176,3 +176,32 @@ def write_sparsify(run: Path, hookpoint: str, w, k: int) -> Path:
         "expansion_factor": d_sae // d_in, "normalize_decoder": True, "num_latents": d_sae,
         "k": k, "multi_topk": False, "skip_connection": False, "d_in": d_in}))
     return folder
+
+
+def make_tiny_run(model, root: Path, tokens: int = 1500) -> tuple[Path, "object"]:
+    """A small real RUN on a tiny model: a random pack at every layer (residual, MLP,
+    attention), its flow, feature index and statistics. Returns (run dir, pack)."""
+    from saeflow.evolution import write_evolution_outputs
+    from saeflow.flow import run_flow
+    from saeflow.index import IndexConfig, build_index
+    from saeflow.packs import save_pack
+    from saeflow.sae import random_sae
+    from saeflow.stats import StatsConfig, run_stats
+
+    d = model.d_model
+    saes = [(p, L, random_sae(d, 32, "relu", seed=100 + 3 * L + i))
+            for L in range(model.n_layers)
+            for i, p in enumerate(("resid_post", "mlp_out", "attn_out"))]
+    pack = save_pack(saes, root / "pack", model_name="tiny", d_model=d, n_layers=model.n_layers)
+    run = root / "run"
+    run_flow(pack, run, plots=False, progress=False)
+    build_index(pack, model, run, IndexConfig(tokens=tokens, batch_size=4, ctx_len=48, n_top=5,
+                                              n_samples=4, encoder_dtype="float32"),
+                progress=False)
+    st = run_stats(pack, model, run, StatsConfig(tokens=tokens, batch_size=4, ctx_len=48,
+                                                 pairs="adjacent", encoder_dtype="float32",
+                                                 floor=0.05),
+                   progress=False)
+    write_evolution_outputs(run, st, pack, community_floor=0.05, gate_threshold=0.9,
+                            gate_min_count=2, gate_min_up_count=2)
+    return run, pack

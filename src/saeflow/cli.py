@@ -456,6 +456,15 @@ def cmd_steer(args) -> int:
     return 0
 
 
+# --- serve --------------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    from .app.server import serve
+
+    serve(args.run, host=args.host, port=args.port, pack=args.pack, model=args.model,
+          open_browser=args.open)
+    return 0
+
+
 # --- validate -----------------------------------------------------------------------------
 def _float_list(text: str) -> list[float]:
     try:
@@ -847,6 +856,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="environment variable holding the judge's API key")
     sw.add_argument("--device", default=None)
     sw.set_defaults(func=cmd_steer_sweep)
+
+    sv = sub.add_parser("serve", help="the web app and JSON API over a RUN (127.0.0.1 by default)")
+    sv.add_argument("run", help="RUN from `saeflow flow` / `index` / `stats`")
+    sv.add_argument("--port", type=int, default=8765)
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="bind address; anything but localhost is reachable from other machines")
+    sv.add_argument("--pack", default=None, help="default: the pack the run's flow was made from")
+    sv.add_argument("--model", default=None,
+                    help="the model, for steering and the prompt view (default: embedded for "
+                         "runs of the embedded model)")
+    sv.add_argument("--open", action="store_true", help="open the browser")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -271,6 +271,35 @@ def score_texts(texts: list[str], th: Theme, clf: TopicClassifier, base: Baselin
     return rows
 
 
+def compare_completions(default: list[str], steered: list[str], concept: str,
+                        scorer=None) -> dict:
+    """Quick scores for the steering playground, steered against default text of the same prompt.
+
+    concept: MiniLM cosine of each text to `concept` (a feature's label or the user's words);
+    coherence: min(1, median default perplexity / perplexity) x min(1, distinct-2 / default's),
+    perplexity under SmolLM2 (as in score_texts, without a topic classifier)."""
+    texts = list(default) + list(steered)
+    target = embed([concept or " "])[0]
+    sim = embed(texts) @ target
+    ppl = perplexities(texts, scorer)
+    d_ppl = ppl[:len(default)]
+    ref_ppl = float(np.median(d_ppl[np.isfinite(d_ppl)])) if np.isfinite(d_ppl).any() else 100.0
+    ref_d2 = max(float(np.mean([distinct_n(t) for t in default])) if default else 1.0, 1e-6)
+    rows = []
+    for i, t in enumerate(texts):
+        fluency = min(1.0, ref_ppl / ppl[i]) if np.isfinite(ppl[i]) else 0.0
+        coherence = fluency * min(1.0, distinct_n(t) / ref_d2)
+        rows.append({"concept": round(float(sim[i]), 4), "coherence": round(float(coherence), 4),
+                     "perplexity": round(float(ppl[i]), 2) if np.isfinite(ppl[i]) else None})
+    n = len(default)
+
+    def mean(rs, k):
+        return round(float(np.mean([r[k] for r in rs])), 4) if rs else None
+    return {"concept_text": concept, "default": rows[:n], "steered": rows[n:],
+            "mean": {w: {k: mean(rs, k) for k in ("concept", "coherence")}
+                     for w, rs in (("default", rows[:n]), ("steered", rows[n:]))}}
+
+
 # --- the optional LLM judge --------------------------------------------------------------------
 JUDGE_PROMPT = """You rate a text written by a language model.
 Theme: {theme}

@@ -1,0 +1,415 @@
+"""What the web app shows, as plain JSON-able dicts built from a RUN directory.
+
+Each function here is one view's data; the server (server.py) only routes and checks requests.
+Everything is read lazily and cached per RunData, so a server on a large run starts at once.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ..flow import FlowError, feature_id, open_flow, parse_feature
+
+LANES = {"resid_post": 0, "mlp_out": 1, "attn_out": 2, "attn_z": 2, "resid_pre": 0,
+         "resid_mid": 0, "mlp_in": 1, "transcoder": 1}
+LANE_NAMES = ["residual", "MLP", "attention"]
+MAX_GRAPH_NODES = 5000
+
+
+class NotFound(LookupError):
+    """An unknown feature, slot or missing part of the run: the server answers 404."""
+
+
+class RunData:
+    """The parts of RUN that exist (flow, index, stats), opened on first use."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{root} is not a directory; give a RUN made by "
+                                    f"`saeflow flow` / `index` / `stats`")
+        self._lock = threading.Lock()
+
+    # --- the parts ---------------------------------------------------------------------
+    @cached_property
+    def flow(self):
+        try:
+            return open_flow(self.root)
+        except (ValueError, FileNotFoundError):
+            return None
+
+    @cached_property
+    def flow_index(self):
+        from ..graphs import FlowIndex
+
+        with self._lock:
+            return FlowIndex(self.flow) if self.flow is not None else None
+
+    @cached_property
+    def index(self):
+        from ..index_tables import open_index
+
+        try:
+            idx = open_index(self.root)
+        except ValueError:
+            return None
+        if self.flow is not None and idx.manifest.get("identity", {}).get("pack") not in (
+                None, self.flow.manifest["pack"]["fingerprint"]):
+            return None  # an index of another pack: its feature numbers mean other features
+        return idx
+
+    @cached_property
+    def stats(self):
+        from ..stats_tables import open_stats
+
+        try:
+            return open_stats(self.root)
+        except ValueError:
+            return None
+
+    @cached_property
+    def communities(self) -> dict[str, int]:
+        path = self.root / "stats" / "communities.parquet"
+        if not path.is_file():
+            return {}
+        t = pq.read_table(path, columns=["id", "community"])
+        return dict(zip(t.column("id").to_pylist(), t.column("community").to_pylist()))
+
+    @cached_property
+    def stats_summary(self) -> dict:
+        path = self.root / "stats" / "summary.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def slots(self) -> dict[str, int]:
+        """{'L/position': n_features} over every part of the run."""
+        out: dict[str, int] = {}
+        if self.index is not None:
+            out.update(self.index.manifest["slots"])
+        if self.flow is not None:
+            out.update(self.flow.manifest["slots"])
+        return out
+
+    def info(self) -> dict:
+        slots = self.slots()
+        layers = sorted({int(k.split("/")[0]) for k in slots})
+        positions = sorted({k.split("/")[1] for k in slots}, key=lambda p: LANES.get(p, 9))
+        out = {"run": self.root.name, "layers": layers, "positions": positions,
+               "slots": slots, "has": {"flow": self.flow is not None,
+                                       "index": self.index is not None,
+                                       "stats": self.stats is not None}}
+        if self.flow is not None:
+            m = self.flow.manifest
+            out["pack"] = {"root": m["pack"]["root"], "fingerprint": m["pack"]["fingerprint"]}
+            out["default_thresholds"] = {"t_res": 0.5, "t_mod": 0.15}
+        out["first_feature"] = self.suggested_feature()
+        if self.index is not None:
+            out["index_tokens"] = self.index.manifest.get("tokens")
+        if self.stats is not None:
+            out["stats_tokens"] = self.stats.manifest.get("tokens")
+        return out
+
+    def suggested_feature(self) -> str | None:
+        """A residual feature of a middle layer whose chain persists longest: a good first look."""
+        if self.flow is None:
+            return None
+        from ..graphs import persistence
+
+        per = persistence(self.flow_index, t_res=0.5)
+        if not per:
+            return None
+        layers = sorted(per)
+        L = layers[len(layers) // 2]
+        return feature_id(L, "resid_post", int(np.argmax(per[L]))) if len(per[L]) else None
+
+    # --- features ----------------------------------------------------------------------
+    def check_feature(self, spec: str) -> tuple[int, str, int]:
+        try:
+            L, pos, f = parse_feature(spec)
+        except FlowError as e:
+            raise NotFound(str(e)) from None
+        n = self.slots().get(f"{L}/{pos}")
+        if n is None:
+            raise NotFound(f"this run has no SAE at {pos} layer {L}; its slots are "
+                           f"{', '.join(sorted(self.slots())[:12])}")
+        if not 0 <= f < n:
+            raise NotFound(f"feature {f} is out of range for {L}/{pos} (0..{n - 1})")
+        return L, pos, f
+
+    def labels(self, ids: list[str]) -> dict[str, dict]:
+        return self.index.labels(ids) if self.index is not None and ids else {}
+
+    def predecessors(self, spec: str) -> dict:
+        """Top-k data-free predecessors (residual, MLP, attention) and successors of a feature."""
+        L, pos, f = self.check_feature(spec)
+        out: dict = {"id": feature_id(L, pos, f), "predecessors": {}, "successors": [],
+                     "class": None}
+        if self.flow is None:
+            return out
+        slots = self.flow.manifest["predecessor_slots"].get(str(L), {})
+        if pos == "resid_post":
+            t = self.flow.table("predecessors")
+            row = _row(t, layer=L, feature=f)
+            if row is not None:
+                out["class"] = row["class"]
+                for kind in ("res", "mlp", "attn"):
+                    slot = slots.get(kind)
+                    if slot is None or not row.get(f"top_{kind}"):
+                        continue
+                    sL, spos = slot.split("/")
+                    out["predecessors"][kind] = [
+                        {"id": feature_id(int(sL), spos, int(e["feature"])),
+                         "similarity": float(e["similarity"])}
+                        for e in row[f"top_{kind}"] if e["feature"] >= 0]
+        t = self.flow.table("successors")
+        row = _row(t, layer=L, feature=f, position=pos)
+        if row is not None and row.get("top_next") and row.get("next_layer") is not None:
+            out["successors"] = [{"id": feature_id(int(row["next_layer"]), row["next_position"],
+                                                   int(e["feature"])),
+                                  "similarity": float(e["similarity"])}
+                                 for e in row["top_next"] if e["feature"] >= 0]
+        ids = [e["id"] for v in out["predecessors"].values() for e in v] + \
+              [e["id"] for e in out["successors"]]
+        lab = self.labels(ids)
+        for e in [e for v in out["predecessors"].values() for e in v] + out["successors"]:
+            e["label"] = (lab.get(e["id"]) or {}).get("label")
+        return out
+
+    def coactivation(self, spec: str, limit: int = 10) -> dict:
+        """The strongest data-driven partners upstream and downstream (by Pearson)."""
+        L, pos, f = self.check_feature(spec)
+        if self.stats is None:
+            return {"upstream": [], "downstream": []}
+        path = self.stats.root / "edges.parquet"
+        cols = ["up_layer", "up_position", "up", "down_layer", "down_position", "down", "count",
+                "pearson", "jaccard", "sufficiency", "necessity", "mutual_info"]
+        schema = pq.read_schema(path)
+        cols = [c for c in cols if c in schema.names]
+        down = pq.read_table(path, columns=cols, filters=[("down_layer", "=", L),
+                                                          ("down_position", "=", pos),
+                                                          ("down", "=", f)]).to_pandas()
+        up = pq.read_table(path, columns=cols, filters=[("up_layer", "=", L),
+                                                        ("up_position", "=", pos),
+                                                        ("up", "=", f)]).to_pandas()
+
+        def rows(df, side):
+            df = df.sort_values("pearson", ascending=False).head(limit)
+            out = []
+            for r in df.to_dict("records"):
+                other = feature_id(int(r[f"{side}_layer"]), r[f"{side}_position"], int(r[side]))
+                out.append({"id": other, **{k: _num(r[k]) for k in cols
+                                           if k not in ("up_layer", "up_position", "up",
+                                                        "down_layer", "down_position", "down")}})
+            return out
+
+        res = {"upstream": rows(down, "up"), "downstream": rows(up, "down")}
+        lab = self.labels([r["id"] for r in res["upstream"] + res["downstream"]])
+        for r in res["upstream"] + res["downstream"]:
+            r["label"] = (lab.get(r["id"]) or {}).get("label")
+        return res
+
+    def feature(self, spec: str) -> dict:
+        """Everything the feature page shows."""
+        L, pos, f = self.check_feature(spec)
+        fid = feature_id(L, pos, f)
+        page: dict = {"id": fid, "layer": L, "position": pos, "feature": f, "index": None}
+        if self.index is not None and f"{L}/{pos}" in self.index.manifest["slots"]:
+            row = self.index.feature(L, pos, f)
+            page["index"] = {k: _jsonable(v) for k, v in row.items()}
+        page.update(self.predecessors(fid))
+        page["coactivation"] = self.coactivation(fid)
+        page["community"] = self.communities.get(fid)
+        return page
+
+    # --- graphs ------------------------------------------------------------------------
+    def trace(self, seeds: list[str], t_res: float, t_mod: float, mod_k: int = 1,
+              direction: str = "both", max_nodes: int = 2000, color_by: str = "class") -> dict:
+        """The union of the seeds' flow graphs, pruned to max_nodes and laid out in lanes."""
+        import networkx as nx
+
+        from ..graphs import trace
+
+        if self.flow is None:
+            raise NotFound("this run has no flow; run `saeflow flow PACK --out RUN`")
+        for s in seeds:
+            L, pos, f = self.check_feature(s)
+            try:
+                self.flow.check_feature(L, pos, f)
+            except FlowError as e:
+                raise NotFound(str(e)) from None
+        G = nx.DiGraph()
+        for s in seeds:
+            G = nx.compose(G, trace(self.flow_index, s, t_res=t_res, t_mod=t_mod, mod_k=mod_k,
+                                    direction=direction))
+        seed_ids = {feature_id(*parse_feature(s)) for s in seeds}
+        for n in seed_ids & set(G):
+            G.nodes[n]["role"] = "seed"
+        n_total = G.number_of_nodes()
+        if n_total > max_nodes:
+            G = G.subgraph(_prune(G, seed_ids, max_nodes)).copy()
+        lab = self.labels(list(G))
+        for n, info in lab.items():
+            G.nodes[n]["label"] = info.get("label")
+            if info.get("explanation"):
+                G.nodes[n]["explanation"] = info["explanation"]
+        for n in G:
+            G.nodes[n]["community"] = self.communities.get(n)
+        return graph_json(G, t_res, {"seeds": sorted(seed_ids), "n_total": n_total,
+                                     "pruned": n_total > G.number_of_nodes(),
+                                     "t_res": t_res, "t_mod": t_mod, "mod_k": mod_k})
+
+    def layers(self) -> dict:
+        """Layer overview: class shares, pass-through, gates count, communities summary."""
+        out: dict = {"classes": [], "pass_through": [], "communities": [], "groups": {},
+                     "agreement": []}
+        if self.flow is not None:
+            for L, c in self.flow.class_counts().items():
+                n = max(sum(c.values()), 1)
+                out["classes"].append({"layer": L, **{k: v / n for k, v in c.items()}})
+        s = self.stats_summary
+        out["pass_through"] = s.get("pass_through", [])
+        out["groups"] = s.get("groups", {})
+        out["agreement"] = s.get("agreement", [])
+        out["gates"] = s.get("gates", {})
+        path = self.root / "stats" / "communities_summary.csv"
+        if path.is_file():
+            import pandas as pd
+
+            out["communities"] = pd.read_csv(path).head(50).to_dict("records")
+        return out
+
+    def gates(self, kind: str | None, offset: int, limit: int) -> dict:
+        path = self.root / "stats" / "gates.json"
+        rows = json.loads(path.read_text()) if path.is_file() else []
+        if kind:
+            rows = [r for r in rows if r.get("gate") == kind]
+        items = []
+        for r in rows[offset:offset + limit]:
+            r = {k: _jsonable(v) for k, v in r.items()}
+            r["inputs"] = [{"id": r.get(f"up_{x}"), "label": r.get(f"up_{x}_label"),
+                            "count": r.get(f"up_{x}_count")} for x in ("a", "b")]
+            items.append(r)
+        return {"total": len(rows), "offset": offset, "items": items}
+
+    def community_graph(self, min_similarity: float, max_nodes: int, top: int = 12) -> dict:
+        """Features of the largest communities, linked by their Pearson edges >= min_similarity."""
+        import networkx as nx
+
+        if self.stats is None or not self.communities:
+            raise NotFound("this run has no communities; run `saeflow stats PACK --out RUN`")
+        sizes: dict[int, int] = {}
+        for c in self.communities.values():
+            sizes[c] = sizes.get(c, 0) + 1
+        keep = set(sorted(sizes, key=lambda c: -sizes[c])[:top])
+        e = pq.read_table(self.stats.root / "edges.parquet",
+                          columns=["up_layer", "up_position", "up", "down_layer",
+                                   "down_position", "down", "pearson"],
+                          filters=[("pearson", ">=", float(min_similarity))]).to_pandas()
+        e = e[e.up_position == e.down_position]
+        src = e.up_layer.astype(str) + "/" + e.up_position + "/" + e.up.astype(str)
+        dst = e.down_layer.astype(str) + "/" + e.down_position + "/" + e.down.astype(str)
+        G = nx.DiGraph()
+        for u, v, w in zip(src, dst, e.pearson.to_numpy(float)):
+            cu, cv = self.communities.get(u), self.communities.get(v)
+            if cu in keep and cu == cv:
+                for n in (u, v):
+                    if n not in G:
+                        L, pos, f = parse_feature(n)
+                        G.add_node(n, layer=L, position=pos, feature=f, community=cu, score=0.0,
+                                   role="member")
+                G.add_edge(u, v, similarity=w, kind="pearson")
+        n_total = G.number_of_nodes()
+        if n_total > max_nodes:
+            deg = dict(G.degree(weight="similarity"))
+            G = G.subgraph(sorted(G, key=lambda n: -deg[n])[:max_nodes]).copy()
+        for n, info in self.labels(list(G)).items():
+            G.nodes[n]["label"] = info.get("label")
+        return graph_json(G, 1.1, {"n_total": n_total, "pruned": n_total > G.number_of_nodes(),
+                                   "min_similarity": min_similarity,
+                                   "communities": [{"community": c, "size": sizes[c]}
+                                                   for c in sorted(keep, key=lambda c: -sizes[c])]})
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def _row(table, **eq) -> dict | None:
+    import pyarrow.compute as pc
+
+    mask = None
+    for k, v in eq.items():
+        m = pc.equal(table.column(k), v)
+        mask = m if mask is None else pc.and_(mask, m)
+    sel = table.filter(mask)
+    return sel.slice(0, 1).to_pylist()[0] if sel.num_rows else None
+
+
+def _num(v):
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating, float)):
+        return None if not np.isfinite(v) else round(float(v), 5)
+    return v
+
+
+def _jsonable(v):
+    if isinstance(v, np.ndarray):
+        return [_jsonable(x) for x in v.tolist()]
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (np.integer, np.floating, float)):
+        return _num(v)
+    return v
+
+
+def _prune(G, seeds: set[str], max_nodes: int) -> list[str]:
+    """Keep the seeds, then the nodes reached through the strongest links (best-first)."""
+    import heapq
+
+    keep: list[str] = []
+    seen = set()
+    heap = [(-2.0, n) for n in seeds if n in G]
+    heapq.heapify(heap)
+    while heap and len(keep) < max_nodes:
+        _, n = heapq.heappop(heap)
+        if n in seen:
+            continue
+        seen.add(n)
+        keep.append(n)
+        for m in list(G.predecessors(n)) + list(G.successors(n)):
+            if m not in seen:
+                w = (G.edges[m, n] if G.has_edge(m, n) else G.edges[n, m])["similarity"]
+                heapq.heappush(heap, (-float(w), m))
+    return keep
+
+
+def graph_json(G, t_res: float, meta: dict) -> dict:
+    """Nodes with a lane layout (x = layer, y = lane band + rank in the band) and links.
+
+    A link is 'chain' when it is a residual-to-residual link at or above t_res: the features
+    that pass straight through."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for n, d in G.nodes(data=True):
+        groups.setdefault((d["layer"], LANES.get(d["position"], 0)), []).append(n)
+    widest = max((len(v) for v in groups.values()), default=1)
+    band = max(widest, 1) + 1
+    nodes = []
+    for (L, lane), members in groups.items():
+        members.sort(key=lambda n: (-G.nodes[n].get("score", 0.0), n))
+        for r, n in enumerate(members):
+            d = G.nodes[n]
+            y = -(lane * band + (r - (len(members) - 1) / 2) * min(1.0, band / (len(members) + 1)))
+            nodes.append({"id": n, "x": float(L), "y": float(y), "lane": LANE_NAMES[lane],
+                          **{k: _jsonable(v) for k, v in d.items()}})
+    nodes.sort(key=lambda d: (d["layer"], d["y"]))
+    links = []
+    for u, v, d in G.edges(data=True):
+        chain = (d.get("kind") == "res" and G.nodes[u]["position"] == "resid_post"
+                 and G.nodes[v]["position"] == "resid_post" and d["similarity"] >= t_res)
+        links.append({"source": u, "target": v, "similarity": _num(d["similarity"]),
+                      "kind": d.get("kind"), "chain": bool(chain)})
+    return {"nodes": nodes, "links": links, "lanes": LANE_NAMES, "band": band, **meta}
