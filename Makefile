@@ -8,7 +8,7 @@ TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.saeflow-installed
 
-.PHONY: install demo test test-unit test-integration bench clean
+.PHONY: install demo test test-unit test-integration bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,15 @@ demo: $(STAMP)
 	$(BIN)/saeflow info --model embedded
 	$(BIN)/saeflow pack eval $(PACK) --tokens 8k --ce-tokens 1k
 
-test: $(STAMP)
+# The browser tests drive Debian's chromium through Playwright (no browser download).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+browser:
+	@test -x $(CHROMIUM) || $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1 \
+	  || ($(SUDO) apt-get update -q >/dev/null 2>&1 && $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1) \
+	  || echo "WARNING: could not install Debian's chromium; the browser tests will be skipped"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
 
 test-unit: $(STAMP)

@@ -30,3 +30,41 @@ def tiny_models(tiny_model_dirs):
     # SAEFLOW_TEST_DEVICE=cuda runs the model tests on a GPU (never required).
     device = os.environ.get("SAEFLOW_TEST_DEVICE", "cpu")
     return {f: load_model(str(d), device=device) for f, d in tiny_model_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_models, tmp_path_factory):
+    """A small real RUN (flow, index, statistics) of the tiny Gemma 3 with a random pack."""
+    from fixtures import make_tiny_run
+
+    model = tiny_models["gemma3"]
+    run, pack = make_tiny_run(model, tmp_path_factory.mktemp("app"))
+    return run, pack, model
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_run):
+    """The web app in a real uvicorn server on 127.0.0.1 (a thread), over the tiny run."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from saeflow.app.server import create_app
+
+    run, pack, model = tiny_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(run, loaded_model=model, loaded_pack=pack),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    for _ in range(400):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    t.join(10)

@@ -1,25 +1,10 @@
 """The web app's JSON API on a small real run (tiny model, random pack): views, errors, limits,
 path traversal, concurrent steering over a real uvicorn server, and schemathesis fuzzing."""
 import json
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
-from fixtures import make_tiny_run
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_models, tmp_path_factory):
-    import os
-
-    os.environ["SAEFLOW_CACHE"] = str(tmp_path_factory.mktemp("appcache"))
-    model = tiny_models["gemma3"]
-    run, pack = make_tiny_run(model, tmp_path_factory.mktemp("app"))
-    return run, pack, model
 
 
 @pytest.fixture(scope="module")
@@ -143,34 +128,6 @@ def test_steer_prompt_activations_and_plans(client):
     act = client.post("/api/activations", json={"text": "hello world again", "top_k": 4}).json()
     assert len(act["slots"]) == 9 and act["token"] == len(act["tokens"]) - 1
     assert act["graph"]["nodes"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def live_server(tiny_run):
-    """The app in a real uvicorn server on 127.0.0.1, in a thread."""
-    import uvicorn
-
-    from saeflow.app.server import create_app
-
-    run, pack, model = tiny_run
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(run, loaded_model=model, loaded_pack=pack),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    t.join(10)
 
 
 def test_eight_concurrent_steering_requests_equal_their_sequential_runs(live_server):

@@ -139,7 +139,13 @@ function download(name, obj) {
 }
 
 async function showFlow(arg) {
-  if (arg) $("#flow-feature").value = decodeURIComponent(arg);
+  // #flow/ID[,ID...][?t_res=..&t_mod=..&mod_k=..]
+  const [ids, query] = (arg || "").split("?");
+  const params = new URLSearchParams(query || "");
+  for (const [k, el] of [["t_res", "#t-res"], ["t_mod", "#t-mod"], ["mod_k", "#mod-k"]]) {
+    if (params.has(k)) { $(el).value = params.get(k); if ($(el + "-val")) $(el + "-val").textContent = (+params.get(k)).toFixed(2); }
+  }
+  if (ids) $("#flow-feature").value = decodeURIComponent(ids);
   if (!$("#flow-feature").value && INFO && INFO.first_feature) $("#flow-feature").value = INFO.first_feature;
   await loadFlow();
 }
@@ -197,7 +203,7 @@ async function showFeature(id) {
   html += `<div class="cols"><div><h3>Activation histogram</h3><div id="hist" class="plot" style="height:240px"></div></div>`;
   if (ix) {
     html += `<div><h3>Logit lens</h3><table><tr><th>promoted</th><th>suppressed</th></tr>` +
-      ix.logit_top.map((t, i) => `<tr><td>${esc(JSON.stringify(t.token))} ${(+t.value).toFixed(2)}</td><td>${ix.logit_bottom[i] ? esc(JSON.stringify(ix.logit_bottom[i].token)) + " " + (+ix.logit_bottom[i].value).toFixed(2) : ""}</td></tr>`).join("") + `</table></div>`;
+      ix.logit_top.map((t, i) => `<tr><td>${esc(JSON.stringify(t.token))} ${(+t.logit).toFixed(3)}</td><td>${ix.logit_bottom[i] ? esc(JSON.stringify(ix.logit_bottom[i].token)) + " " + (+ix.logit_bottom[i].logit).toFixed(3) : ""}</td></tr>`).join("") + `</table></div>`;
   }
   html += `</div>`;
   if (ix) {
@@ -213,10 +219,14 @@ async function showFeature(id) {
     `<div><h3>Co-activation downstream</h3>${linkTable(co.downstream, ["pearson", "jaccard", "sufficiency", "necessity"])}</div></div>`;
   el.innerHTML = html;
   if (ix && ix.hist) {
+    // log-spaced bins: bar i covers [edges[i], edges[i+1]); show the populated range only
     const edges = ix.hist_edges || [];
-    const x = ix.hist.map((_, i) => edges.length > i + 1 ? (edges[i] + edges[i + 1]) / 2 : i);
-    Plotly.newPlot("hist", [{type: "bar", x, y: ix.hist, marker: {color: "#4c72b0"}}],
-      {margin: {l: 50, r: 10, t: 10, b: 40}, xaxis: {title: {text: "activation"}}, yaxis: {title: {text: "count"}, type: "log"}},
+    const used = ix.hist.map((c, i) => (c > 0 ? i : -1)).filter((i) => i >= 0);
+    const lo = used.length ? used[0] : 0, hi = used.length ? used[used.length - 1] : ix.hist.length - 1;
+    const x = [], y = [];
+    for (let i = lo; i <= hi; i++) { x.push(edges.length > i + 1 ? Math.sqrt(edges[i] * edges[i + 1]) : i); y.push(ix.hist[i]); }
+    Plotly.newPlot("hist", [{type: "bar", x, y, marker: {color: "#4c72b0"}}],
+      {margin: {l: 50, r: 10, t: 10, b: 40}, bargap: 0.05, xaxis: {title: {text: "activation (log scale)"}, type: "log"}, yaxis: {title: {text: "count"}}},
       {displaylogo: false, responsive: true});
   }
 }
@@ -244,16 +254,21 @@ async function showLayers() {
 
 function drawSankey(rows) {
   // per layer L: live -> (passes to L+1 | disappears); L+1 also gets the appearing features
-  const label = [], idx = {};
-  const node = (n) => (idx[n] ??= (label.push(n), label.length - 1));
+  // columns by layer: L_k and "gone after L_(k-1)" and "new at L_(k+1)" share column k
+  const label = [], idx = {}, nx = [], ny = [];
+  const layers = rows.flatMap((r) => [r.layer, r.next_layer]);
+  const lo = Math.min(...layers), span = Math.max(1, Math.max(...layers) - lo);
+  const col = (L) => 0.02 + 0.96 * (L - lo) / span;
+  const node = (n, L, y) => (idx[n] ??= (label.push(n), nx.push(col(L)), ny.push(y), label.length - 1));
   const src = [], dst = [], val = [];
   for (const r of rows) {
-    const a = node(`L${r.layer}`), b = node(`L${r.next_layer}`);
+    const a = node(`L${r.layer}`, r.layer, 0.2), b = node(`L${r.next_layer}`, r.next_layer, 0.2);
     src.push(a); dst.push(b); val.push(r.pass_through_pct);
-    src.push(a); dst.push(node(`gone after L${r.layer}`)); val.push(r.disappearing_pct);
-    src.push(node(`new at L${r.next_layer}`)); dst.push(b); val.push(r.appearing_pct);
+    src.push(a); dst.push(node(`gone after L${r.layer}`, r.next_layer, 0.8)); val.push(r.disappearing_pct);
+    src.push(node(`new at L${r.next_layer}`, r.layer, 0.6)); dst.push(b); val.push(r.appearing_pct);
   }
-  Plotly.react("sankey", [{type: "sankey", node: {label, pad: 8}, link: {source: src, target: dst, value: val}}],
+  Plotly.react("sankey", [{type: "sankey", arrangement: "snap", node: {label, x: nx, y: ny, pad: 8},
+    link: {source: src, target: dst, value: val}}],
     {margin: {l: 10, r: 10, t: 10, b: 10}}, {displaylogo: false, responsive: true});
   $("#pt-table").innerHTML = `<table><tr><th>layers</th><th>pass-through %</th><th>disappearing %</th><th>appearing %</th></tr>` +
     rows.map((r) => `<tr><td>${r.layer} → ${r.next_layer}</td><td>${(+r.pass_through_pct).toFixed(1)}</td><td>${(+r.disappearing_pct).toFixed(1)}</td><td>${(+r.appearing_pct).toFixed(1)}</td></tr>`).join("") + "</table>";
