@@ -456,6 +456,36 @@ def cmd_steer(args) -> int:
     return 0
 
 
+# --- run ----------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    import dataclasses
+    import shlex
+
+    from .pipeline import PROFILES, run_pipeline
+    from .train import parse_tokens
+
+    cfg = dataclasses.replace(PROFILES[args.profile], model=args.model, device=args.device)
+    if args.pack:
+        cfg.pack = args.pack
+    elif args.model not in ("embedded", "gemma-3-270m"):
+        raise ValueError(f"give --pack for {args.model}: the embedded pack belongs to the "
+                         f"embedded model")
+    if args.corpus:
+        cfg.corpus = args.corpus
+    if args.index_tokens:
+        cfg.index_tokens = parse_tokens(args.index_tokens)
+    if args.stats_tokens:
+        cfg.stats_tokens = parse_tokens(args.stats_tokens)
+    split = (lambda t: [x.strip() for x in t.split(",") if x.strip()] if t else None)
+    run_pipeline(args.out, cfg, only=split(args.only), skip=split(args.skip), force=args.force,
+                 command="saeflow " + " ".join(shlex.quote(a) for a in args.argv))
+    if args.serve:
+        from .app.server import serve
+
+        serve(args.out, port=args.port, model=args.model)
+    return 0
+
+
 # --- serve --------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
     from .app.server import serve
@@ -474,9 +504,8 @@ def _float_list(text: str) -> list[float]:
 
 
 def cmd_validate(args) -> int:
-    from .interventions import flow_for_pack
-    from .validate import (VALIDATE_DIR, ValidateConfig, pick_seeds, r_sweep, run_validation,
-                           table_markdown)
+    from .validate import (VALIDATE_DIR, ValidateConfig, run_validation, table_markdown,
+                           write_r_sweep)
 
     model, pack = _load_model_and_pack(args, "validate")
     for L in _int_list(args.layers) or []:
@@ -498,14 +527,7 @@ def cmd_validate(args) -> int:
         print(f"  cosine in {b:<11} {r['cases']:>5} cases  success {100 * r['success_rate']:5.1f}%"
               f"  mean change {r['mean_activation_change']:.3f}")
     if cfg.r_graphs > 0:
-        flow = flow_for_pack(pack, args.run, model)
-        seeds = pick_seeds(flow, cfg.r_graphs, seed=cfg.seed)
-        df = r_sweep(pack, model, args.run, seeds, cfg.r_values, texts=cfg.r_texts,
-                     ctx_len=cfg.ctx_len, corpus=cfg.corpus, seed=cfg.seed)
-        out = Path(args.run) / VALIDATE_DIR / "r_sweep.csv"
-        tmp = out.with_suffix(".csv.tmp")
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, out)
+        df = write_r_sweep(pack, model, args.run, cfg)
         print("r sweep (relative change of LM loss, mean over graphs):")
         for r, g in df.groupby("r"):
             print(f"  r = {r:5.2f}: {g.relative_change.mean():+.4f}")
@@ -857,6 +879,27 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--device", default=None)
     sw.set_defaults(func=cmd_steer_sweep)
 
+    rn = sub.add_parser("run", help="the main job end to end: pack, eval, flow, index, stats, "
+                                    "validate, sweep, report (resumable; then --serve)")
+    rn.add_argument("--out", required=True, help="the RUN directory")
+    rn.add_argument("--model", default="embedded")
+    rn.add_argument("--pack", default=None,
+                    help="embedded / embedded-quick (trained once into the cache), a pack folder "
+                         "(SAELens, Gemma Scope, Gemma Scope 2, sparsify, saeflow) or a hub "
+                         "release name (downloaded once); default: the embedded pack")
+    rn.add_argument("--profile", default="default", choices=["default", "quick"],
+                    help="quick: the small pack and small samples (under 10 min on 2 cores)")
+    rn.add_argument("--corpus", default=None, help="e.g. wiki=0.8,python=0.2 or a text file")
+    rn.add_argument("--index-tokens", default=None)
+    rn.add_argument("--stats-tokens", default=None)
+    rn.add_argument("--only", default=None, help="comma-separated stages to run")
+    rn.add_argument("--skip", default=None, help="comma-separated stages to leave out")
+    rn.add_argument("--force", action="store_true", help="rerun the chosen stages")
+    rn.add_argument("--serve", action="store_true", help="start the web app when done")
+    rn.add_argument("--port", type=int, default=8765)
+    rn.add_argument("--device", default=None)
+    rn.set_defaults(func=cmd_run)
+
     sv = sub.add_parser("serve", help="the web app and JSON API over a RUN (127.0.0.1 by default)")
     sv.add_argument("run", help="RUN from `saeflow flow` / `index` / `stats`")
     sv.add_argument("--port", type=int, default=8765)
@@ -873,6 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

@@ -367,3 +367,21 @@ def load_summary(run) -> dict:
     if not p.is_file():
         raise ValidateError(f"{run} has no validation; run `saeflow validate`")
     return json.loads(p.read_text())
+
+
+def write_r_sweep(pack, model, run, cfg: ValidateConfig):
+    """The r sweep over cfg.r_graphs flow graphs, written to RUN/validate/r_sweep.csv."""
+    import os
+
+    from .interventions import flow_for_pack
+
+    flow = flow_for_pack(pack, run, model)
+    seeds = pick_seeds(flow, cfg.r_graphs, seed=cfg.seed)
+    df = r_sweep(pack, model, run, seeds, cfg.r_values, texts=cfg.r_texts, ctx_len=cfg.ctx_len,
+                 corpus=cfg.corpus, seed=cfg.seed)
+    out = Path(run) / VALIDATE_DIR / "r_sweep.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".csv.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, out)
+    return df

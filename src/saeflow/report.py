@@ -1,0 +1,319 @@
+"""The run report: one self-contained HTML file (figures inlined) and a Markdown summary.
+
+It reads what the pipeline stages wrote under RUN (eval.json, the flow, the index, stats/,
+validate/, sweep/, pipeline.json) and skips, with a note, any part that is missing.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+PAPER_GROUPS = ("Gemma 2 2B with Gemma Scope (flow paper, section 5.1): early layers are dominated "
+                "by \"From nowhere\" and \"From RES\", the middle layers are stable, and \"From RES\" "
+                "rises again in late layers. The paper gives the classes (translated / processed / "
+                "newborn) per layer as plots without numbers.")
+
+
+class _Doc:
+    """Sections written to HTML and Markdown at once."""
+
+    def __init__(self):
+        self.html: list[str] = []
+        self.md: list[str] = []
+
+    def h(self, text: str, level: int = 2):
+        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+        self.md.append(f"\n{'#' * level} {text}\n")
+
+    def p(self, text: str):
+        self.html.append(f"<p>{html.escape(text)}</p>")
+        self.md.append(text + "\n")
+
+    def table(self, df: pd.DataFrame, floatfmt: str = "{:.3f}"):
+        def cell(v):
+            if isinstance(v, (float, np.floating)):
+                return "" if not np.isfinite(v) else floatfmt.format(v)
+            return str(v)
+        cols = list(df.columns)
+        rows = [[cell(v) for v in r] for r in df.itertuples(index=False)]
+        self.html.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) +
+                         "</tr>" + "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>"
+                                                            for v in r) + "</tr>" for r in rows) +
+                         "</table>")
+        self.md.append("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" +
+                       "\n".join("| " + " | ".join(v.replace("|", "\\|") for v in r) + " |"
+                                 for r in rows) + "\n")
+
+    def figure(self, png: bytes, caption: str, md_path: str | None = None):
+        b64 = base64.b64encode(png).decode()
+        self.html.append(f"<figure><img src=\"data:image/png;base64,{b64}\" alt=\""
+                         f"{html.escape(caption)}\"><figcaption>{html.escape(caption)}"
+                         f"</figcaption></figure>")
+        if md_path:
+            self.md.append(f"![{caption}]({md_path})\n")
+
+    def pre(self, text: str):
+        self.html.append(f"<pre>{html.escape(text)}</pre>")
+        self.md.append("```\n" + text + "\n```\n")
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def example_features(run: Path, n: int = 5, t_res: float = 0.5) -> list[str]:
+    """Residual features with the longest chains at t_res whose labels are made of words,
+    from different layers where possible."""
+    from .flow import feature_id, open_flow
+    from .graphs import FlowIndex, persistence
+    from .index_tables import open_index
+
+    flow = open_flow(run)
+    per = persistence(FlowIndex(flow), t_res)
+    cands = []
+    for L, arr in per.items():
+        for f in np.argsort(-arr)[:40]:
+            cands.append((int(arr[f]), L, int(f)))
+    cands.sort(reverse=True)
+    try:
+        idx = open_index(run)
+        labels = idx.labels([feature_id(L, "resid_post", f) for _, L, f in cands])
+    except ValueError:
+        labels = {}
+
+    def wordy(label: str | None) -> bool:
+        toks = [t.strip() for t in (label or "").replace("→", ",").split(",")]
+        return sum(t.isalpha() and len(t) > 2 for t in toks) >= 2
+
+    picked, layers = [], set()
+    for length, L, f in cands:
+        fid = feature_id(L, "resid_post", f)
+        if wordy((labels.get(fid) or {}).get("label")) and L not in layers:
+            picked.append(fid)
+            layers.add(L)
+        if len(picked) == n:
+            break
+    for length, L, f in cands:  # fill up when too few are labelled in words
+        if len(picked) == n:
+            break
+        fid = feature_id(L, "resid_post", f)
+        if fid not in picked:
+            picked.append(fid)
+    return picked
+
+
+def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
+    """RUN/report.html (self-contained) and RUN/report.md; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(run)
+    files = run / "report_files"
+    files.mkdir(exist_ok=True)
+    doc = _doc = _Doc()
+    state = _read_json(run / "pipeline.json") or {}
+    cfg = state.get("config", {})
+    doc.h(f"saeflow report: {run.name}", 1)
+    doc.p(f"Model {cfg.get('model', '?')}, pack {cfg.get('pack', '?')}; written "
+          f"{time.strftime('%Y-%m-%d %H:%M')}.")
+
+    # --- pack quality -------------------------------------------------------------------
+    ev = _read_json(run / "eval.json")
+    doc.h("SAE pack quality")
+    if ev:
+        doc.p(f"{ev['tokens']} held-out tokens (ΔCE and KL on {ev['ce_tokens']}); clean CE "
+              f"{ev['clean_ce']:.3f}. dead = never active on those tokens; dense = active on "
+              f"more than 10% of them.")
+        df = pd.DataFrame(ev["saes"])[["position", "layer", "d_sae", "fvu", "l0",
+                                        "dead_fraction", "dense_fraction", "delta_ce", "kl"]]
+        doc.table(df.sort_values(["position", "layer"]))
+    else:
+        doc.p("No evaluation in this run (stage eval).")
+
+    # --- flow classes -------------------------------------------------------------------
+    doc.h("Feature classes per layer (data-free flow)")
+    try:
+        from .flow import open_flow
+
+        flow = open_flow(run)
+    except ValueError:
+        flow = None
+    if flow is not None:
+        counts = flow.class_counts()
+        rows = []
+        for L, c in counts.items():
+            n = max(sum(c.values()), 1)
+            rows.append({"layer": L, **{k: 100 * v / n for k, v in c.items()}})
+        df = pd.DataFrame(rows)
+        fig, ax = plt.subplots(figsize=(8, 3.4))
+        bottom = np.zeros(len(df))
+        for k, col in (("translated", "#4c72b0"), ("processed", "#dd8452"),
+                       ("newborn", "#55a868"), ("unexplained", "#c44e52")):
+            ax.bar(df.layer, df[k], bottom=bottom, color=col, label=k)
+            bottom += df[k].to_numpy()
+        ax.set_xlabel("layer")
+        ax.set_ylabel("% of residual features")
+        ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, 1.15))
+        png = _png(fig)
+        (files / "classes.png").write_bytes(png)
+        doc.figure(png, "Classes of residual features per layer", "report_files/classes.png")
+        doc.table(df.rename(columns={k: f"{k} %" for k in ("translated", "processed", "newborn",
+                                                           "unexplained")}), "{:.1f}")
+        groups = (_read_json(run / "stats" / "summary.json") or {}).get("groups")
+        if groups:
+            doc.p("Empirical predecessor groups on real tokens (share of active residual "
+                  "features), next to the paper:")
+            gdf = pd.DataFrame(groups).T.reset_index().rename(columns={"index": "layer"})
+            doc.table(gdf, "{:.2f}")
+        doc.p(PAPER_GROUPS)
+    else:
+        doc.p("No flow in this run (stage flow).")
+
+    # --- example graphs -----------------------------------------------------------------
+    doc.h("Example flow graphs")
+    if flow is not None:
+        from .graphs import add_labels, draw_graph, trace
+
+        for fid in example_features(run):
+            G = trace(flow, fid, t_res=0.5, t_mod=0.15)
+            add_labels(G, run)
+            out = files / fid.replace("/", "_")
+            out.mkdir(exist_ok=True)
+            pics = draw_graph(G, out, formats=("png",), title=fid)
+            layers = sorted({d["layer"] for _, d in G.nodes(data=True)})
+            doc.h(f"{fid}: {G.nodes[fid].get('label') or '(no label)'}", 3)
+            doc.figure(pics["png"].read_bytes(), f"flow graph of {fid}, layers {layers[0]}-"
+                       f"{layers[-1]}", f"report_files/{out.name}/{pics['png'].name}")
+            nodes = sorted(G.nodes(data=True), key=lambda x: (x[1]["layer"], x[0]))
+            doc.table(pd.DataFrame([{"feature": n, "class": d.get("class", ""),
+                                     "label": d.get("explanation") or d.get("label") or ""}
+                                    for n, d in nodes]))
+
+    # --- pass-through and gates ---------------------------------------------------------
+    doc.h("Pass-through and gates (data-driven statistics)")
+    st = _read_json(run / "stats" / "summary.json")
+    if st:
+        man = _read_json(run / "stats" / "stats.json") or {}
+        doc.p(f"Co-activation statistics over {man.get('tokens', '?')} tokens. Pass-through: a "
+              f"feature whose best Pearson partner in the next layer is at least 0.5.")
+        doc.table(pd.DataFrame(st["pass_through"]), "{:.1f}")
+        gates = _read_json(run / "stats" / "gates.json") or []
+        doc.p(f"Quasi-boolean gates: {st['gates']['AND']} AND, {st['gates']['OR']} OR. The "
+              f"first ones:")
+        if gates:
+            g = pd.DataFrame(gates)
+            show = pd.concat([g[g.gate == k].head(5) for k in ("AND", "OR")])
+            doc.table(show[["gate", "down", "down_label", "up_a", "up_a_label", "up_b",
+                            "up_b_label", "down_count"]].fillna(""))
+        if st.get("agreement"):
+            doc.p("Agreement of data-free and data-driven residual predecessors per layer:")
+            doc.table(pd.DataFrame(st["agreement"]), "{:.3f}")
+    else:
+        doc.p("No statistics in this run (stage stats).")
+
+    # --- deactivation -------------------------------------------------------------------
+    doc.h("Causal validation: deactivating predecessors")
+    va = _read_json(run / "validate" / "summary.json")
+    if va:
+        from .validate import table_markdown
+
+        doc.p(f"{va.get('texts')} texts, layers {va.get('layers')}; success = the target "
+              f"feature switched off; change = 1 - z_new / z_old. The paper's Table 1 is Gemma 2 "
+              f"2B with Gemma Scope.")
+        rows = [{"method": m, "cases": r["cases"], "success %": 100 * r["success_rate"],
+                 "mean change": r["mean_activation_change"],
+                 "paper (change, success)": "-" if m not in va.get("paper_table1", {}) else
+                 f"{va['paper_table1'][m][0]:.2f}, {100 * va['paper_table1'][m][1]:.0f}%"}
+                for m, r in va["methods"].items()]
+        doc.table(pd.DataFrame(rows), "{:.3f}")
+        _ = table_markdown  # the CLI prints the same table
+        rs = run / "validate" / "r_sweep.csv"
+        if rs.is_file():
+            df = pd.read_csv(rs).groupby("r").relative_change.mean().reset_index()
+            doc.p("r sweep: relative change of the LM loss when a whole graph is rescaled by r.")
+            doc.table(df, "{:+.4f}")
+    else:
+        doc.p("No validation in this run (stage validate).")
+
+    # --- steering -----------------------------------------------------------------------
+    doc.h("Steering")
+    sw = _read_json(run / "sweep" / "summary.json")
+    if sw:
+        doc.p(f"Themes {', '.join(sw['config']['themes'])}; modes "
+              f"{', '.join(sw['config']['modes'])}; strengths {sw['config']['strengths']}; "
+              f"prompt {sw['config']['prompt']!r}. Concept = probability of the theme's topic "
+              f"under a MiniLM + logistic-regression classifier "
+              f"({100 * sw['classifier']['held_out_accuracy']:.1f}% held-out accuracy); "
+              f"coherence = SmolLM2 perplexity and distinct-2 relative to unsteered text.")
+        for png in sorted((run / "sweep" / "plots").glob("*.png")):
+            doc.figure(png.read_bytes(), png.stem.replace("_", " "), f"sweep/plots/{png.name}")
+        best = pd.DataFrame(sw["best"])
+        if len(best):
+            doc.p("Best setting per theme and mode (activation score, bootstrap 95% CI):")
+            cols = [c for c in ("theme", "mode", "layer", "strength", "activation_score",
+                                "ci_low", "ci_high", "concept", "coherence") if c in best]
+            doc.table(best[cols])
+        sp = run / "sweep" / "sweep.parquet"
+        if sp.is_file() and len(best):
+            df = pd.read_parquet(sp)
+            doc.p("Example completions at each theme's best setting (prompt "
+                  f"{sw['config']['prompt']!r}):")
+            for th, grp in best.groupby("theme"):
+                top = grp.sort_values("activation_score", ascending=False).iloc[0]
+                sel = df[(df.theme == th) & (df["mode"] == top["mode"]) &
+                         (df.layer == top["layer"]) & (df.strength == top["strength"])]
+                dflt = df[(df.theme == th) & (df["mode"] == "default")]
+                text = "\n".join([f"[{th}, {top['mode']}, layer {top['layer']}, strength "
+                                  f"{top['strength']:g}]"] +
+                                 [f"  steered: {t!r}" for t in sel.text.head(2)] +
+                                 [f"  default: {t!r}" for t in dflt.text.head(1)])
+                doc.pre(text)
+        c = sw.get("cumulative_vs_single", {})
+        if "mean_over_themes" in c:
+            doc.p(f"Cumulative minus single-layer (best settings): mean "
+                  f"{c['mean_over_themes']:+.3f} over themes.")
+    else:
+        doc.p("No steering sweep in this run (stage sweep).")
+
+    # --- provenance ---------------------------------------------------------------------
+    doc.h("How this was made")
+    stages = state.get("stages", {})
+    if stages:
+        doc.table(pd.DataFrame([{"stage": s, "status": r.get("status"),
+                                 "minutes": (r.get("seconds") or 0) / 60,
+                                 "finished": r.get("finished_at", "")}
+                                for s, r in stages.items()]), "{:.1f}")
+    doc.pre("\n".join(state.get("commands", [])) or "(no commands recorded)")
+    doc.pre(json.dumps(state.get("versions", {}), indent=1))
+
+    style = ("body{font:14px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0;font-size:13px}td,th{border-bottom:"
+             "1px solid #ddd;padding:.15em .5em;text-align:left}img{max-width:100%}"
+             "pre{background:#f6f6f8;padding:.6em;white-space:pre-wrap}")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>saeflow report: "
+            f"{html.escape(run.name)}</title><style>{style}</style></head><body>"
+            + "\n".join(doc.html) + "</body></html>")
+    from .store import write_text_atomic
+
+    html_path, md_path = run / "report.html", run / "report.md"
+    write_text_atomic(html_path, page)
+    write_text_atomic(md_path, "\n".join(_doc.md))
+    return html_path, md_path
