@@ -19,12 +19,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# QUICK=1: the quick pack profile (a few minutes) instead of the default (~25 min on 2 cores).
-PACK := $(if $(QUICK),embedded-quick,embedded)
+# The main job: train (or reuse) the embedded SAE pack, flow, index, statistics, validation,
+# steering sweep, report; then the web app. QUICK=1: the quick profile (under 10 min on 2 cores).
+RUN  ?= runs/$(if $(QUICK),quick,embedded)
+PORT ?= 8765
 
 demo: $(STAMP)
-	$(BIN)/saeflow info --model embedded
-	$(BIN)/saeflow pack eval $(PACK) --tokens 8k --ce-tokens 1k
+	$(BIN)/saeflow run --out $(RUN) $(if $(QUICK),--profile quick) --port $(PORT) --serve
 
 # The browser tests drive Debian's chromium through Playwright (no browser download).
 CHROMIUM ?= /usr/bin/chromium
