@@ -1,6 +1,7 @@
 """The web app's JSON API on a small real run (tiny model, random pack): views, errors, limits,
 path traversal, concurrent steering over a real uvicorn server, and schemathesis fuzzing."""
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -178,3 +179,40 @@ def test_fuzz_the_api_with_its_openapi_schema(live_server):
         check()
     assert n_cases > 100
     assert not failures, failures[:3]
+
+
+def test_saeflow_serve_binds_localhost_and_warns_when_widened(tiny_run, tiny_model_dirs):
+    """The real command in a subprocess: prints its URL, answers, warns for a wider host."""
+    import socket
+    import subprocess
+    import sys
+
+    run, pack, _ = tiny_run
+    for host, warns in (("127.0.0.1", False), ("0.0.0.0", True)):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "saeflow.cli", "serve", str(run),
+                                 "--port", str(port), "--host", host, "--pack", str(pack.root),
+                                 "--model", str(tiny_model_dirs["gemma3"])],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            lines = []
+            while True:
+                line = proc.stdout.readline()
+                assert line, "serve exited: " + "".join(lines)
+                lines.append(line)
+                if " at http" in line:
+                    break
+            assert f"http://127.0.0.1:{port}/" in line
+            assert ("WARNING" in "".join(lines)) == warns
+            for _ in range(100):
+                try:
+                    r = httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=5)
+                    break
+                except httpx.ConnectError:
+                    time.sleep(0.1)
+            assert r.status_code == 200 and r.json()["has"]["flow"]
+        finally:
+            proc.terminate()
+            proc.wait(10)
