@@ -57,6 +57,18 @@ def test_scores_reward_on_theme_fluent_text(clf, tiny_models):
     assert {"religion", "mathematics", "arts", "biology"} <= set(THEMES)
 
 
+def test_playground_scores_compare_steered_with_default(tiny_models):
+    from saeflow.steer_eval import compare_completions
+
+    res = compare_completions(["The stock market fell as rates rose."],
+                              ["The priest prayed in the church to God."], "church, prayer, God",
+                              tiny_models["llama"])
+    assert res["mean"]["steered"]["concept"] > res["mean"]["default"]["concept"]
+    for r in res["default"] + res["steered"]:
+        assert 0 <= r["coherence"] <= 1 and r["perplexity"] > 1
+    assert res["default"][0]["coherence"] == pytest.approx(1.0)  # the reference itself
+
+
 def _judge_server():
     import http.server
     import threading

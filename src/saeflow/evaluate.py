@@ -112,6 +112,8 @@ def _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, prog
     clean_total, n_tok = 0.0, 0
     bar = tqdm(total=ce_tokens, unit="tok", desc=f"eval: splice {len(slots)} SAEs",
                disable=not progress)
+    # each row costs len(slots) + 1 full forwards with the LM head: never more rows than asked
+    batch = max(1, min(batch, -(-ce_tokens // ctx_len)))
     with torch.inference_mode():
         for b in data.token_batches(model.tokenizer, batch, ctx_len, split="heldout"):
             ids = b.input_ids.to(dev)
