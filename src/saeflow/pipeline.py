@@ -67,8 +67,8 @@ class PipelineConfig:
 # statistical power for time, never correctness: every stage still runs for real.
 PROFILES = {
     "default": PipelineConfig(),
-    "quick": PipelineConfig(pack="embedded-quick", eval_tokens=1024, ce_tokens=256,
-                            index_tokens=8_000, stats_tokens=8_000, validate_texts=3,
+    "quick": PipelineConfig(pack="embedded-quick", eval_tokens=512, ce_tokens=128,
+                            index_tokens=8_000, stats_tokens=8_000, validate_texts=2,
                             validate_r_graphs=1, sweep_themes=["religion"],
                             sweep_strengths=[8.0], sweep_n=2, sweep_max_layers=1,
                             classifier_docs=800),
