@@ -297,7 +297,8 @@ def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
     doc.h("How this was made")
     stages = state.get("stages", {})
     if stages:
-        doc.table(pd.DataFrame([{"stage": s, "status": r.get("status"),
+        doc.table(pd.DataFrame([{"stage": s,
+                                 "status": "this report" if s == "report" else r.get("status"),
                                  "minutes": (r.get("seconds") or 0) / 60,
                                  "finished": r.get("finished_at", "")}
                                 for s, r in stages.items()]), "{:.1f}")
