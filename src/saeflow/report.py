@@ -98,8 +98,9 @@ def example_features(run: Path, n: int = 5, t_res: float = 0.5) -> list[str]:
         labels = {}
 
     def wordy(label: str | None) -> bool:
-        toks = [t.strip() for t in (label or "").replace("→", ",").split(",")]
-        return sum(t.isalpha() and len(t) > 2 for t in toks) >= 2
+        # the activating tokens (left of the arrow; the logit tokens are on its right) are words
+        toks = [t.strip() for t in (label or "").split("→")[0].split(",")]
+        return sum(t.isascii() and t.isalpha() and len(t) > 2 for t in toks) >= 2
 
     picked, layers = [], set()
     for length, L, f in cands:

@@ -217,10 +217,12 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
         from ..steer_eval import compare_completions
 
         concept = req.concept
-        if not concept:
-            ids = [i.id for i in plan.interventions]
+        if not concept:  # the seed feature's activating tokens (its label left of the arrow)
+            ids = [plan.meta["seed"]] if plan.meta.get("seed") else []
+            ids += [i.id for i in plan.interventions]
             labs = data.labels(ids)
             concept = next((labs[i]["label"] for i in ids if labs.get(i, {}).get("label")), "")
+            concept = concept.split("→")[0].strip(" ,")
         return compare_completions(res["default"], res["steered"], concept or "")
 
     @app.post("/api/steer", summary="Default and steered completions (in the spirit of "
