@@ -155,6 +155,7 @@ def test_fuzz_the_api_with_its_openapi_schema(live_server):
 
     schema = schemathesis.openapi.from_url(f"{live_server}/openapi.json")
     failures = []
+    statuses: dict[int, int] = {}
     n_cases = 0
     for op in schema.get_all_operations():
         op = op.ok()
@@ -174,9 +175,12 @@ def test_fuzz_the_api_with_its_openapi_schema(live_server):
                 case.body["score"] = False
             n_cases += 1
             r = case.call(base_url=live_server, timeout=120)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
             if r.status_code >= 500:
                 failures.append((op.path, case.body or case.query, r.status_code, r.text[:200]))
         check()
+    print(f"schemathesis: {n_cases} cases over {len(list(schema.get_all_operations()))} "
+          f"operations; statuses {dict(sorted(statuses.items()))}")
     assert n_cases > 100
     assert not failures, failures[:3]
 
