@@ -129,7 +129,7 @@ def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
     run = Path(run)
     files = run / "report_files"
     files.mkdir(exist_ok=True)
-    doc = _doc = _Doc()
+    doc = _Doc()
     state = _read_json(run / "pipeline.json") or {}
     cfg = state.get("config", {})
     doc.h(f"saeflow report: {run.name}", 1)
@@ -234,8 +234,6 @@ def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
     doc.h("Causal validation: deactivating predecessors")
     va = _read_json(run / "validate" / "summary.json")
     if va:
-        from .validate import table_markdown
-
         doc.p(f"{va.get('texts')} texts, layers {va.get('layers')}; success = the target "
               f"feature switched off; change = 1 - z_new / z_old. The paper's Table 1 is Gemma 2 "
               f"2B with Gemma Scope.")
@@ -245,7 +243,6 @@ def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
                  f"{va['paper_table1'][m][0]:.2f}, {100 * va['paper_table1'][m][1]:.0f}%"}
                 for m, r in va["methods"].items()]
         doc.table(pd.DataFrame(rows), "{:.3f}")
-        _ = table_markdown  # the CLI prints the same table
         rs = run / "validate" / "r_sweep.csv"
         if rs.is_file():
             df = pd.read_csv(rs).groupby("r").relative_change.mean().reset_index()
@@ -317,5 +314,5 @@ def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
 
     html_path, md_path = run / "report.html", run / "report.md"
     write_text_atomic(html_path, page)
-    write_text_atomic(md_path, "\n".join(_doc.md))
+    write_text_atomic(md_path, "\n".join(doc.md))
     return html_path, md_path

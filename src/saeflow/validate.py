@@ -371,8 +371,6 @@ def load_summary(run) -> dict:
 
 def write_r_sweep(pack, model, run, cfg: ValidateConfig):
     """The r sweep over cfg.r_graphs flow graphs, written to RUN/validate/r_sweep.csv."""
-    import os
-
     from .interventions import flow_for_pack
 
     flow = flow_for_pack(pack, run, model)

@@ -22,7 +22,7 @@ from ..generate import MAX_NEW_TOKENS, MAX_SAMPLES, GenerationError, SamplingCon
 from ..interventions import (MAX_INTERVENTIONS, MAX_STRENGTH, Intervention, PlanError,
                              SteeringPlan)
 from .live import LiveModel
-from .views import MAX_GRAPH_NODES, NotFound, RunData
+from .views import MAX_GRAPH_NODES, NotFound, RunData, jsonable
 
 STATIC = Path(__file__).parent / "static"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -127,7 +127,7 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
             except NotFound:
                 pass
         if data.index is not None:
-            hits += [{k: _plain(v) for k, v in h.items()} for h in data.index.search(q, limit)]
+            hits += [{k: jsonable(v) for k, v in h.items()} for h in data.index.search(q, limit)]
         return {"query": q, "hits": hits[:limit]}
 
     def _feature_spec(layer: int, position: str, index: int) -> str:
@@ -310,12 +310,6 @@ def _pack_feature(pack, spec: str) -> tuple[int, str, int]:
     if not 0 <= f < n:
         raise NotFound(f"unknown feature {spec}: that SAE has features 0..{n - 1}")
     return L, pos, f
-
-
-def _plain(v):
-    from .views import _jsonable
-
-    return _jsonable(v)
 
 
 def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8765,

@@ -219,7 +219,7 @@ class RunData:
         page: dict = {"id": fid, "layer": L, "position": pos, "feature": f, "index": None}
         if self.index is not None and f"{L}/{pos}" in self.index.manifest["slots"]:
             row = self.index.feature(L, pos, f)
-            page["index"] = {k: _jsonable(v) for k, v in row.items()}
+            page["index"] = {k: jsonable(v) for k, v in row.items()}
         page.update(self.predecessors(fid))
         page["coactivation"] = self.coactivation(fid)
         page["community"] = self.communities.get(fid)
@@ -289,7 +289,7 @@ class RunData:
             rows = [r for r in rows if r.get("gate") == kind]
         items = []
         for r in rows[offset:offset + limit]:
-            r = {k: _jsonable(v) for k, v in r.items()}
+            r = {k: jsonable(v) for k, v in r.items()}
             r["inputs"] = [{"id": r.get(f"up_{x}"), "label": r.get(f"up_{x}_label"),
                             "count": r.get(f"up_{x}_count")} for x in ("a", "b")]
             items.append(r)
@@ -354,13 +354,13 @@ def _num(v):
     return v
 
 
-def _jsonable(v):
+def jsonable(v):
     if isinstance(v, np.ndarray):
-        return [_jsonable(x) for x in v.tolist()]
+        return [jsonable(x) for x in v.tolist()]
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
+        return {k: jsonable(x) for k, x in v.items()}
     if isinstance(v, (np.integer, np.floating, float)):
         return _num(v)
     return v
@@ -404,7 +404,7 @@ def graph_json(G, t_res: float, meta: dict) -> dict:
             d = G.nodes[n]
             y = -(lane * band + (r - (len(members) - 1) / 2) * min(1.0, band / (len(members) + 1)))
             nodes.append({"id": n, "x": float(L), "y": float(y), "lane": LANE_NAMES[lane],
-                          **{k: _jsonable(v) for k, v in d.items()}})
+                          **{k: jsonable(v) for k, v in d.items()}})
     nodes.sort(key=lambda d: (d["layer"], d["y"]))
     links = []
     for u, v, d in G.edges(data=True):
