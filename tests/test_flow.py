@@ -291,10 +291,11 @@ def test_attn_z_mapping_equals_the_real_output_path(tiny_models, tmp_path):
         layer = model.layer_module(L)
         o_proj = layer.get_submodule(model.arch.o_proj)
         with torch.no_grad():
-            real = o_proj(V) - o_proj(torch.zeros(1, n_z))  # remove any bias: directions only
+            dev = model.device
+            real = o_proj(V.to(dev)) - o_proj(torch.zeros(1, n_z, device=dev))  # bias removed
             if model.arch.post_attn_norm:
                 real = layer.get_submodule(model.arch.post_attn_norm)(real)
-        cos = torch.nn.functional.cosine_similarity(V @ M, real.float(), dim=-1)
+        cos = torch.nn.functional.cosine_similarity(V @ M.cpu(), real.float().cpu(), dim=-1)
         torch.testing.assert_close(cos, torch.ones(7), atol=1e-5, rtol=0)
     # A pack with attn_z SAEs: flow maps them, and says so.
     model = tiny_models["gemma3"]

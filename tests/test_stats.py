@@ -134,7 +134,7 @@ def test_corpus_pass_equals_dense_and_resumes(pack_and_model, tmp_path):
         acts = capture(model, b.input_ids, [HookPoint(*s) for s in pack.entries],
                        attention_mask=b.attention_mask)
         for s in pack.entries:
-            zs[s].append(pack.sae(*s).encode(acts[HookPoint(*s)])[b.content_mask()])
+            zs[s].append(pack.sae(*s).encode(acts[HookPoint(*s)].cpu())[b.content_mask()])
     for up, down in [(("resid_post", 0), ("resid_post", 1)), (("mlp_out", 2), ("resid_post", 2))]:
         ref = dense_reference(torch.cat(zs[up]), torch.cat(zs[down]))
         e = whole.edges(up, down)

@@ -30,7 +30,7 @@ def setup(tiny_models, tmp_path_factory):
 
 
 def _ids(model, text="hello world"):
-    return model.tokenizer(text, return_tensors="pt").input_ids
+    return model.tokenizer(text, return_tensors="pt").input_ids.to(model.device)
 
 
 def test_plan_json_round_trip_and_bad_files(tmp_path):
@@ -137,7 +137,7 @@ def test_sampling_is_seeded_batched_and_steerable(setup):
         for _ in range(6):
             nxt = model.hf(input_ids=seq).logits[:, -1].argmax(-1)
             seq = torch.cat([seq, nxt[:, None]], 1)
-    assert torch.equal(g[0], seq[0, ids.shape[1]:])
+    assert torch.equal(g[0], seq[0, ids.shape[1]:].cpu())  # samples come back on the CPU
     plan = plan_for_feature("2/resid_post/1", 40.0)
     steered = generate(model, "hello world", greedy, plan, pack, typical)
     assert steered != generate(model, "hello world", greedy)

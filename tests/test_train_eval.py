@@ -164,7 +164,7 @@ def test_eval_matches_reference_computation(tiny_models, tmp_path):
     p = HookPoint("resid_post", 1)
     for b in corpus.token_batches(m.tokenizer, 2, 32, split="heldout"):
         mask = b.content_mask()
-        xs.append(capture(m, b.input_ids, [p], attention_mask=b.attention_mask)[p][mask])
+        xs.append(capture(m, b.input_ids, [p], attention_mask=b.attention_mask)[p].cpu()[mask])
         if sum(len(x) for x in xs) >= 300:
             break
     x = torch.cat(xs).double()
@@ -177,19 +177,21 @@ def test_eval_matches_reference_computation(tiny_models, tmp_path):
     assert row["dead_fraction"] == pytest.approx(float((freq == 0).double().mean()))
     assert row["dense_fraction"] == pytest.approx(float((freq > 0.1).double().mean()))
     for b in corpus.token_batches(m.tokenizer, 2, 32, split="heldout"):
-        mask = b.content_mask()
+        dev = m.device
+        ids, am, mask = (t.to(dev) for t in (b.input_ids, b.attention_mask, b.content_mask()))
         tm = mask[:, 1:]
-        tgt = b.input_ids[:, 1:][tm]
+        tgt = ids[:, 1:][tm]
+        sae_dev = pack.sae("resid_post", 1, device=dev)
         with torch.no_grad():
-            lc = torch.log_softmax(m.hf(input_ids=b.input_ids, attention_mask=b.attention_mask)
+            lc = torch.log_softmax(m.hf(input_ids=ids, attention_mask=am)
                                    .logits[:, :-1][tm].double(), -1)
 
             def splice(a):
                 out = a.clone()
-                out[mask] = sae(a[mask])
+                out[mask] = sae_dev(a[mask])
                 return out
             with Hooks(m, edits={p: splice}):
-                ls = torch.log_softmax(m.hf(input_ids=b.input_ids, attention_mask=b.attention_mask)
+                ls = torch.log_softmax(m.hf(input_ids=ids, attention_mask=am)
                                        .logits[:, :-1][tm].double(), -1)
         ce_clean += float(-lc.gather(1, tgt[:, None]).sum())
         ce_spl += float(-ls.gather(1, tgt[:, None]).sum())

@@ -183,7 +183,7 @@ def unembed_directions(model, dirs: torch.Tensor, W_U: torch.Tensor | None = Non
     [vocab, d_model] may be passed in another dtype (logit_lens casts it once, not per block).
     """
     norm = model.module(model.arch.final_norm)
-    x = dirs.float()
+    x = dirs.to(device=norm.weight.device, dtype=torch.float32)  # directions may live on the CPU
     if isinstance(norm, torch.nn.LayerNorm):
         x = x - x.mean(dim=-1, keepdim=True)
     w = norm.weight.detach().float()

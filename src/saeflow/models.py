@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "gemma-3-270m"  # the id Gemma Scope 2 / Neuronpedia use for this model
 CACHE_MANIFEST = "saeflow-cache.json"
-CACHE_FORMAT = 1
+# 2: the tokenizer is checked to prepend BOS where the GGUF asks for it (copies made by format 1
+# under transformers 5.17 lacked it, and Gemma without BOS reads garbage: CE 12.9 nats).
+CACHE_FORMAT = 2
+# Families whose models are trained with BOS at position 0 and break without it.
+NEEDS_BOS = ("gemma", "gemma2", "gemma3")
 
 
 def default_device() -> torch.device:
@@ -204,6 +208,10 @@ def load_model(spec: str = EMBEDDED, device: str | torch.device | None = None,
         folder, name, source = spec, spec, f"hub:{spec}"
     hf, tok = _load_hf(folder, torch_dtype)
     arch = architecture_for(hf.config.model_type)
+    if arch.family in NEEDS_BOS and not tokenizer_adds_bos(tok):
+        log.warning("the tokenizer of %s does not prepend BOS, which %s models need; "
+                    "prepending it", name, arch.family)
+        ensure_bos(tok)
     hf.to(dev).eval()
     return LoadedModel(hf=hf, tokenizer=tok, arch=arch, name=name, source=source,
                        load_seconds=time.perf_counter() - t0)
@@ -294,6 +302,8 @@ def _build_gguf_cache(gguf_path: Path, folder: Path) -> None:
 
     d, n = str(gguf_path.parent), gguf_path.name
     tok = AutoTokenizer.from_pretrained(d, gguf_file=n)
+    if gguf_adds_bos(gguf_path) and not tokenizer_adds_bos(tok):
+        ensure_bos(tok)  # some transformers versions drop the GGUF's add_bos_token flag
     hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=n, dtype=torch.float32)
     config = copy.deepcopy(hf.config)
     if hasattr(config, "quantization_config"):
@@ -319,6 +329,33 @@ def _build_gguf_cache(gguf_path: Path, folder: Path) -> None:
 
 def clear_model_cache() -> None:
     shutil.rmtree(cache_dir("models"), ignore_errors=True)
+
+
+def gguf_adds_bos(gguf_path: Path) -> bool:
+    """The GGUF's own tokenizer.ggml.add_bos_token flag (False when absent)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.add_bos_token")
+    return bool(field is not None and field.parts[field.data[0]][0])
+
+
+def ensure_bos(tokenizer) -> None:
+    """Make `tokenizer(text)` prepend BOS, in a way that survives save_pretrained and reload."""
+    if tokenizer.bos_token_id is None:
+        raise ValueError("the tokenizer has no BOS token, so it cannot prepend one")
+    if hasattr(tokenizer, "add_bos_token"):
+        try:
+            tokenizer.add_bos_token = True  # transformers rebuilds the post-processor from it
+        except (AttributeError, TypeError):
+            pass
+    if not tokenizer_adds_bos(tokenizer):
+        from tokenizers import processors
+
+        b = tokenizer.bos_token
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{b} $A", pair=f"{b} $A {b} $B", special_tokens=[(b, tokenizer.bos_token_id)])
+    if not tokenizer_adds_bos(tokenizer):
+        raise ValueError(f"could not make the {type(tokenizer).__name__} prepend BOS")
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:

@@ -423,7 +423,7 @@ def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
     if state is not None:
         for s, t in trainers.items():
             t.load_state_dict(state["saes"][s])
-        gen.set_state(state["rng"])
+        gen.set_state(state["rng"].cpu())  # map_location moved it; a Generator wants a CPU tensor
         chunk_i, wall_before = state["chunk"], state["wall"]
 
     orig_dtype = model.dtype

@@ -172,7 +172,8 @@ def _validate_text(model, saes, index, input_ids, tokens, layers, pearson, perm,
     """All trials on one text: a clean forward, then batches of intervened copies."""
     points = {s: HookPoint(*s) for s in saes}
     with torch.inference_mode(), Hooks(model, capture=points.values(), stop_early=True) as h:
-        model.hf.get_submodule(model.arch.layers_path.rsplit(".", 1)[0])(input_ids=input_ids)
+        model.hf.get_submodule(model.arch.layers_path.rsplit(".", 1)[0])(
+            input_ids=input_ids.to(model.device))
     z = {s: saes[s].encode(h.activations[pt][0]).float() for s, pt in points.items()}  # [seq, d]
     trials = []  # (case, method, [(slot, feature, activation)])
     for L in layers:
