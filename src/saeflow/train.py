@@ -83,6 +83,10 @@ class TrainConfig:
     model_dtype: str = "auto"  # dtype of the capture forward: auto | float32 | bfloat16
     encoder_dtype: str = "auto"  # dtype of the encoder matmul: auto | float32 | bfloat16
     checkpoint_every_s: float = 180.0
+    # How the SAE updates run, not what they compute: "sparse" steps each SAE alone with sparse
+    # products (fastest on a CPU); "stacked" steps all SAEs of one width as one batched dense
+    # problem (bmm; fastest on a GPU); "auto" picks by device.
+    engine: str = "auto"
 
     def validate(self, model: LoadedModel) -> None:
         if self.width <= 0:
@@ -104,11 +108,14 @@ class TrainConfig:
             raise ValueError(f"--tokens {self.tokens} is less than one batch ({self.batch_size})")
         if self.chunk_tokens < self.batch_size:
             raise ValueError("chunk_tokens must be at least batch_size")
+        if self.engine not in ("auto", "sparse", "stacked"):
+            raise ValueError("engine must be auto, sparse or stacked")
 
     def identity(self) -> dict:
         """The fields that define the result (not how often it checkpoints)."""
         d = asdict(self)
         d.pop("checkpoint_every_s")
+        d.pop("engine")
         return d
 
 
@@ -146,6 +153,24 @@ def _csr_rows(rows: torch.Tensor, B: int) -> torch.Tensor:
     return crow
 
 
+def _init_decoder(n: int, d_in: int, seed: int) -> torch.Tensor:
+    """Unit-norm random decoder rows [n, d_in], the same for a seed on any device or engine."""
+    g = torch.Generator().manual_seed(seed)
+    W_dec = torch.randn(n, d_in, generator=g)
+    return W_dec / W_dec.norm(dim=1, keepdim=True)
+
+
+def _lr_at(cfg: TrainConfig, steps_total: int, step: int) -> float:
+    """Linear warm-up, constant, linear decay to 0 over the last decay_frac of the steps."""
+    T = steps_total
+    warm, decay = max(1, int(cfg.warmup_frac * T)), int(cfg.decay_frac * T)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if decay and step >= T - decay:
+        return cfg.lr * max(0.0, (T - step) / decay)
+    return cfg.lr
+
+
 class SAETrainer:
     """Parameters, optimiser and counters of one SAE in training."""
 
@@ -154,9 +179,7 @@ class SAETrainer:
         self.cfg, self.d_in, self.n = cfg, d_in, cfg.width
         self.steps_total, self.enc_dtype = steps_total, enc_dtype
         self.seed = seed
-        g = torch.Generator().manual_seed(seed)
-        W_dec = torch.randn(self.n, d_in, generator=g)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        W_dec = _init_decoder(self.n, d_in, seed)
         self.W_enc = W_dec.t().contiguous().to(device).requires_grad_()  # tied init
         self.W_dec = W_dec.clone().to(device).requires_grad_()
         self.b_enc = torch.zeros(self.n, device=device, requires_grad=True)
@@ -187,13 +210,7 @@ class SAETrainer:
         self.b_dec.copy_(med)
 
     def lr_at(self, step: int) -> float:
-        T = self.steps_total
-        warm, decay = max(1, int(self.cfg.warmup_frac * T)), int(self.cfg.decay_frac * T)
-        if step < warm:
-            return self.cfg.lr * (step + 1) / warm
-        if decay and step >= T - decay:
-            return self.cfg.lr * max(0.0, (T - step) / decay)
-        return self.cfg.lr
+        return _lr_at(self.cfg, self.steps_total, step)
 
     # --- one step -------------------------------------------------------------------------------
     def _select(self, pre: torch.Tensor):
@@ -317,6 +334,170 @@ class SAETrainer:
         self.last = s["last"]
 
 
+class StackedTrainer:
+    """S SAEs of one input width trained as one batched problem, for GPUs.
+
+    The same recipe as SAETrainer, step for step (same init per seed, same losses, same Adam),
+    but dense and batched: pre-activations [S, B, n] from one bmm, TopK / BatchTopK as a scatter
+    into a dense code, decoding as a second bmm, gradients from autograd. Nothing in a step waits
+    for the host: dead-latent bookkeeping, AuxK and the metrics stay on the device, and metrics
+    are read once per chunk (`metrics()`). In fp32 it equals SAETrainer to rounding; with a bf16
+    `enc_dtype` both products run in bf16 (parameters, Adam and losses stay fp32).
+    """
+
+    engine = "stacked"
+
+    def __init__(self, d_in: int, cfg: TrainConfig, steps_total: int, device, seeds: list[int],
+                 enc_dtype: torch.dtype):
+        self.cfg, self.d_in, self.n, self.S = cfg, d_in, cfg.width, len(seeds)
+        self.steps_total, self.enc_dtype, self.seeds = steps_total, enc_dtype, list(seeds)
+        W_dec = torch.stack([_init_decoder(self.n, d_in, s) for s in seeds])  # [S, n, d_in]
+        self.W_enc = W_dec.transpose(1, 2).contiguous().to(device).requires_grad_()  # [S, d_in, n]
+        self.W_dec = W_dec.to(device).requires_grad_()
+        self.b_enc = torch.zeros(self.S, self.n, device=device, requires_grad=True)
+        self.b_dec = torch.zeros(self.S, d_in, device=device, requires_grad=True)
+        self.params = [self.W_enc, self.W_dec, self.b_enc, self.b_dec]
+        fused = torch.device(device).type in ("cpu", "cuda")
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
+        self.scale: torch.Tensor | None = None  # [S] input scale, fixed by the first chunk
+        self.step_i = 0
+        self.since_fired = torch.zeros(self.S, self.n, dtype=torch.long, device=device)
+        self.fired_ever = torch.zeros(self.S, self.n, dtype=torch.bool, device=device)
+        self.thr_sum = torch.zeros(self.S, dtype=torch.float64, device=device)
+        self.thr_count = torch.zeros(self.S, dtype=torch.long, device=device)
+        self.aux_k = cfg.aux_k or max(1, d_in // 2)
+        self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size * 4, cfg.tokens // 10)
+        self._last: dict[str, torch.Tensor] = {}  # metric -> [S], on the device
+
+    @property
+    def input_scale(self):
+        return None if self.scale is None else self.scale
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        """x [S, N, d_in] (first chunk): input scales and b_dec at the geometric medians."""
+        x = x.float()
+        # Python floats, as SAETrainer keeps them, so both engines scale inputs identically.
+        self.scales = [math.sqrt(self.d_in / float(m)) for m in x.pow(2).sum(2).mean(1).clamp_min(1e-12)]
+        self.scale = torch.tensor(self.scales, device=x.device)  # [S]
+        xs = x * self.scale[:, None, None]
+        med = xs.mean(1)  # [S, d_in]
+        for _ in range(30):  # Weiszfeld iterations
+            w = 1.0 / (xs - med[:, None]).norm(dim=2).clamp_min(1e-6)  # [S, N]
+            med = (w[:, :, None] * xs).sum(1) / w.sum(1, keepdim=True)
+        self.b_dec.copy_(med)
+
+    def _code(self, pre: torch.Tensor, k: int, batch_level: bool):
+        """Dense code [S, B, n] of the top-k pre-activations (per row, or per batch)."""
+        S, B, n = pre.shape
+        if batch_level:
+            vals, pos = pre.reshape(S, B * n).topk(B * k, dim=1)  # [S, B*k]
+            z = torch.zeros_like(pre).reshape(S, B * n).scatter(1, pos, torch.relu(vals))
+            return z.reshape(S, B, n), vals
+        vals, idx = pre.topk(k, dim=-1)  # [S, B, k]
+        return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals)), vals
+
+    def step(self, x: torch.Tensor) -> None:
+        """x [S, B, d_in] raw activations; updates the parameters (no host sync)."""
+        cfg, dt = self.cfg, self.enc_dtype
+        S, B, _ = x.shape
+        x = x.float() * self.scale[:, None, None]
+        xc = x - self.b_dec[:, None, :]
+        pre = torch.baddbmm(self.b_enc[:, None, :].to(dt), xc.to(dt), self.W_enc.to(dt))
+        batch_level = cfg.architecture == "batchtopk"
+        z, vals = self._code(pre, cfg.k, batch_level)  # [S, B, n]
+        W_dec = self.W_dec.to(dt)
+        recon = torch.bmm(z, W_dec).float() + self.b_dec[:, None, :]
+        err = recon - x
+        mse = err.pow(2).sum((1, 2)) / B  # [S]
+        # AuxK: the top aux_k pre-activations among dead latents explain the residual error.
+        with torch.no_grad():
+            dead = self.since_fired > self.dead_tokens  # [S, n]
+            has_dead = dead.any(1)
+        masked = pre.masked_fill(~dead[:, None, :], float("-inf"))
+        az, _ = self._code(masked, min(self.aux_k, self.n), False)
+        arecon = torch.bmm(az, W_dec).float()
+        aux = (arecon - err.detach().neg()).pow(2).sum((1, 2)) / B * has_dead  # [S]
+        loss = (mse + cfg.aux_coef * aux).sum()
+        for p in self.params:
+            p.grad = None
+        loss.backward()
+        with torch.no_grad():
+            g = self.W_dec.grad  # keep decoder rows on the unit sphere
+            g -= (g * self.W_dec).sum(-1, keepdim=True) * self.W_dec
+            for group in self.opt.param_groups:
+                group["lr"] = _lr_at(cfg, self.steps_total, self.step_i)
+            self.opt.step()
+            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            on = z > 0
+            fired = on.any(1)  # [S, n]
+            self.since_fired += B
+            self.since_fired.masked_fill_(fired, 0)
+            self.fired_ever |= fired
+            if batch_level:
+                pos = vals > 0
+                least = torch.where(pos, vals, torch.inf).amin(1).double()
+                self.thr_sum += torch.where(pos.any(1), least, 0.0)
+                self.thr_count += pos.any(1)
+            var = (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
+            self._last = {"fvu": err.pow(2).sum((1, 2)) / var, "l0": on.sum((1, 2)) / B,
+                          "dead": dead.float().mean(1), "loss": mse + cfg.aux_coef * aux,
+                          "aux": aux}
+        self.step_i += 1
+
+    def metrics(self) -> list[dict]:
+        """The last step's metrics, one dict per SAE (one host sync)."""
+        cols = {k: v.detach().float().cpu().tolist() for k, v in self._last.items()}
+        return [{k: cols[k][i] for k in cols} for i in range(self.S)]
+
+    def export(self, i: int, metadata: dict) -> SAE:
+        cfg = self.cfg
+        threshold = None
+        if cfg.architecture == "batchtopk":
+            theta = float(self.thr_sum[i]) / max(1, int(self.thr_count[i]))
+            threshold = torch.full((self.n,), theta)
+        return SAE(W_enc=self.W_enc[i].detach().float().cpu().contiguous(),
+                   W_dec=self.W_dec[i].detach().float().cpu(),
+                   b_enc=self.b_enc[i].detach().float().cpu(),
+                   b_dec=self.b_dec[i].detach().float().cpu(),
+                   architecture=cfg.architecture, threshold=threshold, k=cfg.k,
+                   apply_b_dec_to_input=True, input_scale=self.scales[i],
+                   batchtopk_inference="jumprelu", metadata=metadata)
+
+    # --- checkpoints: one SAETrainer-shaped state per SAE, so either engine can resume ---------
+    def state_dict(self, i: int) -> dict:
+        opt = self.opt.state_dict()
+        per = {j: {k: (v[i].clone() if torch.is_tensor(v) and v.dim() > 0 else v)
+                   for k, v in st.items()} for j, st in opt["state"].items()}
+        m = self.metrics()[i] if self._last else {}
+        return {"params": [p[i].detach().clone() for p in self.params],
+                "opt": {"state": per, "param_groups": opt["param_groups"]},
+                "input_scale": None if self.scale is None else self.scales[i],
+                "step_i": self.step_i, "since_fired": self.since_fired[i].clone(),
+                "fired_ever": self.fired_ever[i].clone(),
+                "thr": (float(self.thr_sum[i]), int(self.thr_count[i])), "last": m}
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        dev = self.W_enc.device
+        with torch.no_grad():
+            for j, p in enumerate(self.params):
+                p.copy_(torch.stack([s["params"][j] for s in states]).to(dev))
+        opt = self.opt.state_dict()
+        first = states[0]["opt"]["state"]
+        opt["state"] = {j: {k: (torch.stack([s["opt"]["state"][j][k] for s in states]).to(dev)
+                                if torch.is_tensor(v) and v.dim() > 0 else v)
+                            for k, v in st.items()} for j, st in first.items()}
+        opt["param_groups"] = states[0]["opt"]["param_groups"]
+        self.opt.load_state_dict(opt)
+        self.scales = [s["input_scale"] for s in states]
+        self.scale = None if self.scales[0] is None else torch.tensor(self.scales, device=dev)
+        self.step_i = states[0]["step_i"]
+        self.since_fired.copy_(torch.stack([s["since_fired"] for s in states]))
+        self.fired_ever.copy_(torch.stack([s["fired_ever"] for s in states]))
+        self.thr_sum.copy_(torch.tensor([float(s["thr"][0]) for s in states]))
+        self.thr_count.copy_(torch.tensor([int(s["thr"][1]) for s in states]))
+
+
 # --- dtype choice -----------------------------------------------------------------------------------
 def _bf16_is_faster(device: torch.device) -> bool:
     if device.type == "cuda":
@@ -341,6 +522,57 @@ def _resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     if choice == "auto":
         return torch.bfloat16 if _bf16_is_faster(device) else torch.float32
     return parse_dtype(choice)
+
+
+class _OneSAE:
+    """A SAETrainer behind StackedTrainer's group interface (a group of one, x [1, ...])."""
+
+    engine = "sparse"
+
+    def __init__(self, trainer: SAETrainer):
+        self.t = trainer
+
+    @property
+    def input_scale(self):
+        return self.t.input_scale
+
+    @property
+    def step_i(self):
+        return self.t.step_i
+
+    def init_from(self, x):
+        self.t.init_from(x[0])
+
+    def step(self, x):
+        self.t.step(x[0])
+
+    def metrics(self):
+        return [self.t.last]
+
+    def export(self, i, metadata):
+        return self.t.export(metadata)
+
+    def state_dict(self, i):
+        return self.t.state_dict()
+
+    def load_state_dicts(self, states):
+        self.t.load_state_dict(states[0])
+
+
+def _make_groups(model, cfg: TrainConfig, slots, steps_total, device, enc_dtype):
+    """[(slots, trainer)]: one stacked trainer per input width, or one SAETrainer per slot."""
+    engine = cfg.engine
+    if engine == "auto":
+        engine = "stacked" if torch.device(device).type == "cuda" else "sparse"
+    seed = {s: cfg.seed * 100_003 + i for i, s in enumerate(slots)}
+    if engine == "sparse":
+        return [([s], _OneSAE(SAETrainer(model.width(s[0]), cfg, steps_total, device, seed[s],
+                                         enc_dtype))) for s in slots]
+    by_width: dict[int, list] = {}
+    for s in slots:
+        by_width.setdefault(model.width(s[0]), []).append(s)
+    return [(group, StackedTrainer(w, cfg, steps_total, device, [seed[s] for s in group],
+                                   enc_dtype)) for w, group in by_width.items()]
 
 
 # --- the family loop --------------------------------------------------------------------------------
@@ -415,16 +647,15 @@ def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
                              f"than --tokens {cfg.tokens}; lower --tokens or add sources "
                              f"with --corpus")
 
-    trainers = {s: SAETrainer(model.width(s[0]), cfg, steps_total, device,
-                              seed=cfg.seed * 100_003 + i, enc_dtype=enc_dtype)
-                for i, s in enumerate(slots)}
+    groups = _make_groups(model, cfg, slots, steps_total, device, enc_dtype)
     gen = torch.Generator().manual_seed(cfg.seed)
     chunk_i, wall_before = 0, 0.0
     if state is not None:
-        for s, t in trainers.items():
-            t.load_state_dict(state["saes"][s])
+        for group, t in groups:
+            t.load_state_dicts([state["saes"][s] for s in group])
         gen.set_state(state["rng"].cpu())  # map_location moved it; a Generator wants a CPU tensor
         chunk_i, wall_before = state["chunk"], state["wall"]
+    last_of: dict = {}
 
     orig_dtype = model.dtype
     if cap_dtype != orig_dtype:
@@ -441,7 +672,8 @@ def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"ident": ident, "chunk": chunk_i, "rng": gen.get_state(),
                     "wall": wall_before + time.perf_counter() - t_start,
-                    "saes": {s: t.state_dict() for s, t in trainers.items()}}, tmp)
+                    "saes": {s: t.state_dict(i) for group, t in groups
+                             for i, s in enumerate(group)}}, tmp)
         os.replace(tmp, ckpt_dir / CKPT_FILE)
 
     try:
@@ -469,24 +701,31 @@ def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
                 continue
             # A full chunk: shuffle and train each SAE on exactly chunk_tokens tokens.
             perm = torch.randperm(n_buf, generator=gen)[:cfg.chunk_tokens].to(device)
-            for s in slots:
-                x = torch.cat(buffers[s])[perm]
-                buffers[s] = []
-                t = trainers[s]
+            for group, t in groups:
+                x = torch.stack([torch.cat(buffers[s])[perm] for s in group])  # [S, N, d_in]
+                for s in group:
+                    buffers[s] = []
                 if t.input_scale is None:
                     t.init_from(x)
-                for xb in x.split(cfg.batch_size):
+                for b0 in range(0, x.shape[1], cfg.batch_size):
                     try:
-                        t.step(xb)
+                        t.step(x[:, b0:b0 + cfg.batch_size])
                     except TrainingError as e:
                         raise TrainingError(
-                            f"{e} in the SAE at {s[0]} layer {s[1]} (step {t.step_i}); stopped. "
-                            f"The last good checkpoint is kept in {ckpt_dir}; try a lower --lr"
-                        ) from None
+                            f"{e} in the SAE at {group[0][0]} layer {group[0][1]} (step "
+                            f"{t.step_i}); stopped. The last good checkpoint is kept in "
+                            f"{ckpt_dir}; try a lower --lr") from None
+                for s, m in zip(group, t.metrics()):  # once per chunk: one host sync per group
+                    if not math.isfinite(m["loss"]) or m["fvu"] > 1e3:
+                        raise TrainingError(
+                            f"loss is {m['loss']} (FVU {m['fvu']:.3g}) in the SAE at {s[0]} "
+                            f"layer {s[1]} (step {t.step_i}); stopped. The last good checkpoint "
+                            f"is kept in {ckpt_dir}; try a lower --lr")
+                    last_of[s] = m
             n_buf = 0
             chunk_i += 1
             bar.update(cfg.chunk_tokens)
-            lasts = [t.last for t in trainers.values()]
+            lasts = list(last_of.values())
             bar.set_postfix(fvu=f"{sum(x['fvu'] for x in lasts) / len(lasts):.3f}",
                             l0=f"{sum(x['l0'] for x in lasts) / len(lasts):.1f}",
                             dead=f"{sum(x['dead'] for x in lasts) / len(lasts):.3f}")
@@ -504,13 +743,16 @@ def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
             model.hf.to(orig_dtype)
 
     wall = wall_before + time.perf_counter() - t_start
-    metrics = {f"{p}/{L}": trainers[(p, L)].last for p, L in slots}
+    metrics = {f"{p}/{L}": last_of.get((p, L), {}) for p, L in slots}
     prov = {"trained_by": f"saeflow {__version__}", "model": model.name, "model_source": model.source,
             "corpus": corpus.describe(), "tokens": n_chunks * cfg.chunk_tokens, "seed": cfg.seed,
             "wall_seconds": round(wall, 1), "train_config": ident,
             "capture_dtype": str(cap_dtype).removeprefix("torch."),
+            "engine": groups[0][1].engine,
             "encoder_dtype": str(enc_dtype).removeprefix("torch."), "final_train_metrics": metrics}
-    saes = ((p, L, trainers[(p, L)].export({"position": p, "layer": L})) for p, L in slots)
+    exported = {s: t.export(i, {"position": s[0], "layer": s[1]})
+                for group, t in groups for i, s in enumerate(group)}
+    saes = ((p, L, exported[(p, L)]) for p, L in slots)
     pack = save_pack(saes, out, model_name=model.name, d_model=model.d_model,
                      n_layers=model.n_layers, provenance=prov, overwrite=True)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
