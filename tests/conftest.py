@@ -24,6 +24,12 @@ def tiny_model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def test_device() -> str:
+    """SAEFLOW_TEST_DEVICE (default cpu): the device the device-sensitive tests run on."""
+    return os.environ.get("SAEFLOW_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tiny_model_dirs):
     from saeflow import load_model
 

@@ -97,3 +97,26 @@ def test_permutation_equals_scipy_dense_and_sparse(n_a, n_b):
         np.testing.assert_allclose(cos.sum(), S[r, c].sum(), rtol=1e-5)
         order = np.argsort(rows)
         assert np.array_equal(rows[order], r) and np.array_equal(cols[order], c)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_matching_on_the_test_device_equals_the_cpu(test_device, precision, tmp_path):
+    """Blocks read on the host, products and running top-k on the device, results on the CPU:
+    the same matches as the CPU path (SAEFLOW_TEST_DEVICE=cuda checks a GPU)."""
+    from safetensors.torch import save_file
+
+    from saeflow.match import SafetensorsRows, top_k_pairs
+
+    g = torch.Generator().manual_seed(3)
+    A, B = torch.randn(300, 24, generator=g), torch.randn(500, 24, generator=g)
+    save_file({"W_dec": B}, str(tmp_path / "b.safetensors"))
+    streamed = SafetensorsRows(tmp_path / "b.safetensors", "W_dec")
+    ref = top_k_pairs(A, B, k=4, cols=True, block_a=64, block_b=128, precision=precision)
+    for b in (B, streamed):  # in memory, and streamed from disk (memory_budget 0)
+        m = top_k_pairs(A, b, k=4, cols=True, block_a=64, block_b=128, precision=precision,
+                        device=test_device, memory_budget=0 if b is streamed else 512 << 20)
+        for got, want in ((m.row_values, ref.row_values), (m.col_values, ref.col_values)):
+            assert got.device.type == "cpu"
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert torch.equal(m.row_indices, ref.row_indices)
+        assert torch.equal(m.col_indices, ref.col_indices)

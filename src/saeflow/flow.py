@@ -58,6 +58,9 @@ class FlowConfig:
     block_a: int = 1024
     block_b: int = 4096
     memory_budget_mb: int = 512
+    # where the similarity products run: "auto" (cuda when present, else the CPU), or a device
+    # name. Results are the same up to fp32 rounding, so it is not part of the cache key.
+    device: str = "auto"
 
     def __post_init__(self):
         if self.method not in MATCH_METHODS:
@@ -67,6 +70,11 @@ class FlowConfig:
             raise FlowError("k must be >= 1")
         if not 0.5 <= self.null_quantile < 1:
             raise FlowError("null_quantile must be in [0.5, 1)")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     def identity(self) -> dict:
         """The settings that change the matches (block sizes do not)."""
@@ -267,7 +275,8 @@ def compute_layer(pack, plan: LayerPlan, cfg: FlowConfig, model=None,
     directions = directions or (lambda slot: slot_directions(pack, slot, cfg.method, model))
     A = directions(plan.resid).materialize(budget)
     out: dict[str, np.ndarray] = {"n_resid": np.array(A.n)}
-    kw = dict(block_a=cfg.block_a, block_b=cfg.block_b, memory_budget=budget)
+    kw = dict(block_a=cfg.block_a, block_b=cfg.block_b, memory_budget=budget,
+              device=cfg.resolved_device())
     for kind, slot in plan.preds.items():
         if slot is None:
             continue
@@ -546,7 +555,7 @@ def match_pair(a_spec: str, b_spec: str, method: str = "decoder", k: int = 5, mo
     if A.d != B.d:
         raise FlowError(f"{a_spec} lives in width {A.d} and {b_spec} in width {B.d}; they cannot "
                         f"be compared (map attn_z SAEs with --model)")
-    kw = dict(block_a=cfg.block_a, block_b=cfg.block_b)
+    kw = dict(block_a=cfg.block_a, block_b=cfg.block_b, device=cfg.resolved_device())
     if method == "permutation":
         rows, cols, cos = permutation_match(A, B, **kw)
         row_i = np.full((A.n, 1), -1, np.int64)

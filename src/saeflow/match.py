@@ -157,12 +157,15 @@ def _as_directions(x) -> Directions:
 
 def top_k_pairs(A, B, k: int = 5, cols: bool = False, block_a: int = 1024, block_b: int = 4096,
                 precision: str = "fp32", rerank_margin: int = 4, memory_budget: int = 512 << 20,
-                progress: Callable[[int], None] | None = None) -> Matches:
+                progress: Callable[[int], None] | None = None, device=None) -> Matches:
     """Top-k rows of B for every row of A (and, with cols=True, top-k rows of A for every row of B).
 
     A, B: `Directions` or tensors [n, d]. Similarities are cosines of the rows (times B's
     `row_scale` when set). `progress(n_rows_of_A_done)` is called after each A block.
+    device: where the products and running top-k run (e.g. "cuda"); blocks are read on the host
+    and moved there, and the result comes back to the CPU. None: the CPU.
     """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
     A, B = _as_directions(A), _as_directions(B)
     if A.d != B.d:
         raise MatchError(f"the dictionaries have different widths: {A.d} vs {B.d}; map them into "
@@ -177,23 +180,27 @@ def top_k_pairs(A, B, k: int = 5, cols: bool = False, block_a: int = 1024, block
     kc_col = min(k + rerank_margin, A.n) if precision == "bf16" else k
     n_a, n_b = A.n, B.n
     rows_b = _in_memory_rows(B)
+    if rows_b is not None:
+        rows_b = rows_b.to(dev)  # moved once
     B_low = rows_b.bfloat16() if precision == "bf16" and rows_b is not None else None  # once
 
     def b_block(b0: int, b1: int) -> torch.Tensor:
         if B_low is not None:
             return B_low[b0:b1]
-        return B.unit_block(b0, b1)
+        if rows_b is not None:
+            return rows_b[b0:b1]
+        return B.unit_block(b0, b1).to(dev)
 
     row_v = torch.empty(n_a, kc)
     row_i = torch.empty(n_a, kc, dtype=torch.long)
-    col_v = torch.full((n_b, kc_col), float("-inf")) if cols else None
-    col_i = torch.zeros((n_b, kc_col), dtype=torch.long) if cols else None
+    col_v = torch.full((n_b, kc_col), float("-inf"), device=dev) if cols else None
+    col_i = torch.zeros((n_b, kc_col), dtype=torch.long, device=dev) if cols else None
     for a0 in range(0, n_a, block_a):
-        a = A.unit_block(a0, min(a0 + block_a, n_a))  # [ba, d]
+        a = A.unit_block(a0, min(a0 + block_a, n_a)).to(dev)  # [ba, d]
         if precision == "bf16":
             a = a.bfloat16()
-        best_v = torch.full((a.shape[0], kc), float("-inf"))
-        best_i = torch.zeros((a.shape[0], kc), dtype=torch.long)
+        best_v = torch.full((a.shape[0], kc), float("-inf"), device=dev)
+        best_i = torch.zeros((a.shape[0], kc), dtype=torch.long, device=dev)
         for b0 in range(0, n_b, block_b):
             b = b_block(b0, min(b0 + block_b, n_b))  # [bb, d]
             sims = (a @ b.to(a.dtype).T).float()  # [ba, bb]
@@ -203,13 +210,15 @@ def top_k_pairs(A, B, k: int = 5, cols: bool = False, block_a: int = 1024, block
                 v, i = sims.T.topk(min(kc_col, sims.shape[0]), dim=1)  # [bb, kc]
                 cv, ci = _merge(col_v[b0:b0 + b.shape[0]], col_i[b0:b0 + b.shape[0]], v, i + a0)
                 col_v[b0:b0 + b.shape[0]], col_i[b0:b0 + b.shape[0]] = cv, ci
-        row_v[a0:a0 + a.shape[0]], row_i[a0:a0 + a.shape[0]] = best_v, best_i
+        row_v[a0:a0 + a.shape[0]], row_i[a0:a0 + a.shape[0]] = best_v.cpu(), best_i.cpu()
         if progress:
             progress(a.shape[0])
+    if cols:
+        col_v, col_i = col_v.cpu(), col_i.cpu()
     if precision == "bf16":
-        row_v, row_i = _rerank(A, B, row_i, k)
+        row_v, row_i = _rerank(A, B, row_i, k, device=dev)
         if cols:
-            col_v, col_i = _rerank(B, A, col_i, k)
+            col_v, col_i = _rerank(B, A, col_i, k, device=dev)
     return Matches(row_v, row_i, col_v, col_i)
 
 
@@ -221,24 +230,28 @@ def _in_memory_rows(D: Directions) -> torch.Tensor | None:
     return None
 
 
-def _rerank(A: Directions, B: Directions, cand: torch.Tensor, k: int, block: int = 1024):
+def _rerank(A: Directions, B: Directions, cand: torch.Tensor, k: int, block: int = 1024,
+            device=None):
     """Exact fp32 scores of candidate pairs, re-sorted; keeps the best k. cand [n_a, kc]."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
     out_v = torch.empty(A.n, k)
     out_i = torch.empty(A.n, k, dtype=torch.long)
     rows_b = _in_memory_rows(B)
+    if rows_b is not None:
+        rows_b = rows_b.to(dev)
     for a0 in range(0, A.n, block):
-        a = A.unit_block(a0, min(a0 + block, A.n)).float()  # [ba, d]
-        c = cand[a0:a0 + a.shape[0]]  # [ba, kc]
+        a = A.unit_block(a0, min(a0 + block, A.n)).float().to(dev)  # [ba, d]
+        c = cand[a0:a0 + a.shape[0]].to(dev)  # [ba, kc]
         if rows_b is not None:
             # One candidate column at a time: a [ba, d] gather stays in cache, [ba, kc, d] not.
             s = torch.stack([(a * rows_b.index_select(0, c[:, j]).float()).sum(1)
                              for j in range(c.shape[1])], dim=1)  # [ba, kc]
         else:
-            uniq, inv = torch.unique(c, return_inverse=True)
-            rows = _gather_rows(B, uniq)
-            s = torch.einsum("ad,akd->ak", a, rows[inv])  # [ba, kc]
+            uniq, inv = torch.unique(c.cpu(), return_inverse=True)
+            rows = _gather_rows(B, uniq).to(dev)
+            s = torch.einsum("ad,akd->ak", a, rows[inv.to(dev)])  # [ba, kc]
         v, pos = s.topk(k, dim=1)
-        out_v[a0:a0 + a.shape[0]], out_i[a0:a0 + a.shape[0]] = v, c.gather(1, pos)
+        out_v[a0:a0 + a.shape[0]], out_i[a0:a0 + a.shape[0]] = v.cpu(), c.gather(1, pos).cpu()
     return out_v, out_i
 
 
