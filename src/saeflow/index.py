@@ -68,20 +68,23 @@ class _Reservoir:
     win_ids [d, n, W] int32 (-1 outside the context), win_act [d, n, W] float16.
     """
 
-    def __init__(self, d: int, n: int, W: int):
-        self.key = torch.full((d, n), float("-inf"))
-        self.value = torch.zeros(d, n)
-        self.doc = torch.full((d, n), -1, dtype=torch.long)
-        self.tok = torch.full((d, n), -1, dtype=torch.long)
-        self.win_ids = torch.full((d, n, W), -1, dtype=torch.int32)
-        self.win_act = torch.zeros(d, n, W, dtype=torch.float16)
+    def __init__(self, d: int, n: int, W: int, device=None):
+        dev = device
+        self.key = torch.full((d, n), float("-inf"), device=dev)
+        self.value = torch.zeros(d, n, device=dev)
+        self.doc = torch.full((d, n), -1, dtype=torch.long, device=dev)
+        self.tok = torch.full((d, n), -1, dtype=torch.long, device=dev)
+        self.win_ids = torch.full((d, n, W), -1, dtype=torch.int32, device=dev)
+        self.win_act = torch.zeros(d, n, W, dtype=torch.float16, device=dev)
 
     def state(self) -> dict:
-        return dict(vars(self))
+        """CPU copies, so a checkpoint resumes on any device."""
+        return {k: v.cpu() for k, v in vars(self).items()}
 
     def load(self, state: dict) -> None:
+        dev = self.key.device
         for k, v in state.items():
-            setattr(self, k, v)
+            setattr(self, k, v.to(dev))
 
     def offer(self, key, act, feat, flat_tok, z, batch, W_left: int, W_right: int) -> None:
         """Candidates: key/value/feat/flat_tok [M] (flat_tok indexes the batch's B*T tokens)."""
@@ -94,12 +97,13 @@ class _Reservoir:
         f_sorted = feat[o]
         counts = torch.bincount(f_sorted, minlength=d)
         starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(len(o)) - starts[f_sorted]
+        dev = key.device
+        rank = torch.arange(len(o), device=dev) - starts[f_sorted]
         keep = rank < n
         sel, f, r = o[keep], f_sorted[keep], rank[keep]
-        cand_key = torch.full((d, n), float("-inf"))
+        cand_key = torch.full((d, n), float("-inf"), device=dev)
         cand_key[f, r] = key[sel]
-        cand_idx = torch.full((d, n), -1, dtype=torch.long)
+        cand_idx = torch.full((d, n), -1, dtype=torch.long, device=dev)
         cand_idx[f, r] = sel
         new_key, pos = torch.cat([self.key, cand_key], 1).topk(n, dim=1)  # [d, n]
         from_new = pos >= n
@@ -117,7 +121,7 @@ class _Reservoir:
             ft = flat_tok[c]
             B, T = batch.input_ids.shape
             b, t = ft // T, ft % T
-            offs = torch.arange(-W_left, W_right + 1)
+            offs = torch.arange(-W_left, W_right + 1, device=dev)
             p = t[:, None] + offs[None, :]  # [m, W]
             inside = (p >= 0) & (p < T)
             pc = p.clamp(0, T - 1)
@@ -136,17 +140,20 @@ class _Reservoir:
 class _SlotStats:
     """Running statistics of one SAE's features."""
 
-    def __init__(self, d: int, cfg: IndexConfig, seed: int):
-        self.count = torch.zeros(d, dtype=torch.long)
-        self.total = torch.zeros(d, dtype=torch.float64)
-        self.max = torch.zeros(d)
-        self.hist = torch.zeros(d, len(HIST_EDGES) - 1, dtype=torch.long)
-        self.top = _Reservoir(d, cfg.n_top, cfg.window)
-        self.sample = _Reservoir(d, cfg.n_samples, cfg.window)
-        self.gen = torch.Generator().manual_seed(seed)
+    def __init__(self, d: int, cfg: IndexConfig, seed: int, device=None):
+        dev = self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.count = torch.zeros(d, dtype=torch.long, device=dev)
+        self.total = torch.zeros(d, dtype=torch.float64, device=dev)
+        self.max = torch.zeros(d, device=dev)
+        self.hist = torch.zeros(d, len(HIST_EDGES) - 1, dtype=torch.long, device=dev)
+        self.edges = HIST_EDGES.to(dev)
+        self.top = _Reservoir(d, cfg.n_top, cfg.window, dev)
+        self.sample = _Reservoir(d, cfg.n_samples, cfg.window, dev)
+        self.gen = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on any device
 
     def update(self, z: torch.Tensor, batch, content: torch.Tensor, cfg: IndexConfig) -> None:
-        """z [B, T, d] activations; content [B, T] bool (real document tokens)."""
+        """z [B, T, d] activations; content [B, T] bool (real document tokens); `batch`'s
+        input_ids, doc_ids and token_index, z and content all on this statistics' device."""
         B, T, d = z.shape
         z = z * content[..., None].to(z.dtype)
         flat = z.reshape(B * T, d)
@@ -154,21 +161,29 @@ class _SlotStats:
         val = flat[tok, feat].float()
         self.count += torch.bincount(feat, minlength=d)
         self.total.index_add_(0, feat, val.double())
-        self.max = torch.maximum(self.max, torch.zeros(d).scatter_reduce(0, feat, val, "amax"))
-        bins = (torch.bucketize(val, HIST_EDGES) - 1).clamp(0, self.hist.shape[1] - 1)
+        self.max = torch.maximum(self.max, torch.zeros_like(self.max).scatter_reduce(
+            0, feat, val, "amax"))
+        bins = (torch.bucketize(val, self.edges) - 1).clamp(0, self.hist.shape[1] - 1)
         self.hist.view(-1).index_add_(0, feat * self.hist.shape[1] + bins,
                                       torch.ones_like(bins))
         self.top.offer(val, val, feat, tok, z, batch, cfg.window_left, cfg.window_right)
-        u = torch.rand(len(val), generator=self.gen)
+        u = torch.rand(len(val), generator=self.gen).to(val.device)
         self.sample.offer(u, val, feat, tok, z, batch, cfg.window_left, cfg.window_right)
 
     def state(self) -> dict:
-        return {"count": self.count, "total": self.total, "max": self.max, "hist": self.hist,
-                "top": self.top.state(), "sample": self.sample.state(),
+        """CPU copies, so a checkpoint resumes on any device."""
+        return {"count": self.count.cpu(), "total": self.total.cpu(), "max": self.max.cpu(),
+                "hist": self.hist.cpu(), "top": self.top.state(), "sample": self.sample.state(),
                 "gen": self.gen.get_state()}
 
+    def to_cpu(self) -> None:
+        self.device = torch.device("cpu")
+        self.load(self.state())
+
     def load(self, s: dict) -> None:
-        self.count, self.total, self.max, self.hist = s["count"], s["total"], s["max"], s["hist"]
+        dev = self.device
+        self.count, self.total = s["count"].to(dev), s["total"].to(dev)
+        self.max, self.hist = s["max"].to(dev), s["hist"].to(dev)
         self.top.load(s["top"])
         self.sample.load(s["sample"])
         self.gen.set_state(s["gen"])
@@ -285,6 +300,7 @@ def build_index(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = N
     Resumes from RUN/index/.state when it holds the state of the same pack, model and settings;
     refuses a state from another pack or corpus unless `force`.
     """
+    from .corpora import TokenBatch
     from .scan import ScanError, ScanSpec, scan
 
     cfg = cfg or IndexConfig()
@@ -302,13 +318,18 @@ def build_index(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = N
             raise IndexError_(f"{root} holds the index of a different pack; use another --out "
                               f"or --force")
     slots = sorted(pack.entries)
-    stats = {slot: _SlotStats(pack.entries[slot].d_sae, cfg, seed=cfg.seed * 1000 + i)
+    dev = model.device  # the bookkeeping runs where the codes are: no dense copy to the host
+    stats = {slot: _SlotStats(pack.entries[slot].d_sae, cfg, seed=cfg.seed * 1000 + i,
+                              device=dev)
              for i, slot in enumerate(slots)}
     unigram = [torch.zeros(model.vocab_size, dtype=torch.long)]
 
     def on_batch(z, b, content):
+        on_dev = TokenBatch(*(t.to(dev) for t in (b.input_ids, b.attention_mask, b.doc_ids,
+                                                  b.token_index)))
+        content_dev = content.to(dev)
         for slot, zs in z.items():
-            stats[slot].update(zs, b, content, cfg)
+            stats[slot].update(zs, on_dev, content_dev, cfg)
         unigram[0] += torch.bincount(b.input_ids[content], minlength=model.vocab_size)
 
     def get_state():
@@ -325,9 +346,12 @@ def build_index(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = N
     try:
         res = scan(model, pack, slots, spec, root / ".state" / "state.pt", ident, on_batch,
                    get_state, set_state, force=force, progress=progress, desc="index",
-                   stop_after_batches=stop_after_batches)
+                   stop_after_batches=stop_after_batches, codes_on_device=True)
     except ScanError as e:
         raise IndexError_(str(e)) from None
+    if dev.type != "cpu":
+        for st in stats.values():  # the table writer reads them as numpy arrays
+            st.to_cpu()
     saes, unigram, tokens_done = res["saes"], unigram[0], res["tokens"]
     t_start = time.time() - res["seconds"]
     from .index_tables import write_index

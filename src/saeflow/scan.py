@@ -45,10 +45,12 @@ def load_saes(pack, slots, device, dtype) -> dict:
 def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
          on_batch: Callable, get_state: Callable[[], dict], set_state: Callable[[dict], None],
          *, force: bool = False, progress: bool = True, desc: str = "scan",
-         stop_after_batches: int | None = None) -> dict:
+         stop_after_batches: int | None = None, codes_on_device: bool = False) -> dict:
     """Run the pass; returns {"tokens": content tokens seen, "seconds": wall time, "saes": ...}.
 
-    on_batch(z: {slot: [B, T, d_sae] float32 cpu}, batch: TokenBatch, content: [B, T] bool).
+    on_batch(z: {slot: [B, T, d_sae] float32}, batch: TokenBatch, content: [B, T] bool), with
+    z on the CPU, or on the model's device when `codes_on_device` (the consumer's bookkeeping
+    runs there; copying dense codes of every SAE to the host is what bounds a GPU pass).
     A state file of another identity is refused (unless `force`, which starts over).
     """
     from tqdm.auto import tqdm
@@ -103,8 +105,10 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
         acts = capture(model, b.input_ids, points, attention_mask=b.attention_mask)
         content = b.content_mask()
         with torch.inference_mode():
-            z = {slot: saes[slot].encode(acts[pt].to(enc_dtype)).float().cpu()
+            z = {slot: saes[slot].encode(acts[pt].to(enc_dtype)).float()
                  for slot, pt in zip(slots, points)}
+            if not codes_on_device:
+                z = {slot: v.cpu() for slot, v in z.items()}
         del acts
         on_batch(z, b, content)
         n = int(content.sum())
