@@ -25,20 +25,21 @@ def _nonzero_lists(z: torch.Tensor, active: torch.Tensor | None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """z [T, d], active [T, d] bool (None: z > 0) -> (index, value, nonzero, active), each
     [T, m] with m the most features nonzero on one token: every token's nonzero features,
-    padded to m."""
+    padded to m. Runs on z's device; only the [T, m] lists come back to the host."""
     nz = z > 0 if active is None else (z != 0) | active
     t, f = nz.nonzero(as_tuple=True)  # row-major: grouped by token
     T = z.shape[0]
     per_token = torch.bincount(t, minlength=T)
     m = int(per_token.max()) if T else 0
-    slot = torch.arange(len(t)) - (per_token.cumsum(0) - per_token)[t]  # rank within its token
-    idx = torch.zeros(T, m, dtype=torch.long)
-    val = torch.zeros(T, m, dtype=torch.float64)
-    ok = torch.zeros(T, m, dtype=torch.bool)
+    dev = z.device
+    slot = torch.arange(len(t), device=dev) - (per_token.cumsum(0) - per_token)[t]  # rank in token
+    idx = torch.zeros(T, m, dtype=torch.long, device=dev)
+    val = torch.zeros(T, m, dtype=torch.float64, device=dev)
+    ok = torch.zeros(T, m, dtype=torch.bool, device=dev)
     idx[t, slot], val[t, slot], ok[t, slot] = f, z[t, f].double(), True
-    on = ok if active is None else torch.zeros(T, m, dtype=torch.bool).index_put_(
+    on = ok if active is None else torch.zeros(T, m, dtype=torch.bool, device=dev).index_put_(
         (t, slot), active[t, f])
-    return idx.numpy(), val.numpy(), ok.numpy(), on.numpy()
+    return idx.cpu().numpy(), val.cpu().numpy(), ok.cpu().numpy(), on.cpu().numpy()
 
 
 @dataclass
@@ -399,11 +400,17 @@ def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
         maxima = max_by_feature or _maxima_from_index(out, slots)
         if maxima is None:
             maxima = _maxima_pass(pack, model, slots, spec, progress)
-        thresholds = {s: torch.as_tensor(maxima[s], dtype=torch.float32) * frac for s in slots}
+        thresholds = {s: torch.as_tensor(maxima[s], dtype=torch.float32, device=model.device)
+                      * frac for s in slots}
     acc = {pr: PairAccumulator(pack.entries[pr[0]].d_sae, pack.entries[pr[1]].d_sae)
            for pr in pairs}
 
+    dev = model.device  # codes stay there: only each token's short list of features comes back
+    pred_of = {L: {kind: torch.as_tensor(info[kind], device=dev)
+                   for kind in ("res", "mlp", "attn") if kind in info} for L, info in flow_pred.items()}
+
     def on_batch(z, b, content):
+        content = content.to(dev)
         flat = {s: z[s][content] for s in slots}  # [T_content, d]
         act = {s: (flat[s] > thresholds[s]) if thresholds else None for s in slots}
         for (u, d), a in acc.items():
@@ -412,18 +419,18 @@ def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
             r = ("resid_post", L)
             on_r = act[r] if thresholds else flat[r] > 0
             t, f = on_r.nonzero(as_tuple=True)
-            code = torch.zeros(len(t), dtype=torch.long)
+            code = torch.zeros(len(t), dtype=torch.long, device=dev)
             for bit, kind in ((1, "res"), (2, "mlp"), (4, "attn")):
                 slot = info["slots"].get(kind)
                 if slot is None:
                     continue
-                pred = torch.as_tensor(info[kind])[f]  # top-1 predecessor of each active feature
+                pred = pred_of[L][kind][f]  # top-1 predecessor of each active feature
                 ok = pred >= 0
                 src = act[slot] if thresholds else flat[slot] > 0
-                fired = torch.zeros(len(t), dtype=torch.bool)
+                fired = torch.zeros(len(t), dtype=torch.bool, device=dev)
                 fired[ok] = src[t[ok], pred[ok]]
                 code += bit * fired.long()
-            group_counts[L] += torch.bincount(code, minlength=8).numpy()
+            group_counts[L] += torch.bincount(code, minlength=8).cpu().numpy()
 
     def get_state():
         return {"pairs": {f"{u[1]}/{u[0]}->{d[1]}/{d[0]}": a.state() for (u, d), a in acc.items()},
@@ -437,7 +444,7 @@ def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
     try:
         res = scan(model, pack, slots, spec, root / ".state" / "state.pt", ident, on_batch,
                    get_state, set_state, force=force, progress=progress, desc="stats",
-                   stop_after_batches=stop_after_batches)
+                   stop_after_batches=stop_after_batches, codes_on_device=True)
     except ScanError as e:
         raise StatsError(str(e)) from None
     write_stats(root, acc, cfg, ident, res["tokens"], res["seconds"])
