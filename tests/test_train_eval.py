@@ -273,3 +273,13 @@ def test_train_family_stacked_engine_writes_the_same_pack(tiny_models, tmp_path)
     for slot in a.entries:
         for name, t in a.sae(*slot).tensors().items():
             torch.testing.assert_close(b.sae(*slot).tensors()[name], t, atol=1e-4, rtol=1e-3)
+
+
+def test_training_in_bf16_leaves_the_callers_weights_exact(tiny_models, tmp_path):
+    m = tiny_models["gemma3"]
+    before = {k: v.clone() for k, v in m.hf.state_dict().items()}
+    train_family(m, tiny_cfg(tokens=1024, model_dtype="bfloat16", layers=[0]), tmp_path / "p",
+                 progress=False)
+    after = m.hf.state_dict()
+    assert m.dtype == torch.float32
+    assert all(torch.equal(before[k], after[k]) for k in before)

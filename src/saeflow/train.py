@@ -658,7 +658,10 @@ def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
     last_of: dict = {}
 
     orig_dtype = model.dtype
+    backup = None
     if cap_dtype != orig_dtype:
+        # A dtype round trip would leave the caller's weights rounded: restore them exactly.
+        backup = {k: v.detach().to("cpu", copy=True) for k, v in model.hf.state_dict().items()}
         model.hf.to(cap_dtype)
     points = [HookPoint(p, L) for p, L in slots]
     t_start = time.perf_counter()
@@ -739,8 +742,9 @@ def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
             raise ValueError(f"the corpus ran out after {chunk_i} of {n_chunks} chunks")
     finally:
         bar.close()
-        if model.dtype != orig_dtype:  # leave the caller's model as it was, whatever happened
+        if backup is not None:  # leave the caller's model as it was, whatever happened
             model.hf.to(orig_dtype)
+            model.hf.load_state_dict(backup)
 
     wall = wall_before + time.perf_counter() - t_start
     metrics = {f"{p}/{L}": last_of.get((p, L), {}) for p, L in slots}
