@@ -45,7 +45,7 @@ def _open_pack(args, model=None, strict: bool = True):
     family = getattr(args, "family", None) or (model.arch.family if model is not None else None)
     return open_pack(args.path, model=model, position=getattr(args, "position", None),
                      width=getattr(args, "width", None), l0=getattr(args, "l0", None),
-                     family=family, seed=getattr(args, "seed", None),
+                     family=family, seed=getattr(args, "variant_seed", None),
                      best=getattr(args, "best", False), strict=strict)
 
 
@@ -189,6 +189,9 @@ def cmd_flow(args) -> int:
     if model is None and "attn_z" in pack.positions:
         raise ValueError("this pack's attention SAEs sit at attn_z (head space); pass --model so "
                          "their directions can be mapped into the residual through W_O")
+    if model is None and ({"mlp_raw", "attn_raw"} & set(pack.positions)):
+        raise ValueError("this pack has SAEs on raw MLP / attention outputs (before any "
+                         "post-norm); pass --model so they can be mapped into the residual")
     n_layers = pack.n_layers or (max(pack.layers()) + 1)
     layers = parse_layers(args.layers, n_layers) if args.layers != "all" else None
     cfg = FlowConfig(k=args.k, method=args.method, precision=args.precision, null=args.null,
@@ -632,13 +635,14 @@ def build_parser() -> argparse.ArgumentParser:
     pack = sub.add_parser("pack", help="inspect, convert, evaluate and fetch SAE families")
     psub = pack.add_subparsers(dest="pack_cmd", required=True)
 
-    def selectors(sp):
+    def selectors(sp, variant_seed=False):
         sp.add_argument("--position", default=None,
                         help="position for SAEs whose files do not say it (Gemma Scope npz)")
         sp.add_argument("--width", default=None, help="variant to take, e.g. 16k")
         sp.add_argument("--l0", default=None, help="variant to take, e.g. 82 or medium")
-        sp.add_argument("--seed", type=int, default=None,
-                        help="sparsify multi-seed run: the seed to take (default: the lowest)")
+        if variant_seed:  # commands with a sampling --seed do not get this one
+            sp.add_argument("--seed", type=int, default=None, dest="variant_seed",
+                            help="sparsify multi-seed run: the seed to take (default: the lowest)")
         sp.add_argument("--best", action="store_true",
                         help="sparsify save_best run: take best/ (default: the final checkpoint)")
         sp.add_argument("--family", default=None,
@@ -646,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = psub.add_parser("inspect", help="list the SAEs of a family and the missing slots")
     ins.add_argument("path")
-    selectors(ins)
+    selectors(ins, variant_seed=True)
     ins.add_argument("--model", default=None, help="check against this model (d_in, layers)")
     ins.add_argument("--n-layers", type=int, default=None, help="layers the family should cover")
     ins.add_argument("--verify", action="store_true",
@@ -657,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv = psub.add_parser("convert", help="write any supported family as a saeflow pack")
     conv.add_argument("path")
     conv.add_argument("out")
-    selectors(conv)
+    selectors(conv, variant_seed=True)
     conv.add_argument("--model-name", default=None)
     conv.add_argument("--n-layers", type=int, default=None)
     conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -693,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fl = sub.add_parser("flow", help="data-free feature flow of a pack: predecessors, classes, plots")
     fl.add_argument("path", help="a pack path, or 'embedded' / 'embedded-quick'")
-    selectors(fl)
+    selectors(fl, variant_seed=True)
     fl.add_argument("--out", required=True, help="RUN directory")
     fl.add_argument("--model", default=None, help="needed when attention SAEs sit at attn_z")
     fl.add_argument("--layers", default="all", help="all, 0-5, or 1,3,7")

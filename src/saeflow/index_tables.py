@@ -34,12 +34,11 @@ def neuronpedia_url(np_id: str | None, feature: int) -> str | None:
 
 
 def _directions(pack, slot, sae, model) -> torch.Tensor:
-    W = sae.W_dec.float().cpu()  # [d_sae, d_in]
-    if slot[0] == "attn_z":
-        from .flow import attn_z_mapping
+    from .flow import residual_mapping
 
-        W = W @ attn_z_mapping(model, slot[1])
-    return W
+    W = sae.W_dec.float().cpu()  # [d_sae, d_in]
+    mapping = residual_mapping(model, *slot)  # attn_z, or a raw site under a post-norm
+    return W if mapping is None else W @ mapping.to(W.device)
 
 
 def _quantiles_from_hist(hist: np.ndarray, values: np.ndarray) -> np.ndarray:
