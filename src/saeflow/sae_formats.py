@@ -348,6 +348,9 @@ def save_saelens(sae: SAE, folder: Path, *, position: str, layer: int, hook_name
         cfg["rescale_acts_by_decoder_norm"] = False  # any rescale is folded in the weights
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in sae.tensors().items()}
+    if act != "jumprelu" and tensors.pop("threshold", None) is not None:
+        # SAELens refuses unexpected tensors; a BatchTopK threshold is unused by TopK inference.
+        saeflow_meta["threshold_dropped"] = True
     save_file(tensors, str(folder / SAELENS_WEIGHTS), metadata={"format": "pt"})
     (folder / SAELENS_CFG).write_text(json.dumps(cfg, indent=2) + "\n")
 
@@ -465,20 +468,27 @@ def load_gemmascope2(folder: Path) -> SAE:
 
 # --- EleutherAI sparsify --------------------------------------------------------------------
 # A run is RUN/<hookpoint>/ (cfg.json + sae.safetensors), RUN/<hookpoint>/seed<N>/ when it
-# trained several seeds, and RUN/best/<hookpoint>/ with save_best; RUN/config.json holds the
-# training config (with `model` when run from sparsify's command line).
+# trained several seeds; with save_best, RUN/best/<name>/<name>/ (per-hookpoint losses) or
+# RUN/best/<name>/ (one overall loss). RUN/config.json holds the training config (with
+# `model` when run from sparsify's command line).
 _SEED_DIR = re.compile(r"seed(\d+)")
 
 
 def sparsify_layout(folder: Path) -> dict:
     """{hookpoint, seed, best, run}: where an SAE folder sits in a sparsify run."""
-    hookpoint, seed, parent = folder.name, None, folder.parent
+    hookpoint, seed, up = folder.name, None, folder.parent
     m = _SEED_DIR.fullmatch(folder.name)
     if m:
-        hookpoint, seed, parent = folder.parent.name, int(m.group(1)), folder.parent.parent
-    best = parent.name == "best"
+        hookpoint, seed, up = folder.parent.name, int(m.group(1)), folder.parent.parent
+    name = [hookpoint] + ([folder.name] if seed is not None else [])
+    # best/<name>/<name>: the checkpoint folder repeats the SAE's name above it.
+    above = [up.parent.name, up.name] if seed is not None else [up.name]
+    if above == name and (up.parent.parent if seed is not None else up.parent).name == "best":
+        return {"hookpoint": hookpoint, "seed": seed, "best": True,
+                "run": (up.parent.parent if seed is not None else up.parent).parent}
+    best = up.name == "best"
     return {"hookpoint": hookpoint, "seed": seed, "best": best,
-            "run": parent.parent if best else parent}
+            "run": up.parent if best else up}
 
 
 def _sparsify_run_model(run: Path) -> str | None:
