@@ -340,6 +340,16 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_dashboards(args) -> int:
+    from .dashboards import export_dashboards
+
+    slots = [s.strip() for s in args.slots.split(",") if s.strip()] if args.slots else None
+    paths = export_dashboards(args.run, out=args.out, slots=slots)
+    print(f"wrote {len(paths)} dashboard file(s) (Neuronpedia feature JSON) to "
+          f"{paths[0].parent if paths else args.out}")
+    return 0
+
+
 def cmd_explain(args) -> int:
     from .explain import ExplainerConfig, explain_features
     from .hookpoints import parse_layers
@@ -788,6 +798,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--force", action="store_true", help="ask again for features already done")
     ex.add_argument("--json", action="store_true")
     ex.set_defaults(func=cmd_explain)
+
+    db = sub.add_parser("dashboards", help="export feature dashboards (Neuronpedia's JSON "
+                        "shape) from RUN/index, one file per SAE")
+    db.add_argument("run")
+    db.add_argument("--out", default=None, help="folder (default: RUN/dashboards)")
+    db.add_argument("--slots", default=None, help="comma list, e.g. 6/resid_post,6/mlp_out")
+    db.set_defaults(func=cmd_dashboards)
 
     fe = sub.add_parser("feature", help="one feature's page: label, stats, logit lens, contexts")
     fe.add_argument("run")
