@@ -214,7 +214,7 @@ def _saelens_plan(cfg: dict, tensor_names, path: Path) -> _SAELensPlan:
         refused = f"hook_head_index={head}: SAEs on a single attention head are not supported"
     if refused is None and cfg.get("finetuning_scaling_factor"):
         refused = "finetuning_scaling_factor is not supported"
-    if refused is None and arch in ("topk",) and not k:
+    if refused is None and arch == "topk" and not k:
         refused = "a TopK SAE config needs k"
     rescale = bool(cfg.get("rescale_acts_by_decoder_norm")) and arch in ("topk", "batchtopk")
     # SAELens defaults apply_b_dec_to_input to true for every architecture, old and new.
@@ -245,7 +245,13 @@ def describe_saelens(folder: Path, family: str | None = None) -> SAEInfo:
     meta = cfg.get("metadata") or {}
     model_name = meta.get("model_name") or cfg.get("model_name")
     hook = _saelens_hook(cfg)
-    position, layer = _hook_position(hook, folder / SAELENS_CFG, family or _family_of(model_name))
+    try:
+        position, layer = _hook_position(hook, folder / SAELENS_CFG,
+                                         family or _family_of(model_name))
+    except SAEFormatError:
+        if not plan.refused:
+            raise
+        position, layer = None, None  # listed as refused; its site does not matter
     sf = meta.get("saeflow") or {}
     position, layer = sf.get("position", position), sf.get("layer", layer)
     extra = {"neuronpedia_id": meta.get("neuronpedia_id") or cfg.get("neuronpedia_id")}
