@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# torch goes in first and pinned, so resolving `torch` never pulls the CUDA stack on a CPU box.
+# torch goes in first and pinned, so resolving `torch` never pulls the CUDA stack on a CPU box;
+# the test extra (pytest, sae-lens, eai-sparsify for the interop tests) comes after it, so it
+# finds torch satisfied and leaves it alone.
 # GPU users: make install TORCH_SPEC=torch TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cu124
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=

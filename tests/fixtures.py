@@ -117,9 +117,10 @@ def write_saelens(folder: Path, w, arch="jumprelu", hook="blocks.1.hook_resid_po
         tensors["threshold"] = w["threshold"].contiguous()
     save_file(tensors, str(folder / "sae_weights.safetensors"))
     d_in, d_sae = w["W_enc"].shape
+    dtype = str(w["W_enc"].dtype).removeprefix("torch.")
     if flat:  # SAELens < 6: flat keys, activation_fn_str
         cfg = {"d_in": d_in, "d_sae": d_sae, "hook_name": hook, "hook_layer": 1,
-               "model_name": model_name, "dtype": "float32",
+               "model_name": model_name, "dtype": dtype,
                "activation_fn_str": "topk" if arch == "topk" else "relu",
                "activation_fn_kwargs": {"k": k} if k else {},
                "apply_b_dec_to_input": True if apply_b_dec is None else apply_b_dec,
@@ -128,7 +129,7 @@ def write_saelens(folder: Path, w, arch="jumprelu", hook="blocks.1.hook_resid_po
             cfg["architecture"] = "jumprelu"
     else:
         cfg = {"architecture": {"relu": "standard"}.get(arch, arch), "d_in": d_in, "d_sae": d_sae,
-               "dtype": "float32", "device": "cpu",
+               "dtype": dtype, "device": "cpu",
                "apply_b_dec_to_input": (arch != "jumprelu") if apply_b_dec is None else apply_b_dec,
                "normalize_activations": "none", "reshape_activations": "none",
                "metadata": {"model_name": model_name, "hook_name": hook, "prepend_bos": True}}

@@ -31,10 +31,13 @@ def test_anatomy(tiny_models, family):
     assert len(a["layers"]) == 3
     for layer in a["layers"]:
         assert set(layer["hook_points"]) == {"resid_pre", "resid_post", "attn_out", "mlp_out",
-                                             "attn_z"}
+                                             "attn_z", "mlp_raw", "attn_raw"}
         for pos, hp in layer["hook_points"].items():
             m.module(hp["hf_module"])  # every path resolves to a real module
-            assert hp["tl_name"].startswith(f"blocks.{layer['layer']}.")
+            if pos in ("mlp_raw", "attn_raw") and family in GEMMA:
+                assert hp["tl_name"] is None  # TransformerLens has no hook before the post-norm
+            else:
+                assert hp["tl_name"].startswith(f"blocks.{layer['layer']}.")
     assert a["layers"][0]["hook_points"]["attn_z"]["width"] == m.n_heads * m.d_head
     json.dumps(a)
 

@@ -163,11 +163,18 @@ def test_sparsify_roundtrip(tmp_path):
     w6, w6m = random_weights(seed=6), random_weights(seed=7)
     write_sparsify(run, "layers.6", w6, k=5)
     write_sparsify(run, "layers.6.mlp", w6m, k=5)
+    # The HF name layers.6.mlp is the raw MLP output: mlp_raw unless the family says that is
+    # the same site as mlp_out (no post-norm).
     pack = load_pack(run)
-    assert set(pack.entries) == {("resid_post", 6), ("mlp_out", 6)}
+    assert set(pack.entries) == {("resid_post", 6), ("mlp_raw", 6)}
+    assert set(load_pack(run, family="gemma3").entries) == {("resid_post", 6), ("mlp_raw", 6)}
+    assert set(load_pack(run, family="llama").entries) == {("resid_post", 6), ("mlp_out", 6)}
     _check_against_ref(pack.sae("resid_post", 6), w6, "topk", 5, apply_b_dec=True)
     again = _pack_roundtrip(run, tmp_path)
-    _check_against_ref(again.sae("mlp_out", 6), w6m, "topk", 5, apply_b_dec=True)
+    _check_against_ref(again.sae("mlp_raw", 6), w6m, "topk", 5, apply_b_dec=True)
+    cfg = json.loads((again.root / "mlp_raw" / "layer_6" / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "layers.6.mlp"
+    assert cfg["metadata"]["saeflow"]["converted_from"] == "layers.6.mlp"
 
 
 def test_missing_slots_reported(tmp_path):
@@ -265,7 +272,11 @@ def test_hook_name_parsing():
     assert parse_hook_name("model.layers.5.post_feedforward_layernorm.output") == ("mlp_out", 5)
     assert parse_hook_name("model.layers.5.self_attn.o_proj.input") == ("attn_z", 5)
     assert parse_hook_name("model.layers.10.output") == ("resid_post", 10)
-    assert parse_hook_name("layers.6.mlp") == ("mlp_out", 6)
+    assert parse_hook_name("layers.6.mlp") == ("mlp_raw", 6)
+    assert parse_hook_name("layers.6.mlp", "gemma3") == ("mlp_raw", 6)
+    assert parse_hook_name("model.layers.6.self_attn", "gemma2") == ("attn_raw", 6)
+    assert parse_hook_name("layers.6.mlp", "llama") == ("mlp_out", 6)
+    assert parse_hook_name("layers.6.self_attn", "qwen3") == ("attn_out", 6)
     assert parse_hook_name("transformer.h.3") == ("resid_post", 3)
     assert parse_hook_name("model.layers.2.post_attention_layernorm", "gemma3") == ("attn_out", 2)
     with pytest.raises(ValueError):

@@ -32,16 +32,21 @@ def cmd_info(args) -> int:
     for layer in a["layers"]:
         print(f"  layer {layer['layer']}")
         for pos, hp in layer["hook_points"].items():
-            print(f"    {pos:<11} {hp['hf_name']:<52} {hp['tl_name']:<28} {hp['width']}")
+            print(f"    {pos:<11} {hp['hf_name']:<52} {hp['tl_name'] or '-':<28} {hp['width']}")
     return 0
 
 
 # --- pack ---------------------------------------------------------------------------------
-def _open_pack(args, model=None):
-    from .recipes import open_pack
+def _open_pack(args, model=None, strict: bool = True):
+    from .recipes import EMBEDDED_NAMES, open_pack
 
+    if args.path in EMBEDDED_NAMES:
+        return open_pack(args.path, model=model)
+    family = getattr(args, "family", None) or (model.arch.family if model is not None else None)
     return open_pack(args.path, model=model, position=getattr(args, "position", None),
-                     width=getattr(args, "width", None), l0=getattr(args, "l0", None))
+                     width=getattr(args, "width", None), l0=getattr(args, "l0", None),
+                     family=family, seed=getattr(args, "variant_seed", None),
+                     best=getattr(args, "best", False), strict=strict)
 
 
 def cmd_train(args) -> int:
@@ -78,12 +83,14 @@ def cmd_pack_eval(args) -> int:
 
 
 def cmd_pack_inspect(args) -> int:
-    pack = _open_pack(args)
-    n_layers = args.n_layers
+    model = None
     if args.model:
         from .models import load_model
 
         model = load_model(args.model, device="cpu")
+    pack = _open_pack(args, model=model, strict=False)  # list what `load` would refuse too
+    n_layers = args.n_layers
+    if model is not None:
         n_layers = model.n_layers
         pack.check_model(model)
     d = pack.describe(n_layers)
@@ -101,8 +108,12 @@ def cmd_pack_inspect(args) -> int:
     for r in d["saes"]:
         print(f"  {r['position']:<11}{r['layer']:>5}  {r['d_in']:>6}  {r['d_sae']:>7}  "
               f"{r['architecture']:<9} {r['dtype']:<9} {r['format']:<12} {r['path']}")
+        for o in r.get("options") or []:
+            print(f"      option: {o}")
     for c in d["choices"]:
         print(f"  note: {c}")
+    for r in d["refused"]:
+        print(f"  REFUSED: {r['path']}: {r['why']}")
     if d["missing"]:
         by_pos: dict[str, list[int]] = {}
         for m in d["missing"]:
@@ -112,11 +123,14 @@ def cmd_pack_inspect(args) -> int:
             print(f"  {p}: layers {_ranges(ls)}")
     else:
         print("complete: every layer has an SAE at every position present")
+    if d["refused"]:
+        print(f"{len(d['refused'])} SAE(s) above cannot be loaded exactly; other commands refuse "
+              f"this family until they are removed")
     if args.verify:
         probs = d["verify_problems"]
-        print("verify: OK" if not probs else "verify: " + "; ".join(probs))
+        print("verify: OK" if not probs else "verify: FAILED\n  " + "\n  ".join(probs))
         return 1 if probs else 0
-    return 0
+    return 1 if d["refused"] else 0
 
 
 def _ranges(xs: list[int]) -> str:
@@ -175,6 +189,9 @@ def cmd_flow(args) -> int:
     if model is None and "attn_z" in pack.positions:
         raise ValueError("this pack's attention SAEs sit at attn_z (head space); pass --model so "
                          "their directions can be mapped into the residual through W_O")
+    if model is None and ({"mlp_raw", "attn_raw"} & set(pack.positions)):
+        raise ValueError("this pack has SAEs on raw MLP / attention outputs (before any "
+                         "post-norm); pass --model so they can be mapped into the residual")
     n_layers = pack.n_layers or (max(pack.layers()) + 1)
     layers = parse_layers(args.layers, n_layers) if args.layers != "all" else None
     cfg = FlowConfig(k=args.k, method=args.method, precision=args.precision, null=args.null,
@@ -320,6 +337,16 @@ def cmd_search(args) -> int:
     for h in hits:
         print(f"  {h['id']:<22} score {h['score']:.2f}  density {h['density']:.2e}  {h['label']}"
               + (f"  | {h['explanation']}" if h.get("explanation") else ""))
+    return 0
+
+
+def cmd_dashboards(args) -> int:
+    from .dashboards import export_dashboards
+
+    slots = [s.strip() for s in args.slots.split(",") if s.strip()] if args.slots else None
+    paths = export_dashboards(args.run, out=args.out, slots=slots)
+    print(f"wrote {len(paths)} dashboard file(s) (Neuronpedia feature JSON) to "
+          f"{paths[0].parent if paths else args.out}")
     return 0
 
 
@@ -618,25 +645,33 @@ def build_parser() -> argparse.ArgumentParser:
     pack = sub.add_parser("pack", help="inspect, convert, evaluate and fetch SAE families")
     psub = pack.add_subparsers(dest="pack_cmd", required=True)
 
-    def selectors(sp):
+    def selectors(sp, variant_seed=False):
         sp.add_argument("--position", default=None,
                         help="position for SAEs whose files do not say it (Gemma Scope npz)")
         sp.add_argument("--width", default=None, help="variant to take, e.g. 16k")
         sp.add_argument("--l0", default=None, help="variant to take, e.g. 82 or medium")
+        if variant_seed:  # commands with a sampling --seed do not get this one
+            sp.add_argument("--seed", type=int, default=None, dest="variant_seed",
+                            help="sparsify multi-seed run: the seed to take (default: the lowest)")
+        sp.add_argument("--best", action="store_true",
+                        help="sparsify save_best run: take best/ (default: the final checkpoint)")
+        sp.add_argument("--family", default=None,
+                        help="model family for HF hook names (gemma3, llama, ...); --model sets it")
 
     ins = psub.add_parser("inspect", help="list the SAEs of a family and the missing slots")
     ins.add_argument("path")
-    selectors(ins)
+    selectors(ins, variant_seed=True)
     ins.add_argument("--model", default=None, help="check against this model (d_in, layers)")
     ins.add_argument("--n-layers", type=int, default=None, help="layers the family should cover")
-    ins.add_argument("--verify", action="store_true", help="re-hash files against pack.json")
+    ins.add_argument("--verify", action="store_true",
+                     help="check each cfg against its tensor headers and hashes in pack.json")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=cmd_pack_inspect)
 
     conv = psub.add_parser("convert", help="write any supported family as a saeflow pack")
     conv.add_argument("path")
     conv.add_argument("out")
-    selectors(conv)
+    selectors(conv, variant_seed=True)
     conv.add_argument("--model-name", default=None)
     conv.add_argument("--n-layers", type=int, default=None)
     conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -672,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fl = sub.add_parser("flow", help="data-free feature flow of a pack: predecessors, classes, plots")
     fl.add_argument("path", help="a pack path, or 'embedded' / 'embedded-quick'")
-    selectors(fl)
+    selectors(fl, variant_seed=True)
     fl.add_argument("--out", required=True, help="RUN directory")
     fl.add_argument("--model", default=None, help="needed when attention SAEs sit at attn_z")
     fl.add_argument("--layers", default="all", help="all, 0-5, or 1,3,7")
@@ -763,6 +798,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--force", action="store_true", help="ask again for features already done")
     ex.add_argument("--json", action="store_true")
     ex.set_defaults(func=cmd_explain)
+
+    db = sub.add_parser("dashboards", help="export feature dashboards (Neuronpedia's JSON "
+                        "shape) from RUN/index, one file per SAE")
+    db.add_argument("run")
+    db.add_argument("--out", default=None, help="folder (default: RUN/dashboards)")
+    db.add_argument("--slots", default=None, help="comma list, e.g. 6/resid_post,6/mlp_out")
+    db.set_defaults(func=cmd_dashboards)
 
     fe = sub.add_parser("feature", help="one feature's page: label, stats, logit lens, contexts")
     fe.add_argument("run")

@@ -39,7 +39,7 @@ PRED_KINDS = ("res", "mlp", "attn")
 FLOW_MANIFEST = "flow.json"
 FLOW_FORMAT = "saeflow-flow"
 CACHE_VERSION = 1
-RESIDUAL_SPACE = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+RESIDUAL_SPACE = ("resid_pre", "resid_post", "mlp_out", "attn_out", "mlp_raw", "attn_raw")
 
 
 class FlowError(ValueError):
@@ -124,10 +124,10 @@ def plan_layers(pack, layers: list[int] | None = None) -> list[LayerPlan]:
     if missing:
         raise FlowError(f"the pack has no resid_post SAE at layers {missing}; choose layers among "
                         f"{res_layers} (--layers)")
-    attn_pos = "attn_out" if "attn_out" in pack.positions else (
-        "attn_z" if "attn_z" in pack.positions else None)
+    attn_pos = next((p for p in ("attn_out", "attn_z", "attn_raw") if p in pack.positions), None)
+    mlp_pos = next((p for p in ("mlp_out", "mlp_raw") if p in pack.positions), None)
     gaps = []
-    for pos in ("mlp_out", attn_pos):
+    for pos in (mlp_pos, attn_pos):
         if pos is None or pos not in pack.positions:
             continue
         gaps += [f"{pos} {L}" for L in want if (pos, L) not in pack]
@@ -139,7 +139,7 @@ def plan_layers(pack, layers: list[int] | None = None) -> list[LayerPlan]:
         res = ("resid_post", L - 1) if ("resid_post", L - 1) in pack else (
             ("resid_pre", L) if ("resid_pre", L) in pack else None)
         preds = {"res": res,
-                 "mlp": ("mlp_out", L) if ("mlp_out", L) in pack else None,
+                 "mlp": (mlp_pos, L) if mlp_pos and (mlp_pos, L) in pack else None,
                  "attn": (attn_pos, L) if attn_pos and (attn_pos, L) in pack else None}
         plans.append(LayerPlan(L, ("resid_post", L), preds))
     d_in = {}
@@ -170,7 +170,37 @@ def attn_z_mapping(model, layer: int) -> torch.Tensor:
     return model.attn_z_to_residual(torch.eye(n_z), layer)
 
 
+# Positions whose directions need the model to reach the residual stream.
+MAPPED_POSITIONS = ("attn_z", "mlp_raw", "attn_raw")
+
+
+def raw_mapping(model, position: str, layer: int) -> torch.Tensor | None:
+    """[d_model, d_model] diag(1 + w) of the post-norm after a raw MLP / attention output.
+
+    The RMSNorm also divides each token by its RMS, a positive scalar that leaves directions
+    unchanged. None where the family has no post-norm (raw and *_out are then the same site).
+    """
+    norm = {"mlp_raw": model.arch.post_mlp_norm, "attn_raw": model.arch.post_attn_norm}[position]
+    if not norm:
+        return None
+    w = model.layer_module(layer).get_submodule(norm).weight.detach().float().cpu()  # [d_model]
+    return torch.diag(1.0 + w)
+
+
+def residual_mapping(model, position: str, layer: int) -> torch.Tensor | None:
+    """[width, d_model] taking a position's directions into the residual; None if identity."""
+    if position == "attn_z":
+        return attn_z_mapping(model, layer)
+    if position in ("mlp_raw", "attn_raw"):
+        return raw_mapping(model, position, layer)
+    return None
+
+
 def describe_mapping(model, position: str) -> str:
+    if position in ("mlp_raw", "attn_raw"):
+        norm = {"mlp_raw": model.arch.post_mlp_norm, "attn_raw": model.arch.post_attn_norm}
+        return (f"{position} mapped to the residual through {norm[position]} (1 + w)"
+                if norm[position] else position)
     if position != "attn_z":
         return position
     gain = " * (1 + post-attention norm weight)" if model.arch.post_attn_norm else ""
@@ -191,6 +221,12 @@ def slot_directions(pack, slot: tuple[str, int], method: str = "decoder",
             raise FlowError(f"attn_z SAE at layer {L} has d_in {info.d_in}, but the model's "
                             f"n_heads*d_head is {model.width('attn_z')}")
         project = attn_z_mapping(model, L)
+    elif pos in ("mlp_raw", "attn_raw"):
+        if model is None:
+            raise FlowError(f"the pack has {pos} SAEs (the raw module output, before any "
+                            f"post-norm); mapping them into the residual needs the model's norm "
+                            f"weights: pass --model")
+        project = raw_mapping(model, pos, L)
     label = f"{L}/{pos}"
     if method in ("decoder", "permutation") and info.format in _LAZY:
         fname, key = _LAZY[info.format]
@@ -245,11 +281,14 @@ def pack_fingerprint(pack) -> str:
 
 
 def _mapping_fingerprint(pack, model) -> str | None:
-    if "attn_z" not in pack.positions or model is None:
+    mapped = [p for p in MAPPED_POSITIONS if p in pack.positions]
+    if not mapped or model is None:
         return None
     h = hashlib.sha256()
-    for L in pack.layers("attn_z"):
-        h.update(attn_z_mapping(model, L).numpy().tobytes())
+    for pos in mapped:
+        for L in pack.layers(pos):
+            m = residual_mapping(model, pos, L)
+            h.update(pos.encode() + (m.numpy().tobytes() if m is not None else b"identity"))
     return h.hexdigest()
 
 
@@ -421,7 +460,7 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
     t0 = time.time()
     out = Path(out)
     plans = plan_layers(pack, layers)
-    if model is not None and "attn_z" in pack.positions:
+    if model is not None and any(p in pack.positions for p in MAPPED_POSITIONS):
         pack.check_model(model)
     fingerprint = pack_fingerprint(pack)
     prior = out / FLOW_MANIFEST
@@ -491,7 +530,8 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
     for p in plans:
         s = p.preds["attn"]
         if s:
-            mapping[str(p.layer)] = describe_mapping(model, s[0]) if s[0] == "attn_z" else s[0]
+            mapping[str(p.layer)] = (describe_mapping(model, s[0]) if s[0] in MAPPED_POSITIONS
+                                     else s[0])
     manifest = {
         "format": FLOW_FORMAT, "saeflow_version": __version__,
         "pack": {"root": str(pack.root), "fingerprint": fingerprint, "model": pack.model_name,

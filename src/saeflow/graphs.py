@@ -20,9 +20,10 @@ import pyarrow.compute as pc
 
 from .flow import FlowError, FlowRun, feature_id, parse_feature
 
-LANES = {"attn_out": 1.0, "attn_z": 1.0, "resid_post": 0.0, "resid_pre": 0.0, "mlp_out": -1.0}
-KIND_POSITIONS = {"res": ("resid_post", "resid_pre"), "mlp": ("mlp_out",),
-                  "attn": ("attn_out", "attn_z")}
+LANES = {"attn_out": 1.0, "attn_z": 1.0, "attn_raw": 1.0, "resid_post": 0.0, "resid_pre": 0.0,
+         "mlp_out": -1.0, "mlp_raw": -1.0}
+KIND_POSITIONS = {"res": ("resid_post", "resid_pre"), "mlp": ("mlp_out", "mlp_raw"),
+                  "attn": ("attn_out", "attn_z", "attn_raw")}
 
 
 def _padded(col: pa.ChunkedArray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -256,7 +257,8 @@ def write_graph(G: nx.DiGraph, out_dir: str | Path, formats=("json", "graphml", 
 
 
 POSITION_COLORS = {"resid_post": "#4c72b0", "resid_pre": "#4c72b0", "mlp_out": "#dd8452",
-                   "attn_out": "#55a868", "attn_z": "#55a868"}
+                   "attn_out": "#55a868", "attn_z": "#55a868", "mlp_raw": "#dd8452",
+                   "attn_raw": "#55a868"}
 
 
 def draw_graph(G: nx.DiGraph, out_dir: Path, formats=("svg", "png"),

@@ -8,13 +8,23 @@ Hugging Face model, either at its input or at its output:
     attn_out    attention output added to the residual (after Gemma's post-attention norm)
     mlp_out     MLP output added to the residual (after Gemma's post-feedforward norm)
     attn_z      input of the attention output projection: concatenated head outputs
+    mlp_raw     the MLP module's own output, before any post-norm (HF `layers.L.mlp`)
+    attn_raw    the attention module's own output, before any post-norm (HF `layers.L.self_attn`)
+
+mlp_raw / attn_raw differ from mlp_out / attn_out only where the family has sandwich norms
+(Gemma 2/3): there the raw output is rescaled per token by RMSNorm before it joins the
+residual, so the two are different sites (RMS 0.003 against 0.94 on a tiny Gemma 3).
+Elsewhere they are the same module, and names are mapped to mlp_out / attn_out.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-POSITIONS: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out", "attn_z")
+POSITIONS: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out", "attn_z",
+                              "mlp_raw", "attn_raw")
+# Positions that are the raw module output, distinct from *_out only under a post-norm.
+RAW_POSITIONS = {"mlp_raw": "mlp_out", "attn_raw": "attn_out"}
 
 TL_NAMES: dict[str, str] = {
     "resid_pre": "blocks.{L}.hook_resid_pre",
@@ -23,6 +33,9 @@ TL_NAMES: dict[str, str] = {
     "mlp_out": "blocks.{L}.hook_mlp_out",
     "attn_z": "blocks.{L}.attn.hook_z",
 }
+# TransformerLens has no hook on the raw MLP / attention output of a sandwich-norm block;
+# saeflow names those sites the HF way (what sparsify calls them).
+HF_RAW_NAMES: dict[str, str] = {"mlp_raw": "layers.{L}.mlp", "attn_raw": "layers.{L}.self_attn"}
 
 
 class UnknownPositionError(ValueError):
@@ -60,6 +73,12 @@ class Architecture:
     # Gemma's sandwich norm after attention: RMSNorm with gain (1 + w). None elsewhere.
     post_attn_norm: str | None
     final_norm: str
+    post_mlp_norm: str | None = None  # Gemma's post-feedforward RMSNorm; None elsewhere
+
+    @property
+    def has_post_norms(self) -> bool:
+        """True where mlp_raw / attn_raw are sites distinct from mlp_out / attn_out."""
+        return self.post_attn_norm is not None
 
     def hf_module(self, position: str, layer: int) -> str:
         site = self.sites[check_position(position)]
@@ -70,9 +89,14 @@ class Architecture:
         """Module path plus `.input`/`.output`, the style of Gemma Scope 2 configs."""
         return f"{self.hf_module(position, layer)}.{self.sites[position].io}"
 
-    @staticmethod
-    def tl_name(position: str, layer: int) -> str:
-        return TL_NAMES[check_position(position)].format(L=layer)
+    def tl_name(self, position: str, layer: int) -> str | None:
+        """TransformerLens name, or None for a raw site TransformerLens does not hook."""
+        check_position(position)
+        if position in RAW_POSITIONS:
+            if self.has_post_norms:
+                return None
+            position = RAW_POSITIONS[position]
+        return TL_NAMES[position].format(L=layer)
 
 
 _GEMMA_SITES = {
@@ -81,6 +105,8 @@ _GEMMA_SITES = {
     "attn_out": Site("post_attention_layernorm", "output"),
     "mlp_out": Site("post_feedforward_layernorm", "output"),
     "attn_z": Site("self_attn.o_proj", "input"),
+    "mlp_raw": Site("mlp", "output"),
+    "attn_raw": Site("self_attn", "output"),
 }
 _LLAMA_SITES = {
     "resid_pre": Site("", "input"),
@@ -88,6 +114,8 @@ _LLAMA_SITES = {
     "attn_out": Site("self_attn", "output"),
     "mlp_out": Site("mlp", "output"),
     "attn_z": Site("self_attn.o_proj", "input"),
+    "mlp_raw": Site("mlp", "output"),  # no post-norm: the same site as mlp_out
+    "attn_raw": Site("self_attn", "output"),
 }
 _GPT2_SITES = {
     "resid_pre": Site("", "input"),
@@ -95,15 +123,19 @@ _GPT2_SITES = {
     "attn_out": Site("attn", "output"),
     "mlp_out": Site("mlp", "output"),
     "attn_z": Site("attn.c_proj", "input"),
+    "mlp_raw": Site("mlp", "output"),
+    "attn_raw": Site("attn", "output"),
 }
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.family: a
     for a in [
         Architecture("gemma2", ("gemma2",), "model.layers", _GEMMA_SITES, "self_attn.o_proj",
-                     False, "post_attention_layernorm", "model.norm"),
+                     False, "post_attention_layernorm", "model.norm",
+                     "post_feedforward_layernorm"),
         Architecture("gemma3", ("gemma3_text",), "model.layers", _GEMMA_SITES,
-                     "self_attn.o_proj", False, "post_attention_layernorm", "model.norm"),
+                     "self_attn.o_proj", False, "post_attention_layernorm", "model.norm",
+                     "post_feedforward_layernorm"),
         Architecture("llama", ("llama",), "model.layers", _LLAMA_SITES, "self_attn.o_proj",
                      False, None, "model.norm"),
         Architecture("qwen2", ("qwen2",), "model.layers", _LLAMA_SITES, "self_attn.o_proj",
@@ -137,8 +169,8 @@ _HOOK_PATTERNS: list[tuple[re.Pattern, str]] = [
     (re.compile(rf"^{_LAYER}\.self_attn\.o_proj\.input$"), "attn_z"),
     (re.compile(rf"^{_LAYER}\.post_feedforward_layernorm(?:\.output)?$"), "mlp_out"),
     (re.compile(rf"^{_LAYER}\.post_attention_layernorm(?:\.output)?$"), "attn_out@gemma"),
-    (re.compile(rf"^{_LAYER}\.mlp(?:\.output)?$"), "mlp_out"),
-    (re.compile(rf"^{_LAYER}\.self_attn(?:\.output)?$"), "attn_out"),
+    (re.compile(rf"^{_LAYER}\.mlp(?:\.output)?$"), "mlp_raw"),
+    (re.compile(rf"^{_LAYER}\.self_attn(?:\.output)?$"), "attn_raw"),
     (re.compile(rf"^{_LAYER}\.input$"), "resid_pre"),
     (re.compile(rf"^{_LAYER}(?:\.output)?$"), "resid_post"),
     (re.compile(r"^(?:transformer\.)?h\.(\d+)\.attn\.c_proj\.input$"), "attn_z"),
@@ -154,6 +186,10 @@ def parse_hook_name(name: str, family: str | None = None) -> tuple[str, int]:
 
     `post_attention_layernorm` is the attention output only in Gemma (sandwich norms); in Llama
     it is the norm *before* the MLP, so it is refused when `family` says it is not Gemma.
+
+    HF `layers.L.mlp` / `layers.L.self_attn` are the raw module outputs: mlp_raw / attn_raw
+    in Gemma (before its post-norm), and when the family is unknown; mlp_out / attn_out in a
+    family without post-norms, where they are the same site.
     """
     name = name.strip()
     for pattern, position in _HOOK_PATTERNS:
@@ -164,12 +200,36 @@ def parse_hook_name(name: str, family: str | None = None) -> tuple[str, int]:
             if family is not None and not family.startswith("gemma"):
                 break
             position = "attn_out"
+        if position in RAW_POSITIONS:
+            position = raw_position(position, family)
         return position, int(m.group(1))
     raise UnknownPositionError(
         f"cannot map hook name {name!r} to a position; expected a TransformerLens name such as "
         f"'blocks.12.hook_resid_post' or an HF module path such as 'model.layers.12' / "
         f"'model.layers.12.post_feedforward_layernorm.output'"
     )
+
+
+def written_hook_name(position: str, layer: int) -> str:
+    """The hook name saeflow writes in an SAE's cfg: TransformerLens's where it has one."""
+    check_position(position)
+    return (HF_RAW_NAMES if position in RAW_POSITIONS else TL_NAMES)[position].format(L=layer)
+
+
+def has_post_norms(family: str | None) -> bool | None:
+    """Whether a family has Gemma-style post-norms (None: family unknown)."""
+    if family is None:
+        return None
+    arch = ARCHITECTURES.get(family) or ARCHITECTURES.get(
+        {"gemma": "gemma2", "qwen": "qwen2", "smollm": "llama"}.get(family, ""))
+    return arch.has_post_norms if arch else family.startswith("gemma")
+
+
+def raw_position(position: str, family: str | None) -> str:
+    """mlp_raw -> mlp_out (attn_raw -> attn_out) in a family where they are the same site."""
+    if position in RAW_POSITIONS and has_post_norms(family) is False:
+        return RAW_POSITIONS[position]
+    return position
 
 
 def parse_layers(spec: str | None, n_layers: int | None) -> list[int] | None:

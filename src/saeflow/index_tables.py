@@ -34,12 +34,11 @@ def neuronpedia_url(np_id: str | None, feature: int) -> str | None:
 
 
 def _directions(pack, slot, sae, model) -> torch.Tensor:
-    W = sae.W_dec.float().cpu()  # [d_sae, d_in]
-    if slot[0] == "attn_z":
-        from .flow import attn_z_mapping
+    from .flow import residual_mapping
 
-        W = W @ attn_z_mapping(model, slot[1])
-    return W
+    W = sae.W_dec.float().cpu()  # [d_sae, d_in]
+    mapping = residual_mapping(model, *slot)  # attn_z, or a raw site under a post-norm
+    return W if mapping is None else W @ mapping.to(W.device)
 
 
 def _quantiles_from_hist(hist: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -235,6 +234,28 @@ class FeatureIndex:
         row["samples"] = [e for e in ex if e["kind"] == "sample"]
         row["hist_edges"] = self.manifest["hist_edges"]
         return row
+
+    def slot_features(self, layer: int, position: str) -> list[dict]:
+        """feature() for every feature of one SAE, in two queries (exports read whole SAEs)."""
+        if f"{layer}/{position}" not in self.manifest["slots"]:
+            raise IndexError_(f"the index has no SAE at {position} layer {layer}")
+        con = self._con()
+        rows = _rows(con.execute(
+            "SELECT f.*, e.explanation FROM features f LEFT JOIN explanations e USING (id) "
+            "WHERE layer=? AND position=? ORDER BY feature", [layer, position]))
+        ex = _rows(con.execute(
+            "SELECT feature, kind, rank, activation, quantile, center, token_ids, acts "
+            "FROM examples WHERE layer=? AND position=? ORDER BY feature, kind, rank",
+            [layer, position]))
+        ids = sorted({i for e in ex for i in e["token_ids"] if i >= 0})
+        text = dict(con.execute("SELECT id, text FROM tokens WHERE list_contains(?, id)",
+                                [ids]).fetchall()) if ids else {}
+        by_feature: dict[int, dict] = {r["feature"]: {**r, "examples": [], "samples": []}
+                                       for r in rows}
+        for e in ex:
+            e["tokens"] = [text.get(i, "") if i >= 0 else None for i in e["token_ids"]]
+            by_feature[e["feature"]]["examples" if e["kind"] == "top" else "samples"].append(e)
+        return [by_feature[f] for f in sorted(by_feature)]
 
     def labels(self, ids: list[str]) -> dict[str, dict]:
         """{feature id: {"label", "explanation"}} for the ids this index holds."""

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 
 from . import __version__
 from . import sae_formats as fmt
-from .hookpoints import POSITIONS, TL_NAMES, check_position
+from .hookpoints import POSITIONS, check_position, raw_position, written_hook_name
 from .sae import SAE
 from .sae_formats import SAEFormatError, SAEInfo
 from .store import atomic_dir, sha256_file, write_json_atomic
@@ -53,6 +53,7 @@ class Pack:
     n_layers: int | None = None
     provenance: dict = field(default_factory=dict)
     choices: list[str] = field(default_factory=list)  # notes on variant selection
+    refused: list[SAEInfo] = field(default_factory=list)  # SAEs found that saeflow cannot load
     max_cached: int = 8
     _cache: "OrderedDict[tuple[str, int], SAE]" = field(default_factory=OrderedDict, repr=False)
 
@@ -116,17 +117,29 @@ class Pack:
             yield p, L, sae
 
     def verify(self) -> list[str]:
-        """Re-hash SAE files against the manifest; returns problems (empty when all good)."""
-        problems = []
+        """Check every SAE's files: content hashes against pack.json, each config against its
+        tensor headers, and the manifest's shapes against the config. Returns problems."""
+        problems = [f"{i.path}: {i.refused}" for i in self.refused]
         for (p, L), info in sorted(self.entries.items()):
+            problems += [f"{p}/layer_{L}: {m}" for m in fmt.check_files(info.path, info.format)]
             want = info.extra.get("sha256")
             if not want:
                 continue
             f = info.path / fmt.SAELENS_WEIGHTS
             if not f.is_file():
                 problems.append(f"{p}/layer_{L}: {f} is missing")
-            elif sha256_file(f) != want:
+                continue
+            if sha256_file(f) != want:
                 problems.append(f"{p}/layer_{L}: content hash differs from pack.json")
+            try:
+                cfg = json.loads((info.path / fmt.SAELENS_CFG).read_text())
+            except (OSError, ValueError) as e:
+                problems.append(f"{p}/layer_{L}: cfg.json unreadable ({e})")
+                continue
+            for key, have in (("d_in", info.d_in), ("d_sae", info.d_sae), ("dtype", info.dtype)):
+                if cfg.get(key) != have:
+                    problems.append(f"{p}/layer_{L}: cfg.json {key}={cfg.get(key)!r} but pack.json "
+                                    f"says {have!r}")
         return problems
 
     # --- checks against a model -----------------------------------------------------------
@@ -161,6 +174,9 @@ class Pack:
             "n_saes": len(self.entries),
             "missing": [{"position": p, "layer": L} for p, L in self.missing(n)],
             "choices": self.choices,
+            "refused": [{"path": os.path.relpath(i.path, self.root), "format": i.format,
+                         "position": i.position, "layer": i.layer, "why": i.refused}
+                        for i in self.refused],
             "provenance": self.provenance,
             "saes": rows,
         }
@@ -168,11 +184,18 @@ class Pack:
 
 # --- discovery ------------------------------------------------------------------------------
 def load_pack(path: str | os.PathLike, position: str | None = None, width: str | None = None,
-              l0: str | None = None, family: str | None = None) -> Pack:
+              l0: str | None = None, family: str | None = None, seed: int | None = None,
+              best: bool = False, strict: bool = True) -> Pack:
     """Open an SAE family from a saeflow pack or a directory in any supported format.
 
     position: position for SAEs whose files do not say it (Gemma Scope npz outside a
     -res/-mlp/-att folder). width / l0: which variant to take where a layer has several.
+    family: the model family (gemma3, llama, ...) for hook names whose site depends on it
+    (HF `layers.L.mlp` is mlp_raw under Gemma's post-norm, mlp_out elsewhere); sparsify runs
+    say it in config.json when trained from its command line. seed / best: which sparsify
+    variant to take in a multi-seed or save_best run (default: the lowest seed, the final
+    checkpoint). strict: refuse the whole family when any SAE in it cannot be loaded exactly
+    (transcoders, layer_norm inputs, ...); strict=False lists those in `pack.refused`.
     """
     root = Path(path)
     if not root.exists():
@@ -181,12 +204,22 @@ def load_pack(path: str | os.PathLike, position: str | None = None, width: str |
         check_position(position)
     if (root / PACK_MANIFEST).is_file():
         return _load_saeflow_pack(root)
-    infos, unplaced = [], []
+    infos, unplaced, refused = [], [], []
     for folder, kind in _scan(root):
         info = fmt.describe(folder, kind, position, family)
         if position and info.position is None:
             info.position = position
+        if info.position is not None:
+            info.position = raw_position(info.position, family)
+        if info.refused:
+            refused.append(info)
+            continue
         (infos if info.position is not None and info.layer is not None else unplaced).append(info)
+    if refused and (strict or not infos):
+        r = refused[0]
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise PackError(f"{r.path}: {r.refused}{more}; remove it from {root}, or list the family "
+                        f"with `saeflow pack inspect` to see every SAE saeflow cannot load")
     if not infos and not unplaced:
         raise PackError(
             f"no SAEs found under {root}: expected pack.json, SAELens folders (cfg.json + "
@@ -196,7 +229,7 @@ def load_pack(path: str | os.PathLike, position: str | None = None, width: str |
         ex = unplaced[0].path
         raise PackError(f"cannot tell the position or layer of {len(unplaced)} SAE(s), e.g. {ex}; "
                         f"pass position= (--position resid_post|mlp_out|attn_out|attn_z)")
-    entries, choices = _choose_variants(infos, width, l0)
+    entries, choices = _choose_variants(infos, width, l0, seed, best, root)
     formats = {i.format for i in entries.values()}
     models = {i.model_name for i in entries.values() if i.model_name}
     resid = [i.d_in for (p, _), i in entries.items() if p != "attn_z"]
@@ -204,7 +237,7 @@ def load_pack(path: str | os.PathLike, position: str | None = None, width: str |
                 source_format=formats.pop() if len(formats) == 1 else "mixed",
                 model_name=models.pop() if len(models) == 1 else None,
                 d_model=resid[0] if resid and len(set(resid)) == 1 else None,
-                choices=choices)
+                choices=choices, refused=refused)
 
 
 def _scan(root: Path) -> Iterator[tuple[Path, str]]:
@@ -248,7 +281,14 @@ def _width_value(label: str | None, d_sae: int) -> float:
     return float(m.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2}[m.group(2)]
 
 
-def _choose_variants(infos: list[SAEInfo], width: str | None, l0: str | None):
+def _variant_label(c: SAEInfo) -> str:
+    if c.format == "sparsify":
+        return c.extra.get("variant") or "final"
+    return f"width {c.width or c.d_sae}, l0 {c.l0}"
+
+
+def _choose_variants(infos: list[SAEInfo], width: str | None, l0: str | None,
+                     seed: int | None = None, best: bool = False, root: Path | None = None):
     groups: dict[tuple[str, int], list[SAEInfo]] = {}
     for info in infos:
         groups.setdefault((info.position, info.layer), []).append(info)
@@ -259,16 +299,27 @@ def _choose_variants(infos: list[SAEInfo], width: str | None, l0: str | None):
             pool = [c for c in pool if c.width == width or str(c.d_sae) == width]
         if l0:
             pool = [c for c in pool if str(c.l0) == str(l0)]
+        if seed is not None:
+            pool = [c for c in pool if c.extra.get("seed") == seed]
+        if best:
+            pool = [c for c in pool if c.extra.get("best")]
+        elif any(not c.extra.get("best") for c in pool):
+            pool = [c for c in pool if not c.extra.get("best")]  # the final checkpoint
         if not pool:
-            have = sorted({f"width {c.width or c.d_sae} l0 {c.l0}" for c in cands})
-            raise PackError(f"no SAE at {slot[0]} layer {slot[1]} matches width={width} l0={l0}; "
+            have = sorted({_variant_label(c) for c in cands})
+            asked = ", ".join(f"{k}={v}" for k, v in (("width", width), ("l0", l0),
+                                                     ("seed", seed), ("best", best or None)) if v)
+            raise PackError(f"no SAE at {slot[0]} layer {slot[1]} matches {asked}; "
                             f"available: {have}")
-        pool.sort(key=lambda c: (_width_value(c.width, c.d_sae), _l0_key(c.l0), str(c.path)))
+        pool.sort(key=lambda c: (_width_value(c.width, c.d_sae), _l0_key(c.l0),
+                                 c.extra.get("seed") or 0, str(c.path)))
         chosen = pool[0]
         if len(cands) > 1:
-            choices.append(f"{slot[0]} layer {slot[1]}: chose {chosen.path.name} "
-                           f"(width {chosen.width or chosen.d_sae}, l0 {chosen.l0}) among "
-                           f"{len(cands)} variants")
+            where = os.path.relpath(chosen.path, root) if root else str(chosen.path)
+            how = ("--seed N / --best pick another" if chosen.format == "sparsify"
+                   else "--width / --l0 pick another")
+            choices.append(f"{slot[0]} layer {slot[1]}: chose {where} ({_variant_label(chosen)}) "
+                           f"among {len(cands)} variants; {how}")
         entries[slot] = chosen
     return entries, choices
 
@@ -301,6 +352,7 @@ def _load_saeflow_pack(root: Path) -> Pack:
 def save_pack(saes: Iterable[tuple[str, int, SAE]], out: str | os.PathLike, *,
               model_name: str | None, d_model: int | None, n_layers: int | None,
               provenance: dict | None = None, overwrite: bool = False,
+              sae_provenance: dict[tuple[str, int], dict] | None = None,
               neuronpedia_ids: dict[tuple[str, int], str] | None = None,
               progress: bool = False) -> Pack:
     """Write SAEs (consumed one at a time) as a saeflow pack, atomically."""
@@ -315,13 +367,14 @@ def save_pack(saes: Iterable[tuple[str, int, SAE]], out: str | os.PathLike, *,
             rel = slot_dir(position, layer)
             np_id = (neuronpedia_ids or {}).get((position, layer))
             extra = {"neuronpedia_id": np_id} if np_id else None
-            fmt.save_saelens(sae, tmp / rel, position=position, layer=layer,
-                             hook_name=TL_NAMES[position].format(L=layer), model_name=model_name,
-                             extra_metadata=extra)
+            hook = written_hook_name(position, layer)
+            fmt.save_saelens(sae, tmp / rel, position=position, layer=layer, hook_name=hook,
+                             model_name=model_name, extra_metadata=extra,
+                             provenance=(sae_provenance or {}).get((position, layer)))
             rows.append({"position": position, "layer": layer, "path": rel, "d_in": sae.d_in,
                          "d_sae": sae.d_sae, "architecture": sae.architecture,
                          "dtype": str(sae.dtype).removeprefix("torch."),
-                         "hook_name": TL_NAMES[position].format(L=layer),
+                         "hook_name": hook,
                          "neuronpedia_id": np_id,
                          "sha256": sha256_file(tmp / rel / fmt.SAELENS_WEIGHTS)})
         positions = [p for p in POSITIONS if any(r["position"] == p for r in rows)]
@@ -341,12 +394,19 @@ def convert_pack(src: Pack, out: str | os.PathLike, *, model_name: str | None = 
                  n_layers: int | None = None, overwrite: bool = False,
                  provenance: dict | None = None, progress: bool = False) -> Pack:
     """Write any pack as a saeflow pack (one SAE in memory at a time)."""
+    for (p, L), info in sorted(src.entries.items()):
+        if info.architecture == "groupmax":  # refuse before anything is written
+            raise PackError(f"{info.path}: a GroupMax SAE ({p} layer {L}) has no SAELens form, so "
+                            f"it cannot be converted; use the sparsify run as it is")
     np_ids = {s: i.extra.get("neuronpedia_id") for s, i in src.entries.items()
               if i.extra.get("neuronpedia_id")}
     prov = {"converted_from": str(src.root), "source_format": src.source_format,
             **({"choices": src.choices} if src.choices else {}),
             **({"source_provenance": src.provenance} if src.provenance else {}),
             **(provenance or {})}
+    per_sae = {s: {"converted_from": os.path.relpath(i.path, src.root),
+                   "source_format": i.format} for s, i in src.entries.items()}
     return save_pack(src.iter_saes(), out, model_name=model_name or src.model_name,
                      d_model=src.d_model, n_layers=n_layers or src.n_layers, provenance=prov,
-                     overwrite=overwrite, neuronpedia_ids=np_ids, progress=progress)
+                     overwrite=overwrite, neuronpedia_ids=np_ids, progress=progress,
+                     sae_provenance=per_sae)

@@ -246,9 +246,9 @@ class Pipeline:
         return {"saes": len(res["saes"]), "clean_ce": res.get("clean_ce")}
 
     def stage_flow(self) -> dict:
-        from .flow import run_flow
+        from .flow import MAPPED_POSITIONS, run_flow
 
-        model = self.model if "attn_z" in self.pack.positions else None
+        model = self.model if any(p in self.pack.positions for p in MAPPED_POSITIONS) else None
         run = run_flow(self.pack, self.root, model=model, progress=self.progress,
                        force=self._force)
         return {"layers": len(run.layers), "seconds": run.manifest.get("seconds")}

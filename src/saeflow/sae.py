@@ -1,10 +1,13 @@
-"""One sparse autoencoder: encode/decode for JumpReLU, TopK, BatchTopK and ReLU, folding, directions.
+"""One sparse autoencoder: encode/decode for JumpReLU, TopK, BatchTopK, GroupMax and ReLU, folding, directions.
 
 Weights follow the SAELens convention:
     W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in], threshold [d_sae]
 
     encode(x) = act((x * input_scale - b_dec * apply_b_dec_to_input) @ W_enc + b_enc)
     decode(z) = (z @ W_dec + b_dec) / input_scale
+
+GroupMax (sparsify's `activation: groupmax`): the d_sae latents are k contiguous groups of
+d_sae/k; in each group only the largest ReLU'd pre-activation survives.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Any
 
 import torch
 
-ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "relu")
+ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "relu", "groupmax")
 
 
 class SAEShapeError(ValueError):
@@ -55,6 +58,9 @@ class SAE:
             raise ValueError("a JumpReLU SAE needs a threshold tensor [d_sae]")
         if self.architecture == "topk" and not self.k:
             raise ValueError("a TopK SAE needs k")
+        if self.architecture == "groupmax" and (not self.k or d_sae % self.k):
+            raise ValueError(f"a GroupMax SAE needs k groups that divide d_sae {d_sae}; "
+                             f"got k={self.k}")
         if self.architecture == "batchtopk":
             if self.batchtopk_inference not in ("jumprelu", "topk"):
                 raise ValueError("batchtopk_inference must be 'jumprelu' or 'topk'")
@@ -82,12 +88,31 @@ class SAE:
     def device(self) -> torch.device:
         return self.W_enc.device
 
+    def fold_decoder_norm_into_selection(self) -> "SAE":
+        """Exact form of SAELens's `rescale_acts_by_decoder_norm=True` (TopK/BatchTopK).
+
+        There, pre-activations are multiplied by ||W_dec[i]|| before the selection and
+        activations divided by it before decoding. Scaling W_enc and b_enc by the norms and
+        W_dec by their inverse gives the same outputs with a plain selection (SAELens's own
+        fold_W_dec_norm); the activations come out in the rescaled units, as SAELens returns.
+        """
+        n = self.W_dec.norm(dim=-1).clamp_min(1e-8)  # [d_sae]
+        return self._replace(W_enc=self.W_enc * n, b_enc=self.b_enc * n,
+                             W_dec=self.W_dec / n[:, None],
+                             metadata={**self.metadata, "rescale_acts_by_decoder_norm": "folded"})
+
     @property
     def activation(self) -> str:
-        """The inference activation actually applied: jumprelu, topk or relu."""
+        """The inference activation actually applied: jumprelu, topk, groupmax or relu."""
         if self.architecture == "batchtopk":
             return self.batchtopk_inference
         return self.architecture
+
+    def same_dtype(self) -> "SAE":
+        """All tensors in W_enc's dtype (files may mix float64 weights with float32 biases)."""
+        if all(t.dtype == self.dtype for t in self.tensors().values()):
+            return self
+        return self.to(dtype=self.dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_dec}
@@ -126,6 +151,10 @@ class SAE:
             return torch.relu(pre)
         if act == "jumprelu":
             return torch.relu(pre) * (pre > self.threshold)
+        if act == "groupmax":
+            groups = torch.relu(pre).unflatten(-1, (self.k, -1))  # [..., k, d_sae/k]
+            vals, idx = groups.max(dim=-1, keepdim=True)
+            return torch.zeros_like(groups).scatter_(-1, idx, vals).flatten(-2)
         vals, idx = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
@@ -155,7 +184,7 @@ class SAE:
 
         - JumpReLU (and BatchTopK exported as JumpReLU): threshold folding, as in SAE Match:
           W_enc' = W_enc / θ, b_enc' = b_enc / θ, W_dec' = θ W_dec, θ' = 1.
-        - ReLU / TopK: decoder-norm folding: W_enc' = W_enc ‖W_dec‖, b_enc' = b_enc ‖W_dec‖,
+        - ReLU / TopK / GroupMax: decoder-norm folding: W_enc' = W_enc ‖W_dec‖, b_enc' = b_enc ‖W_dec‖,
           W_dec' = W_dec / ‖W_dec‖ (unit rows). For TopK this is exact only when decoder norms
           are equal (as in saeflow and sparsify training, which keep them at 1); otherwise the
           top-k selection could change, so it is refused.
@@ -171,8 +200,9 @@ class SAE:
                                 W_dec=sae.W_dec * t[:, None], threshold=torch.ones_like(t),
                                 metadata={**sae.metadata, "folded": "threshold"})
         norms = sae.decoder_norms().clamp_min(1e-12)
-        if sae.activation == "topk" and (norms.max() - norms.min()) > 1e-3 * norms.max():
-            raise ValueError("decoder-norm folding of a TopK SAE with unequal decoder norms would "
+        if sae.activation in ("topk", "groupmax") and (norms.max() - norms.min()) > 1e-3 * norms.max():
+            raise ValueError(f"decoder-norm folding of a {sae.activation} SAE with unequal decoder "
+                             "norms would "
                              "change which features are selected; use unit_directions() instead")
         n = norms.to(sae.dtype)
         return sae._replace(W_enc=sae.W_enc * n, b_enc=sae.b_enc * n, W_dec=sae.W_dec / n[:, None],

@@ -49,9 +49,11 @@ class SAEInfo:
     width: str | None = None  # variant labels (Gemma Scope): "16k"
     l0: str | None = None  # "82", "medium"
     extra: dict[str, Any] = field(default_factory=dict)
+    refused: str | None = None  # why `load` will refuse this SAE (None: it loads)
 
     def summary(self) -> dict:
-        return {"position": self.position, "layer": self.layer, "d_in": self.d_in,
+        return {"refused": self.refused, "options": self.extra.get("options", []),
+                "variant": self.extra.get("variant"),"position": self.position, "layer": self.layer, "d_in": self.d_in,
                 "d_sae": self.d_sae, "architecture": self.architecture, "dtype": self.dtype,
                 "format": self.format, "hook_name": self.hook_name, "width": self.width,
                 "l0": self.l0, "path": str(self.path)}
@@ -142,27 +144,86 @@ def _family_of(model_name: str | None) -> str | None:
 
 
 # --- SAELens --------------------------------------------------------------------------------
+# Every option saeflow reads is implemented exactly or refused with one line (README's table).
 _SAELENS_ARCH = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk",
                  "batchtopk": "batchtopk", "jump_relu": "jumprelu"}
+_SAELENS_REFUSED = {
+    "gated": "gated SAEs (separate gate and magnitude paths) are not supported",
+    "abstopk": "abs-TopK SAEs are not supported",
+    "transcoder": "this is a transcoder (it maps one site to another), not an SAE",
+    "skip_transcoder": "this is a skip transcoder, not an SAE",
+    "jumprelu_transcoder": "this is a transcoder, not an SAE",
+    "jumprelu_skip_transcoder": "this is a skip transcoder, not an SAE",
+    "temporal": "temporal SAEs are not supported",
+    "matching_pursuit": "matching-pursuit SAEs are not supported",
+    "matryoshka_batchtopk": "Matryoshka BatchTopK training checkpoints are not supported; "
+                            "export the inference SAE (jumprelu) with SAELens first",
+}
+# The format version written in metadata: SAELens reads configs without one as pre-6.0 flat
+# configs and drops their metadata (hook_name, model_name).
+SAELENS_FORMAT_VERSION = "6.0.0"
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float64": torch.float64}
 
 
-def _saelens_arch(cfg: dict, path: Path) -> tuple[str, int | None]:
+@dataclass
+class _SAELensPlan:
+    """How a SAELens cfg maps onto saeflow's SAE, or why it cannot."""
+
+    arch: str | None
+    k: int | None
+    apply_b_dec: bool
+    rescale_by_decoder_norm: bool
+    dtype: str | None
+    refused: str | None
+
+
+def _saelens_plan(cfg: dict, tensor_names, path: Path) -> _SAELensPlan:
     meta = cfg.get("metadata") or {}
-    saeflow_arch = (meta.get("saeflow") or {}).get("architecture")
+    sf = meta.get("saeflow") or {}
     if "architecture" in cfg:
         raw = cfg["architecture"]
     else:  # pre-6.0 flat configs: activation_fn_str decides
-        act = cfg.get("activation_fn_str", "relu")
+        act = cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu"
         raw = {"relu": "standard", "topk": "topk"}.get(act, act)
-    if raw not in _SAELENS_ARCH:
-        raise SAEFormatError(f"{path}: architecture {raw!r} is not supported "
-                             f"(supported: standard/relu, jumprelu, topk, batchtopk)")
-    arch = _SAELENS_ARCH[raw]
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-    if saeflow_arch == "batchtopk":
-        arch = "batchtopk"
-        k = k or (meta.get("saeflow") or {}).get("k")
-    return arch, (int(k) if k else None)
+    refused = None
+    arch = _SAELENS_ARCH.get(raw)
+    if raw in _SAELENS_REFUSED:
+        refused = _SAELENS_REFUSED[raw]
+    elif arch is None:
+        refused = (f"architecture {raw!r} is not supported (supported: standard/relu, jumprelu, "
+                   f"topk, batchtopk)")
+    elif "W_skip" in tensor_names or cfg.get("d_out") not in (None, cfg.get("d_in")) \
+            or meta.get("hook_name_out"):
+        refused = "this is a transcoder (it has a separate output site), not an SAE"
+    if sf.get("architecture") == "batchtopk" and arch in ("jumprelu", "topk"):
+        arch, k = "batchtopk", k or sf.get("k")
+    norm = cfg.get("normalize_activations", "none")
+    # Legacy booleans: SAELens maps true to expected_average_only_in, whose scaling factor is
+    # folded into the weights on save (identity at inference).
+    norm = {True: "expected_average_only_in", False: "none", None: "none"}.get(norm, norm)
+    if refused is None and norm not in ("none", "expected_average_only_in"):
+        why = {"layer_norm": "normalises each input by its own mean and std at run time",
+               "constant_norm_rescale": "rescales each input to norm sqrt(d_in) at run time",
+               "covariance_whitening": "whitens inputs with a stored covariance"}.get(norm, "")
+        refused = (f"normalize_activations={norm!r} is not supported{f' (it {why})' if why else ''}"
+                   f"; supported: none, expected_average_only_in")
+    head = meta.get("hook_head_index", cfg.get("hook_head_index", cfg.get("hook_point_head_index")))
+    if refused is None and head is not None:
+        refused = f"hook_head_index={head}: SAEs on a single attention head are not supported"
+    if refused is None and cfg.get("finetuning_scaling_factor"):
+        refused = "finetuning_scaling_factor is not supported"
+    if refused is None and arch == "topk" and not k:
+        refused = "a TopK SAE config needs k"
+    rescale = bool(cfg.get("rescale_acts_by_decoder_norm")) and arch in ("topk", "batchtopk")
+    # SAELens defaults apply_b_dec_to_input to true for every architecture, old and new.
+    apply_b_dec = cfg.get("apply_b_dec_to_input")
+    dtype = cfg.get("dtype")
+    if refused is None and dtype is not None and dtype.removeprefix("torch.") not in _TORCH_DTYPES:
+        refused = f"dtype {dtype!r} is not supported (float32, float16, bfloat16, float64)"
+    return _SAELensPlan(arch, int(k) if k else None, True if apply_b_dec is None else bool(apply_b_dec),
+                        rescale, dtype.removeprefix("torch.") if dtype else None, refused)
 
 
 def _saelens_hook(cfg: dict) -> str | None:
@@ -170,93 +231,116 @@ def _saelens_hook(cfg: dict) -> str | None:
     return meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
 
 
-def _check_norm(cfg: dict, path: Path) -> None:
-    norm = cfg.get("normalize_activations", "none") or "none"
-    # expected_average_only_in: SAELens folds the scaling factor into the weights on save.
-    if norm not in ("none", "expected_average_only_in"):
-        raise SAEFormatError(f"{path}: normalize_activations={norm!r} is not supported "
-                             f"(supported: none, expected_average_only_in)")
-
-
-def describe_saelens(folder: Path) -> SAEInfo:
+def describe_saelens(folder: Path, family: str | None = None) -> SAEInfo:
     cfg = _read_json(folder / SAELENS_CFG)
     header = _safetensors_header(folder / SAELENS_WEIGHTS)
-    arch, _ = _saelens_arch(cfg, folder / SAELENS_CFG)
+    plan = _saelens_plan(cfg, header, folder / SAELENS_CFG)
     d_in = int(_require(cfg, "d_in", folder / SAELENS_CFG))
-    d_sae = int(cfg.get("d_sae") or header.get("W_enc", ((0, 0), ""))[0][1])
     if "W_enc" not in header:
         raise SAEFormatError(f"{folder / SAELENS_WEIGHTS} has no W_enc tensor")
+    d_sae = int(cfg.get("d_sae") or header["W_enc"][0][1])
     if header["W_enc"][0] != (d_in, d_sae):
         raise SAEFormatError(f"{folder}: cfg.json says d_in={d_in}, d_sae={d_sae} but W_enc has "
                              f"shape {header['W_enc'][0]}")
     meta = cfg.get("metadata") or {}
     model_name = meta.get("model_name") or cfg.get("model_name")
     hook = _saelens_hook(cfg)
-    position, layer = _hook_position(hook, folder / SAELENS_CFG, _family_of(model_name))
+    try:
+        position, layer = _hook_position(hook, folder / SAELENS_CFG,
+                                         family or _family_of(model_name))
+    except SAEFormatError:
+        if not plan.refused:
+            raise
+        position, layer = None, None  # listed as refused; its site does not matter
     sf = meta.get("saeflow") or {}
     position, layer = sf.get("position", position), sf.get("layer", layer)
-    return SAEInfo("saelens", folder, d_in, d_sae, arch, _dtype_name(header["W_enc"][1]),
-                   position, layer, hook, model_name,
-                   extra={"neuronpedia_id": meta.get("neuronpedia_id") or cfg.get("neuronpedia_id")})
+    extra = {"neuronpedia_id": meta.get("neuronpedia_id") or cfg.get("neuronpedia_id")}
+    if plan.rescale_by_decoder_norm:
+        extra["options"] = ["rescale_acts_by_decoder_norm (folded into the weights)"]
+    return SAEInfo("saelens", folder, d_in, d_sae, plan.arch or str(cfg.get("architecture")),
+                   plan.dtype or _dtype_name(header["W_enc"][1]), position, layer, hook,
+                   model_name, extra=extra, refused=plan.refused)
 
 
 def load_saelens(folder: Path) -> SAE:
     cfg_path = folder / SAELENS_CFG
     cfg = _read_json(cfg_path)
     _require(cfg, "d_in", cfg_path)
-    _check_norm(cfg, cfg_path)
-    arch, k = _saelens_arch(cfg, cfg_path)
     t = _load_safetensors(folder / SAELENS_WEIGHTS)
+    plan = _saelens_plan(cfg, t, cfg_path)
+    if plan.refused:
+        raise SAEFormatError(f"{folder}: {plan.refused}")
     if "threshold" not in t and "log_threshold" in t:
         t["threshold"] = t.pop("log_threshold").exp()
+    scale = t.pop("scaling_factor", None)
+    if scale is not None and not torch.all(scale == 1):
+        raise SAEFormatError(f"{folder}: a scaling_factor tensor other than ones is not supported")
     missing = [n for n in ("W_enc", "W_dec", "b_enc", "b_dec") if n not in t]
     if missing:
         raise SAEFormatError(f"{folder / SAELENS_WEIGHTS} lacks tensors {missing}")
-    meta = cfg.get("metadata") or {}
-    sf = meta.get("saeflow") or {}
-    apply_b_dec = cfg.get("apply_b_dec_to_input")
-    if apply_b_dec is None:
-        apply_b_dec = arch != "jumprelu"
-    sae = SAE(W_enc=t["W_enc"], W_dec=t["W_dec"], b_enc=t["b_enc"], b_dec=t["b_dec"],
-              architecture=arch, threshold=t.get("threshold"), k=k,
-              apply_b_dec_to_input=bool(apply_b_dec),
-              input_scale=float(sf.get("input_scale", 1.0)),
-              batchtopk_inference="jumprelu" if "threshold" in t else "topk",
-              metadata={"source_format": "saelens", "cfg": cfg})
+    if plan.arch == "jumprelu" and "threshold" not in t:
+        raise SAEFormatError(f"{folder / SAELENS_WEIGHTS}: a JumpReLU SAE needs a threshold tensor")
+    # SAELens casts every tensor to the cfg's dtype on load; so does saeflow, for equal numbers.
+    dtype = _TORCH_DTYPES[plan.dtype] if plan.dtype else t["W_enc"].dtype
+    t = {n: v.to(dtype) for n, v in t.items()}
+    sf = (cfg.get("metadata") or {}).get("saeflow") or {}
+    sae_kw = {"input_scale": float(sf.get("input_scale", 1.0))}
+    try:
+        sae = SAE(W_enc=t["W_enc"], W_dec=t["W_dec"], b_enc=t["b_enc"], b_dec=t["b_dec"],
+                  architecture=plan.arch, threshold=t.get("threshold"), k=plan.k,
+                  apply_b_dec_to_input=plan.apply_b_dec,
+                  batchtopk_inference="jumprelu" if "threshold" in t else "topk",
+                  metadata={"source_format": "saelens", "cfg": cfg}, **sae_kw)
+    except ValueError as e:
+        raise SAEFormatError(f"{folder}: {e}") from e
     if sae.d_in != int(cfg["d_in"]):
         raise SAEFormatError(f"{cfg_path} says d_in={cfg['d_in']} but W_enc has d_in={sae.d_in}")
+    if plan.rescale_by_decoder_norm:
+        sae = sae.fold_decoder_norm_into_selection()
     return sae
 
 
 def save_saelens(sae: SAE, folder: Path, *, position: str, layer: int, hook_name: str,
-                 model_name: str | None = None, extra_metadata: dict | None = None) -> None:
-    """Write one SAE as a SAELens 6.x folder that SAELens itself can load.
+                 model_name: str | None = None, extra_metadata: dict | None = None,
+                 provenance: dict | None = None) -> None:
+    """Write one SAE as a SAELens 6.x folder that SAELens itself loads with its metadata.
 
     input_scale is folded into the weights (exact), since SAELens has no field for it.
     BatchTopK is written as the inference form SAELens knows (jumprelu or topk), with the
-    training architecture kept under metadata.saeflow.
+    training architecture kept under metadata.saeflow. Every tensor is written in one dtype,
+    the one cfg.json names. attn_z SAEs get reshape_activations "hook_z": SAELens then expects
+    inputs shaped [..., n_heads, d_head] (TransformerLens's hook_z), not [..., n_heads*d_head].
     """
     from safetensors.torch import save_file
 
+    from . import __version__
+
+    if sae.activation == "groupmax":
+        raise SAEFormatError(f"{position} layer {layer}: a GroupMax SAE has no SAELens form; "
+                             f"read the sparsify run directly (saeflow loads it as it is)")
     original_arch = sae.architecture
-    sae = sae.fold_input_scale()
+    sae = sae.fold_input_scale().same_dtype()
     act = sae.activation
     sl_arch = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}[act]
-    saeflow_meta = {"position": position, "layer": layer, "architecture": original_arch}
+    saeflow_meta = {"position": position, "layer": layer, "architecture": original_arch,
+                    "saeflow_version": __version__, **(provenance or {})}
     if original_arch == "batchtopk" and sae.k:
         saeflow_meta["k"] = sae.k
-    if "input_scale_folded" in sae.metadata:
-        saeflow_meta["input_scale_folded"] = sae.metadata["input_scale_folded"]
+    for key in ("input_scale_folded", "rescale_acts_by_decoder_norm", "source_format"):
+        if key in sae.metadata:
+            saeflow_meta[key] = sae.metadata[key]
+    dtype = str(sae.dtype).removeprefix("torch.")
     cfg = {
         "architecture": sl_arch,
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
-        "dtype": str(sae.dtype).removeprefix("torch."),
+        "dtype": dtype,
         "device": "cpu",
         "apply_b_dec_to_input": sae.apply_b_dec_to_input,
         "normalize_activations": "none",
         "reshape_activations": "hook_z" if position == "attn_z" else "none",
         "metadata": {
+            "sae_lens_version": SAELENS_FORMAT_VERSION,
             "model_name": model_name,
             "hook_name": hook_name,
             "hook_head_index": None,
@@ -267,8 +351,12 @@ def save_saelens(sae: SAE, folder: Path, *, position: str, layer: int, hook_name
     }
     if act == "topk":
         cfg["k"] = sae.k
+        cfg["rescale_acts_by_decoder_norm"] = False  # any rescale is folded in the weights
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in sae.tensors().items()}
+    if act != "jumprelu" and tensors.pop("threshold", None) is not None:
+        # SAELens refuses unexpected tensors; a BatchTopK threshold is unused by TopK inference.
+        saeflow_meta["threshold_dropped"] = True
     save_file(tensors, str(folder / SAELENS_WEIGHTS), metadata={"format": "pt"})
     (folder / SAELENS_CFG).write_text(json.dumps(cfg, indent=2) + "\n")
 
@@ -329,7 +417,7 @@ def load_gemmascope(npz: Path) -> SAE:
         raise SAEFormatError(f"{npz} is truncated or corrupt ({e}); re-download it") from e
     return SAE(W_enc=arrays["W_enc"], W_dec=arrays["W_dec"], b_enc=arrays["b_enc"],
                b_dec=arrays["b_dec"], threshold=arrays["threshold"], architecture="jumprelu",
-               apply_b_dec_to_input=False, metadata={"source_format": "gemmascope"})
+               apply_b_dec_to_input=False, metadata={"source_format": "gemmascope"}).same_dtype()
 
 
 # --- Gemma Scope 2 (params.safetensors + config.json) ----------------------------------------
@@ -343,19 +431,35 @@ def describe_gemmascope2(folder: Path) -> SAEInfo:
         raise SAEFormatError(f"{folder / 'params.safetensors'} has no w_enc tensor")
     d_in, d_sae = header["w_enc"][0]
     hook = _require(cfg, "hf_hook_point_in", folder / "config.json")
-    position, layer = _hook_position(hook, folder / "config.json", "gemma3")
-    if cfg.get("type") not in (None, "sae"):
-        raise SAEFormatError(f"{folder}: Gemma Scope 2 type {cfg.get('type')!r} is not an SAE "
-                             f"(transcoders and crosscoders are not supported here)")
+    refused = _gemmascope2_refusal(cfg)
+    try:
+        position, layer = _hook_position(hook, folder / "config.json", "gemma3")
+    except SAEFormatError:
+        if not refused:
+            raise
+        position, layer = None, None  # listed as refused; its site does not matter
     m = _GS2_NAME.search(folder.name)
     return SAEInfo("gemmascope2", folder, d_in, d_sae, "jumprelu",
                    _dtype_name(header["w_enc"][1]), position, layer, hook,
                    cfg.get("model_name"), str(cfg.get("width") or (m.group(2) if m else "")),
-                   str(cfg.get("l0") or (m.group(3) if m else "")) or None)
+                   str(cfg.get("l0") or (m.group(3) if m else "")) or None, refused=refused)
+
+
+def _gemmascope2_refusal(cfg: dict) -> str | None:
+    if cfg.get("type") not in (None, "sae"):
+        return (f"Gemma Scope 2 type {cfg.get('type')!r} is not an SAE (transcoders and "
+                f"crosscoders are not supported)")
+    if cfg.get("affine_connection"):
+        return "affine_connection (a skip transcoder) is not supported"
+    if cfg.get("hf_hook_point_out") not in (None, cfg.get("hf_hook_point_in")):
+        return "reads one site and writes another (a transcoder); not supported"
+    return None
 
 
 def load_gemmascope2(folder: Path) -> SAE:
     cfg = _read_json(folder / "config.json")
+    if refused := _gemmascope2_refusal(cfg):
+        raise SAEFormatError(f"{folder}: {refused}")
     arch = cfg.get("architecture", "jump_relu")
     if arch not in ("jump_relu", "jumprelu"):
         raise SAEFormatError(f"{folder}: architecture {arch!r} is not supported (expected jump_relu)")
@@ -365,10 +469,54 @@ def load_gemmascope2(folder: Path) -> SAE:
         raise SAEFormatError(f"{folder / 'params.safetensors'} lacks tensors {missing}")
     return SAE(W_enc=t["w_enc"], W_dec=t["w_dec"], b_enc=t["b_enc"], b_dec=t["b_dec"],
                threshold=t["threshold"], architecture="jumprelu", apply_b_dec_to_input=False,
-               metadata={"source_format": "gemmascope2", "cfg": cfg})
+               metadata={"source_format": "gemmascope2", "cfg": cfg}).same_dtype()
 
 
 # --- EleutherAI sparsify --------------------------------------------------------------------
+# A run is RUN/<hookpoint>/ (cfg.json + sae.safetensors), RUN/<hookpoint>/seed<N>/ when it
+# trained several seeds; with save_best, RUN/best/<name>/<name>/ (per-hookpoint losses) or
+# RUN/best/<name>/ (one overall loss). RUN/config.json holds the training config (with
+# `model` when run from sparsify's command line).
+_SEED_DIR = re.compile(r"seed(\d+)")
+
+
+def sparsify_layout(folder: Path) -> dict:
+    """{hookpoint, seed, best, run}: where an SAE folder sits in a sparsify run."""
+    hookpoint, seed, up = folder.name, None, folder.parent
+    m = _SEED_DIR.fullmatch(folder.name)
+    if m:
+        hookpoint, seed, up = folder.parent.name, int(m.group(1)), folder.parent.parent
+    name = [hookpoint] + ([folder.name] if seed is not None else [])
+    # best/<name>/<name>: the checkpoint folder repeats the SAE's name above it.
+    above = [up.parent.name, up.name] if seed is not None else [up.name]
+    if above == name and (up.parent.parent if seed is not None else up.parent).name == "best":
+        return {"hookpoint": hookpoint, "seed": seed, "best": True,
+                "run": (up.parent.parent if seed is not None else up.parent).parent}
+    best = up.name == "best"
+    return {"hookpoint": hookpoint, "seed": seed, "best": best,
+            "run": up.parent if best else up}
+
+
+def _sparsify_run_model(run: Path) -> str | None:
+    try:
+        cfg = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def _sparsify_refusal(cfg: dict) -> str | None:
+    if cfg.get("transcode"):
+        return "this sparsify coder is a transcoder (transcode: true), not an SAE"
+    if cfg.get("skip_connection"):
+        return "this sparsify coder has a skip connection (W_skip); not supported"
+    act = cfg.get("activation", "topk")
+    if act not in ("topk", "groupmax"):
+        return f"sparsify activation {act!r} is not supported (topk, groupmax)"
+    return None
+
+
 def describe_sparsify(folder: Path, family: str | None = None) -> SAEInfo:
     cfg = _read_json(folder / "cfg.json")
     header = _safetensors_header(folder / "sae.safetensors")
@@ -378,24 +526,90 @@ def describe_sparsify(folder: Path, family: str | None = None) -> SAEInfo:
     if cfg.get("d_in") is not None and int(cfg["d_in"]) != d_in:
         raise SAEFormatError(f"{folder}: cfg.json d_in={cfg['d_in']} but encoder.weight is "
                              f"{header['encoder.weight'][0]}")
-    position, layer = _hook_position(folder.name, folder, family)
-    return SAEInfo("sparsify", folder, d_in, d_sae, "topk",
-                   _dtype_name(header["encoder.weight"][1]), position, layer, folder.name)
+    lay = sparsify_layout(folder)
+    model_name = _sparsify_run_model(lay["run"])
+    position, layer = _hook_position(lay["hookpoint"], folder, family or _family_of(model_name))
+    variant = ", ".join(([f"seed {lay['seed']}"] if lay["seed"] is not None else [])
+                        + (["best"] if lay["best"] else []))
+    return SAEInfo("sparsify", folder, d_in, d_sae, cfg.get("activation", "topk"),
+                   _dtype_name(header["encoder.weight"][1]), position, layer, lay["hookpoint"],
+                   model_name, extra={"seed": lay["seed"], "best": lay["best"],
+                                      "variant": variant or None},
+                   refused=_sparsify_refusal(cfg))
 
 
 def load_sparsify(folder: Path) -> SAE:
     cfg = _read_json(folder / "cfg.json")
-    if cfg.get("skip_connection") or cfg.get("transcode"):
-        raise SAEFormatError(f"{folder}: sparsify transcoders / skip connections are not SAEs; "
-                             f"not supported")
+    refused = _sparsify_refusal(cfg)
+    if refused:
+        raise SAEFormatError(f"{folder}: {refused}")
     k = int(_require(cfg, "k", folder / "cfg.json"))
     t = _load_safetensors(folder / "sae.safetensors")
     missing = [n for n in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if n not in t]
     if missing:
         raise SAEFormatError(f"{folder / 'sae.safetensors'} lacks tensors {missing}")
-    return SAE(W_enc=t["encoder.weight"].T.contiguous(), W_dec=t["W_dec"], b_enc=t["encoder.bias"],
-               b_dec=t["b_dec"], architecture="topk", k=k, apply_b_dec_to_input=True,
-               metadata={"source_format": "sparsify", "cfg": cfg})
+    # sparsify loads every tensor in the dtype of the file's first tensor.
+    dtype = next(iter(t.values())).dtype
+    t = {n: v.to(dtype) for n, v in t.items()}
+    try:
+        return SAE(W_enc=t["encoder.weight"].T.contiguous(), W_dec=t["W_dec"],
+                   b_enc=t["encoder.bias"], b_dec=t["b_dec"],
+                   architecture=cfg.get("activation", "topk"), k=k, apply_b_dec_to_input=True,
+                   metadata={"source_format": "sparsify", "cfg": cfg})
+    except ValueError as e:
+        raise SAEFormatError(f"{folder}: {e}") from e
+
+
+# --- consistency of configs and tensor headers (pack inspect --verify) ----------------------
+def check_files(folder: Path, fmt: str) -> list[str]:
+    """Problems where a folder's config disagrees with its tensor headers (empty: consistent)."""
+    try:
+        if fmt == "saelens":
+            cfg, h = _read_json(folder / SAELENS_CFG), _safetensors_header(folder / SAELENS_WEIGHTS)
+            d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
+            names = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,),
+                     "b_dec": (d_in,), "threshold": (d_sae,), "log_threshold": (d_sae,)}
+            want_dtype = (cfg.get("dtype") or "").removeprefix("torch.") or None
+            k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+            where = folder / SAELENS_CFG
+        elif fmt == "sparsify":
+            cfg, h = _read_json(folder / "cfg.json"), _safetensors_header(folder / "sae.safetensors")
+            d_in = cfg.get("d_in")
+            d_sae = cfg.get("num_latents") or (d_in * cfg["expansion_factor"]
+                                               if d_in and cfg.get("expansion_factor") else None)
+            names = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,),
+                     "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+            want_dtype, k, where = None, cfg.get("k"), folder / "cfg.json"
+        elif fmt == "gemmascope2":
+            h = _safetensors_header(folder / "params.safetensors")
+            d_in, d_sae = h.get("w_enc", ((None, None), ""))[0]
+            names = {"w_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,),
+                     "threshold": (d_sae,)}
+            want_dtype, k, where = None, None, folder / "params.safetensors"
+        elif fmt == "gemmascope":
+            h = _npz_headers(folder / "params.npz")
+            d_in, d_sae = h.get("W_enc", ((None, None), ""))[0]
+            names = {"W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,),
+                     "threshold": (d_sae,)}
+            want_dtype, k, where = None, None, folder / "params.npz"
+        else:
+            return [f"{folder}: unknown format {fmt!r}"]
+    except (SAEFormatError, KeyError, TypeError) as e:
+        return [f"{folder}: {e}"]
+    problems = []
+    for name, shape in names.items():
+        if name in h and None not in shape and tuple(h[name][0]) != shape:
+            problems.append(f"{where}: {name} has shape {tuple(h[name][0])}, the config implies "
+                            f"{shape}")
+    dtypes = {_dtype_name(v[1]) for v in h.values()}
+    if want_dtype and dtypes != {want_dtype}:
+        problems.append(f"{where}: dtype {want_dtype!r} but the tensors are "
+                        f"{', '.join(sorted(dtypes))}")
+    elif not want_dtype and len(dtypes) > 1:
+        problems.append(f"{where}: tensors mix dtypes {', '.join(sorted(dtypes))}")
+    if k is not None and d_sae and not 0 < int(k) <= int(d_sae):
+        problems.append(f"{where}: k={k} is not within 1..d_sae={d_sae}")
+    return problems
 
 
 def detect_format(folder: Path) -> str | None:
@@ -415,7 +629,7 @@ def detect_format(folder: Path) -> str | None:
 def describe(folder: Path, fmt: str, position: str | None = None,
              family: str | None = None) -> SAEInfo:
     if fmt == "saelens":
-        return describe_saelens(folder)
+        return describe_saelens(folder, family)
     if fmt == "gemmascope":
         return describe_gemmascope(folder / "params.npz", position)
     if fmt == "gemmascope2":

@@ -137,6 +137,18 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
     def feature(layer: int, position: str, index: int) -> dict:
         return data.feature(_feature_spec(layer, position, index))
 
+    @app.get("/api/dashboard/{layer}/{position}/{index}",
+             summary="One feature's dashboard in Neuronpedia's JSON shape")
+    def dashboard(layer: int, position: str, index: int) -> dict:
+        from ..dashboards import feature_dashboard
+
+        L, pos, f = data.check_feature(_feature_spec(layer, position, index))
+        if data.index is None or f"{L}/{pos}" not in data.index.manifest["slots"]:
+            raise NotFound(f"this run has no feature index for {L}/{pos}; run `saeflow index`")
+        row = data.index.feature(L, pos, f)
+        return jsonable(feature_dashboard(row, data.index.manifest["hist_edges"],
+                                          data.index.manifest.get("model")))
+
     @app.get("/api/predecessors/{layer}/{position}/{index}",
              summary="Data-free predecessors and successors of a feature")
     def predecessors(layer: int, position: str, index: int) -> dict:

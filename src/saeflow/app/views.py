@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from ..flow import FlowError, feature_id, open_flow, parse_feature
 
 LANES = {"resid_post": 0, "mlp_out": 1, "attn_out": 2, "attn_z": 2, "resid_pre": 0,
+         "mlp_raw": 1, "attn_raw": 2,
          "resid_mid": 0, "mlp_in": 1, "transcoder": 1}
 LANE_NAMES = ["residual", "MLP", "attention"]
 MAX_GRAPH_NODES = 5000

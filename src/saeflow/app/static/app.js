@@ -196,7 +196,8 @@ async function showFeature(id) {
   const ix = p.index;
   let html = `<h2 id="feature-title">${esc(p.id)} <span class="muted">${esc(ix ? ix.label : "")}</span></h2>`;
   html += `<p><a href="#flow/${esc(p.id)}">flow graph</a> · <a href="#steer/${esc(p.id)}">steer with it</a>` +
-    (ix && ix.neuronpedia ? ` · <a href="${esc(ix.neuronpedia)}" target="_blank" rel="noopener">Neuronpedia</a>` : "") + `</p>`;
+    (ix && ix.neuronpedia ? ` · <a href="${esc(ix.neuronpedia)}" target="_blank" rel="noopener">Neuronpedia</a>` : "") +
+    (ix ? ` · <a id="dashboard-json" href="/api/dashboard/${esc(p.id)}" download="${esc(p.id.replaceAll("/", "-"))}.json">dashboard JSON</a>` : "") + `</p>`;
   if (ix && ix.explanation) html += `<p><b>explanation:</b> ${esc(ix.explanation)}</p>`;
   html += `<p>class: <b>${esc(p.class || "-")}</b> · community: <b>${p.community ?? "-"}</b>` +
     (ix ? ` · density ${(+ix.density).toExponential(2)} · mean ${(+ix.mean_act).toFixed(3)} · max ${(+ix.max_act).toFixed(3)}` : "") + `</p>`;
