@@ -34,12 +34,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def gemm_ceiling(block_a: int, block_b: int, d: int, dtype=torch.float32, reps: int = 6) -> float:
-    a, b = torch.randn(block_a, d, dtype=dtype), torch.randn(block_b, d, dtype=dtype)
+def gemm_ceiling(block_a: int, block_b: int, d: int, dtype=torch.float32, reps: int = 6,
+                 device="cpu") -> float:
+    """GFLOP/s of a plain matmul of one block's shape on `device` (the achievable ceiling)."""
+    a = torch.randn(block_a, d, dtype=dtype, device=device)
+    b = torch.randn(block_b, d, dtype=dtype, device=device)
     a @ b.T
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
     t = time.perf_counter()
     for _ in range(reps):
         a @ b.T
+    sync()
     return 2 * block_a * block_b * d * reps / (time.perf_counter() - t) / 1e9
 
 
@@ -59,7 +65,11 @@ def bench_gemmascope(args) -> dict:
     from saeflow.match import TensorDirections
 
     cfg = FlowConfig(k=args.k, precision=args.precision, block_a=args.block_a,
-                     block_b=args.block_b, null_samples=args.null_samples)
+                     block_b=args.block_b, null_samples=args.null_samples, device=args.device)
+    block_a, block_b = cfg.blocks()
+    print(f"matching on {cfg.resolved_device()}"
+          + (f" ({torch.cuda.get_device_name()})" if cfg.resolved_device().type == "cuda" else "")
+          + f", blocks {block_a} x {block_b}", flush=True)
 
     def directions(slot):
         pos, L = slot
@@ -83,7 +93,7 @@ def bench_gemmascope(args) -> dict:
     wall = time.perf_counter() - t0 - gen_s
     flops = n_pairs * (flops_pair + flops_null)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    ceiling = gemm_ceiling(args.block_a, args.block_b, args.d, dtype)
+    ceiling = gemm_ceiling(block_a, block_b, args.d, dtype, device=cfg.resolved_device())
     res = {"case": "gemmascope-shaped random pack", "layers": args.layers, "d": args.d,
            "width": args.width, "pairs": n_pairs, "k": args.k, "precision": args.precision,
            "wall_s": round(wall, 1), "generation_s_excluded": round(gen_s, 1),
@@ -165,7 +175,7 @@ def bench_wide(args) -> dict:
         rows = min(args.rows, A.n)
         A.n = rows  # the first `rows` rows of A
         t = time.perf_counter()
-        m = top_k_pairs(A, B, k=args.k, cols=True, block_a=args.block_a, block_b=args.block_b,
+        m = top_k_pairs(A, B, k=args.k, cols=True, block_a=args.block_a or 1024, block_b=args.block_b or 4096,
                         precision=args.precision, memory_budget=args.memory_mb << 20)
         dt = time.perf_counter() - t
         print(json.dumps({"slice_s": dt, "rows": rows, "n_b": B.n, "peak_rss_mb": peak_rss_mb(),
@@ -179,7 +189,7 @@ def bench_wide(args) -> dict:
     _write_wide(fb, args.width, args.d, 2)
     write_s = time.perf_counter() - t
     cmd = [sys.executable, __file__, "wide", "--child", str(fa), str(fb), "--rows", str(args.rows),
-           "--k", str(args.k), "--block-a", str(args.block_a), "--block-b", str(args.block_b),
+           "--k", str(args.k), "--block-a", str(args.block_a or 1024), "--block-b", str(args.block_b or 4096),
            "--precision", args.precision, "--memory-mb", str(args.memory_mb)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()
     child = json.loads(out[-1])
@@ -201,8 +211,9 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=16384)
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--block-a", type=int, default=1024)
-    ap.add_argument("--block-b", type=int, default=4096)
+    ap.add_argument("--block-a", type=int, default=None, help="default: 1024 CPU, 8192 GPU")
+    ap.add_argument("--block-b", type=int, default=None, help="default: 4096 CPU, 16384 GPU")
+    ap.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
     ap.add_argument("--null-samples", type=int, default=2048)
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--rows", type=int, default=2048, help="wide: rows of A measured")

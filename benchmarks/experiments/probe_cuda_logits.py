@@ -32,10 +32,19 @@ def main():
         spec = str(make_model_dir("gemma3", Path(tempfile.mkdtemp()) / "g3"))
     ref = load_model(spec, device="cpu", progress=False)
     dev = load_model(spec, device=a.device, progress=False)
-    V = ref.vocab_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, min(V, 5000), (4, a.ctx), generator=g)
-    ids[:, 0] = ref.tokenizer.bos_token_id or 2
+    from saeflow.models import tokenizer_adds_bos
+
+    print(f"tokenizer prepends BOS: {tokenizer_adds_bos(ref.tokenizer)}")
+    if a.model == "tiny":  # random tokens: the tiny model knows no language anyway
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, min(ref.vocab_size, 5000), (4, a.ctx), generator=g)
+        ids[:, 0] = ref.tokenizer.bos_token_id or 2
+    else:  # held-out text, packed as saeflow's eval packs it
+        from saeflow.corpora import Corpus
+
+        batch = next(Corpus.from_spec("wiki=0.8,python=0.2", seed=0).token_batches(
+            ref.tokenizer, 4, a.ctx, split="heldout"))
+        ids = batch.input_ids
     mask = torch.ones_like(ids)
     mask[-1, a.ctx // 2:] = 0  # a right-padded last row, as the corpus makes
 

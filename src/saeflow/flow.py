@@ -55,8 +55,8 @@ class FlowConfig:
     null_samples: int = 2048
     null_quantile: float = 0.99
     seed: int = 0
-    block_a: int = 1024
-    block_b: int = 4096
+    block_a: int | None = None  # rows of A per block; None: 1024 on a CPU, 8192 on a GPU
+    block_b: int | None = None  # rows of B per block; None: 4096 on a CPU, 16384 on a GPU
     memory_budget_mb: int = 512
     # where the similarity products run: "auto" (cuda when present, else the CPU), or a device
     # name. Results are the same up to fp32 rounding, so it is not part of the cache key.
@@ -75,6 +75,20 @@ class FlowConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def blocks(self) -> tuple[int, int]:
+        """Block sizes: cache-sized on a CPU; large on a GPU, where one block's GEMM must
+        outweigh its kernel launches and top-k merges."""
+        gpu = self.resolved_device().type == "cuda"
+        return (self.block_a or (8192 if gpu else 1024), self.block_b or (16384 if gpu else 4096))
+
+    def match_kw(self, memory_budget: bool = True) -> dict:
+        """The keyword arguments of top_k_pairs that say how (not what) to compute."""
+        block_a, block_b = self.blocks()
+        kw = dict(block_a=block_a, block_b=block_b, device=self.resolved_device())
+        if memory_budget:
+            kw["memory_budget"] = self.memory_budget_mb << 20
+        return kw
 
     def identity(self) -> dict:
         """The settings that change the matches (block sizes do not)."""
@@ -314,8 +328,7 @@ def compute_layer(pack, plan: LayerPlan, cfg: FlowConfig, model=None,
     directions = directions or (lambda slot: slot_directions(pack, slot, cfg.method, model))
     A = directions(plan.resid).materialize(budget)
     out: dict[str, np.ndarray] = {"n_resid": np.array(A.n)}
-    kw = dict(block_a=cfg.block_a, block_b=cfg.block_b, memory_budget=budget,
-              device=cfg.resolved_device())
+    kw = cfg.match_kw()
     for kind, slot in plan.preds.items():
         if slot is None:
             continue
@@ -595,7 +608,7 @@ def match_pair(a_spec: str, b_spec: str, method: str = "decoder", k: int = 5, mo
     if A.d != B.d:
         raise FlowError(f"{a_spec} lives in width {A.d} and {b_spec} in width {B.d}; they cannot "
                         f"be compared (map attn_z SAEs with --model)")
-    kw = dict(block_a=cfg.block_a, block_b=cfg.block_b, device=cfg.resolved_device())
+    kw = cfg.match_kw(memory_budget=False)
     if method == "permutation":
         rows, cols, cos = permutation_match(A, B, **kw)
         row_i = np.full((A.n, 1), -1, np.int64)
