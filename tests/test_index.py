@@ -42,7 +42,7 @@ def _reference(model, pack, cfg):
                        attention_mask=b.attention_mask)
         content = b.content_mask()
         for (p, L) in pack.entries:
-            z = pack.sae(p, L).encode(acts[HookPoint(p, L)].float()) * content[..., None]
+            z = pack.sae(p, L).encode(acts[HookPoint(p, L)].float().cpu()) * content[..., None]
             out[(p, L)].append(z.reshape(-1, z.shape[-1]))
         meta.append((b.doc_ids.reshape(-1), b.token_index.reshape(-1)))
     doc = torch.cat([m[0] for m in meta])

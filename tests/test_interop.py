@@ -244,7 +244,7 @@ def test_sparsify_trainer_runs_on_a_tiny_gemma(tmp_path, tiny_models):
         model.hf(input_ids=ids[:4].to(model.device))
     for pt, hook in zip(pts, ("layers.1", "layers.1.mlp")):
         coder = SparseCoder.load_from_disk(run / hook / "seed1")
-        x = h.activations[pt].reshape(-1, model.d_model)  # [tokens, d_model]
+        x = h.activations[pt].reshape(-1, model.d_model).cpu()  # [tokens, d_model]
         _compare_sparsify(coder, pack.sae(pt.position, pt.layer), x)
 
     run_b = _sparsify_run(model, tmp_path, "one-seed", ids, save_best=True)
@@ -254,4 +254,4 @@ def test_sparsify_trainer_runs_on_a_tiny_gemma(tmp_path, tiny_models):
     assert best.entries[("mlp_raw", 1)].path == run_b / "best" / "layers.1.mlp" / "layers.1.mlp"
     assert any("chose layers.1.mlp (final)" in c for c in final.choices)
     coder = SparseCoder.load_from_disk(run_b / "best" / "layers.1.mlp" / "layers.1.mlp")
-    _compare_sparsify(coder, best.sae("mlp_raw", 1), h.activations[pts[1]].reshape(-1, 32))
+    _compare_sparsify(coder, best.sae("mlp_raw", 1), h.activations[pts[1]].reshape(-1, 32).cpu())

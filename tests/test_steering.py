@@ -79,7 +79,7 @@ def test_additive_edit_adds_strength_times_typical_times_direction(setup):
     with torch.inference_mode(), scope, Hooks(model, capture=[pt],
                                               edits=plan_edits(plan, pack, scope, typical)) as h:
         model.hf(input_ids=ids)
-    W = pack.sae("resid_post", 1).W_dec
+    W = pack.sae("resid_post", 1, device=model.device).W_dec
     expect = clean + 2.0 * (3.0 * W[4] - 1.5 * W[9])
     torch.testing.assert_close(h.activations[pt], expect, atol=1e-5, rtol=1e-5)
 
@@ -87,7 +87,7 @@ def test_additive_edit_adds_strength_times_typical_times_direction(setup):
 def test_rescale_edit_and_token_positions(setup):
     model, pack, _ = setup
     pt = HookPoint("resid_post", 2)
-    sae = pack.sae("resid_post", 2)
+    sae = pack.sae("resid_post", 2, device=model.device)
     ids = _ids(model, "a b c d e f")
     with torch.inference_mode(), Hooks(model, capture=[pt]) as h:
         model.hf(input_ids=ids)
@@ -101,7 +101,7 @@ def test_rescale_edit_and_token_positions(setup):
         model.hf(input_ids=ids)
     change = h.activations[pt] - clean
     expect = (-2.0 * z[0, :, f])[:, None] * sae.W_dec[f]  # (r - 1) z_f W_dec[f]
-    mask = torch.zeros(ids.shape[1], 1)
+    mask = torch.zeros(ids.shape[1], 1, device=model.device)
     mask[[1, 3]] = 1
     torch.testing.assert_close(change[0], expect * mask, atol=1e-5, rtol=1e-5)
 

@@ -181,7 +181,7 @@ _LAZY = {"saelens": ("sae_weights.safetensors", "W_dec"),
 def attn_z_mapping(model, layer: int) -> torch.Tensor:
     """[n_heads*d_head, d_model]: head-space direction -> residual direction (W_O, norm gain)."""
     n_z = model.width("attn_z")
-    return model.attn_z_to_residual(torch.eye(n_z), layer)
+    return model.attn_z_to_residual(torch.eye(n_z), layer).cpu()  # consumed on the host
 
 
 # Positions whose directions need the model to reach the residual stream.

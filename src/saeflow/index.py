@@ -81,8 +81,8 @@ class _Reservoir:
         """CPU copies, so a checkpoint resumes on any device."""
         return {k: v.cpu() for k, v in vars(self).items()}
 
-    def load(self, state: dict) -> None:
-        dev = self.key.device
+    def load(self, state: dict, device=None) -> None:
+        dev = device if device is not None else self.key.device
         for k, v in state.items():
             setattr(self, k, v.to(dev))
 
@@ -184,8 +184,8 @@ class _SlotStats:
         dev = self.device
         self.count, self.total = s["count"].to(dev), s["total"].to(dev)
         self.max, self.hist = s["max"].to(dev), s["hist"].to(dev)
-        self.top.load(s["top"])
-        self.sample.load(s["sample"])
+        self.top.load(s["top"], dev)
+        self.sample.load(s["sample"], dev)
         self.gen.set_state(s["gen"])
 
 

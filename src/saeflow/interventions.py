@@ -344,7 +344,7 @@ def _add_edit(delta: torch.Tensor, tokens, scope: CallScope):
         if not scope.active:
             return None
         m = _token_mask(tokens, scope, act.shape[1], act.device)
-        d = delta.to(act.dtype)
+        d = delta.to(device=act.device, dtype=act.dtype)  # the edit follows the activation
         return act + (d if m is None else m[:, None].to(act.dtype) * d)
     return edit
 
@@ -352,8 +352,11 @@ def _add_edit(delta: torch.Tensor, tokens, scope: CallScope):
 def _rescale_edit(sae, feats: torch.Tensor, factor: torch.Tensor, W: torch.Tensor, tokens,
                   scope: CallScope):
     def edit(act: torch.Tensor):  # act [batch, seq, d_model]
+        nonlocal sae, feats, factor, W
         if not scope.active:
             return None
+        if W.device != act.device:  # built on another device: follow the activation, once
+            sae, feats, factor, W = (t.to(act.device) for t in (sae, feats, factor, W))
         z = sae.encode(act)[..., feats].float()  # [batch, seq, n] current activations
         change = (z * factor) @ W  # [batch, seq, d_model]: sum_f (r_f - 1) z_f W_dec[f]
         m = _token_mask(tokens, scope, act.shape[1], act.device)

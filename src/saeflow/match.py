@@ -195,8 +195,10 @@ def top_k_pairs(A, B, k: int = 5, cols: bool = False, block_a: int = 1024, block
     row_i = torch.empty(n_a, kc, dtype=torch.long)
     col_v = torch.full((n_b, kc_col), float("-inf"), device=dev) if cols else None
     col_i = torch.zeros((n_b, kc_col), dtype=torch.long, device=dev) if cols else None
+    on_host_a = _in_memory_rows(A)  # unit rows already: moved as they are
     for a0 in range(0, n_a, block_a):
-        a = A.unit_block(a0, min(a0 + block_a, n_a)).to(dev)  # [ba, d]
+        a1 = min(a0 + block_a, n_a)
+        a = (on_host_a[a0:a1] if on_host_a is not None else A.unit_block(a0, a1)).to(dev)  # [ba, d]
         if precision == "bf16":
             a = a.bfloat16()
         best_v = torch.full((a.shape[0], kc), float("-inf"), device=dev)
@@ -293,12 +295,14 @@ def null_top1(A, B, n: int = 2048, kind: str = "shuffle", seed: int = 0, **kw) -
     kind="gaussian": isotropic random directions. Returns float32 [n].
     """
     A, B = _as_directions(A), _as_directions(B)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # draws on the CPU: the same null on any device
+    dev = torch.device(kw.get("device") or "cpu")
     if kind == "shuffle":
         rows = torch.randperm(A.n, generator=g)[:n].sort().values
         X = _gather_rows(A, rows)  # [n, d]
-        perm = torch.argsort(torch.rand(X.shape, generator=g), dim=1)
-        X = X.gather(1, perm)
+        # the argsort of n x d random keys is the costly part; it runs where the matching does
+        perm = torch.argsort(torch.rand(X.shape, generator=g).to(dev), dim=1)
+        X = X.to(dev).gather(1, perm).cpu()
     elif kind == "gaussian":
         X = torch.randn(min(n, A.n), A.d, generator=g)
     else:
