@@ -41,11 +41,11 @@ test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
 	$(MAKE) test-compat
 
-# The oldest transformers saeflow supports (pyproject.toml: transformers>=5.0,<6), in a venv of
+# The oldest transformers saeflow supports (pyproject.toml: transformers>=5.18,<6), in a venv of
 # its own: the model, hook and CE tests, and the real model's perplexity with a GGUF copy that
 # this version de-quantises itself (its own cache), so a conversion regression shows here.
 COMPAT_VENV ?= .venv-compat
-TRANSFORMERS_OLDEST ?= 5.0.0
+TRANSFORMERS_OLDEST ?= 5.18.0
 COMPAT_STAMP := $(COMPAT_VENV)/.saeflow-installed
 
 $(COMPAT_STAMP): pyproject.toml

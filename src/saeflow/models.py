@@ -29,6 +29,11 @@ CACHE_MANIFEST = "saeflow-cache.json"
 # 2: the tokenizer is checked to prepend BOS where the GGUF asks for it (copies made by format 1
 # under transformers 5.17 lacked it, and Gemma without BOS reads garbage: CE 12.9 nats).
 CACHE_FORMAT = 2
+# A sentence and its ids under Gemma 3's own tokenizer: transformers <= 5.17 converts the
+# embedded GGUF's tokenizer wrongly (other splits: CE 5.9 instead of 3.0 nats), 5.18-5.22
+# drop its BOS (ensure_bos restores it), 5.23+ get both right.
+EMBEDDED_TOKEN_CHECK = ("Lund University is a public university",
+                        [2, 236798, 1136, 3148, 563, 496, 1237, 10467])
 # Families whose models are trained with BOS at position 0 and break without it.
 NEEDS_BOS = ("gemma", "gemma2", "gemma3")
 
@@ -212,6 +217,8 @@ def load_model(spec: str = EMBEDDED, device: str | torch.device | None = None,
         log.warning("the tokenizer of %s does not prepend BOS, which %s models need; "
                     "prepending it", name, arch.family)
         ensure_bos(tok)
+    if spec == EMBEDDED:
+        check_embedded_tokenizer(tok)
     hf.to(dev).eval()
     return LoadedModel(hf=hf, tokenizer=tok, arch=arch, name=name, source=source,
                        load_seconds=time.perf_counter() - t0)
@@ -329,6 +336,20 @@ def _build_gguf_cache(gguf_path: Path, folder: Path) -> None:
 
 def clear_model_cache() -> None:
     shutil.rmtree(cache_dir("models"), ignore_errors=True)
+
+
+def check_embedded_tokenizer(tok) -> None:
+    """Refuse a tokenizer that splits text unlike Gemma 3's own (a conversion bug)."""
+    text, want = EMBEDDED_TOKEN_CHECK
+    got = list(tok(text)["input_ids"])
+    if got != want:
+        import transformers
+
+        raise RuntimeError(
+            f"the embedded model's tokenizer, converted from its GGUF by transformers "
+            f"{transformers.__version__}, splits text unlike Gemma 3's tokenizer ({got[:6]}... "
+            f"instead of {want[:6]}...); the model would read garbage. Install transformers>=5.18 "
+            f"and delete {cache_dir('models')} so that it is converted again")
 
 
 def gguf_adds_bos(gguf_path: Path) -> bool:
