@@ -180,8 +180,16 @@ def cmd_flow(args) -> int:
     cfg = FlowConfig(k=args.k, method=args.method, precision=args.precision, null=args.null,
                      null_samples=args.null_samples, null_quantile=args.null_quantile,
                      memory_budget_mb=args.memory_mb)
+    liveness = None
+    if not args.keep_dead:
+        from .liveness import firing_pass, liveness_from_index
+
+        liveness = liveness_from_index(args.out, pack)
+        if liveness is None and model is not None:
+            liveness = firing_pass(pack, model, args.firing_tokens, progress=True)
     run = run_flow(pack, args.out, cfg, layers=layers, thresholds=_thresholds_arg(args),
-                   model=model, t_res=args.t_res, force=args.force, plots=not args.no_plots)
+                   model=model, t_res=args.t_res, force=args.force, plots=not args.no_plots,
+                   liveness=liveness)
     counts = run.class_counts()
     if args.json:
         _print_json({"run": str(run.root), "manifest": run.manifest, "class_counts": counts,
@@ -203,6 +211,15 @@ def cmd_flow(args) -> int:
         if "attn_z" in how:
             print(f"  attention at layer {L}: {how}")
             break
+    dead = m.get("dead_latents", {})
+    if dead.get("slots"):
+        left = sum(v["excluded"] for v in dead["slots"].values())
+        total = sum(v["n"] for v in dead["slots"].values())
+        print(f"  left out: {left} of {total} latents fired fewer than {dead['min_count']} times "
+              f"in {dead['tokens']} tokens ({dead['source']}); --keep-dead keeps them")
+    elif not args.keep_dead:
+        print("  dead latents are counted: no firing counts (build an index in this RUN first, "
+              "or pass --model for a firing pass)")
     print("  files: predecessors.parquet, successors.parquet, thresholds.json, plots/")
     return 0
 
@@ -694,6 +711,11 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--memory-mb", type=int, default=512,
                     help="dictionaries larger than this are streamed from disk in blocks")
     fl.add_argument("--no-plots", action="store_true")
+    fl.add_argument("--keep-dead", action="store_true",
+                    help="keep latents that never (or rarely) fire in the lists and class shares")
+    fl.add_argument("--firing-tokens", type=int, default=16_384,
+                    help="tokens of the firing pass that finds dead latents (with --model and "
+                         "no index in RUN)")
     fl.add_argument("--force", action="store_true", help="replace the flow of another pack in RUN")
     fl.add_argument("--json", action="store_true")
     fl.set_defaults(func=cmd_flow)

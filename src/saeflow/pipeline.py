@@ -44,12 +44,15 @@ class PipelineConfig:
     sweep_n: int = 4
     sweep_max_layers: int = 2
     classifier_docs: int = 2000
+    firing_tokens: int = 16_384  # the firing pass that flags dead and rare latents for the flow
+    keep_dead: bool = False
     device: str | None = None
 
     def stage_settings(self, stage: str) -> dict:
         """What a stage's outputs depend on (a change reruns it)."""
         common = {"model": self.model, "pack": self.pack}
-        extra = {"pack": {}, "flow": {}, "report": {},
+        extra = {"pack": {}, "flow": {"firing_tokens": self.firing_tokens,
+                                      "keep_dead": self.keep_dead}, "report": {},
                  "eval": {"tokens": self.eval_tokens, "ce_tokens": self.ce_tokens,
                           "corpus": self.corpus},
                  "index": {"tokens": self.index_tokens, "corpus": self.corpus},
@@ -248,10 +251,18 @@ class Pipeline:
     def stage_flow(self) -> dict:
         from .flow import run_flow
 
+        from .liveness import firing_pass
+
         model = self.model if "attn_z" in self.pack.positions else None
+        # Always a firing pass (cached by pack), never the index: the flow must not change
+        # when an index appears later in the same RUN.
+        liveness = None if self.cfg.keep_dead else firing_pass(
+            self.pack, self.model, self.cfg.firing_tokens, self.cfg.corpus, progress=self.progress)
         run = run_flow(self.pack, self.root, model=model, progress=self.progress,
-                       force=self._force)
-        return {"layers": len(run.layers), "seconds": run.manifest.get("seconds")}
+                       force=self._force, liveness=liveness)
+        dead = run.manifest.get("dead_latents", {}).get("slots", {})
+        return {"layers": len(run.layers), "seconds": run.manifest.get("seconds"),
+                "latents_left_out": sum(v["excluded"] for v in dead.values())}
 
     def stage_index(self) -> dict:
         from .index import IndexConfig, build_index

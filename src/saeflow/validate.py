@@ -171,7 +171,7 @@ def pick_control(top1: tuple, upstream: list[tuple], candidates: set, tolerance:
     [1/tolerance, tolerance] x the top-1 predecessor's; the same slot as the top-1 first, then
     any slot; when none is in range, the nearest in log ratio. `upstream`: [(slot, feature,
     activation, removal norm)]; `top1` one of them. Returns (entry, norm ratio) or None."""
-    pool = [u for u in upstream if (u[0], u[1]) not in candidates]
+    pool = [u for u in upstream if (u[0], u[1]) not in candidates and u[:2] != top1[:2]]
     if not pool:
         return None
     ref = top1[3]
