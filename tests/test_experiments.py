@@ -225,3 +225,30 @@ def test_dead_latents_are_left_out_of_class_shares_and_lists(tiny_models, tmp_pa
     # --keep-dead (no liveness): every latent counts again.
     kept = run_flow(pack, tmp_path / "run2", plots=False, progress=False)
     assert sum(kept.class_counts()[0].values()) == 24
+
+
+def test_cli_steer_sweep_paper_profile_maps_to_the_papers_settings(monkeypatch, capsys,
+                                                                   tmp_path):
+    import saeflow.cli as cli
+    import saeflow.sweep as sweep
+
+    seen = {}
+
+    def fake_run(model, pack, run, cfg, judge_cfg=None):
+        seen["cfg"] = cfg
+        return {"profile": cfg.name, "seconds": 1.0, "score": cfg.score, "best": [],
+                "classifier": {"held_out_accuracy": 0.9}, "seeds": {}}
+
+    monkeypatch.setattr(cli, "_load_model_and_pack", lambda args, stage: (None, None))
+    monkeypatch.setattr(sweep, "run_sweep", fake_run)
+    assert cli.main(["steer-sweep", str(tmp_path), "--paper", "--n", "40"]) == 0
+    cfg = seen["cfg"]
+    assert cfg.kind == "rescale" and cfg.seeds_per_theme == 10 and cfg.n == 40
+    assert cfg.strengths == [0.0, -1.0, -2.0, -4.0, -8.0, -16.0, -32.0, -64.0]
+    assert cfg.max_new_tokens == 96 and cfg.out_dir == "sweep-paper"
+    assert "sweep-paper" in capsys.readouterr().out
+    assert cli.main(["steer-sweep", str(tmp_path), "--strengths", "0.25,1"]) == 0
+    assert seen["cfg"].strengths == [0.25, 1.0] and seen["cfg"].kind == "add"
+    assert cli.main(["steer-sweep", str(tmp_path), "--paper", "--modes",
+                     "single,cumulative_norm"]) == 2
+    assert "cumulative_norm" in capsys.readouterr().err
