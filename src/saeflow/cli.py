@@ -215,8 +215,10 @@ def cmd_flow(args) -> int:
     if dead.get("slots"):
         left = sum(v["excluded"] for v in dead["slots"].values())
         total = sum(v["n"] for v in dead["slots"].values())
-        print(f"  left out: {left} of {total} latents fired fewer than {dead['min_count']} times "
-              f"in {dead['tokens']} tokens ({dead['source']}); --keep-dead keeps them")
+        how = "never fired" if dead["min_count"] == 1 else \
+            f"fired fewer than {dead['min_count']} times"
+        print(f"  left out: {left} of {total} latents {how} in {dead['tokens']} tokens "
+              f"({dead['source']}); --keep-dead keeps them")
     elif not args.keep_dead:
         print("  dead latents are counted: no firing counts (build an index in this RUN first, "
               "or pass --model for a firing pass)")
