@@ -37,18 +37,20 @@ class PipelineConfig:
     index_tokens: int = 40_000
     stats_tokens: int = 40_000
     validate_texts: int = 6
-    validate_ci: float | None = 0.05  # more texts until each headline rate's 95% CI is +-5 pts
+    # `saeflow validate --ci 0.05` adds texts until each headline rate is known to +-5 points
+    # (14 texts on the quick pack, docs/benchmarks.md); the demo keeps a fixed, cheap sample.
+    validate_ci: float | None = None
     validate_max_texts: int = 60
     validate_r_graphs: int = 2
     sweep_themes: list[str] = field(default_factory=lambda: ["religion", "biology"])
     sweep_strengths: list[float] = field(default_factory=lambda: [0.5, 2.0])
     sweep_seeds: list[int] = field(default_factory=lambda: [0])
-    sweep_n: int = 8
+    sweep_n: int = 4
     sweep_max_layers: int = 2
     # The paper's deactivation experiment (sweep profile paper-demo): r values, samples, layers.
-    paper_strengths: list[float] = field(default_factory=lambda: [0.0, -4.0, -16.0])
+    paper_strengths: list[float] = field(default_factory=lambda: [0.0, -8.0])
     paper_n: int = 8
-    paper_max_layers: int = 2
+    paper_max_layers: int = 1
     classifier_docs: int = 2000
     firing_tokens: int = 16_384  # the firing pass that flags dead and rare latents for the flow
     keep_dead: bool = False
