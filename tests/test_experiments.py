@@ -252,3 +252,10 @@ def test_cli_steer_sweep_paper_profile_maps_to_the_papers_settings(monkeypatch, 
     assert cli.main(["steer-sweep", str(tmp_path), "--paper", "--modes",
                      "single,cumulative_norm"]) == 2
     assert "cumulative_norm" in capsys.readouterr().err
+
+
+def test_one_layer_sweeps_use_the_middle_of_the_graph():
+    from saeflow.sweep import _spread
+
+    assert _spread([1, 4, 5, 9, 15], 1) == [5]  # not 1, where cumulative == single
+    assert _spread([1, 4, 5, 9, 15], 3) == [1, 5, 15] and _spread([2, 3], 3) == [2, 3]

@@ -202,8 +202,12 @@ def _scaled(plan, factor: float, label: str):
 
 
 def _spread(values: list[int], k: int) -> list[int]:
+    """k of the graph's layers, evenly spaced; one layer is the middle one (at the first layer
+    cumulative and single-layer coincide)."""
     if len(values) <= k:
         return values
+    if k == 1:
+        return [values[len(values) // 2]]
     return [values[int(round(i))] for i in np.linspace(0, len(values) - 1, k)]
 
 
