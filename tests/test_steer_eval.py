@@ -150,13 +150,74 @@ def test_sweep_runs_the_grid_and_writes_curves(tiny_models, tmp_path, clf):
     finally:
         srv.shutdown()
     df = pd.read_parquet(tmp_path / "run" / "sweep" / "sweep.parquet")
-    # default + seed x 2 strengths + (single, cumulative) x 2 layers x 2 strengths, 2 seeds, n 2
-    assert set(df["mode"]) == {"default", "seed", "single", "cumulative"}
-    assert len(df) == 2 * (1 + 2 + 8) * 2 * 2
+    # default + seed x 2 strengths + (single, cumulative, cumulative_norm) x 2 layers x 2
+    # strengths; 2 sampling seeds, n 2
+    assert set(df["mode"]) == {"default", "seed", "single", "cumulative", "cumulative_norm"}
+    assert len(df) == 2 * (1 + 2 + 12) * 2 * 2
+    # Cumulative injects more than single at the same strength; cumulative_norm the same.
+    norms = df.groupby(["theme", "mode", "layer", "strength"]).injected_norm.first()
+    for th in ("religion", "arts"):
+        for L in s["seeds"][th]["graph_layers"][1:]:
+            if (th, "single", L, 8.0) not in norms:
+                continue
+            single = norms[(th, "single", L, 8.0)]
+            assert norms[(th, "cumulative", L, 8.0)] > single * 1.5
+            assert norms[(th, "cumulative_norm", L, 8.0)] == pytest.approx(single, rel=1e-3)
+            assert norms[(th, "single", L, 2.0)] == pytest.approx(single / 4, rel=1e-4)
     assert df.judge_coherence.eq(0.8).all() and df.judge_behavioral.isin([0.2, 1.0]).all()
     assert s["seeds"]["religion"]["graph_layers"] == [0, 1, 2]
     best = best_settings(df)
-    assert len(best) == 2 * 4 and (best.ci_low <= best.activation_score).all()
+    assert len(best) == 2 * 5 and (best.ci_low <= best.activation_score).all()
     assert "mean_over_themes" in compare_modes(df, "cumulative", "single")
-    for f in ("score_vs_layer.png", "score_vs_strength.html", "best.csv", "summary.json"):
+    pair = s["cumulative_norm_vs_single_at_equal_strength"]
+    assert pair["pairs"] == 2 * 2 * 2 * 2 * 2 and set(pair["by_strength"]) == {"2", "8"}
+    for f in ("score_vs_layer.png", "score_vs_strength.html", "best.csv", "summary.json",
+              "curves.csv", "modes_vs_strength.png"):
         assert (tmp_path / "run" / "sweep" / f).is_file()
+    curves = pd.read_csv(tmp_path / "run" / "sweep" / "curves.csv")
+    assert ((curves.ci_low <= curves.activation_score + 1e-9) &
+            (curves.activation_score <= curves.ci_high + 1e-9)).all()
+
+
+def test_paper_deactivation_sweep_rescales_joined_graphs(tiny_models, tmp_path, clf):
+    """The paper's deactivation experiment: several seeds' graphs joined, rescale by r <= 0,
+    single vs cumulative, scored by the deactivation score, written to RUN/sweep-paper."""
+    from saeflow.packs import save_pack
+    from saeflow.sae import random_sae
+    from saeflow.sweep import SweepError, sweep_profile, run_sweep
+
+    model = tiny_models["gemma3"]
+    d = model.d_model
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(40, d, generator=g)
+    saes = []
+    for L in range(3):
+        s = random_sae(d, 40, "relu", seed=L)
+        s = s._replace(W_dec=base / base.norm(dim=-1, keepdim=True), W_enc=base.T.clone())
+        saes += [("resid_post", L, s), ("mlp_out", L, random_sae(d, 16, "relu", seed=10 + L)),
+                 ("attn_out", L, random_sae(d, 16, "relu", seed=20 + L))]
+    pack = save_pack(saes, tmp_path / "pack", model_name="tiny", d_model=d,
+                     n_layers=model.n_layers)
+    cfg = sweep_profile("paper", strengths=[0.0, -2.0], n=3, max_new_tokens=5, max_layers=2,
+                        classifier_docs=600,
+                        seed_features={"physics": ["1/resid_post/3", "2/resid_post/7"]})
+    assert cfg.kind == "rescale" and cfg.top_p == 0.7 and cfg.temperature == 1.27
+    assert cfg.prompt.startswith("I think that the biggest problem of contemporary")
+    s = run_sweep(model, pack, tmp_path / "run", cfg, progress=False,
+                  scorer=tiny_models["llama"], classifier=clf)
+    out = tmp_path / "run" / "sweep-paper"
+    df = pd.read_parquet(out / "sweep.parquet")
+    assert set(df["mode"]) == {"default", "single", "cumulative"}
+    assert s["score"] == "deactivation_score" and s["seeds"]["physics"]["seeds"] == [
+        "1/resid_post/3", "2/resid_post/7"]
+    assert set(df.strength) == {0.0, -2.0} and df.injected_norm.drop_duplicates().size <= 2
+    cum = df[df["mode"] == "cumulative"]
+    assert (cum.n_features >= df[df["mode"] == "single"].n_features.min()).all()
+    assert (out / "modes_vs_strength.png").is_file() and (out / "curves.csv").is_file()
+    assert "by_strength" in s["cumulative_vs_single_at_equal_strength"]
+    with pytest.raises(SweepError, match="cumulative_norm"):
+        sweep_profile("paper", modes=["single", "cumulative_norm"]).check()
+    with pytest.raises(SweepError, match="unknown sweep profile"):
+        sweep_profile("nope")

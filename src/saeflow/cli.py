@@ -197,8 +197,16 @@ def cmd_flow(args) -> int:
     cfg = FlowConfig(k=args.k, method=args.method, precision=args.precision, null=args.null,
                      null_samples=args.null_samples, null_quantile=args.null_quantile,
                      memory_budget_mb=args.memory_mb)
+    liveness = None
+    if not args.keep_dead:
+        from .liveness import firing_pass, liveness_from_index
+
+        liveness = liveness_from_index(args.out, pack)
+        if liveness is None and model is not None:
+            liveness = firing_pass(pack, model, args.firing_tokens, progress=True)
     run = run_flow(pack, args.out, cfg, layers=layers, thresholds=_thresholds_arg(args),
-                   model=model, t_res=args.t_res, force=args.force, plots=not args.no_plots)
+                   model=model, t_res=args.t_res, force=args.force, plots=not args.no_plots,
+                   liveness=liveness)
     counts = run.class_counts()
     if args.json:
         _print_json({"run": str(run.root), "manifest": run.manifest, "class_counts": counts,
@@ -220,6 +228,17 @@ def cmd_flow(args) -> int:
         if "attn_z" in how:
             print(f"  attention at layer {L}: {how}")
             break
+    dead = m.get("dead_latents", {})
+    if dead.get("slots"):
+        left = sum(v["excluded"] for v in dead["slots"].values())
+        total = sum(v["n"] for v in dead["slots"].values())
+        how = "never fired" if dead["min_count"] == 1 else \
+            f"fired fewer than {dead['min_count']} times"
+        print(f"  left out: {left} of {total} latents {how} in {dead['tokens']} tokens "
+              f"({dead['source']}); --keep-dead keeps them")
+    elif not args.keep_dead:
+        print("  dead latents are counted: no firing counts (build an index in this RUN first, "
+              "or pass --model for a firing pass)")
     print("  files: predecessors.parquet, successors.parquet, thresholds.json, plots/")
     return 0
 
@@ -531,28 +550,46 @@ def _float_list(text: str) -> list[float]:
 
 
 def cmd_validate(args) -> int:
-    from .validate import (VALIDATE_DIR, ValidateConfig, run_validation, table_markdown,
-                           write_r_sweep)
+    from .validate import (VALIDATE_DIR, ValidateConfig, breakdown_markdown, run_validation,
+                           table_markdown, write_r_sweep)
 
+    cfg = ValidateConfig(layers=_int_list(args.layers), texts=args.texts,
+                         tokens_per_text=args.tokens_per_text,
+                         max_features=None if args.targets == "all" else args.max_features,
+                         target_choice=args.targets, ctx_len=args.ctx_len, corpus=args.corpus,
+                         seed=args.seed, ci_halfwidth=args.ci, max_texts=args.max_texts,
+                         keep_dead=args.keep_dead, r_values=_float_list(args.r_values),
+                         r_graphs=args.r_graphs, r_texts=args.r_texts)
+    cfg.check()  # bad settings fail before the model loads
     model, pack = _load_model_and_pack(args, "validate")
     for L in _int_list(args.layers) or []:
         model.check_layer(L)
-    cfg = ValidateConfig(layers=_int_list(args.layers), texts=args.texts,
-                         tokens_per_text=args.tokens_per_text, max_features=args.max_features,
-                         ctx_len=args.ctx_len, corpus=args.corpus, seed=args.seed,
-                         r_values=_float_list(args.r_values), r_graphs=args.r_graphs,
-                         r_texts=args.r_texts)
     summary = run_validation(pack, model, args.run, cfg)
-    print(f"deactivation on {summary['texts']} texts, layers {summary['layers']} "
-          f"({summary['seconds']:.0f} s):")
+    print(f"deactivation on {summary['texts']} texts, layers {summary['layers']}, "
+          f"{summary['targets']} targets chosen {cfg.target_choice}ly "
+          f"({summary['seconds']:.0f} s); 95% CIs clustered by text:")
     print(table_markdown(summary))
+    ci = summary["ci_target"]
+    if ci["halfwidth_asked"] is not None:
+        print(f"CI half-width asked {100 * ci['halfwidth_asked']:.0f} points: "
+              f"{'met' if ci['met'] else 'NOT met (raise --max-texts)'} "
+              f"({', '.join(f'{m} {100 * v:.1f}' for m, v in ci['halfwidths'].items())})")
+    pt = summary.get("paired_top1", {}).get("minus_control")
+    if pt and pt["cases"]:
+        print(f"top-1 cosine minus the matched control on the same {pt['cases']} targets: "
+              f"{100 * pt['difference']:+.1f} points [{100 * pt['ci95'][0]:+.1f}, "
+              f"{100 * pt['ci95'][1]:+.1f}]")
+    print("success by the target's activation rank (0 = most active at the token):")
+    print(breakdown_markdown(summary, "by_target_rank", title="rank"))
+    print("success by the cosine of the removed predecessor to the target:")
+    print(breakdown_markdown(summary, "by_similarity", title="cosine"))
     print("top-1 cosine by empirical group (is removing one predecessor enough?):")
     for g, r in summary["by_group_top1"].items():
         print(f"  {g:<22} {r['cases']:>5} cases  success {100 * r['success_rate']:5.1f}%")
-    print("top-1 cosine by the top-1 predecessor's similarity:")
-    for b, r in summary["by_similarity_top1"].items():
-        print(f"  cosine in {b:<11} {r['cases']:>5} cases  success {100 * r['success_rate']:5.1f}%"
-              f"  mean change {r['mean_activation_change']:.3f}")
+    dead = summary.get("dead_latents", {})
+    if dead.get("slots"):
+        print(f"candidate lists leave out latents that fired < {dead['min_count']} times in "
+              f"{dead['tokens']} tokens ({dead['source']}); --keep-dead keeps them")
     if cfg.r_graphs > 0:
         df = write_r_sweep(pack, model, args.run, cfg)
         print("r sweep (relative change of LM loss, mean over graphs):")
@@ -564,19 +601,28 @@ def cmd_validate(args) -> int:
 
 # --- steer-sweep --------------------------------------------------------------------------
 def cmd_steer_sweep(args) -> int:
-    from .sweep import SweepConfig, run_sweep
+    from .sweep import run_sweep, sweep_profile
 
     _model_spec(args.pack, args.model, "steer-sweep")
     seeds = {}
     for item in (args.seed_features or "").split(","):
         if item.strip():
-            th, _, fid = item.partition("=")
-            seeds[th.strip()] = fid.strip()
-    cfg = SweepConfig(themes=args.themes.split(","), modes=args.modes.split(","),
-                      strengths=_float_list(args.strengths), max_layers=args.max_layers,
-                      prompt=args.prompt, n=args.n, max_new_tokens=args.max_new_tokens,
-                      seeds=_int_list(args.seeds), kind=args.kind, seed_features=seeds,
-                      classifier_docs=args.classifier_docs or None)
+            th, _, fids = item.partition("=")
+            ids = [f.strip() for f in fids.split("+") if f.strip()]
+            seeds[th.strip()] = ids[0] if len(ids) == 1 else ids
+    profile = "paper" if args.paper else args.profile
+    split = lambda v: None if v is None else v.split(",")  # noqa: E731
+    cfg = sweep_profile(
+        profile, themes=split(args.themes), modes=split(args.modes),
+        strengths=None if args.strengths is None else _float_list(args.strengths),
+        max_layers=args.max_layers, prompt=args.prompt, n=args.n,
+        max_new_tokens=args.max_new_tokens,
+        seeds=None if args.seeds is None else _int_list(args.seeds), kind=args.kind,
+        seeds_per_theme=args.seeds_per_theme, seed_features=seeds or None,
+        classifier_docs=args.classifier_docs, temperature=args.temperature, top_p=args.top_p)
+    if args.classifier_docs == 0:
+        cfg.classifier_docs = None  # every summary
+    cfg.check()
     judge_cfg = None
     if args.llm_url:
         from .explain import ExplainerConfig
@@ -585,20 +631,26 @@ def cmd_steer_sweep(args) -> int:
         judge_cfg = ExplainerConfig(url=args.llm_url, model=args.llm or "", api_key=key)
     model, pack = _load_model_and_pack(args, "steer-sweep")
     s = run_sweep(model, pack, args.run, cfg, judge_cfg=judge_cfg)
-    print(f"steering sweep ({s['seconds'] / 60:.1f} min); topic classifier held-out accuracy "
-          f"{100 * s['classifier']['held_out_accuracy']:.1f}%")
+    score = s["score"]
+    print(f"steering sweep, profile {s['profile']} ({s['seconds'] / 60:.1f} min); topic "
+          f"classifier held-out accuracy {100 * s['classifier']['held_out_accuracy']:.1f}%")
     for th, info in s["seeds"].items():
-        print(f"  {th:<12} seed {info['seed']} ({info.get('label') or 'no label'}), graph layers "
-              f"{info['graph_layers']}")
-    print("best setting per theme and mode (activation score = concept x coherence, 95% CI):")
+        print(f"  {th:<12} {len(info['seeds'])} seed(s) from {info['seed']} "
+              f"({info.get('label') or 'no label'}), graph layers {info['graph_layers']}")
+    print(f"best setting per theme and mode ({score.replace('_', ' ')}, 95% CI):")
     for r in s["best"]:
-        print(f"  {r['theme']:<12} {r['mode']:<10} layer {r['layer']:>3} strength "
-              f"{r['strength']:>5g}: {r['activation_score']:.3f} [{r['ci_low']:.3f}, "
-              f"{r['ci_high']:.3f}]  concept {r['concept']:.2f} coherence {r['coherence']:.2f}")
-    c = s["cumulative_vs_single"]
-    if "mean_over_themes" in c:
-        print(f"cumulative - single (best settings): mean {c['mean_over_themes']:+.3f} over themes")
-    print(f"wrote {Path(args.run) / 'sweep'}")
+        print(f"  {r['theme']:<12} {r['mode']:<15} layer {r['layer']:>3} strength "
+              f"{r['strength']:>5g}: {r[score]:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]  "
+              f"concept {r['concept']:.2f} coherence {r['coherence']:.2f}")
+    for key, label in (("cumulative_vs_single_at_equal_strength", "cumulative - single"),
+                       ("cumulative_norm_vs_single_at_equal_strength",
+                        "cumulative at single's norm - single")):
+        c = s.get(key) or {}
+        if "difference" in c:
+            per = ", ".join(f"{k}: {v['difference']:+.3f}" for k, v in c["by_strength"].items())
+            print(f"{label}, same settings: {c['difference']:+.3f} [{c['ci_low']:+.3f}, "
+                  f"{c['ci_high']:+.3f}] over {c['pairs']} paired texts; by strength {per}")
+    print(f"wrote {Path(args.run) / cfg.out_dir}")
     return 0
 
 
@@ -729,6 +781,11 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--memory-mb", type=int, default=512,
                     help="dictionaries larger than this are streamed from disk in blocks")
     fl.add_argument("--no-plots", action="store_true")
+    fl.add_argument("--keep-dead", action="store_true",
+                    help="keep latents that never (or rarely) fire in the lists and class shares")
+    fl.add_argument("--firing-tokens", type=int, default=16_384,
+                    help="tokens of the firing pass that finds dead latents (with --model and "
+                         "no index in RUN)")
     fl.add_argument("--force", action="store_true", help="replace the flow of another pack in RUN")
     fl.add_argument("--json", action="store_true")
     fl.set_defaults(func=cmd_flow)
@@ -884,9 +941,19 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--pack", default="embedded")
     va.add_argument("--model", default=None, help="default: embedded for the embedded packs")
     va.add_argument("--layers", default=None, help="comma list; default about 1/4, 1/2, 3/4")
-    va.add_argument("--texts", type=int, default=12)
+    va.add_argument("--texts", type=int, default=12, help="texts (at least, with --ci)")
     va.add_argument("--tokens-per-text", type=int, default=4)
-    va.add_argument("--max-features", type=int, default=10)
+    va.add_argument("--targets", default="random", choices=["random", "all", "most_active"],
+                    help="which active features become targets: a uniform sample (default), "
+                         "all of them, or the most active (biased towards hard targets)")
+    va.add_argument("--max-features", type=int, default=10,
+                    help="targets per (text, token, layer)")
+    va.add_argument("--ci", type=float, default=None,
+                    help="add texts until every headline rate's 95%% CI half-width is at most "
+                         "this, e.g. 0.05")
+    va.add_argument("--max-texts", type=int, default=200, help="the cap for --ci")
+    va.add_argument("--keep-dead", action="store_true",
+                    help="keep never-firing latents in the candidate lists")
     va.add_argument("--ctx-len", type=int, default=64)
     va.add_argument("--corpus", default="wiki=0.8,python=0.2")
     va.add_argument("--seed", type=int, default=0)
@@ -900,18 +967,29 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("run", help="RUN with the flow and feature index of the pack (writes RUN/sweep)")
     sw.add_argument("--pack", default="embedded")
     sw.add_argument("--model", default=None, help="default: embedded for the embedded packs")
-    sw.add_argument("--themes", default="religion,mathematics,arts,biology")
-    sw.add_argument("--modes", default="seed,single,cumulative")
-    sw.add_argument("--strengths", default="2,4,8")
-    sw.add_argument("--max-layers", type=int, default=3, help="graph layers tried per theme")
-    sw.add_argument("--kind", default="add", choices=["add", "rescale"])
-    sw.add_argument("--prompt", default="I think ")
-    sw.add_argument("--n", type=int, default=4)
-    sw.add_argument("--max-new-tokens", type=int, default=36)
-    sw.add_argument("--seeds", default="0,1", help="sampling seeds (for confidence intervals)")
+    sw.add_argument("--profile", default="ours",
+                    choices=["ours", "paper", "paper-activation", "demo", "paper-demo"],
+                    help="ours: activation by adding (RUN/sweep); paper: the paper's "
+                         "deactivation by rescale (RUN/sweep-paper); the options below "
+                         "override a profile's settings")
+    sw.add_argument("--paper", action="store_true", help="the same as --profile paper")
+    sw.add_argument("--themes", default=None, help="e.g. religion,mathematics,arts,biology")
+    sw.add_argument("--modes", default=None, help="seed,single,cumulative,cumulative_norm")
+    sw.add_argument("--strengths", default=None,
+                    help="typical activations (add), or r (rescale), e.g. 0,-1,-2,-4")
+    sw.add_argument("--max-layers", type=int, default=None, help="graph layers tried per theme")
+    sw.add_argument("--kind", default=None, choices=["add", "rescale"])
+    sw.add_argument("--seeds-per-theme", type=int, default=None,
+                    help="seed features per theme, their graphs joined (the paper: 10)")
+    sw.add_argument("--prompt", default=None)
+    sw.add_argument("--n", type=int, default=None, help="samples per setting and sampling seed")
+    sw.add_argument("--max-new-tokens", type=int, default=None)
+    sw.add_argument("--temperature", type=float, default=None)
+    sw.add_argument("--top-p", type=float, default=None)
+    sw.add_argument("--seeds", default=None, help="sampling seeds, e.g. 0,1")
     sw.add_argument("--seed-features", default=None,
-                    help="theme=LAYER/POSITION/INDEX,... instead of searching the index")
-    sw.add_argument("--classifier-docs", type=int, default=4000,
+                    help="theme=LAYER/POSITION/INDEX[+...],... instead of searching the index")
+    sw.add_argument("--classifier-docs", type=int, default=None,
                     help="wiki summaries for the topic classifier (0: all 10,033)")
     sw.add_argument("--llm-url", default=None,
                     help="optional LLM judge: an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")

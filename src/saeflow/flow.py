@@ -318,22 +318,53 @@ def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
+def _live_subset(D, mask: np.ndarray | None):
+    """(the live rows of D as unit rows in memory, their indices in D) or (D, None) when all
+    rows count (no mask, every row live, or none live: nothing sensible to leave out)."""
+    from .match import _gather_rows
+
+    if mask is None or mask.all() or not mask.any():
+        return D, None
+    idx = np.flatnonzero(mask)
+    rows = _gather_rows(D, torch.from_numpy(idx))  # [n_live, d] the rows the matching uses
+    return TensorDirections(rows, normalized=True, label=D.label), idx
+
+
+def _scatter(i: np.ndarray, v: np.ndarray, rows: np.ndarray | None, targets: np.ndarray | None,
+             n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k lists of a live subset back to full size: rows of dead latents get -1 / nan, and
+    indices into the target subset become indices into the full target SAE."""
+    if targets is not None:
+        i = np.where(i >= 0, targets[np.clip(i, 0, None)], -1)
+    if rows is None:
+        return i, v
+    full_i = np.full((n, i.shape[1]), -1, i.dtype)
+    full_v = np.full((n, v.shape[1]), np.nan, np.float32)
+    full_i[rows], full_v[rows] = i, v
+    return full_i, full_v
+
+
 def compute_layer(pack, plan: LayerPlan, cfg: FlowConfig, model=None,
-                  directions=None) -> dict[str, np.ndarray]:
+                  directions=None, live: dict | None = None) -> dict[str, np.ndarray]:
     """Matches of one layer's residual SAE against its predecessors (both directions), + nulls.
 
     `directions(slot) -> Directions` overrides where directions come from (benchmarks).
+    `live` ({slot: [d_sae] bool}) leaves latents that never fire out of every list, on both
+    sides: they keep their random initial directions and would only add noise.
     """
     budget = cfg.memory_budget_mb << 20
+    live = live or {}
     directions = directions or (lambda slot: slot_directions(pack, slot, cfg.method, model))
-    A = directions(plan.resid).materialize(budget)
-    out: dict[str, np.ndarray] = {"n_resid": np.array(A.n)}
+    A_all = directions(plan.resid).materialize(budget)
+    A, a_idx = _live_subset(A_all, live.get(plan.resid))
+    out: dict[str, np.ndarray] = {"n_resid": np.array(A_all.n)}
     kw = cfg.match_kw()
     for kind, slot in plan.preds.items():
         if slot is None:
             continue
-        B = directions(slot).materialize(budget)
-        out[f"{kind}_n"] = np.array(B.n)
+        B_all = directions(slot).materialize(budget)
+        B, b_idx = _live_subset(B_all, live.get(slot))
+        out[f"{kind}_n"] = np.array(B_all.n)
         if cfg.method == "permutation":
             rows, cols, cos = permutation_match(A, B, **kw)
             row_i = np.full((A.n, 1), -1, np.int64)
@@ -346,6 +377,8 @@ def compute_layer(pack, plan: LayerPlan, cfg: FlowConfig, model=None,
             m = top_k_pairs(A, B, k=min(cfg.k, A.n, B.n), cols=True, precision=cfg.precision, **kw)
             row_i, row_v = m.row_indices.numpy(), m.row_values.numpy()
             col_i, col_v = m.col_indices.numpy(), m.col_values.numpy()
+        row_i, row_v = _scatter(row_i, row_v, a_idx, b_idx, A_all.n)
+        col_i, col_v = _scatter(col_i, col_v, b_idx, a_idx, B_all.n)
         out.update({f"{kind}_row_i": row_i.astype(np.int32), f"{kind}_row_v": row_v,
                     f"{kind}_col_i": col_i.astype(np.int32), f"{kind}_col_v": col_v})
         out[f"{kind}_null"] = null_top1(A, B, n=cfg.null_samples, kind=cfg.null,
@@ -384,11 +417,22 @@ class FlowRun:
     def successors(self):
         return self.table("successors").to_pandas()
 
-    def class_counts(self) -> dict[int, dict[str, int]]:
+    def live_mask(self) -> np.ndarray:
+        """[rows of predecessors.parquet] bool: False for latents flagged dead or rare (all
+        True when the flow was computed without firing counts)."""
+        t = self.table("predecessors")
+        if "live" not in t.column_names:
+            return np.ones(t.num_rows, bool)
+        return np.asarray(t.column("live").to_numpy(zero_copy_only=False), bool)
+
+    def class_counts(self, include_dead: bool = False) -> dict[int, dict[str, int]]:
+        """{layer: {class: count}} over the live residual features (dead and rare latents are
+        left out unless include_dead)."""
         t = self.table("predecessors")
         layers = t.column("layer").to_numpy()
         classes = np.asarray(t.column("class").to_pylist())
-        return {int(L): {c: int(((layers == L) & (classes == c)).sum()) for c in CLASSES}
+        keep = np.ones(len(layers), bool) if include_dead else self.live_mask()
+        return {int(L): {c: int(((layers == L) & (classes == c) & keep).sum()) for c in CLASSES}
                 for L in self.layers}
 
     def check_feature(self, layer: int, position: str, feature: int) -> None:
@@ -465,8 +509,11 @@ def classify(s_res: np.ndarray, s_mlp: np.ndarray, s_attn: np.ndarray,
 def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
              layers: list[int] | None = None, thresholds: dict | None = None, model=None,
              t_res: float = 0.5, force: bool = False, plots: bool = True,
-             progress: bool = True) -> FlowRun:
-    """Compute (or reuse) the flow of `pack` and write it into the RUN directory `out`."""
+             progress: bool = True, liveness=None) -> FlowRun:
+    """Compute (or reuse) the flow of `pack` and write it into the RUN directory `out`.
+
+    `liveness` (liveness.Liveness): latents that never or rarely fire are flagged (`live`
+    column) and left out of the candidate lists, class shares and similarity figures."""
     from tqdm.auto import tqdm
 
     cfg = cfg or FlowConfig()
@@ -483,11 +530,16 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
             raise FlowError(f"{out} holds the flow of a different pack "
                             f"({old.get('pack', {}).get('root')}); use another --out, or --force "
                             f"to replace it")
+    live = {}
+    if liveness is not None:
+        live = {s: m for s in pack.entries if (m := liveness.live(s)) is not None}
     key_src = {"pack": fingerprint, "config": cfg.identity(), "cache_version": CACHE_VERSION,
                "mapping": _mapping_fingerprint(pack, model)}
+    if live:
+        key_src["live"] = liveness.digest()
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:20]
     request = {"layers": [p.layer for p in plans], "thresholds": thresholds or {},
-               "t_res": t_res}
+               "t_res": t_res, "live": key_src.get("live")}
     if prior.is_file() and not force:
         old = json.loads(prior.read_text())
         if old.get("cache_key") == key and old.get("request") == json.loads(json.dumps(request)) \
@@ -503,7 +555,7 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
                disable=not progress or not todo)
     for p in todo:
         bar.set_postfix_str(f"layer {p.layer}")
-        arrays = compute_layer(pack, p, cfg, model)
+        arrays = compute_layer(pack, p, cfg, model, live=live)
         _save_npz_atomic(_layer_cache_file(cache, p.layer), arrays)
         bar.update(work[p.layer])
     bar.close()
@@ -519,8 +571,8 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
     from .flow_tables import predecessor_table, successor_table
     from .store import write_parquet_atomic
 
-    pred = predecessor_table(plans, results, resolved)
-    succ = successor_table(plans, results, pack)
+    pred = predecessor_table(plans, results, resolved, live)
+    succ = successor_table(plans, results, pack, live)
     out.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(pred, out / "predecessors.parquet")
     write_parquet_atomic(succ, out / "successors.parquet")
@@ -556,6 +608,8 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
         "predecessor_slots": {str(p.layer): {k: (f"{s[1]}/{s[0]}" if s else None)
                                              for k, s in p.preds.items()} for p in plans},
         "attention_mapping": mapping, "slots": slots, "request": request,
+        "dead_latents": (liveness.summary() if live else
+                         {"source": "unknown", "note": "no firing counts: dead latents are in"}),
         "seconds": round(time.time() - t0, 2), "reused_cache": not todo,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -35,8 +35,15 @@ def _topk(idx: np.ndarray | None, val: np.ndarray | None, n: int) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, values, mask=missing, type=TOPK_TYPE)
 
 
-def predecessor_table(plans, results: dict, thresholds: dict) -> pa.Table:
-    """One row per (layer, resid_post feature): top-1 and top-k per predecessor kind, class."""
+def _live_column(live: dict | None, slot, n: int) -> pa.Array:
+    mask = (live or {}).get(slot)
+    return pa.array(np.ones(n, bool) if mask is None else np.asarray(mask, bool))
+
+
+def predecessor_table(plans, results: dict, thresholds: dict, live: dict | None = None
+                      ) -> pa.Table:
+    """One row per (layer, resid_post feature): top-1 and top-k per predecessor kind, class,
+    and `live` (False: a latent flagged dead or rare, left out of the statistics)."""
     tables = []
     for p in plans:
         r = results[p.layer]
@@ -56,11 +63,12 @@ def predecessor_table(plans, results: dict, thresholds: dict) -> pa.Table:
         cols["class"] = pa.array(classify(scores["res"], scores["mlp"], scores["attn"],
                                           *(t[k]["value"] if k in t else np.inf
                                             for k in PRED_KINDS)), type=pa.string())
+        cols["live"] = _live_column(live, p.resid, n)
         tables.append(pa.table(cols))
     return pa.concat_tables(tables)
 
 
-def successor_table(plans, results: dict, pack) -> pa.Table:
+def successor_table(plans, results: dict, pack, live: dict | None = None) -> pa.Table:
     """One row per (layer, position, feature) of every matched SAE: its best matches downstream.
 
     resid_post L -> resid_post L+1; mlp_out / attn_out (attn_z) L -> resid_post L. Residual
@@ -79,7 +87,7 @@ def successor_table(plans, results: dict, pack) -> pa.Table:
             "position": pa.array([position] * n, pa.string()),
             "feature": pa.array(np.arange(n, dtype=np.int32)),
             "next_layer": nl, "next_position": npos, "s_next": s, "next": i,
-            "top_next": _topk(idx, val, n)}))
+            "top_next": _topk(idx, val, n), "live": _live_column(live, (position, layer), n)}))
         seen.add((position, layer))
 
     for p in plans:

@@ -37,29 +37,42 @@ class PipelineConfig:
     index_tokens: int = 40_000
     stats_tokens: int = 40_000
     validate_texts: int = 6
+    # `saeflow validate --ci 0.05` adds texts until each headline rate is known to +-5 points
+    # (14 texts on the quick pack, docs/benchmarks.md); the demo keeps a fixed, cheap sample.
+    validate_ci: float | None = None
+    validate_max_texts: int = 60
     validate_r_graphs: int = 2
     sweep_themes: list[str] = field(default_factory=lambda: ["religion", "biology"])
-    sweep_strengths: list[float] = field(default_factory=lambda: [4.0, 8.0])
+    sweep_strengths: list[float] = field(default_factory=lambda: [0.5, 2.0])
     sweep_seeds: list[int] = field(default_factory=lambda: [0])
     sweep_n: int = 4
     sweep_max_layers: int = 2
+    # The paper's deactivation experiment (sweep profile paper-demo): r values, samples, layers.
+    paper_strengths: list[float] = field(default_factory=lambda: [0.0, -8.0])
+    paper_n: int = 8
+    paper_max_layers: int = 1
     classifier_docs: int = 2000
+    firing_tokens: int = 16_384  # the firing pass that flags dead and rare latents for the flow
+    keep_dead: bool = False
     device: str | None = None
 
     def stage_settings(self, stage: str) -> dict:
         """What a stage's outputs depend on (a change reruns it)."""
         common = {"model": self.model, "pack": self.pack}
-        extra = {"pack": {}, "flow": {}, "report": {},
+        extra = {"pack": {}, "flow": {"firing_tokens": self.firing_tokens,
+                                      "keep_dead": self.keep_dead}, "report": {},
                  "eval": {"tokens": self.eval_tokens, "ce_tokens": self.ce_tokens,
                           "corpus": self.corpus},
                  "index": {"tokens": self.index_tokens, "corpus": self.corpus},
                  "stats": {"tokens": self.stats_tokens, "corpus": self.corpus},
                  "validate": {"texts": self.validate_texts, "r_graphs": self.validate_r_graphs,
-                              "corpus": self.corpus},
+                              "ci": self.validate_ci, "max_texts": self.validate_max_texts,
+                              "corpus": self.corpus, "version": 2},
                  "sweep": {"themes": self.sweep_themes, "strengths": self.sweep_strengths,
                            "seeds": self.sweep_seeds, "n": self.sweep_n,
                            "max_layers": self.sweep_max_layers,
-                           "classifier_docs": self.classifier_docs}}[stage]
+                           "paper": [self.paper_strengths, self.paper_n, self.paper_max_layers],
+                           "classifier_docs": self.classifier_docs, "version": 2}}[stage]
         return {**common, **extra}
 
 
@@ -69,9 +82,10 @@ PROFILES = {
     "default": PipelineConfig(),
     "quick": PipelineConfig(pack="embedded-quick", eval_tokens=512, ce_tokens=128,
                             index_tokens=8_000, stats_tokens=8_000, validate_texts=2,
-                            validate_r_graphs=1, sweep_themes=["religion"],
-                            sweep_strengths=[8.0], sweep_n=2, sweep_max_layers=1,
-                            classifier_docs=800),
+                            validate_ci=None, validate_r_graphs=1, sweep_themes=["religion"],
+                            sweep_strengths=[2.0], sweep_n=4, sweep_max_layers=1,
+                            paper_strengths=[0.0, -8.0], paper_n=4, paper_max_layers=1,
+                            firing_tokens=8_192, classifier_docs=800),
 }
 
 # Rough seconds per unit on 2 CPU cores, for the time-left estimates printed between stages.
@@ -93,11 +107,13 @@ def estimate_seconds(cfg: PipelineConfig, stage: str, cached_pack: bool) -> floa
     if stage == "stats":
         return 30 + cfg.stats_tokens * RATES["stats"]
     if stage == "validate":
-        return 60 + cfg.validate_texts * RATES["validate"]
+        texts = cfg.validate_max_texts if cfg.validate_ci else cfg.validate_texts
+        return 60 + texts * RATES["validate"]
     if stage == "sweep":
         n_gen = len(cfg.sweep_themes) * len(cfg.sweep_strengths) * len(cfg.sweep_seeds) * \
-            (1 + 3 * cfg.sweep_max_layers)
-        return 120 + n_gen * cfg.sweep_n * 4
+            (1 + 4 * cfg.sweep_max_layers)
+        n_paper = len(cfg.paper_strengths) * 2 * cfg.paper_max_layers + 1
+        return 120 + n_gen * cfg.sweep_n * 0.5 + n_paper * cfg.paper_n * 1.5
     return RATES[stage]
 
 
@@ -248,10 +264,18 @@ class Pipeline:
     def stage_flow(self) -> dict:
         from .flow import MAPPED_POSITIONS, run_flow
 
+        from .liveness import firing_pass
+
         model = self.model if any(p in self.pack.positions for p in MAPPED_POSITIONS) else None
+        # Always a firing pass (cached by pack), never the index: the flow must not change
+        # when an index appears later in the same RUN.
+        liveness = None if self.cfg.keep_dead else firing_pass(
+            self.pack, self.model, self.cfg.firing_tokens, self.cfg.corpus, progress=self.progress)
         run = run_flow(self.pack, self.root, model=model, progress=self.progress,
-                       force=self._force)
-        return {"layers": len(run.layers), "seconds": run.manifest.get("seconds")}
+                       force=self._force, liveness=liveness)
+        dead = run.manifest.get("dead_latents", {}).get("slots", {})
+        return {"layers": len(run.layers), "seconds": run.manifest.get("seconds"),
+                "latents_left_out": sum(v["excluded"] for v in dead.values())}
 
     def stage_index(self) -> dict:
         from .index import IndexConfig, build_index
@@ -276,21 +300,30 @@ class Pipeline:
         from .validate import ValidateConfig, run_validation, write_r_sweep
 
         cfg = ValidateConfig(texts=self.cfg.validate_texts, r_graphs=self.cfg.validate_r_graphs,
-                             r_texts=4, corpus=self.cfg.corpus)
+                             r_texts=4, corpus=self.cfg.corpus, ci_halfwidth=self.cfg.validate_ci,
+                             max_texts=self.cfg.validate_max_texts)
         summary = run_validation(self.pack, self.model, self.root, cfg)
         if cfg.r_graphs > 0:
             write_r_sweep(self.pack, self.model, self.root, cfg)
         return {m: round(r["success_rate"], 4) for m, r in summary["methods"].items()}
 
     def stage_sweep(self) -> dict:
-        from .sweep import SweepConfig, run_sweep
+        from .steer_eval import topic_classifier
+        from .sweep import run_sweep, sweep_profile
 
-        cfg = SweepConfig(themes=self.cfg.sweep_themes, strengths=self.cfg.sweep_strengths,
-                          seeds=self.cfg.sweep_seeds, n=self.cfg.sweep_n,
-                          max_layers=self.cfg.sweep_max_layers,
-                          classifier_docs=self.cfg.classifier_docs)
-        s = run_sweep(self.model, self.pack, self.root, cfg)
-        return {"best": len(s["best"]), "minutes": round(s["seconds"] / 60, 1)}
+        clf = topic_classifier(self.cfg.classifier_docs, progress=self.progress)
+        ours = sweep_profile("demo", themes=self.cfg.sweep_themes,
+                             strengths=self.cfg.sweep_strengths, seeds=self.cfg.sweep_seeds,
+                             n=self.cfg.sweep_n, max_layers=self.cfg.sweep_max_layers,
+                             classifier_docs=self.cfg.classifier_docs)
+        s = run_sweep(self.model, self.pack, self.root, ours, classifier=clf)
+        # The paper's experiment, small: deactivation of "physics" by rescale, 10 seeds.
+        paper = sweep_profile("paper-demo", strengths=self.cfg.paper_strengths,
+                              n=self.cfg.paper_n, max_layers=self.cfg.paper_max_layers,
+                              classifier_docs=self.cfg.classifier_docs)
+        p = run_sweep(self.model, self.pack, self.root, paper, classifier=clf)
+        return {"best": len(s["best"]), "minutes": round((s["seconds"] + p["seconds"]) / 60, 1),
+                "paper_best": len(p["best"])}
 
     def stage_report(self) -> dict:
         from .report import write_report

@@ -119,6 +119,79 @@ def example_features(run: Path, n: int = 5, t_res: float = 0.5) -> list[str]:
     return picked
 
 
+DIFFERENCES = (
+    "Where saeflow's experiments differ from the paper's, and why: targets are sampled "
+    "uniformly among the active features (the paper does not say how it chose them; the most "
+    "active ones are the hardest to switch off, so that choice biases the rate down); "
+    "'exhaustive' tries every active upstream feature at the token, not only the cosine "
+    "candidates, so it is a true upper bound for single removals; a matched control "
+    "(an unrelated active feature of the same removal norm) shows how much of a success any "
+    "removal of that size would give, which matters for TopK SAEs; latents that never fire are "
+    "left out of the candidate lists. The SAEs are small TopK SAEs on Gemma 3 270M, not Gemma "
+    "Scope JumpReLU SAEs on Gemma 2 2B, so the numbers are comparable in kind, not in value.")
+
+
+def _ci(r: dict) -> str:
+    ci = r.get("success_ci95")
+    return "" if not ci else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _validation_section(doc, va: dict) -> None:
+    cfg = va.get("config", {})
+    doc.p(f"{va.get('texts')} texts, layers {va.get('layers')}, {va.get('targets', '?')} "
+          f"targets chosen {cfg.get('target_choice', 'most_active')}ly; success = the target "
+          f"feature switched off; change = 1 - z_new / z_old; 95% CIs clustered by text. The "
+          f"paper's Table 1 is Gemma 2 2B with Gemma Scope.")
+    rows = [{"method": m, "cases": r["cases"], "success %": 100 * r["success_rate"],
+             "95% CI": _ci(r), "mean change": r["mean_activation_change"],
+             "paper (change, success)": "-" if m not in va.get("paper_table1", {}) else
+             f"{va['paper_table1'][m][0]:.2f}, {100 * va['paper_table1'][m][1]:.0f}%"}
+            for m, r in va["methods"].items()]
+    doc.table(pd.DataFrame(rows), "{:.3f}")
+    pt = (va.get("paired_top1") or {}).get("minus_control")
+    if pt and pt.get("cases"):
+        doc.p(f"Top-1 cosine minus the matched control on the same {pt['cases']} targets: "
+              f"{100 * pt['difference']:+.1f} points (95% CI {100 * pt['ci95'][0]:+.1f} to "
+              f"{100 * pt['ci95'][1]:+.1f}): the part of the success that a predecessor earns "
+              f"beyond removing any active feature of the same size.")
+    for key, title, what in (("by_target_rank", "rank", "the target's activation rank "
+                              "(0 = most active at the token)"),
+                             ("by_similarity", "cosine", "the cosine of the removed predecessor "
+                              "to the target")):
+        table = va.get(key) or {}
+        methods = [m for m in ("top1_cosine", "exhaustive", "control_matched") if m in table]
+        if not methods:
+            continue
+        bins = sorted({b for m in methods for b in table[m]},
+                      key=lambda b: float(b.strip("[").split(",")[0].split("-")[0]))
+        doc.p(f"Success by {what}: % [95% CI] (cases).")
+        doc.table(pd.DataFrame([{title: b, **{m: (f"{100 * table[m][b]['success_rate']:.0f}% "
+                                                  f"{_ci(table[m][b])} ({table[m][b]['cases']})"
+                                                  if b in table[m] else "-")
+                                              for m in methods}} for b in bins]))
+    dead = va.get("dead_latents") or {}
+    if dead.get("slots"):
+        left = sum(v["excluded"] for v in dead["slots"].values())
+        doc.p(f"Candidate lists leave out {left} latents that fired fewer than "
+              f"{dead['min_count']} times in {dead['tokens']} tokens ({dead['source']}).")
+    doc.p(DIFFERENCES)
+
+
+def _mode_comparison(doc, sw: dict) -> None:
+    for key, label in (("cumulative_vs_single_at_equal_strength",
+                        "Cumulative minus single-layer at the same layer and strength"),
+                       ("cumulative_norm_vs_single_at_equal_strength",
+                        "Cumulative scaled to single-layer's total injected norm, minus "
+                        "single-layer")):
+        c = sw.get(key) or {}
+        if "difference" not in c:
+            continue
+        per = "; ".join(f"{k}: {v['difference']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]"
+                        for k, v in c["by_strength"].items())
+        doc.p(f"{label} (paired texts, {c['pairs']}): {c['difference']:+.3f} "
+              f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]; by strength {per}.")
+
+
 def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
     """RUN/report.html (self-contained) and RUN/report.md; returns their paths."""
     import matplotlib
@@ -178,6 +251,17 @@ def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
         doc.figure(png, "Classes of residual features per layer", "report_files/classes.png")
         doc.table(df.rename(columns={k: f"{k} %" for k in ("translated", "processed", "newborn",
                                                            "unexplained")}), "{:.1f}")
+        dead = flow.manifest.get("dead_latents") or {}
+        if dead.get("slots"):
+            res = {k: v for k, v in dead["slots"].items() if k.endswith("/resid_post")}
+            doc.p(f"Left out of the class shares and of every candidate list: "
+                  f"{sum(v['excluded'] for v in res.values())} of "
+                  f"{sum(v['n'] for v in res.values())} residual latents "
+                  f"({sum(v['excluded'] for v in dead['slots'].values())} of all latents) that "
+                  f"fired fewer than {dead['min_count']} times in {dead['tokens']} tokens "
+                  f"({dead['source']}); `saeflow flow --keep-dead` keeps them.")
+        else:
+            doc.p("Dead latents are included (no firing counts when the flow was computed).")
         groups = (_read_json(run / "stats" / "summary.json") or {}).get("groups")
         if groups:
             doc.p("Empirical predecessor groups on real tokens (share of active residual "
@@ -234,15 +318,7 @@ def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
     doc.h("Causal validation: deactivating predecessors")
     va = _read_json(run / "validate" / "summary.json")
     if va:
-        doc.p(f"{va.get('texts')} texts, layers {va.get('layers')}; success = the target "
-              f"feature switched off; change = 1 - z_new / z_old. The paper's Table 1 is Gemma 2 "
-              f"2B with Gemma Scope.")
-        rows = [{"method": m, "cases": r["cases"], "success %": 100 * r["success_rate"],
-                 "mean change": r["mean_activation_change"],
-                 "paper (change, success)": "-" if m not in va.get("paper_table1", {}) else
-                 f"{va['paper_table1'][m][0]:.2f}, {100 * va['paper_table1'][m][1]:.0f}%"}
-                for m, r in va["methods"].items()]
-        doc.table(pd.DataFrame(rows), "{:.3f}")
+        _validation_section(doc, va)
         rs = run / "validate" / "r_sweep.csv"
         if rs.is_file():
             df = pd.read_csv(rs).groupby("r").relative_change.mean().reset_index()
@@ -288,8 +364,32 @@ def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
         if "mean_over_themes" in c:
             doc.p(f"Cumulative minus single-layer (best settings): mean "
                   f"{c['mean_over_themes']:+.3f} over themes.")
+        _mode_comparison(doc, sw)
     else:
         doc.p("No steering sweep in this run (stage sweep).")
+    sp = _read_json(run / "sweep-paper" / "summary.json")
+    doc.h("Steering: the paper's deactivation experiment", 3)
+    if sp:
+        c = sp["config"]
+        doc.p(f"Theme {', '.join(c['themes'])}: the flow graphs of {c['seeds_per_theme']} seed "
+              f"features rescaled by r in {c['strengths']} (single layer vs cumulative), prompt "
+              f"{c['prompt']!r}, {c['max_new_tokens']} new tokens, top-p {c['top_p']}, "
+              f"temperature {c['temperature']}, {c['n'] * len(c['seeds'])} samples per setting. "
+              f"Score = (1 - concept) x coherence (deactivation), mean with a bootstrap 95% CI. "
+              f"The paper found cumulative better than single-layer at small |r|.")
+        png = run / "sweep-paper" / "modes_vs_strength.png"
+        if png.is_file():
+            doc.figure(png.read_bytes(), "deactivation score vs r, single vs cumulative",
+                       "sweep-paper/modes_vs_strength.png")
+        curves = run / "sweep-paper" / "curves.csv"
+        if curves.is_file():
+            cv = pd.read_csv(curves)
+            cols = [x for x in ("mode", "layer", "strength", "texts", "deactivation_score",
+                                "ci_low", "ci_high", "concept", "coherence") if x in cv]
+            doc.table(cv[cols])
+        _mode_comparison(doc, sp)
+    else:
+        doc.p("Not run here (`saeflow steer-sweep RUN --paper`).")
 
     # --- provenance ---------------------------------------------------------------------
     doc.h("How this was made")
