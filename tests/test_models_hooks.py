@@ -229,3 +229,18 @@ def test_gguf_add_bos_flag_is_read(tmp_path):
         w.write_tensors_to_file()
         w.close()
         assert gguf_adds_bos(path) is bool(flag)
+
+
+def test_embedded_tokenizer_check_refuses_a_wrong_conversion():
+    """transformers <= 5.17 converts the embedded GGUF's tokenizer with other splits; the
+    embedded model refuses such a tokenizer instead of reading garbage."""
+    from saeflow.models import EMBEDDED_TOKEN_CHECK, check_embedded_tokenizer
+
+    with pytest.raises(RuntimeError, match=r"transformers>=5\.18"):
+        check_embedded_tokenizer(make_tokenizer())
+
+    class Right:  # a tokenizer that splits the pinned sentence as Gemma 3's does
+        def __call__(self, text):
+            assert text == EMBEDDED_TOKEN_CHECK[0]
+            return {"input_ids": list(EMBEDDED_TOKEN_CHECK[1])}
+    check_embedded_tokenizer(Right())
