@@ -211,6 +211,30 @@ def test_eval_matches_reference_computation(tiny_models, tmp_path):
     assert row["delta_ce"] == pytest.approx((ce_spl - ce_clean) / n_ce, rel=1e-3, abs=1e-5)
     assert row["kl"] == pytest.approx(kl / n_ce, rel=1e-3, abs=1e-6)
     assert math.isfinite(row["delta_ce"]) and row["kl"] >= 0
+    lo, hi = row["delta_ce_ci"]
+    assert lo <= row["delta_ce"] <= hi and row["kl_ci"][0] <= row["kl"] <= row["kl_ci"][1]
+    # FVU without the massive dimensions, recomputed by hand
+    var_d = ((x - x.mean(0)) ** 2).sum(0)
+    keep = torch.ones(x.shape[1], dtype=torch.bool)
+    keep[row["massive_dims"]] = False
+    want = float(((xhat - x) ** 2).sum(0)[keep].sum() / var_d[keep].sum())
+    assert row["fvu_rest"] == pytest.approx(want, rel=1e-4)
+
+
+def test_massive_dimensions_and_bootstrap_interval():
+    import numpy as np
+
+    from saeflow.evaluate import bootstrap_ratio_ci, massive_dims
+
+    var = torch.ones(64)
+    var[[3, 17]] = 500.0  # two dimensions carry most of the variance, as in Gemma's residual
+    assert massive_dims(var) == [3, 17] and massive_dims(torch.ones(8)) == []
+    g = np.random.default_rng(0)
+    n = np.full(400, 100.0)
+    num = g.normal(0.3, 0.5, 400) * 100  # rows whose mean per-token value is ~0.3
+    lo, hi = bootstrap_ratio_ci(num, n)
+    assert lo < num.sum() / n.sum() < hi and hi - lo < 0.2 and lo > 0.2
+    assert bootstrap_ratio_ci(num, n) == (lo, hi)  # seeded
 
 
 def test_failed_training_leaves_model_dtype_alone(tiny_models, tmp_path, monkeypatch):

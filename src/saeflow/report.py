@@ -213,12 +213,19 @@ def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
     ev = _read_json(run / "eval.json")
     doc.h("SAE pack quality")
     if ev:
-        doc.p(f"{ev['tokens']} held-out tokens (ΔCE and KL on {ev['ce_tokens']}); clean CE "
-              f"{ev['clean_ce']:.3f}. dead = never active on those tokens; dense = active on "
-              f"more than 10% of them.")
-        df = pd.DataFrame(ev["saes"])[["position", "layer", "d_sae", "fvu", "l0",
-                                        "dead_fraction", "dense_fraction", "delta_ce", "kl"]]
-        doc.table(df.sort_values(["position", "layer"]))
+        doc.p(f"{ev['tokens']} held-out tokens (ΔCE and KL on {ev['ce_tokens']}, with 95% "
+              f"bootstrap intervals over text rows); clean CE {ev['clean_ce']:.3f}. dead = never "
+              f"active on those tokens; dense = active on more than 10% of them; fvu_rest = FVU "
+              f"without the massive dimensions (variance above 50x the median dimension's), "
+              f"which otherwise dominate the residual stream's variance.")
+        df = pd.DataFrame(ev["saes"])
+        if "delta_ce_ci" in df:  # eval.json of earlier versions has no intervals
+            df["delta_ce_95"] = [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in df.delta_ce_ci]
+            df["massive"] = [",".join(map(str, m)) or "-" for m in df.massive_dims]
+        cols = [c for c in ("position", "layer", "d_sae", "fvu", "fvu_rest", "massive", "l0",
+                            "dead_fraction", "dense_fraction", "delta_ce", "delta_ce_95", "kl")
+                if c in df]
+        doc.table(df[cols].sort_values(["position", "layer"]))
     else:
         doc.p("No evaluation in this run (stage eval).")
 
