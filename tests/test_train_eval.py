@@ -226,9 +226,10 @@ def test_massive_dimensions_and_bootstrap_interval():
 
     from saeflow.evaluate import bootstrap_ratio_ci, massive_dims
 
-    var = torch.ones(64)
+    var = torch.ones(640)
     var[[3, 17]] = 500.0  # two dimensions carry most of the variance, as in Gemma's residual
-    assert massive_dims(var) == [3, 17] and massive_dims(torch.ones(8)) == []
+    var[40] = 2000.0  # and one is an outlier far beyond the median
+    assert massive_dims(var) == [3, 17, 40] and massive_dims(torch.ones(8)) == []
     g = np.random.default_rng(0)
     n = np.full(400, 100.0)
     num = g.normal(0.3, 0.5, 400) * 100  # rows whose mean per-token value is ~0.3
