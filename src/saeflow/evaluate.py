@@ -28,7 +28,7 @@ DENSE_FRACTION = 0.10
 KEEP_IN_MEMORY_BYTES = 4 << 30  # below this, all SAEs stay loaded for the whole evaluation
 # A dimension is massive when it alone carries this share of the variance, or its variance is
 # this many times the median dimension's. On the embedded model's residual stream that picks
-# 2 / 7 / 2 / 1 dimensions at layers 0 / 3 / 6 / 9 (one carries 95% of the variance at layer 0).
+# 2 / 10 / 2 / 1 dimensions at layers 0 / 3 / 6 / 9 (one carries 95% of the variance at layer 0).
 MASSIVE_SHARE = 0.10
 MASSIVE_FACTOR = 1000.0
 BOOTSTRAP_SAMPLES = 2000
