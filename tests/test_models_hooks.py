@@ -244,3 +244,17 @@ def test_embedded_tokenizer_check_refuses_a_wrong_conversion():
             assert text == EMBEDDED_TOKEN_CHECK[0]
             return {"input_ids": list(EMBEDDED_TOKEN_CHECK[1])}
     check_embedded_tokenizer(Right())
+
+
+def test_a_device_torch_cannot_use_is_refused_with_the_fix(tiny_model_dirs):
+    from saeflow.flow import FlowConfig
+    from saeflow.models import resolve_device
+
+    assert resolve_device("cpu").type == "cpu" and resolve_device(None) is not None
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            load_model(str(tiny_model_dirs["llama"]), device="cuda")
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            FlowConfig(device="cuda").resolved_device()

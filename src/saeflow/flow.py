@@ -72,9 +72,11 @@ class FlowConfig:
             raise FlowError("null_quantile must be in [0.5, 1)")
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
+        from .models import resolve_device
+
+        if self.device == "auto":  # not mps: the flow's top-k merges are not worth it there
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
     def blocks(self) -> tuple[int, int]:
         """Block sizes: cache-sized on a CPU; large on a GPU, where one block's GEMM must

@@ -46,6 +46,26 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or the default one; refuses a device this torch cannot use, with the fix."""
+    if device is None or str(device) == "auto":
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but torch {torch.__version__} sees no "
+                         f"CUDA GPU; install a CUDA build of torch (README, GPU) or use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} was asked for, but only {torch.cuda.device_count()} "
+                         f"CUDA device(s) are visible")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                  and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} was asked for, but MPS is not available; use cpu")
+    return dev
+
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -189,7 +209,7 @@ def load_model(spec: str = EMBEDDED, device: str | torch.device | None = None,
     """Load `spec`: "embedded", a .gguf file, an HF model folder, or a hub id (when reachable)."""
     t0 = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
-    dev = torch.device(device) if device else default_device()
+    dev = resolve_device(device)
     spec = str(spec)
     if spec == EMBEDDED:
         gguf_path = _embedded_gguf()
