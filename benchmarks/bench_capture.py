@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from saeflow import load_model
-    from saeflow.corpora import Corpus
+    from saeflow.lm.corpora import Corpus
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     if args.config:
@@ -76,8 +76,8 @@ def main() -> None:
 def _random_model(config_path, device, dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from saeflow.hookpoints import architecture_for
-    from saeflow.models import LoadedModel, default_device, parse_dtype
+    from saeflow.lm.hookpoints import architecture_for
+    from saeflow.lm.model import LoadedModel, default_device, parse_dtype
 
     cfg = AutoConfig.from_pretrained(config_path)
     torch.manual_seed(0)
@@ -89,7 +89,7 @@ def _random_model(config_path, device, dtype):
 
 def _measure(model, batches, args):
     from saeflow import POSITIONS, HookPoint, capture
-    from saeflow.hooks import _body
+    from saeflow.lm.hooks import _body
 
     n_tok = sum(b.numel() for b in batches)
     body = _body(model)

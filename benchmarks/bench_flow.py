@@ -61,8 +61,8 @@ def naive_pair(A: torch.Tensor, B: torch.Tensor, k: int) -> float:
 
 
 def bench_gemmascope(args) -> dict:
-    from saeflow.flow import FlowConfig, LayerPlan, compute_layer
-    from saeflow.match import TensorDirections
+    from saeflow.flow.match import TensorDirections
+    from saeflow.flow.predecessors import FlowConfig, LayerPlan, compute_layer
 
     cfg = FlowConfig(k=args.k, precision=args.precision, block_a=args.block_a,
                      block_b=args.block_b, null_samples=args.null_samples, device=args.device)
@@ -102,7 +102,7 @@ def bench_gemmascope(args) -> dict:
            "gflops_effective_two_directions": round(2 * flops / wall / 1e9, 1),
            "peak_rss_mb": round(peak_rss_mb())}
     if args.precision == "bf16":  # how often bf16 ranking + fp32 re-scoring gives the exact sets
-        from saeflow.match import top_k_pairs
+        from saeflow.flow.match import top_k_pairs
 
         A, B = directions(("resid_post", 1)), directions(("resid_post", 0))
         ex = top_k_pairs(A, B, k=args.k, cols=True)
@@ -126,8 +126,8 @@ def bench_gemmascope(args) -> dict:
 
 
 def bench_embedded(args) -> dict:
-    from saeflow.flow import FlowConfig, run_flow
-    from saeflow.recipes import open_pack
+    from saeflow.flow.predecessors import FlowConfig, run_flow
+    from saeflow.saes.recipes import open_pack
 
     pack = open_pack("embedded")
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,7 +168,7 @@ def _write_wide(path: Path, n: int, d: int, seed: int, chunk: int = 65536) -> No
 
 def bench_wide(args) -> dict:
     if args.child:
-        from saeflow.match import SafetensorsRows, top_k_pairs
+        from saeflow.flow.match import SafetensorsRows, top_k_pairs
 
         A = SafetensorsRows(args.child[0], "W_dec")
         B = SafetensorsRows(args.child[1], "W_dec")

@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--block-b", type=int, default=16384)
     args = ap.parse_args()
 
-    from saeflow.match import top_k_cosine, unit_rows
+    from saeflow.flow.match import top_k_cosine, unit_rows
 
     g = torch.Generator().manual_seed(0)
     A = torch.randn(args.n, args.d, generator=g)

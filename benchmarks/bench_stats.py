@@ -40,7 +40,7 @@ def dense_update(Cd, Pd, zu, zd):
 
 
 def bench_synthetic(args) -> dict:
-    from saeflow.stats import PairAccumulator
+    from saeflow.evolution.stats import PairAccumulator
 
     T, d = args.tokens, args.width
     zu = synthetic_acts(T, d, args.l0, 0)
@@ -80,11 +80,11 @@ def bench_synthetic(args) -> dict:
 
 
 def bench_embedded(args) -> dict:
-    from saeflow.corpora import Corpus
-    from saeflow.hooks import HookPoint, capture
-    from saeflow.models import load_model
-    from saeflow.recipes import open_pack
-    from saeflow.stats import PairAccumulator
+    from saeflow.evolution.stats import PairAccumulator
+    from saeflow.lm.corpora import Corpus
+    from saeflow.lm.hooks import HookPoint, capture
+    from saeflow.lm.model import load_model
+    from saeflow.saes.recipes import open_pack
 
     model = load_model("embedded")
     pack = open_pack("embedded")

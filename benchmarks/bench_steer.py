@@ -19,10 +19,10 @@ import torch
 
 
 def main() -> None:
-    from saeflow.generate import SamplingConfig, generate
-    from saeflow.interventions import Intervention, SteeringPlan, typical_activations
-    from saeflow.models import load_model
-    from saeflow.recipes import open_pack
+    from saeflow.lm.model import load_model
+    from saeflow.saes.recipes import open_pack
+    from saeflow.steering.generate import SamplingConfig, generate
+    from saeflow.steering.plans import Intervention, SteeringPlan, typical_activations
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=4)

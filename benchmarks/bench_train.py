@@ -56,11 +56,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from saeflow import HookPoint, capture, load_model
-    from saeflow.corpora import Corpus
-    from saeflow.hookpoints import parse_layers
-    from saeflow.hooks import _body
-    from saeflow.train import (SAETrainer, StackedTrainer, TrainConfig, _resolve_dtype,
-                               train_family)
+    from saeflow.lm.corpora import Corpus
+    from saeflow.lm.hookpoints import parse_layers
+    from saeflow.lm.hooks import _body
+    from saeflow.lm.model import resolve_dtype
+    from saeflow.saes.train import SAETrainer, StackedTrainer, TrainConfig, train_family
 
     model = load_model(args.model, device=args.device)
     dev = model.device
@@ -69,8 +69,8 @@ def main() -> None:
     cfg = TrainConfig(layers=layers, width=args.width, k=args.k,
                       tokens=args.chunks * 8192, checkpoint_every_s=1e9, engine=engines[-1])
     slots = [(p, L) for p in cfg.positions for L in layers]
-    cap_dtype = _resolve_dtype(cfg.model_dtype, dev)
-    enc_dtype = _resolve_dtype(cfg.encoder_dtype, dev)
+    cap_dtype = resolve_dtype(cfg.model_dtype, dev)
+    enc_dtype = resolve_dtype(cfg.encoder_dtype, dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev} " \
         f"({torch.get_num_threads()} threads)"
     print(f"{len(slots)} SAEs (width {cfg.width}, k {cfg.k}), {cfg.tokens} tokens, "

@@ -22,8 +22,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
 
-    from saeflow.packs import save_pack
-    from saeflow.sae import random_sae
+    from saeflow.saes.packs import save_pack
+    from saeflow.saes.sae import random_sae
 
     dtype = getattr(torch, args.dtype)
     positions = args.positions.split(",")

@@ -73,7 +73,7 @@ def make_model_dir(family: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
-# --- reference SAE math, written independently of saeflow.sae --------------------------------
+# --- reference SAE math, written independently of saeflow.saes.sae --------------------------------
 def ref_encode(x, W_enc, b_enc, b_dec, arch, threshold=None, k=None, apply_b_dec=False):
     x = x.double()
     if apply_b_dec:
@@ -182,12 +182,12 @@ def write_sparsify(run: Path, hookpoint: str, w, k: int) -> Path:
 def make_tiny_run(model, root: Path, tokens: int = 1500) -> tuple[Path, "object"]:
     """A small real RUN on a tiny model: a random pack at every layer (residual, MLP,
     attention), its flow, feature index and statistics. Returns (run dir, pack)."""
-    from saeflow.evolution import write_evolution_outputs
-    from saeflow.flow import run_flow
-    from saeflow.index import IndexConfig, build_index
-    from saeflow.packs import save_pack
-    from saeflow.sae import random_sae
-    from saeflow.stats import StatsConfig, run_stats
+    from saeflow.evolution.analyses import write_evolution_outputs
+    from saeflow.evolution.stats import StatsConfig, run_stats
+    from saeflow.features.index import IndexConfig, build_index
+    from saeflow.flow.predecessors import run_flow
+    from saeflow.saes.packs import save_pack
+    from saeflow.saes.sae import random_sae
 
     d = model.d_model
     saes = [(p, L, random_sae(d, 32, "relu", seed=100 + 3 * L + i))
@@ -195,7 +195,7 @@ def make_tiny_run(model, root: Path, tokens: int = 1500) -> tuple[Path, "object"
             for i, p in enumerate(("resid_post", "mlp_out", "attn_out"))]
     pack = save_pack(saes, root / "pack", model_name="tiny", d_model=d, n_layers=model.n_layers)
     run = root / "run"
-    run_flow(pack, run, plots=False, progress=False)
+    run_flow(pack, run, progress=False)
     build_index(pack, model, run, IndexConfig(tokens=tokens, batch_size=4, ctx_len=48, n_top=5,
                                               n_samples=4, encoder_dtype="float32"),
                 progress=False)

@@ -205,7 +205,7 @@ def test_saeflow_serve_binds_localhost_and_warns_when_widened(tiny_run, tiny_mod
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, "-m", "saeflow.cli", "serve", str(run),
+        proc = subprocess.Popen([sys.executable, "-m", "saeflow.cli.main", "serve", str(run),
                                  "--port", str(port), "--host", host, "--pack", str(pack.root),
                                  "--model", str(tiny_model_dirs["gemma3"])],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -3,9 +3,9 @@ import json
 
 import pytest
 import torch
-
 from fixtures import make_tokenizer
-from saeflow.corpora import Corpus, LocalFiles, PythonStdlib, WikiSummaries
+
+from saeflow.lm.corpora import Corpus, LocalFiles, PythonStdlib, WikiSummaries
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 
 
 def test_export_matches_the_index(tiny_run, tmp_path):
-    from saeflow.dashboards import dashboard, export_dashboards
-    from saeflow.index_tables import open_index
+    from saeflow.features.dashboards import dashboard, export_dashboards
+    from saeflow.features.tables import open_index
 
     run, pack, model = tiny_run
     paths = export_dashboards(run, out=tmp_path / "d", slots=["1/resid_post", "2/mlp_out"])
@@ -36,7 +36,7 @@ def test_export_matches_the_index(tiny_run, tmp_path):
     assert a["values"][a["maxValueTokenIndex"]] == pytest.approx(a["maxValue"], rel=1e-2)
     with pytest.raises(ValueError, match="no SAE at 9/resid_post"):
         export_dashboards(run, out=tmp_path / "e", slots=["9/resid_post"])
-    r = subprocess.run([sys.executable, "-m", "saeflow.cli", "dashboards", str(run), "--out",
+    r = subprocess.run([sys.executable, "-m", "saeflow.cli.main", "dashboards", str(run), "--out",
                         str(tmp_path / "cli"), "--slots", "0/attn_out"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

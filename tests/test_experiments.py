@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
-from saeflow.packs import save_pack
-from saeflow.sae import SAE, random_sae
-from saeflow.validate import ValidateConfig, choose_targets, pick_control, run_validation
+from saeflow.saes.packs import save_pack
+from saeflow.saes.sae import SAE, random_sae
+from saeflow.steering.validate import ValidateConfig, choose_targets, pick_control, run_validation
 
 
 def _sae(W_enc, W_dec, b_enc):
@@ -92,8 +92,8 @@ def planted(tiny_models, tmp_path_factory):
 
 
 def _candidates(pack, run, L, f):
-    from saeflow.graphs import FlowIndex
-    from saeflow.interventions import flow_for_pack
+    from saeflow.flow.graphs import FlowIndex
+    from saeflow.steering.plans import flow_for_pack
 
     index = FlowIndex(flow_for_pack(pack, run))
     out = set()
@@ -141,7 +141,7 @@ def test_control_rows_never_remove_a_candidate(planted):
 
 
 def test_random_targets_reach_weak_features(tiny_models, tmp_path):
-    from saeflow.validate import summarize
+    from saeflow.steering.validate import summarize
 
     model = tiny_models["gemma3"]
     d = model.d_model
@@ -178,8 +178,8 @@ def test_ci_target_adds_texts_until_precise(tiny_models, tmp_path):
 
 
 def test_dead_latents_are_left_out_of_class_shares_and_lists(tiny_models, tmp_path):
-    from saeflow.flow import run_flow
-    from saeflow.liveness import firing_pass
+    from saeflow.flow.predecessors import run_flow
+    from saeflow.saes.liveness import firing_pass
 
     model = tiny_models["gemma3"]
     d = model.d_model
@@ -201,7 +201,7 @@ def test_dead_latents_are_left_out_of_class_shares_and_lists(tiny_models, tmp_pa
     again = firing_pass(pack, model, tokens=600, min_density=1e-9)  # cached
     assert all(np.array_equal(again.counts[s], live.counts[s]) for s in live.counts)
 
-    run = run_flow(pack, tmp_path / "run", plots=False, progress=False, liveness=live)
+    run = run_flow(pack, tmp_path / "run", progress=False, liveness=live)
     counts, everything = run.class_counts(), run.class_counts(include_dead=True)
     for L in range(3):
         n_live = int(live.live(("resid_post", L)).sum())
@@ -223,14 +223,14 @@ def test_dead_latents_are_left_out_of_class_shares_and_lists(tiny_models, tmp_pa
             assert not {p["feature"] for p in r.top_next} & set(dead[int(r.next_layer)])
     assert run.manifest["dead_latents"]["slots"]["0/resid_post"]["excluded"] >= 3
     # --keep-dead (no liveness): every latent counts again.
-    kept = run_flow(pack, tmp_path / "run2", plots=False, progress=False)
+    kept = run_flow(pack, tmp_path / "run2", progress=False)
     assert sum(kept.class_counts()[0].values()) == 24
 
 
 def test_cli_steer_sweep_paper_profile_maps_to_the_papers_settings(monkeypatch, capsys,
                                                                    tmp_path):
-    import saeflow.cli as cli
-    import saeflow.sweep as sweep
+    import saeflow.cli.main as cli
+    import saeflow.steering.sweep as sweep
 
     seen = {}
 
@@ -255,7 +255,7 @@ def test_cli_steer_sweep_paper_profile_maps_to_the_papers_settings(monkeypatch, 
 
 
 def test_one_layer_sweeps_use_the_middle_of_the_graph():
-    from saeflow.sweep import _spread
+    from saeflow.steering.sweep import _spread
 
     assert _spread([1, 4, 5, 9, 15], 1) == [5]  # not 1, where cumulative == single
     assert _spread([1, 4, 5, 9, 15], 3) == [1, 5, 15] and _spread([2, 3], 3) == [2, 3]

@@ -8,12 +8,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pyarrow.parquet as pq
 import pytest
 
-from saeflow.cli import main
-from saeflow.explain import ExplainError, ExplainerConfig, explain_features, feature_prompt
-from saeflow.index import IndexConfig, build_index
-from saeflow.index_tables import open_index
-from saeflow.packs import save_pack
-from saeflow.sae import random_sae
+from saeflow.cli.main import main
+from saeflow.errors import ExplainError
+from saeflow.features.explain import ExplainerConfig, explain_features, feature_prompt
+from saeflow.features.index import IndexConfig, build_index
+from saeflow.features.tables import open_index
+from saeflow.saes.packs import save_pack
+from saeflow.saes.sae import random_sae
 
 KEY = "sk-test-123"
 

@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from saeflow.cli import main
-from saeflow.flow import (FlowConfig, FlowError, classify, open_flow, plan_layers, run_flow)
-from saeflow.graphs import FlowIndex, load_graph, node_link, persistence, trace, write_graph
-from saeflow.packs import save_pack
-from saeflow.sae import SAE, random_sae
+from saeflow.cli.main import main
+from saeflow.errors import FlowError
+from saeflow.flow.graphs import FlowIndex, load_graph, node_link, persistence, trace, write_graph
+from saeflow.flow.predecessors import FlowConfig, open_flow, plan_layers, run_flow
+from saeflow.flow.tables import classify
+from saeflow.saes.packs import save_pack
+from saeflow.saes.sae import SAE, random_sae
 
 D, N, LAYERS = 96, 384, 4
 
@@ -116,7 +118,7 @@ def test_planted_predecessors_are_found_and_classified(planted, planted_run, tmp
     assert (rand["class"] == "unexplained").mean() > 0.9
     # Thresholds far above chance at this width: every planted feature gets its class.
     run = run_flow(pack, tmp_path / "hi", thresholds={"res": 0.6, "mlp": 0.6, "attn": 0.6},
-                   progress=False, plots=False)
+                   progress=False)
     hi = run.predecessors().set_index(["layer", "feature"])
     for (L, f), (cls, _) in plants.items():
         assert hi.loc[(L, f)]["class"] == cls, (L, f)
@@ -125,8 +127,7 @@ def test_planted_predecessors_are_found_and_classified(planted, planted_run, tmp
 def test_classes_follow_thresholds(planted, tmp_path):
     pack, _ = planted
     user = {"res": 0.3, "layers": {"2": {"mlp": 0.9}}}
-    run = run_flow(pack, tmp_path / "r", FlowConfig(k=3), thresholds=user, progress=False,
-                   plots=False)
+    run = run_flow(pack, tmp_path / "r", FlowConfig(k=3), thresholds=user, progress=False)
     thr = run.thresholds["layers"]
     assert thr["2"]["mlp"] == {"value": 0.9, "source": "user"}
     assert thr["1"]["res"]["source"] == "user" and thr["1"]["mlp"]["source"].startswith("null")
@@ -143,7 +144,7 @@ def test_classes_follow_thresholds(planted, tmp_path):
     assert list(c) == ["translated", "processed", "newborn", "unexplained", "newborn"]
     with pytest.raises(FlowError, match="layers"):
         run_flow(pack, tmp_path / "r2", thresholds={"layers": {"99": {"res": 0.1}}},
-                 progress=False, plots=False)
+                 progress=False)
 
 
 def test_trace_is_cut_exactly_at_the_thresholds(planted_run):
@@ -187,18 +188,18 @@ def test_trace_exports_and_persistence(planted_run, tmp_path):
 
 
 def test_rerun_is_cached_and_resumes(planted, tmp_path, monkeypatch):
-    import saeflow.flow as flow
+    import saeflow.flow.predecessors as flow
 
     pack, _ = planted
-    run = run_flow(pack, tmp_path / "a", progress=False, plots=False)
+    run = run_flow(pack, tmp_path / "a", progress=False)
     calls = []
     real = flow.compute_layer
     monkeypatch.setattr(flow, "compute_layer", lambda *a, **k: calls.append(a[1].layer) or real(*a, **k))
-    run2 = run_flow(pack, tmp_path / "b", progress=False, plots=False)  # another RUN: cache
+    run2 = run_flow(pack, tmp_path / "b", progress=False)  # another RUN: cache
     assert calls == [] and run2.manifest["reused_cache"]
     cache = flow.cache_dir("flow", run.manifest["cache_key"])
     (cache / "layer_2.npz").unlink()  # as if killed before layer 2 was written
-    run_flow(pack, tmp_path / "c", progress=False, plots=False)
+    run_flow(pack, tmp_path / "c", progress=False)
     assert calls == [2]
     a, c = run.predecessors(), open_flow(tmp_path / "c").predecessors()
     assert a.drop(columns=["top_res", "top_mlp", "top_attn"]).equals(
@@ -210,7 +211,7 @@ def test_methods_permutation_folded_encoder(planted, tmp_path):
 
     pack, _ = planted
     run = run_flow(pack, tmp_path / "p", FlowConfig(method="permutation"), layers=[1, 2],
-                   progress=False, plots=False)
+                   progress=False)
     pred = run.predecessors()
     R, Rp = pack.sae("resid_post", 1).W_dec, pack.sae("resid_post", 0).W_dec
     S = (_unit(R) @ _unit(Rp).T).double().numpy()
@@ -219,7 +220,7 @@ def test_methods_permutation_folded_encoder(planted, tmp_path):
     assert pred.top_res.map(len).max() == 1
     for method in ("folded", "encoder"):
         r = run_flow(pack, tmp_path / method, FlowConfig(method=method), layers=[1],
-                     progress=False, plots=False).predecessors()
+                     progress=False).predecessors()
         assert (r.pred_res.to_numpy()[:30] >= 0).all()
         assert r["class"].notna().all()
 
@@ -280,7 +281,8 @@ def test_cli_flow_trace_match(planted, tmp_path, capsys):
 def test_attn_z_mapping_equals_the_real_output_path(tiny_models, tmp_path):
     """Directions mapped through W_O (and Gemma's post-attention norm gain) point where the
     model's own o_proj + norm send them."""
-    from saeflow.flow import attn_z_mapping, slot_directions
+    from saeflow.flow.predecessors import slot_directions
+    from saeflow.lm.model import attn_z_mapping
 
     for family in ("gemma3", "gemma2", "llama", "gpt2"):
         model = tiny_models[family]
@@ -305,8 +307,8 @@ def test_attn_z_mapping_equals_the_real_output_path(tiny_models, tmp_path):
                       ("attn_z", 1, random_sae(z, 40, seed=3))],
                      tmp_path / "az", model_name="tiny", d_model=d, n_layers=3)
     with pytest.raises(FlowError, match="--model"):
-        run_flow(pack, tmp_path / "r0", layers=[1], progress=False, plots=False)
-    run = run_flow(pack, tmp_path / "r", model=model, layers=[1], progress=False, plots=False)
+        run_flow(pack, tmp_path / "r0", layers=[1], progress=False)
+    run = run_flow(pack, tmp_path / "r", model=model, layers=[1], progress=False)
     assert "W_O" in run.manifest["attention_mapping"]["1"]
     dirs = slot_directions(pack, ("attn_z", 1), model=model)
     W = pack.sae("attn_z", 1).W_dec @ attn_z_mapping(model, 1)
@@ -317,7 +319,7 @@ def test_attn_z_mapping_equals_the_real_output_path(tiny_models, tmp_path):
 
 def test_trace_from_module_seed_and_edge_slots(planted, tmp_path):
     pack, _ = planted
-    run = run_flow(pack, tmp_path / "sub", layers=[2, 3], progress=False, plots=False)
+    run = run_flow(pack, tmp_path / "sub", layers=[2, 3], progress=False)
     # 2/mlp_out/120 was planted as the source of newborn 2/resid_post/60.
     G = trace(run, "2/mlp_out/120", t_res=0.5, t_mod=0.5)
     assert G.has_edge("2/mlp_out/120", "2/resid_post/60")

@@ -7,17 +7,16 @@ import sys
 
 import pytest
 import torch
-
 from fixtures import random_weights, ref_encode, write_saelens, write_sparsify
+
 from saeflow import HookPoint, Hooks, convert_pack, load_pack
-from saeflow.packs import PackError
-from saeflow.sae_formats import SAEFormatError
+from saeflow.errors import PackError
 
 X = torch.randn(30, 16, generator=torch.Generator().manual_seed(2))
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "saeflow.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "saeflow.cli.main", *map(str, args)],
                           capture_output=True, text=True)
 
 
@@ -225,15 +224,16 @@ def test_raw_sites_read_and_written_by_hooks(tiny_models):
 
 def test_flow_maps_raw_sites_through_the_post_norm(tiny_models, tmp_path):
     from saeflow import random_sae, save_pack
-    from saeflow.flow import FlowError, run_flow
+    from saeflow.errors import FlowError
+    from saeflow.flow.predecessors import run_flow
 
     g = tiny_models["gemma3"]
     saes = [(p, L, random_sae(32, 24, "relu", seed=L * 7 + i)) for L in range(3)
             for i, p in enumerate(("resid_post", "mlp_raw", "attn_raw"))]
     pack = save_pack(saes, tmp_path / "pack", model_name="tiny", d_model=32, n_layers=3)
     with pytest.raises(FlowError, match="pass --model"):
-        run_flow(pack, tmp_path / "run0", plots=False, progress=False)
-    run = run_flow(pack, tmp_path / "run", model=g, plots=False, progress=False)
+        run_flow(pack, tmp_path / "run0", progress=False)
+    run = run_flow(pack, tmp_path / "run", model=g, progress=False)
     m = json.loads((tmp_path / "run" / "flow.json").read_text())
     assert m["predecessor_slots"]["1"] == {"res": "0/resid_post", "mlp": "1/mlp_raw",
                                            "attn": "1/attn_raw"}

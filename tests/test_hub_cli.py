@@ -4,10 +4,11 @@ import subprocess
 import sys
 
 import pytest
-
 from fixtures import random_weights, write_gemmascope, write_gemmascope2, write_saelens
-from saeflow.cli import main
-from saeflow.hub import HubError, fetch
+
+from saeflow.cli.main import main
+from saeflow.errors import HubError
+from saeflow.saes.hub import fetch
 
 
 @pytest.fixture
@@ -110,7 +111,7 @@ def test_cli_errors_are_clear(tmp_path, tiny_model_dirs, capsys):
 
 
 def test_console_script_runs(tiny_model_dirs):
-    r = subprocess.run([sys.executable, "-m", "saeflow.cli", "info", "--model",
+    r = subprocess.run([sys.executable, "-m", "saeflow.cli.main", "info", "--model",
                         str(tiny_model_dirs["gpt2"])], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "transformer.h.2.mlp.output" in r.stdout and "blocks.2.hook_mlp_out" in r.stdout

@@ -6,13 +6,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from saeflow.cli import main
-from saeflow.corpora import Corpus
-from saeflow.hooks import HookPoint, capture
-from saeflow.index import IndexConfig, IndexError_, build_index, logit_lens
-from saeflow.index_tables import open_index
-from saeflow.packs import save_pack
-from saeflow.sae import random_sae
+from saeflow.cli.main import main
+from saeflow.errors import FeatureIndexError
+from saeflow.features.index import IndexConfig, build_index
+from saeflow.features.labels import logit_lens
+from saeflow.features.tables import open_index
+from saeflow.lm.corpora import Corpus
+from saeflow.lm.hooks import HookPoint, capture
+from saeflow.saes.packs import save_pack
+from saeflow.saes.sae import random_sae
 
 CFG = IndexConfig(tokens=1500, batch_size=4, ctx_len=48, n_top=5, n_samples=4,
                   encoder_dtype="float32", corpus="wiki=0.8,python=0.2")
@@ -132,16 +134,16 @@ def test_index_bad_input(setup, tmp_path, tiny_models):
         build_index(pack, model, tmp_path / "r", CFG, progress=False, stop_after_batches=1)
     other = save_pack([("resid_post", 1, random_sae(model.d_model, 16, "relu", seed=9))],
                       tmp_path / "other", model_name="tiny", d_model=model.d_model, n_layers=3)
-    with pytest.raises(IndexError_, match="partial pass over a different pack"):
+    with pytest.raises(FeatureIndexError, match="partial pass over a different pack"):
         build_index(other, model, tmp_path / "r", CFG, progress=False)
     short = IndexConfig(tokens=10**9, corpus=str(_tiny_text(tmp_path)), batch_size=2, ctx_len=32)
-    with pytest.raises(IndexError_, match="gives only"):
+    with pytest.raises(FeatureIndexError, match="gives only"):
         build_index(pack, model, tmp_path / "s", short, progress=False)
     with pytest.raises(ValueError, match="d_in|d_model"):
         build_index(pack, tiny_models["llama"], tmp_path / "t", CFG, progress=False)
     idx = open_index(root / "run") if (root / "run" / "index").exists() else None
     if idx is not None:
-        with pytest.raises(IndexError_, match="out of range"):
+        with pytest.raises(FeatureIndexError, match="out of range"):
             idx.feature(1, "resid_post", 999)
 
 
@@ -167,8 +169,9 @@ def test_search_and_cli(setup, capsys):
 
 
 def test_trace_nodes_carry_index_labels(setup, tmp_path, capsys):
-    from saeflow.flow import run_flow
-    from saeflow.graphs import add_labels, trace
+    from saeflow.features.tables import add_labels
+    from saeflow.flow.graphs import trace
+    from saeflow.flow.predecessors import run_flow
 
     model, _, _ = setup
     d = model.d_model
@@ -177,7 +180,7 @@ def test_trace_nodes_carry_index_labels(setup, tmp_path, capsys):
                      tmp_path / "pack", model_name="tiny", d_model=d, n_layers=3)
     root = tmp_path
     idx = build_index(pack, model, root / "run", CFG, progress=False)
-    flow = run_flow(pack, root / "run", plots=False)
+    flow = run_flow(pack, root / "run")
     G = trace(flow, "1/resid_post/0", t_res=0.0, t_mod=0.0)
     assert add_labels(G, root / "run") == G.number_of_nodes() >= 3  # seed, R_0 and M_1 matches
     for n, d in G.nodes(data=True):
@@ -187,7 +190,7 @@ def test_trace_nodes_carry_index_labels(setup, tmp_path, capsys):
     other_pack = save_pack([("resid_post", 1, random_sae(model.d_model, 40, "relu", seed=7))],
                            tmp_path / "other", model_name="tiny", d_model=model.d_model,
                            n_layers=3)
-    other = run_flow(other_pack, tmp_path / "r2", plots=False)
+    other = run_flow(other_pack, tmp_path / "r2")
     (tmp_path / "r2" / "index").symlink_to(root / "run" / "index")
     assert add_labels(trace(other, "1/resid_post/0"), tmp_path / "r2") == 0
     assert main(["trace", str(root / "run"), "1/resid_post/0", "--t-res", "0", "--t-mod", "0",
@@ -197,7 +200,7 @@ def test_trace_nodes_carry_index_labels(setup, tmp_path, capsys):
 
 
 def test_label_shows_whitespace_tokens():
-    from saeflow.index import auto_label
+    from saeflow.features.labels import auto_label
 
     strings = {5: " ", 6: "\n", 7: "river"}
     freq = np.ones(10)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from saeflow import HookPoint, capture, load_model
-from saeflow.corpora import Corpus
+from saeflow.lm.corpora import Corpus
 
 pytestmark = pytest.mark.integration
 
@@ -109,9 +109,9 @@ def test_quick_profile_trains_on_the_real_model(gemma, tmp_path):
     """The quick recipe on 3 layers of Gemma 3 270M: a real pack that reconstructs held-out text."""
     from dataclasses import replace
 
-    from saeflow.evaluate import evaluate_pack
-    from saeflow.recipes import PROFILES
-    from saeflow.train import train_family
+    from saeflow.saes.evaluate import evaluate_pack
+    from saeflow.saes.recipes import PROFILES
+    from saeflow.saes.train import train_family
 
     cfg = replace(PROFILES["quick"], layers=[0, 6, 12], tokens=16384)
     res = train_family(gemma, cfg, tmp_path / "quick", progress=False)
@@ -126,8 +126,8 @@ def test_quick_profile_trains_on_the_real_model(gemma, tmp_path):
     assert by[("resid_post", 6)]["fvu"] < 0.35 and by[("mlp_out", 6)]["fvu"] < 0.25
 
     # Data-free flow on the real pack: layers 0, 6, 12 (no residual predecessors in between).
-    from saeflow.flow import run_flow
-    from saeflow.graphs import trace
+    from saeflow.flow.graphs import trace
+    from saeflow.flow.predecessors import run_flow
 
     run = run_flow(res.pack, tmp_path / "run", progress=False)
     pred = run.predecessors()
@@ -142,10 +142,10 @@ def test_quick_profile_trains_on_the_real_model(gemma, tmp_path):
 
 def test_steering_the_real_model(gemma, tmp_path):
     """A plan on Gemma 3 270M changes its greedy text; the same seed without a plan does not."""
-    from saeflow.generate import SamplingConfig, generate
-    from saeflow.interventions import plan_for_feature, typical_activations
-    from saeflow.packs import save_pack
-    from saeflow.sae import random_sae
+    from saeflow.saes.packs import save_pack
+    from saeflow.saes.sae import random_sae
+    from saeflow.steering.generate import SamplingConfig, generate
+    from saeflow.steering.plans import plan_for_feature, typical_activations
 
     d = gemma.d_model
     pack = save_pack([("resid_post", 6, random_sae(d, 64, "relu", seed=0))], tmp_path / "pack",
@@ -161,7 +161,7 @@ def test_steering_the_real_model(gemma, tmp_path):
 
 def test_fluency_model_prefers_language():
     """SmolLM2-135M (the coherence scorer, a different model from the one steered)."""
-    from saeflow.steer_eval import perplexities
+    from saeflow.steering.scores import perplexities
 
     ppl = perplexities(["The cat sat on the mat and looked out of the window.",
                         "window the of out looked and mat the on sat cat The."])

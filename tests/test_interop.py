@@ -1,7 +1,6 @@
 """saeflow against the real packages: SAELens (both directions, and HookedSAETransformer's
 add_sae) and EleutherAI sparsify (SparseCoder files and a real Trainer run), compared on the
 same inputs. The packages come with the test extra (`make install`)."""
-import json
 import logging
 
 import pytest
@@ -33,8 +32,14 @@ def _brief_train(module, x, steps=40):
 
 # --- SAELens -> saeflow ---------------------------------------------------------------------
 def _saelens_sae(arch: str, seed: int, hook="blocks.1.hook_resid_post"):
-    from sae_lens import (JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig,
-                          TopKSAE, TopKSAEConfig)
+    from sae_lens import (
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+    )
     from sae_lens.saes.sae import SAEMetadata
 
     torch.manual_seed(seed)
@@ -213,7 +218,7 @@ def lambda_module(coder):
 
 def _sparsify_run(model, tmp_path, name, ids, **kw):
     from datasets import Dataset
-    from sparsify import SparseCoderConfig, Trainer, TrainConfig
+    from sparsify import SparseCoderConfig, TrainConfig, Trainer
 
     ds = Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
     cfg = TrainConfig(SparseCoderConfig(k=4, num_latents=D_SAE), batch_size=8,

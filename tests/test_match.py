@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from saeflow.match import top_k_cosine, unit_rows
+from saeflow.flow.match import top_k_cosine, unit_rows
 
 
 @pytest.mark.parametrize("block_a,block_b", [(7, 11), (1, 1000), (1000, 5), (64, 64)])
@@ -31,7 +31,7 @@ def test_self_match_finds_itself_and_errors():
 
 @pytest.mark.parametrize("block_a,block_b", [(7, 11), (64, 1000), (1000, 5)])
 def test_rows_and_columns_from_one_pass(block_a, block_b):
-    from saeflow.match import top_k_pairs
+    from saeflow.flow.match import top_k_pairs
 
     g = torch.Generator().manual_seed(2)
     A, B = torch.randn(61, 12, generator=g), torch.randn(45, 12, generator=g)
@@ -43,7 +43,7 @@ def test_rows_and_columns_from_one_pass(block_a, block_b):
 
 
 def test_bf16_ranking_is_rescored_exactly():
-    from saeflow.match import top_k_pairs
+    from saeflow.flow.match import top_k_pairs
 
     g = torch.Generator().manual_seed(3)
     A, B = torch.randn(300, 64, generator=g), torch.randn(500, 64, generator=g)
@@ -59,7 +59,8 @@ def test_bf16_ranking_is_rescored_exactly():
 def test_safetensors_rows_stream_from_disk(tmp_path):
     from safetensors.torch import save_file
 
-    from saeflow.match import MatchError, SafetensorsRows, top_k_pairs
+    from saeflow.errors import MatchError
+    from saeflow.flow.match import SafetensorsRows, top_k_pairs
 
     g = torch.Generator().manual_seed(4)
     W = torch.randn(70, 16, generator=g)
@@ -85,7 +86,7 @@ def test_permutation_equals_scipy_dense_and_sparse(n_a, n_b):
     import numpy as np
     from scipy.optimize import linear_sum_assignment
 
-    from saeflow.match import permutation_match
+    from saeflow.flow.match import permutation_match
 
     g = torch.Generator().manual_seed(5)
     A, B = torch.randn(n_a, 8, generator=g), torch.randn(n_b, 8, generator=g)
@@ -105,7 +106,7 @@ def test_matching_on_the_test_device_equals_the_cpu(test_device, precision, tmp_
     the same matches as the CPU path (SAEFLOW_TEST_DEVICE=cuda checks a GPU)."""
     from safetensors.torch import save_file
 
-    from saeflow.match import SafetensorsRows, top_k_pairs
+    from saeflow.flow.match import SafetensorsRows, top_k_pairs
 
     g = torch.Generator().manual_seed(3)
     A, B = torch.randn(300, 24, generator=g), torch.randn(500, 24, generator=g)

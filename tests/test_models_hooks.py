@@ -2,13 +2,12 @@
 import json
 
 import numpy as np
-
 import pytest
 import torch
-
 from fixtures import FAMILIES, make_tokenizer
+
 from saeflow import HookPoint, Hooks, capture, load_model
-from saeflow.hookpoints import UnsupportedArchitectureError
+from saeflow.errors import UnsupportedArchitectureError
 
 GEMMA = ("gemma2", "gemma3")
 
@@ -194,8 +193,9 @@ def test_gemma_tokenizer_without_bos_is_fixed_at_load(tmp_path):
     """A Gemma model whose tokenizer lost its BOS (transformers 5.17's GGUF conversion) gets it
     back: without BOS at position 0 Gemma 3 reads garbage (CE 12.9 nats instead of 2.8)."""
     from fixtures import make_model_dir, make_tokenizer
+
     from saeflow import load_model
-    from saeflow.models import ensure_bos, tokenizer_adds_bos
+    from saeflow.lm.model import ensure_bos, tokenizer_adds_bos
 
     d = make_model_dir("gemma3", tmp_path / "g3")
     make_tokenizer(add_bos=False).save_pretrained(d)
@@ -216,7 +216,7 @@ def test_gemma_tokenizer_without_bos_is_fixed_at_load(tmp_path):
 def test_gguf_add_bos_flag_is_read(tmp_path):
     import gguf
 
-    from saeflow.models import gguf_adds_bos
+    from saeflow.lm.model import gguf_adds_bos
 
     for flag in (True, False, None):
         path = tmp_path / f"m{flag}.gguf"
@@ -234,7 +234,7 @@ def test_gguf_add_bos_flag_is_read(tmp_path):
 def test_embedded_tokenizer_check_refuses_a_wrong_conversion():
     """transformers <= 5.17 converts the embedded GGUF's tokenizer with other splits; the
     embedded model refuses such a tokenizer instead of reading garbage."""
-    from saeflow.models import EMBEDDED_TOKEN_CHECK, check_embedded_tokenizer
+    from saeflow.lm.model import EMBEDDED_TOKEN_CHECK, check_embedded_tokenizer
 
     with pytest.raises(RuntimeError, match=r"transformers>=5\.18"):
         check_embedded_tokenizer(make_tokenizer())
@@ -247,8 +247,8 @@ def test_embedded_tokenizer_check_refuses_a_wrong_conversion():
 
 
 def test_a_device_torch_cannot_use_is_refused_with_the_fix(tiny_model_dirs):
-    from saeflow.flow import FlowConfig
-    from saeflow.models import resolve_device
+    from saeflow.flow.predecessors import FlowConfig
+    from saeflow.lm.model import resolve_device
 
     assert resolve_device("cpu").type == "cpu" and resolve_device(None) is not None
     with pytest.raises(ValueError, match="unknown device"):

@@ -3,10 +3,11 @@ import json
 
 import pytest
 
-from saeflow.cli import main
-from saeflow.packs import save_pack
-from saeflow.pipeline import PipelineConfig, PipelineError, run_pipeline
-from saeflow.sae import random_sae
+from saeflow.cli.main import main
+from saeflow.errors import PipelineError
+from saeflow.pipeline.stages import PipelineConfig, run_pipeline
+from saeflow.saes.packs import save_pack
+from saeflow.saes.sae import random_sae
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,18 @@ import json
 
 import pytest
 import torch
+from fixtures import (
+    random_weights,
+    ref_decode,
+    ref_encode,
+    write_gemmascope,
+    write_gemmascope2,
+    write_saelens,
+    write_sparsify,
+)
 
-from fixtures import (random_weights, ref_decode, ref_encode, write_gemmascope, write_gemmascope2,
-                      write_saelens, write_sparsify)
 from saeflow import SAE, convert_pack, load_pack, random_sae
-from saeflow.packs import PackError
-from saeflow.sae_formats import SAEFormatError
+from saeflow.errors import PackError, SAEFormatError
 
 X = torch.randn(20, 16, generator=torch.Generator().manual_seed(1))
 
@@ -90,7 +96,7 @@ def test_shape_errors():
 
 # --- formats ------------------------------------------------------------------------------------
 def _pack_roundtrip(src, tmp_path, **kw):
-    out = convert_pack(load_pack(src, **kw), tmp_path / "converted")
+    convert_pack(load_pack(src, **kw), tmp_path / "converted")
     assert (tmp_path / "converted" / "pack.json").is_file()
     return load_pack(tmp_path / "converted")
 
@@ -266,7 +272,7 @@ def test_npz_corrupt(tmp_path):
 
 
 def test_hook_name_parsing():
-    from saeflow.hookpoints import parse_hook_name, parse_layers
+    from saeflow.lm.hookpoints import parse_hook_name, parse_layers
 
     assert parse_hook_name("blocks.12.hook_resid_post") == ("resid_post", 12)
     assert parse_hook_name("model.layers.5.post_feedforward_layernorm.output") == ("mlp_out", 5)

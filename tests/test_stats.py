@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from saeflow.cli import main
-from saeflow.evolution import communities, gates, pass_through
-from saeflow.packs import save_pack
-from saeflow.sae import random_sae
-from saeflow.stats import (MEASURES, PairAccumulator, StatsConfig, StatsError, dense_reference,
-                           run_stats)
-from saeflow.stats_tables import open_stats, write_stats
+from saeflow.cli.main import main
+from saeflow.errors import StatsError
+from saeflow.evolution.analyses import communities, gates, pass_through
+from saeflow.evolution.stats import PairAccumulator, StatsConfig, dense_reference, run_stats
+from saeflow.evolution.tables import MEASURES, open_stats, write_stats
+from saeflow.saes.packs import save_pack
+from saeflow.saes.sae import random_sae
 
 
 def _sparse_acts(T, d, p, seed):
@@ -44,7 +44,7 @@ def test_sparse_accumulation_equals_dense_reference(dense_limit, flush):
 
 def test_sparse_runs_without_packed_sort_equal_dense_reference(monkeypatch):
     # Keys beyond 2**32 (widths above 65,536) take the argsort path; force it on small sizes.
-    import saeflow.stats as stats
+    import saeflow.evolution.stats as stats
 
     monkeypatch.setattr(stats, "PACKED_SORT_MAX_KEYS", 0)
     zu, zd = _sparse_acts(300, 37, 0.1, 2), _sparse_acts(300, 29, 0.15, 3)
@@ -116,8 +116,8 @@ CFG = StatsConfig(tokens=1500, batch_size=4, ctx_len=48, pairs="both", encoder_d
 
 
 def test_corpus_pass_equals_dense_and_resumes(pack_and_model, tmp_path):
-    from saeflow.corpora import Corpus
-    from saeflow.hooks import HookPoint, capture
+    from saeflow.lm.corpora import Corpus
+    from saeflow.lm.hooks import HookPoint, capture
 
     pack, model = pack_and_model
     with pytest.raises(KeyboardInterrupt):

@@ -6,8 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saeflow.steer_eval import (THEMES, Baseline, EvalError, distinct_n, judge, perplexities,
-                                score_texts, theme, topic_classifier)
+from saeflow.errors import EvalError
+from saeflow.steering.scores import (
+    THEMES,
+    Baseline,
+    distinct_n,
+    judge,
+    perplexities,
+    score_texts,
+    theme,
+    topic_classifier,
+)
 
 
 def _needs_embedder():
@@ -35,7 +44,7 @@ def clf(tmp_path_factory):
 def test_topic_classifier_is_trained_held_out_and_sensible(clf):
     assert len(clf.classes) == 12 and clf.n_test == 120
     assert clf.held_out_accuracy > 0.5  # 12 classes: chance is about 0.18
-    from saeflow.steer_eval import embed
+    from saeflow.steering.scores import embed
 
     e = embed(["The church holds a mass every Sunday where people pray to God.",
                "The theorem proves that every prime number greater than two is odd."])
@@ -66,7 +75,7 @@ def test_scores_reward_on_theme_fluent_text(clf, tiny_models):
 
 def test_playground_scores_compare_steered_with_default(tiny_models):
     _needs_embedder()
-    from saeflow.steer_eval import compare_completions
+    from saeflow.steering.scores import compare_completions
 
     res = compare_completions(["The stock market fell as rates rose."],
                               ["The priest prayed in the church to God."], "church, prayer, God",
@@ -103,7 +112,7 @@ def _judge_server():
 
 
 def test_llm_judge_uses_the_rubric(tmp_path):
-    from saeflow.explain import ExplainerConfig
+    from saeflow.features.explain import ExplainerConfig
 
     srv = _judge_server()
     try:
@@ -117,9 +126,9 @@ def test_llm_judge_uses_the_rubric(tmp_path):
 
 
 def test_sweep_runs_the_grid_and_writes_curves(tiny_models, tmp_path, clf):
-    from saeflow.packs import save_pack
-    from saeflow.sae import random_sae
-    from saeflow.sweep import SweepConfig, best_settings, compare_modes, run_sweep
+    from saeflow.saes.packs import save_pack
+    from saeflow.saes.sae import random_sae
+    from saeflow.steering.sweep import SweepConfig, best_settings, compare_modes, run_sweep
 
     model = tiny_models["gemma3"]
     d = model.d_model
@@ -139,7 +148,7 @@ def test_sweep_runs_the_grid_and_writes_curves(tiny_models, tmp_path, clf):
     cfg = SweepConfig(themes=["religion", "arts"], strengths=[2.0, 8.0], max_layers=2, n=2,
                       max_new_tokens=6, seeds=[0, 1], classifier_docs=600,
                       seed_features={"religion": "1/resid_post/3", "arts": "1/resid_post/5"})
-    from saeflow.explain import ExplainerConfig
+    from saeflow.features.explain import ExplainerConfig
 
     srv = _judge_server()  # a real HTTP judge on localhost
     try:
@@ -182,9 +191,10 @@ def test_sweep_runs_the_grid_and_writes_curves(tiny_models, tmp_path, clf):
 def test_paper_deactivation_sweep_rescales_joined_graphs(tiny_models, tmp_path, clf):
     """The paper's deactivation experiment: several seeds' graphs joined, rescale by r <= 0,
     single vs cumulative, scored by the deactivation score, written to RUN/sweep-paper."""
-    from saeflow.packs import save_pack
-    from saeflow.sae import random_sae
-    from saeflow.sweep import SweepError, sweep_profile, run_sweep
+    from saeflow.errors import SweepError
+    from saeflow.saes.packs import save_pack
+    from saeflow.saes.sae import random_sae
+    from saeflow.steering.sweep import run_sweep, sweep_profile
 
     model = tiny_models["gemma3"]
     d = model.d_model

@@ -6,15 +6,22 @@ import networkx as nx
 import pytest
 import torch
 
-from saeflow.cli import main
-from saeflow.generate import (MAX_NEW_TOKENS, GenerationError, SamplingConfig, generate,
-                              sample, steer)
-from saeflow.hooks import HookPoint, Hooks
-from saeflow.interventions import (CallScope, Intervention, PlanError, SteeringPlan,
-                                   plan_edits, plan_for_feature, plan_from_graph,
-                                   schedule_strength, typical_activations)
-from saeflow.packs import save_pack
-from saeflow.sae import random_sae
+from saeflow.cli.main import main
+from saeflow.errors import GenerationError, PlanError
+from saeflow.lm.hooks import HookPoint, Hooks
+from saeflow.saes.packs import save_pack
+from saeflow.saes.sae import random_sae
+from saeflow.steering.generate import MAX_NEW_TOKENS, SamplingConfig, generate, sample, steer
+from saeflow.steering.plans import (
+    CallScope,
+    Intervention,
+    SteeringPlan,
+    plan_edits,
+    plan_for_feature,
+    plan_from_graph,
+    schedule_strength,
+    typical_activations,
+)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +185,7 @@ def test_concurrent_plans_equal_their_sequential_runs(setup):
 
 def test_bad_requests_fail_before_generation(setup, monkeypatch):
     model, pack, typical = setup
-    import saeflow.generate as gen_mod
+    import saeflow.steering.generate as gen_mod
 
     def boom(*a, **k):
         raise AssertionError("generation started")

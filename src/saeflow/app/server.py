@@ -17,12 +17,21 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import __version__
-from ..generate import MAX_NEW_TOKENS, MAX_SAMPLES, GenerationError, SamplingConfig
-from ..interventions import (MAX_INTERVENTIONS, MAX_STRENGTH, Intervention, PlanError,
-                             SteeringPlan)
-from .live import LiveModel
-from .views import MAX_GRAPH_NODES, NotFound, RunData, jsonable
+from saeflow._version import __version__
+from saeflow.app.live import LiveModel
+from saeflow.app.views import MAX_GRAPH_NODES, NotFound, RunData, jsonable
+from saeflow.errors import FlowError
+from saeflow.features.dashboards import feature_dashboard
+from saeflow.ids import parse_feature
+from saeflow.steering.generate import MAX_NEW_TOKENS, MAX_SAMPLES, SamplingConfig
+from saeflow.steering.plans import (
+    MAX_INTERVENTIONS,
+    MAX_STRENGTH,
+    Intervention,
+    SteeringPlan,
+    build_plan,
+)
+from saeflow.steering.scores import compare_completions
 
 STATIC = Path(__file__).parent / "static"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -140,8 +149,6 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
     @app.get("/api/dashboard/{layer}/{position}/{index}",
              summary="One feature's dashboard in Neuronpedia's JSON shape")
     def dashboard(layer: int, position: str, index: int) -> dict:
-        from ..dashboards import feature_dashboard
-
         L, pos, f = data.check_feature(_feature_spec(layer, position, index))
         if data.index is None or f"{L}/{pos}" not in data.index.manifest["slots"]:
             raise NotFound(f"this run has no feature index for {L}/{pos}; run `saeflow index`")
@@ -206,7 +213,6 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
                 ivs.append(Intervention(L, pos, f, fs.strength))
             plan = SteeringPlan(req.kind, ivs, description="features from the request")
         else:
-            from ..interventions import build_plan
 
             _pack_feature(pk, req.feature)
             plan = build_plan(pk, feature=req.feature, strength=req.strength,
@@ -226,7 +232,6 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
     def _scores(req: SteerRequest, res: dict, plan: SteeringPlan) -> dict | None:
         if not req.score:
             return None
-        from ..steer_eval import compare_completions
 
         concept = req.concept
         if not concept:  # the seed feature's activating tokens (its label left of the arrow)
@@ -310,7 +315,6 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
 
 def _pack_feature(pack, spec: str) -> tuple[int, str, int]:
     """A feature id the pack has, or 404."""
-    from ..flow import FlowError, parse_feature
 
     try:
         L, pos, f = parse_feature(spec)

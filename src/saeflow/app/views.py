@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..flow import FlowError, feature_id, open_flow, parse_feature
+from saeflow.errors import FlowError
+from saeflow.evolution.tables import open_stats
+from saeflow.features.tables import open_index
+from saeflow.flow.graphs import FlowIndex, persistence, trace
+from saeflow.flow.predecessors import open_flow
+from saeflow.ids import feature_id, parse_feature
 
 LANES = {"resid_post": 0, "mlp_out": 1, "attn_out": 2, "attn_z": 2, "resid_pre": 0,
          "mlp_raw": 1, "attn_raw": 2,
@@ -46,15 +51,11 @@ class RunData:
 
     @cached_property
     def flow_index(self):
-        from ..graphs import FlowIndex
-
         with self._lock:
             return FlowIndex(self.flow) if self.flow is not None else None
 
     @cached_property
     def index(self):
-        from ..index_tables import open_index
-
         try:
             idx = open_index(self.root)
         except ValueError:
@@ -66,8 +67,6 @@ class RunData:
 
     @cached_property
     def stats(self):
-        from ..stats_tables import open_stats
-
         try:
             return open_stats(self.root)
         except ValueError:
@@ -118,7 +117,6 @@ class RunData:
         """A residual feature of a middle layer whose chain persists longest: a good first look."""
         if self.flow is None:
             return None
-        from ..graphs import persistence
 
         per = persistence(self.flow_index, t_res=0.5)
         if not per:
@@ -231,8 +229,6 @@ class RunData:
               direction: str = "both", max_nodes: int = 2000, color_by: str = "class") -> dict:
         """The union of the seeds' flow graphs, pruned to max_nodes and laid out in lanes."""
         import networkx as nx
-
-        from ..graphs import trace
 
         if self.flow is None:
             raise NotFound("this run has no flow; run `saeflow flow PACK --out RUN`")

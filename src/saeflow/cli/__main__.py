@@ -1,0 +1,5 @@
+import sys
+
+from saeflow.cli.main import main
+
+sys.exit(main())

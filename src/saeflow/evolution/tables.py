@@ -1,0 +1,126 @@
+"""Co-activation statistics on disk (RUN/stats/) and the analyses built on them.
+
+    edges.parquet     kept pairs of every (upstream, downstream) SAE pair: count and all measures.
+                      Kept: each row's and each column's top-k by Pearson, every pair with
+                      |Pearson| or Jaccard >= floor, and every pair with sufficiency or necessity
+                      >= 0.9 seen at least twice (gate candidates). Pairs never active together
+                      have Pearson <= 0 and Jaccard 0, and are not stored.
+    features.parquet  per feature of every SAE involved: tokens active, density, mean, max.
+    stats.json        manifest (identity: pack hash, model, settings), written last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from saeflow.errors import StatsError
+from saeflow.store import write_json_atomic, write_parquet_atomic
+
+MEASURES = ("pearson", "jaccard", "sufficiency", "necessity", "mutual_info")
+STATS_DIR = "stats"
+STATS_MANIFEST = "stats.json"
+STATS_FORMAT = "saeflow-stats"
+
+
+def _top_k_mask(group: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
+    """True for the k highest scores within each group."""
+    order = np.lexsort((-score, group))
+    g = group[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(g)) + 1]
+    lengths = np.diff(np.r_[starts, len(g)])
+    rank = np.arange(len(g)) - np.repeat(starts, lengths)
+    mask = np.zeros(len(g), bool)
+    mask[order[rank < k]] = True
+    return mask
+
+
+def select_pairs(p: dict, top_k: int, floor: float) -> np.ndarray:
+    if len(p["up"]) == 0:
+        return np.zeros(0, bool)
+    keep = _top_k_mask(p["up"], p["pearson"], top_k) | _top_k_mask(p["down"], p["pearson"], top_k)
+    keep |= (np.abs(p["pearson"]) >= floor) | (p["jaccard"] >= floor)
+    keep |= ((p["sufficiency"] >= 0.9) | (p["necessity"] >= 0.9)) & (p["count"] >= 2)
+    return keep
+
+
+
+
+def write_stats(root: Path, acc: dict, cfg, ident: dict, tokens: int, seconds: float) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    edge_tables, feat_rows, seen = [], [], set()
+    for (u, d), a in acc.items():
+        p = a.pairs()
+        keep = select_pairs(p, cfg.top_k, cfg.floor)
+        n = int(keep.sum())
+        cols = {"up_layer": pa.array(np.full(n, u[1], np.int16)), "up_position": pa.array([u[0]] * n),
+                "up": pa.array(p["up"][keep].astype(np.int32)),
+                "down_layer": pa.array(np.full(n, d[1], np.int16)),
+                "down_position": pa.array([d[0]] * n),
+                "down": pa.array(p["down"][keep].astype(np.int32)),
+                "count": pa.array(p["count"][keep].astype(np.int64))}
+        for m in MEASURES:
+            cols[m] = pa.array(p[m][keep].astype(np.float32))
+        edge_tables.append(pa.table(cols))
+        for slot, nn, s, mx in ((u, a.n_up, a.s_up, a.max_up), (d, a.n_down, a.s_down, a.max_down)):
+            if slot in seen:
+                continue
+            seen.add(slot)
+            k = len(nn)
+            feat_rows.append(pa.table({
+                "layer": pa.array(np.full(k, slot[1], np.int16)), "position": pa.array([slot[0]] * k),
+                "feature": pa.array(np.arange(k, dtype=np.int32)),
+                "n_active": pa.array(nn), "density": pa.array(nn / max(a.n_tokens, 1)),
+                "mean": pa.array((s / max(a.n_tokens, 1)).astype(np.float32)),
+                "max": pa.array(mx.astype(np.float32))}))
+    write_parquet_atomic(pa.concat_tables(edge_tables), root / "edges.parquet")
+    write_parquet_atomic(pa.concat_tables(feat_rows), root / "features.parquet")
+    write_json_atomic(root / STATS_MANIFEST, {
+        "format": STATS_FORMAT, "identity": ident, "tokens": tokens, "seconds": round(seconds, 1),
+        "pairs": [[f"{u[1]}/{u[0]}", f"{d[1]}/{d[0]}"] for u, d in acc],
+        "kept": f"top-{cfg.top_k} per row and column by Pearson; |Pearson| or Jaccard >= "
+                f"{cfg.floor}; sufficiency or necessity >= 0.9 with count >= 2",
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+@dataclass
+class StatsRun:
+    root: Path  # RUN/stats
+    manifest: dict
+
+    def edges(self, up: tuple[str, int] | None = None, down: tuple[str, int] | None = None):
+        """The kept pairs (pandas), optionally of one (upstream, downstream) SAE pair."""
+        filters = []
+        if up:
+            filters += [("up_position", "=", up[0]), ("up_layer", "=", up[1])]
+        if down:
+            filters += [("down_position", "=", down[0]), ("down_layer", "=", down[1])]
+        return pq.read_table(self.root / "edges.parquet", filters=filters or None).to_pandas()
+
+    def features(self):
+        return pq.read_table(self.root / "features.parquet").to_pandas()
+
+    @property
+    def pairs(self) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+        out = []
+        for u, d in self.manifest["pairs"]:
+            (lu, pu), (ld, pd_) = u.split("/"), d.split("/")
+            out.append(((pu, int(lu)), (pd_, int(ld))))
+        return out
+
+
+def open_stats(run: str | os.PathLike) -> StatsRun:
+    root = Path(run) / STATS_DIR
+    mf = root / STATS_MANIFEST
+    if not mf.is_file():
+        raise StatsError(f"{Path(run)} has no statistics; run `saeflow stats PACK --out {run}`")
+    manifest = json.loads(mf.read_text())
+    if manifest.get("format") != STATS_FORMAT:
+        raise StatsError(f"{mf} is not a saeflow statistics manifest")
+    return StatsRun(root, manifest)

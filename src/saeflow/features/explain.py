@@ -1,0 +1,210 @@
+"""Optional feature explanations by an LLM behind any OpenAI-compatible chat endpoint.
+
+The offline label (index.auto_label) is built from the evidence alone. Users who have an LLM
+server (OpenAI, vLLM, llama.cpp's server, Ollama, ...) can ask it for a one-line explanation of
+each feature from the same evidence: the top contexts with the activating token marked and the
+per-token activations, plus the logit lens. Results go to RUN/index/explanations.parquet, one
+row per feature, and are shown and searched beside the automatic labels.
+
+Only the standard library talks HTTP here (urllib): one POST to {url}/chat/completions per
+feature, retried on 429 / 5xx. The file is rewritten atomically every few features, so a killed
+run keeps what it finished and the next run skips those features.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from saeflow.errors import ExplainError
+from saeflow.features.tables import EXPLANATIONS, open_index
+from saeflow.ids import parse_feature
+
+SYSTEM_PROMPT = (
+    "You explain features of a sparse autoencoder trained on a language model's activations. "
+    "You get text excerpts where the feature fires; the token where it fires most is marked "
+    "<<like this>>, and the numbers in [brackets] after tokens are the feature's activation "
+    "there. You also get the tokens the feature's direction promotes in the output. Reply with "
+    "one short phrase (at most 12 words) that says what the feature responds to. No preamble.")
+
+
+@dataclass
+class ExplainerConfig:
+    url: str  # base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1
+    model: str  # the model name the endpoint expects
+    api_key: str | None = None
+    n_examples: int = 8  # top contexts shown per feature
+    max_tokens: int = 48
+    temperature: float = 0.0
+    timeout_s: float = 60.0
+    retries: int = 3
+    save_every: int = 16  # features between atomic rewrites of the table
+
+    def __post_init__(self):
+        if not self.url.startswith(("http://", "https://")):
+            raise ExplainError(f"the explainer URL must start with http:// or https://, got "
+                               f"{self.url!r} (e.g. http://127.0.0.1:8000/v1)")
+        if not self.model:
+            raise ExplainError("name the endpoint's model (--llm MODEL)")
+        if not 1 <= self.n_examples <= 64:
+            raise ExplainError("n_examples must be between 1 and 64")
+
+
+def feature_prompt(row: dict, n_examples: int) -> str:
+    """The evidence for one feature (a FeatureIndex.feature row) as plain text."""
+    lines = [f"Feature {row['id']}."]
+    examples = row.get("examples") or []
+    if not examples:
+        lines.append("It never fired on the indexed text.")
+    for e in examples[:n_examples]:
+        peak = max((a for a in e["acts"] if a is not None), default=0.0) or 1.0
+        parts = []
+        for i, (tok, act) in enumerate(zip(e["tokens"], e["acts"])):
+            if tok is None:
+                continue
+            tok = tok.replace("\n", "\\n")
+            if i == e["center"]:
+                tok = f"<<{tok}>>"
+            if act and act > 0.1 * peak:
+                tok += f"[{act:.2g}]"
+            parts.append(tok)
+        lines.append(f"- ({e['activation']:.3g}) " + "".join(parts))
+    promoted = [t["token"] for t in row.get("logit_top") or []]
+    if promoted:
+        lines.append("Promoted output tokens: " + ", ".join(repr(t) for t in promoted))
+    return "\n".join(lines)
+
+
+def _post(cfg: ExplainerConfig, payload: dict) -> dict:
+    url = cfg.url.rstrip("/") + "/chat/completions"
+    body = json.dumps(payload).encode()
+    headers = {"Content-Type": "application/json"}
+    if cfg.api_key:
+        headers["Authorization"] = f"Bearer {cfg.api_key}"
+    for attempt in range(cfg.retries + 1):
+        req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=cfg.timeout_s) as resp:
+                return json.loads(resp.read().decode())
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")[:300]
+            if e.code in (401, 403):
+                raise ExplainError(f"{url} refused the request (HTTP {e.code}): check the API key "
+                                   f"(--api-key-env names the variable that holds it). {detail}"
+                                   ) from None
+            if (e.code == 429 or e.code >= 500) and attempt < cfg.retries:
+                time.sleep(min(2.0 ** attempt, 10.0))
+                continue
+            raise ExplainError(f"{url} answered HTTP {e.code}: {detail}") from None
+        except urllib.error.URLError as e:
+            raise ExplainError(f"could not reach the explainer at {url} ({e.reason}); check "
+                               f"--llm-url and that the server is running") from None
+        except (TimeoutError, OSError) as e:
+            if attempt < cfg.retries:
+                continue
+            raise ExplainError(f"the explainer at {url} did not answer in {cfg.timeout_s:.0f} s "
+                               f"({e})") from None
+        except json.JSONDecodeError:
+            raise ExplainError(f"{url} did not return JSON; is it an OpenAI-compatible API "
+                               f"(the URL usually ends in /v1)?") from None
+    raise AssertionError("unreachable")
+
+
+def request_explanation(cfg: ExplainerConfig, prompt: str) -> str:
+    """One chat completion; the first line of the reply, trimmed."""
+    reply = _post(cfg, {"model": cfg.model, "temperature": cfg.temperature,
+                        "max_tokens": cfg.max_tokens,
+                        "messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                                     {"role": "user", "content": prompt}]})
+    try:
+        text = reply["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise ExplainError(f"the explainer's reply is not a chat completion: "
+                           f"{json.dumps(reply)[:200]}") from None
+    text = (text or "").strip().splitlines()[0].strip().strip('"') if (text or "").strip() else ""
+    return text[:200]
+
+
+def select_features(index, features: list[str] | None = None, layers: list[int] | None = None,
+                    positions: list[str] | None = None, limit: int | None = 100) -> list[str]:
+    """Feature ids to explain: the ones named, else the active features of the chosen layers and
+    positions, densest first, at most `limit`."""
+
+    if features:
+        for f in features:
+            L, p, i = parse_feature(f)
+            index.feature(L, p, i)  # raises a clear error for unknown slots and indices
+        return [str(f) for f in features]
+    where, args = ["count > 0"], []
+    if layers:
+        where.append(f"layer IN ({', '.join('?' * len(layers))})")
+        args += list(layers)
+    if positions:
+        where.append(f"position IN ({', '.join('?' * len(positions))})")
+        args += list(positions)
+    sql = f"SELECT id FROM features WHERE {' AND '.join(where)} ORDER BY density DESC, id"
+    if limit:
+        sql += f" LIMIT {int(limit)}"
+    return [r[0] for r in index._con().execute(sql, args).fetchall()]
+
+
+def read_explanations(index_root: str | os.PathLike) -> dict[str, str]:
+    path = Path(index_root) / EXPLANATIONS
+    if not path.is_file():
+        return {}
+    t = pq.read_table(path, columns=["id", "explanation"]).to_pydict()
+    return dict(zip(t["id"], t["explanation"]))
+
+
+def _write(root: Path, rows: list[dict]) -> None:
+    tmp = root / f".{EXPLANATIONS}.tmp"
+    table = pa.table({
+        "id": pa.array([r["id"] for r in rows], pa.string()),
+        "layer": pa.array([r["layer"] for r in rows], pa.int16()),
+        "position": pa.array([r["position"] for r in rows], pa.string()),
+        "feature": pa.array([r["feature"] for r in rows], pa.int32()),
+        "explanation": pa.array([r["explanation"] for r in rows], pa.string()),
+        "llm": pa.array([r["llm"] for r in rows], pa.string()),
+        "created": pa.array([r["created"] for r in rows], pa.float64()),
+    })
+    pq.write_table(table, tmp)
+    os.replace(tmp, root / EXPLANATIONS)
+
+
+def explain_features(run: str | os.PathLike, cfg: ExplainerConfig, features: list[str] | None = None,
+                     *, layers: list[int] | None = None, positions: list[str] | None = None,
+                     limit: int | None = 100, force: bool = False, progress: bool = True
+                     ) -> dict[str, str]:
+    """Ask the endpoint for an explanation of each selected feature of RUN's index; features
+    already explained are skipped unless `force`. Returns {feature id: explanation}."""
+    from tqdm.auto import tqdm
+
+    index = open_index(run)
+    wanted = select_features(index, features, layers, positions, limit)
+    path = index.root / EXPLANATIONS
+    rows = {}
+    if path.is_file():
+        rows = {r["id"]: r for r in pq.read_table(path).to_pylist()}
+    todo = [f for f in wanted if force or f not in rows]
+    done = 0
+    try:
+        for fid in tqdm(todo, desc="explain", unit="feature", disable=not progress):
+            L, p, i = parse_feature(fid)
+            row = index.feature(L, p, i)
+            text = request_explanation(cfg, feature_prompt(row, cfg.n_examples))
+            rows[fid] = {"id": fid, "layer": L, "position": p, "feature": i, "explanation": text,
+                         "llm": cfg.model, "created": time.time()}
+            done += 1
+            if done % cfg.save_every == 0:
+                _write(index.root, list(rows.values()))
+    finally:
+        if done:
+            _write(index.root, list(rows.values()))
+    return {f: rows[f]["explanation"] for f in wanted if f in rows}

@@ -1,0 +1,260 @@
+"""The feature index: what each feature of a pack means, from one pass of the model over a corpus.
+
+For every feature of every SAE it records, in memory bounded by n_features x n_top (never by
+the number of tokens):
+  - activation count (density), mean and max, and a histogram of its nonzero activations;
+  - its top-n activating tokens, each with a token window and the feature's activation on
+    every token of the window;
+  - a uniform sample of its activations (a bottom-k sketch on random keys), reported by
+    activation quantile;
+plus, from weights only, the logit lens of its decoder direction, and an automatic label.
+
+Written to RUN/index/: features.parquet, examples.parquet, index.json. Queried with DuckDB
+(`search`). The pass checkpoints its running state and resumes after a kill.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from saeflow.errors import FeatureIndexError, ScanError
+from saeflow.features.tables import (
+    HIST_EDGES,
+    INDEX_DIR,
+    INDEX_MANIFEST,
+    FeatureIndex,
+    open_index,
+    write_index,
+)
+from saeflow.lm.corpora import TokenBatch
+from saeflow.saes.packs import pack_fingerprint
+from saeflow.saes.scan import ScanSpec, scan
+
+
+@dataclass
+class IndexConfig:
+    tokens: int = 200_000
+    corpus: str = "wiki=0.8,python=0.2"
+    seed: int = 0
+    batch_size: int = 32
+    ctx_len: int = 128
+    n_top: int = 16
+    n_samples: int = 8
+    window_left: int = 10
+    window_right: int = 3
+    n_logits: int = 10
+    encoder_dtype: str = "auto"  # auto: bf16 on CPU, model dtype elsewhere
+    checkpoint_every_s: float = 120.0
+
+    def identity(self) -> dict:
+        d = asdict(self)
+        d.pop("checkpoint_every_s")
+        return d
+
+    @property
+    def window(self) -> int:
+        return self.window_left + 1 + self.window_right
+
+
+class _Reservoir:
+    """Per feature, the n entries with the largest key seen so far, with their token windows.
+
+    key [d, n] float32 (-inf = empty), value [d, n] activation, doc/tok [d, n] int64,
+    win_ids [d, n, W] int32 (-1 outside the context), win_act [d, n, W] float16.
+    """
+
+    def __init__(self, d: int, n: int, W: int, device=None):
+        dev = device
+        self.key = torch.full((d, n), float("-inf"), device=dev)
+        self.value = torch.zeros(d, n, device=dev)
+        self.doc = torch.full((d, n), -1, dtype=torch.long, device=dev)
+        self.tok = torch.full((d, n), -1, dtype=torch.long, device=dev)
+        self.win_ids = torch.full((d, n, W), -1, dtype=torch.int32, device=dev)
+        self.win_act = torch.zeros(d, n, W, dtype=torch.float16, device=dev)
+
+    def state(self) -> dict:
+        """CPU copies, so a checkpoint resumes on any device."""
+        return {k: v.cpu() for k, v in vars(self).items()}
+
+    def load(self, state: dict, device=None) -> None:
+        dev = device if device is not None else self.key.device
+        for k, v in state.items():
+            setattr(self, k, v.to(dev))
+
+    def offer(self, key, act, feat, flat_tok, z, batch, W_left: int, W_right: int) -> None:
+        """Candidates: key/value/feat/flat_tok [M] (flat_tok indexes the batch's B*T tokens)."""
+        d, n = self.key.shape
+        if key.numel() == 0:
+            return
+        # Group candidates by feature with keys descending; keep each feature's best n.
+        o = torch.argsort(key, descending=True, stable=True)
+        o = o[torch.argsort(feat[o], stable=True)]
+        f_sorted = feat[o]
+        counts = torch.bincount(f_sorted, minlength=d)
+        starts = torch.cumsum(counts, 0) - counts
+        dev = key.device
+        rank = torch.arange(len(o), device=dev) - starts[f_sorted]
+        keep = rank < n
+        sel, f, r = o[keep], f_sorted[keep], rank[keep]
+        cand_key = torch.full((d, n), float("-inf"), device=dev)
+        cand_key[f, r] = key[sel]
+        cand_idx = torch.full((d, n), -1, dtype=torch.long, device=dev)
+        cand_idx[f, r] = sel
+        new_key, pos = torch.cat([self.key, cand_key], 1).topk(n, dim=1)  # [d, n]
+        from_new = pos >= n
+        # Survivors from the old buffers move to their new slots.
+        fo, jo = (~from_new).nonzero(as_tuple=True)
+        po = pos[fo, jo]
+        value, doc, tok = self.value.clone(), self.doc.clone(), self.tok.clone()
+        win_ids, win_act = self.win_ids.clone(), self.win_act.clone()
+        value[fo, jo], doc[fo, jo], tok[fo, jo] = self.value[fo, po], self.doc[fo, po], self.tok[fo, po]
+        win_ids[fo, jo], win_act[fo, jo] = self.win_ids[fo, po], self.win_act[fo, po]
+        # New entries: read their windows out of this batch.
+        fn, jn = from_new.nonzero(as_tuple=True)
+        if len(fn):
+            c = cand_idx[fn, pos[fn, jn] - n]  # candidate index
+            ft = flat_tok[c]
+            B, T = batch.input_ids.shape
+            b, t = ft // T, ft % T
+            offs = torch.arange(-W_left, W_right + 1, device=dev)
+            p = t[:, None] + offs[None, :]  # [m, W]
+            inside = (p >= 0) & (p < T)
+            pc = p.clamp(0, T - 1)
+            ids = batch.input_ids[b[:, None], pc].to(torch.int32)
+            ids[~inside] = -1
+            acts = z[b[:, None], pc, fn[:, None]].float()
+            acts[~inside] = 0
+            value[fn, jn] = act[c]
+            doc[fn, jn] = batch.doc_ids[b, t]
+            tok[fn, jn] = batch.token_index[b, t]
+            win_ids[fn, jn], win_act[fn, jn] = ids, acts.to(torch.float16)
+        self.key, self.value, self.doc, self.tok = new_key, value, doc, tok
+        self.win_ids, self.win_act = win_ids, win_act
+
+
+class _SlotStats:
+    """Running statistics of one SAE's features."""
+
+    def __init__(self, d: int, cfg: IndexConfig, seed: int, device=None):
+        dev = self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.count = torch.zeros(d, dtype=torch.long, device=dev)
+        self.total = torch.zeros(d, dtype=torch.float64, device=dev)
+        self.max = torch.zeros(d, device=dev)
+        self.hist = torch.zeros(d, len(HIST_EDGES) - 1, dtype=torch.long, device=dev)
+        self.edges = HIST_EDGES.to(dev)
+        self.top = _Reservoir(d, cfg.n_top, cfg.window, dev)
+        self.sample = _Reservoir(d, cfg.n_samples, cfg.window, dev)
+        self.gen = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on any device
+
+    def update(self, z: torch.Tensor, batch, content: torch.Tensor, cfg: IndexConfig) -> None:
+        """z [B, T, d] activations; content [B, T] bool (real document tokens); `batch`'s
+        input_ids, doc_ids and token_index, z and content all on this statistics' device."""
+        B, T, d = z.shape
+        z = z * content[..., None].to(z.dtype)
+        flat = z.reshape(B * T, d)
+        tok, feat = flat.nonzero(as_tuple=True)  # sparse: tens of features per token
+        val = flat[tok, feat].float()
+        self.count += torch.bincount(feat, minlength=d)
+        self.total.index_add_(0, feat, val.double())
+        self.max = torch.maximum(self.max, torch.zeros_like(self.max).scatter_reduce(
+            0, feat, val, "amax"))
+        bins = (torch.bucketize(val, self.edges) - 1).clamp(0, self.hist.shape[1] - 1)
+        self.hist.view(-1).index_add_(0, feat * self.hist.shape[1] + bins,
+                                      torch.ones_like(bins))
+        self.top.offer(val, val, feat, tok, z, batch, cfg.window_left, cfg.window_right)
+        u = torch.rand(len(val), generator=self.gen).to(val.device)
+        self.sample.offer(u, val, feat, tok, z, batch, cfg.window_left, cfg.window_right)
+
+    def state(self) -> dict:
+        """CPU copies, so a checkpoint resumes on any device."""
+        return {"count": self.count.cpu(), "total": self.total.cpu(), "max": self.max.cpu(),
+                "hist": self.hist.cpu(), "top": self.top.state(), "sample": self.sample.state(),
+                "gen": self.gen.get_state()}
+
+    def to_cpu(self) -> None:
+        self.device = torch.device("cpu")
+        self.load(self.state())
+
+    def load(self, s: dict) -> None:
+        dev = self.device
+        self.count, self.total = s["count"].to(dev), s["total"].to(dev)
+        self.max, self.hist = s["max"].to(dev), s["hist"].to(dev)
+        self.top.load(s["top"], dev)
+        self.sample.load(s["sample"], dev)
+        self.gen.set_state(s["gen"])
+
+
+# --- the pass -------------------------------------------------------------------------------
+def _index_identity(pack, model, cfg: IndexConfig) -> dict:
+    return {"pack": pack_fingerprint(pack), "model": model.name, "config": cfg.identity()}
+
+
+def build_index(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = None, *,
+                force: bool = False, progress: bool = True,
+                stop_after_batches: int | None = None) -> "FeatureIndex":
+    """Run the model over `cfg.tokens` tokens once and index every feature of `pack`.
+
+    Resumes from RUN/index/.state when it holds the state of the same pack, model and settings;
+    refuses a state from another pack or corpus unless `force`.
+    """
+
+    cfg = cfg or IndexConfig()
+    pack.check_model(model)
+    root = Path(out) / INDEX_DIR
+    ident = _index_identity(pack, model, cfg)
+    manifest = root / INDEX_MANIFEST
+    if manifest.is_file() and not force:
+        old = json.loads(manifest.read_text())
+        if old.get("identity") == ident:
+
+            return open_index(out)
+        if old.get("identity", {}).get("pack") != ident["pack"]:
+            raise FeatureIndexError(f"{root} holds the index of a different pack; use another --out "
+                              f"or --force")
+    slots = sorted(pack.entries)
+    dev = model.device  # the bookkeeping runs where the codes are: no dense copy to the host
+    stats = {slot: _SlotStats(pack.entries[slot].d_sae, cfg, seed=cfg.seed * 1000 + i,
+                              device=dev)
+             for i, slot in enumerate(slots)}
+    unigram = [torch.zeros(model.vocab_size, dtype=torch.long)]
+
+    def on_batch(z, b, content):
+        on_dev = TokenBatch(*(t.to(dev) for t in (b.input_ids, b.attention_mask, b.doc_ids,
+                                                  b.token_index)))
+        content_dev = content.to(dev)
+        for slot, zs in z.items():
+            stats[slot].update(zs, on_dev, content_dev, cfg)
+        unigram[0] += torch.bincount(b.input_ids[content], minlength=model.vocab_size)
+
+    def get_state():
+        return {"unigram": unigram[0], "stats": {f"{L}/{p}": stats[(p, L)].state()
+                                                 for p, L in slots}}
+
+    def set_state(st):
+        unigram[0] = st["unigram"]
+        for p, L in slots:
+            stats[(p, L)].load(st["stats"][f"{L}/{p}"])
+
+    spec = ScanSpec(cfg.tokens, cfg.corpus, cfg.seed, cfg.batch_size, cfg.ctx_len,
+                    cfg.encoder_dtype, cfg.checkpoint_every_s)
+    try:
+        res = scan(model, pack, slots, spec, root / ".state" / "state.pt", ident, on_batch,
+                   get_state, set_state, force=force, progress=progress, desc="index",
+                   stop_after_batches=stop_after_batches, codes_on_device=True)
+    except ScanError as e:
+        raise FeatureIndexError(str(e)) from None
+    if dev.type != "cpu":
+        for st in stats.values():  # the table writer reads them as numpy arrays
+            st.to_cpu()
+    saes, unigram, tokens_done = res["saes"], unigram[0], res["tokens"]
+    t_start = time.time() - res["seconds"]
+
+    write_index(root, pack, model, saes, stats, unigram, cfg, ident, tokens_done,
+                time.time() - t_start, progress=progress)
+
+    return open_index(out)

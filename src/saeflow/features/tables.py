@@ -1,0 +1,344 @@
+"""Writing and querying the feature index (RUN/index/*.parquet), through DuckDB.
+
+    features.parquet  one row per (layer, position, feature): density, mean/max activation,
+                      histogram, logit lens, label, characteristic tokens, Neuronpedia link
+    examples.parquet  one row per (feature, kind, rank): kind 'top' (highest activations) or
+                      'sample' (uniform sample, with its activation quantile); token ids and
+                      the feature's activation on each token of the window
+    tokens.parquet    id -> text for every token id the other tables mention
+    index.json        manifest (identity: pack hash, model, settings), written last
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+from saeflow.errors import FeatureIndexError
+from saeflow.features.labels import auto_label, logit_lens, token_strings
+from saeflow.lm.model import residual_mapping
+from saeflow.store import write_json_atomic
+
+INDEX_DIR = "index"
+INDEX_MANIFEST = "index.json"
+INDEX_FORMAT = "saeflow-index"
+# Log-spaced histogram edges for nonzero activations: 1e-3 .. 1e4, 56 bins (ends clamp).
+HIST_EDGES = torch.logspace(-3, 4, 57)
+
+NEURONPEDIA = "https://www.neuronpedia.org"
+EXPLANATIONS = "explanations.parquet"  # see explain.py
+
+
+def neuronpedia_url(np_id: str | None, feature: int) -> str | None:
+    """'gemma-2-2b/12-gemmascope-res-16k' + feature -> the feature's Neuronpedia page."""
+    return f"{NEURONPEDIA}/{np_id}/{feature}" if np_id else None
+
+
+def _directions(pack, slot, sae, model) -> torch.Tensor:
+    W = sae.W_dec.float().cpu()  # [d_sae, d_in]
+    mapping = residual_mapping(model, *slot)  # attn_z, or a raw site under a post-norm
+    return W if mapping is None else W @ mapping.to(W.device)
+
+
+def _quantiles_from_hist(hist: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Where each activation falls in the feature's distribution (CDF from the histogram)."""
+    edges = HIST_EDGES.numpy()
+    cdf = np.cumsum(hist) / max(hist.sum(), 1)
+    b = np.clip(np.searchsorted(edges, values) - 1, 0, len(hist) - 1)
+    return cdf[b]
+
+
+def write_index(root: Path, pack, model, saes: dict, stats: dict, unigram: torch.Tensor, cfg,
+                ident: dict, tokens: int, seconds: float, progress: bool = True) -> None:
+    from tqdm.auto import tqdm
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = {name: root / f".{name}.parquet.tmp" for name in ("features", "examples", "tokens")}
+    needed_ids: set[int] = set()
+    freq = unigram.numpy()
+    writers = {}
+    slot_list = list(saes)
+    try:
+        # Pass 1: logit lens for every slot (ids only), to know which strings to decode.
+        lens = {}
+        for slot in tqdm(slot_list, desc="index: logit lens", disable=not progress, unit="sae"):
+            dirs = _directions(pack, slot, saes[slot], model)
+            lens[slot] = [t.numpy() for t in logit_lens(model, dirs, n=cfg.n_logits)]
+            needed_ids.update(np.unique(lens[slot][0]).tolist())
+            needed_ids.update(np.unique(lens[slot][2]).tolist())
+            for res in (stats[slot].top, stats[slot].sample):
+                needed_ids.update(np.unique(res.win_ids.numpy()).tolist())
+        strings = token_strings(model.tokenizer, needed_ids)
+        for slot in slot_list:
+            pos, L = slot
+            st = stats[slot]
+            d = st.count.shape[0]
+            count = st.count.numpy()
+            np_id = pack.entries[slot].extra.get("neuronpedia_id")
+            top_i, top_v, bot_i, bot_v = lens[slot]
+            c = cfg.window_left
+            labels, chars = [], []
+            tv = st.top.value.numpy()
+            tk = st.top.key.numpy()
+            centers = st.top.win_ids[:, :, c].numpy()
+            for f in range(d):
+                ok = np.isfinite(tk[f])
+                label, words = auto_label(centers[f][ok].tolist(), tv[f][ok].tolist(),
+                                          top_i[f].tolist(), strings, freq, tokens)
+                labels.append(label)
+                chars.append(words)
+            lens_type = pa.list_(pa.struct([("token", pa.string()), ("id", pa.int32()),
+                                            ("logit", pa.float32())]))
+
+            def lens_col(ids, vals):
+                return pa.array([[{"token": strings.get(int(i), ""), "id": int(i),
+                                   "logit": float(v)} for i, v in zip(r_i, r_v)]
+                                 for r_i, r_v in zip(ids, vals)], type=lens_type)
+
+            feats = pa.table({
+                "layer": pa.array(np.full(d, L, np.int16)),
+                "position": pa.array([pos] * d),
+                "feature": pa.array(np.arange(d, dtype=np.int32)),
+                "id": pa.array([f"{L}/{pos}/{f}" for f in range(d)]),
+                "count": pa.array(count),
+                "density": pa.array(count / max(tokens, 1)),
+                "mean_act": pa.array((st.total.numpy() / np.maximum(count, 1)).astype(np.float32)),
+                "max_act": pa.array(st.max.numpy()),
+                "hist": pa.array(list(st.hist.numpy().astype(np.int32)),
+                                 type=pa.list_(pa.int32())),
+                "label": pa.array(labels),
+                "top_tokens": pa.array(chars, type=pa.list_(pa.string())),
+                "logit_top": lens_col(top_i, top_v),
+                "logit_bottom": lens_col(bot_i, bot_v),
+                "neuronpedia": pa.array([neuronpedia_url(np_id, f) for f in range(d)],
+                                        type=pa.string()),
+            })
+            _append(writers, "features", tmp["features"], feats)
+            for kind, res in (("top", st.top), ("sample", st.sample)):
+                key = res.key.numpy()
+                f_idx, rank = np.nonzero(np.isfinite(key))
+                if kind == "sample":  # report samples in order of activation
+                    val = res.value.numpy()
+                    order = np.lexsort((-val[f_idx, rank], f_idx))
+                    f_idx, rank = f_idx[order], rank[order]
+                val = res.value.numpy()[f_idx, rank]
+                n = len(f_idx)
+                hist = st.hist.numpy()
+                q = np.array([_quantiles_from_hist(hist[f], np.array([v]))[0]
+                              for f, v in zip(f_idx, val)], np.float32) if n else np.zeros(0)
+                W = res.win_ids.shape[2]
+                ex = pa.table({
+                    "layer": pa.array(np.full(n, L, np.int16)),
+                    "position": pa.array([pos] * n),
+                    "feature": pa.array(f_idx.astype(np.int32)),
+                    "kind": pa.array([kind] * n),
+                    "rank": pa.array(_ranks(f_idx).astype(np.int16)),
+                    "activation": pa.array(val.astype(np.float32)),
+                    "quantile": pa.array(q),
+                    "doc_id": pa.array(res.doc.numpy()[f_idx, rank]),
+                    "token_index": pa.array(res.tok.numpy()[f_idx, rank]),
+                    "center": pa.array(np.full(n, c, np.int16)),
+                    "token_ids": pa.FixedSizeListArray.from_arrays(
+                        pa.array(res.win_ids.numpy()[f_idx, rank].ravel()), W),
+                    "acts": pa.FixedSizeListArray.from_arrays(
+                        pa.array(res.win_act.numpy()[f_idx, rank].astype(np.float32).ravel()), W),
+                })
+                _append(writers, "examples", tmp["examples"], ex)
+        ids = sorted(strings)
+        _append(writers, "tokens", tmp["tokens"], pa.table({
+            "id": pa.array(ids, pa.int32()), "text": pa.array([strings[i] for i in ids]),
+            "corpus_count": pa.array(freq[ids] if ids else np.zeros(0, np.int64))}))
+        for w in writers.values():
+            w.close()
+        writers.clear()
+        for name, path in tmp.items():
+            os.replace(path, root / f"{name}.parquet")
+    finally:
+        for w in writers.values():
+            w.close()
+        for path in tmp.values():
+            if path.exists():
+                path.unlink()
+    write_json_atomic(root / INDEX_MANIFEST, {
+        "format": INDEX_FORMAT, "identity": ident, "tokens": tokens, "seconds": round(seconds, 1),
+        "slots": {f"{L}/{p}": saes[(p, L)].d_sae for p, L in slot_list},
+        "hist_edges": HIST_EDGES.tolist(), "window": [cfg.window_left, cfg.window_right],
+        "pack_root": str(pack.root), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def _ranks(f_idx: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... within each run of equal feature ids."""
+    if len(f_idx) == 0:
+        return np.zeros(0, np.int64)
+    starts = np.r_[0, np.flatnonzero(np.diff(f_idx)) + 1]
+    lengths = np.diff(np.r_[starts, len(f_idx)])
+    return np.arange(len(f_idx)) - np.repeat(starts, lengths)
+
+
+def _append(writers: dict, name: str, path: Path, table: pa.Table) -> None:
+    if name not in writers:
+        writers[name] = pq.ParquetWriter(path, table.schema, compression="zstd")
+    writers[name].write_table(table)
+
+
+# --- reading and search ---------------------------------------------------------------------
+@dataclass
+class FeatureIndex:
+    root: Path  # RUN/index
+    manifest: dict
+
+    def _con(self):
+        import duckdb
+
+        con = duckdb.connect()
+        for name in ("features", "examples", "tokens"):
+            path = str(self.root / f"{name}.parquet").replace("'", "''")
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path}')")
+        expl = self.root / EXPLANATIONS  # optional: written by `saeflow explain`
+        if expl.is_file():
+            path = str(expl).replace("'", "''")
+            con.execute(f"CREATE VIEW explanations AS SELECT id, explanation "
+                        f"FROM read_parquet('{path}')")
+        else:
+            con.execute("CREATE VIEW explanations AS SELECT NULL::VARCHAR AS id, "
+                        "NULL::VARCHAR AS explanation WHERE false")
+        return con
+
+    def feature(self, layer: int, position: str, feature: int) -> dict:
+        """Everything about one feature: stats, label, logit lens, examples with token text."""
+        key = f"{layer}/{position}"
+        n = self.manifest["slots"].get(key)
+        if n is None:
+            raise FeatureIndexError(f"the index has no SAE at {position} layer {layer}")
+        if not 0 <= feature < n:
+            raise FeatureIndexError(f"feature {feature} is out of range for {key} (0..{n - 1})")
+        con = self._con()
+        row = con.execute("SELECT f.*, e.explanation FROM features f LEFT JOIN explanations e "
+                          "USING (id) WHERE layer=? AND position=? AND feature=?",
+                          [layer, position, feature])
+        row = _rows(row)[0]
+        ex = con.execute(
+            "SELECT kind, rank, activation, quantile, doc_id, token_index, center, token_ids, "
+            "acts FROM examples WHERE layer=? AND position=? AND feature=? ORDER BY kind, rank",
+            [layer, position, feature])
+        ex = _rows(ex)
+        ids = sorted({i for e in ex for i in e["token_ids"] if i >= 0})
+        text = dict(con.execute("SELECT id, text FROM tokens WHERE list_contains(?, id)",
+                                [ids]).fetchall()) if ids else {}
+        for e in ex:
+            e["tokens"] = [text.get(i, "") if i >= 0 else None for i in e["token_ids"]]
+        row["examples"] = [e for e in ex if e["kind"] == "top"]
+        row["samples"] = [e for e in ex if e["kind"] == "sample"]
+        row["hist_edges"] = self.manifest["hist_edges"]
+        return row
+
+    def slot_features(self, layer: int, position: str) -> list[dict]:
+        """feature() for every feature of one SAE, in two queries (exports read whole SAEs)."""
+        if f"{layer}/{position}" not in self.manifest["slots"]:
+            raise FeatureIndexError(f"the index has no SAE at {position} layer {layer}")
+        con = self._con()
+        rows = _rows(con.execute(
+            "SELECT f.*, e.explanation FROM features f LEFT JOIN explanations e USING (id) "
+            "WHERE layer=? AND position=? ORDER BY feature", [layer, position]))
+        ex = _rows(con.execute(
+            "SELECT feature, kind, rank, activation, quantile, center, token_ids, acts "
+            "FROM examples WHERE layer=? AND position=? ORDER BY feature, kind, rank",
+            [layer, position]))
+        ids = sorted({i for e in ex for i in e["token_ids"] if i >= 0})
+        text = dict(con.execute("SELECT id, text FROM tokens WHERE list_contains(?, id)",
+                                [ids]).fetchall()) if ids else {}
+        by_feature: dict[int, dict] = {r["feature"]: {**r, "examples": [], "samples": []}
+                                       for r in rows}
+        for e in ex:
+            e["tokens"] = [text.get(i, "") if i >= 0 else None for i in e["token_ids"]]
+            by_feature[e["feature"]]["examples" if e["kind"] == "top" else "samples"].append(e)
+        return [by_feature[f] for f in sorted(by_feature)]
+
+    def labels(self, ids: list[str]) -> dict[str, dict]:
+        """{feature id: {"label", "explanation"}} for the ids this index holds."""
+        if not ids:
+            return {}
+        rows = self._con().execute(
+            "SELECT f.id, f.label, e.explanation FROM features f LEFT JOIN explanations e "
+            "USING (id) WHERE list_contains(?, f.id)", [list(ids)]).fetchall()
+        return {i: {"label": lab, "explanation": ex} for i, lab, ex in rows}
+
+    def search(self, query: str, limit: int = 20) -> list[dict]:
+        """Features whose label or top contexts contain `query` (case-insensitive), best first.
+
+        score = 3 * (label contains it) + 3 * (the LLM explanation, if any, contains it)
+        + 2 * (share of top examples whose activating token is it) + (share of top examples whose
+        window contains it).
+        """
+        q = query.strip().lower()
+        if not q:
+            raise FeatureIndexError("give a word or phrase to search for")
+        con = self._con()
+        sql = """
+        WITH hit_tokens AS (SELECT id FROM tokens WHERE lower(trim(text)) = ?),
+        ex AS (
+          SELECT layer, position, feature,
+                 avg(CASE WHEN token_ids[center + 1] IN (SELECT id FROM hit_tokens) THEN 1 ELSE 0 END) AS center_share,
+                 avg(CASE WHEN len(list_intersect(token_ids, (SELECT list(id) FROM hit_tokens))) > 0 THEN 1 ELSE 0 END) AS window_share
+          FROM examples WHERE kind = 'top' GROUP BY layer, position, feature
+        )
+        SELECT f.id, f.layer, f.position, f.feature, f.label, e.explanation, f.density,
+               f.neuronpedia,
+               (CASE WHEN lower(f.label) LIKE '%' || ? || '%' THEN 3 ELSE 0 END)
+               + (CASE WHEN lower(coalesce(e.explanation, '')) LIKE '%' || ? || '%' THEN 3 ELSE 0 END)
+               + 2 * coalesce(ex.center_share, 0) + coalesce(ex.window_share, 0) AS score,
+               coalesce(ex.center_share, 0) AS center_share
+        FROM features f LEFT JOIN ex USING (layer, position, feature)
+        LEFT JOIN explanations e ON e.id = f.id
+        WHERE lower(f.label) LIKE '%' || ? || '%' OR ex.window_share > 0
+           OR lower(coalesce(e.explanation, '')) LIKE '%' || ? || '%'
+        ORDER BY score DESC, f.density DESC, f.id LIMIT ?
+        """
+        return _rows(con.execute(sql, [q, q, q, q, q, limit]))
+
+
+def _rows(cursor) -> list[dict]:
+    cols = [d[0] for d in cursor.description]
+    return [dict(zip(cols, r)) for r in cursor.fetchall()]
+
+
+def open_index(run: str | os.PathLike) -> FeatureIndex:
+    root = Path(run) / INDEX_DIR
+    mf = root / INDEX_MANIFEST
+    if not mf.is_file():
+        raise FeatureIndexError(f"{Path(run)} has no feature index; run `saeflow index PACK --out {run}`")
+    manifest = json.loads(mf.read_text())
+    if manifest.get("format") != INDEX_FORMAT:
+        raise FeatureIndexError(f"{mf} is not a saeflow index manifest")
+    return FeatureIndex(root, manifest)
+
+
+
+# --- export ---------------------------------------------------------------------------------
+def add_labels(G: "nx.DiGraph", run_dir: str | Path) -> int:
+    """Give each node its label (and LLM explanation) from the feature index in `run_dir`, when
+    there is one built from the same pack as the flow. Returns how many nodes got a label."""
+    try:
+        index = open_index(run_dir)
+    except ValueError:
+        return 0
+    flow_pack = G.graph.get("pack")
+    if flow_pack and index.manifest.get("identity", {}).get("pack") not in (None, flow_pack):
+        return 0  # an index of another pack: its feature numbers mean other features
+    found = index.labels(list(G.nodes))
+    for nid, info in found.items():
+        for key in ("label", "explanation"):
+            if info.get(key):
+                G.nodes[nid][key] = info[key]
+    return sum(1 for n in G if G.nodes[n].get("label"))

@@ -1,0 +1,307 @@
+"""Flow graphs (appendix B.2): trace one feature backward and forward through depth, and export.
+
+From a seed at R_L, one layer at a time:
+  - backward: follow the top-1 residual predecessor while its similarity is >= t_res;
+  - forward: follow the top-1 residual successor while its similarity is >= t_res;
+  - at every residual node on the chain, attach its MLP and attention predecessors (the best
+    `mod_k`) whose similarity is >= t_mod.
+Edges point downstream (predecessor -> successor) and carry the similarity.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from saeflow.errors import FlowError
+from saeflow.flow.predecessors import FlowRun
+from saeflow.ids import feature_id, parse_feature
+from saeflow.store import write_json_atomic
+
+LANES = {"attn_out": 1.0, "attn_z": 1.0, "attn_raw": 1.0, "resid_post": 0.0, "resid_pre": 0.0,
+         "mlp_out": -1.0, "mlp_raw": -1.0}
+KIND_POSITIONS = {"res": ("resid_post", "resid_pre"), "mlp": ("mlp_out", "mlp_raw"),
+                  "attn": ("attn_out", "attn_z", "attn_raw")}
+
+
+def _padded(col: pa.ChunkedArray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """list<struct<feature, similarity>> -> (indices [n, k] with -1, values [n, k] with nan)."""
+    arr = col.combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy()
+    k = int(lengths.max()) if n else 0
+    idx = np.full((n, max(k, 1)), -1, np.int64)
+    val = np.full((n, max(k, 1)), np.nan, np.float32)
+    flat = pc.list_flatten(arr)
+    f = flat.field("feature").to_numpy(zero_copy_only=False)
+    v = flat.field("similarity").to_numpy(zero_copy_only=False)
+    rows = np.repeat(np.arange(n), lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if n else np.zeros(0, int)
+    cols = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+    idx[rows, cols], val[rows, cols] = f, v
+    return idx, val
+
+
+def _blocks(table: pa.Table, key: np.ndarray):
+    """(key value, sub-table) for each run of equal keys (the tables are written slot by slot)."""
+    cuts = [0, *(np.flatnonzero(np.diff(key)) + 1).tolist(), len(key)]
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        if b > a:
+            yield key[a], table.slice(a, b - a)
+
+
+@dataclass
+class _Slot:
+    top_i: dict  # kind -> [n, k] int64 (-1 missing)
+    top_v: dict  # kind -> [n, k] float32 (nan missing)
+    cls: np.ndarray | None = None
+
+
+class FlowIndex:
+    """Per-slot numpy arrays of a FlowRun, for fast tracing."""
+
+    def __init__(self, run: FlowRun):
+        self.run = run
+        self.pred: dict[int, _Slot] = {}
+        t = run.table("predecessors")
+        for L, sel in _blocks(t, t.column("layer").to_numpy()):
+            n = sel.num_rows
+            top_i, top_v = {}, {}
+            for kind in ("res", "mlp", "attn"):
+                top_i[kind], top_v[kind] = _padded(sel.column(f"top_{kind}"), n)
+            self.pred[int(L)] = _Slot(top_i, top_v,
+                                      np.asarray(sel.column("class").to_pylist(), dtype=object))
+        self.succ: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, int | None]] = {}
+        s = run.table("successors")
+        names = pc.dictionary_encode(s.column("position").combine_chunks())
+        key = names.indices.to_numpy().astype(np.int64) * 100_000 + s.column("layer").to_numpy()
+        for _, sel in _blocks(s, key):
+            pos, L = sel.column("position")[0].as_py(), sel.column("layer")[0].as_py()
+            i, v = _padded(sel.column("top_next"), sel.num_rows)
+            self.succ[(pos, L)] = (i, v, sel.column("next_layer")[0].as_py())
+        self.pred_slots = {int(L): v for L, v in run.manifest["predecessor_slots"].items()}
+
+    def predecessor(self, layer: int, feature: int, kind: str, rank: int = 0):
+        """(slot position, slot layer, index, similarity) or None."""
+        slot = self.pred_slots.get(layer, {}).get(kind)
+        if slot is None:
+            return None
+        i = self.pred[layer].top_i[kind][feature]
+        v = self.pred[layer].top_v[kind][feature]
+        if rank >= len(i) or i[rank] < 0:
+            return None
+        L, pos = slot.split("/")
+        return pos, int(L), int(i[rank]), float(v[rank])
+
+    def successor(self, position: str, layer: int, feature: int):
+        """(next layer, index, similarity) or None."""
+        entry = self.succ.get((position, layer))
+        if entry is None or entry[2] is None:
+            return None
+        i, v, nl = entry
+        if i[feature, 0] < 0:
+            return None
+        return nl, int(i[feature, 0]), float(v[feature, 0])
+
+
+def trace(run: FlowRun | FlowIndex, seed: str, t_res: float = 0.5, t_mod: float = 0.15,
+          mod_k: int = 1, direction: str = "both", max_steps: int | None = None) -> nx.DiGraph:
+    """The flow graph of `seed` ('12/resid_post/4230'). Thresholds are inclusive (s >= t)."""
+    index = run if isinstance(run, FlowIndex) else FlowIndex(run)
+    run = index.run
+    if direction not in ("both", "backward", "forward"):
+        raise FlowError("direction must be both, backward or forward")
+    if mod_k < 1:
+        raise FlowError("mod_k must be >= 1")
+    L, pos, f = parse_feature(seed)
+    run.check_feature(L, pos, f)
+    G = nx.DiGraph(seed=feature_id(L, pos, f), t_res=t_res, t_mod=t_mod, mod_k=mod_k,
+                   pack=run.manifest["pack"]["fingerprint"])
+
+    def node(layer, position, feature, score, role):
+        nid = feature_id(layer, position, feature)
+        if nid not in G:
+            cls = None
+            if position == "resid_post" and layer in index.pred:
+                cls = str(index.pred[layer].cls[feature])
+            G.add_node(nid, layer=layer, position=position, feature=feature,
+                       score=float(score), role=role, **({"class": cls} if cls else {}))
+        return nid
+
+    def modules(layer, feature, target):
+        for kind in ("mlp", "attn"):
+            for rank in range(mod_k):
+                p = index.predecessor(layer, feature, kind, rank)
+                if p is None or not p[3] >= t_mod:
+                    break
+                src = node(p[1], p[0], p[2], p[3], kind)
+                G.add_edge(src, target, similarity=p[3], kind=kind)
+
+    seed_id = node(L, pos, f, 1.0, "seed")
+    if pos != "resid_post":  # enter the residual chain through the seed's successor
+        s = index.successor(pos, L, f)
+        if s is None or not s[2] >= (t_mod if pos != "resid_pre" else t_res):
+            return G
+        L, f = s[0], s[1]
+        G.add_edge(seed_id, node(L, "resid_post", f, s[2], "res"), similarity=s[2], kind="seed")
+    start = (L, f)
+    steps = max_steps if max_steps is not None else len(run.layers) + 1
+    if direction in ("both", "backward"):
+        cur_L, cur_f = start
+        for _ in range(steps):
+            here = feature_id(cur_L, "resid_post", cur_f)
+            modules(cur_L, cur_f, here)
+            p = index.predecessor(cur_L, cur_f, "res")
+            if p is None or not p[3] >= t_res:
+                break
+            G.add_edge(node(p[1], p[0], p[2], p[3], "res"), here, similarity=p[3], kind="res")
+            if p[0] != "resid_post" or p[1] not in index.pred:
+                break
+            cur_L, cur_f = p[1], p[2]
+    if direction in ("both", "forward"):
+        cur_L, cur_f = start
+        if direction == "forward":
+            modules(cur_L, cur_f, feature_id(cur_L, "resid_post", cur_f))
+        for _ in range(steps):
+            s = index.successor("resid_post", cur_L, cur_f)
+            if s is None or not s[2] >= t_res:
+                break
+            here = feature_id(cur_L, "resid_post", cur_f)
+            nxt = node(s[0], "resid_post", s[1], s[2], "res")
+            G.add_edge(here, nxt, similarity=s[2], kind="res")
+            cur_L, cur_f = s[0], s[1]
+            modules(cur_L, cur_f, nxt)
+    return G
+
+
+def persistence(run: FlowRun | FlowIndex, t_res: float = 0.5) -> dict[int, np.ndarray]:
+    """For each layer L: [n_features] how many further layers each R_L feature's top-1 forward
+    chain stays at or above t_res (0 = its best successor is already below)."""
+    index = run if isinstance(run, FlowIndex) else FlowIndex(run)
+    layers = sorted(index.pred)
+    out: dict[int, np.ndarray] = {}
+    for L in reversed(layers):
+        n = len(index.pred[L].cls)
+        entry = index.succ.get(("resid_post", L))
+        if entry is None or entry[2] is None or entry[2] not in out:
+            out[L] = np.zeros(n, np.int32)
+            continue
+        i, v, nl = entry
+        ok = (i[:, 0] >= 0) & (v[:, 0] >= t_res)
+        length = np.zeros(n, np.int32)
+        length[ok] = 1 + out[nl][i[ok, 0]]
+        out[L] = length
+    return {L: out[L] for L in layers}
+
+
+def node_link(G: nx.DiGraph) -> dict:
+    """{'directed', 'seed', 'thresholds', 'nodes': [{id, layer, position, feature, score, ...}],
+    'links': [{source, target, similarity, kind}]}"""
+    nodes = [{"id": n, **G.nodes[n]} for n in sorted(G, key=lambda n: (G.nodes[n]["layer"],
+                                                                       -LANES[G.nodes[n]["position"]],
+                                                                       G.nodes[n]["feature"]))]
+    links = [{"source": u, "target": v, **d} for u, v, d in G.edges(data=True)]
+    return {"directed": True, "seed": G.graph.get("seed"),
+            "thresholds": {"t_res": G.graph.get("t_res"), "t_mod": G.graph.get("t_mod"),
+                           "mod_k": G.graph.get("mod_k")},
+            "nodes": nodes, "links": links}
+
+
+def write_graph(G: nx.DiGraph, out_dir: str | Path, formats=("json", "graphml", "svg", "png"),
+                title: str | None = None) -> dict[str, Path]:
+    """graph.json (node-link), graph.graphml, graph.svg / graph.png (layered picture)."""
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    if "json" in formats:
+        write_json_atomic(out_dir / "graph.json", node_link(G))
+        written["json"] = out_dir / "graph.json"
+    if "graphml" in formats:
+        H = nx.DiGraph()
+        H.add_nodes_from((n, {k: v for k, v in d.items() if v is not None})
+                         for n, d in G.nodes(data=True))
+        H.add_edges_from(G.edges(data=True))
+        H.graph.update({k: v for k, v in G.graph.items() if v is not None})
+        tmp = out_dir / ".graph.graphml.tmp"
+        nx.write_graphml(H, tmp)
+        tmp.replace(out_dir / "graph.graphml")
+        written["graphml"] = out_dir / "graph.graphml"
+    pics = [f for f in ("svg", "png") if f in formats]
+    if pics:
+        written.update(draw_graph(G, out_dir, pics, title=title))
+    return written
+
+
+POSITION_COLORS = {"resid_post": "#4c72b0", "resid_pre": "#4c72b0", "mlp_out": "#dd8452",
+                   "attn_out": "#55a868", "attn_z": "#55a868", "mlp_raw": "#dd8452",
+                   "attn_raw": "#55a868"}
+
+
+def draw_graph(G: nx.DiGraph, out_dir: Path, formats=("svg", "png"),
+               title: str | None = None) -> dict[str, Path]:
+    """Layers on x, lanes (attention / residual / MLP) on y, edge width grows with similarity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pos = {}
+    stacks: dict[tuple[int, float], int] = {}
+    for n, d in sorted(G.nodes(data=True), key=lambda x: x[1]["feature"]):
+        lane = LANES[d["position"]]
+        j = stacks.get((d["layer"], lane), 0)
+        stacks[(d["layer"], lane)] = j + 1
+        pos[n] = (d["layer"], lane + 0.28 * j * (1 if lane >= 0 else -1))
+    layers = [d["layer"] for _, d in G.nodes(data=True)] or [0]
+    width = max(6.0, 0.9 * (max(layers) - min(layers) + 2))
+    fig, ax = plt.subplots(figsize=(width, 4.2))
+    for u, v, d in G.edges(data=True):
+        (x0, y0), (x1, y1) = pos[u], pos[v]
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
+                    arrowprops=dict(arrowstyle="-|>", lw=0.5 + 4.0 * max(d["similarity"], 0),
+                                    color="#555555", alpha=0.75, shrinkA=9, shrinkB=9))
+        ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.06, f"{d['similarity']:.2f}", fontsize=6,
+                ha="center", color="#333333")
+    for n, d in G.nodes(data=True):
+        x, y = pos[n]
+        seed = n == G.graph.get("seed")
+        ax.scatter([x], [y], s=260 if seed else 160, color=POSITION_COLORS[d["position"]],
+                   edgecolors="black" if seed else "white", linewidths=2 if seed else 1, zorder=3)
+        label = str(d["feature"])
+        if d.get("label"):  # the activating tokens only (before " → "), short, so layers don't collide
+            label += f"\n{d['label'].split(' → ')[0][:16]}"
+        # Alternate the label height by layer so neighbours' labels do not overlap.
+        ax.text(x, y - 0.2 - 0.16 * (d["layer"] % 2), label, fontsize=7, ha="center", va="top")
+    ax.set_yticks([1, 0, -1], ["attention", "residual", "MLP"])
+    ax.set_xlabel("layer")
+    ax.set_xticks(sorted(set(layers)))
+    ax.set_ylim(-1.8, 1.8)
+    ax.set_xlim(min(layers) - 0.7, max(layers) + 0.7)
+    ax.set_title(title or f"flow graph of {G.graph.get('seed')}  (t_res={G.graph.get('t_res')}, "
+                          f"t_mod={G.graph.get('t_mod')})", fontsize=9)
+    ax.grid(axis="x", alpha=0.2)
+    fig.tight_layout()
+    written = {}
+    for f in formats:
+        path = Path(out_dir) / f"graph.{f}"
+        fig.savefig(path, dpi=150 if f == "png" else None)
+        written[f] = path
+    plt.close(fig)
+    return written
+
+
+def load_graph(path: str | Path) -> nx.DiGraph:
+    """Read a graph.json written by write_graph back into networkx."""
+    data = json.loads(Path(path).read_text())
+    G = nx.DiGraph(seed=data.get("seed"), **(data.get("thresholds") or {}))
+    for n in data["nodes"]:
+        G.add_node(n["id"], **{k: v for k, v in n.items() if k != "id"})
+    for e in data["links"]:
+        G.add_edge(e["source"], e["target"], **{k: v for k, v in e.items()
+                                                if k not in ("source", "target")})
+    return G

@@ -1,0 +1,139 @@
+"""Figures of a flow run: class proportions per layer, similarity histograms, persistence.
+
+Each figure is written twice: a PNG (matplotlib) for papers and reports, and an interactive HTML
+(plotly) that loads plotly.js from a file written beside it by plotly itself (offline).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from saeflow.flow.graphs import persistence
+from saeflow.flow.predecessors import FlowRun
+from saeflow.ids import CLASSES, PRED_KINDS
+
+CLASS_COLORS = {"translated": "#4c72b0", "processed": "#8172b3", "newborn": "#dd8452",
+                "unexplained": "#bbbbbb"}
+KIND_NAMES = {"res": "residual (R_{L-1})", "mlp": "MLP (M_L)", "attn": "attention (A_L)"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _write_html(fig, path: Path) -> None:
+    fig.write_html(str(path), include_plotlyjs="directory", full_html=True)
+
+
+def class_proportions(run: FlowRun) -> tuple[list[int], dict[str, np.ndarray]]:
+    counts = run.class_counts()
+    layers = sorted(counts)
+    totals = np.array([max(sum(counts[L].values()), 1) for L in layers], float)
+    return layers, {c: np.array([counts[L][c] for L in layers]) / totals for c in CLASSES}
+
+
+def similarity_histograms(run: FlowRun, bins: np.ndarray) -> dict[str, np.ndarray]:
+    """kind -> [n_layers, n_bins] fraction of features per top-1 similarity bin."""
+    t = run.table("predecessors")
+    layers = t.column("layer").to_numpy()
+    out = {}
+    for kind in PRED_KINDS:
+        s = t.column(f"s_{kind}").to_numpy(zero_copy_only=False).astype(float)
+        rows = []
+        for L in run.layers:
+            v = s[(layers == L) & ~np.isnan(s)]
+            h = np.histogram(v, bins=bins)[0].astype(float)
+            rows.append(h / max(len(v), 1))
+        out[kind] = np.array(rows)
+    return out
+
+
+def write_flow_plots(run: FlowRun, out_dir: str | Path, t_res: float = 0.5) -> list[Path]:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    plt = _plt()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    # 1. class proportions per layer (the paper's main figure)
+    layers, props = class_proportions(run)
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(layers) + 2), 3.8))
+    bottom = np.zeros(len(layers))
+    for c in CLASSES:
+        ax.bar(layers, props[c], bottom=bottom, color=CLASS_COLORS[c], label=c, width=0.85)
+        bottom += props[c]
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of residual features")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(layers)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=4, frameon=False)
+    ax.set_title("Feature classes per layer (data-free flow)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "class_proportions.png", dpi=150)
+    plt.close(fig)
+    pf = go.Figure([go.Bar(x=layers, y=props[c], name=c, marker_color=CLASS_COLORS[c])
+                    for c in CLASSES])
+    pf.update_layout(barmode="stack", title="Feature classes per layer", xaxis_title="layer",
+                     yaxis_title="share of residual features", yaxis_range=[0, 1])
+    _write_html(pf, out_dir / "class_proportions.html")
+    written += [out_dir / "class_proportions.png", out_dir / "class_proportions.html"]
+
+    # 2. top-1 similarity histograms per layer, with the class thresholds
+    bins = np.linspace(-0.2, 1.0, 61)
+    hists = similarity_histograms(run, bins)
+    kinds = [k for k in PRED_KINDS if hists[k].sum() > 0]
+    thr = run.thresholds["layers"]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.8), squeeze=False)
+    pf = make_subplots(rows=1, cols=len(kinds), subplot_titles=[KIND_NAMES[k] for k in kinds])
+    for j, kind in enumerate(kinds):
+        ax = axes[0, j]
+        ax.imshow(hists[kind], aspect="auto", origin="lower", cmap="viridis",
+                  extent=[bins[0], bins[-1], layers[0] - 0.5, layers[-1] + 0.5])
+        tx = [thr[str(L)][kind]["value"] if kind in thr[str(L)] else np.nan for L in layers]
+        ax.plot(tx, layers, "w--", lw=1, label="threshold")
+        ax.set_title(f"s_{kind}: {KIND_NAMES[kind]}", fontsize=9)
+        ax.set_xlabel("top-1 similarity")
+        ax.set_ylabel("layer")
+        pf.add_trace(go.Heatmap(z=hists[kind], x=(bins[:-1] + bins[1:]) / 2, y=layers,
+                                coloraxis="coloraxis"), row=1, col=j + 1)
+        pf.add_trace(go.Scatter(x=tx, y=layers, mode="lines", line=dict(color="white", dash="dash"),
+                                name=f"threshold {kind}"), row=1, col=j + 1)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "similarity_histograms.png", dpi=150)
+    plt.close(fig)
+    pf.update_layout(title="Top-1 predecessor similarity per layer (fraction of features)",
+                     coloraxis=dict(colorscale="Viridis"))
+    _write_html(pf, out_dir / "similarity_histograms.html")
+    written += [out_dir / "similarity_histograms.png", out_dir / "similarity_histograms.html"]
+
+    # 3. persistence: how many layers a top-1 residual chain survives at >= t_res
+    pers = persistence(run, t_res=t_res)
+    max_len = max(1, max(int(v.max()) if len(v) else 0 for v in pers.values()))
+    grid = np.array([np.bincount(pers[L], minlength=max_len + 1)[:max_len + 1] / max(len(pers[L]), 1)
+                     for L in layers])
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * max_len + 3), 3.8))
+    im = ax.imshow(grid, aspect="auto", origin="lower", cmap="magma",
+                   extent=[-0.5, max_len + 0.5, layers[0] - 0.5, layers[-1] + 0.5])
+    fig.colorbar(im, ax=ax, label="share of features")
+    ax.set_xlabel(f"layers the top-1 chain survives (s_res >= {t_res})")
+    ax.set_ylabel("starting layer")
+    ax.set_title("Persistence of residual features")
+    fig.tight_layout()
+    fig.savefig(out_dir / "persistence.png", dpi=150)
+    plt.close(fig)
+    pf = go.Figure(go.Heatmap(z=grid, x=list(range(max_len + 1)), y=layers, colorscale="Magma",
+                              colorbar=dict(title="share")))
+    pf.update_layout(title=f"Persistence: layers a top-1 chain survives at s_res >= {t_res}",
+                     xaxis_title="layers survived", yaxis_title="starting layer")
+    _write_html(pf, out_dir / "persistence.html")
+    written += [out_dir / "persistence.png", out_dir / "persistence.html"]
+    return written

@@ -1,0 +1,331 @@
+"""`saeflow run`: the main job end to end, as resumable stages over one RUN directory.
+
+    pack -> eval -> flow -> index -> stats -> validate -> sweep -> report   (then `serve`)
+
+Each stage writes its outputs under RUN and is recorded in RUN/pipeline.json with its settings
+and wall time. A second run skips the stages whose settings are unchanged; `only` / `skip`
+choose stages and `force` reruns them. The stages themselves resume after a kill (the index and
+statistics passes checkpoint; the pack training checkpoints), so Ctrl-C is always safe.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from saeflow.errors import PipelineError
+from saeflow.evolution.analyses import write_evolution_outputs
+from saeflow.evolution.stats import StatsConfig, run_stats
+from saeflow.features.index import IndexConfig, build_index
+from saeflow.flow.plots import write_flow_plots
+from saeflow.flow.predecessors import run_flow
+from saeflow.lm.model import MAPPED_POSITIONS, load_model
+from saeflow.pipeline.report import write_report
+from saeflow.saes.evaluate import evaluate_pack
+from saeflow.saes.hub import fetch
+from saeflow.saes.liveness import firing_pass
+from saeflow.saes.packs import load_pack
+from saeflow.saes.recipes import EMBEDDED_NAMES, embedded_pack_dir, ensure_embedded_pack
+from saeflow.saes.recipes import PROFILES as PACK_PROFILES
+from saeflow.steering.scores import topic_classifier
+from saeflow.steering.sweep import run_sweep, sweep_profile
+from saeflow.steering.validate import ValidateConfig, run_validation, write_r_sweep
+from saeflow.store import write_json_atomic
+
+STAGES = ("pack", "eval", "flow", "index", "stats", "validate", "sweep", "report")
+PIPELINE_FILE = "pipeline.json"
+
+
+@dataclass
+class PipelineConfig:
+    model: str = "embedded"
+    pack: str = "embedded"  # embedded / embedded-quick, a pack folder, or a hub release name
+    corpus: str = "wiki=0.8,python=0.2"
+    eval_tokens: int = 4096
+    ce_tokens: int = 512
+    index_tokens: int = 40_000
+    stats_tokens: int = 40_000
+    validate_texts: int = 6
+    # `saeflow validate --ci 0.05` adds texts until each headline rate is known to +-5 points
+    # (14 texts on the quick pack, docs/benchmarks.md); the demo keeps a fixed, cheap sample.
+    validate_ci: float | None = None
+    validate_max_texts: int = 60
+    validate_r_graphs: int = 2
+    sweep_themes: list[str] = field(default_factory=lambda: ["religion", "biology"])
+    sweep_strengths: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    sweep_seeds: list[int] = field(default_factory=lambda: [0])
+    sweep_n: int = 4
+    sweep_max_layers: int = 2
+    # The paper's deactivation experiment (sweep profile paper-demo): r values, samples, layers.
+    paper_strengths: list[float] = field(default_factory=lambda: [0.0, -8.0])
+    paper_n: int = 8
+    paper_max_layers: int = 1
+    classifier_docs: int = 2000
+    firing_tokens: int = 16_384  # the firing pass that flags dead and rare latents for the flow
+    keep_dead: bool = False
+    device: str | None = None
+
+    def stage_settings(self, stage: str) -> dict:
+        """What a stage's outputs depend on (a change reruns it)."""
+        common = {"model": self.model, "pack": self.pack}
+        extra = {"pack": {}, "flow": {"firing_tokens": self.firing_tokens,
+                                      "keep_dead": self.keep_dead}, "report": {},
+                 "eval": {"tokens": self.eval_tokens, "ce_tokens": self.ce_tokens,
+                          "corpus": self.corpus},
+                 "index": {"tokens": self.index_tokens, "corpus": self.corpus},
+                 "stats": {"tokens": self.stats_tokens, "corpus": self.corpus},
+                 "validate": {"texts": self.validate_texts, "r_graphs": self.validate_r_graphs,
+                              "ci": self.validate_ci, "max_texts": self.validate_max_texts,
+                              "corpus": self.corpus, "version": 2},
+                 "sweep": {"themes": self.sweep_themes, "strengths": self.sweep_strengths,
+                           "seeds": self.sweep_seeds, "n": self.sweep_n,
+                           "max_layers": self.sweep_max_layers,
+                           "paper": [self.paper_strengths, self.paper_n, self.paper_max_layers],
+                           "classifier_docs": self.classifier_docs, "version": 2}}[stage]
+        return {**common, **extra}
+
+
+# Budgets measured on 2 CPU cores (docs/benchmarks.md); a GPU is much faster. QUICK trades
+# statistical power for time, never correctness: every stage still runs for real.
+PROFILES = {
+    "default": PipelineConfig(),
+    "quick": PipelineConfig(pack="embedded-quick", eval_tokens=512, ce_tokens=128,
+                            index_tokens=8_000, stats_tokens=8_000, validate_texts=2,
+                            validate_ci=None, validate_r_graphs=1, sweep_themes=["religion"],
+                            sweep_strengths=[2.0], sweep_n=4, sweep_max_layers=1,
+                            paper_strengths=[0.0, -8.0], paper_n=4, paper_max_layers=1,
+                            firing_tokens=8_192, classifier_docs=800),
+}
+
+# Rough seconds per unit on 2 CPU cores, for the time-left estimates printed between stages.
+RATES = {"pack": 1 / 350, "eval": 1 / 25, "flow": 40, "index": 1 / 150, "stats": 1 / 150,
+         "validate": 45, "sweep": 1, "report": 20}
+
+
+def estimate_seconds(cfg: PipelineConfig, stage: str, cached_pack: bool) -> float:
+    if stage == "pack":
+        if cached_pack or cfg.pack not in EMBEDDED_NAMES:
+            return 10
+        return PACK_PROFILES[EMBEDDED_NAMES[cfg.pack]].tokens * RATES["pack"]
+    if stage == "eval":
+        return 30 + (cfg.eval_tokens + cfg.ce_tokens) * RATES["eval"]
+    if stage == "index":
+        return 30 + cfg.index_tokens * RATES["index"]
+    if stage == "stats":
+        return 30 + cfg.stats_tokens * RATES["stats"]
+    if stage == "validate":
+        texts = cfg.validate_max_texts if cfg.validate_ci else cfg.validate_texts
+        return 60 + texts * RATES["validate"]
+    if stage == "sweep":
+        n_gen = len(cfg.sweep_themes) * len(cfg.sweep_strengths) * len(cfg.sweep_seeds) * \
+            (1 + 4 * cfg.sweep_max_layers)
+        n_paper = len(cfg.paper_strengths) * 2 * cfg.paper_max_layers + 1
+        return 120 + n_gen * cfg.sweep_n * 0.5 + n_paper * cfg.paper_n * 1.5
+    return RATES[stage]
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("saeflow", "torch", "transformers", "safetensors", "numpy", "duckdb", "plotly",
+                "fastapi", "sentence-transformers", "scikit-learn"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    try:
+        import torch
+
+        out["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
+            f"cpu ({torch.get_num_threads()} threads)"
+    except Exception:  # noqa: BLE001 - versions are informative only
+        pass
+    return out
+
+
+class Pipeline:
+    def __init__(self, out: str | Path, cfg: PipelineConfig, progress: bool = True):
+        self.root = Path(out)
+        self.cfg = cfg
+        self.progress = progress
+        self._model = None
+        self._pack = None
+        self._force = False  # the current stage starts over (changed settings or --force)
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / PIPELINE_FILE
+        self.state = json.loads(path.read_text()) if path.is_file() else {
+            "format": "saeflow-pipeline", "stages": {}, "commands": []}
+
+    # --- shared resources --------------------------------------------------------------
+    @property
+    def model(self):
+        if self._model is None:
+
+            self._model = load_model(self.cfg.model, device=self.cfg.device)
+        return self._model
+
+    @property
+    def pack(self):
+        if self._pack is None:
+            self._pack = self._open_pack()
+        return self._pack
+
+    def _open_pack(self):
+        spec = self.cfg.pack
+        if spec in EMBEDDED_NAMES:
+            if self.cfg.model not in ("embedded", "gemma-3-270m"):
+                raise PipelineError(f"the {spec} pack belongs to the embedded model; give "
+                                    f"--pack for {self.cfg.model}")
+            return ensure_embedded_pack(EMBEDDED_NAMES[spec], model=self.model,
+                                        progress=self.progress)
+        if Path(spec).exists():
+
+            return load_pack(spec)
+
+        return fetch(spec, out=self.root / "pack")
+
+    # --- bookkeeping -------------------------------------------------------------------
+    def _save(self) -> None:
+        write_json_atomic(self.root / PIPELINE_FILE, self.state)
+
+    def is_done(self, stage: str) -> bool:
+        rec = self.state["stages"].get(stage)
+        return bool(rec and rec.get("status") == "done" and
+                    rec.get("settings") == _digest(self.cfg.stage_settings(stage)))
+
+    def plan(self, only=None, skip=None, force: bool = False) -> list[str]:
+        for name in list(only or []) + list(skip or []):
+            if name not in STAGES:
+                raise PipelineError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+        todo = [s for s in STAGES if (not only or s in only) and s not in (skip or [])]
+        return [s for s in todo if force or not self.is_done(s)]
+
+    def run(self, only=None, skip=None, force: bool = False, command: str | None = None) -> dict:
+        todo = self.plan(only, skip, force)
+        if command:
+            self.state["commands"] = (self.state.get("commands", []) + [command])[-20:]
+        self.state["versions"] = versions()
+        self.state["config"] = asdict(self.cfg)
+        self._save()
+
+        cached = (self.cfg.pack not in EMBEDDED_NAMES or
+                  (embedded_pack_dir(EMBEDDED_NAMES[self.cfg.pack]) / "pack.json").is_file())
+        t_all = time.perf_counter()
+        for i, stage in enumerate(todo):
+            left = sum(estimate_seconds(self.cfg, s, cached) for s in todo[i:])
+            self._say(f"[{i + 1}/{len(todo)}] {stage}: about "
+                      f"{_fmt(estimate_seconds(self.cfg, stage, cached))} "
+                      f"(all stages left: about {_fmt(left)})")
+            t0 = time.perf_counter()
+            digest = _digest(self.cfg.stage_settings(stage))
+            prev = self.state["stages"].get(stage) or {}
+            # changed settings start the stage over; a killed stage with the same ones resumes
+            self._force = force or (bool(prev) and prev.get("settings") != digest)
+            self.state["stages"][stage] = {"status": "running", "settings": digest,
+                                           "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            self._save()
+            result = getattr(self, f"stage_{stage}")()
+            dt = time.perf_counter() - t0
+            self.state["stages"][stage] = {
+                "status": "done", "seconds": round(dt, 1), "settings": digest,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "result": result}
+            self._save()
+            self._say(f"    {stage} done in {_fmt(dt)}")
+        skipped = [s for s in STAGES if s not in todo and self.is_done(s)]
+        if skipped:
+            self._say(f"reused: {', '.join(skipped)} (unchanged settings; --force reruns)")
+        self._say(f"pipeline finished in {_fmt(time.perf_counter() - t_all)}; "
+                  f"report: {self.root / 'report.html'}")
+        return self.state
+
+    def _say(self, msg: str) -> None:
+        if self.progress:
+            print(f"[saeflow run] {msg}", flush=True)
+
+    # --- the stages --------------------------------------------------------------------
+    def stage_pack(self) -> dict:
+        p = self.pack
+        return {"root": str(p.root), "saes": len(p), "positions": p.positions,
+                "layers": [min(p.layers()), max(p.layers())]}
+
+    def stage_eval(self) -> dict:
+        res = evaluate_pack(self.pack, self.model, tokens=self.cfg.eval_tokens,
+                            ce_tokens=self.cfg.ce_tokens, corpus=self.cfg.corpus,
+                            progress=self.progress)
+        write_json_atomic(self.root / "eval.json", res)
+        return {"saes": len(res["saes"]), "clean_ce": res.get("clean_ce")}
+
+    def stage_flow(self) -> dict:
+        model = self.model if any(p in self.pack.positions for p in MAPPED_POSITIONS) else None
+        # Always a firing pass (cached by pack), never the index: the flow must not change
+        # when an index appears later in the same RUN.
+        liveness = None if self.cfg.keep_dead else firing_pass(
+            self.pack, self.model, self.cfg.firing_tokens, self.cfg.corpus, progress=self.progress)
+        run = run_flow(self.pack, self.root, model=model, progress=self.progress,
+                       force=self._force, liveness=liveness)
+        write_flow_plots(run, run.root / "plots")
+        dead = run.manifest.get("dead_latents", {}).get("slots", {})
+        return {"layers": len(run.layers), "seconds": run.manifest.get("seconds"),
+                "latents_left_out": sum(v["excluded"] for v in dead.values())}
+
+    def stage_index(self) -> dict:
+        idx = build_index(self.pack, self.model, self.root,
+                          IndexConfig(tokens=self.cfg.index_tokens, corpus=self.cfg.corpus),
+                          progress=self.progress, force=self._force)
+        return {"tokens": idx.manifest["tokens"]}
+
+    def stage_stats(self) -> dict:
+        st = run_stats(self.pack, self.model, self.root,
+                       StatsConfig(tokens=self.cfg.stats_tokens, corpus=self.cfg.corpus),
+                       progress=self.progress, force=self._force)
+        s = write_evolution_outputs(self.root, st, self.pack)
+        return {"tokens": st.manifest["tokens"], "gates": s["gates"],
+                "communities": s["communities"]["n"]}
+
+    def stage_validate(self) -> dict:
+        cfg = ValidateConfig(texts=self.cfg.validate_texts, r_graphs=self.cfg.validate_r_graphs,
+                             r_texts=4, corpus=self.cfg.corpus, ci_halfwidth=self.cfg.validate_ci,
+                             max_texts=self.cfg.validate_max_texts)
+        summary = run_validation(self.pack, self.model, self.root, cfg)
+        if cfg.r_graphs > 0:
+            write_r_sweep(self.pack, self.model, self.root, cfg)
+        return {m: round(r["success_rate"], 4) for m, r in summary["methods"].items()}
+
+    def stage_sweep(self) -> dict:
+        clf = topic_classifier(self.cfg.classifier_docs, progress=self.progress)
+        ours = sweep_profile("demo", themes=self.cfg.sweep_themes,
+                             strengths=self.cfg.sweep_strengths, seeds=self.cfg.sweep_seeds,
+                             n=self.cfg.sweep_n, max_layers=self.cfg.sweep_max_layers,
+                             classifier_docs=self.cfg.classifier_docs)
+        s = run_sweep(self.model, self.pack, self.root, ours, classifier=clf)
+        # The paper's experiment, small: deactivation of "physics" by rescale, 10 seeds.
+        paper = sweep_profile("paper-demo", strengths=self.cfg.paper_strengths,
+                              n=self.cfg.paper_n, max_layers=self.cfg.paper_max_layers,
+                              classifier_docs=self.cfg.classifier_docs)
+        p = run_sweep(self.model, self.pack, self.root, paper, classifier=clf)
+        return {"best": len(s["best"]), "minutes": round((s["seconds"] + p["seconds"]) / 60, 1),
+                "paper_best": len(p["best"])}
+
+    def stage_report(self) -> dict:
+        html, md = write_report(self.root, self.pack)
+        return {"html": str(html), "markdown": str(md)}
+
+
+def _fmt(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def run_pipeline(out, cfg: PipelineConfig | None = None, *, only=None, skip=None,
+                 force: bool = False, progress: bool = True, command: str | None = None) -> dict:
+    """Run (or resume) the pipeline into RUN `out`; returns the pipeline state."""
+    return Pipeline(out, cfg or PipelineConfig(), progress).run(only, skip, force, command)

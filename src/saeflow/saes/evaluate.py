@@ -1,0 +1,246 @@
+"""Quality of every SAE of a pack on held-out text.
+
+Pass 1 (one forward per batch, all SAEs): FVU, mean L0, dead fraction (never active on these
+tokens), dense fraction (active on more than 10% of tokens).
+Pass 2 (one forward per SAE per batch): the SAE's reconstruction replaces the activation at its
+position, on document tokens (BOS and separators keep their own activations, as SAEs are
+trained without them); we report the change of next-token cross-entropy (ΔCE) and the KL
+divergence from the clean next-token distribution, each with a 95% bootstrap interval over the
+text rows (tokens of one row are not independent).
+
+FVU alone can be fooled: in Gemma's residual stream a few "massive" dimensions carry most of
+the variance, so an SAE that only reconstructs them scores well. `fvu_rest` leaves those
+dimensions out (they are named in `massive_dims`: each carries at least 10% of the variance,
+or 1000x the median dimension's).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from saeflow.lm.corpora import Corpus
+from saeflow.lm.hooks import HookPoint, Hooks, capture
+from saeflow.lm.model import LoadedModel
+from saeflow.saes.packs import Pack
+
+DENSE_FRACTION = 0.10
+KEEP_IN_MEMORY_BYTES = 4 << 30  # below this, all SAEs stay loaded for the whole evaluation
+# A dimension is massive when it alone carries this share of the variance, or its variance is
+# this many times the median dimension's. On the embedded model's residual stream that picks
+# 2 / 10 / 2 / 1 dimensions at layers 0 / 3 / 6 / 9 (one carries 95% of the variance at layer 0).
+MASSIVE_SHARE = 0.10
+MASSIVE_FACTOR = 1000.0
+BOOTSTRAP_SAMPLES = 2000
+
+
+def massive_dims(var: torch.Tensor, share: float = MASSIVE_SHARE,
+                 factor: float = MASSIVE_FACTOR) -> list[int]:
+    """Indices of the dimensions (variance [d]) that carry at least `share` of the total
+    variance, or whose variance is at least `factor` x the median dimension's."""
+    total, med = float(var.sum()), float(var.median())
+    if total <= 0:
+        return []
+    # a large share alone is no outlier in a small or flat space: it must stand out, too
+    big = (var >= share * total) & (var >= 10 * med)
+    if med > 0:
+        big |= var >= factor * med
+    return torch.nonzero(big).flatten().tolist()
+
+
+def bootstrap_ratio_ci(num: "np.ndarray", den: "np.ndarray", samples: int = BOOTSTRAP_SAMPLES,
+                       seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of sum(num) / sum(den) when the rows [R] are resampled."""
+
+    R = len(num)
+    if R < 2:
+        v = float(num.sum() / max(den.sum(), 1e-12))
+        return v, v
+    idx = np.random.default_rng(seed).integers(0, R, size=(samples, R))
+    ratios = num[idx].sum(1) / np.maximum(den[idx].sum(1), 1e-12)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+@dataclass
+class _Acc:
+    sse: float = 0.0
+    sum_sq: float = 0.0
+    n: int = 0
+    l0_sum: float = 0.0
+    x_sum: torch.Tensor | None = None  # [d] float64
+    sq_dim: torch.Tensor | None = None  # [d] float64: sum of x^2 per dimension
+    sse_dim: torch.Tensor | None = None  # [d] float64: sum of squared error per dimension
+    fire: torch.Tensor | None = None  # [d_sae] count of tokens where the latent fired
+
+
+def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens: int = 1024,
+                  corpus: str = "wiki=0.8,python=0.2", seed: int = 0, batch: int = 8,
+                  ctx_len: int = 128, progress: bool = True) -> dict:
+    """Return {"saes": [row per SAE], "clean_ce": float, ...} on the held-out split."""
+    from tqdm.auto import tqdm
+
+    pack.check_model(model)
+    slots = sorted(pack.entries)
+    points = [HookPoint(p, L) for p, L in slots]
+    dev = model.device
+    total = sum(2 * pack.entries[s].d_in * pack.entries[s].d_sae * 4 for s in slots)
+    # Loading every SAE once beats re-reading them from disk for every batch.
+    saes = {s: pack.sae(*s, device=dev, dtype=torch.float32) for s in slots} \
+        if total <= KEEP_IN_MEMORY_BYTES else None
+
+    def sae_of(s):
+        return saes[s] if saes is not None else pack.sae(*s, device=dev, dtype=torch.float32)
+
+    data = Corpus.from_spec(corpus, seed=seed)
+    acc = {s: _Acc() for s in slots}
+    bar = tqdm(total=tokens, unit="tok", desc="eval: reconstruction", disable=not progress)
+    seen = 0
+    with torch.inference_mode():
+        for b in data.token_batches(model.tokenizer, batch, ctx_len, split="heldout"):
+            mask = b.content_mask().to(dev)
+            acts = capture(model, b.input_ids, points, attention_mask=b.attention_mask)
+            for s, pt in zip(slots, points):
+                x = acts[pt][mask].float()  # [n, d]
+                sae = sae_of(s)
+                z = sae.encode(x)
+                err = sae.decode(z) - x
+                a = acc[s]
+                a.sse += float(err.pow(2).sum())
+                a.sum_sq += float(x.pow(2).sum())
+                xd = x.double()
+                for name, v in (("x_sum", xd.sum(0)), ("sq_dim", xd.pow(2).sum(0)),
+                                ("sse_dim", err.double().pow(2).sum(0))):
+                    cur = getattr(a, name)
+                    setattr(a, name, v if cur is None else cur + v)
+                a.n += x.shape[0]
+                fired = (z > 0)
+                a.l0_sum += float(fired.sum())
+                cnt = fired.sum(0)
+                a.fire = cnt if a.fire is None else a.fire + cnt
+            n_new = int(mask.sum())
+            seen += n_new
+            bar.update(n_new)
+            if seen >= tokens:
+                break
+    bar.close()
+    if seen == 0:
+        raise ValueError("the held-out split gave no tokens")
+
+    # Pass 2: splicing.
+    ce = _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, progress)
+    rows = []
+    for s in slots:
+        a = acc[s]
+        var = a.sum_sq - float(a.x_sum.pow(2).sum()) / a.n
+        var_dim = (a.sq_dim - a.x_sum.pow(2) / a.n).cpu()  # [d]
+        massive = massive_dims(var_dim)
+        rest = torch.ones(len(var_dim), dtype=torch.bool)
+        rest[massive] = False
+        fvu_rest = float(a.sse_dim.cpu()[rest].sum() / var_dim[rest].sum().clamp_min(1e-12))
+        freq = a.fire.float() / a.n
+        info = pack.entries[s]
+        pc = ce["per_sae"][s]
+        rows.append({
+            "position": s[0], "layer": s[1], "d_sae": info.d_sae,
+            "architecture": info.architecture,
+            "fvu": a.sse / max(var, 1e-12),
+            "fvu_rest": fvu_rest,
+            "massive_dims": massive,
+            "l0": a.l0_sum / a.n,
+            "dead_fraction": float((a.fire == 0).float().mean()),
+            "dense_fraction": float((freq > DENSE_FRACTION).float().mean()),
+            "delta_ce": pc["ce"] - ce["clean_ce"],
+            "delta_ce_ci": pc["delta_ce_ci"],
+            "kl": pc["kl"],
+            "kl_ci": pc["kl_ci"],
+            "tokens": a.n,
+        })
+    return {"pack": str(pack.root), "model": model.name, "tokens": seen,
+            "ce_tokens": ce["tokens"], "clean_ce": ce["clean_ce"], "saes": rows}
+
+
+def _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, progress):
+    from tqdm.auto import tqdm
+    dev = model.device
+    totals = {s: {"ce": 0.0, "kl": 0.0} for s in slots}
+    clean_total, n_tok = 0.0, 0
+    # per text row, for the bootstrap: tokens, clean NLL, and each SAE's NLL and KL sums
+    row_n: list = []
+    row_clean: list = []
+    row_ce: dict = {s: [] for s in slots}
+    row_kl: dict = {s: [] for s in slots}
+    bar = tqdm(total=ce_tokens, unit="tok", desc=f"eval: splice {len(slots)} SAEs",
+               disable=not progress)
+    # each row costs len(slots) + 1 full forwards with the LM head: never more rows than asked
+    batch = max(1, min(batch, -(-ce_tokens // ctx_len)))
+    with torch.inference_mode():
+        for b in data.token_batches(model.tokenizer, batch, ctx_len, split="heldout"):
+            ids = b.input_ids.to(dev)
+            am = b.attention_mask.to(dev)
+            mask = b.content_mask().to(dev)
+            tgt_mask = mask[:, 1:]  # predict document tokens only
+            tgt = ids[:, 1:][tgt_mask]
+            if tgt.numel() == 0:
+                continue
+            clean_logp = torch.log_softmax(
+                model.hf(input_ids=ids, attention_mask=am).logits[:, :-1][tgt_mask].float(), -1)
+            row_of = torch.nonzero(tgt_mask)[:, 0]  # [n_tgt] the row of each target token
+            n_rows = ids.shape[0]
+
+            def per_row(v):  # [n_tgt] -> [rows] sums
+                return torch.zeros(n_rows, dtype=torch.float64, device=dev).index_add_(
+                    0, row_of, v.double()).cpu().numpy()
+            clean_nll = -clean_logp.gather(1, tgt[:, None])[:, 0]
+            clean_total += float(clean_nll.sum())
+            row_n.append(tgt_mask.sum(1).cpu().numpy())
+            row_clean.append(per_row(clean_nll))
+            for s in slots:
+                sae = sae_of(s)
+
+                def splice(act, sae=sae):
+                    out = act.clone()
+                    out[mask] = sae(act[mask].float()).to(act.dtype)
+                    return out
+                with Hooks(model, edits={HookPoint(*s): splice}):
+                    logp = torch.log_softmax(
+                        model.hf(input_ids=ids, attention_mask=am).logits[:, :-1][tgt_mask].float(),
+                        -1)
+                nll = -logp.gather(1, tgt[:, None])[:, 0]
+                kl = (clean_logp.exp() * (clean_logp - logp)).sum(1)
+                totals[s]["ce"] += float(nll.sum())
+                totals[s]["kl"] += float(kl.sum())
+                row_ce[s].append(per_row(nll))
+                row_kl[s].append(per_row(kl))
+            n_tok += tgt.numel()
+            bar.update(tgt.numel())
+            if n_tok >= ce_tokens:
+                break
+    bar.close()
+    if n_tok == 0:
+        raise ValueError("the held-out split gave no tokens to score")
+    n_r, clean_r = np.concatenate(row_n), np.concatenate(row_clean)
+    per_sae = {}
+    for s, v in totals.items():
+        ce_r, kl_r = np.concatenate(row_ce[s]), np.concatenate(row_kl[s])
+        per_sae[s] = {"ce": v["ce"] / n_tok, "kl": v["kl"] / n_tok,
+                      "delta_ce_ci": bootstrap_ratio_ci(ce_r - clean_r, n_r),
+                      "kl_ci": bootstrap_ratio_ci(kl_r, n_r)}
+    return {"tokens": n_tok, "clean_ce": clean_total / n_tok, "per_sae": per_sae}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"pack {result['pack']} on {result['model']}: {result['tokens']} held-out tokens "
+             f"(dead/dense/FVU on these; ΔCE/KL on {result['ce_tokens']}, 95% bootstrap "
+             f"intervals over text rows); clean CE {result['clean_ce']:.4f}",
+             f"{'position':<11}{'layer':>5} {'d_sae':>7} {'FVU':>7} {'FVUrest':>7} {'L0':>7} "
+             f"{'dead':>6} {'dense':>6} {'ΔCE [95% CI]':>26} {'KL':>8}  massive dims"]
+    for r in result["saes"]:
+        lo, hi = r.get("delta_ce_ci", (float("nan"), float("nan")))
+        lines.append(f"{r['position']:<11}{r['layer']:>5} {r['d_sae']:>7} {r['fvu']:>7.3f} "
+                     f"{r.get('fvu_rest', float('nan')):>7.3f} {r['l0']:>7.1f} "
+                     f"{r['dead_fraction']:>6.3f} {r['dense_fraction']:>6.3f} "
+                     f"{r['delta_ce']:>8.4f} [{lo:>7.4f}, {hi:>7.4f}] {r['kl']:>8.4f}  "
+                     f"{','.join(map(str, r.get('massive_dims', []))) or '-'}")
+    return "\n".join(lines)

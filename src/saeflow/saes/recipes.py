@@ -1,0 +1,55 @@
+"""Named packs: `embedded` (the default family for the embedded model) and its quick profile.
+
+`open_pack("embedded")` trains the pack into the cache on first use (with a progress bar) and
+reuses it afterwards; any other spec is a path given to `load_pack`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from saeflow.lm.model import load_model
+from saeflow.saes.packs import PACK_MANIFEST, Pack, load_pack
+from saeflow.saes.train import TrainConfig, train_family
+from saeflow.store import cache_dir
+
+PROFILES: dict[str, TrainConfig] = {
+    # ~30 minutes on 2 CPU cores (see docs/benchmarks.md for the measured figures).
+    "default": TrainConfig(positions=["resid_post", "mlp_out", "attn_out"], layers=None,
+                           width=4096, k=32, tokens=300_000, batch_size=1024, lr=1e-3),
+    # A couple of minutes: tests and first looks.
+    "quick": TrainConfig(positions=["resid_post", "mlp_out", "attn_out"], layers=None,
+                         width=1024, k=16, tokens=49_152, batch_size=256, lr=4e-3,
+                         chunk_tokens=8192),
+}
+EMBEDDED_NAMES = {"embedded": "default", "embedded-quick": "quick"}
+
+
+def embedded_pack_dir(profile: str = "default") -> Path:
+    cfg = PROFILES[profile]
+    digest = hashlib.sha1(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()[:10]
+    return cache_dir("packs") / f"embedded-{profile}-{digest}"
+
+
+def ensure_embedded_pack(profile: str = "default", model=None, progress: bool = True) -> Pack:
+    """The embedded model's pack for `profile`, trained into the cache if it is not there."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+    out = embedded_pack_dir(profile)
+    if (out / PACK_MANIFEST).is_file():
+        return load_pack(out)
+
+    model = model or load_model("embedded")
+    if model.name != "gemma-3-270m":
+        raise ValueError("the embedded pack is trained on the embedded model")
+    print(f"[saeflow] training the embedded '{profile}' SAE pack once into {out} "
+          f"(it is cached after this; Ctrl-C is safe, the same command resumes)", flush=True)
+    return train_family(model, PROFILES[profile], out, progress=progress).pack
+
+
+def open_pack(spec: str, model=None, **kw) -> Pack:
+    """'embedded' / 'embedded-quick' (trained on first use) or a path to any supported pack."""
+    if spec in EMBEDDED_NAMES:
+        return ensure_embedded_pack(EMBEDDED_NAMES[spec], model=model)
+    return load_pack(spec, **kw)

@@ -1,0 +1,121 @@
+"""One resumable pass of a model over a corpus, feeding SAE activations to a consumer.
+
+Shared by the feature index and the co-activation statistics: tokenise the corpus in seeded
+batches, capture every needed hook point in one forward, encode each SAE, hand the activations
+of the batch to `on_batch`, checkpoint the consumer's state atomically, and resume from it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import saeflow.saes.formats as sae_formats
+from saeflow.errors import ScanError
+from saeflow.lm.corpora import Corpus
+from saeflow.lm.hookpoints import POSITIONS
+from saeflow.lm.hooks import HookPoint, capture
+from saeflow.lm.model import resolve_dtype
+
+
+@dataclass
+class ScanSpec:
+    tokens: int
+    corpus: str
+    seed: int
+    batch_size: int
+    ctx_len: int
+    encoder_dtype: str = "auto"
+    checkpoint_every_s: float = 120.0
+
+
+def load_saes(pack, slots, device, dtype) -> dict:
+    out = {}
+    for slot in slots:
+        info = pack.entries[slot]
+        out[slot] = sae_formats.load(info.path, info.format).to(device=device, dtype=dtype)
+    return out
+
+
+def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
+         on_batch: Callable, get_state: Callable[[], dict], set_state: Callable[[dict], None],
+         *, force: bool = False, progress: bool = True, desc: str = "scan",
+         stop_after_batches: int | None = None, codes_on_device: bool = False) -> dict:
+    """Run the pass; returns {"tokens": content tokens seen, "seconds": wall time, "saes": ...}.
+
+    on_batch(z: {slot: [B, T, d_sae] float32}, batch: TokenBatch, content: [B, T] bool), with
+    z on the CPU, or on the model's device when `codes_on_device` (the consumer's bookkeeping
+    runs there; copying dense codes of every SAE to the host is what bounds a GPU pass).
+    A state file of another identity is refused (unless `force`, which starts over).
+    """
+    from tqdm.auto import tqdm
+
+    pack.check_model(model)
+    slots = sorted(slots, key=lambda s: (s[1], POSITIONS.index(s[0])))
+    corpus = Corpus.from_spec(spec.corpus, seed=spec.seed)
+    tok = model.tokenizer
+    batches_done = tokens_done = 0
+    seconds_before = 0.0  # pass time spent before an interruption (reported in the total)
+    if state_file.is_file():
+        state = torch.load(state_file, weights_only=False)
+        if state["identity"] != identity and not force:
+            what = [k for k in identity if state["identity"].get(k) != identity[k]]
+            raise ScanError(f"{state_file} is a partial pass over a different "
+                            f"{' and '.join(what) or 'setup'}; refusing to resume against it "
+                            f"(use --force to start over)")
+        if state["identity"] == identity:
+            set_state(state["consumer"])
+            batches_done, tokens_done = state["batches"], state["tokens"]
+            seconds_before = float(state.get("seconds", 0.0))
+    if batches_done == 0:
+        available = 0
+        for b in corpus.token_batches(tok, spec.batch_size, spec.ctx_len, max_tokens=spec.tokens):
+            available += int(b.content_mask().sum())
+        if available < 0.98 * spec.tokens:
+            raise ScanError(f"the corpus {spec.corpus!r} gives only {available} tokens, fewer "
+                            f"than the {spec.tokens} asked; ask for fewer or add sources")
+    enc_dtype = resolve_dtype(spec.encoder_dtype, model.device)
+    saes = load_saes(pack, slots, model.device, enc_dtype)
+    points = [HookPoint(p, L) for p, L in slots]
+
+    def save():
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = state_file.with_suffix(".tmp")
+        torch.save({"identity": identity, "batches": batches_done, "tokens": tokens_done,
+                    "seconds": seconds_before + time.time() - t0, "consumer": get_state()}, tmp)
+        os.replace(tmp, state_file)
+
+    t0 = time.time()
+    bar = tqdm(total=spec.tokens, initial=tokens_done, desc=desc, unit="tok",
+               disable=not progress, smoothing=0.05)
+    last = time.perf_counter()
+    batches = corpus.token_batches(tok, spec.batch_size, spec.ctx_len, max_tokens=spec.tokens)
+    for i, b in enumerate(batches):
+        if i < batches_done:
+            continue  # counted before an interruption
+        acts = capture(model, b.input_ids, points, attention_mask=b.attention_mask)
+        content = b.content_mask()
+        with torch.inference_mode():
+            z = {slot: saes[slot].encode(acts[pt].to(enc_dtype)).float()
+                 for slot, pt in zip(slots, points)}
+            if not codes_on_device:
+                z = {slot: v.cpu() for slot, v in z.items()}
+        del acts
+        on_batch(z, b, content)
+        n = int(content.sum())
+        batches_done, tokens_done = i + 1, tokens_done + n
+        bar.update(n)
+        if time.perf_counter() - last > spec.checkpoint_every_s:
+            save()
+            last = time.perf_counter()
+        if stop_after_batches is not None and batches_done >= stop_after_batches:
+            save()
+            bar.close()
+            raise KeyboardInterrupt("stopped on request (stop_after_batches)")
+    bar.close()
+    save()
+    return {"tokens": tokens_done, "seconds": seconds_before + time.time() - t0, "saes": saes}

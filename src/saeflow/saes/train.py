@@ -1,0 +1,721 @@
+"""Train a whole SAE family (layers x positions) from one pass of the model over a corpus.
+
+Per forward batch, the activations of every (position, layer) are captured once and appended to
+per-SAE chunk buffers. When a chunk is full (chunk_tokens), each SAE shuffles its buffer and
+trains on it in batches; then the buffers are empty, which is where checkpoints are taken. So a
+resumed run replays exactly the same batches: the corpus is deterministic and skipped chunks
+only need tokenising, not a forward pass.
+
+The SAE recipe (TopK / BatchTopK, after Gao et al. 2024 and Bussmann et al. 2024):
+  - inputs scaled by a fixed factor so that E||x||^2 = d_in (recorded as input_scale);
+  - b_dec initialised at the geometric median of the first chunk;
+  - W_dec rows kept at unit norm (gradient parallel to each row removed, then renormalised);
+  - AuxK loss: the top-k_aux pre-activations among dead latents reconstruct the residual;
+  - BatchTopK exports a JumpReLU threshold: the running mean of the smallest selected value.
+
+Speed: the encoder runs in bf16 when that is faster (CPU with avx512_bf16, or a GPU); only the
+selected pre-activations carry gradient, so the encoder's backward is a sparse product
+(CSR, nnz = batch * k) instead of a dense batch x d_sae one; decoding is an embedding_bag
+(a gather of k rows) rather than a dense matmul.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from saeflow._version import __version__
+from saeflow.errors import TrainingError
+from saeflow.lm.corpora import Corpus
+from saeflow.lm.hookpoints import check_position
+from saeflow.lm.hooks import HookPoint, capture
+from saeflow.lm.model import LoadedModel, resolve_dtype
+from saeflow.saes.packs import PACK_MANIFEST, Pack, load_pack, save_pack
+from saeflow.saes.sae import SAE
+
+CKPT_FILE = "state.pt"
+warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implicitly disabled.*")
+
+
+@dataclass
+class TrainConfig:
+    positions: list[str] = field(default_factory=lambda: ["resid_post", "mlp_out", "attn_out"])
+    layers: list[int] | None = None  # None: all layers
+    width: int = 4096
+    k: int = 32
+    architecture: str = "topk"  # topk | batchtopk
+    tokens: int = 300_000
+    batch_size: int = 1024  # SAE batch (tokens per step)
+    lr: float = 1e-3
+    warmup_frac: float = 0.05
+    decay_frac: float = 0.2  # linear decay to 0 over the last fraction of steps
+    seed: int = 0
+    ctx_len: int = 128
+    model_batch: int = 16  # rows per model forward
+    corpus: str = "wiki=0.8,python=0.2"
+    chunk_tokens: int = 8192  # tokens buffered per SAE before training on them
+    aux_k: int | None = None  # default: d_in // 2
+    aux_coef: float = 1 / 32
+    dead_tokens: int | None = None  # latent dead after this many tokens without firing
+    model_dtype: str = "auto"  # dtype of the capture forward: auto | float32 | bfloat16
+    encoder_dtype: str = "auto"  # dtype of the encoder matmul: auto | float32 | bfloat16
+    checkpoint_every_s: float = 180.0
+    # How the SAE updates run, not what they compute: "sparse" steps each SAE alone with sparse
+    # products (fastest on a CPU); "stacked" steps all SAEs of one width as one batched dense
+    # problem (bmm; fastest on a GPU); "auto" picks by device.
+    engine: str = "auto"
+
+    def validate(self, model: LoadedModel) -> None:
+        if self.width <= 0:
+            raise ValueError(f"--width must be positive, got {self.width}")
+        if not 0 < self.k < self.width:
+            raise ValueError(f"--k must be in 1..width-1 (k={self.k}, width={self.width}); "
+                             f"a TopK SAE with k >= width is not sparse")
+        if self.architecture not in ("topk", "batchtopk"):
+            raise ValueError("--architecture must be topk or batchtopk")
+        if not self.positions:
+            raise ValueError("no positions to train")
+        for p in self.positions:
+            check_position(p)
+            if p not in model.arch.sites:
+                raise ValueError(f"the {model.arch.family} architecture has no position {p!r}")
+        for L in self.layers or []:
+            model.check_layer(L)
+        if self.tokens < self.batch_size:
+            raise ValueError(f"--tokens {self.tokens} is less than one batch ({self.batch_size})")
+        if self.chunk_tokens < self.batch_size:
+            raise ValueError("chunk_tokens must be at least batch_size")
+        if self.engine not in ("auto", "sparse", "stacked"):
+            raise ValueError("engine must be auto, sparse or stacked")
+
+    def identity(self) -> dict:
+        """The fields that define the result (not how often it checkpoints)."""
+        d = asdict(self)
+        d.pop("checkpoint_every_s")
+        d.pop("engine")
+        return d
+
+
+# --- sparse encoder -----------------------------------------------------------------------------
+class _GatherPre(torch.autograd.Function):
+    """vals[j] = ((x - b_dec)[rows[j]] @ W_enc[:, cols[j]]) + b_enc[cols[j]] for given (rows, cols).
+
+    Forward takes the dense pre-activations computed without grad; backward is sparse, with
+    G [batch, d_sae] the gradient at the selected entries (CSR, nnz = len(vals)):
+      grad W_enc = xc^T @ G, grad b_enc = column sums of G, grad b_dec = -W_enc @ colsum(G).
+    (x is data, so the per-row input gradient is never formed.)
+    """
+
+    @staticmethod
+    def forward(ctx, pre_vals, xc, W_enc, b_enc, b_dec, cols, crow):
+        ctx.save_for_backward(xc, W_enc, cols, crow)
+        return pre_vals
+
+    @staticmethod
+    def backward(ctx, grad_vals):
+        xc, W_enc, cols, crow = ctx.saved_tensors
+        B, n = xc.shape[0], W_enc.shape[1]
+        G = torch.sparse_csr_tensor(crow, cols, grad_vals, (B, n))
+        grad_W = (G.t() @ xc).t()  # [d_in, d_sae]
+        grad_b = torch.zeros(n, dtype=grad_vals.dtype, device=grad_vals.device).index_add_(
+            0, cols, grad_vals)
+        grad_b_dec = -(W_enc @ grad_b)
+        return None, None, grad_W, grad_b, grad_b_dec, None, None
+
+
+def _csr_rows(rows: torch.Tensor, B: int) -> torch.Tensor:
+    counts = torch.bincount(rows, minlength=B)
+    crow = torch.zeros(B + 1, dtype=torch.long, device=rows.device)
+    crow[1:] = counts.cumsum(0)
+    return crow
+
+
+def _init_decoder(n: int, d_in: int, seed: int) -> torch.Tensor:
+    """Unit-norm random decoder rows [n, d_in], the same for a seed on any device or engine."""
+    g = torch.Generator().manual_seed(seed)
+    W_dec = torch.randn(n, d_in, generator=g)
+    return W_dec / W_dec.norm(dim=1, keepdim=True)
+
+
+def _lr_at(cfg: TrainConfig, steps_total: int, step: int) -> float:
+    """Linear warm-up, constant, linear decay to 0 over the last decay_frac of the steps."""
+    T = steps_total
+    warm, decay = max(1, int(cfg.warmup_frac * T)), int(cfg.decay_frac * T)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if decay and step >= T - decay:
+        return cfg.lr * max(0.0, (T - step) / decay)
+    return cfg.lr
+
+
+class SAETrainer:
+    """Parameters, optimiser and counters of one SAE in training."""
+
+    def __init__(self, d_in: int, cfg: TrainConfig, steps_total: int, device, seed: int,
+                 enc_dtype: torch.dtype):
+        self.cfg, self.d_in, self.n = cfg, d_in, cfg.width
+        self.steps_total, self.enc_dtype = steps_total, enc_dtype
+        self.seed = seed
+        W_dec = _init_decoder(self.n, d_in, seed)
+        self.W_enc = W_dec.t().contiguous().to(device).requires_grad_()  # tied init
+        self.W_dec = W_dec.clone().to(device).requires_grad_()
+        self.b_enc = torch.zeros(self.n, device=device, requires_grad=True)
+        self.b_dec = torch.zeros(d_in, device=device, requires_grad=True)
+        self.params = [self.W_enc, self.W_dec, self.b_enc, self.b_dec]
+        fused = device.type in ("cpu", "cuda")
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
+        self.input_scale: float | None = None
+        self.step_i = 0
+        self.since_fired = torch.zeros(self.n, dtype=torch.long, device=device)
+        self.fired_ever = torch.zeros(self.n, dtype=torch.bool, device=device)
+        self.thr_sum, self.thr_count = 0.0, 0  # BatchTopK threshold estimate
+        self.aux_k = cfg.aux_k or max(1, d_in // 2)
+        self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size * 4, cfg.tokens // 10)
+        self.last: dict = {}
+
+    # --- initialisation from data -------------------------------------------------------------
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        """x [N, d_in] (first chunk): fix the input scale and start b_dec at the geometric median."""
+        x = x.float()
+        self.input_scale = float(math.sqrt(self.d_in / x.pow(2).sum(1).mean().clamp_min(1e-12)))
+        xs = x * self.input_scale
+        med = xs.mean(0)
+        for _ in range(30):  # Weiszfeld iterations
+            w = 1.0 / (xs - med).norm(dim=1).clamp_min(1e-6)
+            med = (w[:, None] * xs).sum(0) / w.sum()
+        self.b_dec.copy_(med)
+
+    def lr_at(self, step: int) -> float:
+        return _lr_at(self.cfg, self.steps_total, step)
+
+    # --- one step -------------------------------------------------------------------------------
+    def _select(self, pre: torch.Tensor):
+        """Indices of the active latents: TopK per row, or BatchTopK over the batch."""
+        B = pre.shape[0]
+        k = self.cfg.k
+        if self.cfg.architecture == "topk":
+            vals, cols = pre.topk(k, dim=1)
+            rows = torch.arange(B, device=pre.device).repeat_interleave(k)
+            cols = cols.reshape(-1)
+            keep = vals.reshape(-1) > 0
+            rows, cols = rows[keep], cols[keep]
+        else:
+            flat = pre.reshape(-1)
+            vals, pos = flat.topk(B * k)
+            keep = vals > 0
+            pos = pos[keep].sort().values  # row-major order for CSR
+            rows, cols = pos // self.n, pos % self.n
+            if keep.any():
+                self.thr_sum += float(vals[keep].min().float())
+                self.thr_count += 1
+        return rows, cols
+
+    def step(self, x: torch.Tensor) -> dict:
+        """x [B, d_in] raw activations -> metrics; updates the parameters."""
+        cfg = self.cfg
+        B = x.shape[0]
+        x = x.float() * self.input_scale
+        with torch.no_grad():
+            xc = x - self.b_dec
+            dt = self.enc_dtype  # pre [B, d_sae] stays in this dtype; only selected values go fp32
+            pre = torch.addmm(self.b_enc.to(dt), xc.to(dt), self.W_enc.to(dt))
+            rows, cols = self._select(pre)
+            crow = _csr_rows(rows, B)
+        vals = _GatherPre.apply(pre[rows, cols].float(), xc, self.W_enc, self.b_enc, self.b_dec, cols,
+                                crow)
+        acts = torch.relu(vals)
+        recon = F.embedding_bag(cols, self.W_dec, crow[:-1], mode="sum",
+                                per_sample_weights=acts) + self.b_dec
+        err = recon - x
+        mse = err.pow(2).sum() / B
+        loss = mse
+        # AuxK: dead latents try to explain the residual error.
+        with torch.no_grad():
+            dead = self.since_fired > self.dead_tokens
+            n_dead = int(dead.sum())
+        aux = torch.zeros((), device=x.device)
+        if n_dead > 0:
+            ka = min(self.aux_k, n_dead)
+            with torch.no_grad():
+                dead_cols = dead.nonzero().squeeze(1)
+                avals, apos = pre[:, dead_cols].topk(ka, dim=1)  # only dead columns compete
+                acols = dead_cols[apos.reshape(-1)]
+                arows = torch.arange(B, device=x.device).repeat_interleave(ka)
+                keep = avals.reshape(-1) > 0
+                arows, acols = arows[keep], acols[keep]
+                acrow = _csr_rows(arows, B)
+            if arows.numel():
+                avals_g = _GatherPre.apply(pre[arows, acols].float(), xc, self.W_enc, self.b_enc,
+                                           self.b_dec, acols, acrow)
+                arecon = F.embedding_bag(acols, self.W_dec, acrow[:-1], mode="sum",
+                                         per_sample_weights=torch.relu(avals_g))
+                resid = (x - recon).detach()
+                # Same units as the main loss (squared error per token), as in Gao et al.
+                aux = (arecon - resid).pow(2).sum() / B
+                loss = loss + cfg.aux_coef * aux
+        for p in self.params:
+            p.grad = None
+        loss.backward()
+        with torch.no_grad():
+            # Keep decoder rows on the unit sphere: drop the radial part of their gradient.
+            g = self.W_dec.grad
+            g -= (g * self.W_dec).sum(1, keepdim=True) * self.W_dec
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr_at(self.step_i)
+            self.opt.step()
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            fired = torch.zeros(self.n, dtype=torch.bool, device=x.device)
+            fired[cols] = True
+            self.since_fired += B
+            self.since_fired[fired] = 0
+            self.fired_ever |= fired
+            var = (x - x.mean(0)).pow(2).sum()
+            self.last = {"fvu": float(err.pow(2).sum() / var.clamp_min(1e-12)),
+                         "l0": cols.numel() / B, "dead": n_dead / self.n,
+                         "loss": float(loss), "aux": float(aux)}
+        self.step_i += 1
+        if not math.isfinite(self.last["loss"]) or self.last["fvu"] > 1e3:
+            raise TrainingError(f"loss is {self.last['loss']} (FVU {self.last['fvu']:.3g})")
+        return self.last
+
+    # --- export / state ---------------------------------------------------------------------------
+    def export(self, metadata: dict) -> SAE:
+        cfg = self.cfg
+        W_dec = self.W_dec.detach().float().cpu()
+        threshold = None
+        if cfg.architecture == "batchtopk":
+            theta = self.thr_sum / max(1, self.thr_count)
+            threshold = torch.full((self.n,), theta)
+        return SAE(W_enc=self.W_enc.detach().float().cpu().contiguous(), W_dec=W_dec,
+                   b_enc=self.b_enc.detach().float().cpu(), b_dec=self.b_dec.detach().float().cpu(),
+                   architecture=cfg.architecture, threshold=threshold, k=cfg.k,
+                   apply_b_dec_to_input=True, input_scale=self.input_scale,
+                   batchtopk_inference="jumprelu", metadata=metadata)
+
+    def state_dict(self) -> dict:
+        return {"params": [p.detach().clone() for p in self.params], "opt": self.opt.state_dict(),
+                "input_scale": self.input_scale, "step_i": self.step_i,
+                "since_fired": self.since_fired.clone(), "fired_ever": self.fired_ever.clone(),
+                "thr": (self.thr_sum, self.thr_count), "last": self.last}
+
+    def load_state_dict(self, s: dict) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, s["params"]):
+                p.copy_(v)
+        self.opt.load_state_dict(s["opt"])
+        self.input_scale, self.step_i = s["input_scale"], s["step_i"]
+        self.since_fired.copy_(s["since_fired"])
+        self.fired_ever.copy_(s["fired_ever"])
+        self.thr_sum, self.thr_count = s["thr"]
+        self.last = s["last"]
+
+
+class StackedTrainer:
+    """S SAEs of one input width trained as one batched problem, for GPUs.
+
+    The same recipe as SAETrainer, step for step (same init per seed, same losses, same Adam),
+    but dense and batched: pre-activations [S, B, n] from one bmm, TopK / BatchTopK as a scatter
+    into a dense code, decoding as a second bmm, gradients from autograd. Nothing in a step waits
+    for the host: dead-latent bookkeeping, AuxK and the metrics stay on the device, and metrics
+    are read once per chunk (`metrics()`). In fp32 it equals SAETrainer to rounding; with a bf16
+    `enc_dtype` both products run in bf16 (parameters, Adam and losses stay fp32).
+    """
+
+    engine = "stacked"
+
+    def __init__(self, d_in: int, cfg: TrainConfig, steps_total: int, device, seeds: list[int],
+                 enc_dtype: torch.dtype):
+        self.cfg, self.d_in, self.n, self.S = cfg, d_in, cfg.width, len(seeds)
+        self.steps_total, self.enc_dtype, self.seeds = steps_total, enc_dtype, list(seeds)
+        W_dec = torch.stack([_init_decoder(self.n, d_in, s) for s in seeds])  # [S, n, d_in]
+        self.W_enc = W_dec.transpose(1, 2).contiguous().to(device).requires_grad_()  # [S, d_in, n]
+        self.W_dec = W_dec.to(device).requires_grad_()
+        self.b_enc = torch.zeros(self.S, self.n, device=device, requires_grad=True)
+        self.b_dec = torch.zeros(self.S, d_in, device=device, requires_grad=True)
+        self.params = [self.W_enc, self.W_dec, self.b_enc, self.b_dec]
+        fused = torch.device(device).type in ("cpu", "cuda")
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
+        self.scale: torch.Tensor | None = None  # [S] input scale, fixed by the first chunk
+        self.step_i = 0
+        self.since_fired = torch.zeros(self.S, self.n, dtype=torch.long, device=device)
+        self.fired_ever = torch.zeros(self.S, self.n, dtype=torch.bool, device=device)
+        self.thr_sum = torch.zeros(self.S, dtype=torch.float64, device=device)
+        self.thr_count = torch.zeros(self.S, dtype=torch.long, device=device)
+        self.aux_k = cfg.aux_k or max(1, d_in // 2)
+        self.dead_tokens = cfg.dead_tokens or max(cfg.batch_size * 4, cfg.tokens // 10)
+        self._last: dict[str, torch.Tensor] = {}  # metric -> [S], on the device
+
+    @property
+    def input_scale(self):
+        return None if self.scale is None else self.scale
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        """x [S, N, d_in] (first chunk): input scales and b_dec at the geometric medians."""
+        x = x.float()
+        # Python floats, as SAETrainer keeps them, so both engines scale inputs identically.
+        self.scales = [math.sqrt(self.d_in / float(m)) for m in x.pow(2).sum(2).mean(1).clamp_min(1e-12)]
+        self.scale = torch.tensor(self.scales, device=x.device)  # [S]
+        xs = x * self.scale[:, None, None]
+        med = xs.mean(1)  # [S, d_in]
+        for _ in range(30):  # Weiszfeld iterations
+            w = 1.0 / (xs - med[:, None]).norm(dim=2).clamp_min(1e-6)  # [S, N]
+            med = (w[:, :, None] * xs).sum(1) / w.sum(1, keepdim=True)
+        self.b_dec.copy_(med)
+
+    def _code(self, pre: torch.Tensor, k: int, batch_level: bool):
+        """Dense code [S, B, n] of the top-k pre-activations (per row, or per batch)."""
+        S, B, n = pre.shape
+        if batch_level:
+            vals, pos = pre.reshape(S, B * n).topk(B * k, dim=1)  # [S, B*k]
+            z = torch.zeros_like(pre).reshape(S, B * n).scatter(1, pos, torch.relu(vals))
+            return z.reshape(S, B, n), vals
+        vals, idx = pre.topk(k, dim=-1)  # [S, B, k]
+        return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals)), vals
+
+    def step(self, x: torch.Tensor) -> None:
+        """x [S, B, d_in] raw activations; updates the parameters (no host sync)."""
+        cfg, dt = self.cfg, self.enc_dtype
+        S, B, _ = x.shape
+        x = x.float() * self.scale[:, None, None]
+        xc = x - self.b_dec[:, None, :]
+        pre = torch.baddbmm(self.b_enc[:, None, :].to(dt), xc.to(dt), self.W_enc.to(dt))
+        batch_level = cfg.architecture == "batchtopk"
+        z, vals = self._code(pre, cfg.k, batch_level)  # [S, B, n]
+        W_dec = self.W_dec.to(dt)
+        recon = torch.bmm(z, W_dec).float() + self.b_dec[:, None, :]
+        err = recon - x
+        mse = err.pow(2).sum((1, 2)) / B  # [S]
+        # AuxK: the top aux_k pre-activations among dead latents explain the residual error.
+        with torch.no_grad():
+            dead = self.since_fired > self.dead_tokens  # [S, n]
+            has_dead = dead.any(1)
+        masked = pre.masked_fill(~dead[:, None, :], float("-inf"))
+        az, _ = self._code(masked, min(self.aux_k, self.n), False)
+        arecon = torch.bmm(az, W_dec).float()
+        aux = (arecon - err.detach().neg()).pow(2).sum((1, 2)) / B * has_dead  # [S]
+        loss = (mse + cfg.aux_coef * aux).sum()
+        for p in self.params:
+            p.grad = None
+        loss.backward()
+        with torch.no_grad():
+            g = self.W_dec.grad  # keep decoder rows on the unit sphere
+            g -= (g * self.W_dec).sum(-1, keepdim=True) * self.W_dec
+            for group in self.opt.param_groups:
+                group["lr"] = _lr_at(cfg, self.steps_total, self.step_i)
+            self.opt.step()
+            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            on = z > 0
+            fired = on.any(1)  # [S, n]
+            self.since_fired += B
+            self.since_fired.masked_fill_(fired, 0)
+            self.fired_ever |= fired
+            if batch_level:
+                pos = vals > 0
+                least = torch.where(pos, vals, torch.inf).amin(1).double()
+                self.thr_sum += torch.where(pos.any(1), least, 0.0)
+                self.thr_count += pos.any(1)
+            var = (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
+            self._last = {"fvu": err.pow(2).sum((1, 2)) / var, "l0": on.sum((1, 2)) / B,
+                          "dead": dead.float().mean(1), "loss": mse + cfg.aux_coef * aux,
+                          "aux": aux}
+        self.step_i += 1
+
+    def metrics(self) -> list[dict]:
+        """The last step's metrics, one dict per SAE (one host sync)."""
+        cols = {k: v.detach().float().cpu().tolist() for k, v in self._last.items()}
+        return [{k: cols[k][i] for k in cols} for i in range(self.S)]
+
+    def export(self, i: int, metadata: dict) -> SAE:
+        cfg = self.cfg
+        threshold = None
+        if cfg.architecture == "batchtopk":
+            theta = float(self.thr_sum[i]) / max(1, int(self.thr_count[i]))
+            threshold = torch.full((self.n,), theta)
+        return SAE(W_enc=self.W_enc[i].detach().float().cpu().contiguous(),
+                   W_dec=self.W_dec[i].detach().float().cpu(),
+                   b_enc=self.b_enc[i].detach().float().cpu(),
+                   b_dec=self.b_dec[i].detach().float().cpu(),
+                   architecture=cfg.architecture, threshold=threshold, k=cfg.k,
+                   apply_b_dec_to_input=True, input_scale=self.scales[i],
+                   batchtopk_inference="jumprelu", metadata=metadata)
+
+    # --- checkpoints: one SAETrainer-shaped state per SAE, so either engine can resume ---------
+    def state_dict(self, i: int) -> dict:
+        opt = self.opt.state_dict()
+        per = {j: {k: (v[i].clone() if torch.is_tensor(v) and v.dim() > 0 else v)
+                   for k, v in st.items()} for j, st in opt["state"].items()}
+        m = self.metrics()[i] if self._last else {}
+        return {"params": [p[i].detach().clone() for p in self.params],
+                "opt": {"state": per, "param_groups": opt["param_groups"]},
+                "input_scale": None if self.scale is None else self.scales[i],
+                "step_i": self.step_i, "since_fired": self.since_fired[i].clone(),
+                "fired_ever": self.fired_ever[i].clone(),
+                "thr": (float(self.thr_sum[i]), int(self.thr_count[i])), "last": m}
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        dev = self.W_enc.device
+        with torch.no_grad():
+            for j, p in enumerate(self.params):
+                p.copy_(torch.stack([s["params"][j] for s in states]).to(dev))
+        opt = self.opt.state_dict()
+        first = states[0]["opt"]["state"]
+        opt["state"] = {j: {k: (torch.stack([s["opt"]["state"][j][k] for s in states]).to(dev)
+                                if torch.is_tensor(v) and v.dim() > 0 else v)
+                            for k, v in st.items()} for j, st in first.items()}
+        opt["param_groups"] = states[0]["opt"]["param_groups"]
+        self.opt.load_state_dict(opt)
+        self.scales = [s["input_scale"] for s in states]
+        self.scale = None if self.scales[0] is None else torch.tensor(self.scales, device=dev)
+        self.step_i = states[0]["step_i"]
+        self.since_fired.copy_(torch.stack([s["since_fired"] for s in states]))
+        self.fired_ever.copy_(torch.stack([s["fired_ever"] for s in states]))
+        self.thr_sum.copy_(torch.tensor([float(s["thr"][0]) for s in states]))
+        self.thr_count.copy_(torch.tensor([int(s["thr"][1]) for s in states]))
+
+
+class _OneSAE:
+    """A SAETrainer behind StackedTrainer's group interface (a group of one, x [1, ...])."""
+
+    engine = "sparse"
+
+    def __init__(self, trainer: SAETrainer):
+        self.t = trainer
+
+    @property
+    def input_scale(self):
+        return self.t.input_scale
+
+    @property
+    def step_i(self):
+        return self.t.step_i
+
+    def init_from(self, x):
+        self.t.init_from(x[0])
+
+    def step(self, x):
+        self.t.step(x[0])
+
+    def metrics(self):
+        return [self.t.last]
+
+    def export(self, i, metadata):
+        return self.t.export(metadata)
+
+    def state_dict(self, i):
+        return self.t.state_dict()
+
+    def load_state_dicts(self, states):
+        self.t.load_state_dict(states[0])
+
+
+def _make_groups(model, cfg: TrainConfig, slots, steps_total, device, enc_dtype):
+    """[(slots, trainer)]: one stacked trainer per input width, or one SAETrainer per slot."""
+    engine = cfg.engine
+    if engine == "auto":
+        engine = "stacked" if torch.device(device).type == "cuda" else "sparse"
+    seed = {s: cfg.seed * 100_003 + i for i, s in enumerate(slots)}
+    if engine == "sparse":
+        return [([s], _OneSAE(SAETrainer(model.width(s[0]), cfg, steps_total, device, seed[s],
+                                         enc_dtype))) for s in slots]
+    by_width: dict[int, list] = {}
+    for s in slots:
+        by_width.setdefault(model.width(s[0]), []).append(s)
+    return [(group, StackedTrainer(w, cfg, steps_total, device, [seed[s] for s in group],
+                                   enc_dtype)) for w, group in by_width.items()]
+
+
+# --- the family loop --------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    pack: Pack
+    wall_seconds: float
+    tokens: int
+    metrics: dict
+
+
+def count_tokens(corpus: Corpus, tokenizer, cfg: TrainConfig, limit: int) -> int:
+    """Content tokens the corpus can give (stops counting at `limit`)."""
+    n = 0
+    for b in corpus.token_batches(tokenizer, cfg.model_batch, cfg.ctx_len):
+        n += int(b.content_mask().sum())
+        if n >= limit:
+            break
+    return n
+
+
+def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
+                 overwrite: bool = False, progress: bool = True,
+                 stop_after_chunks: int | None = None) -> TrainResult:
+    """Train every (position, layer) SAE of `cfg` from one pass over the corpus; write a pack.
+
+    Resumes from OUT.ckpt/ when it holds a checkpoint of the same configuration.
+    stop_after_chunks: stop (as if interrupted) after that many chunks, for tests.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    cfg = TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)})
+    cfg.layers = cfg.layers if cfg.layers is not None else list(range(model.n_layers))
+    cfg.validate(model)
+    ckpt_dir = out.with_name(out.name + ".ckpt")
+    ident = {"model": model.name, **cfg.identity()}
+    if (out / PACK_MANIFEST).is_file() and not overwrite:
+
+        existing = load_pack(out)
+        if existing.provenance.get("train_config") == ident:
+            return TrainResult(existing, existing.provenance.get("wall_seconds", 0.0),
+                               existing.provenance.get("tokens", 0), {})
+        raise FileExistsError(f"{out} holds a different pack; pass --overwrite to replace it, "
+                              f"or choose another --out")
+    if out.exists() and not (out / PACK_MANIFEST).is_file() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not a saeflow pack; refusing to write there "
+                              f"(pass --overwrite, or choose another --out)")
+
+    corpus = Corpus.from_spec(cfg.corpus, seed=cfg.seed)
+    device = model.device
+    enc_dtype = resolve_dtype(cfg.encoder_dtype, device)
+    cap_dtype = resolve_dtype(cfg.model_dtype, device)
+    slots = [(p, L) for p in cfg.positions for L in cfg.layers]
+    steps_per_chunk = cfg.chunk_tokens // cfg.batch_size
+    n_chunks = math.ceil(cfg.tokens / cfg.chunk_tokens)
+    steps_total = n_chunks * steps_per_chunk
+
+    state = None
+    if (ckpt_dir / CKPT_FILE).is_file():
+        state = torch.load(ckpt_dir / CKPT_FILE, map_location=device, weights_only=False)
+        if state.get("ident") != ident:
+            raise FileExistsError(f"{ckpt_dir} holds a checkpoint of a different training run; "
+                                  f"delete it or pass --overwrite")
+    elif ckpt_dir.exists() and overwrite:
+        shutil.rmtree(ckpt_dir)
+    if state is None:
+        have = count_tokens(corpus, model.tokenizer, cfg, cfg.tokens)
+        if have < cfg.tokens:
+            raise ValueError(f"the corpus {cfg.corpus!r} has only {have} training tokens, fewer "
+                             f"than --tokens {cfg.tokens}; lower --tokens or add sources "
+                             f"with --corpus")
+
+    groups = _make_groups(model, cfg, slots, steps_total, device, enc_dtype)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    chunk_i, wall_before = 0, 0.0
+    if state is not None:
+        for group, t in groups:
+            t.load_state_dicts([state["saes"][s] for s in group])
+        gen.set_state(state["rng"].cpu())  # map_location moved it; a Generator wants a CPU tensor
+        chunk_i, wall_before = state["chunk"], state["wall"]
+    last_of: dict = {}
+
+    orig_dtype = model.dtype
+    backup = None
+    if cap_dtype != orig_dtype:
+        # A dtype round trip would leave the caller's weights rounded: restore them exactly.
+        backup = {k: v.detach().to("cpu", copy=True) for k, v in model.hf.state_dict().items()}
+        model.hf.to(cap_dtype)
+    points = [HookPoint(p, L) for p, L in slots]
+    t_start = time.perf_counter()
+    last_ckpt = time.perf_counter()
+    bar = tqdm(total=n_chunks * cfg.chunk_tokens, initial=chunk_i * cfg.chunk_tokens, unit="tok",
+               unit_scale=True, desc=f"training {len(slots)} SAEs", disable=not progress,
+               smoothing=0.1)
+
+    def save_ckpt():
+        tmp = ckpt_dir / (CKPT_FILE + ".tmp")
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"ident": ident, "chunk": chunk_i, "rng": gen.get_state(),
+                    "wall": wall_before + time.perf_counter() - t_start,
+                    "saes": {s: t.state_dict(i) for group, t in groups
+                             for i, s in enumerate(group)}}, tmp)
+        os.replace(tmp, ckpt_dir / CKPT_FILE)
+
+    try:
+        batches = corpus.token_batches(model.tokenizer, cfg.model_batch, cfg.ctx_len)
+        # Skip what earlier runs consumed: tokenising only.
+        buffers: dict = {s: [] for s in slots}
+        n_buf = 0
+        chunk_seen, skip_chunks = 0, chunk_i  # chunks done by earlier runs
+        for b in batches:
+            if chunk_seen < skip_chunks:
+                n_buf += int(b.content_mask().sum())
+                if n_buf >= cfg.chunk_tokens:
+                    chunk_seen += 1
+                    n_buf = 0
+                continue
+            if chunk_i >= n_chunks:
+                break
+            mask = b.content_mask()
+            acts = capture(model, b.input_ids, points, attention_mask=b.attention_mask)
+            m = mask.to(device)
+            for (p, L), a in zip(slots, (acts[pt] for pt in points)):
+                buffers[(p, L)].append(a[m])
+            n_buf += int(mask.sum())
+            if n_buf < cfg.chunk_tokens:
+                continue
+            # A full chunk: shuffle and train each SAE on exactly chunk_tokens tokens.
+            perm = torch.randperm(n_buf, generator=gen)[:cfg.chunk_tokens].to(device)
+            for group, t in groups:
+                x = torch.stack([torch.cat(buffers[s])[perm] for s in group])  # [S, N, d_in]
+                for s in group:
+                    buffers[s] = []
+                if t.input_scale is None:
+                    t.init_from(x)
+                for b0 in range(0, x.shape[1], cfg.batch_size):
+                    try:
+                        t.step(x[:, b0:b0 + cfg.batch_size])
+                    except TrainingError as e:
+                        raise TrainingError(
+                            f"{e} in the SAE at {group[0][0]} layer {group[0][1]} (step "
+                            f"{t.step_i}); stopped. The last good checkpoint is kept in "
+                            f"{ckpt_dir}; try a lower --lr") from None
+                for s, m in zip(group, t.metrics()):  # once per chunk: one host sync per group
+                    if not math.isfinite(m["loss"]) or m["fvu"] > 1e3:
+                        raise TrainingError(
+                            f"loss is {m['loss']} (FVU {m['fvu']:.3g}) in the SAE at {s[0]} "
+                            f"layer {s[1]} (step {t.step_i}); stopped. The last good checkpoint "
+                            f"is kept in {ckpt_dir}; try a lower --lr")
+                    last_of[s] = m
+            n_buf = 0
+            chunk_i += 1
+            bar.update(cfg.chunk_tokens)
+            lasts = list(last_of.values())
+            bar.set_postfix(fvu=f"{sum(x['fvu'] for x in lasts) / len(lasts):.3f}",
+                            l0=f"{sum(x['l0'] for x in lasts) / len(lasts):.1f}",
+                            dead=f"{sum(x['dead'] for x in lasts) / len(lasts):.3f}")
+            if stop_after_chunks is not None and chunk_i >= stop_after_chunks and chunk_i < n_chunks:
+                save_ckpt()
+                raise KeyboardInterrupt("stop_after_chunks")
+            if time.perf_counter() - last_ckpt > cfg.checkpoint_every_s and chunk_i < n_chunks:
+                save_ckpt()
+                last_ckpt = time.perf_counter()
+        if chunk_i < n_chunks:
+            raise ValueError(f"the corpus ran out after {chunk_i} of {n_chunks} chunks")
+    finally:
+        bar.close()
+        if backup is not None:  # leave the caller's model as it was, whatever happened
+            model.hf.to(orig_dtype)
+            model.hf.load_state_dict(backup)
+
+    wall = wall_before + time.perf_counter() - t_start
+    metrics = {f"{p}/{L}": last_of.get((p, L), {}) for p, L in slots}
+    prov = {"trained_by": f"saeflow {__version__}", "model": model.name, "model_source": model.source,
+            "corpus": corpus.describe(), "tokens": n_chunks * cfg.chunk_tokens, "seed": cfg.seed,
+            "wall_seconds": round(wall, 1), "train_config": ident,
+            "capture_dtype": str(cap_dtype).removeprefix("torch."),
+            "engine": groups[0][1].engine,
+            "encoder_dtype": str(enc_dtype).removeprefix("torch."), "final_train_metrics": metrics}
+    exported = {s: t.export(i, {"position": s[0], "layer": s[1]})
+                for group, t in groups for i, s in enumerate(group)}
+    saes = ((p, L, exported[(p, L)]) for p, L in slots)
+    pack = save_pack(saes, out, model_name=model.name, d_model=model.d_model,
+                     n_layers=model.n_layers, provenance=prov, overwrite=True)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return TrainResult(pack, wall, n_chunks * cfg.chunk_tokens, metrics)

@@ -1,0 +1,2 @@
+"""Interventions: steering plans, generation under edits, deactivation experiments, steering
+scores and sweeps."""
