@@ -82,3 +82,42 @@ class SweepError(SaeflowError, ValueError):
 
 class PipelineError(SaeflowError, ValueError):
     """A pipeline that cannot run as asked."""
+
+
+class ConfigError(SaeflowError, ValueError):
+    """Settings that cannot be used as given (a width, a layer range, a token count...)."""
+
+
+class UsageError(SaeflowError, ValueError):
+    """A command given an impossible combination of options."""
+
+
+class ModelError(SaeflowError, ValueError):
+    """A model, device or dtype that cannot be loaded or used as asked."""
+
+
+class CorpusError(SaeflowError, ValueError):
+    """Text sources that cannot be read, or that give too few tokens."""
+
+
+class HookError(SaeflowError, ValueError):
+    """A hook point that is malformed, or an edit that returned the wrong shape."""
+
+
+class HookNotFiredError(SaeflowError, RuntimeError):
+    """A forward pass ended before reaching every requested hook point."""
+
+
+class MissingSAEError(SaeflowError, KeyError):
+    """A pack asked for an SAE at a layer and position it does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AppError(SaeflowError, RuntimeError):
+    """The web app cannot start or serve as asked (a missing asset, no model for steering)."""
+
+
+class MissingDependencyError(SaeflowError, ImportError):
+    """An optional package that this feature needs is not installed (the message names it)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from saeflow.app.views import graph_json
+from saeflow.errors import AppError
 from saeflow.ids import feature_id, parse_feature
 from saeflow.lm.hooks import HookPoint, capture
 from saeflow.lm.model import load_model
@@ -40,7 +41,7 @@ class LiveModel:
         with self._lock:
             if self._model is None:
                 if self.model_spec is None:
-                    raise RuntimeError("this server has no model: start it with --model "
+                    raise AppError("this server has no model: start it with --model "
                                        "(and --pack) to steer and to read prompts")
 
                 self._model = load_model(self.model_spec)

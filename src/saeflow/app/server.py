@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from saeflow._version import __version__
 from saeflow.app.live import LiveModel
 from saeflow.app.views import MAX_GRAPH_NODES, NotFound, RunData, jsonable
-from saeflow.errors import FlowError
+from saeflow.errors import AppError, FlowError
 from saeflow.features.dashboards import feature_dashboard
 from saeflow.ids import parse_feature
 from saeflow.steering.generate import MAX_NEW_TOKENS, MAX_SAMPLES, SamplingConfig
@@ -43,7 +43,7 @@ def plotly_bundle() -> Path:
 
     path = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
     if not path.is_file():
-        raise RuntimeError(f"plotly's bundled plotly.min.js is missing at {path}; "
+        raise AppError(f"plotly's bundled plotly.min.js is missing at {path}; "
                            f"reinstall plotly")
     return path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from saeflow.errors import ConfigError
 from saeflow.evolution.tables import StatsRun
 from saeflow.features.tables import open_index
 from saeflow.flow.predecessors import open_flow
@@ -111,7 +112,7 @@ def communities(stats: StatsRun, floor: float = 0.1, resolution: float = 1.0,
                                                                    seed=seed)):
             member[list(nodes)] = c
     else:
-        raise ValueError("method must be leiden or louvain")
+        raise ConfigError("method must be leiden or louvain")
     parts = pd.Series(names).str.split("/", expand=True)
     df = pd.DataFrame({"id": names, "layer": parts[0].astype(int), "position": parts[1],
                        "feature": parts[2].astype(int), "community": member})

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from saeflow.errors import FeatureIndexError
 from saeflow.features.tables import open_index
 from saeflow.store import write_json_atomic
 
@@ -82,7 +83,7 @@ def export_dashboards(run: str | os.PathLike, out: str | os.PathLike | None = No
     slots = slots or sorted(have, key=lambda s: (int(s.split("/")[0]), s))
     unknown = [s for s in slots if s not in have]
     if unknown:
-        raise ValueError(f"the index has no SAE at {', '.join(unknown)}; it has "
+        raise FeatureIndexError(f"the index has no SAE at {', '.join(unknown)}; it has "
                          f"{', '.join(sorted(have)[:12])}")
     out = Path(out) if out else Path(run) / DASHBOARD_DIR
     out.mkdir(parents=True, exist_ok=True)

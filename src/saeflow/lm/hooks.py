@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from saeflow.errors import HookError, HookNotFiredError
 from saeflow.lm.hookpoints import check_position
 from saeflow.lm.model import LoadedModel
 
@@ -41,7 +42,7 @@ class HookPoint:
             layer, position = text.split("/")
             return cls(position, int(layer))
         except ValueError as e:
-            raise ValueError(f"hook point {text!r} should look like '12/resid_post'") from e
+            raise HookError(f"hook point {text!r} should look like '12/resid_post'") from e
 
 
 class _StopForward(Exception):
@@ -113,7 +114,7 @@ class Hooks:
         if edit is not None:
             new = edit(act)
             if new is not None and new.shape != act.shape:
-                raise ValueError(f"edit at {point} returned shape {tuple(new.shape)}, "
+                raise HookError(f"edit at {point} returned shape {tuple(new.shape)}, "
                                  f"expected {tuple(act.shape)}")
         if point in self._capture_set:
             seen = new if new is not None else act
@@ -168,7 +169,7 @@ def capture(model: LoadedModel, input_ids: torch.Tensor, points: Iterable[HookPo
         body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     missing = [str(p) for p in points if p not in h.activations]
     if missing:
-        raise RuntimeError(f"hook points never fired: {missing}")
+        raise HookNotFiredError(f"hook points never fired: {missing}")
     return h.activations
 
 

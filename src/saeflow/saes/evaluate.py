@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from saeflow.errors import CorpusError
 from saeflow.lm.corpora import Corpus
 from saeflow.lm.hooks import HookPoint, Hooks, capture
 from saeflow.lm.model import LoadedModel
@@ -126,7 +127,7 @@ def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens:
                 break
     bar.close()
     if seen == 0:
-        raise ValueError("the held-out split gave no tokens")
+        raise CorpusError("the held-out split gave no tokens")
 
     # Pass 2: splicing.
     ce = _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, progress)
@@ -219,7 +220,7 @@ def _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, prog
                 break
     bar.close()
     if n_tok == 0:
-        raise ValueError("the held-out split gave no tokens to score")
+        raise CorpusError("the held-out split gave no tokens to score")
     n_r, clean_r = np.concatenate(row_n), np.concatenate(row_clean)
     per_sae = {}
     for s, v in totals.items():

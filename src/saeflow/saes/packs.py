@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 import saeflow.saes.formats as fmt
 from saeflow._version import __version__
-from saeflow.errors import PackError, SAEFormatError
+from saeflow.errors import MissingSAEError, PackError, SAEFormatError
 from saeflow.lm.hookpoints import POSITIONS, check_position, raw_position, written_hook_name
 from saeflow.saes.formats import SAEInfo
 from saeflow.saes.sae import SAE
@@ -74,7 +74,7 @@ class Pack:
             return self.entries[(position, int(layer))]
         except KeyError:
             have = ", ".join(f"{p}/{L}" for p, L in sorted(self.entries)[:8])
-            raise KeyError(f"the pack at {self.root} has no SAE at {position} layer {layer} "
+            raise MissingSAEError(f"the pack at {self.root} has no SAE at {position} layer {layer} "
                            f"(it has {len(self.entries)} SAEs, e.g. {have})") from None
 
     def missing(self, n_layers: int | None = None,

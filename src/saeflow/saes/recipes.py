@@ -9,6 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from saeflow.errors import ConfigError
 from saeflow.lm.model import load_model
 from saeflow.saes.packs import PACK_MANIFEST, Pack, load_pack
 from saeflow.saes.train import TrainConfig, train_family
@@ -35,14 +36,14 @@ def embedded_pack_dir(profile: str = "default") -> Path:
 def ensure_embedded_pack(profile: str = "default", model=None, progress: bool = True) -> Pack:
     """The embedded model's pack for `profile`, trained into the cache if it is not there."""
     if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+        raise ConfigError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
     out = embedded_pack_dir(profile)
     if (out / PACK_MANIFEST).is_file():
         return load_pack(out)
 
     model = model or load_model("embedded")
     if model.name != "gemma-3-270m":
-        raise ValueError("the embedded pack is trained on the embedded model")
+        raise ConfigError("the embedded pack is trained on the embedded model")
     print(f"[saeflow] training the embedded '{profile}' SAE pack once into {out} "
           f"(it is cached after this; Ctrl-C is safe, the same command resumes)", flush=True)
     return train_family(model, PROFILES[profile], out, progress=progress).pack

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from saeflow.errors import SAEShapeError
+from saeflow.errors import ConfigError, SAEShapeError
 
 ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "relu", "groupmax")
 
@@ -38,7 +38,7 @@ class SAE:
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown SAE architecture {self.architecture!r}; "
+            raise ConfigError(f"unknown SAE architecture {self.architecture!r}; "
                              f"supported: {', '.join(ARCHITECTURES)}")
         if self.W_enc.ndim != 2 or self.W_dec.ndim != 2:
             raise SAEShapeError("W_enc and W_dec must be 2-D ([d_in, d_sae] and [d_sae, d_in])")
@@ -53,21 +53,21 @@ class SAE:
                     f"{name} has shape {tuple(t.shape)}, expected {shape} for W_enc {(d_in, d_sae)}"
                 )
         if self.architecture == "jumprelu" and self.threshold is None:
-            raise ValueError("a JumpReLU SAE needs a threshold tensor [d_sae]")
+            raise ConfigError("a JumpReLU SAE needs a threshold tensor [d_sae]")
         if self.architecture == "topk" and not self.k:
-            raise ValueError("a TopK SAE needs k")
+            raise ConfigError("a TopK SAE needs k")
         if self.architecture == "groupmax" and (not self.k or d_sae % self.k):
-            raise ValueError(f"a GroupMax SAE needs k groups that divide d_sae {d_sae}; "
+            raise ConfigError(f"a GroupMax SAE needs k groups that divide d_sae {d_sae}; "
                              f"got k={self.k}")
         if self.architecture == "batchtopk":
             if self.batchtopk_inference not in ("jumprelu", "topk"):
-                raise ValueError("batchtopk_inference must be 'jumprelu' or 'topk'")
+                raise ConfigError("batchtopk_inference must be 'jumprelu' or 'topk'")
             if self.batchtopk_inference == "jumprelu" and self.threshold is None:
-                raise ValueError("BatchTopK inference as JumpReLU needs the exported threshold")
+                raise ConfigError("BatchTopK inference as JumpReLU needs the exported threshold")
             if self.batchtopk_inference == "topk" and not self.k:
-                raise ValueError("BatchTopK inference as TopK needs k")
+                raise ConfigError("BatchTopK inference as TopK needs k")
         if not (self.input_scale > 0):
-            raise ValueError(f"input_scale must be > 0, got {self.input_scale}")
+            raise ConfigError(f"input_scale must be > 0, got {self.input_scale}")
 
     # --- shape facts ----------------------------------------------------------------------
     @property
@@ -192,14 +192,14 @@ class SAE:
         if sae.activation == "jumprelu":
             theta = sae.threshold.float()
             if (theta <= 0).any():
-                raise ValueError("threshold folding needs all thresholds > 0")
+                raise ConfigError("threshold folding needs all thresholds > 0")
             t = theta.to(sae.dtype)
             return sae._replace(W_enc=sae.W_enc / t, b_enc=sae.b_enc / t,
                                 W_dec=sae.W_dec * t[:, None], threshold=torch.ones_like(t),
                                 metadata={**sae.metadata, "folded": "threshold"})
         norms = sae.decoder_norms().clamp_min(1e-12)
         if sae.activation in ("topk", "groupmax") and (norms.max() - norms.min()) > 1e-3 * norms.max():
-            raise ValueError(f"decoder-norm folding of a {sae.activation} SAE with unequal decoder "
+            raise ConfigError(f"decoder-norm folding of a {sae.activation} SAE with unequal decoder "
                              "norms would "
                              "change which features are selected; use unit_directions() instead")
         n = norms.to(sae.dtype)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from saeflow._version import __version__
-from saeflow.errors import TrainingError
+from saeflow.errors import ConfigError, TrainingError
 from saeflow.lm.corpora import Corpus
 from saeflow.lm.hookpoints import check_position
 from saeflow.lm.hooks import HookPoint, capture
@@ -75,26 +75,26 @@ class TrainConfig:
 
     def validate(self, model: LoadedModel) -> None:
         if self.width <= 0:
-            raise ValueError(f"--width must be positive, got {self.width}")
+            raise ConfigError(f"--width must be positive, got {self.width}")
         if not 0 < self.k < self.width:
-            raise ValueError(f"--k must be in 1..width-1 (k={self.k}, width={self.width}); "
+            raise ConfigError(f"--k must be in 1..width-1 (k={self.k}, width={self.width}); "
                              f"a TopK SAE with k >= width is not sparse")
         if self.architecture not in ("topk", "batchtopk"):
-            raise ValueError("--architecture must be topk or batchtopk")
+            raise ConfigError("--architecture must be topk or batchtopk")
         if not self.positions:
-            raise ValueError("no positions to train")
+            raise ConfigError("no positions to train")
         for p in self.positions:
             check_position(p)
             if p not in model.arch.sites:
-                raise ValueError(f"the {model.arch.family} architecture has no position {p!r}")
+                raise ConfigError(f"the {model.arch.family} architecture has no position {p!r}")
         for L in self.layers or []:
             model.check_layer(L)
         if self.tokens < self.batch_size:
-            raise ValueError(f"--tokens {self.tokens} is less than one batch ({self.batch_size})")
+            raise ConfigError(f"--tokens {self.tokens} is less than one batch ({self.batch_size})")
         if self.chunk_tokens < self.batch_size:
-            raise ValueError("chunk_tokens must be at least batch_size")
+            raise ConfigError("chunk_tokens must be at least batch_size")
         if self.engine not in ("auto", "sparse", "stacked"):
-            raise ValueError("engine must be auto, sparse or stacked")
+            raise ConfigError("engine must be auto, sparse or stacked")
 
     def identity(self) -> dict:
         """The fields that define the result (not how often it checkpoints)."""
@@ -601,7 +601,7 @@ def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
     if state is None:
         have = count_tokens(corpus, model.tokenizer, cfg, cfg.tokens)
         if have < cfg.tokens:
-            raise ValueError(f"the corpus {cfg.corpus!r} has only {have} training tokens, fewer "
+            raise ConfigError(f"the corpus {cfg.corpus!r} has only {have} training tokens, fewer "
                              f"than --tokens {cfg.tokens}; lower --tokens or add sources "
                              f"with --corpus")
 
@@ -697,7 +697,7 @@ def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
                 save_ckpt()
                 last_ckpt = time.perf_counter()
         if chunk_i < n_chunks:
-            raise ValueError(f"the corpus ran out after {chunk_i} of {n_chunks} chunks")
+            raise ConfigError(f"the corpus ran out after {chunk_i} of {n_chunks} chunks")
     finally:
         bar.close()
         if backup is not None:  # leave the caller's model as it was, whatever happened
