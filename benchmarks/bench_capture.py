@@ -89,10 +89,10 @@ def _random_model(config_path, device, dtype):
 
 def _measure(model, batches, args):
     from saeflow import POSITIONS, HookPoint, capture
-    from saeflow.lm.hooks import _body
+    from saeflow.lm.hooks import model_body
 
     n_tok = sum(b.numel() for b in batches)
-    body = _body(model)
+    body = model_body(model)
     dev = model.device
 
     def sync():

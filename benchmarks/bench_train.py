@@ -58,7 +58,7 @@ def main() -> None:
     from saeflow import HookPoint, capture, load_model
     from saeflow.lm.corpora import Corpus
     from saeflow.lm.hookpoints import parse_layers
-    from saeflow.lm.hooks import _body
+    from saeflow.lm.hooks import model_body
     from saeflow.lm.model import resolve_dtype
     from saeflow.saes.train import SAETrainer, StackedTrainer, TrainConfig, train_family
 
@@ -86,7 +86,7 @@ def main() -> None:
 
     # (a) plain forward
     model.hf.to(cap_dtype)
-    body = _body(model)
+    body = model_body(model)
     with torch.inference_mode():
         body(input_ids=batches[0].input_ids.to(dev), use_cache=False)
         _sync(dev)

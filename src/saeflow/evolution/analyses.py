@@ -2,6 +2,8 @@
 empirical predecessor groups, and agreement between data-free and data-driven links."""
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pandas as pd
 
@@ -191,7 +193,7 @@ def write_evolution_outputs(run, stats: StatsRun, pack, *, pass_threshold: float
                             gate_threshold: float = 0.999, gate_min_count: int = 5,
                             gate_max_up_density: float = 0.4, gate_min_up_count: int = 20,
                             community_floor: float = 0.1, resolution: float = 1.0,
-                            method: str = "leiden") -> dict:
+                            method: Literal["leiden", "louvain"] = "leiden") -> dict:
     """Tables, JSON and figures of every analysis into RUN/stats/; returns a summary."""
     import json
 

@@ -14,6 +14,7 @@ of the reference follows exactly:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from saeflow.lm.corpora import Corpus
 from saeflow.lm.hooks import HookPoint, capture
 from saeflow.lm.model import resolve_dtype
 from saeflow.saes.packs import pack_fingerprint
-from saeflow.saes.scan import ScanSpec, load_saes, scan
+from saeflow.saes.scan import CorpusPassConfig, ScanSpec, load_saes, scan
 from saeflow.store import write_json_atomic
 
 
@@ -300,19 +301,15 @@ def dense_reference(z_up: torch.Tensor, z_down: torch.Tensor, act_up=None, act_d
 
 
 @dataclass
-class StatsConfig:
-    tokens: int = 200_000
-    corpus: str = "wiki=0.8,python=0.2"
-    seed: int = 0
-    batch_size: int = 32
-    ctx_len: int = 128
-    pairs: str = "adjacent"  # adjacent | flow | both
-    positions: str = "resid_post"  # adjacent pairs at these positions (comma list, or "all")
-    active: str = "zero"  # zero (z > 0) | frac:F (z > F * the feature's max)
-    top_k: int = 10  # kept per row and per column (by Pearson)
+class StatsConfig(CorpusPassConfig):
+    pairs: Literal["adjacent", "flow", "both"] = "adjacent"  # SAE pairs: adjacent layers, the flow's module pairs, or both
+    # adjacent pairs at these positions (comma list, or all); each pair of 4096-wide SAEs holds
+    # 192 MB of sums
+    positions: str = "resid_post"
+    active: str = "zero"  # zero (z > 0) or frac:F (z > F * the feature's max)
+    top_k: int = 10  # pairs kept per row and per column (by Pearson)
     floor: float = 0.1  # and every pair with |Pearson| or Jaccard at or above it
-    encoder_dtype: str = "auto"
-    checkpoint_every_s: float = 600.0  # the state holds every pair's sums: save rarely
+    checkpoint_every_s: float = 600.0  # seconds between saved states (they hold every pair's sums)
 
     def identity(self) -> dict:
         from dataclasses import asdict

@@ -33,23 +33,17 @@ from saeflow.features.tables import (
 )
 from saeflow.lm.corpora import TokenBatch
 from saeflow.saes.packs import pack_fingerprint
-from saeflow.saes.scan import ScanSpec, scan
+from saeflow.saes.scan import CorpusPassConfig, ScanSpec, scan
 
 
 @dataclass
-class IndexConfig:
-    tokens: int = 200_000
-    corpus: str = "wiki=0.8,python=0.2"
-    seed: int = 0
-    batch_size: int = 32
-    ctx_len: int = 128
-    n_top: int = 16
-    n_samples: int = 8
-    window_left: int = 10
-    window_right: int = 3
-    n_logits: int = 10
-    encoder_dtype: str = "auto"  # auto: bf16 on CPU, model dtype elsewhere
-    checkpoint_every_s: float = 120.0
+class IndexConfig(CorpusPassConfig):
+    n_top: int = 16  # top contexts kept per feature
+    n_samples: int = 8  # random contexts kept per feature (a bottom-k sketch)
+    window_left: int = 10  # tokens kept left of the activating token
+    window_right: int = 3  # tokens kept right of it
+    n_logits: int = 10  # logit-lens tokens kept per feature and sign
+    checkpoint_every_s: float = 120.0  # seconds between saved states (a killed pass resumes)
 
     def identity(self) -> dict:
         d = asdict(self)

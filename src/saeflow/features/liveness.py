@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from saeflow.features.tables import open_index
-from saeflow.lm.corpora import Corpus
+from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
 from saeflow.lm.hooks import HookPoint, capture
 from saeflow.saes.packs import pack_fingerprint
 from saeflow.store import cache_dir
@@ -96,7 +96,7 @@ def liveness_from_index(run: str | os.PathLike, pack=None,
 
 
 def firing_pass(pack, model, tokens: int = DEFAULT_FIRING_TOKENS,
-                corpus: str = "wiki=0.8,python=0.2", min_density: float = DEFAULT_MIN_DENSITY,
+                corpus: str = DEFAULT_SPEC, min_density: float = DEFAULT_MIN_DENSITY,
                 progress: bool = False) -> Liveness:
     """Count every latent's firings over `tokens` corpus tokens (one forward per batch, every
     SAE of the pack); cached by pack content, tokens and corpus."""

@@ -248,14 +248,14 @@ def _rerank(A: Directions, B: Directions, cand: torch.Tensor, k: int, block: int
                              for j in range(c.shape[1])], dim=1)  # [ba, kc]
         else:
             uniq, inv = torch.unique(c.cpu(), return_inverse=True)
-            rows = _gather_rows(B, uniq).to(dev)
+            rows = gather_rows(B, uniq).to(dev)
             s = torch.einsum("ad,akd->ak", a, rows[inv.to(dev)])  # [ba, kc]
         v, pos = s.topk(k, dim=1)
         out_v[a0:a0 + a.shape[0]], out_i[a0:a0 + a.shape[0]] = v.cpu(), c.gather(1, pos).cpu()
     return out_v, out_i
 
 
-def _gather_rows(D: Directions, idx: torch.Tensor, block: int = 8192) -> torch.Tensor:
+def gather_rows(D: Directions, idx: torch.Tensor, block: int = 8192) -> torch.Tensor:
     """Unit rows D[idx] (idx sorted ascending), reading D block by block."""
     out = torch.empty(len(idx), D.d)
     for b0 in range(0, D.n, block):
@@ -297,7 +297,7 @@ def null_top1(A, B, n: int = 2048, kind: str = "shuffle", seed: int = 0, **kw) -
     dev = torch.device(kw.get("device") or "cpu")
     if kind == "shuffle":
         rows = torch.randperm(A.n, generator=g)[:n].sort().values
-        X = _gather_rows(A, rows)  # [n, d]
+        X = gather_rows(A, rows)  # [n, d]
         # the argsort of n x d random keys is the costly part; it runs where the matching does
         perm = torch.argsort(torch.rand(X.shape, generator=g).to(dev), dim=1)
         X = X.to(dev).gather(1, perm).cpu()

@@ -24,6 +24,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -36,14 +37,13 @@ from saeflow.flow.match import (
     Directions,
     SafetensorsRows,
     TensorDirections,
-    _gather_rows,
+    gather_rows,
     null_top1,
     permutation_match,
     top_k_pairs,
 )
-from saeflow.flow.tables import _top1, _topk, predecessor_table, successor_table
+from saeflow.flow.tables import predecessor_table, successor_table
 from saeflow.ids import CLASSES, PRED_KINDS
-from saeflow.lm.hookpoints import check_position
 from saeflow.lm.model import (
     MAPPED_POSITIONS,
     RESIDUAL_SPACE,
@@ -54,7 +54,6 @@ from saeflow.lm.model import (
     resolve_device,
 )
 from saeflow.saes.packs import pack_fingerprint
-from saeflow.saes.recipes import open_pack
 from saeflow.store import cache_dir, save_npz_atomic, write_json_atomic, write_parquet_atomic
 
 FLOW_MANIFEST = "flow.json"
@@ -64,16 +63,16 @@ CACHE_VERSION = 1
 
 @dataclass
 class FlowConfig:
-    k: int = 5
-    method: str = "decoder"  # decoder | encoder | folded | permutation
-    precision: str = "fp32"  # fp32 (exact) | bf16 (bf16 ranking, exact fp32 re-scoring)
-    null: str = "shuffle"  # null model for default thresholds: shuffle | gaussian
-    null_samples: int = 2048
-    null_quantile: float = 0.99
-    seed: int = 0
+    k: int = 5  # matches kept per feature and predecessor kind
+    method: Literal["decoder", "encoder", "folded", "permutation"] = "decoder"  # which directions are matched
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 ranks in bf16 and re-scores the candidates exactly in fp32
+    null: Literal["shuffle", "gaussian"] = "shuffle"  # null model for the default class thresholds
+    null_samples: int = 2048  # null directions drawn per pair
+    null_quantile: float = 0.99  # the null's quantile that becomes the default threshold
+    seed: int = 0  # seed of the null model
     block_a: int | None = None  # rows of A per block; None: 1024 on a CPU, 8192 on a GPU
     block_b: int | None = None  # rows of B per block; None: 4096 on a CPU, 16384 on a GPU
-    memory_budget_mb: int = 512
+    memory_budget_mb: int = 512  # dictionaries larger than this are streamed from disk in blocks
     # where the similarity products run: "auto" (cuda when present, else the CPU), or a device
     # name. Results are the same up to fp32 rounding, so it is not part of the cache key.
     device: str = "auto"
@@ -239,7 +238,7 @@ def _live_subset(D, mask: np.ndarray | None):
     if mask is None or mask.all() or not mask.any():
         return D, None
     idx = np.flatnonzero(mask)
-    rows = _gather_rows(D, torch.from_numpy(idx))  # [n_live, d] the rows the matching uses
+    rows = gather_rows(D, torch.from_numpy(idx))  # [n_live, d] the rows the matching uses
     return TensorDirections(rows, normalized=True, label=D.label), idx
 
 
@@ -312,6 +311,13 @@ class FlowRun:
     @property
     def layers(self) -> list[int]:
         return list(self.manifest["layers"])
+
+    def check_pack(self, pack, name: str | None = None) -> None:
+        """Refuse a pack other than the one this flow was computed from."""
+        if pack_fingerprint(pack) != self.manifest["pack"]["fingerprint"]:
+            raise FlowError(f"{self.root} was computed from a different pack than "
+                            f"{name or pack.root} ({self.manifest['pack']['root']}); rerun "
+                            f"`saeflow flow`")
 
     def n_features(self, position: str, layer: int) -> int | None:
         return self.manifest["slots"].get(f"{layer}/{position}")
@@ -514,69 +520,3 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
     return open_flow(out)
 
 
-# --- any two SAEs ---------------------------------------------------------------------------
-def open_sae_slot(spec: str):
-    """'PATH' (a folder holding one SAE) or 'PATH@LAYER/POSITION' -> (pack, (position, layer))."""
-
-    path, _, slot = str(spec).partition("@")
-    pack = open_pack(path)
-    if slot:
-        try:
-            layer_s, position = slot.split("/")
-            key = (check_position(position), int(layer_s))
-        except ValueError:
-            raise FlowError(f"write the slot as PATH@LAYER/POSITION, e.g. {path}@12/resid_post; "
-                            f"got {spec!r}") from None
-        pack.info(*key)  # clear error if absent
-        return pack, key
-    if len(pack) != 1:
-        raise FlowError(f"{path} holds {len(pack)} SAEs; name one as {path}@LAYER/POSITION")
-    return pack, next(iter(pack.entries))
-
-
-def match_pair(a_spec: str, b_spec: str, method: str = "decoder", k: int = 5, model=None,
-               precision: str = "fp32", null_quantile: float = 0.99, null_samples: int = 2048):
-    """Match every feature of SAE A to SAE B. Returns (summary dict, pyarrow Table).
-
-    The table has one row per feature of A: `feature`, `s` (top-1 score), `match` (top-1 index),
-    `top` (the top-k), `mutual` (B's best match is this feature again).
-    """
-    import pyarrow as pa
-
-    cfg = FlowConfig(k=k, method=method, precision=precision, null_quantile=null_quantile,
-                     null_samples=null_samples)
-    (pa_, sa), (pb, sb) = open_sae_slot(a_spec), open_sae_slot(b_spec)
-    A = slot_directions(pa_, sa, method, model).materialize(cfg.memory_budget_mb << 20)
-    B = slot_directions(pb, sb, method, model).materialize(cfg.memory_budget_mb << 20)
-    if A.d != B.d:
-        raise FlowError(f"{a_spec} lives in width {A.d} and {b_spec} in width {B.d}; they cannot "
-                        f"be compared (map attn_z SAEs with --model)")
-    kw = cfg.match_kw(memory_budget=False)
-    if method == "permutation":
-        rows, cols, cos = permutation_match(A, B, **kw)
-        row_i = np.full((A.n, 1), -1, np.int64)
-        row_v = np.full((A.n, 1), np.nan, np.float32)
-        row_i[rows, 0], row_v[rows, 0] = cols, cos
-        mutual = row_i[:, 0] >= 0
-    else:
-        m = top_k_pairs(A, B, k=min(k, B.n, A.n), cols=True, precision=precision, **kw)
-        row_i, row_v = m.row_indices.numpy(), m.row_values.numpy()
-        back = m.col_indices.numpy()[:, 0]
-        mutual = back[row_i[:, 0]] == np.arange(A.n)
-    null = null_top1(A, B, n=null_samples, seed=0, **kw)
-    t_null = float(np.quantile(null, null_quantile))
-    s = row_v[:, 0]
-    valid = ~np.isnan(s)
-    s1, i1 = _top1(row_i, row_v, A.n)
-    table = pa.table({"feature": pa.array(np.arange(A.n, dtype=np.int32)), "s": s1,
-                      "match": i1, "top": _topk(row_i, row_v, A.n), "mutual": pa.array(mutual)})
-    summary = {"a": a_spec, "b": b_spec, "a_slot": f"{sa[1]}/{sa[0]}", "b_slot": f"{sb[1]}/{sb[0]}",
-               "n_a": A.n, "n_b": B.n, "method": method, "k": 1 if method == "permutation" else k,
-               "mean_top1": float(s[valid].mean()), "median_top1": float(np.median(s[valid])),
-               "null_threshold": t_null, "null_quantile": null_quantile,
-               "share_above_null": float((s[valid] >= t_null).mean()),
-               "share_mutual_top1": float(mutual.mean()),
-               "share_above_0.5": float((s[valid] >= 0.5).mean()),
-               "mapping": {"a": describe_mapping(model, sa[0]) if model else sa[0],
-                           "b": describe_mapping(model, sb[0]) if model else sb[0]}}
-    return summary, table

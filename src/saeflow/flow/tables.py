@@ -13,7 +13,7 @@ from saeflow.ids import PRED_KINDS
 TOPK_TYPE = pa.list_(pa.struct([("feature", pa.int32()), ("similarity", pa.float32())]))
 
 
-def _top1(idx: np.ndarray | None, val: np.ndarray | None, n: int) -> tuple[pa.Array, pa.Array]:
+def top1_columns(idx: np.ndarray | None, val: np.ndarray | None, n: int) -> tuple[pa.Array, pa.Array]:
     if idx is None:
         return pa.nulls(n, pa.float32()), pa.nulls(n, pa.int32())
     i, v = idx[:, 0], val[:, 0].astype(np.float32)
@@ -22,7 +22,7 @@ def _top1(idx: np.ndarray | None, val: np.ndarray | None, n: int) -> tuple[pa.Ar
             pa.array(i.astype(np.int32), type=pa.int32(), mask=missing))
 
 
-def _topk(idx: np.ndarray | None, val: np.ndarray | None, n: int) -> pa.Array:
+def topk_column(idx: np.ndarray | None, val: np.ndarray | None, n: int) -> pa.Array:
     if idx is None:
         return pa.nulls(n, TOPK_TYPE)
     k = idx.shape[1]
@@ -54,9 +54,9 @@ def predecessor_table(plans, results: dict, thresholds: dict, live: dict | None 
             has = p.preds[kind] is not None
             idx = r[f"{kind}_row_i"] if has else None
             val = r[f"{kind}_row_v"] if has else None
-            s, i = _top1(idx, val, n)
+            s, i = top1_columns(idx, val, n)
             cols[f"s_{kind}"], cols[f"pred_{kind}"] = s, i
-            cols[f"top_{kind}"] = _topk(idx, val, n)
+            cols[f"top_{kind}"] = topk_column(idx, val, n)
             scores[kind] = val[:, 0].astype(np.float64) if has else np.full(n, np.nan)
         t = thresholds[p.layer]
         cols["class"] = pa.array(classify(scores["res"], scores["mlp"], scores["attn"],
@@ -76,7 +76,7 @@ def successor_table(plans, results: dict, pack, live: dict | None = None) -> pa.
     tables, seen = [], set()
 
     def add(layer, position, n, next_layer, idx, val):
-        s, i = _top1(idx, val, n)
+        s, i = top1_columns(idx, val, n)
         nl = pa.nulls(n, pa.int16()) if next_layer is None else \
             pa.array(np.full(n, next_layer, np.int16))
         npos = pa.nulls(n, pa.string()) if next_layer is None else \
@@ -86,7 +86,7 @@ def successor_table(plans, results: dict, pack, live: dict | None = None) -> pa.
             "position": pa.array([position] * n, pa.string()),
             "feature": pa.array(np.arange(n, dtype=np.int32)),
             "next_layer": nl, "next_position": npos, "s_next": s, "next": i,
-            "top_next": _topk(idx, val, n), "live": _live_column(live, (position, layer), n)}))
+            "top_next": topk_column(idx, val, n), "live": _live_column(live, (position, layer), n)}))
         seen.add((position, layer))
 
     for p in plans:

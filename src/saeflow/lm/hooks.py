@@ -165,7 +165,7 @@ def capture(model: LoadedModel, input_ids: torch.Tensor, points: Iterable[HookPo
         attention_mask = attention_mask.to(model.device)
     h = Hooks(model, capture=points, stop_early=stop_early, to_cpu=to_cpu)
     with torch.inference_mode(), h:
-        body = _body(model) if stop_early else model.hf
+        body = model_body(model) if stop_early else model.hf
         body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     missing = [str(p) for p in points if p not in h.activations]
     if missing:
@@ -173,6 +173,6 @@ def capture(model: LoadedModel, input_ids: torch.Tensor, points: Iterable[HookPo
     return h.activations
 
 
-def _body(model: LoadedModel) -> torch.nn.Module:
+def model_body(model: LoadedModel) -> torch.nn.Module:
     """The transformer without the LM head (model.model / transformer)."""
     return model.hf.get_submodule(model.arch.layers_path.rsplit(".", 1)[0])

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from saeflow.errors import CorpusError
-from saeflow.lm.corpora import Corpus
+from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
 from saeflow.lm.hooks import HookPoint, Hooks, capture
 from saeflow.lm.model import LoadedModel
 from saeflow.saes.packs import Pack
@@ -77,7 +77,7 @@ class _Acc:
 
 
 def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens: int = 1024,
-                  corpus: str = "wiki=0.8,python=0.2", seed: int = 0, batch: int = 8,
+                  corpus: str = DEFAULT_SPEC, seed: int = 0, batch: int = 8,
                   ctx_len: int = 128, progress: bool = True) -> dict:
     """Return {"saes": [row per SAE], "clean_ce": float, ...} on the held-out split."""
     from tqdm.auto import tqdm

@@ -16,10 +16,21 @@ import torch
 
 import saeflow.saes.formats as sae_formats
 from saeflow.errors import ScanError
-from saeflow.lm.corpora import Corpus
+from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
 from saeflow.lm.hookpoints import POSITIONS
 from saeflow.lm.hooks import HookPoint, capture
 from saeflow.lm.model import resolve_dtype
+
+
+@dataclass
+class CorpusPassConfig:
+    """The settings every pass of the model over a corpus shares (index, statistics)."""
+    tokens: int = 200_000  # tokens to read (e.g. 200k, 2M)
+    corpus: str = DEFAULT_SPEC  # sources with text shares: wiki, python, PATH, hf:NAME
+    seed: int = 0  # seed of the corpus order
+    batch_size: int = 32  # contexts per model forward
+    ctx_len: int = 128  # tokens per context
+    encoder_dtype: str = "auto"  # SAE encoder matmul: auto (bf16 on a CPU, else the model's), float32, bfloat16
 
 
 @dataclass

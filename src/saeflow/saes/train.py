@@ -27,13 +27,14 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from saeflow._version import __version__
 from saeflow.errors import ConfigError, TrainingError
-from saeflow.lm.corpora import Corpus
+from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
 from saeflow.lm.hookpoints import check_position
 from saeflow.lm.hooks import HookPoint, capture
 from saeflow.lm.model import LoadedModel, resolve_dtype
@@ -47,31 +48,31 @@ warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implici
 
 @dataclass
 class TrainConfig:
-    positions: list[str] = field(default_factory=lambda: ["resid_post", "mlp_out", "attn_out"])
-    layers: list[int] | None = None  # None: all layers
-    width: int = 4096
-    k: int = 32
-    architecture: str = "topk"  # topk | batchtopk
-    tokens: int = 300_000
-    batch_size: int = 1024  # SAE batch (tokens per step)
-    lr: float = 1e-3
-    warmup_frac: float = 0.05
+    positions: list[str] = field(default_factory=lambda: ["resid_post", "mlp_out", "attn_out"])  # comma list
+    layers: list[int] | None = None  # all, 0-5, or 1,3,7
+    width: int = 4096  # latents per SAE
+    k: int = 32  # active latents per token (TopK) or per token on average (BatchTopK)
+    architecture: Literal["topk", "batchtopk"] = "topk"  # training activation
+    tokens: int = 300_000  # training tokens (e.g. 300k, 2M)
+    batch_size: int = 1024  # tokens per SAE step
+    lr: float = 1e-3  # Adam learning rate
+    warmup_frac: float = 0.05  # linear warm-up over this fraction of steps
     decay_frac: float = 0.2  # linear decay to 0 over the last fraction of steps
-    seed: int = 0
-    ctx_len: int = 128
+    seed: int = 0  # seed of the corpus order and the initialisation
+    ctx_len: int = 128  # tokens per context
     model_batch: int = 16  # rows per model forward
-    corpus: str = "wiki=0.8,python=0.2"
-    chunk_tokens: int = 8192  # tokens buffered per SAE before training on them
-    aux_k: int | None = None  # default: d_in // 2
-    aux_coef: float = 1 / 32
+    corpus: str = DEFAULT_SPEC  # sources with text shares: wiki, python, PATH, hf:NAME
+    chunk_tokens: int = 8192  # tokens shuffled together; checkpoints fall between chunks
+    aux_k: int | None = None  # dead latents in the AuxK loss (default: d_in // 2)
+    aux_coef: float = 1 / 32  # weight of the AuxK loss
     dead_tokens: int | None = None  # latent dead after this many tokens without firing
     model_dtype: str = "auto"  # dtype of the capture forward: auto | float32 | bfloat16
     encoder_dtype: str = "auto"  # dtype of the encoder matmul: auto | float32 | bfloat16
-    checkpoint_every_s: float = 180.0
+    checkpoint_every_s: float = 180.0  # seconds between checkpoints (a killed run resumes)
     # How the SAE updates run, not what they compute: "sparse" steps each SAE alone with sparse
     # products (fastest on a CPU); "stacked" steps all SAEs of one width as one batched dense
     # problem (bmm; fastest on a GPU); "auto" picks by device.
-    engine: str = "auto"
+    engine: Literal["auto", "sparse", "stacked"] = "auto"
 
     def validate(self, model: LoadedModel) -> None:
         if self.width <= 0:

@@ -21,13 +21,16 @@ MAX_NEW_TOKENS = 512
 MAX_SAMPLES = 64
 
 
+DEFAULT_PROMPT = "I think"
+
+
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 40
-    n: int = 1
+    max_new_tokens: int = 40  # tokens generated per sample
+    n: int = 1  # samples per prompt
     temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0
+    top_p: float = 1.0  # nucleus sampling mass (1: off)
+    seed: int = 0  # sampling seed (the default and steered runs share it)
 
     def check(self, force: bool = False) -> None:
         if self.n < 1 or self.max_new_tokens < 1:
@@ -42,6 +45,11 @@ class SamplingConfig:
             raise GenerationError("temperature must be >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:
             raise GenerationError("top_p must be in (0, 1]")
+
+
+# `saeflow steer` compares default and steered text side by side: a few samples each, with
+# nucleus sampling so that the comparison is not one lucky draw.
+STEER_SAMPLING = SamplingConfig(n=4, top_p=0.9)
 
 
 def context_length(model) -> int:

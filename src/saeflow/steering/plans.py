@@ -18,6 +18,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import networkx as nx
 import numpy as np
@@ -28,7 +29,7 @@ from saeflow.features.tables import open_index
 from saeflow.flow.graphs import trace
 from saeflow.flow.predecessors import open_flow, run_flow
 from saeflow.ids import feature_id, parse_feature
-from saeflow.lm.corpora import Corpus
+from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
 from saeflow.lm.hooks import HookPoint, capture
 from saeflow.saes.packs import pack_fingerprint
 from saeflow.store import cache_dir, write_json_atomic
@@ -260,7 +261,7 @@ def _measure_typical(pack, model, slots, tokens: int) -> dict[str, np.ndarray]:
     saes = {s: pack.sae(*s, device=model.device) for s in slots}
     sums = {s: torch.zeros(saes[s].d_sae, dtype=torch.float64) for s in slots}
     counts = {s: torch.zeros(saes[s].d_sae, dtype=torch.float64) for s in slots}
-    corpus = Corpus.from_spec("wiki=0.8,python=0.2", seed=1)
+    corpus = Corpus.from_spec(DEFAULT_SPEC, seed=1)
     for b in corpus.token_batches(model.tokenizer, 16, 128, max_tokens=tokens):
         acts = capture(model, b.input_ids, points, attention_mask=b.attention_mask)
         content = b.content_mask()
@@ -379,8 +380,10 @@ def flow_for_pack(pack, run: str | os.PathLike | None = None, model=None):
     return run_flow(pack, cache_dir("flow-runs") / fp, model=model, progress=False)
 
 
-def build_plan(pack, *, feature: str, strength: float, graph_mode: str = "seed",
-               kind: str = "add", layer: int | None = None, schedule: str = "constant",
+def build_plan(pack, *, feature: str, strength: float = 4.0,
+               graph_mode: Literal["seed", "single", "cumulative", "span"] = "seed",
+               kind: Literal["add", "rescale"] = "add", layer: int | None = None,
+               schedule: Literal["constant", "linear", "exponential"] = "constant",
                alpha: float = -0.05, tokens: list[int] | None = None, run=None, model=None,
                t_res: float = 0.5, t_mod: float = 0.15,
                positions: tuple[str, ...] = ("resid_post",)) -> SteeringPlan:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -52,26 +53,33 @@ PAPER_PROMPT = "I think that the biggest problem of contemporary theoretical phy
 
 @dataclass
 class SweepConfig:
+    # themes searched in the feature index, e.g. religion,mathematics,arts,biology
     themes: list[str] = field(default_factory=lambda: ["religion", "mathematics", "arts",
                                                        "biology"])
+    # steering modes: seed, single, cumulative, cumulative_norm
     modes: list[str] = field(default_factory=lambda: ["seed", "single", "cumulative",
                                                       "cumulative_norm"])
+    # typical activations (add), or r (rescale), e.g. 0,-1,-2,-4
     strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
     max_layers: int = 3  # graph layers tried per theme (evenly spaced over the graph)
-    prompt: str = "I think "
+    prompt: str = "I think "  # the prompt every sample continues
     n: int = 32  # samples per setting and sampling seed (one batch)
-    max_new_tokens: int = 36
-    seeds: list[int] = field(default_factory=lambda: [0])
-    temperature: float = 1.0
-    top_p: float = 0.9
-    kind: str = "add"  # add (activation) | rescale (r x the current activation)
+    max_new_tokens: int = 36  # tokens generated per sample
+    seeds: list[int] = field(default_factory=lambda: [0])  # sampling seeds
+    temperature: float = 1.0  # sampling temperature (0: greedy)
+    top_p: float = 0.9  # nucleus sampling mass
+    kind: Literal["add", "rescale"] = "add"  # add (activation) or rescale (r x the current activation)
     objective: str = "activation"  # which score ranks settings: activation | deactivation
     seeds_per_theme: int = 1  # seed features per theme (the paper: 10), graphs joined
     t_res: float = 0.5
-    classifier_docs: int | None = 4000  # wiki summaries for the topic classifier (None: all)
+    classifier_docs: int | None = 4000  # wiki summaries for the topic classifier (0 or None: all)
     # theme -> feature id, or a list of ids (no search)
     seed_features: dict[str, str | list[str]] = field(default_factory=dict)
     name: str = ""  # "" writes RUN/sweep; a profile name writes RUN/sweep-<name>
+
+    def __post_init__(self) -> None:
+        if self.classifier_docs == 0:  # 0 on the command line: every summary
+            self.classifier_docs = None
 
     def check(self) -> None:
         bad = [m for m in self.modes if m not in MODES]

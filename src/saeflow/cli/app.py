@@ -1,0 +1,63 @@
+"""`saeflow run` (the main job) and `saeflow serve` (the web app)."""
+from __future__ import annotations
+
+import dataclasses
+import shlex
+
+from saeflow.app.server import serve
+from saeflow.cli.options import add_overrides, given_overrides, parse_str_list, signature_default
+from saeflow.pipeline.stages import PROFILES, PipelineConfig
+
+RUN_OVERRIDES = ["model", "pack", "corpus", "index_tokens", "stats_tokens", "device"]
+SERVE_HOST_HELP = "bind address; anything but localhost is reachable from other machines"
+
+
+def cmd_run(args) -> int:
+    from saeflow.pipeline.stages import run_pipeline
+
+    cfg = dataclasses.replace(PROFILES[args.profile], **given_overrides(args, RUN_OVERRIDES))
+    run_pipeline(args.out, cfg, only=args.only, skip=args.skip, force=args.force,
+                 command="saeflow " + " ".join(shlex.quote(a) for a in args.argv))
+    if args.serve:
+        serve(args.out, port=args.port, model=cfg.model)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    serve(args.run, host=args.host, port=args.port, pack=args.pack, model=args.model,
+          open_browser=args.open)
+    return 0
+
+
+def _port_option(p) -> None:
+    p.add_argument("--port", type=int, default=signature_default(serve, "port"),
+                   help="port of the web app")
+
+
+def register(sub) -> None:
+    rn = sub.add_parser("run", help="the main job end to end: pack, eval, flow, index, stats, "
+                                    "validate, sweep, report (resumable; then --serve)")
+    rn.add_argument("--out", required=True, help="the RUN directory")
+    rn.add_argument("--profile", default="default", choices=list(PROFILES),
+                    help="quick: the small pack and small samples (under 10 min on 2 cores)")
+    g = rn.add_argument_group("overrides of the profile")
+    add_overrides(g, PipelineConfig, RUN_OVERRIDES)
+    rn.add_argument("--only", type=parse_str_list, default=None,
+                    help="comma-separated stages to run")
+    rn.add_argument("--skip", type=parse_str_list, default=None,
+                    help="comma-separated stages to leave out")
+    rn.add_argument("--force", action="store_true", help="rerun the chosen stages")
+    rn.add_argument("--serve", action="store_true", help="start the web app when done")
+    _port_option(rn)
+    rn.set_defaults(func=cmd_run)
+
+    sv = sub.add_parser("serve", help="the web app and JSON API over a RUN (127.0.0.1 by default)")
+    sv.add_argument("run", help="RUN from `saeflow flow` / `index` / `stats`")
+    _port_option(sv)
+    sv.add_argument("--host", default=signature_default(serve, "host"), help=SERVE_HOST_HELP)
+    sv.add_argument("--pack", default=None, help="default: the pack the run's flow was made from")
+    sv.add_argument("--model", default=None,
+                    help="the model, for steering and the prompt view (default: embedded for "
+                         "runs of the embedded model)")
+    sv.add_argument("--open", action="store_true", help="open the browser")
+    sv.set_defaults(func=cmd_serve)
