@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from saeflow.errors import PipelineError
 from saeflow.evolution.analyses import write_evolution_outputs
@@ -24,7 +25,6 @@ from saeflow.features.index import IndexConfig, build_index
 from saeflow.features.liveness import firing_pass
 from saeflow.flow.plots import write_flow_plots
 from saeflow.flow.predecessors import run_flow
-from saeflow.lm.corpora import DEFAULT_SPEC
 from saeflow.lm.model import MAPPED_POSITIONS, load_model
 from saeflow.pipeline.report import write_report
 from saeflow.saes.evaluate import evaluate_pack
@@ -43,15 +43,13 @@ PIPELINE_FILE = "pipeline.json"
 
 @dataclass
 class PipelineConfig:
-    model: str = "embedded"  # 'embedded', an HF folder, a hub id, or a .gguf file
-    # embedded / embedded-quick (trained once into the cache), a pack folder (SAELens, Gemma
-    # Scope, Gemma Scope 2, sparsify, saeflow) or a hub release name (downloaded once)
-    pack: str = "embedded"
-    corpus: str = DEFAULT_SPEC  # text sources with shares, e.g. wiki=0.8,python=0.2 or a text file
+    model: str = "embedded"
+    pack: str = "embedded"  # embedded / embedded-quick, a pack folder, or a hub release name
+    corpus: str = "wiki=0.8,python=0.2"
     eval_tokens: int = 4096
     ce_tokens: int = 512
-    index_tokens: int = 40_000  # tokens of the feature index pass
-    stats_tokens: int = 40_000  # tokens of the co-activation statistics pass
+    index_tokens: int = 40_000
+    stats_tokens: int = 40_000
     validate_texts: int = 6
     # `saeflow validate --ci 0.05` adds texts until each headline rate is known to +-5 points
     # (14 texts on the quick pack, docs/benchmarks.md); the demo keeps a fixed, cheap sample.
@@ -70,13 +68,7 @@ class PipelineConfig:
     classifier_docs: int = 2000
     firing_tokens: int = 16_384  # the firing pass that flags dead and rare latents for the flow
     keep_dead: bool = False
-    device: str | None = None  # cuda, mps or cpu (default: automatic)
-
-    def check(self) -> None:
-        """The embedded packs are trained on the embedded model: refuse another model with them."""
-        if self.pack.startswith("embedded") and self.model not in ("embedded", "gemma-3-270m"):
-            raise PipelineError(f"give a pack for {self.model}: the embedded pack belongs to the "
-                                f"embedded model")
+    device: str | None = None
 
     def stage_settings(self, stage: str) -> dict:
         """What a stage's outputs depend on (a change reruns it)."""
@@ -95,6 +87,7 @@ class PipelineConfig:
                            "max_layers": self.sweep_max_layers,
                            "paper": [self.paper_strengths, self.paper_n, self.paper_max_layers],
                            "classifier_docs": self.classifier_docs, "version": 2}}[stage]
+        assert isinstance(extra, dict)  # every stage's settings are a dict
         return {**common, **extra}
 
 
@@ -171,7 +164,7 @@ class Pipeline:
         self._force = False  # the current stage starts over (changed settings or --force)
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / PIPELINE_FILE
-        self.state = json.loads(path.read_text()) if path.is_file() else {
+        self.state: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {
             "format": "saeflow-pipeline", "stages": {}, "commands": []}
 
     # --- shared resources --------------------------------------------------------------
@@ -337,6 +330,4 @@ def _fmt(seconds: float) -> str:
 def run_pipeline(out, cfg: PipelineConfig | None = None, *, only=None, skip=None,
                  force: bool = False, progress: bool = True, command: str | None = None) -> dict:
     """Run (or resume) the pipeline into RUN `out`; returns the pipeline state."""
-    cfg = cfg or PipelineConfig()
-    cfg.check()
-    return Pipeline(out, cfg, progress).run(only, skip, force, command)
+    return Pipeline(out, cfg or PipelineConfig(), progress).run(only, skip, force, command)
