@@ -112,5 +112,6 @@ def file_digest(path: Path) -> str:
 def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        # numpy>=2.1 stub: **kwds could bind its allow_pickle flag; arrays never has that key
+        np.savez(f, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, path)

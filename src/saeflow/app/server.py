@@ -213,7 +213,7 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
                 ivs.append(Intervention(L, pos, f, fs.strength))
             plan = SteeringPlan(req.kind, ivs, description="features from the request")
         else:
-
+            assert req.feature is not None  # exactly one of the three was given
             _pack_feature(pk, req.feature)
             plan = build_plan(pk, feature=req.feature, strength=req.strength,
                               graph_mode=req.mode, kind=req.kind, layer=req.layer,

@@ -9,6 +9,7 @@ import json
 import threading
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -98,7 +99,7 @@ class RunData:
         slots = self.slots()
         layers = sorted({int(k.split("/")[0]) for k in slots})
         positions = sorted({k.split("/")[1] for k in slots}, key=lambda p: LANES.get(p, 9))
-        out = {"run": self.root.name, "layers": layers, "positions": positions,
+        out: dict[str, Any] = {"run": self.root.name, "layers": layers, "positions": positions,
                "slots": slots, "has": {"flow": self.flow is not None,
                                        "index": self.index is not None,
                                        "stats": self.stats is not None}}

@@ -166,7 +166,8 @@ def sankey_figure(pt: pd.DataFrame, position: str):
     import plotly.graph_objects as go
 
     rows = pt[pt.position == position].sort_values("layer")
-    labels, idx = [], {}
+    labels: list[str] = []
+    idx: dict[str, int] = {}
 
     def node(name):
         if name not in idx:
@@ -174,7 +175,10 @@ def sankey_figure(pt: pd.DataFrame, position: str):
             labels.append(name)
         return idx[name]
 
-    src, dst, val, col = [], [], [], []
+    src: list[int] = []
+    dst: list[int] = []
+    val: list[int] = []
+    col: list[str] = []
     for _, r in rows.iterrows():
         a, b = node(f"L{r.layer}"), node(f"L{r.next_layer}")
         for s_, d_, v, c in ((a, b, r.pass_through, "rgba(76,114,176,0.5)"),
@@ -182,7 +186,7 @@ def sankey_figure(pt: pd.DataFrame, position: str):
                               "rgba(200,80,80,0.5)"),
                              (node(f"appear at L{r.next_layer}"), b, r.appearing,
                               "rgba(85,168,104,0.5)")):
-            src.append(s_), dst.append(d_), val.append(int(v)), col.append(c)
+            src.append(s_); dst.append(d_); val.append(int(v)); col.append(c)
     fig = go.Figure(go.Sankey(node=dict(label=labels, pad=12),
                               link=dict(source=src, target=dst, value=val, color=col)))
     fig.update_layout(title=f"Pass-through of {position} features between adjacent layers")

@@ -14,7 +14,7 @@ of the reference follows exactly:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -384,13 +384,13 @@ def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
         if old.get("identity", {}).get("pack") != ident["pack"]:
             raise StatsError(f"{root} holds statistics of a different pack; use another --out "
                              f"or --force")
-    slots = {s for pr in pairs for s in pr}
+    slot_set = {s for pr in pairs for s in pr}
     flow_pred = _flow_predecessors(out, pack)
     if flow_pred:
         ident["flow"] = flow_pred.pop("_key")
         for L, info in flow_pred.items():
-            slots |= {s for s in info["slots"].values() if s} | {("resid_post", L)}
-    slots = sorted(slots)
+            slot_set |= {s for s in info["slots"].values() if s} | {("resid_post", L)}
+    slots = sorted(slot_set)
     group_counts = {L: np.zeros(8, np.int64) for L in flow_pred}
     spec = ScanSpec(cfg.tokens, cfg.corpus, cfg.seed, cfg.batch_size, cfg.ctx_len,
                     cfg.encoder_dtype, cfg.checkpoint_every_s)
@@ -470,11 +470,11 @@ def _flow_predecessors(run, pack) -> dict:
         raise StatsError(f"{run} holds a flow of a different pack; statistics and flow must "
                          f"come from the same pack (use another --out)")
     pred = fr.predecessors()
-    out = {"_key": fr.manifest["cache_key"]}
+    out: dict[str | int, Any] = {"_key": fr.manifest["cache_key"]}
     for L in fr.layers:
         sel = pred[pred.layer == L].sort_values("feature")
-        slots = {}
-        info = {}
+        slots: dict[str, tuple[str, int] | None] = {}
+        info: dict[str, np.ndarray] = {}
         for kind, spec in fr.manifest["predecessor_slots"][str(L)].items():
             if spec is None:
                 slots[kind] = None

@@ -142,7 +142,8 @@ def select_features(index, features: list[str] | None = None, layers: list[int] 
             L, p, i = parse_feature(f)
             index.feature(L, p, i)  # raises a clear error for unknown slots and indices
         return [str(f) for f in features]
-    where, args = ["count > 0"], []
+    where: list[str] = ["count > 0"]
+    args: list[int | str] = []
     if layers:
         where.append(f"layer IN ({', '.join('?' * len(layers))})")
         args += list(layers)

@@ -245,10 +245,10 @@ def build_index(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = N
     if dev.type != "cpu":
         for st in stats.values():  # the table writer reads them as numpy arrays
             st.to_cpu()
-    saes, unigram, tokens_done = res["saes"], unigram[0], res["tokens"]
+    saes, tokens_done = res["saes"], res["tokens"]
     t_start = time.time() - res["seconds"]
 
-    write_index(root, pack, model, saes, stats, unigram, cfg, ident, tokens_done,
+    write_index(root, pack, model, saes, stats, unigram[0], cfg, ident, tokens_done,
                 time.time() - t_start, progress=progress)
 
     return open_index(out)

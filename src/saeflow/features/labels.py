@@ -45,7 +45,7 @@ def logit_lens(model, dirs: torch.Tensor, n: int = 10, block: int = 4096,
     fast_bf16 = dirs.shape[0] >= 64 and bf16_is_faster(W_U.device)
     W_U = W_U.to(torch.bfloat16 if fast_bf16 else torch.float32)
     V = W_U.shape[0]
-    outs = [[], [], [], []]
+    outs: list[list[torch.Tensor]] = [[], [], [], []]
     for i in range(0, dirs.shape[0], block):
         b = min(block, dirs.shape[0] - i)
         top_v = torch.full((b, n), -float("inf"))

@@ -44,7 +44,7 @@ class Liveness:
 
     def live(self, slot: Slot) -> np.ndarray | None:
         """[d_sae] bool, or None when this slot was not counted."""
-        c = self.counts.get(tuple(slot))
+        c = self.counts.get((slot[0], slot[1]))  # a list (from JSON) works too
         return None if c is None else c >= self.min_count
 
     def summary(self) -> dict:

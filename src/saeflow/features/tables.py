@@ -67,7 +67,7 @@ def write_index(root: Path, pack, model, saes: dict, stats: dict, unigram: torch
     tmp = {name: root / f".{name}.parquet.tmp" for name in ("features", "examples", "tokens")}
     needed_ids: set[int] = set()
     freq = unigram.numpy()
-    writers = {}
+    writers: dict[str, pq.ParquetWriter] = {}
     slot_list = list(saes)
     try:
         # Pass 1: logit lens for every slot (ids only), to know which strings to decode.

@@ -185,12 +185,14 @@ def persistence(run: FlowRun | FlowIndex, t_res: float = 0.5) -> dict[int, np.nd
     layers = sorted(index.pred)
     out: dict[int, np.ndarray] = {}
     for L in reversed(layers):
-        n = len(index.pred[L].cls)
+        cls = index.pred[L].cls
+        assert cls is not None  # FlowIndex reads the class of every resid_post feature
+        n = len(cls)
         entry = index.succ.get(("resid_post", L))
-        if entry is None or entry[2] is None or entry[2] not in out:
+        i, v, nl = entry if entry is not None else (None, None, None)
+        if i is None or v is None or nl is None or nl not in out:
             out[L] = np.zeros(n, np.int32)
             continue
-        i, v, nl = entry
         ok = (i[:, 0] >= 0) & (v[:, 0] >= t_res)
         length = np.zeros(n, np.int32)
         length[ok] = 1 + out[nl][i[ok, 0]]

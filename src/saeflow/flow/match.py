@@ -207,6 +207,7 @@ def top_k_pairs(A, B, k: int = 5, cols: bool = False, block_a: int = 1024, block
             v, i = sims.topk(min(kc, sims.shape[1]), dim=1)
             best_v, best_i = _merge(best_v, best_i, v, i + b0)
             if cols:
+                assert col_v is not None and col_i is not None
                 v, i = sims.T.topk(min(kc_col, sims.shape[0]), dim=1)  # [bb, kc]
                 cv, ci = _merge(col_v[b0:b0 + b.shape[0]], col_i[b0:b0 + b.shape[0]], v, i + a0)
                 col_v[b0:b0 + b.shape[0]], col_i[b0:b0 + b.shape[0]] = cv, ci
@@ -214,10 +215,12 @@ def top_k_pairs(A, B, k: int = 5, cols: bool = False, block_a: int = 1024, block
         if progress:
             progress(a.shape[0])
     if cols:
+        assert col_v is not None and col_i is not None
         col_v, col_i = col_v.cpu(), col_i.cpu()
     if precision == "bf16":
         row_v, row_i = _rerank(A, B, row_i, k, device=dev)
         if cols:
+            assert col_i is not None
             col_v, col_i = _rerank(B, A, col_i, k, device=dev)
     return Matches(row_v, row_i, col_v, col_i)
 
@@ -335,6 +338,7 @@ def permutation_match(A, B, dense_limit: int = 8192 * 8192, candidates: int = 32
     transpose = A.n > B.n  # a full matching must cover the smaller side
     X, Y = (B, A) if transpose else (A, B)
     m = top_k_pairs(X, Y, k=min(candidates, Y.n), cols=True, **kw)
+    assert m.col_indices is not None and m.col_values is not None  # cols=True
     r = torch.cat([torch.arange(X.n).repeat_interleave(m.row_indices.shape[1]),
                    m.col_indices.flatten()])
     c = torch.cat([m.row_indices.flatten(),

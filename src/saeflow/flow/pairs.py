@@ -2,6 +2,8 @@
 features to another's (`saeflow match`)."""
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
 from saeflow.errors import FlowError
@@ -31,8 +33,10 @@ def open_sae_slot(spec: str):
     return pack, next(iter(pack.entries))
 
 
-def match_pair(a_spec: str, b_spec: str, method: str = "decoder", k: int = 5, model=None,
-               precision: str = "fp32", null_quantile: float = 0.99, null_samples: int = 2048):
+def match_pair(a_spec: str, b_spec: str,
+               method: Literal["decoder", "encoder", "folded", "permutation"] = "decoder",
+               k: int = 5, model=None, precision: Literal["fp32", "bf16"] = "fp32",
+               null_quantile: float = 0.99, null_samples: int = 2048):
     """Match every feature of SAE A to SAE B. Returns (summary dict, pyarrow Table).
 
     The table has one row per feature of A: `feature`, `s` (top-1 score), `match` (top-1 index),
@@ -57,6 +61,7 @@ def match_pair(a_spec: str, b_spec: str, method: str = "decoder", k: int = 5, mo
         mutual = row_i[:, 0] >= 0
     else:
         m = top_k_pairs(A, B, k=min(k, B.n, A.n), cols=True, precision=precision, **kw)
+        assert m.col_indices is not None  # cols=True
         row_i, row_v = m.row_indices.numpy(), m.row_values.numpy()
         back = m.col_indices.numpy()[:, 0]
         mutual = back[row_i[:, 0]] == np.arange(A.n)

@@ -156,7 +156,7 @@ def plan_layers(pack, layers: list[int] | None = None) -> list[LayerPlan]:
             if slot and slot[0] in RESIDUAL_SPACE:
                 d_in[slot] = pack.info(*slot).d_in
     if len(set(d_in.values())) > 1:
-        by = {}
+        by: dict[int, list[str]] = {}
         for (pos, L), d in d_in.items():
             by.setdefault(d, []).append(f"{pos} {L}")
         detail = "; ".join(f"d_in {d}: {', '.join(v[:6])}{' ...' if len(v) > 6 else ''}"
@@ -287,6 +287,7 @@ def compute_layer(pack, plan: LayerPlan, cfg: FlowConfig, model=None,
             col_i[cols, 0], col_v[cols, 0] = rows, cos
         else:
             m = top_k_pairs(A, B, k=min(cfg.k, A.n, B.n), cols=True, precision=cfg.precision, **kw)
+            assert m.col_indices is not None and m.col_values is not None  # cols=True
             row_i, row_v = m.row_indices.numpy(), m.row_values.numpy()
             col_i, col_v = m.col_indices.numpy(), m.col_values.numpy()
         row_i, row_v = _scatter(row_i, row_v, a_idx, b_idx, A_all.n)
@@ -397,7 +398,7 @@ def resolve_thresholds(defaults: dict, overrides: dict | None) -> dict:
     bad_layers = sorted(set(per_layer) - set(defaults))
     if bad_layers:
         raise FlowError(f"thresholds given for layers {bad_layers}, which this flow does not have")
-    out = {}
+    out: dict[int, dict] = {}
     for L, kinds in defaults.items():
         out[L] = {}
         for kind, (value, source) in kinds.items():

@@ -14,7 +14,7 @@ TOPK_TYPE = pa.list_(pa.struct([("feature", pa.int32()), ("similarity", pa.float
 
 
 def top1_columns(idx: np.ndarray | None, val: np.ndarray | None, n: int) -> tuple[pa.Array, pa.Array]:
-    if idx is None:
+    if idx is None or val is None:
         return pa.nulls(n, pa.float32()), pa.nulls(n, pa.int32())
     i, v = idx[:, 0], val[:, 0].astype(np.float32)
     missing = (i < 0) | np.isnan(v)
@@ -23,7 +23,7 @@ def top1_columns(idx: np.ndarray | None, val: np.ndarray | None, n: int) -> tupl
 
 
 def topk_column(idx: np.ndarray | None, val: np.ndarray | None, n: int) -> pa.Array:
-    if idx is None:
+    if idx is None or val is None:
         return pa.nulls(n, TOPK_TYPE)
     k = idx.shape[1]
     values = pa.StructArray.from_arrays(
@@ -57,7 +57,7 @@ def predecessor_table(plans, results: dict, thresholds: dict, live: dict | None 
             s, i = top1_columns(idx, val, n)
             cols[f"s_{kind}"], cols[f"pred_{kind}"] = s, i
             cols[f"top_{kind}"] = topk_column(idx, val, n)
-            scores[kind] = val[:, 0].astype(np.float64) if has else np.full(n, np.nan)
+            scores[kind] = val[:, 0].astype(np.float64) if val is not None else np.full(n, np.nan)
         t = thresholds[p.layer]
         cols["class"] = pa.array(classify(scores["res"], scores["mlp"], scores["attn"],
                                           *(t[k]["value"] if k in t else np.inf

@@ -113,7 +113,8 @@ class PythonStdlib(Source):
 
 def _pieces(text: str, size: int) -> Iterator[str]:
     """Cut at line boundaries into pieces of about `size` characters."""
-    buf, n = [], 0
+    buf: list[str] = []
+    n = 0
     for line in text.splitlines(keepends=True):
         if n + len(line) > size and buf:
             yield "".join(buf)
@@ -194,7 +195,7 @@ class HFDataset(Source):
         self.text_field = self.text_field or "text"
         self.name = f"hf:{spec}"
         self._seen: list = []
-        self._it = None
+        self._it: Iterator[tuple[str, str, dict]] | None = None
 
     def _stream(self):
         try:

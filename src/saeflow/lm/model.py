@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -190,7 +191,7 @@ class LoadedModel:
         """
         layer_mod = self.layer_module(layer)
         o_proj = layer_mod.get_submodule(self.arch.o_proj)
-        W = o_proj.weight.detach().float()
+        W = cast(torch.Tensor, o_proj.weight).detach().float()
         W_O = W if self.arch.o_proj_is_conv1d else W.T  # -> [n_heads*d_head, d_model]
         if directions.shape[-1] != W_O.shape[0]:
             raise ModelError(
@@ -200,7 +201,7 @@ class LoadedModel:
         out = directions.float().to(W_O.device) @ W_O
         if self.arch.post_attn_norm:
             norm = layer_mod.get_submodule(self.arch.post_attn_norm)
-            out = out * (1.0 + norm.weight.detach().float())
+            out = out * (1.0 + cast(torch.Tensor, norm.weight).detach().float())
         return out
 
 
@@ -212,6 +213,7 @@ def load_model(spec: str = EMBEDDED, device: str | torch.device | None = None,
     torch_dtype = parse_dtype(dtype)
     dev = resolve_device(device)
     spec = str(spec)
+    folder: Path | str  # a local folder, or a hub id
     if spec == EMBEDDED:
         gguf_path = _embedded_gguf()
         folder = gguf_cache(gguf_path, progress=progress)

@@ -346,8 +346,8 @@ def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
               f"under a MiniLM + logistic-regression classifier "
               f"({100 * sw['classifier']['held_out_accuracy']:.1f}% held-out accuracy); "
               f"coherence = SmolLM2 perplexity and distinct-2 relative to unsteered text.")
-        for png in sorted((run / "sweep" / "plots").glob("*.png")):
-            doc.figure(png.read_bytes(), png.stem.replace("_", " "), f"sweep/plots/{png.name}")
+        for plot in sorted((run / "sweep" / "plots").glob("*.png")):
+            doc.figure(plot.read_bytes(), plot.stem.replace("_", " "), f"sweep/plots/{plot.name}")
         best = pd.DataFrame(sw["best"])
         if len(best):
             doc.p("Best setting per theme and mode (activation score, bootstrap 95% CI):")
@@ -386,9 +386,9 @@ def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
               f"temperature {c['temperature']}, {c['n'] * len(c['seeds'])} samples per setting. "
               f"Score = (1 - concept) x coherence (deactivation), mean with a bootstrap 95% CI. "
               f"The paper found cumulative better than single-layer at small |r|.")
-        png = run / "sweep-paper" / "modes_vs_strength.png"
-        if png.is_file():
-            doc.figure(png.read_bytes(), "deactivation score vs r, single vs cumulative",
+        plot = run / "sweep-paper" / "modes_vs_strength.png"
+        if plot.is_file():
+            doc.figure(plot.read_bytes(), "deactivation score vs r, single vs cumulative",
                        "sweep-paper/modes_vs_strength.png")
         curves = run / "sweep-paper" / "curves.csv"
         if curves.is_file():

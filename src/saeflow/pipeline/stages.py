@@ -25,6 +25,7 @@ from saeflow.features.index import IndexConfig, build_index
 from saeflow.features.liveness import firing_pass
 from saeflow.flow.plots import write_flow_plots
 from saeflow.flow.predecessors import run_flow
+from saeflow.lm.corpora import DEFAULT_SPEC
 from saeflow.lm.model import MAPPED_POSITIONS, load_model
 from saeflow.pipeline.report import write_report
 from saeflow.saes.evaluate import evaluate_pack
@@ -43,13 +44,15 @@ PIPELINE_FILE = "pipeline.json"
 
 @dataclass
 class PipelineConfig:
-    model: str = "embedded"
-    pack: str = "embedded"  # embedded / embedded-quick, a pack folder, or a hub release name
-    corpus: str = "wiki=0.8,python=0.2"
+    model: str = "embedded"  # 'embedded', an HF folder, a hub id, or a .gguf file
+    # embedded / embedded-quick (trained once into the cache), a pack folder (SAELens, Gemma
+    # Scope, Gemma Scope 2, sparsify, saeflow) or a hub release name (downloaded once)
+    pack: str = "embedded"
+    corpus: str = DEFAULT_SPEC  # text sources with shares, e.g. wiki=0.8,python=0.2 or a text file
     eval_tokens: int = 4096
     ce_tokens: int = 512
-    index_tokens: int = 40_000
-    stats_tokens: int = 40_000
+    index_tokens: int = 40_000  # tokens of the feature index pass
+    stats_tokens: int = 40_000  # tokens of the co-activation statistics pass
     validate_texts: int = 6
     # `saeflow validate --ci 0.05` adds texts until each headline rate is known to +-5 points
     # (14 texts on the quick pack, docs/benchmarks.md); the demo keeps a fixed, cheap sample.
@@ -68,7 +71,13 @@ class PipelineConfig:
     classifier_docs: int = 2000
     firing_tokens: int = 16_384  # the firing pass that flags dead and rare latents for the flow
     keep_dead: bool = False
-    device: str | None = None
+    device: str | None = None  # cuda, mps or cpu (default: automatic)
+
+    def check(self) -> None:
+        """The embedded packs are trained on the embedded model: refuse another model with them."""
+        if self.pack.startswith("embedded") and self.model not in ("embedded", "gemma-3-270m"):
+            raise PipelineError(f"give a pack for {self.model}: the embedded pack belongs to the "
+                                f"embedded model")
 
     def stage_settings(self, stage: str) -> dict:
         """What a stage's outputs depend on (a change reruns it)."""
@@ -330,4 +339,6 @@ def _fmt(seconds: float) -> str:
 def run_pipeline(out, cfg: PipelineConfig | None = None, *, only=None, skip=None,
                  force: bool = False, progress: bool = True, command: str | None = None) -> dict:
     """Run (or resume) the pipeline into RUN `out`; returns the pipeline state."""
-    return Pipeline(out, cfg or PipelineConfig(), progress).run(only, skip, force, command)
+    cfg = cfg or PipelineConfig()
+    cfg.check()
+    return Pipeline(out, cfg, progress).run(only, skip, force, command)

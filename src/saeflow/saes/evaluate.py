@@ -134,6 +134,8 @@ def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens:
     rows = []
     for s in slots:
         a = acc[s]
+        assert a.x_sum is not None and a.sq_dim is not None and a.sse_dim is not None \
+            and a.fire is not None  # every slot saw tokens (seen > 0)
         var = a.sum_sq - float(a.x_sum.pow(2).sum()) / a.n
         var_dim = (a.sq_dim - a.x_sum.pow(2) / a.n).cpu()  # [d]
         massive = massive_dims(var_dim)

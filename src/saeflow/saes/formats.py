@@ -268,6 +268,7 @@ def load_saelens(folder: Path) -> SAE:
     plan = _saelens_plan(cfg, t, cfg_path)
     if plan.refused:
         raise SAEFormatError(f"{folder}: {plan.refused}")
+    assert plan.arch is not None  # a plan without an architecture is refused
     if "threshold" not in t and "log_threshold" in t:
         t["threshold"] = t.pop("log_threshold").exp()
     scale = t.pop("scaling_factor", None)

@@ -200,7 +200,9 @@ def load_pack(path: str | os.PathLike, position: str | None = None, width: str |
         check_position(position)
     if (root / PACK_MANIFEST).is_file():
         return _load_saeflow_pack(root)
-    infos, unplaced, refused = [], [], []
+    infos: list[SAEInfo] = []
+    unplaced: list[SAEInfo] = []
+    refused: list[SAEInfo] = []
     for folder, kind in _scan(root):
         info = fmt.describe(folder, kind, position, family)
         if position and info.position is None:
@@ -287,6 +289,7 @@ def _choose_variants(infos: list[SAEInfo], width: str | None, l0: str | None,
                      seed: int | None = None, best: bool = False, root: Path | None = None):
     groups: dict[tuple[str, int], list[SAEInfo]] = {}
     for info in infos:
+        assert info.position is not None and info.layer is not None  # placed by load_pack
         groups.setdefault((info.position, info.layer), []).append(info)
     entries, choices = {}, []
     for slot, cands in sorted(groups.items()):
@@ -394,7 +397,8 @@ def convert_pack(src: Pack, out: str | os.PathLike, *, model_name: str | None = 
         if info.architecture == "groupmax":  # refuse before anything is written
             raise PackError(f"{info.path}: a GroupMax SAE ({p} layer {L}) has no SAELens form, so "
                             f"it cannot be converted; use the sparsify run as it is")
-    np_ids = {s: i.extra.get("neuronpedia_id") for s, i in src.entries.items()
+    np_ids: dict[tuple[str, int], str] = {
+        s: i.extra["neuronpedia_id"] for s, i in src.entries.items()
               if i.extra.get("neuronpedia_id")}
     prov = {"converted_from": str(src.root), "source_format": src.source_format,
             **({"choices": src.choices} if src.choices else {}),

@@ -123,7 +123,7 @@ class SAE:
         return self._replace(**moved)
 
     def _replace(self, **changes) -> "SAE":
-        fields = dict(W_enc=self.W_enc, W_dec=self.W_dec, b_enc=self.b_enc, b_dec=self.b_dec,
+        fields: dict[str, Any] = dict(W_enc=self.W_enc, W_dec=self.W_dec, b_enc=self.b_enc, b_dec=self.b_dec,
                       architecture=self.architecture, threshold=self.threshold, k=self.k,
                       apply_b_dec_to_input=self.apply_b_dec_to_input,
                       input_scale=self.input_scale, batchtopk_inference=self.batchtopk_inference,
@@ -148,11 +148,13 @@ class SAE:
         if act == "relu":
             return torch.relu(pre)
         if act == "jumprelu":
+            assert self.threshold is not None  # __post_init__ requires it for JumpReLU
             return torch.relu(pre) * (pre > self.threshold)
         if act == "groupmax":
             groups = torch.relu(pre).unflatten(-1, (self.k, -1))  # [..., k, d_sae/k]
             vals, idx = groups.max(dim=-1, keepdim=True)
             return torch.zeros_like(groups).scatter_(-1, idx, vals).flatten(-2)
+        assert self.k is not None  # groupmax and topk SAEs carry k (__post_init__)
         vals, idx = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
@@ -190,6 +192,7 @@ class SAE:
         """
         sae = self.fold_input_scale()
         if sae.activation == "jumprelu":
+            assert sae.threshold is not None
             theta = sae.threshold.float()
             if (theta <= 0).any():
                 raise ConfigError("threshold folding needs all thresholds > 0")

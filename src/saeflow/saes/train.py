@@ -224,6 +224,7 @@ class SAETrainer:
         """x [B, d_in] raw activations -> metrics; updates the parameters."""
         cfg = self.cfg
         B = x.shape[0]
+        assert self.input_scale is not None  # fixed by the first batch
         x = x.float() * self.input_scale
         with torch.no_grad():
             xc = x - self.b_dec
@@ -269,6 +270,7 @@ class SAETrainer:
         with torch.no_grad():
             # Keep decoder rows on the unit sphere: drop the radial part of their gradient.
             g = self.W_dec.grad
+            assert g is not None
             g -= (g * self.W_dec).sum(1, keepdim=True) * self.W_dec
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(self.step_i)
@@ -296,6 +298,7 @@ class SAETrainer:
         if cfg.architecture == "batchtopk":
             theta = self.thr_sum / max(1, self.thr_count)
             threshold = torch.full((self.n,), theta)
+        assert self.input_scale is not None  # fixed by the first batch
         return SAE(W_enc=self.W_enc.detach().float().cpu().contiguous(), W_dec=W_dec,
                    b_enc=self.b_enc.detach().float().cpu(), b_dec=self.b_dec.detach().float().cpu(),
                    architecture=cfg.architecture, threshold=threshold, k=cfg.k,
@@ -387,6 +390,7 @@ class StackedTrainer:
         """x [S, B, d_in] raw activations; updates the parameters (no host sync)."""
         cfg, dt = self.cfg, self.enc_dtype
         S, B, _ = x.shape
+        assert self.scale is not None  # fixed by the first chunk
         x = x.float() * self.scale[:, None, None]
         xc = x - self.b_dec[:, None, :]
         pre = torch.baddbmm(self.b_enc[:, None, :].to(dt), xc.to(dt), self.W_enc.to(dt))
@@ -410,6 +414,7 @@ class StackedTrainer:
         loss.backward()
         with torch.no_grad():
             g = self.W_dec.grad  # keep decoder rows on the unit sphere
+            assert g is not None
             g -= (g * self.W_dec).sum(-1, keepdim=True) * self.W_dec
             for group in self.opt.param_groups:
                 group["lr"] = _lr_at(cfg, self.steps_total, self.step_i)

@@ -16,6 +16,7 @@ import contextvars
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -301,7 +302,7 @@ class CallScope:
 
 
 def plan_edits(plan: SteeringPlan, pack, scope: CallScope, typical=None,
-               device=None) -> dict[HookPoint, callable]:
+               device=None) -> dict[HookPoint, Callable]:
     """{hook point: edit} for Hooks(edits=...), acting only inside `scope`.
 
     Token positions are counted by `scope.seen`, which the generation loop advances after

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,9 @@ from saeflow.steering.plans import (
 )
 from saeflow.steering.scores import baseline, judge, score_texts, theme, topic_classifier
 from saeflow.store import write_json_atomic, write_parquet_atomic
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 SWEEP_DIR = "sweep"
 
@@ -161,7 +164,7 @@ def theme_seeds(run, flow, th, n: int, t_res: float = 0.5, hits: int = 12) -> li
     return [(fid, G) for fid, (_, G) in best]
 
 
-def join_graphs(graphs: list) -> "object":
+def join_graphs(graphs: list) -> nx.DiGraph:
     """One graph holding every node and edge of the seeds' flow graphs; its `seeds` attribute
     lists them (its `seed` is the first, for plans that name one)."""
     import networkx as nx
@@ -382,7 +385,7 @@ def compare_modes(df: pd.DataFrame, a: str, b: str, score: str = "activation_sco
     """Per theme: best-setting score of mode a minus mode b, with a bootstrap 95% CI (texts
     resampled within each mode's best setting); and the mean over themes."""
     best = best_settings(df, score)
-    out = {}
+    out: dict[str, Any] = {}
     diffs = []
     for th, g in best.groupby("theme"):
         if not {a, b} <= set(g["mode"]):
@@ -432,7 +435,7 @@ def paired_by_setting(df: pd.DataFrame, a: str, b: str, score: str = "activation
     if d.empty:
         return {}
     lo, hi = _boot_ci(d.to_numpy(float))
-    out = {"difference": round(float(d.mean()), 4), "ci_low": round(lo, 4),
+    out: dict[str, Any] = {"difference": round(float(d.mean()), 4), "ci_low": round(lo, 4),
            "ci_high": round(hi, 4), "pairs": int(len(d)), "by_strength": {}}
     for s, g in d.groupby(level="strength"):
         lo, hi = _boot_ci(g.to_numpy(float))

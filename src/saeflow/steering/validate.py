@@ -41,7 +41,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -54,7 +54,7 @@ from saeflow.flow.graphs import FlowIndex, persistence, trace
 from saeflow.flow.match import permutation_match
 from saeflow.flow.predecessors import slot_directions
 from saeflow.ids import group_name
-from saeflow.lm.corpora import Corpus
+from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
 from saeflow.lm.hooks import HookPoint, Hooks
 from saeflow.steering.plans import CallScope, flow_for_pack, plan_edits, plan_from_graph
 from saeflow.store import write_json_atomic, write_parquet_atomic
@@ -78,20 +78,26 @@ PAPER_TABLE1 = {"top1_cosine": (0.75, 0.65), "top1_pearson": (0.74, 0.65),
 class ValidateConfig:
     layers: list[int] | None = None  # default: about 1/4, 1/2 and 3/4 of the depth
     texts: int = 12  # at least this many texts (more when ci_halfwidth asks for them)
-    tokens_per_text: int = 4
+    tokens_per_text: int = 4  # token positions tried per text
     max_features: int | None = 10  # targets per (text, token, layer); None: every active one
-    target_choice: str = "random"  # random | all | most_active (biased: the hardest targets)
-    ctx_len: int = 64
-    corpus: str = "wiki=0.8,python=0.2"
-    seed: int = 0
+    # which active features become targets: a uniform sample, all of them, or the most active
+    # (biased towards hard targets)
+    target_choice: Literal["random", "all", "most_active"] = "random"
+    ctx_len: int = 64  # tokens per text
+    corpus: str = DEFAULT_SPEC
+    seed: int = 0  # seed of the texts, tokens and targets
     batch_rows: int = 128  # trial rows per one-token forward (each holds a copy of the KV cache)
     ci_halfwidth: float | None = None  # add texts until every headline 95% CI is this narrow
     max_texts: int = 200  # the cap when ci_halfwidth is set
     control_tolerance: float = 1.25  # control's removal norm within [1/t, t] x the top-1's
     keep_dead: bool = False  # keep never-firing latents in the candidate lists
-    r_values: list[float] = field(default_factory=lambda: [-2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 3.0])
-    r_graphs: int = 4  # flow graphs in the r sweep
-    r_texts: int = 8
+    r_values: list[float] = field(default_factory=lambda: [-2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 3.0])  # rescale factors r of the sweep
+    r_graphs: int = 4  # flow graphs in the r sweep (0: none)
+    r_texts: int = 8  # texts per graph in the r sweep
+
+    def __post_init__(self) -> None:
+        if self.target_choice == "all":  # every active feature: no cap
+            self.max_features = None
 
     def check(self) -> None:
         if self.target_choice not in TARGET_CHOICES:
@@ -276,7 +282,7 @@ def _validate_text(model, saes, index, input_ids, tokens, layers, pearson, perm,
     points = {s: HookPoint(*s) for s in saes}
     input_ids = input_ids.to(model.device)
     with torch.inference_mode(), Hooks(model, capture=points.values(), stop_early=True) as h:
-        _body(model)(input_ids=input_ids, use_cache=False)
+        model_body(model)(input_ids=input_ids, use_cache=False)
     z = {s: saes[s].encode(h.activations[pt][0]).float() for s, pt in points.items()}  # [seq, d]
     # Unit decoder directions, for the similarity of what was removed to the target.
     unit = {s: sae.W_dec.float() / sae.W_dec.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -373,7 +379,7 @@ def _group(fired: dict[str, bool]) -> str:
     return group_name(fired.get("res", False), fired.get("mlp", False), fired.get("attn", False))
 
 
-def _body(model):
+def model_body(model):
     return model.hf.get_submodule(model.arch.layers_path.rsplit(".", 1)[0])
 
 
@@ -398,7 +404,7 @@ def _new_cache(model):
 def _run_token(model, saes, input_ids, t, removal_sets, z_at, batch_rows) -> dict:
     """Run every trial row of token t: {layer: [n_rows_of_that_layer, d_sae]} of R_L's
     activations at t, rows in the order of their keys (by row number)."""
-    body = _body(model)
+    body = model_body(model)
     cache_kw = _cache_kwarg(body)
     keys = sorted(removal_sets, key=lambda k: (k[0], removal_sets[k]))
     deepest = max(k[0] for k in keys)
@@ -660,7 +666,7 @@ def breakdown_markdown(summary: dict, key: str, methods=HEADLINE_METHODS,
 
 # --- the r sweep --------------------------------------------------------------------------------
 def r_sweep(pack, model, run, seeds: list[str], r_values, texts: int = 8, ctx_len: int = 64,
-            corpus: str = "wiki=0.8,python=0.2", seed: int = 0, t_res: float = 0.5) -> pd.DataFrame:
+            corpus: str = DEFAULT_SPEC, seed: int = 0, t_res: float = 0.5) -> pd.DataFrame:
     """Relative change of the LM loss when every residual feature of each seed's flow graph is
     rescaled by r (at every token): (loss_r - loss_clean) / loss_clean."""
 
