@@ -59,11 +59,11 @@ $(COMPAT_STAMP): pyproject.toml
 
 test-compat: $(COMPAT_STAMP)
 	SAEFLOW_CACHE=$(abspath $(COMPAT_VENV))/cache $(COMPAT_VENV)/bin/python -m pytest -q \
-	  -p no:cacheprovider tests/test_models_hooks.py \
-	  tests/test_train_eval.py::test_eval_matches_reference_computation \
-	  tests/test_integration_real.py::test_embedded_anatomy \
-	  tests/test_integration_real.py::test_embedded_is_a_language_model \
-	  tests/test_integration_real.py::test_embedded_capture_matches_manual
+	  -p no:cacheprovider tests/lm/test_models_hooks.py \
+	  tests/saes/test_train_eval.py::test_eval_matches_reference_computation \
+	  tests/integration/test_integration_real.py::test_embedded_anatomy \
+	  tests/integration/test_integration_real.py::test_embedded_is_a_language_model \
+	  tests/integration/test_integration_real.py::test_embedded_capture_matches_manual
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration" tests

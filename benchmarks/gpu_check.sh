@@ -39,7 +39,7 @@ tests)
   step "unit tests on the GPU"
   jobs=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8" || echo "")
   SAEFLOW_TEST_DEVICE=$DEVICE timeout 400 "$PY" -m pytest -q $jobs -m "not integration" -p no:cacheprovider \
-    --ignore=tests/test_app_browser.py tests > "$OUT/pytest.log" 2>&1
+    --ignore=tests/app/test_app_browser.py tests > "$OUT/pytest.log" 2>&1
   say "tests (SAEFLOW_TEST_DEVICE=$DEVICE): $(tail -1 "$OUT/pytest.log")"
   grep -E "^(FAILED|ERROR) " "$OUT/pytest.log" | head -20 | tee -a "$SUMMARY"
   ;;

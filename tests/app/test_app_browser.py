@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 CHROMIUM = os.environ.get("SAEFLOW_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-SHOTS = Path(__file__).resolve().parents[1] / "build" / "test-artifacts" / "screenshots"
+SHOTS = Path(__file__).resolve().parents[2] / "build" / "test-artifacts" / "screenshots"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
