@@ -10,7 +10,7 @@ TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.saeflow-installed
 
-.PHONY: install demo test test-unit test-integration test-compat bench clean browser
+.PHONY: install demo test lint test-unit test-integration test-compat bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,7 +37,7 @@ browser:
 	  || ($(SUDO) apt-get update -q >/dev/null 2>&1 && $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1) \
 	  || echo "WARNING: could not install Debian's chromium; the browser tests will be skipped"
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q tests
 	$(MAKE) test-compat
 
@@ -64,6 +64,12 @@ test-compat: $(COMPAT_STAMP)
 	  tests/integration/test_integration_real.py::test_embedded_anatomy \
 	  tests/integration/test_integration_real.py::test_embedded_is_a_language_model \
 	  tests/integration/test_integration_real.py::test_embedded_capture_matches_manual
+
+# ruff (lint rules) and mypy (types), both configured in pyproject.toml; `make test` runs this
+# first, so a lint or type error fails the build before the slow tests start.
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration" tests
