@@ -121,3 +121,7 @@ class AppError(SaeflowError, RuntimeError):
 
 class MissingDependencyError(SaeflowError, ImportError):
     """An optional package that this feature needs is not installed (the message names it)."""
+
+
+class TokenizerError(SaeflowError, RuntimeError):
+    """A tokenizer that splits text unlike the model's own (e.g. a wrong GGUF conversion)."""

@@ -19,7 +19,7 @@ from typing import cast
 
 import torch
 
-from saeflow.errors import MissingDependencyError, ModelError
+from saeflow.errors import MissingDependencyError, ModelError, TokenizerError
 from saeflow.lm.hookpoints import POSITIONS, Architecture, architecture_for, check_position
 from saeflow.store import atomic_dir, cache_dir, sha256_file, write_json_atomic
 
@@ -368,7 +368,7 @@ def check_embedded_tokenizer(tok) -> None:
     if got != want:
         import transformers
 
-        raise ModelError(
+        raise TokenizerError(
             f"the embedded model's tokenizer, converted from its GGUF by transformers "
             f"{transformers.__version__}, splits text unlike Gemma 3's tokenizer ({got[:6]}... "
             f"instead of {want[:6]}...); the model would read garbage. Install transformers>=5.18 "
