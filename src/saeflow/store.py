@@ -115,3 +115,34 @@ def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
         # numpy>=2.1 stub: **kwds could bind its allow_pickle flag; arrays never has that key
         np.savez(f, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, path)
+
+
+def open_manifest(run: str | os.PathLike, subdir: str, name: str, fmt: str,
+                  error: type[Exception], missing_hint: str) -> tuple[Path, dict]:
+    """(RUN/subdir, its manifest) for a finished pass (index, statistics); `error` with a hint
+    when RUN has none, or when the manifest is not of format `fmt`."""
+    root = Path(run) / subdir
+    mf = root / name
+    if not mf.is_file():
+        raise error(f"{Path(run)} has no {missing_hint}")
+    manifest = json.loads(mf.read_text())
+    if manifest.get("format") != fmt:
+        raise error(f"{mf} is not a saeflow {fmt.removeprefix('saeflow-')} manifest")
+    return root, manifest
+
+
+def finished_pass(manifest_file: Path, identity: dict, force: bool, error: type[Exception],
+                  what: str) -> bool:
+    """Whether `manifest_file` records a finished pass with exactly `identity` (reuse it).
+
+    A pass of another pack in the same place is refused with `error` unless `force`: RUN holds
+    the results of one pack. A pass of the same pack with other settings returns False (rerun)."""
+    if force or not manifest_file.is_file():
+        return False
+    old = json.loads(manifest_file.read_text())
+    if old.get("identity") == identity:
+        return True
+    if old.get("identity", {}).get("pack") != identity["pack"]:
+        raise error(f"{manifest_file.parent} holds {what} of a different pack; use another "
+                    f"--out or --force")
+    return False

@@ -230,6 +230,7 @@ def test_dead_latents_are_left_out_of_class_shares_and_lists(tiny_models, tmp_pa
 def test_cli_steer_sweep_paper_profile_maps_to_the_papers_settings(monkeypatch, capsys,
                                                                    tmp_path):
     import saeflow.cli.main as cli
+    import saeflow.cli.steering as cli_steering
     import saeflow.steering.sweep as sweep
 
     seen = {}
@@ -239,7 +240,7 @@ def test_cli_steer_sweep_paper_profile_maps_to_the_papers_settings(monkeypatch, 
         return {"profile": cfg.name, "seconds": 1.0, "score": cfg.score, "best": [],
                 "classifier": {"held_out_accuracy": 0.9}, "seeds": {}}
 
-    monkeypatch.setattr(cli, "_load_model_and_pack", lambda args, stage: (None, None))
+    monkeypatch.setattr(cli_steering, "load_model_and_pack", lambda args, stage: (None, None))
     monkeypatch.setattr(sweep, "run_sweep", fake_run)
     assert cli.main(["steer-sweep", str(tmp_path), "--paper", "--n", "40"]) == 0
     cfg = seen["cfg"]

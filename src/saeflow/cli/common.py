@@ -55,6 +55,16 @@ def add_corpus_pass(sp: argparse.ArgumentParser, cls, *, fields: list[str] | Non
     add_config_options(g, cls, only=names)
 
 
+def add_pass_command(sub, name: str, help: str, cls, writes: str) -> argparse.ArgumentParser:
+    """A command that runs the model and a pack over a corpus and writes into RUN/`writes`."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("path", help="a pack path, or 'embedded' / 'embedded-quick'")
+    add_selectors(p)
+    p.add_argument("--out", required=True, help=f"RUN directory (writes RUN/{writes}/)")
+    add_corpus_pass(p, cls)
+    return p
+
+
 def open_pack_from_args(args, model=None, strict: bool = True):
     from saeflow.saes.recipes import EMBEDDED_NAMES, open_pack
 

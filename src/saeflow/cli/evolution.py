@@ -1,7 +1,7 @@
 """`saeflow stats`: co-activation statistics and the analyses built on them."""
 from __future__ import annotations
 
-from saeflow.cli.common import add_corpus_pass, add_json, add_selectors, model_and_pack, print_json
+from saeflow.cli.common import add_json, add_pass_command, model_and_pack, print_json
 from saeflow.cli.options import (
     add_config_options,
     add_signature_options,
@@ -51,11 +51,8 @@ def cmd_stats(args) -> int:
 
 
 def register(sub) -> None:
-    st = sub.add_parser("stats", help="co-activation statistics, pass-through, gates, communities")
-    st.add_argument("path", help="a pack path, or 'embedded' / 'embedded-quick'")
-    add_selectors(st)
-    st.add_argument("--out", required=True, help="RUN directory (writes RUN/stats/)")
-    add_corpus_pass(st, StatsConfig)
+    st = add_pass_command(sub, "stats", "co-activation statistics, pass-through, gates, "
+                          "communities", StatsConfig, "stats")
     g = st.add_argument_group("statistics")
     add_config_options(g, StatsConfig, only=["pairs", "positions", "active", "top_k", "floor",
                                              "checkpoint_every_s"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from saeflow.cli.common import add_corpus_pass, add_json, add_selectors, model_and_pack, print_json
+from saeflow.cli.common import add_json, add_pass_command, model_and_pack, print_json
 from saeflow.cli.options import (
     add_config_options,
     add_overrides,
@@ -104,11 +104,8 @@ def cmd_feature(args) -> int:
 
 
 def register(sub) -> None:
-    ix = sub.add_parser("index", help="feature index: top contexts, densities, logit lens, labels")
-    ix.add_argument("path", help="a pack path, or 'embedded' / 'embedded-quick'")
-    add_selectors(ix)
-    ix.add_argument("--out", required=True, help="RUN directory (writes RUN/index/)")
-    add_corpus_pass(ix, IndexConfig)
+    ix = add_pass_command(sub, "index", "feature index: top contexts, densities, logit lens, "
+                          "labels", IndexConfig, "index")
     g = ix.add_argument_group("what is kept per feature")
     add_config_options(g, IndexConfig, only=["n_top", "n_samples", "window_left", "window_right",
                                              "n_logits", "checkpoint_every_s"])

@@ -101,20 +101,18 @@ def parse_str_tuple(text: str) -> tuple[str, ...]:
     return tuple(parse_str_list(text))
 
 
-def parse_int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in parse_str_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
-            from None
+def _number_list(kind: type, what: str) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            return [kind(t) for t in parse_str_list(text)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") \
+                from None
+    return parse
 
 
-def parse_float_list(text: str) -> list[float]:
-    try:
-        return [float(t) for t in parse_str_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
-            from None
+parse_int_list = _number_list(int, "integers")
+parse_float_list = _number_list(float, "numbers")
 
 
 def _token_count(text: str) -> int:

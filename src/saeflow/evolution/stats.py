@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from saeflow.errors import ScanError, StatsError
+from saeflow.errors import StatsError
 from saeflow.evolution.tables import (
     MEASURES,
     STATS_DIR,
@@ -36,7 +36,7 @@ from saeflow.lm.hooks import HookPoint, capture
 from saeflow.lm.model import resolve_dtype
 from saeflow.saes.packs import pack_fingerprint
 from saeflow.saes.scan import CorpusPassConfig, ScanSpec, load_saes, scan
-from saeflow.store import write_json_atomic
+from saeflow.store import finished_pass, write_json_atomic
 
 
 def _nonzero_lists(z: torch.Tensor, active: torch.Tensor | None
@@ -367,7 +367,6 @@ def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
     With active="frac:F", "active" means z > F * the feature's maximum; the maxima come from
     the feature index in RUN when there is one, else from `max_by_feature`, else a first pass.
     """
-    import json
     from pathlib import Path
 
     cfg = cfg or StatsConfig()
@@ -376,14 +375,8 @@ def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
     pack.check_model(model)
     root = Path(out) / STATS_DIR
     ident = {"pack": pack_fingerprint(pack), "model": model.name, "config": cfg.identity()}
-    mf = root / STATS_MANIFEST
-    if mf.is_file() and not force:
-        old = json.loads(mf.read_text())
-        if old.get("identity") == ident:
-            return open_stats(out)
-        if old.get("identity", {}).get("pack") != ident["pack"]:
-            raise StatsError(f"{root} holds statistics of a different pack; use another --out "
-                             f"or --force")
+    if finished_pass(root / STATS_MANIFEST, ident, force, StatsError, "statistics"):
+        return open_stats(out)
     slot_set = {s for pr in pairs for s in pr}
     flow_pred = _flow_predecessors(out, pack)
     if flow_pred:
@@ -440,12 +433,9 @@ def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
             a.load(st["pairs"][f"{u[1]}/{u[0]}->{d[1]}/{d[0]}"])
         group_counts.update(st["groups"])
 
-    try:
-        res = scan(model, pack, slots, spec, root / ".state" / "state.pt", ident, on_batch,
-                   get_state, set_state, force=force, progress=progress, desc="stats",
-                   stop_after_batches=stop_after_batches, codes_on_device=True)
-    except ScanError as e:
-        raise StatsError(str(e)) from None
+    res = scan(model, pack, slots, spec, root / ".state" / "state.pt", ident, on_batch,
+               get_state, set_state, force=force, progress=progress, desc="stats",
+               stop_after_batches=stop_after_batches, codes_on_device=True, error=StatsError)
     write_stats(root, acc, cfg, ident, res["tokens"], res["seconds"])
     if group_counts:
 

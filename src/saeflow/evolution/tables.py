@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from saeflow.errors import StatsError
-from saeflow.store import write_json_atomic, write_parquet_atomic
+from saeflow.store import open_manifest, write_json_atomic, write_parquet_atomic
 
 MEASURES = ("pearson", "jaccard", "sufficiency", "necessity", "mutual_info")
 STATS_DIR = "stats"
@@ -116,11 +115,5 @@ class StatsRun:
 
 
 def open_stats(run: str | os.PathLike) -> StatsRun:
-    root = Path(run) / STATS_DIR
-    mf = root / STATS_MANIFEST
-    if not mf.is_file():
-        raise StatsError(f"{Path(run)} has no statistics; run `saeflow stats PACK --out {run}`")
-    manifest = json.loads(mf.read_text())
-    if manifest.get("format") != STATS_FORMAT:
-        raise StatsError(f"{mf} is not a saeflow statistics manifest")
-    return StatsRun(root, manifest)
+    return StatsRun(*open_manifest(run, STATS_DIR, STATS_MANIFEST, STATS_FORMAT, StatsError,
+                                   f"statistics; run `saeflow stats PACK --out {run}`"))

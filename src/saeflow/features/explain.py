@@ -6,7 +6,7 @@ each feature from the same evidence: the top contexts with the activating token 
 per-token activations, plus the logit lens. Results go to RUN/index/explanations.parquet, one
 row per feature, and are shown and searched beside the automatic labels.
 
-Only the standard library talks HTTP here (urllib): one POST to {url}/chat/completions per
+HTTP goes through saeflow.llm (urllib, the standard library): one POST to {url}/chat/completions per
 feature, retried on 429 / 5xx. The file is rewritten atomically every few features, so a killed
 run keeps what it finished and the next run skips those features.
 """
@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import pyarrow.parquet as pq
 from saeflow.errors import ExplainError
 from saeflow.features.tables import EXPLANATIONS, open_index
 from saeflow.ids import parse_feature
+from saeflow.llm import LLMEndpoint, post_chat
 
 SYSTEM_PROMPT = (
     "You explain features of a sparse autoencoder trained on a language model's activations. "
@@ -36,23 +35,14 @@ SYSTEM_PROMPT = (
 
 
 @dataclass
-class ExplainerConfig:
-    url: str  # base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1
-    model: str  # the model name the endpoint expects
-    api_key: str | None = None
+class ExplainerConfig(LLMEndpoint):
     n_examples: int = 8  # top contexts shown per feature
-    max_tokens: int = 48
-    temperature: float = 0.0
-    timeout_s: float = 60.0
-    retries: int = 3
+    max_tokens: int = 48  # the reply's length cap
+    temperature: float = 0.0  # sampling temperature of the reply
     save_every: int = 16  # features between atomic rewrites of the table
 
     def __post_init__(self):
-        if not self.url.startswith(("http://", "https://")):
-            raise ExplainError(f"the explainer URL must start with http:// or https://, got "
-                               f"{self.url!r} (e.g. http://127.0.0.1:8000/v1)")
-        if not self.model:
-            raise ExplainError("name the endpoint's model (--llm MODEL)")
+        super().__post_init__()
         if not 1 <= self.n_examples <= 64:
             raise ExplainError("n_examples must be between 1 and 64")
 
@@ -82,44 +72,9 @@ def feature_prompt(row: dict, n_examples: int) -> str:
     return "\n".join(lines)
 
 
-def _post(cfg: ExplainerConfig, payload: dict) -> dict:
-    url = cfg.url.rstrip("/") + "/chat/completions"
-    body = json.dumps(payload).encode()
-    headers = {"Content-Type": "application/json"}
-    if cfg.api_key:
-        headers["Authorization"] = f"Bearer {cfg.api_key}"
-    for attempt in range(cfg.retries + 1):
-        req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=cfg.timeout_s) as resp:
-                return json.loads(resp.read().decode())
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")[:300]
-            if e.code in (401, 403):
-                raise ExplainError(f"{url} refused the request (HTTP {e.code}): check the API key "
-                                   f"(--api-key-env names the variable that holds it). {detail}"
-                                   ) from None
-            if (e.code == 429 or e.code >= 500) and attempt < cfg.retries:
-                time.sleep(min(2.0 ** attempt, 10.0))
-                continue
-            raise ExplainError(f"{url} answered HTTP {e.code}: {detail}") from None
-        except urllib.error.URLError as e:
-            raise ExplainError(f"could not reach the explainer at {url} ({e.reason}); check "
-                               f"--llm-url and that the server is running") from None
-        except (TimeoutError, OSError) as e:
-            if attempt < cfg.retries:
-                continue
-            raise ExplainError(f"the explainer at {url} did not answer in {cfg.timeout_s:.0f} s "
-                               f"({e})") from None
-        except json.JSONDecodeError:
-            raise ExplainError(f"{url} did not return JSON; is it an OpenAI-compatible API "
-                               f"(the URL usually ends in /v1)?") from None
-    raise AssertionError("unreachable")
-
-
 def request_explanation(cfg: ExplainerConfig, prompt: str) -> str:
     """One chat completion; the first line of the reply, trimmed."""
-    reply = _post(cfg, {"model": cfg.model, "temperature": cfg.temperature,
+    reply = post_chat(cfg, {"model": cfg.model, "temperature": cfg.temperature,
                         "max_tokens": cfg.max_tokens,
                         "messages": [{"role": "system", "content": SYSTEM_PROMPT},
                                      {"role": "user", "content": prompt}]})
@@ -154,14 +109,6 @@ def select_features(index, features: list[str] | None = None, layers: list[int] 
     if limit:
         sql += f" LIMIT {int(limit)}"
     return [r[0] for r in index._con().execute(sql, args).fetchall()]
-
-
-def read_explanations(index_root: str | os.PathLike) -> dict[str, str]:
-    path = Path(index_root) / EXPLANATIONS
-    if not path.is_file():
-        return {}
-    t = pq.read_table(path, columns=["id", "explanation"]).to_pydict()
-    return dict(zip(t["id"], t["explanation"]))
 
 
 def _write(root: Path, rows: list[dict]) -> None:

@@ -14,7 +14,6 @@ Written to RUN/index/: features.parquet, examples.parquet, index.json. Queried w
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from saeflow.errors import FeatureIndexError, ScanError
+from saeflow.errors import FeatureIndexError
 from saeflow.features.tables import (
     HIST_EDGES,
     INDEX_DIR,
@@ -34,6 +33,7 @@ from saeflow.features.tables import (
 from saeflow.lm.corpora import TokenBatch
 from saeflow.saes.packs import pack_fingerprint
 from saeflow.saes.scan import CorpusPassConfig, ScanSpec, scan
+from saeflow.store import finished_pass
 
 
 @dataclass
@@ -201,15 +201,8 @@ def build_index(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = N
     pack.check_model(model)
     root = Path(out) / INDEX_DIR
     ident = _index_identity(pack, model, cfg)
-    manifest = root / INDEX_MANIFEST
-    if manifest.is_file() and not force:
-        old = json.loads(manifest.read_text())
-        if old.get("identity") == ident:
-
-            return open_index(out)
-        if old.get("identity", {}).get("pack") != ident["pack"]:
-            raise FeatureIndexError(f"{root} holds the index of a different pack; use another --out "
-                              f"or --force")
+    if finished_pass(root / INDEX_MANIFEST, ident, force, FeatureIndexError, "the index"):
+        return open_index(out)
     slots = sorted(pack.entries)
     dev = model.device  # the bookkeeping runs where the codes are: no dense copy to the host
     stats = {slot: _SlotStats(pack.entries[slot].d_sae, cfg, seed=cfg.seed * 1000 + i,
@@ -236,12 +229,10 @@ def build_index(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = N
 
     spec = ScanSpec(cfg.tokens, cfg.corpus, cfg.seed, cfg.batch_size, cfg.ctx_len,
                     cfg.encoder_dtype, cfg.checkpoint_every_s)
-    try:
-        res = scan(model, pack, slots, spec, root / ".state" / "state.pt", ident, on_batch,
-                   get_state, set_state, force=force, progress=progress, desc="index",
-                   stop_after_batches=stop_after_batches, codes_on_device=True)
-    except ScanError as e:
-        raise FeatureIndexError(str(e)) from None
+    res = scan(model, pack, slots, spec, root / ".state" / "state.pt", ident, on_batch,
+               get_state, set_state, force=force, progress=progress, desc="index",
+               stop_after_batches=stop_after_batches, codes_on_device=True,
+               error=FeatureIndexError)
     if dev.type != "cpu":
         for st in stats.values():  # the table writer reads them as numpy arrays
             st.to_cpu()

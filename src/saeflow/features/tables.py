@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
 from saeflow.errors import FeatureIndexError
 from saeflow.features.labels import auto_label, logit_lens, token_strings
 from saeflow.lm.model import residual_mapping
-from saeflow.store import write_json_atomic
+from saeflow.store import open_manifest, write_json_atomic
 
 INDEX_DIR = "index"
 INDEX_MANIFEST = "index.json"
@@ -314,14 +313,9 @@ def _rows(cursor) -> list[dict]:
 
 
 def open_index(run: str | os.PathLike) -> FeatureIndex:
-    root = Path(run) / INDEX_DIR
-    mf = root / INDEX_MANIFEST
-    if not mf.is_file():
-        raise FeatureIndexError(f"{Path(run)} has no feature index; run `saeflow index PACK --out {run}`")
-    manifest = json.loads(mf.read_text())
-    if manifest.get("format") != INDEX_FORMAT:
-        raise FeatureIndexError(f"{mf} is not a saeflow index manifest")
-    return FeatureIndex(root, manifest)
+    return FeatureIndex(*open_manifest(run, INDEX_DIR, INDEX_MANIFEST, INDEX_FORMAT,
+                                       FeatureIndexError,
+                                       f"feature index; run `saeflow index PACK --out {run}`"))
 
 
 

@@ -25,8 +25,6 @@ from saeflow.store import write_json_atomic
 
 LANES = {"attn_out": 1.0, "attn_z": 1.0, "attn_raw": 1.0, "resid_post": 0.0, "resid_pre": 0.0,
          "mlp_out": -1.0, "mlp_raw": -1.0}
-KIND_POSITIONS = {"res": ("resid_post", "resid_pre"), "mlp": ("mlp_out", "mlp_raw"),
-                  "attn": ("attn_out", "attn_z", "attn_raw")}
 
 
 def _padded(col: pa.ChunkedArray, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -49,11 +49,6 @@ class _StopForward(Exception):
     """Raised inside a hook once every requested activation is captured."""
 
 
-def adding(delta: torch.Tensor) -> Edit:
-    """Edit that adds `delta` (broadcast to [batch, seq, width])."""
-    return lambda act: act + delta.to(act.dtype)
-
-
 def replacing(value: torch.Tensor) -> Edit:
     return lambda act: value.to(act.dtype).expand_as(act)
 

@@ -11,7 +11,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,10 +354,6 @@ def _build_gguf_cache(gguf_path: Path, folder: Path) -> None:
         write_json_atomic(tmp / CACHE_MANIFEST, {"format": CACHE_FORMAT, "source": str(gguf_path),
                                                  "files": files})
     del hf
-
-
-def clear_model_cache() -> None:
-    shutil.rmtree(cache_dir("models"), ignore_errors=True)
 
 
 def check_embedded_tokenizer(tok) -> None:

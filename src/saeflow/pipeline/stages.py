@@ -76,7 +76,7 @@ class PipelineConfig:
     def check(self) -> None:
         """The embedded packs are trained on the embedded model: refuse another model with them."""
         if self.pack.startswith("embedded") and self.model not in ("embedded", "gemma-3-270m"):
-            raise PipelineError(f"give a pack for {self.model}: the embedded pack belongs to the "
+            raise PipelineError(f"give --pack for {self.model}: the embedded pack belongs to the "
                                 f"embedded model")
 
     def stage_settings(self, stage: str) -> dict:

@@ -609,16 +609,21 @@ def check_files(folder: Path, fmt: str) -> list[str]:
     return problems
 
 
-def detect_format(folder: Path) -> str | None:
-    """Which format a single SAE folder is in, from its file names."""
-    if (folder / SAELENS_WEIGHTS).is_file() or ((folder / SAELENS_CFG).is_file()
-                                                and not (folder / "sae.safetensors").is_file()):
+def detect_format(folder: Path, names: set[str] | None = None) -> str | None:
+    """Which format a single SAE folder is in, from its file names (`names`: the folder's
+    listing, when the caller has it). None: no SAE here."""
+    if names is None:
+        names = {p.name for p in folder.iterdir() if p.is_file()}
+    if SAELENS_WEIGHTS in names or (SAELENS_CFG in names and "sae.safetensors" not in names
+                                    and "params.npz" not in names):
+        if SAELENS_WEIGHTS not in names:
+            raise SAEFormatError(f"{folder} has {SAELENS_CFG} but no {SAELENS_WEIGHTS}")
         return "saelens"
-    if (folder / "params.npz").is_file():
+    if "params.npz" in names:
         return "gemmascope"
-    if (folder / "params.safetensors").is_file():
+    if "params.safetensors" in names:
         return "gemmascope2"
-    if (folder / "sae.safetensors").is_file():
+    if "sae.safetensors" in names:
         return "sparsify"
     return None
 

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 import saeflow.saes.formats as fmt
 from saeflow._version import __version__
-from saeflow.errors import MissingSAEError, PackError, SAEFormatError
+from saeflow.errors import MissingSAEError, PackError
 from saeflow.lm.hookpoints import POSITIONS, check_position, raw_position, written_hook_name
 from saeflow.saes.formats import SAEInfo
 from saeflow.saes.sae import SAE
@@ -242,19 +242,9 @@ def _scan(root: Path) -> Iterator[tuple[Path, str]]:
     """Yield (folder, format) for every SAE folder under root (root itself included)."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        folder = Path(dirpath)
-        names = set(filenames)
-        if fmt.SAELENS_WEIGHTS in names or ("cfg.json" in names and "sae.safetensors" not in names
-                                            and "params.npz" not in names):
-            if fmt.SAELENS_WEIGHTS not in names:
-                raise SAEFormatError(f"{folder} has cfg.json but no {fmt.SAELENS_WEIGHTS}")
-            yield folder, "saelens"
-        elif "params.npz" in names:
-            yield folder, "gemmascope"
-        elif "params.safetensors" in names:
-            yield folder, "gemmascope2"
-        elif "sae.safetensors" in names:
-            yield folder, "sparsify"
+        kind = fmt.detect_format(Path(dirpath), set(filenames))
+        if kind is not None:
+            yield Path(dirpath), kind
 
 
 def _l0_key(label: str | None) -> float:

@@ -55,7 +55,8 @@ def load_saes(pack, slots, device, dtype) -> dict:
 def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
          on_batch: Callable, get_state: Callable[[], dict], set_state: Callable[[dict], None],
          *, force: bool = False, progress: bool = True, desc: str = "scan",
-         stop_after_batches: int | None = None, codes_on_device: bool = False) -> dict:
+         stop_after_batches: int | None = None, codes_on_device: bool = False,
+         error: type[Exception] = ScanError) -> dict:
     """Run the pass; returns {"tokens": content tokens seen, "seconds": wall time, "saes": ...}.
 
     on_batch(z: {slot: [B, T, d_sae] float32}, batch: TokenBatch, content: [B, T] bool), with
@@ -75,7 +76,7 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
         state = torch.load(state_file, weights_only=False)
         if state["identity"] != identity and not force:
             what = [k for k in identity if state["identity"].get(k) != identity[k]]
-            raise ScanError(f"{state_file} is a partial pass over a different "
+            raise error(f"{state_file} is a partial pass over a different "
                             f"{' and '.join(what) or 'setup'}; refusing to resume against it "
                             f"(use --force to start over)")
         if state["identity"] == identity:
@@ -87,7 +88,7 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
         for b in corpus.token_batches(tok, spec.batch_size, spec.ctx_len, max_tokens=spec.tokens):
             available += int(b.content_mask().sum())
         if available < 0.98 * spec.tokens:
-            raise ScanError(f"the corpus {spec.corpus!r} gives only {available} tokens, fewer "
+            raise error(f"the corpus {spec.corpus!r} gives only {available} tokens, fewer "
                             f"than the {spec.tokens} asked; ask for fewer or add sources")
     enc_dtype = resolve_dtype(spec.encoder_dtype, model.device)
     saes = load_saes(pack, slots, model.device, enc_dtype)

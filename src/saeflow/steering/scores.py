@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from saeflow.errors import EvalError
-from saeflow.features.explain import _post
+from saeflow.llm import post_chat
 from saeflow.lm.corpora import WikiSummaries
 from saeflow.lm.model import load_model
 from saeflow.store import cache_dir, sha256_file, write_json_atomic
@@ -315,7 +315,7 @@ def judge(texts: list[str], th: Theme, cfg) -> list[dict]:
 
     out = []
     for t in texts:
-        reply = _post(cfg, {"model": cfg.model, "temperature": 0.0, "max_tokens": 24,
+        reply = post_chat(cfg, {"model": cfg.model, "temperature": 0.0, "max_tokens": 24,
                             "messages": [{"role": "user", "content": JUDGE_PROMPT.format(
                                 theme=th.description, text=t)}]})
         content = reply.get("choices", [{}])[0].get("message", {}).get("content", "") or ""
