@@ -125,3 +125,8 @@ class MissingDependencyError(SaeflowError, ImportError):
 
 class TokenizerError(SaeflowError, RuntimeError):
     """A tokenizer that splits text unlike the model's own (e.g. a wrong GGUF conversion)."""
+
+
+class ScaleError(SaeflowError, RuntimeError):
+    """A distributed run that cannot start or continue (Ray unreachable, versions that differ,
+    a shard that failed every try); the merged state is kept, so the same command resumes."""

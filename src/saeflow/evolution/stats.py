@@ -14,6 +14,7 @@ of the reference follows exactly:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -35,7 +36,9 @@ from saeflow.lm.corpora import Corpus
 from saeflow.lm.hooks import HookPoint, capture
 from saeflow.lm.model import resolve_dtype
 from saeflow.saes.packs import pack_fingerprint
-from saeflow.saes.scan import CorpusPassConfig, ScanSpec, load_saes, scan
+from saeflow.saes.scan import CorpusPassConfig, ScanSpec, load_saes
+from saeflow.scale import ScaleConfig
+from saeflow.scale.shards import sharded_scan
 from saeflow.store import finished_pass, write_json_atomic
 
 
@@ -172,6 +175,26 @@ class PairAccumulator:
                 v = v.numpy()
             setattr(self, k, v)
         self._runs, self._buffer, self._buffered = [], [], 0
+
+    def merge(self, other: "PairAccumulator") -> None:
+        """Add the sums of `other` (the same pair over other tokens) into this one: counts and
+        float64 sums elementwise (self + other, in that order), maxima by maximum, the sparse
+        runs by one linear merge."""
+        self.n_tokens += other.n_tokens
+        for side in ("up", "down"):
+            for name in ("n", "s", "q"):
+                getattr(self, f"{name}_{side}")[:] += getattr(other, f"{name}_{side}")
+            np.maximum(getattr(self, f"max_{side}"), getattr(other, f"max_{side}"),
+                       out=getattr(self, f"max_{side}"))
+        if self.dense:
+            self.C += other.C
+            self.P += other.P
+            return
+        self._compact()
+        other._compact()
+        if len(other.keys):
+            self.keys, self.count, self.prod = _merge_runs(
+                (self.keys, self.count, self.prod), (other.keys, other.count, other.prod))
 
     # --- measures over the co-active pairs ----------------------------------------------
     def pairs(self) -> dict[str, np.ndarray]:
@@ -360,7 +383,8 @@ def stat_pairs(pack, kind: str = "adjacent", positions: str = "all"
 
 def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool = False,
               progress: bool = True, stop_after_batches: int | None = None,
-              max_by_feature: dict | None = None) -> "StatsRun":
+              max_by_feature: dict | None = None,
+              scale: ScaleConfig | None = None) -> "StatsRun":
     """Accumulate the co-activation sums of every pair over `cfg.tokens` tokens, then write
     RUN/stats/{edges,features}.parquet and stats.json.
 
@@ -384,58 +408,22 @@ def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
         for L, info in flow_pred.items():
             slot_set |= {s for s in info["slots"].values() if s} | {("resid_post", L)}
     slots = sorted(slot_set)
-    group_counts = {L: np.zeros(8, np.int64) for L in flow_pred}
     spec = ScanSpec(cfg.tokens, cfg.corpus, cfg.seed, cfg.batch_size, cfg.ctx_len,
                     cfg.encoder_dtype, cfg.checkpoint_every_s)
-    thresholds = None
+    maxima = None
     if frac is not None:
         maxima = max_by_feature or _maxima_from_index(out, slots)
         if maxima is None:
             maxima = _maxima_pass(pack, model, slots, spec, progress)
-        thresholds = {s: torch.as_tensor(maxima[s], dtype=torch.float32, device=model.device)
-                      * frac for s in slots}
-    acc = {pr: PairAccumulator(pack.entries[pr[0]].d_sae, pack.entries[pr[1]].d_sae)
-           for pr in pairs}
-
-    dev = model.device  # codes stay there: only each token's short list of features comes back
-    pred_of = {L: {kind: torch.as_tensor(info[kind], device=dev)
-                   for kind in ("res", "mlp", "attn") if kind in info} for L, info in flow_pred.items()}
-
-    def on_batch(z, b, content):
-        content = content.to(dev)
-        flat = {s: z[s][content] for s in slots}  # [T_content, d]
-        act = {s: (flat[s] > thresholds[s]) if thresholds else None for s in slots}
-        for (u, d), a in acc.items():
-            a.update(flat[u], flat[d], act[u], act[d])
-        for L, info in flow_pred.items():  # empirical predecessor groups (flow section 5.1)
-            r = ("resid_post", L)
-            on_r = act[r] if thresholds else flat[r] > 0
-            t, f = on_r.nonzero(as_tuple=True)
-            code = torch.zeros(len(t), dtype=torch.long, device=dev)
-            for bit, kind in ((1, "res"), (2, "mlp"), (4, "attn")):
-                slot = info["slots"].get(kind)
-                if slot is None:
-                    continue
-                pred = pred_of[L][kind][f]  # top-1 predecessor of each active feature
-                ok = pred >= 0
-                src = act[slot] if thresholds else flat[slot] > 0
-                fired = torch.zeros(len(t), dtype=torch.bool, device=dev)
-                fired[ok] = src[t[ok], pred[ok]]
-                code += bit * fired.long()
-            group_counts[L] += torch.bincount(code, minlength=8).cpu().numpy()
-
-    def get_state():
-        return {"pairs": {f"{u[1]}/{u[0]}->{d[1]}/{d[0]}": a.state() for (u, d), a in acc.items()},
-                "groups": group_counts}
-
-    def set_state(st):
-        for (u, d), a in acc.items():
-            a.load(st["pairs"][f"{u[1]}/{u[0]}->{d[1]}/{d[0]}"])
-        group_counts.update(st["groups"])
-
-    res = scan(model, pack, slots, spec, root / ".state" / "state.pt", ident, on_batch,
-               get_state, set_state, force=force, progress=progress, desc="stats",
-               stop_after_batches=stop_after_batches, codes_on_device=True, error=StatsError)
+        maxima = {s: np.asarray(maxima[s], np.float32) for s in slots}
+    plan = {"pairs": pairs, "slots": slots, "frac": frac, "maxima": maxima,
+            "d": {s: pack.entries[s].d_sae for s in slots}, "flow_pred": flow_pred}
+    res = sharded_scan(model, pack, slots, spec, root / ".state" / "state.pt", ident,
+                       partial(_StatsShard, plan), scale=scale, force=force, progress=progress,
+                       desc="stats", stop_after_batches=stop_after_batches,
+                       codes_on_device=True, error=StatsError)
+    total = res["total"]
+    acc, group_counts = total.acc, total.group_counts
     write_stats(root, acc, cfg, ident, res["tokens"], res["seconds"])
     if group_counts:
 
@@ -446,6 +434,69 @@ def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
             "layers": {str(L): {group_name(bool(c & 1), bool(c & 2), bool(c & 4)): int(v[c])
                                 for c in order} for L, v in group_counts.items()}})
     return open_stats(out)
+
+
+class _StatsShard:
+    """The sums of every pair (and the predecessor-group counts) over one shard of tokens;
+    `plan` says which pairs and slots, the activity thresholds and the flow's predecessors."""
+
+    def __init__(self, plan: dict, k: int, device):
+        self.plan = plan
+        dev = self.dev = torch.device(device)
+        self.acc = {pr: PairAccumulator(plan["d"][pr[0]], plan["d"][pr[1]])
+                    for pr in plan["pairs"]}
+        self.group_counts = {L: np.zeros(8, np.int64) for L in plan["flow_pred"]}
+        self.thresholds = None
+        if plan["frac"] is not None:
+            self.thresholds = {s: torch.as_tensor(plan["maxima"][s], dtype=torch.float32,
+                                                  device=dev) * plan["frac"]
+                               for s in plan["slots"]}
+        self.pred_of = {L: {kind: torch.as_tensor(info[kind], device=dev)
+                            for kind in ("res", "mlp", "attn") if kind in info}
+                        for L, info in plan["flow_pred"].items()}
+
+    @staticmethod
+    def _key(u, d) -> str:
+        return f"{u[1]}/{u[0]}->{d[1]}/{d[0]}"
+
+    def on_batch(self, z, b, content) -> None:
+        dev, thresholds = self.dev, self.thresholds
+        content = content.to(dev)
+        flat = {s: z[s][content] for s in self.plan["slots"]}  # [T_content, d]
+        act = {s: (flat[s] > thresholds[s]) if thresholds else None for s in flat}
+        for (u, d), a in self.acc.items():
+            a.update(flat[u], flat[d], act[u], act[d])
+        for L, info in self.plan["flow_pred"].items():  # empirical predecessor groups (5.1)
+            r = ("resid_post", L)
+            on_r = act[r] if thresholds else flat[r] > 0
+            t, f = on_r.nonzero(as_tuple=True)
+            code = torch.zeros(len(t), dtype=torch.long, device=dev)
+            for bit, kind in ((1, "res"), (2, "mlp"), (4, "attn")):
+                slot = info["slots"].get(kind)
+                if slot is None:
+                    continue
+                pred = self.pred_of[L][kind][f]  # top-1 predecessor of each active feature
+                ok = pred >= 0
+                src = act[slot] if thresholds else flat[slot] > 0
+                fired = torch.zeros(len(t), dtype=torch.bool, device=dev)
+                fired[ok] = src[t[ok], pred[ok]]
+                code += bit * fired.long()
+            self.group_counts[L] += torch.bincount(code, minlength=8).cpu().numpy()
+
+    def state(self) -> dict:
+        return {"pairs": {self._key(u, d): a.state() for (u, d), a in self.acc.items()},
+                "groups": {L: v.copy() for L, v in self.group_counts.items()}}
+
+    def load(self, st: dict) -> None:
+        for (u, d), a in self.acc.items():
+            a.load(st["pairs"][self._key(u, d)])
+        self.group_counts.update({L: np.array(v, np.int64) for L, v in st["groups"].items()})
+
+    def merge(self, other: "_StatsShard") -> None:
+        for pr, a in self.acc.items():
+            a.merge(other.acc[pr])
+        for L, v in other.group_counts.items():
+            self.group_counts[L] += v
 
 
 def _flow_predecessors(run, pack) -> dict:

@@ -84,15 +84,9 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
             batches_done, tokens_done = state["batches"], state["tokens"]
             seconds_before = float(state.get("seconds", 0.0))
     if batches_done == 0:
-        available = 0
-        for b in corpus.token_batches(tok, spec.batch_size, spec.ctx_len, max_tokens=spec.tokens):
-            available += int(b.content_mask().sum())
-        if available < 0.98 * spec.tokens:
-            raise error(f"the corpus {spec.corpus!r} gives only {available} tokens, fewer "
-                            f"than the {spec.tokens} asked; ask for fewer or add sources")
+        check_available(corpus, tok, spec, error)
     enc_dtype = resolve_dtype(spec.encoder_dtype, model.device)
     saes = load_saes(pack, slots, model.device, enc_dtype)
-    points = [HookPoint(p, L) for p, L in slots]
 
     def save():
         state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -105,18 +99,8 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
     bar = tqdm(total=spec.tokens, initial=tokens_done, desc=desc, unit="tok",
                disable=not progress, smoothing=0.05)
     last = time.perf_counter()
-    batches = corpus.token_batches(tok, spec.batch_size, spec.ctx_len, max_tokens=spec.tokens)
-    for i, b in enumerate(batches):
-        if i < batches_done:
-            continue  # counted before an interruption
-        acts = capture(model, b.input_ids, points, attention_mask=b.attention_mask)
-        content = b.content_mask()
-        with torch.inference_mode():
-            z = {slot: saes[slot].encode(acts[pt].to(enc_dtype)).float()
-                 for slot, pt in zip(slots, points)}
-            if not codes_on_device:
-                z = {slot: v.cpu() for slot, v in z.items()}
-        del acts
+    for i, z, b, content in encoded_batches(model, saes, slots, spec, start=batches_done,
+                                            codes_on_device=codes_on_device):
         on_batch(z, b, content)
         n = int(content.sum())
         batches_done, tokens_done = i + 1, tokens_done + n
@@ -131,3 +115,42 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
     bar.close()
     save()
     return {"tokens": tokens_done, "seconds": seconds_before + time.time() - t0, "saes": saes}
+
+
+def check_available(corpus, tok, spec: ScanSpec, error: type[Exception]) -> int:
+    """The number of batches of the pass; `error` when the corpus is short of spec.tokens."""
+    available = n_batches = 0
+    for b in corpus.token_batches(tok, spec.batch_size, spec.ctx_len, max_tokens=spec.tokens):
+        available += int(b.content_mask().sum())
+        n_batches += 1
+    if available < 0.98 * spec.tokens:
+        raise error(f"the corpus {spec.corpus!r} gives only {available} tokens, fewer "
+                    f"than the {spec.tokens} asked; ask for fewer or add sources")
+    return n_batches
+
+
+def encoded_batches(model, saes: dict, slots, spec: ScanSpec, *, start: int = 0,
+                    stop: int | None = None, codes_on_device: bool = False):
+    """(batch index, {slot: codes [B, T, d]}, batch, content [B, T]) for the batches
+    [start, stop) of the pass: one forward captures every slot, then each SAE encodes. The
+    same batches for the same spec on any machine (the corpus order is a function of the seed).
+    """
+    points = [HookPoint(p, L) for p, L in slots]
+    enc_dtype = next(iter(saes.values())).dtype if saes else torch.float32
+    corpus = Corpus.from_spec(spec.corpus, seed=spec.seed)
+    batches = corpus.token_batches(model.tokenizer, spec.batch_size, spec.ctx_len,
+                                   max_tokens=spec.tokens)
+    for i, b in enumerate(batches):
+        if i < start:
+            continue  # counted before an interruption, or another shard's
+        if stop is not None and i >= stop:
+            break
+        acts = capture(model, b.input_ids, points, attention_mask=b.attention_mask)
+        content = b.content_mask()
+        with torch.inference_mode():
+            z = {slot: saes[slot].encode(acts[pt].to(enc_dtype)).float()
+                 for slot, pt in zip(slots, points)}
+            if not codes_on_device:
+                z = {slot: v.cpu() for slot, v in z.items()}
+        del acts
+        yield i, z, b, content

@@ -1,0 +1,342 @@
+"""The Ray side of saeflow.scale: connecting, checking the workers' versions, running the shards
+of a corpus pass and any list of independent tasks (the flow's layers, training groups).
+
+Imported only when a stage is asked for workers. Retries are Ray's own (`max_retries` for a
+worker that died, `retry_exceptions` for one that raised); the driver only submits at most
+`workers` tasks at once, merges the finished shards in shard order and checkpoints the merge.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from saeflow._version import __version__
+from saeflow.errors import MissingDependencyError, ScaleError
+from saeflow.scale import ScaleConfig
+from saeflow.scale.shards import shard_ranges
+
+# Tests set this to {"shard": k, "marker": path, "always": bool}: the worker running shard k
+# kills its own process after its first batch (once, or on every try when "always").
+FAULT_INJECTION: dict | None = None
+
+
+def local_versions() -> dict[str, str]:
+    return {"saeflow": __version__, "torch": torch.__version__.split("+")[0]}
+
+
+def _describe(v: dict) -> str:
+    return " / ".join(f"{k} {v[k]}" for k in sorted(v))
+
+
+def _check_versions(driver: dict, where: str) -> None:
+    mine = local_versions()
+    if mine != driver:
+        raise ScaleError(f"refusing worker {where}: it has {_describe(mine)}, the driver has "
+                         f"{_describe(driver)}; install the same versions on every node")
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise MissingDependencyError("--workers needs Ray: pip install 'saeflow[ray]'") from None
+    return ray
+
+
+def _reachable(address: str) -> None:
+    """One clear line, before anything is written, when nothing listens at the address."""
+    if address == "auto":
+        return
+    host_port = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, _, port = host_port.rpartition(":")
+    if not host:
+        host, port = host_port, "10001" if address.startswith("ray://") else "6379"
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise ScaleError(f"cannot reach the Ray cluster at {address} ({e.__class__.__name__}: "
+                         f"{e}); start it with `ray start --head` or fix --ray-address") from None
+
+
+def connect(scale: ScaleConfig):
+    """Ray, initialised: the running instance, the cluster at scale.ray_address, or a local
+    Ray with scale.workers CPUs. Then every worker node's versions are checked."""
+    ray = _import_ray()
+    if scale.ray_address:
+        _reachable(scale.ray_address)
+    if not ray.is_initialized():
+        if scale.ray_address:
+            try:
+                ray.init(address=scale.ray_address, logging_level="ERROR",
+                         log_to_driver=False)
+            except Exception as e:  # noqa: BLE001 - Ray raises many kinds; one line for all
+                raise ScaleError(f"cannot join the Ray cluster at {scale.ray_address}: "
+                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                                 ) from None
+        else:
+            ray.init(num_cpus=scale.workers, include_dashboard=False, logging_level="ERROR",
+                     log_to_driver=False)
+    _check_cluster_versions(ray, scale)
+    return ray
+
+
+def _node_versions() -> tuple[str, dict]:
+    return socket.gethostname(), local_versions()
+
+
+def _check_cluster_versions(ray, scale: ScaleConfig) -> None:
+    driver = local_versions()
+    probe = ray.remote(_node_versions).options(num_cpus=0, scheduling_strategy="SPREAD")
+    for host, v in ray.get([probe.remote() for _ in range(max(1, scale.workers))]):
+        if v != driver:
+            raise ScaleError(f"refusing the workers on {host}: they have {_describe(v)}, the "
+                             f"driver has {_describe(driver)}; install the same versions on "
+                             f"every node")
+
+
+def _task_options(ray, scale: ScaleConfig) -> dict:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    return {"max_retries": scale.retries - 1, "retry_exceptions": True, "num_cpus": 1,
+            "num_gpus": 1 if gpus else 0}
+
+
+# --- the worker side -----------------------------------------------------------------------
+_MODELS: "OrderedDict[tuple, Any]" = OrderedDict()  # per worker process: reused across tasks
+
+
+def model_recipe(model) -> tuple[str, str]:
+    """(load_model spec, dtype name) that rebuild `model` on a worker."""
+    from saeflow.lm.model import EMBEDDED_NAME
+
+    if model.name == EMBEDDED_NAME:
+        spec = "embedded"
+    elif model.source.startswith("hub:"):
+        spec = model.source[4:]
+    else:
+        spec = model.source
+    return spec, str(next(model.hf.parameters()).dtype).removeprefix("torch.")
+
+
+def _worker_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _worker_model(recipe: tuple[str, str]):
+    from saeflow.lm.model import load_model
+
+    key = (*recipe, _worker_device())
+    if key not in _MODELS:
+        while _MODELS:  # one model per worker process
+            _MODELS.popitem()
+        _MODELS[key] = load_model(recipe[0], device=key[2], dtype=recipe[1], progress=False)
+    return _MODELS[key]
+
+
+def _run_shard(job: dict, k: int, start: int, stop: int, driver: dict, fault: dict | None):
+    from saeflow.lm.model import resolve_dtype
+    from saeflow.saes.scan import encoded_batches, load_saes
+
+    _check_versions(driver, socket.gethostname())
+    t0 = time.perf_counter()
+    model = _worker_model(job["model"])
+    spec, slots = job["spec"], job["slots"]
+    saes = load_saes(job["pack"], slots, model.device,
+                     resolve_dtype(spec.encoder_dtype, model.device))
+    acc = job["make_shard"](k, model.device)
+    tokens = 0
+    for i, z, b, content in encoded_batches(model, saes, slots, spec, start=start, stop=stop,
+                                            codes_on_device=job["codes_on_device"]):
+        if fault and fault["shard"] == k and i > start:
+            marker = Path(fault["marker"])
+            if fault.get("always") or not marker.exists():
+                marker.write_text(f"{marker.read_text() if marker.exists() else ''}x")
+                os.kill(os.getpid(), 9)  # a worker killed mid-shard
+        acc.on_batch(z, b, content)
+        tokens += int(content.sum())
+    return k, acc.state(), tokens, time.perf_counter() - t0
+
+
+def _fault() -> dict | None:
+    return FAULT_INJECTION
+
+
+# --- the driver side -----------------------------------------------------------------------
+def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
+                make_shard: Callable, per: int, scale: ScaleConfig, *, force: bool,
+                progress: bool, desc: str, codes_on_device: bool,
+                error: type[Exception]) -> dict:
+    """The corpus pass on Ray: shards of `per` batches go to at most scale.workers tasks at
+    once; finished shards are merged in shard order and the merge is checkpointed (the same
+    state file as the in-process pass), so a killed driver resumes from the shards merged."""
+    from tqdm.auto import tqdm
+
+    from saeflow.lm.hookpoints import POSITIONS
+    from saeflow.lm.corpora import Corpus
+    from saeflow.lm.model import resolve_dtype
+    from saeflow.saes.scan import check_available, load_saes
+
+    ray = connect(scale)  # before anything is written: an unreachable cluster leaves no trace
+    pack.check_model(model)
+    slots = sorted(slots, key=lambda s: (s[1], POSITIONS.index(s[0])))
+    dev = model.device
+    total = make_shard(0, dev)
+    cur = {"shard": 0, "in_shard": 0, "merged_tokens": 0, "tokens": 0}
+    seconds_before = 0.0
+    if state_file.is_file():
+        st = torch.load(state_file, weights_only=False)
+        if st["identity"] != identity and not force:
+            what = [k for k in identity if st["identity"].get(k) != identity[k]]
+            raise error(f"{state_file} is a partial pass over a different "
+                        f"{' and '.join(what) or 'setup'}; refusing to resume against it "
+                        f"(use --force to start over)")
+        if st["identity"] == identity:
+            c = st["consumer"]
+            if c.get("per") != per:
+                raise error(f"{state_file} was cut into shards of {c.get('per')} batches, not "
+                            f"{per}; resume with the same --shard-tokens (or --force)")
+            total.load(c["total"])  # a shard merged part-way (in-process run) is redone
+            cur.update(shard=c["shard"], merged_tokens=c["merged_tokens"],
+                       tokens=c["merged_tokens"])
+            seconds_before = float(st.get("seconds", 0.0))
+    n_batches = check_available(Corpus.from_spec(spec.corpus, seed=spec.seed), model.tokenizer,
+                                spec, error)
+    shards = shard_ranges(n_batches, per, cur["shard"])
+    empty_local = make_shard(0, dev).state()
+
+    def save():
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = state_file.with_suffix(".tmp")
+        torch.save({"identity": identity, "batches": cur["shard"] * per,
+                    "tokens": cur["merged_tokens"], "seconds": seconds_before + time.time() - t0,
+                    "consumer": {"total": total.state(), "local": empty_local, "per": per,
+                                 **cur}}, tmp)
+        os.replace(tmp, state_file)
+
+    job = ray.put({"model": model_recipe(model), "pack": _shippable(pack), "slots": slots,
+                   "spec": spec, "make_shard": make_shard, "codes_on_device": codes_on_device})
+    task = ray.remote(_run_shard).options(**_task_options(ray, scale))
+    driver, fault = local_versions(), _fault()
+    t0 = time.time()
+    bar = tqdm(total=spec.tokens, initial=cur["merged_tokens"], desc=f"{desc} x{scale.workers}",
+               unit="tok", disable=not progress, smoothing=0.05)
+    pending = list(shards)
+    running: dict = {}  # ref -> shard
+    done: dict[int, tuple[dict, int]] = {}
+    last = time.perf_counter()
+    merge_s = 0.0
+    try:
+        while pending or running:
+            while pending and len(running) < scale.workers:
+                k, a, b = pending.pop(0)
+                running[task.remote(job, k, a, b, driver, fault)] = (k, a, b)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                k, a, b = running.pop(ref)
+                try:
+                    _, state, n, _secs = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - the task's error, after every retry
+                    cause = _cause(e)
+                    if isinstance(cause, ScaleError):
+                        raise cause from None
+                    raise ScaleError(
+                        f"{desc}: shard {k} (batches {a}-{b - 1}) failed {scale.retries} times "
+                        f"({cause}); the {cur['shard']} shards merged before it are kept in "
+                        f"{state_file}: run the same command to resume") from None
+                done[k] = (state, n)
+                bar.update(n)
+            t_merge = time.perf_counter()
+            while cur["shard"] in done:
+                state, n = done.pop(cur["shard"])
+                part = make_shard(cur["shard"], dev)
+                part.load(state)
+                total.merge(part)
+                cur["shard"] += 1
+                cur["merged_tokens"] += n
+                cur["tokens"] = cur["merged_tokens"]
+            merge_s += time.perf_counter() - t_merge
+            if time.perf_counter() - last > spec.checkpoint_every_s:
+                save()
+                last = time.perf_counter()
+    finally:
+        bar.close()
+        for ref in running:
+            ray.cancel(ref, force=True)
+        if cur["shard"] > 0 or state_file.is_file():
+            save()  # the merged state: the same command resumes from here
+    saes = load_saes(pack, slots, dev, resolve_dtype(spec.encoder_dtype, dev))
+    return {"tokens": cur["merged_tokens"], "seconds": seconds_before + time.time() - t0,
+            "saes": saes, "total": total, "merge_seconds": merge_s}
+
+
+def _cause(e: Exception) -> BaseException:
+    """The worker's own exception inside Ray's wrapper (or the wrapper, for a dead worker)."""
+    inner = getattr(e, "cause", None)
+    if isinstance(inner, BaseException):
+        return inner
+    return _Short(e)
+
+
+class _Short(Exception):
+    def __init__(self, e: Exception):
+        lines = [x for x in str(e).splitlines() if x.strip()]
+        super().__init__(f"{type(e).__name__}: {lines[0] if lines else ''}"[:300])
+
+
+def _shippable(pack):
+    """The pack without its in-memory SAE cache (workers load what they need)."""
+    p = copy.copy(pack)
+    p._cache = OrderedDict()
+    return p
+
+
+# --- independent tasks (flow layers, training groups) --------------------------------------
+def run_tasks(fn: Callable, args: list[tuple], scale: ScaleConfig, *, desc: str,
+              on_result: Callable[[int, Any], None], progress: bool = True,
+              weights: list[float] | None = None) -> None:
+    """fn(*args[i]) for every i on Ray, at most scale.workers at once; on_result(i, result) on
+    the driver as each finishes (in any order). A task that fails scale.retries times stops
+    the job naming it; results handed to on_result before are kept by the caller."""
+    from tqdm.auto import tqdm
+
+    ray = connect(scale)
+    task = ray.remote(_call_checked).options(**_task_options(ray, scale))
+    driver = local_versions()
+    w = weights or [1.0] * len(args)
+    bar = tqdm(total=sum(w), desc=f"{desc} x{scale.workers}", disable=not progress)
+    pending = list(range(len(args)))
+    running: dict = {}
+    try:
+        while pending or running:
+            while pending and len(running) < scale.workers:
+                i = pending.pop(0)
+                running[task.remote(fn, args[i], driver)] = i
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                i = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as e:  # noqa: BLE001
+                    cause = _cause(e)
+                    if isinstance(cause, ScaleError):
+                        raise cause from None
+                    raise ScaleError(f"{desc}: task {i} failed {scale.retries} times ({cause}); "
+                                     f"the finished ones are kept: run the same command to "
+                                     f"resume") from None
+                on_result(i, result)
+                bar.update(w[i])
+    finally:
+        bar.close()
+        for ref in running:
+            ray.cancel(ref, force=True)
+
+
+def _call_checked(fn: Callable, args: tuple, driver: dict):
+    _check_versions(driver, socket.gethostname())
+    return fn(*args)
