@@ -150,3 +150,25 @@ def test_ray_is_not_imported_without_workers():
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True,
                          text=True, check=True)
     assert json.loads(out.stdout) is False
+
+
+def test_flow_on_two_workers_equals_the_single_process_run(local_ray, pack_and_model, tmp_path,
+                                                           monkeypatch):
+    from saeflow.flow.predecessors import FlowConfig, run_flow
+
+    pack, _ = pack_and_model
+    cfg = FlowConfig(k=3, null_samples=256)
+    monkeypatch.setenv("SAEFLOW_CACHE", str(tmp_path / "cache1"))
+    one = run_flow(pack, tmp_path / "one", cfg, progress=False)
+    monkeypatch.setenv("SAEFLOW_CACHE", str(tmp_path / "cache2"))
+    two = run_flow(pack, tmp_path / "two", cfg, progress=False, scale=RAY2)
+    _same_tables(one.root, two.root, ["predecessors.parquet", "successors.parquet"])
+    assert json.loads((one.root / "thresholds.json").read_text()) == \
+        json.loads((two.root / "thresholds.json").read_text())
+    caches = [sorted((tmp_path / c / "flow").rglob("*.npz")) for c in ("cache1", "cache2")]
+    assert len(caches[0]) == 3 and [p.name for p in caches[0]] == [p.name for p in caches[1]]
+    for a, b in zip(*caches):
+        za, zb = np.load(a), np.load(b)
+        assert sorted(za.files) == sorted(zb.files)
+        for k in za.files:
+            np.testing.assert_array_equal(za[k], zb[k], err_msg=f"{a.name}:{k}")

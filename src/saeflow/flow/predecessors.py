@@ -416,8 +416,11 @@ def resolve_thresholds(defaults: dict, overrides: dict | None) -> dict:
 def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
              layers: list[int] | None = None, thresholds: dict | None = None, model=None,
              t_res: float = 0.5, force: bool = False,
-             progress: bool = True, liveness=None) -> FlowRun:
+             progress: bool = True, liveness=None, scale=None) -> FlowRun:
     """Compute (or reuse) the flow of `pack` and write it into the RUN directory `out`.
+
+    `scale` (saeflow.scale.ScaleConfig) with workers: the layers fan out to Ray workers (GPUs
+    when the cluster has them); the cache and the tables are the same as in one process.
 
     `liveness` (liveness.Liveness): latents that never or rarely fire are flagged (`live`
     column) and left out of the candidate lists, class shares and similarity figures."""
@@ -458,14 +461,26 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
 
     todo = [p for p in plans if not _layer_cache_file(cache, p.layer).is_file()]
     work = {p.layer: sum(1 for s in p.preds.values() if s) for p in todo}
-    bar = tqdm(total=sum(work.values()), desc="flow: matching", unit="pair",
-               disable=not progress or not todo)
-    for p in todo:
-        bar.set_postfix_str(f"layer {p.layer}")
-        arrays = compute_layer(pack, p, cfg, model, live=live)
-        save_npz_atomic(_layer_cache_file(cache, p.layer), arrays)
-        bar.update(work[p.layer])
-    bar.close()
+    if scale is not None and scale.distributed and todo:
+        # One task per layer (its up to three pairs share the residual SAE's directions); each
+        # finished layer lands in the cache at once, so a stopped job resumes at the others.
+        from saeflow.scale.ray_backend import run_tasks, shippable
+
+        shipped = shippable(pack)
+        mapped = model if any(p in pack.positions for p in MAPPED_POSITIONS) else None
+        run_tasks(compute_layer, [(shipped, p, cfg, mapped, None, live) for p in todo], scale,
+                  desc="flow: matching", progress=progress, weights=[work[p.layer] for p in todo],
+                  on_result=lambda i, arrays: save_npz_atomic(
+                      _layer_cache_file(cache, todo[i].layer), arrays))
+    else:
+        bar = tqdm(total=sum(work.values()), desc="flow: matching", unit="pair",
+                   disable=not progress or not todo)
+        for p in todo:
+            bar.set_postfix_str(f"layer {p.layer}")
+            arrays = compute_layer(pack, p, cfg, model, live=live)
+            save_npz_atomic(_layer_cache_file(cache, p.layer), arrays)
+            bar.update(work[p.layer])
+        bar.close()
     results = {p.layer: dict(np.load(_layer_cache_file(cache, p.layer))) for p in plans}
 
     nulls = {p.layer: {k: results[p.layer][f"{k}_null"] for k in PRED_KINDS

@@ -219,7 +219,7 @@ def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
                                  **cur}}, tmp)
         os.replace(tmp, state_file)
 
-    job = ray.put({"model": model_recipe(model), "pack": _shippable(pack), "slots": slots,
+    job = ray.put({"model": model_recipe(model), "pack": shippable(pack), "slots": slots,
                    "spec": spec, "make_shard": make_shard, "codes_on_device": codes_on_device})
     task = ray.remote(_run_shard).options(**_task_options(ray, scale))
     driver, fault = local_versions(), _fault()
@@ -289,7 +289,7 @@ class _Short(Exception):
         super().__init__(f"{type(e).__name__}: {lines[0] if lines else ''}"[:300])
 
 
-def _shippable(pack):
+def shippable(pack):
     """The pack without its in-memory SAE cache (workers load what they need)."""
     p = copy.copy(pack)
     p._cache = OrderedDict()
