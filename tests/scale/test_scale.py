@@ -172,3 +172,15 @@ def test_flow_on_two_workers_equals_the_single_process_run(local_ray, pack_and_m
         assert sorted(za.files) == sorted(zb.files)
         for k in za.files:
             np.testing.assert_array_equal(za[k], zb[k], err_msg=f"{a.name}:{k}")
+
+
+def test_index_on_two_workers_equals_the_single_process_run(local_ray, pack_and_model,
+                                                            tmp_path):
+    from saeflow.features.index import IndexConfig, build_index
+
+    pack, model = pack_and_model
+    cfg = IndexConfig(tokens=1500, batch_size=4, ctx_len=48, n_top=5, n_samples=4,
+                      encoder_dtype="float32")
+    one = build_index(pack, model, tmp_path / "one", cfg, progress=False, scale=LOCAL)
+    two = build_index(pack, model, tmp_path / "two", cfg, progress=False, scale=RAY2)
+    _same_tables(one.root, two.root, ["features.parquet", "examples.parquet"])

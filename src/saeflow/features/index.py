@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,7 +33,9 @@ from saeflow.features.tables import (
 )
 from saeflow.lm.corpora import TokenBatch
 from saeflow.saes.packs import pack_fingerprint
-from saeflow.saes.scan import CorpusPassConfig, ScanSpec, scan
+from saeflow.saes.scan import CorpusPassConfig, ScanSpec
+from saeflow.scale import ScaleConfig
+from saeflow.scale.shards import sharded_scan
 from saeflow.store import finished_pass
 
 
@@ -79,6 +82,18 @@ class _Reservoir:
         dev = device if device is not None else self.key.device
         for k, v in state.items():
             setattr(self, k, v.to(dev))
+
+    def merge(self, other: "_Reservoir") -> None:
+        """Keep, per feature, the n largest keys of both; on equal keys this one's entries
+        (the earlier shards') come first (a stable sort)."""
+        n = self.key.shape[1]
+        key = torch.cat([self.key, other.key], 1)
+        order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :n]
+        for name in ("value", "doc", "tok", "win_ids", "win_act"):
+            both = torch.cat([getattr(self, name), getattr(other, name)], 1)
+            idx = order if both.dim() == 2 else order[..., None].expand(-1, -1, both.shape[2])
+            setattr(self, name, both.gather(1, idx))
+        self.key = key.gather(1, order)
 
     def offer(self, key, act, feat, flat_tok, z, batch, W_left: int, W_right: int) -> None:
         """Candidates: key/value/feat/flat_tok [M] (flat_tok indexes the batch's B*T tokens)."""
@@ -170,6 +185,15 @@ class _SlotStats:
                 "hist": self.hist.cpu(), "top": self.top.state(), "sample": self.sample.state(),
                 "gen": self.gen.get_state()}
 
+    def merge(self, other: "_SlotStats") -> None:
+        """Add another shard's statistics of the same SAE (this one holds the earlier tokens)."""
+        self.count += other.count.to(self.device)
+        self.total += other.total.to(self.device)
+        self.max = torch.maximum(self.max, other.max.to(self.device))
+        self.hist += other.hist.to(self.device)
+        self.top.merge(other.top)
+        self.sample.merge(other.sample)
+
     def to_cpu(self) -> None:
         self.device = torch.device("cpu")
         self.load(self.state())
@@ -188,13 +212,53 @@ def _index_identity(pack, model, cfg: IndexConfig) -> dict:
     return {"pack": pack_fingerprint(pack), "model": model.name, "config": cfg.identity()}
 
 
+class _IndexShard:
+    """Every SAE's running statistics (and the token counts) over one shard of tokens. The
+    random keys of the sample sketch come from a generator seeded by (seed, SAE, shard), so a
+    shard draws the same keys on any worker."""
+
+    def __init__(self, plan: dict, k: int, device):
+        cfg = self.cfg = plan["cfg"]
+        self.dev = torch.device(device)
+        self.stats = {slot: _SlotStats(plan["d"][slot], cfg,
+                                       seed=cfg.seed * 1000 + i + k * 1_000_003, device=device)
+                      for i, slot in enumerate(plan["slots"])}
+        self.unigram = torch.zeros(plan["vocab"], dtype=torch.long)
+
+    def on_batch(self, z, b, content) -> None:
+        dev = self.dev
+        on_dev = TokenBatch(*(t.to(dev) for t in (b.input_ids, b.attention_mask, b.doc_ids,
+                                                  b.token_index)))
+        content_dev = content.to(dev)
+        for slot, zs in z.items():
+            self.stats[slot].update(zs, on_dev, content_dev, self.cfg)
+        self.unigram += torch.bincount(b.input_ids[content], minlength=len(self.unigram))
+
+    def state(self) -> dict:
+        return {"unigram": self.unigram.clone(),
+                "stats": {f"{L}/{p}": st.state() for (p, L), st in self.stats.items()}}
+
+    def load(self, st: dict) -> None:
+        self.unigram = st["unigram"].clone()
+        for (p, L), s in self.stats.items():
+            s.load(st["stats"][f"{L}/{p}"])
+
+    def merge(self, other: "_IndexShard") -> None:
+        self.unigram += other.unigram
+        for slot, s in self.stats.items():
+            s.merge(other.stats[slot])
+
+
 def build_index(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = None, *,
                 force: bool = False, progress: bool = True,
-                stop_after_batches: int | None = None) -> "FeatureIndex":
+                stop_after_batches: int | None = None,
+                scale: ScaleConfig | None = None) -> "FeatureIndex":
     """Run the model over `cfg.tokens` tokens once and index every feature of `pack`.
 
     Resumes from RUN/index/.state when it holds the state of the same pack, model and settings;
-    refuses a state from another pack or corpus unless `force`.
+    refuses a state from another pack or corpus unless `force`. The tokens are cut into shards
+    (`scale.shard_tokens`) merged in shard order, in this process or on `scale.workers` Ray
+    workers: the same index either way.
     """
 
     cfg = cfg or IndexConfig()
@@ -205,34 +269,15 @@ def build_index(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = N
         return open_index(out)
     slots = sorted(pack.entries)
     dev = model.device  # the bookkeeping runs where the codes are: no dense copy to the host
-    stats = {slot: _SlotStats(pack.entries[slot].d_sae, cfg, seed=cfg.seed * 1000 + i,
-                              device=dev)
-             for i, slot in enumerate(slots)}
-    unigram = [torch.zeros(model.vocab_size, dtype=torch.long)]
-
-    def on_batch(z, b, content):
-        on_dev = TokenBatch(*(t.to(dev) for t in (b.input_ids, b.attention_mask, b.doc_ids,
-                                                  b.token_index)))
-        content_dev = content.to(dev)
-        for slot, zs in z.items():
-            stats[slot].update(zs, on_dev, content_dev, cfg)
-        unigram[0] += torch.bincount(b.input_ids[content], minlength=model.vocab_size)
-
-    def get_state():
-        return {"unigram": unigram[0], "stats": {f"{L}/{p}": stats[(p, L)].state()
-                                                 for p, L in slots}}
-
-    def set_state(st):
-        unigram[0] = st["unigram"]
-        for p, L in slots:
-            stats[(p, L)].load(st["stats"][f"{L}/{p}"])
-
+    plan = {"slots": slots, "d": {s: pack.entries[s].d_sae for s in slots}, "cfg": cfg,
+            "vocab": model.vocab_size}
     spec = ScanSpec(cfg.tokens, cfg.corpus, cfg.seed, cfg.batch_size, cfg.ctx_len,
                     cfg.encoder_dtype, cfg.checkpoint_every_s)
-    res = scan(model, pack, slots, spec, root / ".state" / "state.pt", ident, on_batch,
-               get_state, set_state, force=force, progress=progress, desc="index",
-               stop_after_batches=stop_after_batches, codes_on_device=True,
-               error=FeatureIndexError)
+    res = sharded_scan(model, pack, slots, spec, root / ".state" / "state.pt", ident,
+                       partial(_IndexShard, plan), scale=scale, force=force, progress=progress,
+                       desc="index", stop_after_batches=stop_after_batches,
+                       codes_on_device=True, error=FeatureIndexError)
+    stats, unigram = res["total"].stats, [res["total"].unigram]
     if dev.type != "cpu":
         for st in stats.values():  # the table writer reads them as numpy arrays
             st.to_cpu()
