@@ -184,3 +184,27 @@ def test_index_on_two_workers_equals_the_single_process_run(local_ray, pack_and_
     one = build_index(pack, model, tmp_path / "one", cfg, progress=False, scale=LOCAL)
     two = build_index(pack, model, tmp_path / "two", cfg, progress=False, scale=RAY2)
     _same_tables(one.root, two.root, ["features.parquet", "examples.parquet"])
+
+
+def test_train_on_two_workers_equals_the_single_process_pack(local_ray, tiny_models, tmp_path):
+    import torch
+
+    from saeflow.saes.train import TrainConfig, train_family
+    from saeflow.scale.train import layer_groups, train_family_on_ray
+
+    assert layer_groups([0, 1, 2], 2) == [[0, 1], [2]]
+    model = tiny_models["gemma3"]
+    cfg = TrainConfig(positions=["resid_post", "mlp_out"], layers=[0, 1, 2], width=32, k=4,
+                      tokens=2048, batch_size=128, lr=3e-3, ctx_len=32, model_batch=8,
+                      chunk_tokens=1024, corpus="wiki", model_dtype="float32",
+                      encoder_dtype="float32", checkpoint_every_s=1e9, engine="sparse")
+    one = train_family(model, cfg, tmp_path / "one", progress=False).pack
+    two = train_family_on_ray(model, cfg, tmp_path / "two", RAY2, progress=False).pack
+    assert sorted(one.entries) == sorted(two.entries)
+    assert two.provenance["train_config"] == one.provenance["train_config"]
+    assert two.provenance["scale"]["groups"] == [[0, 1], [2]]
+    assert not (tmp_path / "two.groups").exists()
+    for slot in one.entries:
+        a, b = one.sae(*slot), two.sae(*slot)
+        for name, t in a.tensors().items():
+            torch.testing.assert_close(b.tensors()[name], t, rtol=1e-6, atol=1e-6)  # bit-equal here

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sys
 
-from saeflow.cli.options import add_config_options
+from saeflow.cli.options import add_config_options, config_from_args
 from saeflow.errors import UsageError
 
 CORPUS_PASS_FIELDS = ["tokens", "corpus", "seed", "batch_size", "ctx_len", "encoder_dtype"]
@@ -62,7 +62,23 @@ def add_pass_command(sub, name: str, help: str, cls, writes: str) -> argparse.Ar
     add_selectors(p)
     p.add_argument("--out", required=True, help=f"RUN directory (writes RUN/{writes}/)")
     add_corpus_pass(p, cls)
+    add_scale(p)
     return p
+
+
+def add_scale(p: argparse.ArgumentParser, only: list[str] | None = None) -> None:
+    """--workers, --ray-address, --retries, --shard-tokens (saeflow.scale.ScaleConfig)."""
+    from saeflow.scale import ScaleConfig
+
+    g = p.add_argument_group("scale-out on Ray (pip install 'saeflow[ray]'; docs/scale.md)")
+    add_config_options(g, ScaleConfig, only=only)
+
+
+def scale_from_args(args):
+    """The ScaleConfig of the options (workers 0: in this process, Ray not imported)."""
+    from saeflow.scale import ScaleConfig
+
+    return config_from_args(ScaleConfig, args)
 
 
 def open_pack_from_args(args, model=None, strict: bool = True):

@@ -1,7 +1,13 @@
 """`saeflow stats`: co-activation statistics and the analyses built on them."""
 from __future__ import annotations
 
-from saeflow.cli.common import add_json, add_pass_command, model_and_pack, print_json
+from saeflow.cli.common import (
+    add_json,
+    add_pass_command,
+    model_and_pack,
+    print_json,
+    scale_from_args,
+)
 from saeflow.cli.options import (
     add_config_options,
     add_signature_options,
@@ -27,7 +33,8 @@ def cmd_stats(args) -> int:
     from saeflow.evolution.stats import run_stats
 
     model, pack = model_and_pack(args, "stats")
-    st = run_stats(pack, model, args.out, config_from_args(StatsConfig, args), force=args.force)
+    st = run_stats(pack, model, args.out, config_from_args(StatsConfig, args), force=args.force,
+                   scale=scale_from_args(args))
     summary = write_evolution_outputs(args.out, st, pack,
                                       **signature_kwargs(args, ANALYSIS_OPTIONS))
     if args.json:

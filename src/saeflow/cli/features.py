@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import os
 
-from saeflow.cli.common import add_json, add_pass_command, model_and_pack, print_json
+from saeflow.cli.common import (
+    add_json,
+    add_pass_command,
+    model_and_pack,
+    print_json,
+    scale_from_args,
+)
 from saeflow.cli.options import (
     add_config_options,
     add_overrides,
@@ -21,7 +27,8 @@ def cmd_index(args) -> int:
     from saeflow.features.index import build_index
 
     model, pack = model_and_pack(args, "index")
-    idx = build_index(pack, model, args.out, config_from_args(IndexConfig, args), force=args.force)
+    idx = build_index(pack, model, args.out, config_from_args(IndexConfig, args), force=args.force,
+                      scale=scale_from_args(args))
     m = idx.manifest
     print(f"indexed {sum(m['slots'].values())} features of {len(m['slots'])} SAEs over "
           f"{m['tokens']} tokens ({m['seconds'] / 60:.1f} min) -> {idx.root}")

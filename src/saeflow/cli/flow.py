@@ -6,10 +6,12 @@ from pathlib import Path
 
 from saeflow.cli.common import (
     add_json,
+    add_scale,
     add_selectors,
     open_pack_from_args,
     optional_model,
     print_json,
+    scale_from_args,
 )
 from saeflow.cli.options import (
     add_config_options,
@@ -57,7 +59,8 @@ def cmd_flow(args) -> int:
         if liveness is None and model is not None:
             liveness = firing_pass(pack, model, args.tokens, progress=True)
     run = run_flow(pack, args.out, cfg, layers=args.layers, thresholds=_thresholds_arg(args),
-                   model=model, t_res=args.t_res, force=args.force, liveness=liveness)
+                   model=model, t_res=args.t_res, force=args.force, liveness=liveness,
+                   scale=scale_from_args(args))
     if not args.no_plots:
         write_flow_plots(run, run.root / "plots", t_res=args.t_res)
     counts = run.class_counts()
@@ -168,6 +171,7 @@ def register(sub) -> None:
     g.add_argument("--thresholds", default=None,
                    help='JSON file: {"res": 0.4, "layers": {"12": {"mlp": 0.2}}}')
     add_signature_options(g, run_flow, {"t_res": "chain threshold for persistence"})
+    add_scale(fl, only=["workers", "ray_address", "retries"])
     fl.add_argument("--no-plots", action="store_true")
     g = fl.add_argument_group("dead latents")
     g.add_argument("--keep-dead", action="store_true",

@@ -4,10 +4,12 @@ from __future__ import annotations
 from saeflow.cli.common import (
     add_corpus_pass,
     add_device,
+    add_scale,
     add_json,
     add_selectors,
     model_and_pack,
     open_pack_from_args,
+    scale_from_args,
     print_json,
 )
 from saeflow.cli.options import (
@@ -35,7 +37,13 @@ def cmd_train(args) -> int:
     cfg = config_from_args(TrainConfig, args)
     for layer in cfg.layers or []:
         model.check_layer(layer)
-    res = train_family(model, cfg, args.out, overwrite=args.overwrite)
+    scale = scale_from_args(args)
+    if scale.distributed:
+        from saeflow.scale.train import train_family_on_ray
+
+        res = train_family_on_ray(model, cfg, args.out, scale, overwrite=args.overwrite)
+    else:
+        res = train_family(model, cfg, args.out, overwrite=args.overwrite)
     print(f"wrote {len(res.pack)} SAEs to {res.pack.root} ({res.tokens} tokens, "
           f"{res.wall_seconds / 60:.1f} min)")
     return 0
@@ -140,6 +148,7 @@ def register(sub) -> None:
                        flags={"checkpoint_every_s": ["--checkpoint-every", "--checkpoint-every-s"]})
     tr.add_argument("--out", required=True, help="the pack folder to write")
     tr.add_argument("--overwrite", action="store_true", help="replace a different pack at --out")
+    add_scale(tr, only=["workers", "ray_address", "retries"])
     tr.set_defaults(func=cmd_train)
 
     pack = sub.add_parser("pack", help="inspect, convert, evaluate and fetch SAE families")

@@ -524,12 +524,14 @@ class _OneSAE:
         self.t.load_state_dict(states[0])
 
 
-def _make_groups(model, cfg: TrainConfig, slots, steps_total, device, enc_dtype):
-    """[(slots, trainer)]: one stacked trainer per input width, or one SAETrainer per slot."""
+def _make_groups(model, cfg: TrainConfig, slots, steps_total, device, enc_dtype,
+                 family_slots=None):
+    """[(slots, trainer)]: one stacked trainer per input width, or one SAETrainer per slot.
+    Each SAE's seed is its place in `family_slots` (the whole family; default `slots`)."""
     engine = cfg.engine
     if engine == "auto":
         engine = "stacked" if torch.device(device).type == "cuda" else "sparse"
-    seed = {s: cfg.seed * 100_003 + i for i, s in enumerate(slots)}
+    seed = {s: cfg.seed * 100_003 + i for i, s in enumerate(family_slots or slots)}
     if engine == "sparse":
         return [([s], _OneSAE(SAETrainer(model.width(s[0]), cfg, steps_total, device, seed[s],
                                          enc_dtype))) for s in slots]
@@ -561,11 +563,13 @@ def count_tokens(corpus: Corpus, tokenizer, cfg: TrainConfig, limit: int) -> int
 
 def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
                  overwrite: bool = False, progress: bool = True,
-                 stop_after_chunks: int | None = None) -> TrainResult:
+                 stop_after_chunks: int | None = None, family_slots=None) -> TrainResult:
     """Train every (position, layer) SAE of `cfg` from one pass over the corpus; write a pack.
 
     Resumes from OUT.ckpt/ when it holds a checkpoint of the same configuration.
     stop_after_chunks: stop (as if interrupted) after that many chunks, for tests.
+    family_slots: when this call trains a group of a larger family (saeflow.scale), the
+    family's (position, layer) list, so each SAE keeps the seed it has in the whole family.
     """
     from tqdm.auto import tqdm
 
@@ -611,7 +615,7 @@ def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
                              f"than --tokens {cfg.tokens}; lower --tokens or add sources "
                              f"with --corpus")
 
-    groups = _make_groups(model, cfg, slots, steps_total, device, enc_dtype)
+    groups = _make_groups(model, cfg, slots, steps_total, device, enc_dtype, family_slots)
     gen = torch.Generator().manual_seed(cfg.seed)
     chunk_i, wall_before = 0, 0.0
     if state is not None:
