@@ -208,3 +208,20 @@ def test_train_on_two_workers_equals_the_single_process_pack(local_ray, tiny_mod
         a, b = one.sae(*slot), two.sae(*slot)
         for name, t in a.tensors().items():
             torch.testing.assert_close(b.tensors()[name], t, rtol=1e-6, atol=1e-6)  # bit-equal here
+
+
+def test_cli_bad_address_is_one_line_and_writes_nothing(pack_and_model, tmp_path, capsys):
+    from saeflow.cli.main import main
+
+    pack, model = pack_and_model
+    for argv in (["stats", str(pack.root), "--model", model.source, "--tokens", "1500"],
+                 ["flow", str(pack.root)], ["run", "--pack", str(pack.root)]):
+        out = tmp_path / argv[0]
+        rc = main([*argv, "--out", str(out), "--workers", "2", "--ray-address", "127.0.0.1:1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "cannot reach the Ray cluster at 127.0.0.1:1" in \
+            err[0], err
+        assert not out.exists()
+    rc = main(["stats", str(pack.root), "--model", model.source, "--out", str(tmp_path / "x"),
+               "--ray-address", "127.0.0.1:1"])
+    assert rc == 2 and "--ray-address needs --workers" in capsys.readouterr().err

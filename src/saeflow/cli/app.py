@@ -5,6 +5,7 @@ import dataclasses
 import shlex
 
 from saeflow.app.server import serve
+from saeflow.cli.common import add_scale, scale_from_args
 from saeflow.cli.options import add_overrides, given_overrides, parse_str_list, signature_default
 from saeflow.pipeline.stages import PROFILES, PipelineConfig
 
@@ -15,9 +16,11 @@ SERVE_HOST_HELP = "bind address; anything but localhost is reachable from other 
 def cmd_run(args) -> int:
     from saeflow.pipeline.stages import run_pipeline
 
+    scale = scale_from_args(args)
     cfg = dataclasses.replace(PROFILES[args.profile], **given_overrides(args, RUN_OVERRIDES))
     run_pipeline(args.out, cfg, only=args.only, skip=args.skip, force=args.force,
-                 command="saeflow " + " ".join(shlex.quote(a) for a in args.argv))
+                 command="saeflow " + " ".join(shlex.quote(a) for a in args.argv),
+                 scale=scale)
     if args.serve:
         serve(args.out, port=args.port, model=cfg.model)
     return 0
@@ -47,6 +50,7 @@ def register(sub) -> None:
     rn.add_argument("--skip", type=parse_str_list, default=None,
                     help="comma-separated stages to leave out")
     rn.add_argument("--force", action="store_true", help="rerun the chosen stages")
+    add_scale(rn)
     rn.add_argument("--serve", action="store_true", help="start the web app when done")
     _port_option(rn)
     rn.set_defaults(func=cmd_run)

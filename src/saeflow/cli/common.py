@@ -75,10 +75,16 @@ def add_scale(p: argparse.ArgumentParser, only: list[str] | None = None) -> None
 
 
 def scale_from_args(args):
-    """The ScaleConfig of the options (workers 0: in this process, Ray not imported)."""
+    """The ScaleConfig of the options (workers 0: in this process, Ray not imported). With
+    workers, Ray is reached here, first: a bad address fails before the model loads."""
     from saeflow.scale import ScaleConfig
 
-    return config_from_args(ScaleConfig, args)
+    cfg = config_from_args(ScaleConfig, args)
+    if cfg.distributed:
+        from saeflow.scale.ray_backend import connect
+
+        connect(cfg)
+    return cfg
 
 
 def open_pack_from_args(args, model=None, strict: bool = True):

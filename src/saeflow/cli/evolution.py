@@ -32,9 +32,10 @@ ANALYSIS_OPTIONS = {
 def cmd_stats(args) -> int:
     from saeflow.evolution.stats import run_stats
 
+    scale = scale_from_args(args)
     model, pack = model_and_pack(args, "stats")
     st = run_stats(pack, model, args.out, config_from_args(StatsConfig, args), force=args.force,
-                   scale=scale_from_args(args))
+                   scale=scale)
     summary = write_evolution_outputs(args.out, st, pack,
                                       **signature_kwargs(args, ANALYSIS_OPTIONS))
     if args.json:

@@ -26,9 +26,10 @@ from saeflow.features.tables import FeatureIndex, open_index
 def cmd_index(args) -> int:
     from saeflow.features.index import build_index
 
+    scale = scale_from_args(args)
     model, pack = model_and_pack(args, "index")
     idx = build_index(pack, model, args.out, config_from_args(IndexConfig, args), force=args.force,
-                      scale=scale_from_args(args))
+                      scale=scale)
     m = idx.manifest
     print(f"indexed {sum(m['slots'].values())} features of {len(m['slots'])} SAEs over "
           f"{m['tokens']} tokens ({m['seconds'] / 60:.1f} min) -> {idx.root}")

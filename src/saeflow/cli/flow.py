@@ -44,6 +44,7 @@ def cmd_flow(args) -> int:
     from saeflow.features.liveness import liveness_from_index
     from saeflow.flow.plots import write_flow_plots
 
+    scale = scale_from_args(args)
     model = optional_model(args.model)
     pack = open_pack_from_args(args, model=model)
     n_layers = pack.n_layers or (max(pack.layers()) + 1)
@@ -60,7 +61,7 @@ def cmd_flow(args) -> int:
             liveness = firing_pass(pack, model, args.tokens, progress=True)
     run = run_flow(pack, args.out, cfg, layers=args.layers, thresholds=_thresholds_arg(args),
                    model=model, t_res=args.t_res, force=args.force, liveness=liveness,
-                   scale=scale_from_args(args))
+                   scale=scale)
     if not args.no_plots:
         write_flow_plots(run, run.root / "plots", t_res=args.t_res)
     counts = run.class_counts()

@@ -4,13 +4,13 @@ from __future__ import annotations
 from saeflow.cli.common import (
     add_corpus_pass,
     add_device,
-    add_scale,
     add_json,
+    add_scale,
     add_selectors,
     model_and_pack,
     open_pack_from_args,
-    scale_from_args,
     print_json,
+    scale_from_args,
 )
 from saeflow.cli.options import (
     add_config_options,
@@ -33,11 +33,11 @@ def cmd_train(args) -> int:
     from saeflow.lm.model import load_model
     from saeflow.saes.train import train_family
 
+    scale = scale_from_args(args)
     model = load_model(args.model, device=args.device)
     cfg = config_from_args(TrainConfig, args)
     for layer in cfg.layers or []:
         model.check_layer(layer)
-    scale = scale_from_args(args)
     if scale.distributed:
         from saeflow.scale.train import train_family_on_ray
 

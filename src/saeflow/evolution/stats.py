@@ -463,12 +463,16 @@ class _StatsShard:
         dev, thresholds = self.dev, self.thresholds
         content = content.to(dev)
         flat = {s: z[s][content] for s in self.plan["slots"]}  # [T_content, d]
-        act = {s: (flat[s] > thresholds[s]) if thresholds else None for s in flat}
+        # "active": above the threshold, else nonzero
+        act = {s: (flat[s] > thresholds[s]) if thresholds else flat[s] > 0 for s in flat}
         for (u, d), a in self.acc.items():
-            a.update(flat[u], flat[d], act[u], act[d])
+            if thresholds:
+                a.update(flat[u], flat[d], act[u], act[d])
+            else:  # the default: the accumulator's own z > 0 (no mask to carry)
+                a.update(flat[u], flat[d])
         for L, info in self.plan["flow_pred"].items():  # empirical predecessor groups (5.1)
             r = ("resid_post", L)
-            on_r = act[r] if thresholds else flat[r] > 0
+            on_r = act[r]
             t, f = on_r.nonzero(as_tuple=True)
             code = torch.zeros(len(t), dtype=torch.long, device=dev)
             for bit, kind in ((1, "res"), (2, "mlp"), (4, "attn")):
@@ -477,7 +481,7 @@ class _StatsShard:
                     continue
                 pred = self.pred_of[L][kind][f]  # top-1 predecessor of each active feature
                 ok = pred >= 0
-                src = act[slot] if thresholds else flat[slot] > 0
+                src = act[slot]
                 fired = torch.zeros(len(t), dtype=torch.bool, device=dev)
                 fired[ok] = src[t[ok], pred[ok]]
                 code += bit * fired.long()

@@ -33,6 +33,7 @@ from saeflow.saes.hub import fetch
 from saeflow.saes.packs import load_pack
 from saeflow.saes.recipes import EMBEDDED_NAMES, embedded_pack_dir, ensure_embedded_pack
 from saeflow.saes.recipes import PROFILES as PACK_PROFILES
+from saeflow.scale import ScaleConfig
 from saeflow.steering.scores import topic_classifier
 from saeflow.steering.sweep import run_sweep, sweep_profile
 from saeflow.steering.validate import ValidateConfig, run_validation, write_r_sweep
@@ -164,10 +165,12 @@ def versions() -> dict:
 
 
 class Pipeline:
-    def __init__(self, out: str | Path, cfg: PipelineConfig, progress: bool = True):
+    def __init__(self, out: str | Path, cfg: PipelineConfig, progress: bool = True,
+                 scale: ScaleConfig | None = None):
         self.root = Path(out)
         self.cfg = cfg
         self.progress = progress
+        self.scale = scale  # flow, index and stats on Ray workers (saeflow.scale)
         self._model = None
         self._pack = None
         self._force = False  # the current stage starts over (changed settings or --force)
@@ -282,7 +285,7 @@ class Pipeline:
         liveness = None if self.cfg.keep_dead else firing_pass(
             self.pack, self.model, self.cfg.firing_tokens, self.cfg.corpus, progress=self.progress)
         run = run_flow(self.pack, self.root, model=model, progress=self.progress,
-                       force=self._force, liveness=liveness)
+                       force=self._force, liveness=liveness, scale=self.scale)
         write_flow_plots(run, run.root / "plots")
         dead = run.manifest.get("dead_latents", {}).get("slots", {})
         return {"layers": len(run.layers), "seconds": run.manifest.get("seconds"),
@@ -291,13 +294,13 @@ class Pipeline:
     def stage_index(self) -> dict:
         idx = build_index(self.pack, self.model, self.root,
                           IndexConfig(tokens=self.cfg.index_tokens, corpus=self.cfg.corpus),
-                          progress=self.progress, force=self._force)
+                          progress=self.progress, force=self._force, scale=self.scale)
         return {"tokens": idx.manifest["tokens"]}
 
     def stage_stats(self) -> dict:
         st = run_stats(self.pack, self.model, self.root,
                        StatsConfig(tokens=self.cfg.stats_tokens, corpus=self.cfg.corpus),
-                       progress=self.progress, force=self._force)
+                       progress=self.progress, force=self._force, scale=self.scale)
         s = write_evolution_outputs(self.root, st, self.pack)
         return {"tokens": st.manifest["tokens"], "gates": s["gates"],
                 "communities": s["communities"]["n"]}
@@ -337,8 +340,16 @@ def _fmt(seconds: float) -> str:
 
 
 def run_pipeline(out, cfg: PipelineConfig | None = None, *, only=None, skip=None,
-                 force: bool = False, progress: bool = True, command: str | None = None) -> dict:
-    """Run (or resume) the pipeline into RUN `out`; returns the pipeline state."""
+                 force: bool = False, progress: bool = True, command: str | None = None,
+                 scale: ScaleConfig | None = None) -> dict:
+    """Run (or resume) the pipeline into RUN `out`; returns the pipeline state.
+
+    `scale` with workers: the flow, the index and the statistics run on Ray (the same results;
+    docs/scale.md). Ray is reached before anything is written."""
     cfg = cfg or PipelineConfig()
     cfg.check()
-    return Pipeline(out, cfg, progress).run(only, skip, force, command)
+    if scale is not None and scale.distributed:
+        from saeflow.scale.ray_backend import connect
+
+        connect(scale)
+    return Pipeline(out, cfg, progress, scale).run(only, skip, force, command)

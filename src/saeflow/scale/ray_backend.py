@@ -177,8 +177,8 @@ def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
     state file as the in-process pass), so a killed driver resumes from the shards merged."""
     from tqdm.auto import tqdm
 
-    from saeflow.lm.hookpoints import POSITIONS
     from saeflow.lm.corpora import Corpus
+    from saeflow.lm.hookpoints import POSITIONS
     from saeflow.lm.model import resolve_dtype
     from saeflow.saes.scan import check_available, load_saes
 

@@ -17,8 +17,8 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from saeflow.scale import ScaleConfig, shard_batches
 from saeflow.saes.scan import ScanSpec, scan
+from saeflow.scale import ScaleConfig, shard_batches
 
 
 def shard_ranges(n_batches: int, per: int, first: int = 0) -> list[tuple[int, int, int]]:
