@@ -22,6 +22,9 @@ from saeflow.errors import MissingDependencyError, ScaleError
 from saeflow.scale import ScaleConfig
 from saeflow.scale.shards import shard_ranges
 
+# What the last sharded pass on Ray spent where (benchmarks/bench_scale.py reads it).
+last_job: dict = {}
+
 # Tests set this to {"shard": k, "marker": path, "always": bool}: the worker running shard k
 # kills its own process after its first batch (once, or on every try when "always").
 FAULT_INJECTION: dict | None = None
@@ -230,7 +233,8 @@ def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
     running: dict = {}  # ref -> shard
     done: dict[int, tuple[dict, int]] = {}
     last = time.perf_counter()
-    merge_s = 0.0
+    merge_s = fetch_s = 0.0  # the driver's merging, and its fetching of finished shards
+    task_s: list[float] = []
     try:
         while pending or running:
             while pending and len(running) < scale.workers:
@@ -239,8 +243,9 @@ def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
             ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:
                 k, a, b = running.pop(ref)
+                t_get = time.perf_counter()
                 try:
-                    _, state, n, _secs = ray.get(ref)
+                    _, state, n, secs = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - the task's error, after every retry
                     cause = _cause(e)
                     if isinstance(cause, ScaleError):
@@ -249,7 +254,9 @@ def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
                         f"{desc}: shard {k} (batches {a}-{b - 1}) failed {scale.retries} times "
                         f"({cause}); the {cur['shard']} shards merged before it are kept in "
                         f"{state_file}: run the same command to resume") from None
+                fetch_s += time.perf_counter() - t_get
                 done[k] = (state, n)
+                task_s.append(secs)
                 bar.update(n)
             t_merge = time.perf_counter()
             while cur["shard"] in done:
@@ -271,8 +278,13 @@ def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
         if cur["shard"] > 0 or state_file.is_file():
             save()  # the merged state: the same command resumes from here
     saes = load_saes(pack, slots, dev, resolve_dtype(spec.encoder_dtype, dev))
+    last_job.clear()
+    last_job.update({"desc": desc, "workers": scale.workers, "shards": len(shards),
+                     "seconds": time.time() - t0, "merge_seconds": merge_s,
+                     "fetch_seconds": fetch_s,
+                     "task_seconds": task_s})
     return {"tokens": cur["merged_tokens"], "seconds": seconds_before + time.time() - t0,
-            "saes": saes, "total": total, "merge_seconds": merge_s}
+            "saes": saes, "total": total}
 
 
 def _cause(e: Exception) -> BaseException:
