@@ -29,6 +29,37 @@ def _same(a: Path, b: Path, names) -> bool:
     return all(pq.read_table(a / n).equals(pq.read_table(b / n)) for n in names)
 
 
+def pair_rate(width: int, l0: int, tokens: int, chunk: int = 512) -> dict:
+    """One PairAccumulator (the driver-independent part of a shard's work, on one CPU core) on
+    synthetic codes with power-law feature frequencies, half of the downstream activity copied
+    from upstream: tokens/s per pair, and the unique co-active pairs it holds afterwards."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_stats import synthetic_acts
+
+    from saeflow.evolution.stats import PairAccumulator
+
+    acc = PairAccumulator(width, width)
+    t_total = 0.0
+    for a in range(0, tokens, chunk):
+        zu = synthetic_acts(chunk, width, l0, seed=a)
+        zd = synthetic_acts(chunk, width, l0, seed=a + 1, base=zu)
+        t = time.perf_counter()
+        acc.update(zu, zd)
+        t_total += time.perf_counter() - t
+        del zu, zd
+    t = time.perf_counter()
+    acc._compact()
+    t_total += time.perf_counter() - t
+    n_keys = len(acc.keys) if not acc.dense else int((acc.C > 0).sum())
+    return {"width": width, "l0": l0, "tokens": tokens, "dense": acc.dense,
+            "tokens_per_s_per_pair": round(tokens / t_total, 1), "unique_pairs": n_keys,
+            "bytes_per_unique_pair": 24, "threads": torch.get_num_threads()}
+
+
 def main() -> None:
     from saeflow.cli.options import _token_count
 
@@ -42,7 +73,20 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-flow", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--pair-width", type=int, default=0,
+                    help="instead: the per-pair accumulation rate at this width (e.g. 65536)")
+    ap.add_argument("--pair-l0", type=int, default=64)
+    ap.add_argument("--pair-tokens", type=int, default=4096)
     args = ap.parse_args()
+    if args.pair_width:
+        import torch
+
+        torch.set_num_threads(1)
+        res = pair_rate(args.pair_width, args.pair_l0, args.pair_tokens)
+        print(json.dumps(res))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        return
     workers = [int(w) for w in args.workers.split(",")]
 
     import ray
