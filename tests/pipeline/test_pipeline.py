@@ -5,7 +5,8 @@ import pytest
 
 from saeflow.cli.main import main
 from saeflow.errors import PipelineError
-from saeflow.pipeline.stages import PipelineConfig, run_pipeline
+from saeflow.pipeline.config import PipelineConfig
+from saeflow.pipeline.stages import run_pipeline
 from saeflow.saes.packs import save_pack
 from saeflow.saes.sae import random_sae
 

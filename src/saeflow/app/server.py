@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from saeflow._version import __version__
+from saeflow.app import DEFAULT_HOST, DEFAULT_PORT
 from saeflow.app.live import LiveModel
 from saeflow.app.views import MAX_GRAPH_NODES, NotFound, RunData, jsonable
 from saeflow.errors import AppError, FlowError
@@ -328,7 +329,7 @@ def _pack_feature(pack, spec: str) -> tuple[int, str, int]:
     return L, pos, f
 
 
-def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8765,
+def serve(run: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           pack: str | None = None, model: str | None = None, open_browser: bool = False) -> None:
     """Start the server (blocks) and print its URL."""
     import uvicorn

@@ -9,7 +9,7 @@ import json
 import threading
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -227,7 +227,7 @@ class RunData:
 
     # --- graphs ------------------------------------------------------------------------
     def trace(self, seeds: list[str], t_res: float, t_mod: float, mod_k: int = 1,
-              direction: str = "both", max_nodes: int = 2000, color_by: str = "class") -> dict:
+              direction: Literal["both", "backward", "forward"] = "both", max_nodes: int = 2000, color_by: str = "class") -> dict:
         """The union of the seeds' flow graphs, pruned to max_nodes and laid out in lanes."""
         import networkx as nx
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 import dataclasses
 import shlex
 
-from saeflow.app.server import serve
+from saeflow.app import DEFAULT_HOST, DEFAULT_PORT
 from saeflow.cli.common import add_scale, scale_from_args
-from saeflow.cli.options import add_overrides, given_overrides, parse_str_list, signature_default
-from saeflow.pipeline.stages import PROFILES, PipelineConfig
+from saeflow.cli.options import add_overrides, given_overrides, parse_str_list
+from saeflow.pipeline.config import PROFILES, PipelineConfig
 
 RUN_OVERRIDES = ["model", "pack", "corpus", "index_tokens", "stats_tokens", "device"]
 SERVE_HOST_HELP = "bind address; anything but localhost is reachable from other machines"
 
 
 def cmd_run(args) -> int:
+    from saeflow.app.server import serve
     from saeflow.pipeline.stages import run_pipeline
 
     scale = scale_from_args(args)
@@ -27,13 +28,15 @@ def cmd_run(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from saeflow.app.server import serve
+
     serve(args.run, host=args.host, port=args.port, pack=args.pack, model=args.model,
           open_browser=args.open)
     return 0
 
 
 def _port_option(p) -> None:
-    p.add_argument("--port", type=int, default=signature_default(serve, "port"),
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help="port of the web app")
 
 
@@ -58,7 +61,7 @@ def register(sub) -> None:
     sv = sub.add_parser("serve", help="the web app and JSON API over a RUN (127.0.0.1 by default)")
     sv.add_argument("run", help="RUN from `saeflow flow` / `index` / `stats`")
     _port_option(sv)
-    sv.add_argument("--host", default=signature_default(serve, "host"), help=SERVE_HOST_HELP)
+    sv.add_argument("--host", default=DEFAULT_HOST, help=SERVE_HOST_HELP)
     sv.add_argument("--pack", default=None, help="default: the pack the run's flow was made from")
     sv.add_argument("--model", default=None,
                     help="the model, for steering and the prompt view (default: embedded for "

@@ -44,13 +44,14 @@ def _own_field_docs(cls: type) -> dict[str, str]:
     assert isinstance(body, ast.ClassDef)
     for node in body.body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            text = comments.get(node.end_lineno or node.lineno)
-            if text is None:  # a block of comment lines right above the field
-                above, line = [], node.lineno - 1
+            text = comments.get(node.end_lineno or node.lineno, "")
+            if not text:  # a block of comment lines right above the field
+                above: list[str] = []
+                line = node.lineno - 1
                 while line in alone:
                     above.insert(0, alone[line])
                     line -= 1
-                text = " ".join(above) or None
+                text = " ".join(above)
             if text:
                 docs[node.target.id] = text
     return docs
@@ -166,7 +167,7 @@ def _defaults_of(cls_or_preset: Any) -> tuple[type, dict[str, Any]]:
     return type(preset), {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)}
 
 
-def add_config_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
+def add_config_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: Any, *,
                        only: list[str] | None = None, skip: tuple[str, ...] = (),
                        flags: dict[str, list[str]] | None = None,
                        helps: dict[str, str] | None = None) -> list[str]:
@@ -188,9 +189,12 @@ def add_config_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup
         f = {x.name: x for x in dataclasses.fields(cls)}[name]
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             conv, choices = _converter(name, tp)
-            parser.add_argument(*opt, dest=name, required=True, help=_with_default(help_),
-                                **({"type": conv} if conv else {}),
-                                **({"choices": choices} if choices else {}))
+            req: dict[str, Any] = {"dest": name, "required": True, "help": _with_default(help_)}
+            if conv is not None:
+                req["type"] = conv
+            if choices is not None:
+                req["choices"] = choices
+            parser.add_argument(*opt, **req)
             continue
         if base is bool:
             parser.add_argument(*opt, dest=name, action=argparse.BooleanOptionalAction,

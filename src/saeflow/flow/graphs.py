@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import networkx as nx
 import numpy as np
@@ -107,7 +108,8 @@ class FlowIndex:
 
 
 def trace(run: FlowRun | FlowIndex, seed: str, t_res: float = 0.5, t_mod: float = 0.15,
-          mod_k: int = 1, direction: str = "both", max_steps: int | None = None) -> nx.DiGraph:
+          mod_k: int = 1, direction: Literal["both", "backward", "forward"] = "both",
+          max_steps: int | None = None) -> nx.DiGraph:
     """The flow graph of `seed` ('12/resid_post/4230'). Thresholds are inclusive (s >= t)."""
     index = run if isinstance(run, FlowIndex) else FlowIndex(run)
     run = index.run

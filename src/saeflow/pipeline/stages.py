@@ -14,7 +14,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,8 @@ from saeflow.features.index import IndexConfig, build_index
 from saeflow.features.liveness import firing_pass
 from saeflow.flow.plots import write_flow_plots
 from saeflow.flow.predecessors import run_flow
-from saeflow.lm.corpora import DEFAULT_SPEC
 from saeflow.lm.model import MAPPED_POSITIONS, load_model
+from saeflow.pipeline.config import PipelineConfig
 from saeflow.pipeline.report import write_report
 from saeflow.saes.evaluate import evaluate_pack
 from saeflow.saes.hub import fetch
@@ -42,76 +42,6 @@ from saeflow.store import write_json_atomic
 STAGES = ("pack", "eval", "flow", "index", "stats", "validate", "sweep", "report")
 PIPELINE_FILE = "pipeline.json"
 
-
-@dataclass
-class PipelineConfig:
-    model: str = "embedded"  # 'embedded', an HF folder, a hub id, or a .gguf file
-    # embedded / embedded-quick (trained once into the cache), a pack folder (SAELens, Gemma
-    # Scope, Gemma Scope 2, sparsify, saeflow) or a hub release name (downloaded once)
-    pack: str = "embedded"
-    corpus: str = DEFAULT_SPEC  # text sources with shares, e.g. wiki=0.8,python=0.2 or a text file
-    eval_tokens: int = 4096
-    ce_tokens: int = 512
-    index_tokens: int = 40_000  # tokens of the feature index pass
-    stats_tokens: int = 40_000  # tokens of the co-activation statistics pass
-    validate_texts: int = 6
-    # `saeflow validate --ci 0.05` adds texts until each headline rate is known to +-5 points
-    # (14 texts on the quick pack, docs/benchmarks.md); the demo keeps a fixed, cheap sample.
-    validate_ci: float | None = None
-    validate_max_texts: int = 60
-    validate_r_graphs: int = 2
-    sweep_themes: list[str] = field(default_factory=lambda: ["religion", "biology"])
-    sweep_strengths: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    sweep_seeds: list[int] = field(default_factory=lambda: [0])
-    sweep_n: int = 4
-    sweep_max_layers: int = 2
-    # The paper's deactivation experiment (sweep profile paper-demo): r values, samples, layers.
-    paper_strengths: list[float] = field(default_factory=lambda: [0.0, -8.0])
-    paper_n: int = 8
-    paper_max_layers: int = 1
-    classifier_docs: int = 2000
-    firing_tokens: int = 16_384  # the firing pass that flags dead and rare latents for the flow
-    keep_dead: bool = False
-    device: str | None = None  # cuda, mps or cpu (default: automatic)
-
-    def check(self) -> None:
-        """The embedded packs are trained on the embedded model: refuse another model with them."""
-        if self.pack.startswith("embedded") and self.model not in ("embedded", "gemma-3-270m"):
-            raise PipelineError(f"give --pack for {self.model}: the embedded pack belongs to the "
-                                f"embedded model")
-
-    def stage_settings(self, stage: str) -> dict:
-        """What a stage's outputs depend on (a change reruns it)."""
-        common = {"model": self.model, "pack": self.pack}
-        extra = {"pack": {}, "flow": {"firing_tokens": self.firing_tokens,
-                                      "keep_dead": self.keep_dead}, "report": {},
-                 "eval": {"tokens": self.eval_tokens, "ce_tokens": self.ce_tokens,
-                          "corpus": self.corpus},
-                 "index": {"tokens": self.index_tokens, "corpus": self.corpus},
-                 "stats": {"tokens": self.stats_tokens, "corpus": self.corpus},
-                 "validate": {"texts": self.validate_texts, "r_graphs": self.validate_r_graphs,
-                              "ci": self.validate_ci, "max_texts": self.validate_max_texts,
-                              "corpus": self.corpus, "version": 2},
-                 "sweep": {"themes": self.sweep_themes, "strengths": self.sweep_strengths,
-                           "seeds": self.sweep_seeds, "n": self.sweep_n,
-                           "max_layers": self.sweep_max_layers,
-                           "paper": [self.paper_strengths, self.paper_n, self.paper_max_layers],
-                           "classifier_docs": self.classifier_docs, "version": 2}}[stage]
-        assert isinstance(extra, dict)  # every stage's settings are a dict
-        return {**common, **extra}
-
-
-# Budgets measured on 2 CPU cores (docs/benchmarks.md); a GPU is much faster. QUICK trades
-# statistical power for time, never correctness: every stage still runs for real.
-PROFILES = {
-    "default": PipelineConfig(),
-    "quick": PipelineConfig(pack="embedded-quick", eval_tokens=512, ce_tokens=128,
-                            index_tokens=8_000, stats_tokens=8_000, validate_texts=2,
-                            validate_ci=None, validate_r_graphs=1, sweep_themes=["religion"],
-                            sweep_strengths=[2.0], sweep_n=4, sweep_max_layers=1,
-                            paper_strengths=[0.0, -8.0], paper_n=4, paper_max_layers=1,
-                            firing_tokens=8_192, classifier_docs=800),
-}
 
 # Rough seconds per unit on 2 CPU cores, for the time-left estimates printed between stages.
 RATES = {"pack": 1 / 350, "eval": 1 / 25, "flow": 40, "index": 1 / 150, "stats": 1 / 150,
