@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from saeflow.errors import ScaleError
 from saeflow.evolution.stats import PairAccumulator, StatsConfig, dense_reference, run_stats
@@ -39,8 +40,17 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def pack_and_model(tiny_models, tmp_path_factory):
-    model = tiny_models["gemma3"]
+def fresh_model(tiny_model_dirs):
+    """The tiny Gemma 3 as loaded from disk, as the workers load it (the session's shared
+    instance may have been changed in memory by other tests, e.g. trained on by sparsify)."""
+    from saeflow.lm.model import load_model
+
+    return load_model(str(tiny_model_dirs["gemma3"]), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def pack_and_model(fresh_model, tmp_path_factory):
+    model = fresh_model
     d = model.d_model
     saes = [(p, L, random_sae(d, 48, "relu", seed=10 * L + i))
             for L in range(3) for i, p in enumerate(("resid_post", "mlp_out", "attn_out"))]
@@ -141,6 +151,15 @@ def test_unreachable_address_and_other_versions_are_refused(local_ray, pack_and_
                                          r"saeflow 0\.0\.1 / torch 1\.0"):
         run_stats(pack, model, tmp_path / "v", STATS, progress=False, scale=RAY2)
     assert not (tmp_path / "v").exists()
+    monkeypatch.undo()
+    # A model changed in memory after loading is not what the workers would load: refused.
+    from saeflow.lm.model import load_model
+
+    changed = load_model(model.source, device="cpu")
+    with torch.no_grad():
+        next(changed.hf.parameters()).add_(1.0)
+    with pytest.raises(ScaleError, match="changed in memory after loading"):
+        run_stats(pack, changed, tmp_path / "m", STATS, progress=False, scale=RAY2)
 
 
 def test_ray_is_not_imported_without_workers():
@@ -186,14 +205,14 @@ def test_index_on_two_workers_equals_the_single_process_run(local_ray, pack_and_
     _same_tables(one.root, two.root, ["features.parquet", "examples.parquet"])
 
 
-def test_train_on_two_workers_equals_the_single_process_pack(local_ray, tiny_models, tmp_path):
+def test_train_on_two_workers_equals_the_single_process_pack(local_ray, fresh_model, tmp_path):
     import torch
 
     from saeflow.saes.train import TrainConfig, train_family
     from saeflow.scale.train import layer_groups, train_family_on_ray
 
     assert layer_groups([0, 1, 2], 2) == [[0, 1], [2]]
-    model = tiny_models["gemma3"]
+    model = fresh_model
     cfg = TrainConfig(positions=["resid_post", "mlp_out"], layers=[0, 1, 2], width=32, k=4,
                       tokens=2048, batch_size=128, lr=3e-3, ctx_len=32, model_batch=8,
                       chunk_tokens=1024, corpus="wiki", model_dtype="float32",

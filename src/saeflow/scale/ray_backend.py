@@ -20,7 +20,7 @@ import torch
 from saeflow._version import __version__
 from saeflow.errors import MissingDependencyError, ScaleError
 from saeflow.scale import ScaleConfig
-from saeflow.scale.shards import shard_ranges
+from saeflow.scale.shards import load_shard, merge_in_order, shard_ranges
 
 # What the last sharded pass on Ray spent where (benchmarks/bench_scale.py reads it).
 last_job: dict = {}
@@ -114,8 +114,10 @@ def _task_options(ray, scale: ScaleConfig) -> dict:
 _MODELS: "OrderedDict[tuple, Any]" = OrderedDict()  # per worker process: reused across tasks
 
 
-def model_recipe(model) -> tuple[str, str]:
-    """(load_model spec, dtype name) that rebuild `model` on a worker."""
+def model_recipe(model) -> tuple[str, str, tuple]:
+    """(load_model spec, dtype name, fingerprint) that rebuild `model` on a worker. Workers
+    load the model from where it came from, so one changed in memory after loading (weights,
+    dtype, train mode) would give other results: the fingerprint lets the worker refuse it."""
     from saeflow.lm.model import EMBEDDED_NAME
 
     if model.name == EMBEDDED_NAME:
@@ -124,22 +126,46 @@ def model_recipe(model) -> tuple[str, str]:
         spec = model.source[4:]
     else:
         spec = model.source
-    return spec, str(next(model.hf.parameters()).dtype).removeprefix("torch.")
+    return (spec, str(next(model.hf.parameters()).dtype).removeprefix("torch."),
+            model_fingerprint(model))
+
+
+def model_fingerprint(model) -> tuple:
+    """(train mode, dtypes, the float64 sum of every weight): cheap, and enough to tell a
+    model changed in memory from the one on disk."""
+    with torch.no_grad():
+        total = sum(float(p.detach().double().sum()) for p in model.hf.parameters())
+    dtypes = sorted({str(p.dtype) for p in model.hf.parameters()})
+    return (bool(model.hf.training), tuple(dtypes), total)
+
+
+def _same_model(a: tuple, b: tuple) -> bool:
+    """Fingerprints equal, the weight sums to 1e-9 (a GPU sums in another order)."""
+    return a[:2] == b[:2] and abs(a[2] - b[2]) <= 1e-9 * max(1.0, abs(a[2]))
 
 
 def _worker_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _worker_model(recipe: tuple[str, str]):
+def _worker_model(recipe: tuple):
+    """The model of `recipe`, loaded once per worker process; refused when it differs from the
+    driver's (the fingerprint is checked on every task, against the cached one too)."""
     from saeflow.lm.model import load_model
 
-    key = (*recipe, _worker_device())
+    key = (recipe[0], recipe[1], _worker_device())
     if key not in _MODELS:
         while _MODELS:  # one model per worker process
             _MODELS.popitem()
-        _MODELS[key] = load_model(recipe[0], device=key[2], dtype=recipe[1], progress=False)
-    return _MODELS[key]
+        model = load_model(recipe[0], device=key[2], dtype=recipe[1], progress=False)
+        _MODELS[key] = (model, model_fingerprint(model))
+    model, fp = _MODELS[key]
+    if len(recipe) > 2 and not _same_model(fp, recipe[2]):
+        raise ScaleError(f"the driver's model differs from {recipe[0]} as a worker loads it "
+                         f"(fingerprint {recipe[2]} vs {fp}): it was changed in memory after "
+                         f"loading; workers load it from disk, so pass a model as loaded, or "
+                         f"save the changed one and load that")
+    return model
 
 
 def _run_shard(job: dict, k: int, start: int, stop: int, driver: dict, fault: dict | None):
@@ -189,7 +215,7 @@ def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
     pack.check_model(model)
     slots = sorted(slots, key=lambda s: (s[1], POSITIONS.index(s[0])))
     dev = model.device
-    total = make_shard(0, dev)
+    total = None  # the merged shards (None until the first: merge_in_order)
     cur = {"shard": 0, "in_shard": 0, "merged_tokens": 0, "tokens": 0}
     seconds_before = 0.0
     if state_file.is_file():
@@ -204,21 +230,21 @@ def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
             if c.get("per") != per:
                 raise error(f"{state_file} was cut into shards of {c.get('per')} batches, not "
                             f"{per}; resume with the same --shard-tokens (or --force)")
-            total.load(c["total"])  # a shard merged part-way (in-process run) is redone
+            # a shard merged part-way (in-process run) is redone
+            total = load_shard(make_shard, c["shard"] - 1, dev, c["total"])
             cur.update(shard=c["shard"], merged_tokens=c["merged_tokens"],
                        tokens=c["merged_tokens"])
             seconds_before = float(st.get("seconds", 0.0))
     n_batches = check_available(Corpus.from_spec(spec.corpus, seed=spec.seed), model.tokenizer,
                                 spec, error)
     shards = shard_ranges(n_batches, per, cur["shard"])
-    empty_local = make_shard(0, dev).state()
-
     def save():
         state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = state_file.with_suffix(".tmp")
         torch.save({"identity": identity, "batches": cur["shard"] * per,
                     "tokens": cur["merged_tokens"], "seconds": seconds_before + time.time() - t0,
-                    "consumer": {"total": total.state(), "local": empty_local, "per": per,
+                    "consumer": {"total": None if total is None else total.state(),
+                                 "local": make_shard(0, dev).state(), "per": per,
                                  **cur}}, tmp)
         os.replace(tmp, state_file)
 
@@ -261,9 +287,7 @@ def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
             t_merge = time.perf_counter()
             while cur["shard"] in done:
                 state, n = done.pop(cur["shard"])
-                part = make_shard(cur["shard"], dev)
-                part.load(state)
-                total.merge(part)
+                total = merge_in_order(total, load_shard(make_shard, cur["shard"], dev, state))
                 cur["shard"] += 1
                 cur["merged_tokens"] += n
                 cur["tokens"] = cur["merged_tokens"]
@@ -277,6 +301,8 @@ def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
             ray.cancel(ref, force=True)
         if cur["shard"] > 0 or state_file.is_file():
             save()  # the merged state: the same command resumes from here
+    if total is None:  # no shard at all (cannot happen past check_available): empty sums
+        total = make_shard(0, dev)
     saes = load_saes(pack, slots, dev, resolve_dtype(spec.encoder_dtype, dev))
     last_job.clear()
     last_job.update({"desc": desc, "workers": scale.workers, "shards": len(shards),

@@ -43,7 +43,7 @@ def sharded_scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity:
                            scale, force=force, progress=progress, desc=desc,
                            codes_on_device=codes_on_device, error=error)
     dev = model.device
-    total = make_shard(0, dev)
+    total = [None]  # the merged shards; None until the first (then it *is* the first shard)
     cur = {"shard": 0, "in_shard": 0, "merged_tokens": 0, "tokens": 0}
     local = [make_shard(0, dev)]
 
@@ -52,20 +52,21 @@ def sharded_scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity:
         cur["in_shard"] += 1
         cur["tokens"] += int(content.sum())
         if cur["in_shard"] == per:
-            total.merge(local[0])
+            total[0] = merge_in_order(total[0], local[0])
             cur["shard"] += 1
             cur["in_shard"] = 0
             cur["merged_tokens"] = cur["tokens"]
             local[0] = make_shard(cur["shard"], dev)
 
     def get_state():
-        return {"total": total.state(), "local": local[0].state(), "per": per, **cur}
+        return {"total": None if total[0] is None else total[0].state(),
+                "local": local[0].state(), "per": per, **cur}
 
     def set_state(st):
         if st.get("per") != per:
             raise error(f"{state_file} was cut into shards of {st.get('per')} batches, not "
                         f"{per}; resume with the same --shard-tokens (or --force)")
-        total.load(st["total"])
+        total[0] = load_shard(make_shard, st["shard"] - 1, dev, st["total"])
         cur.update({k: st[k] for k in cur})
         local[0] = make_shard(cur["shard"], dev)
         local[0].load(st["local"])
@@ -73,7 +74,25 @@ def sharded_scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity:
     res = scan(model, pack, slots, spec, state_file, identity, on_batch, get_state, set_state,
                force=force, progress=progress, desc=desc, stop_after_batches=stop_after_batches,
                codes_on_device=codes_on_device, error=error)
-    if cur["in_shard"]:  # the last, shorter shard
-        total.merge(local[0])
-    res["total"] = total
+    if cur["in_shard"] or total[0] is None:  # the last, shorter shard
+        total[0] = merge_in_order(total[0], local[0])
+    res["total"] = total[0]
     return res
+
+
+def merge_in_order(total, part):
+    """`part` (the next shard) added into `total` (the shards before it). The first shard is
+    taken as it is: 0 + x is x exactly, and the sums are not held twice."""
+    if total is None:
+        return part
+    total.merge(part)
+    return total
+
+
+def load_shard(make_shard: Callable, k: int, device, state: dict | None):
+    """An accumulator holding `state` (None: nothing merged yet)."""
+    if state is None:
+        return None
+    acc = make_shard(max(k, 0), device)
+    acc.load(state)
+    return acc
