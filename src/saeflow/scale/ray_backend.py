@@ -20,7 +20,7 @@ import torch
 from saeflow._version import __version__
 from saeflow.errors import MissingDependencyError, ScaleError
 from saeflow.scale import ScaleConfig
-from saeflow.scale.shards import load_shard, merge_in_order, shard_ranges
+from saeflow.scale.merge import load_shard, merge_in_order, shard_ranges
 
 # What the last sharded pass on Ray spent where (benchmarks/bench_scale.py reads it).
 last_job: dict = {}
