@@ -316,3 +316,79 @@ def test_training_in_bf16_leaves_the_callers_weights_exact(tiny_models, tmp_path
     after = m.hf.state_dict()
     assert m.dtype == torch.float32
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _massive_data(n, g, d=16, n_dirs=64):
+    """4-sparse combinations of unit directions, plus one 'massive' dimension (x100) as in
+    Gemma's residual stream."""
+    D = torch.nn.functional.normalize(torch.randn(n_dirs, d, generator=torch.Generator().manual_seed(1)), dim=1)
+    z = torch.zeros(n, n_dirs)
+    idx = torch.rand(n, n_dirs, generator=g).topk(4, dim=1).indices
+    z.scatter_(1, idx, 1 + torch.rand(n, 4, generator=g))
+    x = z @ D + 0.5
+    x[:, 3] = x[:, 3] * 100 + 40
+    return x
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_per_dimension_standardisation_folds_exactly(arch, tmp_path):
+    """input_norm='dim': the exported SAE (scales folded into W_enc, W_dec, b_dec) encodes and
+    decodes raw inputs exactly as the trainer does in its standardised space, before and after
+    saving and loading the pack."""
+    from saeflow.packs import save_pack
+
+    g = torch.Generator().manual_seed(0)
+    cfg = tiny_cfg(architecture=arch, width=96, input_norm="dim")
+    t = SAETrainer(16, cfg, 60, torch.device("cpu"), 0, torch.float32)
+    t.init_from(_massive_data(1024, g))
+    assert t.dim_scale is not None and t.dim_scale[3] < 0.05 * t.dim_scale.median()
+    for _ in range(60):
+        t.step(_massive_data(128, g))
+    x = _massive_data(256, g)
+    with torch.no_grad():  # the trainer's own forward, in its standardised space
+        xs = x * t.input_scale * t.dim_scale
+        pre = (xs - t.b_dec) @ t.W_enc + t.b_enc
+    sae = t.export({})
+    assert sae.metadata["input_norm"] == "dim (folded)"
+    if arch == "topk":
+        vals, idx = pre.topk(cfg.k, dim=1)
+        z_ref = torch.zeros_like(pre).scatter_(1, idx, vals.relu())
+    else:
+        z_ref = pre.relu() * (pre > sae.threshold)
+    recon_ref = ((z_ref @ t.W_dec + t.b_dec) / (t.input_scale * t.dim_scale)).detach()
+    save_pack([("resid_post", 0, sae)], tmp_path / "p", model_name="m", d_model=16, n_layers=1)
+    loaded = load_pack(tmp_path / "p").sae("resid_post", 0)
+    for s in (sae, loaded):
+        z = s.encode(x)
+        assert torch.equal(z > 0, z_ref > 0)
+        torch.testing.assert_close(z, z_ref.detach(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(s.decode(z), recon_ref, rtol=1e-4, atol=1e-3)
+
+
+def test_exported_threshold_reproduces_batchtopk_sparsity_on_held_out_data():
+    """BatchTopK keeps batch*k pre-activations per batch; the exported JumpReLU threshold must
+    give about k active latents per token on data the trainer never saw, and select what
+    BatchTopK selects on such a batch."""
+    g = torch.Generator().manual_seed(0)
+    D = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
+
+    def batch(n):
+        z = torch.zeros(n, 64)
+        idx = torch.rand(n, 64, generator=g).topk(4, dim=1).indices
+        z.scatter_(1, idx, 1 + torch.rand(n, 4, generator=g))
+        return z @ D + 0.5
+    cfg = tiny_cfg(architecture="batchtopk", width=96, k=4, input_norm="dim")
+    t = SAETrainer(16, cfg, 400, torch.device("cpu"), 0, torch.float32)
+    t.init_from(batch(1024))
+    for _ in range(400):
+        t.step(batch(128))
+    sae = t.export({})
+    x = batch(4096)  # held out
+    jump = sae.encode(x) > 0
+    assert jump.sum(1).float().mean() == pytest.approx(cfg.k, rel=0.15)
+    pre = sae.pre_acts(x)
+    vals, pos = pre.reshape(-1).topk(x.shape[0] * cfg.k)
+    btk = torch.zeros(pre.numel(), dtype=torch.bool)
+    btk[pos[vals > 0]] = True
+    agree = (btk.reshape(pre.shape) == jump).float().mean()
+    assert agree > 0.99
