@@ -30,6 +30,13 @@ BASE = dict(width=4096, k=32, batch_size=1024, lr=1e-3, chunk_tokens=8192)
 VARIANTS = {
     "base": {},
     "dim": dict(input_norm="dim"),
+    "dc3": dict(input_norm="dim", dim_cap=3.0),
+    "dc10": dict(input_norm="dim", dim_cap=10.0),
+    "dc30": dict(input_norm="dim", dim_cap=30.0),
+    "dc10_lr2": dict(input_norm="dim", dim_cap=10.0, lr=2e-3),
+    "dc10_btk": dict(input_norm="dim", dim_cap=10.0, architecture="batchtopk"),
+    "dc3_lr2": dict(input_norm="dim", dim_cap=3.0, lr=2e-3),
+    "dc3_btk": dict(input_norm="dim", dim_cap=3.0, architecture="batchtopk"),
     "dim_lr2": dict(input_norm="dim", lr=2e-3),
     "dim_lr4": dict(input_norm="dim", lr=4e-3),
     "dim_ep3": dict(input_norm="dim", epochs=3),
@@ -138,6 +145,8 @@ def main():
             tr, n_used = train_one(x, cfg, epochs, seed=L, drop=drop)
             wall = time.time() - t0
             sae = tr.export({})
+            (cache / "saes").mkdir(exist_ok=True)
+            torch.save(sae, cache / "saes" / f"{name}_{L}.pt")
             r = measure(sae, xh)
             alive[L] = r.pop("alive")
             saes[L] = sae

@@ -85,6 +85,10 @@ class TrainConfig:
     # standard deviation (Gemma's massive residual dimensions no longer dominate the loss).
     # Both are folded exactly into the saved weights.
     input_norm: str = "scalar"
+    # with input_norm "dim": 0 standardises every dimension; c > 0 divides each dimension by
+    # min(its sd, c x the median sd), so the massive ones keep sd / (c x median) > 1 and their
+    # share of a saved (raw-space) decoder row is amplified at most c times, not sd / median.
+    dim_cap: float = 0.0
     model_dtype: str = "auto"  # dtype of the capture forward: auto | float32 | bfloat16
     encoder_dtype: str = "auto"  # dtype of the encoder matmul: auto | float32 | bfloat16
     checkpoint_every_s: float = 180.0
@@ -130,15 +134,17 @@ class TrainConfig:
 
 
 # Fields added after packs were first trained, with the value that reproduces the older recipe.
-_LEGACY = {"input_norm": "scalar"}
+_LEGACY = {"input_norm": "scalar", "dim_cap": 0.0}
 
 
-def _dim_scale(x: torch.Tensor) -> torch.Tensor:
-    """1 / standard deviation of each input dimension [d] of x [N, d] (float32); dimensions with
-    (almost) no variance are scaled like the median one rather than blown up."""
+def _dim_scale(x: torch.Tensor, cap: float = 0.0) -> torch.Tensor:
+    """Per-dimension input scale [d] of x [N, d] (float32).
+
+    1 / standard deviation, with the sd floored at 1% of the median one (no blow-up of empty
+    dimensions) and, for cap c > 0, capped at c x the median one."""
     sd = x.float().std(0)
-    floor = float(sd.median()) * 1e-2 + 1e-12
-    return 1.0 / sd.clamp_min(floor)
+    med = float(sd.median()) + 1e-12
+    return 1.0 / sd.clamp(min=med * 1e-2, max=med * cap if cap > 0 else float("inf"))
 
 
 def _fold_dim_scale(W_enc, W_dec, b_dec, v):
@@ -241,7 +247,7 @@ class SAETrainer:
         x = x.float()
         if self.cfg.input_norm == "dim":
             self.input_scale = 1.0
-            self.dim_scale = _dim_scale(x)
+            self.dim_scale = _dim_scale(x, self.cfg.dim_cap)
             xs = x * self.dim_scale
         else:
             self.input_scale = float(math.sqrt(self.d_in / x.pow(2).sum(1).mean().clamp_min(1e-12)))
@@ -433,7 +439,7 @@ class StackedTrainer:
         # Python floats, as SAETrainer keeps them, so both engines scale inputs identically.
         if self.cfg.input_norm == "dim":
             self.scales = [1.0] * self.S
-            self.dim = torch.stack([_dim_scale(xi) for xi in x])
+            self.dim = torch.stack([_dim_scale(xi, self.cfg.dim_cap) for xi in x])
         else:
             self.scales = [math.sqrt(self.d_in / float(m))
                            for m in x.pow(2).sum(2).mean(1).clamp_min(1e-12)]
