@@ -7,7 +7,10 @@ resumed run replays exactly the same batches: the corpus is deterministic and sk
 only need tokenising, not a forward pass.
 
 The SAE recipe (TopK / BatchTopK, after Gao et al. 2024 and Bussmann et al. 2024):
-  - inputs scaled by a fixed factor so that E||x||^2 = d_in (recorded as input_scale);
+  - inputs standardised per dimension (input_norm "dim"): each dimension divided by its standard
+    deviation on the first chunk, capped at dim_cap x the median one (Gemma's massive residual
+    dimensions); folded exactly into W_enc, W_dec and b_dec on export. input_norm "scalar" is
+    the older single factor with E||x||^2 = d_in (recorded as input_scale, folded on save);
   - b_dec initialised at the geometric median of the first chunk;
   - W_dec rows kept at unit norm (gradient parallel to each row removed, then renormalised);
   - AuxK loss: the top-k_aux pre-activations among dead latents reconstruct the residual;
@@ -84,11 +87,11 @@ class TrainConfig:
     # "scalar": one factor s with E||s x||^2 = d_in; "dim": each input dimension divided by its
     # standard deviation (Gemma's massive residual dimensions no longer dominate the loss).
     # Both are folded exactly into the saved weights.
-    input_norm: str = "scalar"
+    input_norm: str = "dim"
     # with input_norm "dim": 0 standardises every dimension; c > 0 divides each dimension by
     # min(its sd, c x the median sd), so the massive ones keep sd / (c x median) > 1 and their
     # share of a saved (raw-space) decoder row is amplified at most c times, not sd / median.
-    dim_cap: float = 0.0
+    dim_cap: float = 10.0
     model_dtype: str = "auto"  # dtype of the capture forward: auto | float32 | bfloat16
     encoder_dtype: str = "auto"  # dtype of the encoder matmul: auto | float32 | bfloat16
     checkpoint_every_s: float = 180.0
