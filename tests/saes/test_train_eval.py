@@ -90,7 +90,8 @@ def test_train_family_pack_and_eval(tiny_models, tmp_path):
     sae = pack.sae("resid_post", 1)
     assert sae.architecture == "topk" and sae.k == 4 and sae.d_sae == 64
     cfg = json.loads((tmp_path / "pack" / "resid_post" / "layer_1" / "cfg.json").read_text())
-    assert cfg["architecture"] == "topk" and cfg["metadata"]["saeflow"]["input_scale_folded"] > 0
+    assert cfg["architecture"] == "topk"
+    assert prov["train_config"]["input_norm"] == "dim" and prov["train_config"]["dim_cap"] == 10.0
     ev = evaluate_pack(pack, m, tokens=2048, ce_tokens=256, corpus="wiki", batch=4, ctx_len=32,
                        progress=False)
     for r in ev["saes"]:
@@ -165,7 +166,7 @@ def test_eval_matches_reference_computation(tiny_models, tmp_path):
                   hook="blocks.1.hook_resid_post")
     pack = load_pack(tmp_path / "s")
     ev = evaluate_pack(pack, m, tokens=300, ce_tokens=200, corpus="wiki", batch=2, ctx_len=32,
-                       progress=False)
+                       progress=False, dead_tokens=0)
     row = ev["saes"][0]
     sae = pack.sae("resid_post", 1)
     corpus = Corpus.from_spec("wiki", seed=0)
@@ -220,6 +221,21 @@ def test_eval_matches_reference_computation(tiny_models, tmp_path):
     keep[row["massive_dims"]] = False
     want = float(((xhat - x) ** 2).sum(0)[keep].sum() / var_d[keep].sum())
     assert row["fvu_rest"] == pytest.approx(want, rel=1e-4)
+    # dead / dense fractions go on counting past the FVU tokens, to dead_tokens
+    ev2 = evaluate_pack(pack, m, tokens=300, ce_tokens=200, corpus="wiki", batch=2, ctx_len=32,
+                        progress=False, dead_tokens=900)
+    row2 = ev2["saes"][0]
+    assert ev2["tokens"] == ev["tokens"] and ev2["dead_tokens"] >= 900
+    assert row2["fvu"] == row["fvu"] and row2["dead_tokens"] == ev2["dead_tokens"]
+    xs = []
+    for b in corpus.token_batches(m.tokenizer, 2, 32, split="heldout"):
+        xs.append(capture(m, b.input_ids, [p], attention_mask=b.attention_mask)[p].cpu()[b.content_mask()])
+        if sum(len(x) for x in xs) >= 900:
+            break
+    z = sae.encode(torch.cat(xs))
+    assert len(z) == ev2["dead_tokens"]
+    assert row2["dead_fraction"] == pytest.approx(float(((z > 0).sum(0) == 0).double().mean()))
+    assert row2["dead_fraction"] <= row["dead_fraction"]
 
 
 def test_massive_dimensions_and_bootstrap_interval():
@@ -252,14 +268,15 @@ def test_failed_training_leaves_model_dtype_alone(tiny_models, tmp_path, monkeyp
     assert m.dtype == before
 
 
+@pytest.mark.parametrize("norm", ["dim", "scalar"])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_stacked_engine_equals_the_sparse_trainer(arch):
+def test_stacked_engine_equals_the_sparse_trainer(arch, norm):
     """The batched GPU engine computes the same steps as the per-SAE sparse one (fp32, CPU):
     same init per seed, same losses (AuxK included), same Adam, same dead-latent bookkeeping."""
     from saeflow.saes.train import StackedTrainer
 
     cfg = TrainConfig(width=256, k=2, architecture=arch, tokens=4096, batch_size=64, lr=1e-3,
-                      dead_tokens=64, aux_k=8)  # latents go dead fast, so AuxK is exercised
+                      dead_tokens=64, aux_k=8, input_norm=norm)  # AuxK is exercised
     seeds = [3, 11]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 512, 16, generator=g) * torch.tensor([1.0, 3.0])[:, None, None] + 0.5
@@ -317,3 +334,89 @@ def test_training_in_bf16_leaves_the_callers_weights_exact(tiny_models, tmp_path
     after = m.hf.state_dict()
     assert m.dtype == torch.float32
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _massive_data(n, g, d=16, n_dirs=64):
+    """4-sparse combinations of unit directions, plus one 'massive' dimension (x100) as in
+    Gemma's residual stream."""
+    D = torch.nn.functional.normalize(torch.randn(n_dirs, d, generator=torch.Generator().manual_seed(1)), dim=1)
+    z = torch.zeros(n, n_dirs)
+    idx = torch.rand(n, n_dirs, generator=g).topk(4, dim=1).indices
+    z.scatter_(1, idx, 1 + torch.rand(n, 4, generator=g))
+    x = z @ D + 0.5
+    x[:, 3] = x[:, 3] * 100 + 40
+    return x
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_per_dimension_standardisation_folds_exactly(arch, tmp_path):
+    """input_norm='dim': the exported SAE (scales folded into W_enc, W_dec, b_dec) encodes and
+    decodes raw inputs exactly as the trainer does in its standardised space, before and after
+    saving and loading the pack."""
+    from saeflow.saes.packs import save_pack
+
+    g = torch.Generator().manual_seed(0)
+    cfg = tiny_cfg(architecture=arch, width=96, input_norm="dim")
+    t = SAETrainer(16, cfg, 60, torch.device("cpu"), 0, torch.float32)
+    t.init_from(_massive_data(1024, g))
+    # the massive dimension is divided by dim_cap x the median sd, not by its own sd
+    assert t.dim_scale is not None and t.dim_scale[3] < 0.2 * t.dim_scale.median()
+    for _ in range(60):
+        t.step(_massive_data(128, g))
+    x = _massive_data(256, g)
+    with torch.no_grad():  # the trainer's own forward, in its standardised space
+        xs = x * t.input_scale * t.dim_scale
+        pre = (xs - t.b_dec) @ t.W_enc + t.b_enc
+    sae = t.export({})
+    assert sae.metadata["input_norm"] == "dim (folded)"
+    if arch == "topk":
+        vals, idx = pre.topk(cfg.k, dim=1)
+        z_ref = torch.zeros_like(pre).scatter_(1, idx, vals.relu())
+    else:
+        z_ref = pre.relu() * (pre > sae.threshold)
+    recon_ref = ((z_ref @ t.W_dec + t.b_dec) / (t.input_scale * t.dim_scale)).detach()
+    save_pack([("resid_post", 0, sae)], tmp_path / "p", model_name="m", d_model=16, n_layers=1)
+    loaded = load_pack(tmp_path / "p").sae("resid_post", 0)
+    for s in (sae, loaded):
+        z = s.encode(x)
+        assert torch.equal(z > 0, z_ref > 0)
+        torch.testing.assert_close(z, z_ref.detach(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(s.decode(z), recon_ref, rtol=1e-4, atol=1e-3)
+
+
+def test_exported_threshold_reproduces_batchtopk_sparsity_on_held_out_data():
+    """BatchTopK keeps batch*k pre-activations per batch; the exported JumpReLU threshold must
+    give about k active latents per token on data the trainer never saw, and select what
+    BatchTopK selects on such a batch."""
+    g = torch.Generator().manual_seed(0)
+    D = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
+
+    def batch(n):
+        z = torch.zeros(n, 64)
+        idx = torch.rand(n, 64, generator=g).topk(4, dim=1).indices
+        z.scatter_(1, idx, 1 + torch.rand(n, 4, generator=g))
+        return z @ D + 0.5
+    cfg = tiny_cfg(architecture="batchtopk", width=96, k=4, input_norm="dim")
+    t = SAETrainer(16, cfg, 400, torch.device("cpu"), 0, torch.float32)
+    t.init_from(batch(1024))
+    for _ in range(400):
+        t.step(batch(128))
+    sae = t.export({})
+    x = batch(4096)  # held out
+    jump = sae.encode(x) > 0
+    assert jump.sum(1).float().mean() == pytest.approx(cfg.k, rel=0.15)
+    pre = sae.pre_acts(x)
+    vals, pos = pre.reshape(-1).topk(x.shape[0] * cfg.k)
+    btk = torch.zeros(pre.numel(), dtype=torch.bool)
+    btk[pos[vals > 0]] = True
+    agree = (btk.reshape(pre.shape) == jump).float().mean()
+    assert agree > 0.99
+
+
+def test_identity_of_the_older_recipe_is_unchanged():
+    """Packs trained before input_norm existed (one scalar scale) keep their identity, so an
+    existing pack is still found and reused; the new recipe is a different identity."""
+    old = TrainConfig(input_norm="scalar", dim_cap=0.0).identity()
+    assert "input_norm" not in old and "dim_cap" not in old
+    new = TrainConfig().identity()
+    assert new["input_norm"] == "dim" and new["dim_cap"] == 10.0

@@ -1,7 +1,9 @@
 """Quality of every SAE of a pack on held-out text.
 
-Pass 1 (one forward per batch, all SAEs): FVU, mean L0, dead fraction (never active on these
-tokens), dense fraction (active on more than 10% of tokens).
+Pass 1 (one forward per batch, all SAEs): FVU and mean L0 on `tokens` held-out tokens; the
+firing counts go on to `dead_tokens` (50k by default), so that the dead fraction (never active on
+those tokens) and the dense fraction (active on more than 10% of them) are not an artefact of a
+short sample: a latent that fires once in 20k tokens is alive, and 5k tokens would call it dead.
 Pass 2 (one forward per SAE per batch): the SAE's reconstruction replaces the activation at its
 position, on document tokens (BOS and separators keep their own activations, as SAEs are
 trained without them); we report the change of next-token cross-entropy (ΔCE) and the KL
@@ -34,6 +36,7 @@ KEEP_IN_MEMORY_BYTES = 4 << 30  # below this, all SAEs stay loaded for the whole
 MASSIVE_SHARE = 0.10
 MASSIVE_FACTOR = 1000.0
 BOOTSTRAP_SAMPLES = 2000
+DEAD_TOKENS = 50_000  # held-out tokens on which the dead and dense fractions are counted
 
 
 def massive_dims(var: torch.Tensor, share: float = MASSIVE_SHARE,
@@ -78,8 +81,11 @@ class _Acc:
 
 def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens: int = 1024,
                   corpus: str = DEFAULT_SPEC, seed: int = 0, batch: int = 8,
-                  ctx_len: int = 128, progress: bool = True) -> dict:
-    """Return {"saes": [row per SAE], "clean_ce": float, ...} on the held-out split."""
+                  ctx_len: int = 128, progress: bool = True,
+                  dead_tokens: int = DEAD_TOKENS) -> dict:
+    """Return {"saes": [row per SAE], "clean_ce": float, ...} on the held-out split.
+
+    FVU / L0 on `tokens` held-out tokens; dead and dense fractions on max(tokens, dead_tokens)."""
     from tqdm.auto import tqdm
 
     pack.check_model(model)
@@ -96,18 +102,24 @@ def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens:
 
     data = Corpus.from_spec(corpus, seed=seed)
     acc = {s: _Acc() for s in slots}
-    bar = tqdm(total=tokens, unit="tok", desc="eval: reconstruction", disable=not progress)
+    limit = max(tokens, dead_tokens)
+    bar = tqdm(total=limit, unit="tok", desc="eval: reconstruction + firing", disable=not progress)
     seen = 0
     with torch.inference_mode():
         for b in data.token_batches(model.tokenizer, batch, ctx_len, split="heldout"):
             mask = b.content_mask().to(dev)
             acts = capture(model, b.input_ids, points, attention_mask=b.attention_mask)
+            full = seen < tokens  # past `tokens`, only the firing counts go on
             for s, pt in zip(slots, points):
                 x = acts[pt][mask].float()  # [n, d]
                 sae = sae_of(s)
                 z = sae.encode(x)
-                err = sae.decode(z) - x
                 a = acc[s]
+                cnt = (z > 0).sum(0)
+                a.fire = cnt if a.fire is None else a.fire + cnt
+                if not full:
+                    continue
+                err = sae.decode(z) - x
                 a.sse += float(err.pow(2).sum())
                 a.sum_sq += float(x.pow(2).sum())
                 xd = x.double()
@@ -116,14 +128,11 @@ def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens:
                     cur = getattr(a, name)
                     setattr(a, name, v if cur is None else cur + v)
                 a.n += x.shape[0]
-                fired = (z > 0)
-                a.l0_sum += float(fired.sum())
-                cnt = fired.sum(0)
-                a.fire = cnt if a.fire is None else a.fire + cnt
+                a.l0_sum += float(cnt.sum())
             n_new = int(mask.sum())
             seen += n_new
             bar.update(n_new)
-            if seen >= tokens:
+            if seen >= limit:
                 break
     bar.close()
     if seen == 0:
@@ -142,7 +151,7 @@ def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens:
         rest = torch.ones(len(var_dim), dtype=torch.bool)
         rest[massive] = False
         fvu_rest = float(a.sse_dim.cpu()[rest].sum() / var_dim[rest].sum().clamp_min(1e-12))
-        freq = a.fire.float() / a.n
+        freq = a.fire.float() / seen
         info = pack.entries[s]
         pc = ce["per_sae"][s]
         rows.append({
@@ -159,8 +168,10 @@ def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens:
             "kl": pc["kl"],
             "kl_ci": pc["kl_ci"],
             "tokens": a.n,
+            "dead_tokens": seen,
         })
-    return {"pack": str(pack.root), "model": model.name, "tokens": seen,
+    return {"pack": str(pack.root), "model": model.name, "tokens": acc[slots[0]].n,
+            "dead_tokens": seen,
             "ce_tokens": ce["tokens"], "clean_ce": ce["clean_ce"], "saes": rows}
 
 
@@ -234,8 +245,9 @@ def _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, prog
 
 
 def format_table(result: dict) -> str:
-    lines = [f"pack {result['pack']} on {result['model']}: {result['tokens']} held-out tokens "
-             f"(dead/dense/FVU on these; ΔCE/KL on {result['ce_tokens']}, 95% bootstrap "
+    dead_n = result.get("dead_tokens", result["tokens"])
+    lines = [f"pack {result['pack']} on {result['model']}: FVU/L0 on {result['tokens']} held-out "
+             f"tokens, dead/dense on {dead_n}; ΔCE/KL on {result['ce_tokens']} (95% bootstrap "
              f"intervals over text rows); clean CE {result['clean_ce']:.4f}",
              f"{'position':<11}{'layer':>5} {'d_sae':>7} {'FVU':>7} {'FVUrest':>7} {'L0':>7} "
              f"{'dead':>6} {'dense':>6} {'ΔCE [95% CI]':>26} {'KL':>8}  massive dims"]
