@@ -3,7 +3,10 @@ per layer (median over layers 4-13) from one or more `saeflow run` folders.
 
     .venv/bin/python benchmarks/experiments/recipe15_flowrun.py runs/embedded runs/issue15
 """
-import pandas as pd, sys
+import sys
+
+import pandas as pd
+
 for run in sys.argv[1:]:
     d = pd.read_parquet(f"{run}/predecessors.parquet")
     live = d[d.live]

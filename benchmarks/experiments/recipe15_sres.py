@@ -5,9 +5,13 @@ marks them (RUN/predecessors.parquet).
 
     PYTHONPATH=src .venv/bin/python benchmarks/experiments/recipe15_sres.py PACK RUN 163,400,639
 """
-import sys, torch, pandas as pd
+import sys
 
-from saeflow.packs import load_pack
+import pandas as pd
+import torch
+
+from saeflow.saes.packs import load_pack
+
 pack = load_pack(sys.argv[1]); run = sys.argv[2]
 mass = [int(v) for v in sys.argv[3].split(",")]
 d = pd.read_parquet(f"{run}/predecessors.parquet")
@@ -25,4 +29,5 @@ for L in range(1, 18):
     out[L] = (float((full >= .5).float().mean()), float((nom >= .5).float().mean()), float(frac))
     print(L, *[f"{v:.1%}" for v in out[L]], flush=True)
 import statistics
+
 print("median 4-13: all dims", f"{statistics.median(out[L][0] for L in range(4,14)):.1%}", "massive left out", f"{statistics.median(out[L][1] for L in range(4,14)):.1%}")

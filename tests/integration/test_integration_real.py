@@ -116,12 +116,15 @@ def test_quick_profile_trains_on_the_real_model(gemma, tmp_path):
     cfg = replace(PROFILES["quick"], layers=[0, 6, 12], tokens=16384)
     res = train_family(gemma, cfg, tmp_path / "quick", progress=False)
     assert len(res.pack) == 9
-    ev = evaluate_pack(res.pack, gemma, tokens=2048, ce_tokens=256, batch=4, progress=False)
+    ev = evaluate_pack(res.pack, gemma, tokens=2048, ce_tokens=256, dead_tokens=2048, batch=4,
+                       progress=False)
     by = {(r["position"], r["layer"]): r for r in ev["saes"]}
     print({f"{p}/{L}": round(r["fvu"], 3) for (p, L), r in by.items()})
-    # Measured once (16k tokens, 64 steps): FVU 0.01-0.22 at layers 0 and 6, 0.52-0.60 at 12.
+    # A sanity floor, not the quality target (that is `pack eval` on the default pack): an SAE
+    # that learned nothing has FVU >= 1. With the per-dimension recipe (16k tokens) the worst
+    # was attn_out at layer 12, FVU 0.73 (measured once); 0.8 leaves room for other CPUs' rounding.
     for r in ev["saes"]:
-        assert r["fvu"] < 0.75 and 14 <= r["l0"] <= 16
+        assert r["fvu"] < 0.8 and 14 <= r["l0"] <= 16
         assert 0 <= r["kl"] < 6.0
     assert by[("resid_post", 6)]["fvu"] < 0.35 and by[("mlp_out", 6)]["fvu"] < 0.25
 

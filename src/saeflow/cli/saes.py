@@ -24,7 +24,9 @@ from saeflow.saes.hub import fetch
 from saeflow.saes.train import TrainConfig
 
 TRAIN_PASS = ["tokens", "corpus", "seed", "ctx_len", "encoder_dtype", "model_dtype"]
-EVAL_OPTIONS = {"tokens": "held-out tokens for FVU/L0/dead/dense",
+EVAL_OPTIONS = {"tokens": "held-out tokens for FVU and L0",
+                "dead_tokens": "held-out tokens over which dead and dense latents are counted "
+                               "(at least --tokens)",
                 "ce_tokens": "held-out tokens for ΔCE/KL (costly)",
                 "corpus": "held-out text sources with shares"}
 

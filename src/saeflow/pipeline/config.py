@@ -17,6 +17,7 @@ class PipelineConfig:
     corpus: str = DEFAULT_SPEC  # text sources with shares, e.g. wiki=0.8,python=0.2 or a text file
     eval_tokens: int = 4096
     ce_tokens: int = 512
+    dead_tokens: int = 50_000  # held-out tokens over which dead latents are counted
     index_tokens: int = 40_000  # tokens of the feature index pass
     stats_tokens: int = 40_000  # tokens of the co-activation statistics pass
     validate_texts: int = 6
@@ -51,7 +52,7 @@ class PipelineConfig:
         extra = {"pack": {}, "flow": {"firing_tokens": self.firing_tokens,
                                       "keep_dead": self.keep_dead}, "report": {},
                  "eval": {"tokens": self.eval_tokens, "ce_tokens": self.ce_tokens,
-                          "corpus": self.corpus},
+                          "dead_tokens": self.dead_tokens, "corpus": self.corpus},
                  "index": {"tokens": self.index_tokens, "corpus": self.corpus},
                  "stats": {"tokens": self.stats_tokens, "corpus": self.corpus},
                  "validate": {"texts": self.validate_texts, "r_graphs": self.validate_r_graphs,
@@ -70,7 +71,7 @@ class PipelineConfig:
 # statistical power for time, never correctness: every stage still runs for real.
 PROFILES = {
     "default": PipelineConfig(),
-    "quick": PipelineConfig(pack="embedded-quick", eval_tokens=512, ce_tokens=128,
+    "quick": PipelineConfig(pack="embedded-quick", eval_tokens=512, ce_tokens=128, dead_tokens=4_096,
                             index_tokens=8_000, stats_tokens=8_000, validate_texts=2,
                             validate_ci=None, validate_r_graphs=1, sweep_themes=["religion"],
                             sweep_strengths=[2.0], sweep_n=4, sweep_max_layers=1,
