@@ -54,6 +54,7 @@ from saeflow.lm.model import (
     resolve_device,
 )
 from saeflow.saes.packs import pack_fingerprint
+from saeflow.scale.ray_backend import run_tasks, shippable
 from saeflow.store import cache_dir, save_npz_atomic, write_json_atomic, write_parquet_atomic
 
 FLOW_MANIFEST = "flow.json"
@@ -464,7 +465,6 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
     if scale is not None and scale.distributed and todo:
         # One task per layer (its up to three pairs share the residual SAE's directions); each
         # finished layer lands in the cache at once, so a stopped job resumes at the others.
-        from saeflow.scale.ray_backend import run_tasks, shippable
 
         shipped = shippable(pack)
         mapped = model if any(p in pack.positions for p in MAPPED_POSITIONS) else None

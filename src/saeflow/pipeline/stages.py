@@ -34,6 +34,7 @@ from saeflow.saes.packs import load_pack
 from saeflow.saes.recipes import EMBEDDED_NAMES, embedded_pack_dir, ensure_embedded_pack
 from saeflow.saes.recipes import PROFILES as PACK_PROFILES
 from saeflow.scale import ScaleConfig
+from saeflow.scale.ray_backend import connect
 from saeflow.steering.scores import topic_classifier
 from saeflow.steering.sweep import run_sweep, sweep_profile
 from saeflow.steering.validate import ValidateConfig, run_validation, write_r_sweep
@@ -280,7 +281,6 @@ def run_pipeline(out, cfg: PipelineConfig | None = None, *, only=None, skip=None
     cfg = cfg or PipelineConfig()
     cfg.check()
     if scale is not None and scale.distributed:
-        from saeflow.scale.ray_backend import connect
 
         connect(scale)
     return Pipeline(out, cfg, progress, scale).run(only, skip, force, command)

@@ -19,6 +19,10 @@ import torch
 
 from saeflow._version import __version__
 from saeflow.errors import MissingDependencyError, ScaleError
+from saeflow.lm.corpora import Corpus
+from saeflow.lm.hookpoints import POSITIONS
+from saeflow.lm.model import EMBEDDED_NAME, load_model, resolve_dtype
+from saeflow.saes.scan import check_available, encoded_batches, load_saes
 from saeflow.scale import ScaleConfig
 from saeflow.scale.merge import load_shard, merge_in_order, shard_ranges
 
@@ -118,7 +122,6 @@ def model_recipe(model) -> tuple[str, str, tuple]:
     """(load_model spec, dtype name, fingerprint) that rebuild `model` on a worker. Workers
     load the model from where it came from, so one changed in memory after loading (weights,
     dtype, train mode) would give other results: the fingerprint lets the worker refuse it."""
-    from saeflow.lm.model import EMBEDDED_NAME
 
     if model.name == EMBEDDED_NAME:
         spec = "embedded"
@@ -148,10 +151,9 @@ def _worker_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _worker_model(recipe: tuple):
+def worker_model(recipe: tuple):
     """The model of `recipe`, loaded once per worker process; refused when it differs from the
     driver's (the fingerprint is checked on every task, against the cached one too)."""
-    from saeflow.lm.model import load_model
 
     key = (recipe[0], recipe[1], _worker_device())
     if key not in _MODELS:
@@ -169,12 +171,9 @@ def _worker_model(recipe: tuple):
 
 
 def _run_shard(job: dict, k: int, start: int, stop: int, driver: dict, fault: dict | None):
-    from saeflow.lm.model import resolve_dtype
-    from saeflow.saes.scan import encoded_batches, load_saes
-
     _check_versions(driver, socket.gethostname())
     t0 = time.perf_counter()
-    model = _worker_model(job["model"])
+    model = worker_model(job["model"])
     spec, slots = job["spec"], job["slots"]
     saes = load_saes(job["pack"], slots, model.device,
                      resolve_dtype(spec.encoder_dtype, model.device))
@@ -205,11 +204,6 @@ def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
     once; finished shards are merged in shard order and the merge is checkpointed (the same
     state file as the in-process pass), so a killed driver resumes from the shards merged."""
     from tqdm.auto import tqdm
-
-    from saeflow.lm.corpora import Corpus
-    from saeflow.lm.hookpoints import POSITIONS
-    from saeflow.lm.model import resolve_dtype
-    from saeflow.saes.scan import check_available, load_saes
 
     ray = connect(scale)  # before anything is written: an unreachable cluster leaves no trace
     pack.check_model(model)

@@ -19,6 +19,7 @@ from typing import Callable
 from saeflow.saes.scan import ScanSpec, scan
 from saeflow.scale import ScaleConfig, shard_batches
 from saeflow.scale.merge import load_shard, merge_in_order
+from saeflow.scale.ray_backend import run_sharded
 
 
 def sharded_scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
@@ -31,7 +32,6 @@ def sharded_scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity:
     on Ray resumes in this process and the other way round."""
     per = shard_batches(scale, spec.batch_size, spec.ctx_len)
     if scale is not None and scale.distributed:
-        from saeflow.scale.ray_backend import run_sharded
 
         return run_sharded(model, pack, slots, spec, state_file, identity, make_shard, per,
                            scale, force=force, progress=progress, desc=desc,

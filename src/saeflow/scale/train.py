@@ -19,7 +19,10 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
+from saeflow.saes.packs import PACK_MANIFEST, load_pack, save_pack
+from saeflow.saes.train import TrainConfig, TrainResult, train_family
 from saeflow.scale import ScaleConfig
+from saeflow.scale.ray_backend import model_recipe, run_tasks, worker_model
 
 
 def layer_groups(layers: list[int], n: int) -> list[list[int]]:
@@ -36,10 +39,8 @@ def layer_groups(layers: list[int], n: int) -> list[list[int]]:
 
 def train_group(recipe, cfg, family_slots) -> dict:
     """On a worker: train one group into a temporary pack; return its files and numbers."""
-    from saeflow.saes.train import train_family
-    from saeflow.scale.ray_backend import _worker_model
 
-    model = _worker_model(recipe)
+    model = worker_model(recipe)
     with tempfile.TemporaryDirectory(prefix="saeflow-group-") as d:
         root = Path(d) / "pack"
         res = train_family(model, cfg, root, progress=False, family_slots=family_slots)
@@ -52,9 +53,6 @@ def train_group(recipe, cfg, family_slots) -> dict:
 def train_family_on_ray(model, cfg, out, scale: ScaleConfig, *, overwrite: bool = False,
                         progress: bool = True):
     """train_family's result, with the layers split into scale.workers groups on Ray."""
-    from saeflow.saes.packs import PACK_MANIFEST, load_pack, save_pack
-    from saeflow.saes.train import TrainConfig, TrainResult
-    from saeflow.scale.ray_backend import model_recipe, run_tasks
 
     out = Path(out)
     cfg = TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)})
