@@ -52,6 +52,23 @@ def load_saes(pack, slots, device, dtype) -> dict:
     return out
 
 
+def resumable_state(state_file: Path, identity: dict, force: bool,
+                    error: type[Exception] = ScanError) -> dict | None:
+    """The saved state of a partial pass with this identity (None: start afresh). A partial pass
+    of another setup is refused unless `force` (then it is ignored and overwritten)."""
+    if not state_file.is_file():
+        return None
+    state = torch.load(state_file, weights_only=False)
+    if state["identity"] == identity:
+        return state
+    if not force:
+        what = [k for k in identity if state["identity"].get(k) != identity[k]]
+        raise error(f"{state_file} is a partial pass over a different "
+                    f"{' and '.join(what) or 'setup'}; refusing to resume against it "
+                    f"(use --force to start over)")
+    return None
+
+
 def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
          on_batch: Callable, get_state: Callable[[], dict], set_state: Callable[[dict], None],
          *, force: bool = False, progress: bool = True, desc: str = "scan",
@@ -72,17 +89,11 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
     tok = model.tokenizer
     batches_done = tokens_done = 0
     seconds_before = 0.0  # pass time spent before an interruption (reported in the total)
-    if state_file.is_file():
-        state = torch.load(state_file, weights_only=False)
-        if state["identity"] != identity and not force:
-            what = [k for k in identity if state["identity"].get(k) != identity[k]]
-            raise error(f"{state_file} is a partial pass over a different "
-                            f"{' and '.join(what) or 'setup'}; refusing to resume against it "
-                            f"(use --force to start over)")
-        if state["identity"] == identity:
-            set_state(state["consumer"])
-            batches_done, tokens_done = state["batches"], state["tokens"]
-            seconds_before = float(state.get("seconds", 0.0))
+    state = resumable_state(state_file, identity, force, error)
+    if state is not None:
+        set_state(state["consumer"])
+        batches_done, tokens_done = state["batches"], state["tokens"]
+        seconds_before = float(state.get("seconds", 0.0))
     if batches_done == 0:
         check_available(corpus, tok, spec, error)
     enc_dtype = resolve_dtype(spec.encoder_dtype, model.device)

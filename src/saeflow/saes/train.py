@@ -639,6 +639,29 @@ def count_tokens(corpus: Corpus, tokenizer, cfg: TrainConfig, limit: int) -> int
     return n
 
 
+def prepare_training(model, cfg: TrainConfig, out: Path, overwrite: bool
+                     ) -> tuple[TrainConfig, dict, TrainResult | None]:
+    """(a checked copy of cfg with its layers filled in, the run's identity, the finished result
+    when `out` already holds this very pack). Refuses to write over another pack or a folder that
+    is not a pack, unless `overwrite`: nothing is touched before the checks pass."""
+    cfg = TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)})
+    cfg.layers = cfg.layers if cfg.layers is not None else list(range(model.n_layers))
+    cfg.validate(model)
+    ident = {"model": model.name, **cfg.identity()}
+    if (out / PACK_MANIFEST).is_file() and not overwrite:
+        existing = load_pack(out)
+        if existing.provenance.get("train_config") == ident:
+            return cfg, ident, TrainResult(existing, existing.provenance.get("wall_seconds", 0.0),
+                                           existing.provenance.get("tokens", 0), {})
+        raise FileExistsError(f"{out} holds a different pack; pass --overwrite to replace it, "
+                              f"or choose another --out")
+    if out.exists() and not (out / PACK_MANIFEST).is_file() and any(out.iterdir()) \
+            and not overwrite:
+        raise FileExistsError(f"{out} exists and is not a saeflow pack; refusing to write there "
+                              f"(pass --overwrite, or choose another --out)")
+    return cfg, ident, None
+
+
 def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
                  overwrite: bool = False, progress: bool = True,
                  stop_after_chunks: int | None = None, family_slots=None) -> TrainResult:
@@ -652,22 +675,11 @@ def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
     from tqdm.auto import tqdm
 
     out = Path(out)
-    cfg = TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)})
-    cfg.layers = cfg.layers if cfg.layers is not None else list(range(model.n_layers))
-    cfg.validate(model)
+    cfg, ident, done = prepare_training(model, cfg, out, overwrite)
+    if done is not None:
+        return done
+    assert cfg.layers is not None  # prepare_training fills them in
     ckpt_dir = out.with_name(out.name + ".ckpt")
-    ident = {"model": model.name, **cfg.identity()}
-    if (out / PACK_MANIFEST).is_file() and not overwrite:
-
-        existing = load_pack(out)
-        if existing.provenance.get("train_config") == ident:
-            return TrainResult(existing, existing.provenance.get("wall_seconds", 0.0),
-                               existing.provenance.get("tokens", 0), {})
-        raise FileExistsError(f"{out} holds a different pack; pass --overwrite to replace it, "
-                              f"or choose another --out")
-    if out.exists() and not (out / PACK_MANIFEST).is_file() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not a saeflow pack; refusing to write there "
-                              f"(pass --overwrite, or choose another --out)")
 
     corpus = Corpus.from_spec(cfg.corpus, seed=cfg.seed)
     device = model.device

@@ -22,7 +22,7 @@ from saeflow.errors import MissingDependencyError, ScaleError
 from saeflow.lm.corpora import Corpus
 from saeflow.lm.hookpoints import POSITIONS
 from saeflow.lm.model import EMBEDDED_NAME, load_model, resolve_dtype
-from saeflow.saes.scan import check_available, encoded_batches, load_saes
+from saeflow.saes.scan import check_available, encoded_batches, load_saes, resumable_state
 from saeflow.scale import ScaleConfig
 from saeflow.scale.merge import load_shard, merge_in_order, shard_ranges
 
@@ -212,23 +212,17 @@ def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
     total = None  # the merged shards (None until the first: merge_in_order)
     cur = {"shard": 0, "in_shard": 0, "merged_tokens": 0, "tokens": 0}
     seconds_before = 0.0
-    if state_file.is_file():
-        st = torch.load(state_file, weights_only=False)
-        if st["identity"] != identity and not force:
-            what = [k for k in identity if st["identity"].get(k) != identity[k]]
-            raise error(f"{state_file} is a partial pass over a different "
-                        f"{' and '.join(what) or 'setup'}; refusing to resume against it "
-                        f"(use --force to start over)")
-        if st["identity"] == identity:
-            c = st["consumer"]
-            if c.get("per") != per:
-                raise error(f"{state_file} was cut into shards of {c.get('per')} batches, not "
-                            f"{per}; resume with the same --shard-tokens (or --force)")
-            # a shard merged part-way (in-process run) is redone
-            total = load_shard(make_shard, c["shard"] - 1, dev, c["total"])
-            cur.update(shard=c["shard"], merged_tokens=c["merged_tokens"],
-                       tokens=c["merged_tokens"])
-            seconds_before = float(st.get("seconds", 0.0))
+    st = resumable_state(state_file, identity, force, error)
+    if st is not None:
+        c = st["consumer"]
+        if c.get("per") != per:
+            raise error(f"{state_file} was cut into shards of {c.get('per')} batches, not "
+                        f"{per}; resume with the same --shard-tokens (or --force)")
+        # a shard merged part-way (in-process run) is redone
+        total = load_shard(make_shard, c["shard"] - 1, dev, c["total"])
+        cur.update(shard=c["shard"], merged_tokens=c["merged_tokens"],
+                   tokens=c["merged_tokens"])
+        seconds_before = float(st.get("seconds", 0.0))
     n_batches = check_available(Corpus.from_spec(spec.corpus, seed=spec.seed), model.tokenizer,
                                 spec, error)
     shards = shard_ranges(n_batches, per, cur["shard"])

@@ -16,11 +16,11 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 from saeflow.saes.packs import PACK_MANIFEST, load_pack, save_pack
-from saeflow.saes.train import TrainConfig, TrainResult, train_family
+from saeflow.saes.train import TrainResult, prepare_training, train_family
 from saeflow.scale import ScaleConfig
 from saeflow.scale.ray_backend import model_recipe, run_tasks, worker_model
 
@@ -55,21 +55,9 @@ def train_family_on_ray(model, cfg, out, scale: ScaleConfig, *, overwrite: bool 
     """train_family's result, with the layers split into scale.workers groups on Ray."""
 
     out = Path(out)
-    cfg = TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)})
-    cfg.layers = cfg.layers if cfg.layers is not None else list(range(model.n_layers))
-    cfg.validate(model)
-    ident = {"model": model.name, **cfg.identity()}
-    if (out / PACK_MANIFEST).is_file() and not overwrite:
-        existing = load_pack(out)
-        if existing.provenance.get("train_config") == ident:
-            return TrainResult(existing, existing.provenance.get("wall_seconds", 0.0),
-                               existing.provenance.get("tokens", 0), {})
-        raise FileExistsError(f"{out} holds a different pack; pass --overwrite to replace it, "
-                              f"or choose another --out")
-    if out.exists() and not (out / PACK_MANIFEST).is_file() and any(out.iterdir()) \
-            and not overwrite:
-        raise FileExistsError(f"{out} exists and is not a saeflow pack; refusing to write there "
-                              f"(pass --overwrite, or choose another --out)")
+    cfg, ident, done = prepare_training(model, cfg, out, overwrite)
+    if done is not None:
+        return done
     family_slots = [(p, L) for p in cfg.positions for L in cfg.layers]
     groups = layer_groups(list(cfg.layers), scale.workers)
     work = out.with_name(out.name + ".groups")
