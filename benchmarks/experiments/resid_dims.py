@@ -6,7 +6,7 @@ Part 1 (needs a trained pack): for resid_post layers 0 and 6, the share of varia
 Part 2: trains two layer-6 resid_post SAEs on the same 98k tokens (one scalar input scale vs
 per-dimension standardisation) and compares FVU and ΔCE.
 
-    .venv/bin/python benchmarks/probe_resid_dims.py --pack packs/gemma3-270m [--skip-train]
+    .venv/bin/python benchmarks/experiments/resid_dims.py --pack packs/gemma3-270m [--skip-train]
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ SAEs of the embedded model on 98k tokens under a few settings and print their fi
 FVU / dead fraction. (The "decoder rows from data" variant was removed from the code after it
 diverged.)
 
-    .venv/bin/python benchmarks/exp_train_recipe.py
+    .venv/bin/python benchmarks/experiments/train_recipe.py
 """
 import time
 import warnings
