@@ -21,11 +21,11 @@ import torch
 warnings.filterwarnings("ignore")
 
 
-def grab(m, layers, n_tokens, split, dtype):
+def grab(m, layers, n_tokens, split, dtype, position="resid_post"):
     from saeflow import HookPoint, capture
     from saeflow.lm.corpora import Corpus
 
-    pts = [HookPoint("resid_post", L) for L in layers]
+    pts = [HookPoint(position, L) for L in layers]
     xs = {L: [] for L in layers}
     ids_kept = []
     n = 0
@@ -53,17 +53,19 @@ def main():
     ap.add_argument("--layers", default="0,3,5,6,9")
     ap.add_argument("--tokens", default="100k")
     ap.add_argument("--heldout", default="25k")
+    ap.add_argument("--position", default="resid_post")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     layers = [int(v) for v in a.layers.split(",")]
     m = load_model("embedded", device="cpu")
     t = time.time()
-    ho, ho_ids = grab(m, layers, parse_tokens(a.heldout), "heldout", torch.float32)
+    ho, ho_ids = grab(m, layers, parse_tokens(a.heldout), "heldout", torch.float32,
+                      a.position)
     print(f"held-out capture {time.time() - t:.0f}s", flush=True)
     m.hf.to(torch.bfloat16)
     t = time.time()
-    tr, _ = grab(m, layers, parse_tokens(a.tokens), "train", torch.bfloat16)
+    tr, _ = grab(m, layers, parse_tokens(a.tokens), "train", torch.bfloat16, a.position)
     print(f"train capture {time.time() - t:.0f}s ({parse_tokens(a.tokens) / (time.time() - t):.0f} tok/s)",
           flush=True)
     for L in layers:

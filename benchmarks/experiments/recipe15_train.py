@@ -46,6 +46,17 @@ VARIANTS = {
     "dim_drop": dict(input_norm="dim", drop_outliers=4.0),
     "base_drop": dict(drop_outliers=4.0),
     "dim_aux": dict(input_norm="dim", aux_coef=1 / 4, dead_tokens=8192),
+    # dead latents of attn_out / mlp_out (the default recipe is dc10_lr4)
+    "lin": dict(input_norm="dim", dim_cap=10.0, lr=4e-3, aux_activation="linear"),
+    "lin_w8": dict(input_norm="dim", dim_cap=10.0, lr=4e-3, aux_activation="linear",
+                   dead_tokens=8192),
+    "lin_w8_a8": dict(input_norm="dim", dim_cap=10.0, lr=4e-3, aux_activation="linear",
+                      dead_tokens=8192, aux_coef=1 / 8),
+    "rs": dict(input_norm="dim", dim_cap=10.0, lr=4e-3, resample_dead=True),
+    "rs_w8": dict(input_norm="dim", dim_cap=10.0, lr=4e-3, resample_dead=True, dead_tokens=8192),
+    "rs_lin": dict(input_norm="dim", dim_cap=10.0, lr=4e-3, resample_dead=True,
+                   aux_activation="linear"),
+    "w8_a8": dict(input_norm="dim", dim_cap=10.0, lr=4e-3, dead_tokens=8192, aux_coef=1 / 8),
 }
 
 
@@ -66,6 +77,7 @@ def train_one(x, cfg, epochs, seed, drop):
             xc = x[c0:c0 + cfg.chunk_tokens]
             perm = torch.randperm(xc.shape[0], generator=g)
             xc = xc[perm]
+            t.resample(xc)
             for b0 in range(0, xc.shape[0], cfg.batch_size):
                 t.step(xc[b0:b0 + cfg.batch_size])
     return t, x.shape[0]
@@ -95,14 +107,14 @@ def measure(sae, xh):
 
 
 @torch.no_grad()
-def splice_ce(m, L, sae, ids, am, mask, clean_logp, tgt, tm):
+def splice_ce(m, L, sae, ids, am, mask, clean_logp, tgt, tm, position="resid_post"):
     from saeflow import HookPoint, Hooks
 
     def edit(a):
         out = a.clone()
         out[mask] = sae(a[mask].float()).to(a.dtype)
         return out
-    with Hooks(m, edits={HookPoint("resid_post", L): edit}):
+    with Hooks(m, edits={HookPoint(position, L): edit}):
         logp = torch.log_softmax(m.hf(input_ids=ids, attention_mask=am).logits[:, :-1][tm].float(), -1)
     nll = -logp.gather(1, tgt[:, None])[:, 0]
     clean_nll = -clean_logp.gather(1, tgt[:, None])[:, 0]
@@ -121,6 +133,7 @@ def main():
     ap.add_argument("--layers", default="0,3,5,6,9")
     ap.add_argument("--ce-rows", type=int, default=16)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--position", default="resid_post")
     a = ap.parse_args()
     torch.set_grad_enabled(True)
     cache = Path(a.cache)
@@ -152,8 +165,9 @@ def main():
             r = measure(sae, xh)
             alive[L] = r.pop("alive")
             saes[L] = sae
-            dce, kl = splice_ce(m, L, sae, ids, am, mask, clean_logp, tgt, tm)
-            row = {"variant": name, "layer": L, **{k: round(v, 4) for k, v in r.items()},
+            dce, kl = splice_ce(m, L, sae, ids, am, mask, clean_logp, tgt, tm, a.position)
+            row = {"variant": name, "position": a.position, "layer": L,
+                   "train_dead": round(float(tr.last["dead"]), 4), **{k: round(v, 4) for k, v in r.items()},
                    "delta_ce": round(dce, 3), "kl": round(kl, 3), "train_tokens": n_used,
                    "epochs": epochs, "steps": tr.step_i, "train_s": round(wall, 1),
                    "heldout_tokens": xh.shape[0]}

@@ -268,15 +268,18 @@ def test_failed_training_leaves_model_dtype_alone(tiny_models, tmp_path, monkeyp
     assert m.dtype == before
 
 
-@pytest.mark.parametrize("norm", ["dim", "scalar"])
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_stacked_engine_equals_the_sparse_trainer(arch, norm):
+@pytest.mark.parametrize("arch,norm,aux", [("topk", "dim", "relu"), ("topk", "scalar", "relu"),
+                                           ("batchtopk", "dim", "relu"),
+                                           ("batchtopk", "scalar", "relu"),
+                                           ("topk", "dim", "linear")])
+def test_stacked_engine_equals_the_sparse_trainer(arch, norm, aux):
     """The batched GPU engine computes the same steps as the per-SAE sparse one (fp32, CPU):
     same init per seed, same losses (AuxK included), same Adam, same dead-latent bookkeeping."""
     from saeflow.saes.train import StackedTrainer
 
     cfg = TrainConfig(width=256, k=2, architecture=arch, tokens=4096, batch_size=64, lr=1e-3,
-                      dead_tokens=64, aux_k=8, input_norm=norm)  # AuxK is exercised
+                      dead_tokens=64, aux_k=8, input_norm=norm,  # AuxK is exercised
+                      aux_activation=aux)
     seeds = [3, 11]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 512, 16, generator=g) * torch.tensor([1.0, 3.0])[:, None, None] + 0.5
@@ -420,3 +423,65 @@ def test_identity_of_the_older_recipe_is_unchanged():
     assert "input_norm" not in old and "dim_cap" not in old
     new = TrainConfig().identity()
     assert new["input_norm"] == "dim" and new["dim_cap"] == 10.0
+
+
+def _starved_trainer(cfg, seed=0):
+    """A trainer on synthetic data whose latents 0..63 have all-negative pre-activations."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2048, 16, generator=g)
+    t = SAETrainer(16, cfg, 2048 // cfg.batch_size, torch.device("cpu"), seed, torch.float32)
+    t.init_from(x[:512])
+    with torch.no_grad():
+        t.b_enc[:64] = -8.0
+    return t, x
+
+
+@pytest.mark.parametrize("aux,revived", [("relu", False), ("linear", True)])
+def test_linear_auxk_revives_latents_whose_preactivations_are_all_negative(aux, revived):
+    """With a relu'd AuxK a latent whose pre-activations are all negative gets no gradient and
+    stays dead (what left 30-40% of the embedded attn_out latents dead); with the sign kept,
+    AuxK pulls it back."""
+    cfg = TrainConfig(width=128, k=4, tokens=2048, batch_size=64, lr=5e-2, dead_tokens=128,
+                      aux_k=32, aux_coef=1.0, aux_activation=aux)
+    t, x = _starved_trainer(cfg)
+    with torch.no_grad():
+        assert float(((x * t.dim_scale - t.b_dec) @ t.W_enc + t.b_enc)[:, :64].max()) < 0
+    for _ in range(2):
+        for b0 in range(0, 2048, 64):
+            t.step(x[b0:b0 + 64])
+    with torch.no_grad():
+        pre = (x * t.dim_scale - t.b_dec) @ t.W_enc + t.b_enc  # [N, 128]
+    positive = (pre[:, :64] > 0).any(0)  # [64]: can fire again
+    assert bool(positive.any()) is revived
+    if revived:
+        assert float(positive.float().mean()) > 0.5
+
+
+def test_resampling_revives_dead_latents_identically_in_both_engines():
+    from saeflow.saes.train import StackedTrainer
+
+    cfg = TrainConfig(width=128, k=4, tokens=2048, batch_size=64, lr=1e-3, dead_tokens=64,
+                      resample_dead=True)
+    t, x = _starved_trainer(cfg)
+    for b0 in range(0, 128, 64):
+        t.step(x[b0:b0 + 64])
+    st = StackedTrainer(16, cfg, t.steps_total, torch.device("cpu"), [0], torch.float32)
+    st.load_state_dicts([t.state_dict()])
+    dead_before = t.since_fired > t.dead_tokens
+    assert int(dead_before.sum()) >= 64
+    n = t.resample(x[:512])
+    assert n == int(dead_before.sum()) == st.resample(x[None, :512])
+    assert not (t.since_fired > t.dead_tokens).any()
+    W_dec = t.W_dec.detach()
+    torch.testing.assert_close(W_dec[dead_before].norm(dim=1), torch.ones(n))
+    assert torch.equal(t.b_enc.detach()[dead_before], torch.zeros(n))
+    for a, b in zip(t.params, st.params):
+        torch.testing.assert_close(b.detach()[0], a.detach(), atol=1e-5, rtol=1e-5)
+    for p, q in zip(t.params, st.params):  # Adam moments of the resampled latents are reset
+        ma, mb = t.opt.state[p]["exp_avg"], st.opt.state[q]["exp_avg"][0]
+        torch.testing.assert_close(mb, ma, atol=1e-6, rtol=1e-5)
+    # no resampling once the lr decays
+    t.step_i = t.steps_total - 1
+    with torch.no_grad():
+        t.since_fired[:] = 10**6
+    assert t.resample(x[:512]) == 0

@@ -19,6 +19,7 @@ from saeflow.features.tables import add_labels, open_index
 from saeflow.flow.graphs import FlowIndex, draw_graph, persistence, trace
 from saeflow.flow.predecessors import open_flow
 from saeflow.ids import feature_id
+from saeflow.pipeline.scorecard import baseline_note, measure_run, scorecard
 from saeflow.store import write_text_atomic
 
 PAPER_GROUPS = ("Gemma 2 2B with Gemma Scope (flow paper, section 5.1): early layers are dominated "
@@ -211,6 +212,21 @@ def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
     doc.h(f"saeflow report: {run.name}", 1)
     doc.p(f"Model {cfg.get('model', '?')}, pack {cfg.get('pack', '?')}; written "
           f"{time.strftime('%Y-%m-%d %H:%M')}.")
+
+    # --- headline measures against the targets ------------------------------------------
+    doc.h("The SAE family against its targets")
+    card = scorecard(run)
+    if card["this run"].notna().any():
+        doc.p("This run's headline measures, next to the v0.1 default pack, the floor and goal "
+              "set for the trained family, and the flow paper (Gemma 2 2B with Gemma Scope). "
+              + baseline_note())
+        doc.table(card.fillna("-"), "{:.3f}")
+        by_layer = measure_run(run).get("s_res_share_by_layer") or {}
+        if by_layer:
+            doc.p("Share of live residual features with s_res >= 0.5, per layer: " + ", ".join(
+                f"{L}: {100 * v:.0f}%" for L, v in sorted(by_layer.items())) + ".")
+    else:
+        doc.p("No eval, flow or validation in this run to measure.")
 
     # --- pack quality -------------------------------------------------------------------
     ev = _read_json(run / "eval.json")

@@ -59,7 +59,7 @@ class TrainConfig:
     architecture: Literal["topk", "batchtopk"] = "topk"  # training activation
     tokens: int = 300_000  # training tokens (e.g. 300k, 2M)
     batch_size: int = 1024  # tokens per SAE step
-    lr: float = 1e-3  # Adam learning rate
+    lr: float = 4e-3  # Adam learning rate (the embedded recipe; docs/decisions.md, issue 15)
     warmup_frac: float = 0.05  # linear warm-up over this fraction of steps
     decay_frac: float = 0.2  # linear decay to 0 over the last fraction of steps
     seed: int = 0  # seed of the corpus order and the initialisation
@@ -70,6 +70,12 @@ class TrainConfig:
     aux_k: int | None = None  # dead latents in the AuxK loss (default: d_in // 2)
     aux_coef: float = 1 / 32  # weight of the AuxK loss
     dead_tokens: int | None = None  # latent dead after this many tokens without firing
+    # AuxK on the dead latents' top pre-activations: "relu" (Gao et al.) gives no gradient to a
+    # latent whose pre-activations are all negative; "linear" keeps their sign, so it does.
+    aux_activation: Literal["relu", "linear"] = "relu"
+    # Between chunks, before the lr decay: re-initialise dead latents towards inputs the SAE
+    # reconstructs worst (encoder column 0.2 x the mean live norm, bias 0, Adam state reset).
+    resample_dead: bool = False
     # "scalar": one factor s with E||s x||^2 = d_in; "dim": each input dimension divided by its
     # standard deviation (Gemma's massive residual dimensions no longer dominate the loss).
     # Both are folded exactly into the saved weights.
@@ -123,7 +129,8 @@ class TrainConfig:
 
 
 # Fields added after packs were first trained, with the value that reproduces the older recipe.
-_LEGACY = {"input_norm": "scalar", "dim_cap": 0.0}
+_LEGACY = {"input_norm": "scalar", "dim_cap": 0.0, "aux_activation": "relu",
+           "resample_dead": False}
 
 
 def _dim_scale(x: torch.Tensor, cap: float = 0.0) -> torch.Tensor:
@@ -190,6 +197,27 @@ def _threshold_from(cfg: TrainConfig, steps_total: int) -> int:
     the whole run left the threshold at early, larger values: ~3 active latents per token
     instead of k = 4 on held-out data in the tests."""
     return min(steps_total - 1, int(steps_total * (1 - max(cfg.decay_frac, 0.1))))
+
+
+def _decay_start(cfg: TrainConfig, steps_total: int) -> int:
+    """First step of the linear lr decay."""
+    return steps_total - int(cfg.decay_frac * steps_total)
+
+
+@torch.no_grad()
+def _reset_latents(dead, d, W_enc, W_dec, b_enc, opt) -> None:
+    """Latents `dead` [n] (bool) take unit decoder rows along d [n_dead, d_in], encoder columns
+    0.2 x the mean live column norm along the same direction, bias 0 and fresh Adam moments."""
+    d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    live = ~dead
+    norm = W_enc[:, live].norm(dim=0).mean() if live.any() else torch.tensor(1.0)
+    W_dec[dead] = d
+    W_enc[:, dead] = d.t() * 0.2 * norm
+    b_enc[dead] = 0.0
+    for p, sl in ((W_dec, (dead,)), (W_enc, (slice(None), dead)), (b_enc, (dead,))):
+        for v in opt.state.get(p, {}).values():
+            if torch.is_tensor(v) and v.shape == p.shape:
+                v[sl] = 0.0
 
 
 def _lr_at(cfg: TrainConfig, steps_total: int, step: int) -> float:
@@ -306,14 +334,17 @@ class SAETrainer:
                 avals, apos = pre[:, dead_cols].topk(ka, dim=1)  # only dead columns compete
                 acols = dead_cols[apos.reshape(-1)]
                 arows = torch.arange(B, device=x.device).repeat_interleave(ka)
-                keep = avals.reshape(-1) > 0
-                arows, acols = arows[keep], acols[keep]
+                if cfg.aux_activation == "relu":
+                    keep = avals.reshape(-1) > 0
+                    arows, acols = arows[keep], acols[keep]
                 acrow = _csr_rows(arows, B)
             if arows.numel():
                 avals_g = _GatherPre.apply(pre[arows, acols].float(), xc, self.W_enc, self.b_enc,
                                            self.b_dec, acols, acrow)
+                if cfg.aux_activation == "relu":
+                    avals_g = torch.relu(avals_g)
                 arecon = F.embedding_bag(acols, self.W_dec, acrow[:-1], mode="sum",
-                                         per_sample_weights=torch.relu(avals_g))
+                                         per_sample_weights=avals_g)
                 resid = (x - recon).detach()
                 # Same units as the main loss (squared error per token), as in Gao et al.
                 aux = (arecon - resid).pow(2).sum() / B
@@ -343,6 +374,47 @@ class SAETrainer:
         if not math.isfinite(self.last["loss"]) or self.last["fvu"] > 1e3:
             raise TrainingError(f"loss is {self.last['loss']} (FVU {self.last['fvu']:.3g})")
         return self.last
+
+    @torch.no_grad()
+    def resample(self, x: torch.Tensor) -> int:
+        """x [N, d_in] raw chunk: re-initialise the dead latents (cfg.resample_dead) before the
+        lr decay; returns how many. Each takes the centred direction of an input drawn with
+        probability proportional to its squared reconstruction error (Anthropic, "Towards
+        monosemanticity", 2023)."""
+        if not self.cfg.resample_dead or self.step_i >= _decay_start(self.cfg, self.steps_total):
+            return 0
+        dead = self.since_fired > self.dead_tokens
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return 0
+        assert self.input_scale is not None  # fixed by the first chunk
+        xs = x.float() * self.input_scale
+        if self.dim_scale is not None:
+            xs = xs * self.dim_scale
+        err = torch.cat([(self._reconstruct(xb) - xb).pow(2).sum(1)
+                         for xb in xs.split(self.cfg.batch_size)])  # [N]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step_i)  # exact on resume
+        idx = torch.multinomial(err.cpu().double() + 1e-12, n_dead, replacement=n_dead > len(err),
+                                generator=gen).to(xs.device)
+        _reset_latents(dead, xs[idx] - self.b_dec, self.W_enc, self.W_dec, self.b_enc, self.opt)
+        self.since_fired[dead] = 0
+        return n_dead
+
+    def _reconstruct(self, xs: torch.Tensor) -> torch.Tensor:
+        """xs [B, d_in] scaled inputs -> reconstruction [B, d_in], with the training activation."""
+        pre = torch.addmm(self.b_enc, xs - self.b_dec, self.W_enc)
+        rows, cols = self._select_quiet(pre)
+        acts = torch.relu(pre[rows, cols])
+        return F.embedding_bag(cols, self.W_dec, _csr_rows(rows, xs.shape[0])[:-1], mode="sum",
+                               per_sample_weights=acts) + self.b_dec
+
+    def _select_quiet(self, pre: torch.Tensor):
+        """_select without the BatchTopK threshold bookkeeping."""
+        saved = self.thr_sum, self.thr_count
+        try:
+            return self._select(pre)
+        finally:
+            self.thr_sum, self.thr_count = saved
 
     # --- export / state ---------------------------------------------------------------------------
     def export(self, metadata: dict) -> SAE:
@@ -445,15 +517,17 @@ class StackedTrainer:
             med = (w[:, :, None] * xs).sum(1) / w.sum(1, keepdim=True)
         self.b_dec.copy_(med)
 
-    def _code(self, pre: torch.Tensor, k: int, batch_level: bool):
-        """Dense code [S, B, n] of the top-k pre-activations (per row, or per batch)."""
+    def _code(self, pre: torch.Tensor, k: int, batch_level: bool, linear: bool = False):
+        """Dense code [S, B, n] of the top-k pre-activations (per row, or per batch); relu'd,
+        or with their sign (`linear`; -inf, a masked entry, counts as 0)."""
         S, B, n = pre.shape
         if batch_level:
             vals, pos = pre.reshape(S, B * n).topk(B * k, dim=1)  # [S, B*k]
             z = torch.zeros_like(pre).reshape(S, B * n).scatter(1, pos, torch.relu(vals))
             return z.reshape(S, B, n), vals
         vals, idx = pre.topk(k, dim=-1)  # [S, B, k]
-        return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals)), vals
+        acts = torch.where(torch.isfinite(vals), vals, 0.0) if linear else torch.relu(vals)
+        return torch.zeros_like(pre).scatter(-1, idx, acts), vals
 
     def step(self, x: torch.Tensor) -> None:
         """x [S, B, d_in] raw activations; updates the parameters (no host sync)."""
@@ -476,7 +550,8 @@ class StackedTrainer:
             dead = self.since_fired > self.dead_tokens  # [S, n]
             has_dead = dead.any(1)
         masked = pre.masked_fill(~dead[:, None, :], float("-inf"))
-        az, _ = self._code(masked, min(self.aux_k, self.n), False)
+        az, _ = self._code(masked, min(self.aux_k, self.n), False,
+                           linear=cfg.aux_activation == "linear")
         arecon = torch.bmm(az, W_dec).float()
         aux = (arecon - err.detach().neg()).pow(2).sum((1, 2)) / B * has_dead  # [S]
         loss = (mse + cfg.aux_coef * aux).sum()
@@ -506,6 +581,39 @@ class StackedTrainer:
                           "dead": dead.float().mean(1), "loss": mse + cfg.aux_coef * aux,
                           "aux": aux}
         self.step_i += 1
+
+    @torch.no_grad()
+    def resample(self, x: torch.Tensor) -> int:
+        """x [S, N, d_in] raw chunk: SAETrainer.resample for each SAE of the stack."""
+        cfg = self.cfg
+        if not cfg.resample_dead or self.step_i >= _decay_start(cfg, self.steps_total):
+            return 0
+        assert self.scale is not None
+        total = 0
+        for i in range(self.S):
+            dead = self.since_fired[i] > self.dead_tokens
+            n_dead = int(dead.sum())
+            if n_dead == 0:
+                continue
+            xs = x[i].float() * self.scale[i]
+            if self.dim is not None:
+                xs = xs * self.dim[i]
+            err = torch.cat([(self._reconstruct(i, xb) - xb).pow(2).sum(1)
+                             for xb in xs.split(cfg.batch_size)])  # [N]
+            gen = torch.Generator().manual_seed(self.seeds[i] * 1_000_003 + self.step_i)
+            idx = torch.multinomial(err.cpu().double() + 1e-12, n_dead,
+                                    replacement=n_dead > len(err), generator=gen).to(xs.device)
+            _reset_latents(dead, xs[idx] - self.b_dec[i], self.W_enc[i], self.W_dec[i],
+                           self.b_enc[i], _SliceOpt(self.opt, i))
+            self.since_fired[i][dead] = 0
+            total += n_dead
+        return total
+
+    def _reconstruct(self, i: int, xs: torch.Tensor) -> torch.Tensor:
+        """xs [B, d_in] scaled inputs of SAE i -> its reconstruction [B, d_in]."""
+        pre = torch.addmm(self.b_enc[i], xs - self.b_dec[i], self.W_enc[i])[None]
+        z, _ = self._code(pre, self.cfg.k, self.cfg.architecture == "batchtopk")
+        return z[0] @ self.W_dec[i] + self.b_dec[i]
 
     def metrics(self) -> list[dict]:
         """The last step's metrics, one dict per SAE (one host sync)."""
@@ -567,6 +675,24 @@ class StackedTrainer:
         self.thr_count.copy_(torch.tensor([int(s["thr"][1]) for s in states]))
 
 
+class _SliceOpt:
+    """SAE i's view of a stacked Adam's state, for _reset_latents (state[W[i]] = state[W][i])."""
+
+    def __init__(self, opt, i: int):
+        self.state = _SliceState(opt, i)
+
+
+class _SliceState:
+    def __init__(self, opt, i: int):
+        self.opt, self.i = opt, i
+
+    def get(self, p, default=None):
+        for q, st in self.opt.state.items():  # p is a view q[i] of a stacked parameter q
+            if p.data_ptr() == q[self.i].data_ptr() and p.shape == q.shape[1:]:
+                return {k: v[self.i] for k, v in st.items() if torch.is_tensor(v) and v.dim()}
+        return default
+
+
 class _OneSAE:
     """A SAETrainer behind StackedTrainer's group interface (a group of one, x [1, ...])."""
 
@@ -588,6 +714,9 @@ class _OneSAE:
 
     def step(self, x):
         self.t.step(x[0])
+
+    def resample(self, x):
+        return self.t.resample(x[0])
 
     def metrics(self):
         return [self.t.last]
@@ -768,6 +897,7 @@ def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
                     buffers[s] = []
                 if t.input_scale is None:
                     t.init_from(x)
+                t.resample(x)
                 for b0 in range(0, x.shape[1], cfg.batch_size):
                     try:
                         t.step(x[:, b0:b0 + cfg.batch_size])

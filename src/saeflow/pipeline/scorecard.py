@@ -1,0 +1,94 @@
+"""The run's headline measures of the SAE family, next to the v0.1 default pack and the paper.
+
+What a user needs to judge whether the pack is good enough for the science to show: dead
+latents, the spliced loss, how many residual features have a residual predecessor, and how
+often switching the top-1 cosine predecessor off switches the target off. The v0.1 figures are
+measurements of the old default pack (saeflow 0.1, before the issue-15 recipe), kept in
+scorecard_v01.json with how they were made; the paper's are Laptev et al. 2025 (Gemma 2 2B with
+Gemma Scope).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pandas as pd
+
+BASELINE_FILE = Path(__file__).with_name("scorecard_v01.json")
+S_RES_LAYERS = range(4, 14)  # layers whose median share is the headline (the issue's choice)
+
+
+def _json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def measure_run(run: str | Path) -> dict:
+    """{measure: value or None} from RUN/eval.json, RUN/predecessors.parquet and
+    RUN/validate/summary.json (whatever of them the run has)."""
+    run = Path(run)
+    out: dict = {}
+    ev = _json(run / "eval.json")
+    if ev:
+        rows = pd.DataFrame(ev["saes"])
+        for pos, grp in rows.groupby("position"):
+            out[f"dead_max/{pos}"] = float(grp.dead_fraction.max())
+            out[f"dead_median/{pos}"] = float(grp.dead_fraction.median())
+        res = rows[rows.position == "resid_post"]
+        if len(res) and "delta_ce" in res:
+            out["delta_ce_median/resid_post"] = float(res.delta_ce.median())
+        out["dead_tokens"] = ev.get("dead_tokens", ev.get("tokens"))
+        out["ce_tokens"] = ev.get("ce_tokens")
+    pred = run / "predecessors.parquet"
+    if pred.is_file():
+        d = pd.read_parquet(pred, columns=["layer", "s_res", "live"])
+        d = d[d.live & d.s_res.notna()]
+        share = {int(L): float((g.s_res >= 0.5).mean()) for L, g in d.groupby("layer")}
+        mid = [share[L] for L in S_RES_LAYERS if L in share]
+        if mid:
+            out["s_res_share_median_4_13"] = statistics.median(mid)
+        out["s_res_share_by_layer"] = share
+    va = _json(run / "validate" / "summary.json")
+    if va:
+        for m in ("top1_cosine", "top1_pearson", "exhaustive"):
+            r = (va.get("methods") or {}).get(m)
+            if r:
+                out[f"deactivation/{m}"] = float(r["success_rate"])
+                out[f"deactivation/{m}/ci95"] = r.get("success_ci95")
+    return out
+
+
+# (measure, what it is, floor of issue 15, goal, paper)
+ROWS = [
+    ("dead_max/resid_post", "dead latents, resid_post SAEs (max)", 0.10, 0.03, None),
+    ("dead_max/mlp_out", "dead latents, mlp_out SAEs (max)", 0.10, 0.03, None),
+    ("dead_max/attn_out", "dead latents, attn_out SAEs (max)", 0.10, 0.03, None),
+    ("delta_ce_median/resid_post", "resid_post ΔCE, median over layers (nats)", 0.5, 0.2, None),
+    ("s_res_share_median_4_13", "share of live resid features with s_res >= 0.5, median of "
+     "layers 4-13", 0.10, 0.30, None),
+    ("deactivation/top1_cosine", "deactivation success, top-1 cosine", 0.20, 0.50, 0.65),
+    ("deactivation/top1_pearson", "deactivation success, top-1 Pearson", None, None, 0.65),
+    ("deactivation/exhaustive", "deactivation success, exhaustive", None, None, 0.73),
+]
+LOWER_IS_BETTER = ("dead_max", "delta_ce")
+
+
+def scorecard(run: str | Path) -> pd.DataFrame:
+    """One row per headline measure: this run, the v0.1 default pack, the floor and goal, the
+    paper, and whether this run meets the floor."""
+    now = measure_run(run)
+    base = (_json(BASELINE_FILE) or {}).get("measures", {})
+    rows = []
+    for key, what, floor, goal, paper in ROWS:
+        v = now.get(key)
+        lower = key.startswith(LOWER_IS_BETTER)
+        meets = None if v is None or floor is None else (v <= floor if lower else v >= floor)
+        rows.append({"measure": what, "this run": v, "v0.1 pack": base.get(key),
+                     "floor": floor, "goal": goal, "paper": paper,
+                     "meets floor": "-" if meets is None else ("yes" if meets else "no")})
+    return pd.DataFrame(rows)
+
+
+def baseline_note() -> str:
+    b = _json(BASELINE_FILE) or {}
+    return b.get("how", "")
