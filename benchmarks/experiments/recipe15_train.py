@@ -56,6 +56,10 @@ VARIANTS = {
     "rs_w8": dict(input_norm="dim", dim_cap=10.0, lr=4e-3, resample_dead=True, dead_tokens=8192),
     "rs_lin": dict(input_norm="dim", dim_cap=10.0, lr=4e-3, resample_dead=True,
                    aux_activation="linear"),
+    "lin_ak128": dict(input_norm="dim", dim_cap=10.0, lr=4e-3, aux_activation="linear",
+                      aux_k=128),
+    "lin_w16": dict(input_norm="dim", dim_cap=10.0, lr=4e-3, aux_activation="linear",
+                    dead_tokens=16384),
     "w8_a8": dict(input_norm="dim", dim_cap=10.0, lr=4e-3, dead_tokens=8192, aux_coef=1 / 8),
 }
 

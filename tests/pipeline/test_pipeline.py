@@ -42,6 +42,22 @@ def test_pipeline_runs_every_stage_then_reuses(tiny_model_dirs, tiny_pack, tmp_p
         assert (run / path).is_file(), path
     html = (run / "report.html").read_text()
     assert "data:image/png;base64," in html  # figures are inlined: the file stands alone
+    # the default splices only resid_post for ΔCE; the scorecard measures this run against
+    # the v0.1 pack's figures and the paper
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["ce_positions"] == ["resid_post"]
+    assert all((r["delta_ce"] is None) == (r["position"] != "resid_post") for r in ev["saes"])
+    from saeflow.pipeline.scorecard import measure_run, scorecard
+    got = measure_run(run)
+    res = [r for r in ev["saes"] if r["position"] == "resid_post"]
+    assert got["dead_max/attn_out"] == max(r["dead_fraction"] for r in ev["saes"]
+                                           if r["position"] == "attn_out")
+    assert got["delta_ce_median/resid_post"] == pytest.approx(
+        sorted(r["delta_ce"] for r in res)[len(res) // 2] if len(res) % 2 else
+        sum(sorted(r["delta_ce"] for r in res)[len(res) // 2 - 1:len(res) // 2 + 1]) / 2)
+    card = scorecard(run)
+    assert card["v0.1 pack"].notna().sum() >= 6 and card["this run"].notna().sum() >= 6
+    assert "against its targets" in html
     for section in ("SAE pack quality", "Feature classes per layer", "Example flow graphs",
                     "Pass-through", "deactivating predecessors", "How this was made"):
         assert section in html, section

@@ -8,7 +8,7 @@ import torch
 from fixtures import random_weights, write_saelens
 
 from saeflow import HookPoint, Hooks, capture, load_pack
-from saeflow.errors import TrainingError
+from saeflow.errors import ConfigError, TrainingError
 from saeflow.lm.corpora import Corpus
 from saeflow.saes.evaluate import evaluate_pack
 from saeflow.saes.train import SAETrainer, TrainConfig, _csr_rows, _GatherPre, train_family
@@ -236,6 +236,13 @@ def test_eval_matches_reference_computation(tiny_models, tmp_path):
     assert len(z) == ev2["dead_tokens"]
     assert row2["dead_fraction"] == pytest.approx(float(((z > 0).sum(0) == 0).double().mean()))
     assert row2["dead_fraction"] <= row["dead_fraction"]
+    # splicing only some positions: the others get no ΔCE; a position the pack lacks is refused
+    with pytest.raises(ConfigError, match="no SAE of the pack is at"):
+        evaluate_pack(pack, m, tokens=300, ce_tokens=200, corpus="wiki", batch=2, ctx_len=32,
+                      progress=False, dead_tokens=0, ce_positions=["attn_out"])
+    ev3 = evaluate_pack(pack, m, tokens=300, ce_tokens=200, corpus="wiki", batch=2, ctx_len=32,
+                        progress=False, dead_tokens=0, ce_positions=["resid_post"])
+    assert ev3["saes"][0]["delta_ce"] == pytest.approx(row["delta_ce"])
 
 
 def test_massive_dimensions_and_bootstrap_interval():

@@ -28,6 +28,8 @@ EVAL_OPTIONS = {"tokens": "held-out tokens for FVU and L0",
                 "dead_tokens": "held-out tokens over which dead and dense latents are counted "
                                "(at least --tokens)",
                 "ce_tokens": "held-out tokens for ΔCE/KL (costly)",
+                "ce_positions": "positions whose SAEs are spliced for ΔCE/KL, comma list "
+                                "(default: all)",
                 "corpus": "held-out text sources with shares"}
 
 

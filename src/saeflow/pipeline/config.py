@@ -16,7 +16,10 @@ class PipelineConfig:
     pack: str = "embedded"
     corpus: str = DEFAULT_SPEC  # text sources with shares, e.g. wiki=0.8,python=0.2 or a text file
     eval_tokens: int = 4096
-    ce_tokens: int = 512
+    ce_tokens: int = 4096  # held-out tokens of the ΔCE / KL splice (bootstrap intervals over rows)
+    # positions whose SAEs are spliced for ΔCE (each costs a full forward per token; the
+    # residual stream's ΔCE is the headline): comma list, or empty for all
+    ce_positions: list[str] = field(default_factory=lambda: ["resid_post"])
     dead_tokens: int = 50_000  # held-out tokens over which dead latents are counted
     index_tokens: int = 40_000  # tokens of the feature index pass
     stats_tokens: int = 40_000  # tokens of the co-activation statistics pass
@@ -52,6 +55,7 @@ class PipelineConfig:
         extra = {"pack": {}, "flow": {"firing_tokens": self.firing_tokens,
                                       "keep_dead": self.keep_dead}, "report": {},
                  "eval": {"tokens": self.eval_tokens, "ce_tokens": self.ce_tokens,
+                          "ce_positions": self.ce_positions,
                           "dead_tokens": self.dead_tokens, "corpus": self.corpus},
                  "index": {"tokens": self.index_tokens, "corpus": self.corpus},
                  "stats": {"tokens": self.stats_tokens, "corpus": self.corpus},

@@ -232,7 +232,8 @@ def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
     ev = _read_json(run / "eval.json")
     doc.h("SAE pack quality")
     if ev:
-        doc.p(f"{ev['tokens']} held-out tokens (ΔCE and KL on {ev['ce_tokens']}, with 95% "
+        doc.p(f"{ev['tokens']} held-out tokens (ΔCE and KL on {ev['ce_tokens']}, at "
+              f"{', '.join(ev.get('ce_positions') or ['every position'])}, with 95% "
               f"bootstrap intervals over text rows); clean CE {ev['clean_ce']:.3f}. dead = never "
               f"active on those tokens; dense = active on more than 10% of them; fvu_rest = FVU "
               f"without the massive dimensions (each carries >= 10% of the variance and stands out, or >= 1000x "
@@ -240,12 +241,13 @@ def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
               f"which otherwise dominate the residual stream's variance.")
         df = pd.DataFrame(ev["saes"])
         if "delta_ce_ci" in df:  # eval.json of earlier versions has no intervals
-            df["delta_ce_95"] = [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in df.delta_ce_ci]
+            df["delta_ce_95"] = ["-" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+                                 for ci in df.delta_ce_ci]
             df["massive"] = [",".join(map(str, m)) or "-" for m in df.massive_dims]
         cols = [c for c in ("position", "layer", "d_sae", "fvu", "fvu_rest", "massive", "l0",
                             "dead_fraction", "dense_fraction", "delta_ce", "delta_ce_95", "kl")
                 if c in df]
-        doc.table(df[cols].sort_values(["position", "layer"]))
+        doc.table(df[cols].sort_values(["position", "layer"]).fillna("-"))
     else:
         doc.p("No evaluation in this run (stage eval).")
 

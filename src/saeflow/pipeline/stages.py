@@ -56,7 +56,8 @@ def estimate_seconds(cfg: PipelineConfig, stage: str, cached_pack: bool) -> floa
         return PACK_PROFILES[EMBEDDED_NAMES[cfg.pack]].tokens * RATES["pack"]
     if stage == "eval":
         dead_pass = max(cfg.dead_tokens - cfg.eval_tokens, 0) * RATES["index"]  # one capture pass
-        return 30 + (cfg.eval_tokens + cfg.ce_tokens) * RATES["eval"] + dead_pass
+        share = len(cfg.ce_positions) / 3 if cfg.ce_positions else 1.0  # of the 3 positions
+        return 30 + (cfg.eval_tokens + cfg.ce_tokens * share) * RATES["eval"] + dead_pass
     if stage == "index":
         return 30 + cfg.index_tokens * RATES["index"]
     if stage == "stats":
@@ -206,6 +207,7 @@ class Pipeline:
     def stage_eval(self) -> dict:
         res = evaluate_pack(self.pack, self.model, tokens=self.cfg.eval_tokens,
                             ce_tokens=self.cfg.ce_tokens, dead_tokens=self.cfg.dead_tokens,
+                            ce_positions=self.cfg.ce_positions or None,
                             corpus=self.cfg.corpus, progress=self.progress)
         write_json_atomic(self.root / "eval.json", res)
         return {"saes": len(res["saes"]), "clean_ce": res.get("clean_ce")}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from saeflow.errors import CorpusError
+from saeflow.errors import ConfigError, CorpusError
 from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
 from saeflow.lm.hooks import HookPoint, Hooks, capture
 from saeflow.lm.model import LoadedModel
@@ -82,10 +82,13 @@ class _Acc:
 def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens: int = 1024,
                   corpus: str = DEFAULT_SPEC, seed: int = 0, batch: int = 8,
                   ctx_len: int = 128, progress: bool = True,
-                  dead_tokens: int = DEAD_TOKENS) -> dict:
+                  dead_tokens: int = DEAD_TOKENS, ce_positions: list[str] | None = None) -> dict:
     """Return {"saes": [row per SAE], "clean_ce": float, ...} on the held-out split.
 
-    FVU / L0 on `tokens` held-out tokens; dead and dense fractions on max(tokens, dead_tokens)."""
+    FVU / L0 on `tokens` held-out tokens; dead and dense fractions on max(tokens, dead_tokens);
+    ΔCE / KL on `ce_tokens`, splicing the SAEs at `ce_positions` (default: all; every spliced
+    SAE costs a full forward with the LM head per token, so this is the expensive part). SAEs at
+    other positions get None for ΔCE and KL."""
     from tqdm.auto import tqdm
 
     pack.check_model(model)
@@ -139,7 +142,11 @@ def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens:
         raise CorpusError("the held-out split gave no tokens")
 
     # Pass 2: splicing.
-    ce = _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, progress)
+    spliced = [s for s in slots if ce_positions is None or s[0] in ce_positions]
+    if not spliced:
+        raise ConfigError(f"no SAE of the pack is at --ce-positions {ce_positions}; the pack has "
+                          f"{', '.join(sorted({s[0] for s in slots}))}")
+    ce = _splice_ce(pack, model, spliced, sae_of, data, ce_tokens, batch, ctx_len, progress)
     rows = []
     for s in slots:
         a = acc[s]
@@ -153,7 +160,7 @@ def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens:
         fvu_rest = float(a.sse_dim.cpu()[rest].sum() / var_dim[rest].sum().clamp_min(1e-12))
         freq = a.fire.float() / seen
         info = pack.entries[s]
-        pc = ce["per_sae"][s]
+        pc = ce["per_sae"].get(s)
         rows.append({
             "position": s[0], "layer": s[1], "d_sae": info.d_sae,
             "architecture": info.architecture,
@@ -163,16 +170,17 @@ def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens:
             "l0": a.l0_sum / a.n,
             "dead_fraction": float((a.fire == 0).float().mean()),
             "dense_fraction": float((freq > DENSE_FRACTION).float().mean()),
-            "delta_ce": pc["ce"] - ce["clean_ce"],
-            "delta_ce_ci": pc["delta_ce_ci"],
-            "kl": pc["kl"],
-            "kl_ci": pc["kl_ci"],
+            "delta_ce": None if pc is None else pc["ce"] - ce["clean_ce"],
+            "delta_ce_ci": None if pc is None else pc["delta_ce_ci"],
+            "kl": None if pc is None else pc["kl"],
+            "kl_ci": None if pc is None else pc["kl_ci"],
             "tokens": a.n,
             "dead_tokens": seen,
         })
     return {"pack": str(pack.root), "model": model.name, "tokens": acc[slots[0]].n,
             "dead_tokens": seen,
-            "ce_tokens": ce["tokens"], "clean_ce": ce["clean_ce"], "saes": rows}
+            "ce_tokens": ce["tokens"], "ce_positions": ce_positions, "clean_ce": ce["clean_ce"],
+            "saes": rows}
 
 
 def _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, progress):
@@ -251,8 +259,11 @@ def format_table(result: dict) -> str:
              f"intervals over text rows); clean CE {result['clean_ce']:.4f}",
              f"{'position':<11}{'layer':>5} {'d_sae':>7} {'FVU':>7} {'FVUrest':>7} {'L0':>7} "
              f"{'dead':>6} {'dense':>6} {'ΔCE [95% CI]':>26} {'KL':>8}  massive dims"]
+    nan = float("nan")
     for r in result["saes"]:
-        lo, hi = r.get("delta_ce_ci", (float("nan"), float("nan")))
+        lo, hi = r.get("delta_ce_ci") or (nan, nan)
+        r = {**r, "delta_ce": nan if r["delta_ce"] is None else r["delta_ce"],
+             "kl": nan if r["kl"] is None else r["kl"]}
         lines.append(f"{r['position']:<11}{r['layer']:>5} {r['d_sae']:>7} {r['fvu']:>7.3f} "
                      f"{r.get('fvu_rest', float('nan')):>7.3f} {r['l0']:>7.1f} "
                      f"{r['dead_fraction']:>6.3f} {r['dense_fraction']:>6.3f} "
