@@ -16,18 +16,21 @@ from saeflow.saes.train import TrainConfig, train_family
 from saeflow.store import cache_dir
 
 PROFILES: dict[str, TrainConfig] = {
-    # ~20-25 minutes on 2 quiet CPU cores (docs/benchmarks.md has the measured figures). The
+    # ~25 minutes on 2 quiet CPU cores (docs/benchmarks.md has the measured figures). The
     # recipe (docs/decisions.md, "Training recipe, issue 15"): inputs standardised per dimension
     # with the massive dimensions capped at 10x the median sd, lr 4e-3, TopK (BatchTopK's
     # batch-wide selection makes a CPU step ~1.7x slower, which the 30-minute budget does not
-    # hold; its ΔCE was the same).
+    # hold; its ΔCE was the same), AuxK on signed pre-activations over latents silent for 16
+    # steps (a relu'd AuxK left 30-40% of the attn_out latents dead).
     "default": TrainConfig(positions=["resid_post", "mlp_out", "attn_out"], layers=None,
                            width=4096, k=32, architecture="topk", tokens=300_000,
-                           batch_size=1024, lr=4e-3, input_norm="dim", dim_cap=10.0),
+                           batch_size=1024, lr=4e-3, input_norm="dim", dim_cap=10.0,
+                           aux_activation="linear", dead_tokens=16_384),
     # A couple of minutes: tests and first looks.
     "quick": TrainConfig(positions=["resid_post", "mlp_out", "attn_out"], layers=None,
                          width=1024, k=16, tokens=49_152, batch_size=256, lr=4e-3,
-                         chunk_tokens=8192, input_norm="dim", dim_cap=10.0),
+                         chunk_tokens=8192, input_norm="dim", dim_cap=10.0,
+                         aux_activation="linear"),
 }
 EMBEDDED_NAMES = {"embedded": "default", "embedded-quick": "quick"}
 

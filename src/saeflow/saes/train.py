@@ -72,7 +72,7 @@ class TrainConfig:
     dead_tokens: int | None = None  # latent dead after this many tokens without firing
     # AuxK on the dead latents' top pre-activations: "relu" (Gao et al.) gives no gradient to a
     # latent whose pre-activations are all negative; "linear" keeps their sign, so it does.
-    aux_activation: Literal["relu", "linear"] = "relu"
+    aux_activation: Literal["relu", "linear"] = "linear"
     # Between chunks, before the lr decay: re-initialise dead latents towards inputs the SAE
     # reconstructs worst (encoder column 0.2 x the mean live norm, bias 0, Adam state reset).
     resample_dead: bool = False
