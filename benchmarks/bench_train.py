@@ -13,13 +13,25 @@ SAE work is counted as 12 * d * n FLOP per token and SAE (forward and backward o
 and decoder; AuxK and the sparse/dense choice are overhead on top of it).
 
     .venv/bin/python benchmarks/bench_train.py [--chunks 2] [--engine both] [--device cuda]
+
+Side by side against an older checkout (its own code and its own default recipe), whole
+`saeflow train` runs alternated in one run, the ratio pair by pair:
+
+    git worktree add /tmp/base 79f34da   # main when issue 15 was taken up
+    .venv/bin/python benchmarks/bench_train.py --baseline-src /tmp/base --tokens 49152 --repeats 2
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -43,8 +55,42 @@ def _gemm_tflops(dev, shape, dtype, reps=10) -> float:
     return 2 * S * B * d * n * reps / (time.perf_counter() - t) / 1e12
 
 
+def _train_run(src: Path, tokens: int, out: Path) -> float:
+    """Training tok/s of one `saeflow train` (54 SAEs of the embedded model, that checkout's
+    default recipe) with the code under `src`; the pack's own wall_seconds (loop only)."""
+    cmd = [sys.executable, "-m", "saeflow.cli", "train", "--model", "embedded", "--positions",
+           "resid_post,mlp_out,attn_out", "--layers", "all", "--width", "4096", "--k", "32",
+           "--tokens", str(tokens), "--out", str(out), "--overwrite"]
+    env = {**os.environ, "PYTHONPATH": str(src / "src")}
+    where = subprocess.run([sys.executable, "-c", "import saeflow; print(saeflow.__file__)"],
+                           env=env, check=True, capture_output=True, text=True).stdout
+    assert where.startswith(str(src / "src")), f"{where} is not the code under {src}"
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    prov = json.loads((out / "pack.json").read_text())["provenance"]
+    return prov["tokens"] / prov["wall_seconds"]
+
+
+def side_by_side(baseline: Path, tokens: int, repeats: int) -> None:
+    here = Path(__file__).resolve().parents[1]
+    print(f"whole training runs, {tokens} tokens, 54 SAEs; baseline {baseline}, current {here}; "
+          f"alternated {repeats}x", flush=True)
+    ratios = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            base = _train_run(baseline, tokens, Path(tmp) / "base")
+            cur = _train_run(here, tokens, Path(tmp) / "cur")
+            ratios.append(cur / base)
+            print(f"  pair {r + 1}: baseline {base:6.0f} tok/s, current {cur:6.0f} tok/s, "
+                  f"current / baseline = {cur / base:.2f}", flush=True)
+    print(f"median current / baseline: {statistics.median(ratios):.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="an older checkout: compare whole training runs side by side")
+    ap.add_argument("--tokens", type=int, default=49152, help="with --baseline-src")
+    ap.add_argument("--repeats", type=int, default=2, help="with --baseline-src")
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--chunks", type=int, default=2, help="chunks of 8192 tokens")
     ap.add_argument("--width", type=int, default=4096)
@@ -54,6 +100,9 @@ def main() -> None:
     ap.add_argument("--engine", default="both", choices=["sparse", "stacked", "both"])
     ap.add_argument("--skip-loop", action="store_true", help="skip (c), the full loop")
     args = ap.parse_args()
+    if args.baseline_src is not None:
+        side_by_side(args.baseline_src, args.tokens, args.repeats)
+        return
 
     from saeflow import HookPoint, capture, load_model
     from saeflow.lm.corpora import Corpus

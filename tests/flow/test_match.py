@@ -1,4 +1,5 @@
 """Blocked exact top-k cosine equals the brute-force answer, for any block sizes."""
+import numpy as np
 import pytest
 import torch
 
@@ -121,3 +122,27 @@ def test_matching_on_the_test_device_equals_the_cpu(test_device, precision, tmp_
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         assert torch.equal(m.row_indices, ref.row_indices)
         assert torch.equal(m.col_indices, ref.col_indices)
+
+
+def test_columns_null_keeps_a_component_that_every_feature_shares():
+    """Two unrelated dictionaries whose rows all carry one large shared dimension (Gemma's
+    massive residual dimensions, amplified in standardised SAEs' raw-space rows): the row
+    shuffle null scatters that dimension and sets a threshold every real pair clears; the
+    columns null keeps it, so its threshold sits above the unrelated pairs' similarities."""
+    from saeflow.flow.match import null_top1, top_k_pairs
+
+    g = torch.Generator().manual_seed(0)
+    d, n = 64, 2048
+
+    def dictionary():
+        W = torch.randn(n, d, generator=g)
+        W[:, 0] = 6.0 + torch.randn(n, generator=g)  # the shared component
+        return W
+    A, B = dictionary(), dictionary()
+    real = top_k_pairs(A, B, k=1).row_values[:, 0].numpy()  # no real relation between A and B
+    row = float(np.quantile(null_top1(A, B, n=1024, kind="shuffle"), 0.99))
+    col = float(np.quantile(null_top1(A, B, n=1024, kind="columns"), 0.99))
+    assert (real >= row).mean() > 0.9  # the row shuffle calls most unrelated pairs related
+    assert (real >= col).mean() < 0.05 and col > row
+    with pytest.raises(Exception, match="columns"):
+        null_top1(A, B, kind="rows")

@@ -293,6 +293,10 @@ def null_top1(A, B, n: int = 2048, kind: str = "shuffle", seed: int = 0, **kw) -
 
     kind="shuffle": rows of A with their coordinates permuted (independently per row): each
     keeps its own distribution of coordinate sizes, but any alignment with B is destroyed.
+    kind="columns": each coordinate drawn from its own column of A (a random row's value per
+    dimension): every dimension keeps its distribution over A's features, so a component that
+    all of A's rows share (a massive residual dimension) stays, but the features' identity is
+    gone. Stricter where the dictionaries share such a component.
     kind="gaussian": isotropic random directions. Returns float32 [n].
     """
     A, B = _as_directions(A), _as_directions(B)
@@ -304,10 +308,15 @@ def null_top1(A, B, n: int = 2048, kind: str = "shuffle", seed: int = 0, **kw) -
         # the argsort of n x d random keys is the costly part; it runs where the matching does
         perm = torch.argsort(torch.rand(X.shape, generator=g).to(dev), dim=1)
         X = X.to(dev).gather(1, perm).cpu()
+    elif kind == "columns":
+        rows = torch.randperm(A.n, generator=g)[:max(n, 8192)].sort().values
+        S = gather_rows(A, rows)  # [m, d] unit rows: the pool each column is drawn from
+        pick = torch.randint(0, len(rows), (min(n, A.n), A.d), generator=g)  # [n, d]
+        X = S.gather(0, pick)
     elif kind == "gaussian":
         X = torch.randn(min(n, A.n), A.d, generator=g)
     else:
-        raise MatchError(f"unknown null model {kind!r}; use 'shuffle' or 'gaussian'")
+        raise MatchError(f"unknown null model {kind!r}; use 'shuffle', 'columns' or 'gaussian'")
     m = top_k_pairs(TensorDirections(X), B, k=1, **kw)
     return m.row_values[:, 0].numpy()
 

@@ -67,7 +67,9 @@ class FlowConfig:
     k: int = 5  # matches kept per feature and predecessor kind
     method: Literal["decoder", "encoder", "folded", "permutation"] = "decoder"  # which directions are matched
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 ranks in bf16 and re-scores the candidates exactly in fp32
-    null: Literal["shuffle", "gaussian"] = "shuffle"  # null model for the default class thresholds
+    # null model for the default class thresholds: "shuffle" permutes each row's coordinates;
+    # "columns" draws each coordinate from its column (keeps components all features share)
+    null: Literal["shuffle", "columns", "gaussian"] = "shuffle"
     null_samples: int = 2048  # null directions drawn per pair
     null_quantile: float = 0.99  # the null's quantile that becomes the default threshold
     seed: int = 0  # seed of the null model
