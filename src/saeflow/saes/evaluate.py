@@ -183,6 +183,23 @@ def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens:
             "saes": rows}
 
 
+def nll_and_kl(logits, clean_p, neg_entropy, tgt, rows: int = 128):
+    """Per-token NLL of `tgt` and KL(clean || spliced) from the spliced logits [n, vocab]
+    (float32; turned into log-probabilities in place), the clean probabilities [n, vocab] and
+    sum p log p [n] (float64).
+
+    The clean exp and entropy are computed once per batch, not per SAE, and the only temporary
+    is a block of `rows` rows: the vocabulary is 262k on Gemma 3, so each full-size temporary
+    is a GB at 1k tokens. The dot product is an elementwise product summed per block (torch's
+    reduction, 4e-6 nats from float64 on real logits); a float32 matrix-vector product over the
+    262k terms was off by up to 1e-2 nats per token (benchmarks/bench_splice.py)."""
+    logits -= torch.logsumexp(logits, -1, keepdim=True)  # log q
+    nll = -logits.gather(1, tgt[:, None])[:, 0]
+    cross = torch.cat([(clean_p[i:i + rows] * logits[i:i + rows]).sum(1).double()
+                       for i in range(0, len(logits), rows)])  # sum p log q
+    return nll, (neg_entropy - cross).float()
+
+
 def _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, progress):
     from tqdm.auto import tqdm
     dev = model.device
@@ -208,6 +225,8 @@ def _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, prog
                 continue
             clean_logp = torch.log_softmax(
                 model.hf(input_ids=ids, attention_mask=am).logits[:, :-1][tgt_mask].float(), -1)
+            clean_p = clean_logp.exp()  # [n_tgt, vocab]
+            neg_entropy = (clean_p * clean_logp).sum(1, dtype=torch.float64)  # [n_tgt]
             row_of = torch.nonzero(tgt_mask)[:, 0]  # [n_tgt] the row of each target token
             n_rows = ids.shape[0]
 
@@ -226,11 +245,10 @@ def _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, prog
                     out[mask] = sae(act[mask].float()).to(act.dtype)
                     return out
                 with Hooks(model, edits={HookPoint(*s): splice}):
-                    logp = torch.log_softmax(
-                        model.hf(input_ids=ids, attention_mask=am).logits[:, :-1][tgt_mask].float(),
-                        -1)
-                nll = -logp.gather(1, tgt[:, None])[:, 0]
-                kl = (clean_logp.exp() * (clean_logp - logp)).sum(1)
+                    logits = model.hf(input_ids=ids,
+                                      attention_mask=am).logits[:, :-1][tgt_mask].float()
+                nll, kl = nll_and_kl(logits, clean_p, neg_entropy, tgt)
+                del logits
                 totals[s]["ce"] += float(nll.sum())
                 totals[s]["kl"] += float(kl.sum())
                 row_ce[s].append(per_row(nll))
