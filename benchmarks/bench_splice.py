@@ -1,5 +1,6 @@
-"""ΔCE / KL scoring of a spliced SAE: the two-pass form (logsumexp and a dot product with the
-clean distribution) against the earlier log_softmax form, on the same real logits, in one run.
+"""ΔCE / KL scoring of a spliced SAE: the current form (saes.evaluate.nll_and_kl: log-probabilities
+in place, the clean distribution's exp and entropy once per batch, blockwise sums) against the
+earlier log_softmax form, on the same real logits, in one run.
 
 Both score the same held-out batch of the embedded model with one resid_post SAE spliced in
 (the pack given, default: the embedded pack); the forward is shared, only the scoring differs.
@@ -25,7 +26,7 @@ def score_log_softmax(logits, clean_logp, tgt):
     return nll, kl
 
 
-def score_two_pass(logits, clean_p, neg_entropy, tgt):
+def score_current(logits, clean_p, neg_entropy, tgt):
     """saeflow's form (saes.evaluate.nll_and_kl); it turns `logits` into log-probabilities."""
     from saeflow.saes.evaluate import nll_and_kl
 
@@ -75,21 +76,21 @@ def main() -> None:
             t_old.append(time.perf_counter() - t)
             work = logits.clone()  # the new form works in place
             t = time.perf_counter()
-            got = score_two_pass(work, clean_p, neg_entropy, tgt)
+            got = score_current(work, clean_p, neg_entropy, tgt)
             t_new.append(time.perf_counter() - t)
         t = time.perf_counter()
         with Hooks(model, edits={HookPoint("resid_post", args.layer): splice}):
             model.hf(input_ids=b.input_ids, attention_mask=b.attention_mask)
         t_fwd = time.perf_counter() - t
     old, new = statistics.median(t_old), statistics.median(t_new)
-    print(f"log_softmax form: {old * 1e3:7.0f} ms   two-pass form: {new * 1e3:7.0f} ms   "
+    print(f"log_softmax form: {old * 1e3:7.0f} ms   current form: {new * 1e3:7.0f} ms   "
           f"ratio {old / new:.2f}x   (the spliced forward itself: {t_fwd * 1e3:.0f} ms)")
     print(f"per SAE and batch: {(old + t_fwd) * 1e3:.0f} ms -> {(new + t_fwd) * 1e3:.0f} ms "
           f"({(old + t_fwd) / (new + t_fwd):.2f}x)")
     exact = torch.log_softmax(logits.double(), -1)
     clean64 = clean_logp.double()
     kl64 = (clean64.exp() * (clean64 - exact)).sum(1)
-    for name, (nll, kl) in (("log_softmax form", ref), ("two-pass form", got)):
+    for name, (nll, kl) in (("log_softmax form", ref), ("current form", got)):
         print(f"{name}: max |NLL - float64| {float((nll + exact.gather(1, tgt[:, None])[:, 0]).abs().max()):.1e}, "
               f"max |KL - float64| {float((kl - kl64).abs().max()):.1e}, "
               f"mean KL {float(kl.mean()):.5f} (float64 {float(kl64.mean()):.5f})")

@@ -50,10 +50,10 @@ def test_sparse_backward_matches_dense_autograd():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_trainer_learns_on_synthetic_sparse_data(arch):
-    """Data made of 4-sparse combinations of 64 directions: FVU must fall far below 1."""
-    g = torch.Generator().manual_seed(0)
+def _sparse_data(seed: int = 0):
+    """A sampler of batches [n, 16]: 4-sparse positive combinations of 64 fixed unit
+    directions, plus an offset (what an SAE with 64+ latents and k >= 4 can learn exactly)."""
+    g = torch.Generator().manual_seed(seed)
     D = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
 
     def batch(n):
@@ -61,6 +61,13 @@ def test_trainer_learns_on_synthetic_sparse_data(arch):
         idx = torch.rand(n, 64, generator=g).topk(4, dim=1).indices
         z.scatter_(1, idx, 1 + torch.rand(n, 4, generator=g))
         return z @ D + 0.5
+    return batch
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_trainer_learns_on_synthetic_sparse_data(arch):
+    """Data made of 4-sparse combinations of 64 directions: FVU must fall far below 1."""
+    batch = _sparse_data()
     cfg = tiny_cfg(architecture=arch, tokens=128 * 400, width=96)
     t = SAETrainer(16, cfg, 400, torch.device("cpu"), 0, torch.float32)
     t.init_from(batch(1024))
@@ -121,7 +128,9 @@ def test_bad_input_writes_nothing(tiny_models, tmp_path):
     out = tmp_path / "p"
     for kw, msg in [(dict(k=64), "k must be"), (dict(width=0), "width must be positive"),
                     (dict(layers=[7]), "layers 0..2"), (dict(positions=["resid_mid"]),
-                                                        "unknown position")]:
+                                                        "unknown position"),
+                    (dict(dead_tokens=10), "less than one batch"),
+                    (dict(aux_activation="tanh"), "relu or linear")]:
         with pytest.raises(ValueError, match=msg):
             train_family(m, tiny_cfg(**kw), out, progress=False)
     (tmp_path / "small.txt").write_text("only a few words here")
@@ -398,14 +407,7 @@ def test_exported_threshold_reproduces_batchtopk_sparsity_on_held_out_data():
     """BatchTopK keeps batch*k pre-activations per batch; the exported JumpReLU threshold must
     give about k active latents per token on data the trainer never saw, and select what
     BatchTopK selects on such a batch."""
-    g = torch.Generator().manual_seed(0)
-    D = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
-
-    def batch(n):
-        z = torch.zeros(n, 64)
-        idx = torch.rand(n, 64, generator=g).topk(4, dim=1).indices
-        z.scatter_(1, idx, 1 + torch.rand(n, 4, generator=g))
-        return z @ D + 0.5
+    batch = _sparse_data()
     cfg = tiny_cfg(architecture="batchtopk", width=96, k=4, input_norm="dim")
     t = SAETrainer(16, cfg, 400, torch.device("cpu"), 0, torch.float32)
     t.init_from(batch(1024))

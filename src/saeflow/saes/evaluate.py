@@ -93,6 +93,12 @@ def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens:
 
     pack.check_model(model)
     slots = sorted(pack.entries)
+    have = sorted({s[0] for s in slots})
+    missing = sorted(set(ce_positions or []) - set(have))
+    if missing:  # before any pass over the text
+        raise ConfigError(f"no SAE of the pack is at --ce-positions {', '.join(missing)}; the "
+                          f"pack has {', '.join(have)}")
+    ce_positions = ce_positions or None  # empty: all
     points = [HookPoint(p, L) for p, L in slots]
     dev = model.device
     total = sum(2 * pack.entries[s].d_in * pack.entries[s].d_sae * 4 for s in slots)
@@ -143,9 +149,6 @@ def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens:
 
     # Pass 2: splicing.
     spliced = [s for s in slots if ce_positions is None or s[0] in ce_positions]
-    if not spliced:
-        raise ConfigError(f"no SAE of the pack is at --ce-positions {ce_positions}; the pack has "
-                          f"{', '.join(sorted({s[0] for s in slots}))}")
     ce = _splice_ce(pack, model, spliced, sae_of, data, ce_tokens, batch, ctx_len, progress)
     rows = []
     for s in slots:

@@ -116,6 +116,11 @@ class TrainConfig:
             raise ConfigError("engine must be auto, sparse or stacked")
         if self.input_norm not in ("scalar", "dim"):
             raise ConfigError("input_norm must be scalar or dim")
+        if self.aux_activation not in ("relu", "linear"):
+            raise ConfigError("--aux-activation must be relu or linear")
+        if self.dead_tokens is not None and self.dead_tokens < self.batch_size:
+            raise ConfigError(f"--dead-tokens {self.dead_tokens} is less than one batch "
+                              f"({self.batch_size}): every latent would count as dead")
 
     def identity(self) -> dict:
         """The fields that define the result (not how often it checkpoints)."""
@@ -205,19 +210,30 @@ def _decay_start(cfg: TrainConfig, steps_total: int) -> int:
 
 
 @torch.no_grad()
-def _reset_latents(dead, d, W_enc, W_dec, b_enc, opt) -> None:
+def _reset_latents(dead, d, W_enc, W_dec, b_enc, moments) -> None:
     """Latents `dead` [n] (bool) take unit decoder rows along d [n_dead, d_in], encoder columns
-    0.2 x the mean live column norm along the same direction, bias 0 and fresh Adam moments."""
+    0.2 x the mean live column norm along the same direction, bias 0 and fresh Adam moments.
+    moments: {"W_enc" | "W_dec" | "b_enc": Adam's state tensors shaped like that parameter}
+    (views, zeroed in place)."""
     d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
     live = ~dead
     norm = W_enc[:, live].norm(dim=0).mean() if live.any() else torch.tensor(1.0)
     W_dec[dead] = d
     W_enc[:, dead] = d.t() * 0.2 * norm
     b_enc[dead] = 0.0
-    for p, sl in ((W_dec, (dead,)), (W_enc, (slice(None), dead)), (b_enc, (dead,))):
-        for v in opt.state.get(p, {}).values():
-            if torch.is_tensor(v) and v.shape == p.shape:
-                v[sl] = 0.0
+    for name, sl in (("W_dec", (dead,)), ("W_enc", (slice(None), dead)), ("b_enc", (dead,))):
+        for v in moments[name]:
+            v[sl] = 0.0
+
+
+def _moments(trainer, i: int | None = None) -> dict:
+    """Adam's state tensors of W_enc, W_dec and b_enc (of SAE i of a stacked trainer), as views."""
+    out = {}
+    for name in ("W_enc", "W_dec", "b_enc"):
+        p = getattr(trainer, name)
+        out[name] = [v if i is None else v[i] for v in trainer.opt.state.get(p, {}).values()
+                     if torch.is_tensor(v) and v.shape == p.shape]
+    return out
 
 
 def _lr_at(cfg: TrainConfig, steps_total: int, step: int) -> float:
@@ -396,7 +412,8 @@ class SAETrainer:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step_i)  # exact on resume
         idx = torch.multinomial(err.cpu().double() + 1e-12, n_dead, replacement=n_dead > len(err),
                                 generator=gen).to(xs.device)
-        _reset_latents(dead, xs[idx] - self.b_dec, self.W_enc, self.W_dec, self.b_enc, self.opt)
+        _reset_latents(dead, xs[idx] - self.b_dec, self.W_enc, self.W_dec, self.b_enc,
+                       _moments(self))
         self.since_fired[dead] = 0
         return n_dead
 
@@ -604,7 +621,7 @@ class StackedTrainer:
             idx = torch.multinomial(err.cpu().double() + 1e-12, n_dead,
                                     replacement=n_dead > len(err), generator=gen).to(xs.device)
             _reset_latents(dead, xs[idx] - self.b_dec[i], self.W_enc[i], self.W_dec[i],
-                           self.b_enc[i], _SliceOpt(self.opt, i))
+                           self.b_enc[i], _moments(self, i))
             self.since_fired[i][dead] = 0
             total += n_dead
         return total
@@ -673,24 +690,6 @@ class StackedTrainer:
         self.fired_ever.copy_(torch.stack([s["fired_ever"] for s in states]))
         self.thr_sum.copy_(torch.tensor([float(s["thr"][0]) for s in states]))
         self.thr_count.copy_(torch.tensor([int(s["thr"][1]) for s in states]))
-
-
-class _SliceOpt:
-    """SAE i's view of a stacked Adam's state, for _reset_latents (state[W[i]] = state[W][i])."""
-
-    def __init__(self, opt, i: int):
-        self.state = _SliceState(opt, i)
-
-
-class _SliceState:
-    def __init__(self, opt, i: int):
-        self.opt, self.i = opt, i
-
-    def get(self, p, default=None):
-        for q, st in self.opt.state.items():  # p is a view q[i] of a stacked parameter q
-            if p.data_ptr() == q[self.i].data_ptr() and p.shape == q.shape[1:]:
-                return {k: v[self.i] for k, v in st.items() if torch.is_tensor(v) and v.dim()}
-        return default
 
 
 class _OneSAE:
