@@ -15,8 +15,10 @@ little speed-up there; the figure that carries over to a cluster is the overhead
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -73,6 +75,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-flow", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--keep-dir", action="store_true",
+                    help="keep the runs' folder (several GB) instead of removing it at exit")
     ap.add_argument("--pair-width", type=int, default=0,
                     help="instead: the per-pair accumulation rate at this width (e.g. 65536)")
     ap.add_argument("--pair-l0", type=int, default=64)
@@ -108,6 +112,10 @@ def main() -> None:
                  "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                  "stats": [], "flow": []}
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    if args.keep_dir:
+        print(f"runs kept in {tmp}")
+    else:  # each run writes GBs of caches and stats; a disk left full broke a later CI run
+        atexit.register(shutil.rmtree, tmp, True)
 
     def stats_run(w: int, name: str | None = None) -> dict:
         scale = ScaleConfig(workers=w, shard_tokens=args.shard_tokens)
