@@ -11,7 +11,14 @@ from saeflow import HookPoint, Hooks, capture, load_pack
 from saeflow.errors import ConfigError, TrainingError
 from saeflow.lm.corpora import Corpus
 from saeflow.saes.evaluate import evaluate_pack
-from saeflow.saes.train import SAETrainer, TrainConfig, _csr_rows, _GatherPre, train_family
+from saeflow.saes.train import (
+    SAETrainer,
+    TrainConfig,
+    _csr_rows,
+    _GatherPre,
+    _moments,
+    train_family,
+)
 
 
 def tiny_cfg(**kw):
@@ -284,17 +291,20 @@ def test_failed_training_leaves_model_dtype_alone(tiny_models, tmp_path, monkeyp
     assert m.dtype == before
 
 
-@pytest.mark.parametrize("arch,norm,aux", [("topk", "dim", "relu"), ("topk", "scalar", "relu"),
-                                           ("batchtopk", "dim", "relu"),
-                                           ("batchtopk", "scalar", "relu"),
-                                           ("topk", "dim", "linear")])
-def test_stacked_engine_equals_the_sparse_trainer(arch, norm, aux):
+@pytest.mark.parametrize("arch,norm,aux,aux_k", [("topk", "dim", "relu", 8),
+                                                 ("topk", "scalar", "relu", 8),
+                                                 ("batchtopk", "dim", "relu", 8),
+                                                 ("batchtopk", "scalar", "relu", 8),
+                                                 ("topk", "dim", "linear", 8),
+                                                 ("topk", "dim", "linear", 256)])
+def test_stacked_engine_equals_the_sparse_trainer(arch, norm, aux, aux_k):
     """The batched GPU engine computes the same steps as the per-SAE sparse one (fp32, CPU):
-    same init per seed, same losses (AuxK included), same Adam, same dead-latent bookkeeping."""
+    same init per seed, same losses (AuxK included), same Adam, same dead-latent bookkeeping.
+    aux_k 8: the top 8 dead latents of each row; 256 (the width): every dead latent."""
     from saeflow.saes.train import StackedTrainer
 
     cfg = TrainConfig(width=256, k=2, architecture=arch, tokens=4096, batch_size=64, lr=1e-3,
-                      dead_tokens=64, aux_k=8, input_norm=norm,  # AuxK is exercised
+                      dead_tokens=64, aux_k=aux_k, input_norm=norm,  # AuxK is exercised
                       aux_activation=aux)
     seeds = [3, 11]
     g = torch.Generator().manual_seed(0)
@@ -326,10 +336,12 @@ def test_stacked_engine_equals_the_sparse_trainer(arch, norm, aux):
     other.load_state_dicts([t.state_dict() for t in singles])
     back = SAETrainer(16, cfg, 8, torch.device("cpu"), seeds[1], torch.float32)
     back.load_state_dict(stacked.state_dict(1))
+    names = ("W_enc", "W_dec", "b_enc", "b_dec")  # SAETrainer holds W_enc as its transpose
     for eng in (other, back):
-        for j in range(4):
-            ref = stacked.params[j][1] if eng is back else torch.stack([t.params[j] for t in singles])
-            assert torch.equal(eng.params[j].detach(), ref.detach())
+        for name in names:
+            ref = (getattr(stacked, name)[1] if eng is back
+                   else torch.stack([getattr(t, name) for t in singles]))
+            assert torch.equal(getattr(eng, name).detach(), ref.detach())
     assert back.step_i == stacked.step_i and back.input_scale == stacked.scales[1]
 
 
@@ -484,11 +496,13 @@ def test_resampling_revives_dead_latents_identically_in_both_engines():
     W_dec = t.W_dec.detach()
     torch.testing.assert_close(W_dec[dead_before].norm(dim=1), torch.ones(n))
     assert torch.equal(t.b_enc.detach()[dead_before], torch.zeros(n))
-    for a, b in zip(t.params, st.params):
-        torch.testing.assert_close(b.detach()[0], a.detach(), atol=1e-5, rtol=1e-5)
-    for p, q in zip(t.params, st.params):  # Adam moments of the resampled latents are reset
-        ma, mb = t.opt.state[p]["exp_avg"], st.opt.state[q]["exp_avg"][0]
-        torch.testing.assert_close(mb, ma, atol=1e-6, rtol=1e-5)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):  # SAETrainer holds W_enc transposed
+        torch.testing.assert_close(getattr(st, name).detach()[0], getattr(t, name).detach(),
+                                   atol=1e-5, rtol=1e-5)
+    ma, mb = _moments(t), _moments(st, 0)  # Adam moments of the resampled latents are reset
+    for name in ma:
+        for va, vb in zip(ma[name], mb[name], strict=True):
+            torch.testing.assert_close(vb, va, atol=1e-6, rtol=1e-5)
     # no resampling once the lr decays
     t.step_i = t.steps_total - 1
     with torch.no_grad():
