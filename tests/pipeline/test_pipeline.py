@@ -64,6 +64,7 @@ def test_pipeline_runs_every_stage_then_reuses(tiny_model_dirs, tiny_pack, tmp_p
     assert "No steering sweep in this run" in html
     md = (run / "report.md").read_text()
     assert "| method |" in md and "saeflow run (test)" in md
+    assert f"dead = never active on {ev['dead_tokens']} held-out tokens" in md  # not the FVU count
     out = capsys.readouterr().out
     assert "[1/7] pack" in out and "all stages left: about" in out
 

@@ -235,7 +235,8 @@ def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
         doc.p(f"{ev['tokens']} held-out tokens (ΔCE and KL on {ev['ce_tokens']}, at "
               f"{', '.join(ev.get('ce_positions') or ['every position'])}, with 95% "
               f"bootstrap intervals over text rows); clean CE {ev['clean_ce']:.3f}. dead = never "
-              f"active on those tokens; dense = active on more than 10% of them; fvu_rest = FVU "
+              f"active on {ev.get('dead_tokens', ev['tokens'])} held-out tokens (the FVU tokens "
+              f"and more); dense = active on more than 10% of them; fvu_rest = FVU "
               f"without the massive dimensions (each carries >= 10% of the variance and stands out, or >= 1000x "
               f"the median dimension's), "
               f"which otherwise dominate the residual stream's variance.")

@@ -45,7 +45,7 @@ PIPELINE_FILE = "pipeline.json"
 
 
 # Rough seconds per unit on 2 CPU cores, for the time-left estimates printed between stages.
-RATES = {"pack": 1 / 350, "eval": 1 / 25, "flow": 40, "index": 1 / 150, "stats": 1 / 150,
+RATES = {"pack": 1 / 420, "eval": 1 / 25, "flow": 40, "index": 1 / 150, "stats": 1 / 150,
          "validate": 45, "sweep": 1, "report": 20}
 
 
