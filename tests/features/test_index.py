@@ -207,3 +207,23 @@ def test_label_shows_whitespace_tokens():
     label, words = auto_label([5, 5, 6], [3.0, 2.0, 1.0], [7], strings, freq, 100)
     assert words == ["␣", "\\n"] and label.startswith("␣") and "river" in label
     assert auto_label([], [], [7], strings, freq, 100)[0].startswith("(never active)")
+
+
+def test_quantiles_from_hist_match_each_features_cdf():
+    """The vectorised quantiles equal, activation by activation, its own feature's CDF bin."""
+    import numpy as np
+
+    from saeflow.features.tables import HIST_EDGES, _quantiles_from_hist
+
+    rng = np.random.default_rng(0)
+    nb = len(HIST_EDGES) - 1
+    hist = rng.integers(0, 50, size=(7, nb))
+    hist[3] = 0  # a feature that never fired
+    feats = rng.integers(0, 7, size=40)
+    vals = rng.uniform(0, float(HIST_EDGES[-1]) * 1.5, size=40).astype(np.float32)
+    got = _quantiles_from_hist(hist, feats, vals)
+    edges = HIST_EDGES.numpy()
+    for f, v, q in zip(feats, vals, got):
+        cdf = np.cumsum(hist[f]) / max(hist[f].sum(), 1)
+        b = min(max(int(np.searchsorted(edges, v)) - 1, 0), nb - 1)
+        assert q == cdf[b]

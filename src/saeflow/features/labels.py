@@ -11,12 +11,14 @@ from saeflow.lm.model import bf16_is_faster
 
 
 # --- logit lens -----------------------------------------------------------------------------
-def unembed_directions(model, dirs: torch.Tensor, W_U: torch.Tensor | None = None) -> torch.Tensor:
+def unembed_directions(model, dirs: torch.Tensor, W_U: torch.Tensor | None = None,
+                       keep_dtype: bool = False) -> torch.Tensor:
     """Residual directions [n, d_model] -> logits [n, vocab] through the final norm's gain.
 
     The norm's 1/rms (or 1/std) factor is a positive scalar per token and does not change the
     ranking; LayerNorm's centring does, so it is applied. Gemma's gain is (1 + w). `W_U`
-    [vocab, d_model] may be passed in another dtype (logit_lens casts it once, not per block).
+    [vocab, d_model] may be passed in another dtype (logit_lens casts it once, not per block);
+    the logits come back in float32, or in W_U's dtype with `keep_dtype`.
     """
     norm = model.module(model.arch.final_norm)
     x = dirs.to(device=norm.weight.device, dtype=torch.float32)  # directions may live on the CPU
@@ -27,7 +29,7 @@ def unembed_directions(model, dirs: torch.Tensor, W_U: torch.Tensor | None = Non
     if W_U is None:
         W_U = model.hf.get_output_embeddings().weight.detach()  # [vocab, d_model]
     x = (x * gain).to(device=W_U.device, dtype=W_U.dtype)
-    return (x @ W_U.T).float()
+    return x @ W_U.T if keep_dtype else (x @ W_U.T).float()
 
 
 def logit_lens(model, dirs: torch.Tensor, n: int = 10, block: int = 4096,
@@ -53,10 +55,14 @@ def logit_lens(model, dirs: torch.Tensor, n: int = 10, block: int = 4096,
         top_i = torch.zeros(b, n, dtype=torch.long)
         bot_i = torch.zeros(b, n, dtype=torch.long)
         for j in range(0, V, vocab_block):
-            logits = unembed_directions(model, dirs[i:i + b], W_U[j:j + vocab_block]).cpu()
+            # In W_U's dtype: converting a bf16 block to float32 cost more than its top-k, and
+            # the selected values are the same (bf16 -> float32 is exact).
+            logits = unembed_directions(model, dirs[i:i + b], W_U[j:j + vocab_block],
+                                        keep_dtype=True).cpu()
             m = min(n, logits.shape[1])  # [b, vb] -> merge its top/bottom m into the running n
             tv, ti = logits.topk(m, dim=1)
             bv, bi = logits.topk(m, dim=1, largest=False)
+            tv, bv = tv.float(), bv.float()
             top_v, sel = torch.cat([top_v, tv], 1).topk(n, dim=1)
             top_i = torch.cat([top_i, ti + j], 1).gather(1, sel)
             bot_v, sel = torch.cat([bot_v, bv], 1).topk(n, dim=1, largest=False)

@@ -50,12 +50,13 @@ def _directions(pack, slot, sae, model) -> torch.Tensor:
     return W if mapping is None else W @ mapping.to(W.device)
 
 
-def _quantiles_from_hist(hist: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Where each activation falls in the feature's distribution (CDF from the histogram)."""
+def _quantiles_from_hist(hist: np.ndarray, features: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Where each activation values[i] falls in the distribution of its feature features[i]
+    (the CDF from that feature's row of hist [d, bins]), for all of them at once."""
     edges = HIST_EDGES.numpy()
-    cdf = np.cumsum(hist) / max(hist.sum(), 1)
-    b = np.clip(np.searchsorted(edges, values) - 1, 0, len(hist) - 1)
-    return cdf[b]
+    cdf = np.cumsum(hist, axis=1) / np.maximum(hist.sum(axis=1, keepdims=True), 1)
+    b = np.clip(np.searchsorted(edges, values) - 1, 0, hist.shape[1] - 1)
+    return cdf[features, b]
 
 
 def write_index(root: Path, pack, model, saes: dict, stats: dict, unigram: torch.Tensor, cfg,
@@ -133,9 +134,7 @@ def write_index(root: Path, pack, model, saes: dict, stats: dict, unigram: torch
                     f_idx, rank = f_idx[order], rank[order]
                 val = res.value.numpy()[f_idx, rank]
                 n = len(f_idx)
-                hist = st.hist.numpy()
-                q = np.array([_quantiles_from_hist(hist[f], np.array([v]))[0]
-                              for f, v in zip(f_idx, val)], np.float32) if n else np.zeros(0)
+                q = _quantiles_from_hist(st.hist.numpy(), f_idx, val).astype(np.float32)
                 W = res.win_ids.shape[2]
                 ex = pa.table({
                     "layer": pa.array(np.full(n, L, np.int16)),
