@@ -88,7 +88,7 @@ def bench_gemmascope(args) -> dict:
         tg = time.perf_counter()
         cache = {s: directions(s).materialize(1 << 40) for s in [p.resid, *p.preds.values()] if s}
         gen_s += time.perf_counter() - tg
-        compute_layer(None, p, cfg, directions=lambda s: cache[s])
+        compute_layer(None, p, cfg, directions=lambda s, drop=None: cache[s])
         print(f"  layer {p.layer}: {time.perf_counter() - t0:.1f}s", flush=True)
     wall = time.perf_counter() - t0 - gen_s
     flops = n_pairs * (flops_pair + flops_null)

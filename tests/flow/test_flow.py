@@ -329,3 +329,61 @@ def test_trace_from_module_seed_and_edge_slots(planted, tmp_path):
     assert any(G.nodes[n]["layer"] == 3 for n in G)
     with pytest.raises(FlowError, match="no SAE at resid_post layer 0"):
         trace(run, "0/resid_post/0")
+
+
+def test_t_res_reaches_the_classification(planted, tmp_path):
+    """The residual threshold is t_res (not a null quantile): planted 'processed' features sit
+    at s_res ~0.7, so t_res=0.8 turns them into 'newborn', t_res=0.5 keeps them."""
+    pack, plants = planted
+    lo = run_flow(pack, tmp_path / "lo", t_res=0.5, progress=False)
+    hi = run_flow(pack, tmp_path / "hi", t_res=0.8, progress=False)
+    for run, t in ((lo, 0.5), (hi, 0.8)):
+        thr = run.thresholds["layers"]
+        assert thr["2"]["res"]["value"] == t and thr["2"]["res"]["source"].startswith("t_res")
+        assert thr["2"]["mlp"]["source"].startswith("null rotation")
+        pred = run.predecessors()
+        rows = pred[pred.layer == 2]
+        want = classify(rows.s_res.to_numpy(float), rows.s_mlp.to_numpy(float),
+                        rows.s_attn.to_numpy(float), t, thr["2"]["mlp"]["value"],
+                        thr["2"]["attn"]["value"])
+        assert list(rows["class"]) == list(want)
+    p_lo = lo.predecessors().set_index(["layer", "feature"])["class"]
+    p_hi = hi.predecessors().set_index(["layer", "feature"])["class"]
+    processed = [k for k, (c, _) in plants.items() if c == "processed"]
+    assert np.mean([p_lo[k] == "processed" for k in processed]) > 0.95
+    assert np.mean([p_hi[k] == "newborn" for k in processed]) > 0.95
+
+
+def test_massive_dimensions_are_left_out_of_the_matching(tmp_path):
+    """Residual dictionaries of two layers, unrelated but for one planted chain, whose rows all
+    carry a massive coordinate: raw geometry calls every feature 'translated'; with the firing
+    pass's variances naming the massive dimension, only the planted chain is, and the s_res
+    share is reported both ways and under the null."""
+    from saeflow.features.liveness import Liveness
+
+    g = torch.Generator().manual_seed(5)
+    d, n = 64, 256
+    R0, R1 = _unit(torch.randn(n, d, generator=g)), _unit(torch.randn(n, d, generator=g))
+    R1[:20] = _noisy(R0[:20], g, eps=0.1)
+    R0[:, 3] += 3.0
+    R1[:, 3] += 3.0
+    saes = [("resid_post", 0, _sae_from_dirs(R0, 0)), ("resid_post", 1, _sae_from_dirs(R1, 1))]
+    pack = save_pack(saes, tmp_path / "pack", model_name="massive", d_model=d, n_layers=2)
+    var = np.ones(d)
+    var[3] = 5000.0
+    live = Liveness({s: np.full(n, 100) for s in pack.entries}, 10_000, "firing pass",
+                    dim_var={s: var for s in pack.entries})
+    raw = run_flow(pack, tmp_path / "raw", FlowConfig(geometry="raw"), liveness=live,
+                   progress=False)
+    auto = run_flow(pack, tmp_path / "auto", liveness=live, progress=False)
+    assert raw.manifest["geometry"] == "raw" and auto.manifest["geometry"] == "no_massive"
+    assert auto.manifest["massive_dims"] == {"0": [3], "1": [3]}
+    share = auto.thresholds["s_res_share"]["1"]
+    assert share["raw"] > 0.9 and abs(share["no_massive"] - 20 / n) < 0.02
+    assert share["null"] < 0.05
+    assert raw.thresholds["s_res_share"]["1"]["no_massive"] == share["no_massive"]
+    pred = auto.predecessors()
+    rows = pred[pred.layer == 1].set_index("feature")
+    assert (rows.loc[:19, "pred_res"].to_numpy() == np.arange(20)).all()
+    with pytest.raises(FlowError, match="variance"):
+        run_flow(pack, tmp_path / "none", FlowConfig(geometry="no_massive"), progress=False)

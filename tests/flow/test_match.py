@@ -146,3 +146,35 @@ def test_columns_null_keeps_a_component_that_every_feature_shares():
     assert (real >= col).mean() < 0.05 and col > row
     with pytest.raises(Exception, match="columns"):
         null_top1(A, B, kind="rows")
+
+
+def test_rotation_null_keeps_the_geometry_and_breaks_the_alignment():
+    """A rotated copy of a dictionary matched against itself: alignment gone (top-1 far below 1),
+    while a real copy scores 1; the same seed gives the same null."""
+    from saeflow.flow.match import null_top1, top_k_pairs
+
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(512, 48, generator=g)
+    assert torch.allclose(top_k_pairs(A, A, k=1).row_values[:, 0], torch.ones(512), atol=1e-5)
+    v = null_top1(A, A, n=256, kind="rotation", seed=3)
+    assert v.shape == (256,) and float(np.median(v)) < 0.8
+    assert np.array_equal(v, null_top1(A, A, n=256, kind="rotation", seed=3))
+
+
+def test_dropped_dimensions_leave_the_cosine():
+    """drop_dims zeroes coordinates before normalising: a shared massive coordinate no longer
+    makes unrelated rows look alike, and the source rows are not written to."""
+    from saeflow.flow.match import TensorDirections, top_k_pairs
+
+    g = torch.Generator().manual_seed(2)
+    A, B = torch.randn(256, 32, generator=g), torch.randn(256, 32, generator=g)
+    A[:, 5] += 40.0
+    B[:, 5] += 40.0
+    A0 = A.clone()
+    raw = top_k_pairs(A, B, k=1).row_values[:, 0]
+    kept = top_k_pairs(TensorDirections(A, drop_dims=[5]), TensorDirections(B, drop_dims=[5]),
+                       k=1).row_values[:, 0]
+    assert float(raw.min()) > 0.9 and float(kept.median()) < 0.6
+    assert torch.equal(A, A0)
+    A[:, 5], B[:, 5] = 0.0, 0.0
+    torch.testing.assert_close(kept, top_k_pairs(A, B, k=1).row_values[:, 0])

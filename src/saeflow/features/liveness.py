@@ -9,6 +9,9 @@ pass (the model over `tokens` corpus tokens, every SAE of the pack), cached by p
     live    count >= max(1, ceil(min_density * tokens))
     dead    count == 0
     rare    fired, but fewer times than that
+
+The firing pass also keeps each SAE input's variance per dimension, which names the "massive"
+dimensions of the residual stream (saes.evaluate.massive_dims) that the flow can leave out.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ class Liveness:
     tokens: int
     source: str  # "index" or "firing pass"
     min_density: float = DEFAULT_MIN_DENSITY
+    dim_var: dict[Slot, np.ndarray] | None = None  # slot -> [d_in] input variance (firing pass)
 
     @property
     def min_count(self) -> int:
@@ -46,6 +50,13 @@ class Liveness:
         """[d_sae] bool, or None when this slot was not counted."""
         c = self.counts.get((slot[0], slot[1]))  # a list (from JSON) works too
         return None if c is None else c >= self.min_count
+
+    def massive(self, slot: Slot) -> list[int] | None:
+        """The massive input dimensions of `slot` (None when no variances were measured)."""
+        from saeflow.saes.evaluate import massive_dims
+
+        var = (self.dim_var or {}).get((slot[0], slot[1]))
+        return None if var is None else massive_dims(torch.as_tensor(var, dtype=torch.float64))
 
     def summary(self) -> dict:
         """Per slot 'LAYER/POSITION': how many latents are dead, rare and left out."""
@@ -103,20 +114,29 @@ def firing_pass(pack, model, tokens: int = DEFAULT_FIRING_TOKENS,
     import hashlib
 
     slots = sorted(pack.entries)
-    key = hashlib.sha256(f"{pack_fingerprint(pack)}|{model.name}|{tokens}|{corpus}|v1".encode()
+    key = hashlib.sha256(f"{pack_fingerprint(pack)}|{model.name}|{tokens}|{corpus}|v2".encode()
                          ).hexdigest()[:20]
     cached = cache_dir("firing") / f"{key}.npz"
+
+    def slot_of(k: str) -> Slot:
+        return k.split("/")[1], int(k.split("/")[0])
+
     if cached.is_file():
         d = dict(np.load(cached))
         seen = int(d.pop("__tokens__"))
-        counts = {(k.split("/")[1], int(k.split("/")[0])): v for k, v in d.items()}
-        return Liveness(counts, seen, "firing pass", min_density)
+        counts = {slot_of(k): v for k, v in d.items() if not k.startswith("var:")}
+        var = {slot_of(k[4:]): v for k, v in d.items() if k.startswith("var:")}
+        return Liveness(counts, seen, "firing pass", min_density, var)
     from tqdm.auto import tqdm
 
     points = [HookPoint(p, L) for p, L in slots]
     saes = {s: pack.sae(*s, device=model.device) for s in slots}
     counts = {s: torch.zeros(saes[s].d_sae, dtype=torch.int64, device=model.device)
               for s in slots}
+    # per-dimension sums of the inputs, shifted by the first batch's mean (stable variances)
+    shift: dict[Slot, torch.Tensor] = {}
+    sums = {s: torch.zeros(2, saes[s].d_in, dtype=torch.float64, device=model.device)
+            for s in slots}  # [sum, sum of squares]
     seen = 0
     bar = tqdm(total=tokens, desc="firing pass", unit="tok", disable=not progress)
     for b in Corpus.from_spec(corpus, seed=2).token_batches(model.tokenizer, 8, 128,
@@ -125,17 +145,25 @@ def firing_pass(pack, model, tokens: int = DEFAULT_FIRING_TOKENS,
         content = b.content_mask().to(model.device)  # [B, T] real document tokens
         with torch.inference_mode():
             for s, pt in zip(slots, points):
-                z = saes[s].encode(acts[pt])[content]  # [T_content, d_sae]
+                x = acts[pt][content]  # [T_content, d_in]
+                z = saes[s].encode(x)  # [T_content, d_sae]
                 counts[s] += (z > 0).sum(0)
+                if s not in shift:
+                    shift[s] = x.double().mean(0)
+                dx = x.double() - shift[s]
+                sums[s] += torch.stack([dx.sum(0), (dx * dx).sum(0)])
         n = int(content.sum())
         seen += n
         bar.update(n)
     bar.close()
     out = {s: c.cpu().numpy() for s, c in counts.items()}
+    n = max(seen, 1)
+    var = {s: (v[1] / n - (v[0] / n) ** 2).clamp_min(0).cpu().numpy() for s, v in sums.items()}
     tmp = cached.with_name(cached.name + ".tmp.npz")
-    np.savez(tmp, __tokens__=np.array(seen), **{f"{L}/{p}": v for (p, L), v in out.items()})
+    np.savez(tmp, __tokens__=np.array(seen), **{f"{L}/{p}": v for (p, L), v in out.items()},
+             **{f"var:{L}/{p}": v for (p, L), v in var.items()})
     os.replace(tmp, cached)
-    return Liveness(out, seen, "firing pass", min_density)
+    return Liveness(out, seen, "firing pass", min_density, var)
 
 
 def liveness_for(pack, run: str | os.PathLike | None = None, model=None,

@@ -32,6 +32,7 @@ import torch
 from saeflow.errors import MatchError
 
 MATCH_METHODS = ("decoder", "encoder", "folded", "permutation")
+NULL_MODELS = ("shuffle", "columns", "rotation", "gaussian")
 
 
 # --- dictionaries ---------------------------------------------------------------------------
@@ -42,9 +43,13 @@ class Directions(ABC):
     d: int
     label: str = ""
 
-    def __init__(self, project: torch.Tensor | None = None, row_scale: torch.Tensor | None = None):
+    def __init__(self, project: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
+                 drop_dims: list[int] | None = None):
         self.project = None if project is None else project.float()  # [d_src, d]
         self.row_scale = None if row_scale is None else row_scale.float()  # [n]
+        # coordinates of the matching space set to zero before the rows are normalised (the
+        # massive residual dimensions, when the flow's geometry leaves them out)
+        self.drop_dims = sorted(set(drop_dims)) if drop_dims else None
 
     @abstractmethod
     def _read(self, i0: int, i1: int) -> torch.Tensor:  # [i1-i0, d_src]
@@ -55,6 +60,9 @@ class Directions(ABC):
         x = self._read(i0, i1).float()
         if self.project is not None:
             x = x @ self.project
+        if self.drop_dims is not None:
+            x = x.clone() if self.project is None else x  # never write into the source rows
+            x[:, self.drop_dims] = 0.0
         return x
 
     def unit_block(self, i0: int, i1: int) -> torch.Tensor:
@@ -87,7 +95,8 @@ class TensorDirections(Directions):
         return self.W[i0:i1]
 
     def unit_block(self, i0, i1):
-        if self.normalized and self.project is None and self.row_scale is None:
+        if self.normalized and self.project is None and self.row_scale is None \
+                and self.drop_dims is None:
             return self.W[i0:i1].float()
         return super().unit_block(i0, i1)
 
@@ -228,7 +237,7 @@ def top_k_pairs(A, B, k: int = 5, cols: bool = False, block_a: int = 1024, block
 def _in_memory_rows(D: Directions) -> torch.Tensor | None:
     """The unit rows themselves when D holds them in memory as they are, else None."""
     if isinstance(D, TensorDirections) and D.normalized and D.project is None \
-            and D.row_scale is None:
+            and D.row_scale is None and D.drop_dims is None:
         return D.W
     return None
 
@@ -297,6 +306,10 @@ def null_top1(A, B, n: int = 2048, kind: str = "shuffle", seed: int = 0, **kw) -
     dimension): every dimension keeps its distribution over A's features, so a component that
     all of A's rows share (a massive residual dimension) stays, but the features' identity is
     gone. Stricter where the dictionaries share such a component.
+    kind="rotation": rows of A turned by one random orthogonal matrix: A's own geometry (its
+    norms, its anisotropy, the angles among its features) is kept whole, only its alignment with
+    B is gone. The strictest of these: a rotated dictionary scores what any dictionary of the
+    same shape would, so a threshold above it says "aligned", not "anisotropic too".
     kind="gaussian": isotropic random directions. Returns float32 [n].
     """
     A, B = _as_directions(A), _as_directions(B)
@@ -313,10 +326,15 @@ def null_top1(A, B, n: int = 2048, kind: str = "shuffle", seed: int = 0, **kw) -
         S = gather_rows(A, rows)  # [m, d] unit rows: the pool each column is drawn from
         pick = torch.randint(0, len(rows), (min(n, A.n), A.d), generator=g)  # [n, d]
         X = S.gather(0, pick)
+    elif kind == "rotation":
+        rows = torch.randperm(A.n, generator=g)[:n].sort().values
+        Q, R = torch.linalg.qr(torch.randn(A.d, A.d, generator=g, dtype=torch.float64))
+        Q = Q * torch.sign(torch.diagonal(R))  # Haar-distributed (sign fix of the QR)
+        X = gather_rows(A, rows) @ Q.float()  # [n, d]
     elif kind == "gaussian":
         X = torch.randn(min(n, A.n), A.d, generator=g)
     else:
-        raise MatchError(f"unknown null model {kind!r}; use 'shuffle', 'columns' or 'gaussian'")
+        raise MatchError(f"unknown null model {kind!r}; use one of {', '.join(NULL_MODELS)}")
     m = top_k_pairs(TensorDirections(X), B, k=1, **kw)
     return m.row_values[:, 0].numpy()
 

@@ -34,6 +34,7 @@ from saeflow._version import __version__
 from saeflow.errors import FlowError, MatchError
 from saeflow.flow.match import (
     MATCH_METHODS,
+    NULL_MODELS,
     Directions,
     SafetensorsRows,
     TensorDirections,
@@ -67,12 +68,18 @@ class FlowConfig:
     k: int = 5  # matches kept per feature and predecessor kind
     method: Literal["decoder", "encoder", "folded", "permutation"] = "decoder"  # which directions are matched
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 ranks in bf16 and re-scores the candidates exactly in fp32
-    # null model for the default class thresholds: "shuffle" permutes each row's coordinates;
-    # "columns" draws each coordinate from its column (keeps components all features share)
-    null: Literal["shuffle", "columns", "gaussian"] = "shuffle"
+    # null model of the MLP / attention class thresholds: "rotation" turns the residual rows by a
+    # random orthogonal matrix (keeps their geometry whole; chosen by the co-firing evidence,
+    # docs/decisions.md); "shuffle" permutes each row's coordinates; "columns" draws each
+    # coordinate from its column (keeps components all features share)
+    null: Literal["rotation", "shuffle", "columns", "gaussian"] = "rotation"
     null_samples: int = 2048  # null directions drawn per pair
     null_quantile: float = 0.99  # the null's quantile that becomes the default threshold
     seed: int = 0  # seed of the null model
+    # which coordinates the matching compares: "no_massive" sets each layer's massive residual
+    # dimensions (from the firing pass's variances) to zero before the cosine, "raw" keeps them;
+    # "auto": no_massive when the variances are known, else raw (the manifest says which ran)
+    geometry: Literal["auto", "no_massive", "raw"] = "auto"
     block_a: int | None = None  # rows of A per block; None: 1024 on a CPU, 8192 on a GPU
     block_b: int | None = None  # rows of B per block; None: 4096 on a CPU, 16384 on a GPU
     memory_budget_mb: int = 512  # dictionaries larger than this are streamed from disk in blocks
@@ -88,6 +95,10 @@ class FlowConfig:
             raise FlowError("k must be >= 1")
         if not 0.5 <= self.null_quantile < 1:
             raise FlowError("null_quantile must be in [0.5, 1)")
+        if self.null not in NULL_MODELS:
+            raise FlowError(f"unknown null model {self.null!r}; use one of {', '.join(NULL_MODELS)}")
+        if self.geometry not in ("auto", "no_massive", "raw"):
+            raise FlowError(f"unknown geometry {self.geometry!r}; use auto, no_massive or raw")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":  # not mps: the flow's top-k merges are not worth it there
@@ -112,7 +123,7 @@ class FlowConfig:
         """The settings that change the matches (block sizes do not)."""
         k = 1 if self.method == "permutation" else self.k
         return {"k": k, "method": self.method, "precision": self.precision, "null": self.null,
-                "null_samples": self.null_samples, "seed": self.seed}
+                "null_samples": self.null_samples, "seed": self.seed, "geometry": self.geometry}
 
 
 @dataclass
@@ -176,8 +187,9 @@ _LAZY = {"saelens": ("sae_weights.safetensors", "W_dec"),
 
 
 def slot_directions(pack, slot: tuple[str, int], method: str = "decoder",
-                    model=None) -> Directions:
-    """The slot's feature directions in residual space, for `method`, readable in blocks."""
+                    model=None, drop_dims: list[int] | None = None) -> Directions:
+    """The slot's feature directions in residual space, for `method`, readable in blocks;
+    `drop_dims`: residual coordinates set to zero before the rows are normalised."""
     pos, L = slot
     info = pack.info(pos, L)
     project = None
@@ -199,13 +211,14 @@ def slot_directions(pack, slot: tuple[str, int], method: str = "decoder",
     if method in ("decoder", "permutation") and info.format in _LAZY:
         fname, key = _LAZY[info.format]
         try:
-            return SafetensorsRows(info.path / fname, key, label=label, project=project)
+            return SafetensorsRows(info.path / fname, key, label=label, project=project,
+                                   drop_dims=drop_dims)
         except (MatchError, OSError):
             pass  # fall back to loading the SAE
 
     sae = sae_formats.load(info.path, info.format)
     if method == "encoder":
-        return TensorDirections(sae.W_enc.T, label=label, project=project)
+        return TensorDirections(sae.W_enc.T, label=label, project=project, drop_dims=drop_dims)
     scale = None
     if method == "folded":
         # SAE Match: rank by the dot product of threshold-folded decoder rows theta * W_dec.
@@ -214,7 +227,8 @@ def slot_directions(pack, slot: tuple[str, int], method: str = "decoder",
         if sae.threshold is not None and sae.activation == "jumprelu":
             norms = norms * sae.threshold.float()
         scale = norms / norms.mean().clamp_min(1e-12)
-    return TensorDirections(sae.W_dec, label=label, project=project, row_scale=scale)
+    return TensorDirections(sae.W_dec, label=label, project=project, row_scale=scale,
+                            drop_dims=drop_dims)
 
 
 def _mapping_fingerprint(pack, model) -> str | None:
@@ -260,24 +274,30 @@ def _scatter(i: np.ndarray, v: np.ndarray, rows: np.ndarray | None, targets: np.
 
 
 def compute_layer(pack, plan: LayerPlan, cfg: FlowConfig, model=None,
-                  directions=None, live: dict | None = None) -> dict[str, np.ndarray]:
+                  directions=None, live: dict | None = None, drop: list[int] | None = None,
+                  alt_drop: list[int] | None = None) -> dict[str, np.ndarray]:
     """Matches of one layer's residual SAE against its predecessors (both directions), + nulls.
 
-    `directions(slot) -> Directions` overrides where directions come from (benchmarks).
-    `live` ({slot: [d_sae] bool}) leaves latents that never fire out of every list, on both
-    sides: they keep their random initial directions and would only add noise.
+    `directions(slot, drop_dims) -> Directions` overrides where directions come from
+    (benchmarks). `live` ({slot: [d_sae] bool}) leaves latents that never fire out of every
+    list, on both sides: they keep their random initial directions and would only add noise.
+    `drop`: the residual coordinates the matching leaves out (the layer's massive dimensions);
+    `alt_drop` (None: skip): the other geometry, whose top-1 residual match is kept beside
+    (`res_alt_row_*`) so that the s_res share can be shown both ways.
     """
     budget = cfg.memory_budget_mb << 20
     live = live or {}
-    directions = directions or (lambda slot: slot_directions(pack, slot, cfg.method, model))
-    A_all = directions(plan.resid).materialize(budget)
+    if directions is None:
+        def directions(slot, drop_dims=None):
+            return slot_directions(pack, slot, cfg.method, model, drop_dims=drop_dims)
+    A_all = directions(plan.resid, drop).materialize(budget)
     A, a_idx = _live_subset(A_all, live.get(plan.resid))
     out: dict[str, np.ndarray] = {"n_resid": np.array(A_all.n)}
     kw = cfg.match_kw()
     for kind, slot in plan.preds.items():
         if slot is None:
             continue
-        B_all = directions(slot).materialize(budget)
+        B_all = directions(slot, drop).materialize(budget)
         B, b_idx = _live_subset(B_all, live.get(slot))
         out[f"{kind}_n"] = np.array(B_all.n)
         if cfg.method == "permutation":
@@ -300,6 +320,14 @@ def compute_layer(pack, plan: LayerPlan, cfg: FlowConfig, model=None,
         out[f"{kind}_null"] = null_top1(A, B, n=cfg.null_samples, kind=cfg.null,
                                         seed=cfg.seed + plan.layer, precision=cfg.precision,
                                         **kw)
+        if kind == "res" and alt_drop is not None and cfg.method != "permutation":
+            A_alt, _ = _live_subset(directions(plan.resid, alt_drop).materialize(budget),
+                                    live.get(plan.resid))
+            B_alt, _ = _live_subset(directions(slot, alt_drop).materialize(budget),
+                                    live.get(slot))
+            m = top_k_pairs(A_alt, B_alt, k=1, precision=cfg.precision, **kw)
+            i, v = _scatter(m.row_indices.numpy(), m.row_values.numpy(), a_idx, b_idx, A_all.n)
+            out["res_alt_row_i"], out["res_alt_row_v"] = i.astype(np.int32), v
     return out
 
 
@@ -416,6 +444,60 @@ def resolve_thresholds(defaults: dict, overrides: dict | None) -> dict:
     return out
 
 
+def resolve_geometry(plans, asked: str, liveness) -> tuple[str, dict[int, list[int]]]:
+    """("no_massive" | "raw", {layer: massive residual dims}) for the flow's matching.
+
+    A layer's massive set is the union over its residual-stream SAEs (R_L and R_{L-1}) of the
+    dimensions that eval's rule names on their inputs (the firing pass's variances); every pair
+    of the layer (M_L and A_L too) is compared without them, so both sides share one space."""
+    known: dict[int, list[int]] = {}
+    for p in plans:
+        dims: set[int] = set()
+        seen = False
+        for slot in (p.resid, p.preds.get("res")):
+            if slot is None or slot[0] not in ("resid_post", "resid_pre") or liveness is None:
+                continue
+            m = liveness.massive(slot)
+            if m is not None:
+                seen = True
+                dims |= set(m)
+        if seen:
+            known[p.layer] = sorted(dims)
+    have_all = bool(plans) and len(known) == len(plans)
+    if asked == "no_massive" and not have_all:
+        raise FlowError("geometry 'no_massive' needs each input's variance per dimension, which "
+                        "a firing pass measures: pass --model (or use --geometry raw)")
+    geometry = "no_massive" if asked == "no_massive" or (asked == "auto" and have_all) else "raw"
+    return geometry, known
+
+
+def s_res_shares(plans, results: dict, resolved: dict, live: dict | None,
+                 geometry: str) -> dict[int, dict]:
+    """Per layer: the share of live residual features whose top-1 residual predecessor reaches
+    the residual threshold, in the flow's geometry, in the other one (when measured), and for
+    the null directions (what chance alone gives)."""
+    other = "raw" if geometry == "no_massive" else "no_massive"
+    out: dict[int, dict] = {}
+    for p in plans:
+        r = results[p.layer]
+        if "res_row_v" not in r:
+            continue
+        t = resolved[p.layer]["res"]["value"]
+        mask = (live or {}).get(p.resid)
+        keep = np.ones(int(r["n_resid"]), bool) if mask is None else np.asarray(mask, bool)
+
+        def share(v) -> float:
+            with np.errstate(invalid="ignore"):
+                return round(float((v[keep, 0] >= t).mean()), 4) if keep.any() else float("nan")
+
+        row = {geometry: share(r["res_row_v"]),
+               "null": round(float((r["res_null"] >= t).mean()), 4)}
+        if "res_alt_row_v" in r:
+            row[other] = share(r["res_alt_row_v"])
+        out[p.layer] = row
+    return out
+
+
 def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
              layers: list[int] | None = None, thresholds: dict | None = None, model=None,
              t_res: float = 0.5, force: bool = False,
@@ -446,8 +528,10 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
     live = {}
     if liveness is not None:
         live = {s: m for s in pack.entries if (m := liveness.live(s)) is not None}
+    geometry, massive = resolve_geometry(plans, cfg.geometry, liveness)
     key_src = {"pack": fingerprint, "config": cfg.identity(), "cache_version": CACHE_VERSION,
-               "mapping": _mapping_fingerprint(pack, model)}
+               "mapping": _mapping_fingerprint(pack, model), "geometry": geometry,
+               "massive": {str(L): v for L, v in massive.items()}}
     if live:
         key_src["live"] = liveness.digest()
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:20]
@@ -462,6 +546,13 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
     cache = cache_dir("flow", key)
     write_json_atomic(cache / "key.json", key_src)
 
+    def drops(L: int) -> tuple[list[int] | None, list[int] | None]:
+        """(dims the matching leaves out, dims of the other geometry or None: no other)."""
+        m = massive.get(L) or []
+        if not m:
+            return None, None
+        return (m, []) if geometry == "no_massive" else (None, m)
+
     todo = [p for p in plans if not _layer_cache_file(cache, p.layer).is_file()]
     work = {p.layer: sum(1 for s in p.preds.values() if s) for p in todo}
     if scale is not None and scale.distributed and todo:
@@ -470,7 +561,8 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
 
         shipped = shippable(pack)
         mapped = model if any(p in pack.positions for p in MAPPED_POSITIONS) else None
-        run_tasks(compute_layer, [(shipped, p, cfg, mapped, None, live) for p in todo], scale,
+        run_tasks(compute_layer, [(shipped, p, cfg, mapped, None, live, *drops(p.layer))
+                                  for p in todo], scale,
                   desc="flow: matching", progress=progress, weights=[work[p.layer] for p in todo],
                   on_result=lambda i, arrays: save_npz_atomic(
                       _layer_cache_file(cache, todo[i].layer), arrays))
@@ -479,7 +571,8 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
                    disable=not progress or not todo)
         for p in todo:
             bar.set_postfix_str(f"layer {p.layer}")
-            arrays = compute_layer(pack, p, cfg, model, live=live)
+            drop, alt_drop = drops(p.layer)
+            arrays = compute_layer(pack, p, cfg, model, live=live, drop=drop, alt_drop=alt_drop)
             save_npz_atomic(_layer_cache_file(cache, p.layer), arrays)
             bar.update(work[p.layer])
         bar.close()
@@ -487,20 +580,27 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
 
     nulls = {p.layer: {k: results[p.layer][f"{k}_null"] for k in PRED_KINDS
                        if f"{k}_null" in results[p.layer]} for p in plans}
-    defaults = {L: {k: (v, f"null {cfg.null} q={cfg.null_quantile}")
+    defaults = {L: {k: ((t_res, f"t_res={t_res} (the paper's residual threshold)")
+                        if k == "res" else (v, f"null {cfg.null} q={cfg.null_quantile}"))
                     for k, v in ts.items()} for L, ts in
                 default_thresholds(nulls, cfg.null_quantile).items()}
     resolved = resolve_thresholds(defaults, thresholds)
+    shares = s_res_shares(plans, results, resolved, live, geometry)
 
     pred = predecessor_table(plans, results, resolved, live)
     succ = successor_table(plans, results, pack, live)
     out.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(pred, out / "predecessors.parquet")
     write_parquet_atomic(succ, out / "successors.parquet")
-    thr_doc = {"method": (f"A predecessor similarity is 'high' when it is at or above the "
-                          f"{cfg.null_quantile} quantile of the top-1 similarities that "
-                          f"{cfg.null_samples} '{cfg.null}' null directions reach against the "
-                          f"same predecessor SAE (see docs/method.md); user values replace it."),
+    thr_doc = {"method": (f"The residual predecessor is 'high' at s_res >= t_res = {t_res}. An "
+                          f"MLP or attention predecessor is 'high' when its similarity is at or "
+                          f"above the {cfg.null_quantile} quantile of the top-1 similarities "
+                          f"that {cfg.null_samples} '{cfg.null}' null directions reach against "
+                          f"the same predecessor SAE (see docs/method.md); user values replace "
+                          f"either. Geometry: {geometry}."),
+               "null": cfg.null, "geometry": geometry, "t_res": t_res,
+               "massive_dims": {str(L): v for L, v in massive.items()},
+               "s_res_share": {str(L): v for L, v in shares.items()},
                "layers": {str(L): v for L, v in resolved.items()},
                "null_quantiles": {str(L): {k: {q: float(np.quantile(v, q))
                                                for q in (0.5, 0.9, 0.99, 0.999)}
@@ -526,6 +626,7 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
                                      for (p, L), i in pack.entries.items()
                                      if i.extra.get("neuronpedia_id")}},
         "config": cfg.identity(), "cache_key": key, "layers": [p.layer for p in plans],
+        "geometry": geometry, "massive_dims": {str(L): v for L, v in massive.items()},
         "predecessor_slots": {str(p.layer): {k: (f"{s[1]}/{s[0]}" if s else None)
                                              for k, s in p.preds.items()} for p in plans},
         "attention_mapping": mapping, "slots": slots, "request": request,
