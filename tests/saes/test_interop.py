@@ -134,6 +134,34 @@ def test_saeflow_pack_loads_in_saelens(tmp_path, arch, inference, scale):
     assert meta.saeflow["position"] == "mlp_out" and meta.saeflow["saeflow_version"]
 
 
+def test_saelens_loads_a_trained_sae_with_its_dim_scale_record(tmp_path):
+    """The trainer's per-dimension scale, written as a list under metadata.saeflow, is only a
+    record: SAELens loads the folder, applies nothing more and computes what saeflow does."""
+    from sae_lens import SAE
+
+    from saeflow.saes.train import _dim_scale, _dim_scale_metadata, _fold_dim_scale
+
+    x = _x(256, seed=2) * torch.linspace(0.1, 30.0, D_IN)
+    v = _dim_scale(x, 10.0)
+    raw = random_sae(D_IN, D_SAE, "topk", k=6, seed=7)  # as the trainer holds it (scaled space)
+    W_enc, W_dec, b_dec = _fold_dim_scale(raw.W_enc, raw.W_dec, raw.b_dec, v)
+    sae = raw._replace(W_enc=W_enc.contiguous(), W_dec=W_dec, b_dec=b_dec,
+                       metadata=_dim_scale_metadata(v, 10.0))
+    save_pack([("resid_post", 1, sae)], tmp_path / "pack", model_name="tiny-model",
+              d_model=D_IN, n_layers=3)
+    folder = tmp_path / "pack" / "resid_post" / "layer_1"
+    theirs = SAE.load_from_disk(folder)
+    ours = load_pack(tmp_path / "pack").sae("resid_post", 1)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), ours.encode(x), **TOL)
+        torch.testing.assert_close(theirs(x), ours(x), **TOL)
+        # ... and both equal the trainer's forward in its scaled space, mapped back
+        torch.testing.assert_close(ours(x), raw(x * v) / v, rtol=1e-4, atol=1e-4)
+    rec = theirs.cfg.metadata.saeflow
+    assert torch.equal(torch.tensor(rec["dim_scale"], dtype=torch.float32), v)
+    assert "do not apply" in rec["dim_scale_note"]
+
+
 def _tiny_tl_model():
     from sae_lens import HookedSAETransformer
     from transformer_lens import HookedTransformerConfig

@@ -160,6 +160,9 @@ _SAELENS_REFUSED = {
 # The format version written in metadata: SAELens reads configs without one as pre-6.0 flat
 # configs and drops their metadata (hook_name, model_name).
 SAELENS_FORMAT_VERSION = "6.0.0"
+# Written under metadata.saeflow for the record and carried through loads and conversions, never
+# applied: the trainer's per-dimension input scale, already folded exactly into the weights.
+SAEFLOW_RECORD_KEYS = ("input_norm", "dim_cap", "dim_scale", "dim_scale_note")
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
 
@@ -289,7 +292,8 @@ def load_saelens(folder: Path) -> SAE:
                   architecture=plan.arch, threshold=t.get("threshold"), k=plan.k,
                   apply_b_dec_to_input=plan.apply_b_dec,
                   batchtopk_inference="jumprelu" if "threshold" in t else "topk",
-                  metadata={"source_format": "saelens", "cfg": cfg}, **sae_kw)
+                  metadata={"source_format": "saelens", "cfg": cfg,
+                            **{k: sf[k] for k in SAEFLOW_RECORD_KEYS if k in sf}}, **sae_kw)
     except ValueError as e:
         raise SAEFormatError(f"{folder}: {e}") from e
     if sae.d_in != int(cfg["d_in"]):
@@ -304,7 +308,9 @@ def save_saelens(sae: SAE, folder: Path, *, position: str, layer: int, hook_name
                  provenance: dict | None = None) -> None:
     """Write one SAE as a SAELens 6.x folder that SAELens itself loads with its metadata.
 
-    input_scale is folded into the weights (exact), since SAELens has no field for it.
+    input_scale is folded into the weights (exact), since SAELens has no field for it. A
+    per-dimension training scale (metadata dim_scale) was folded by the trainer; it is written
+    under metadata.saeflow for the record, and no loader applies it.
     BatchTopK is written as the inference form SAELens knows (jumprelu or topk), with the
     training architecture kept under metadata.saeflow. Every tensor is written in one dtype,
     the one cfg.json names. attn_z SAEs get reshape_activations "hook_z": SAELens then expects
@@ -323,7 +329,8 @@ def save_saelens(sae: SAE, folder: Path, *, position: str, layer: int, hook_name
                     "saeflow_version": __version__, **(provenance or {})}
     if original_arch == "batchtopk" and sae.k:
         saeflow_meta["k"] = sae.k
-    for key in ("input_scale_folded", "rescale_acts_by_decoder_norm", "source_format"):
+    for key in ("input_scale_folded", "rescale_acts_by_decoder_norm", "source_format",
+                *SAEFLOW_RECORD_KEYS):
         if key in sae.metadata:
             saeflow_meta[key] = sae.metadata[key]
     dtype = str(sae.dtype).removeprefix("torch.")

@@ -9,8 +9,9 @@ only need tokenising, not a forward pass.
 The SAE recipe (TopK / BatchTopK, after Gao et al. 2024 and Bussmann et al. 2024):
   - inputs standardised per dimension (input_norm "dim"): each dimension divided by its standard
     deviation on the first chunk, capped at dim_cap x the median one (Gemma's massive residual
-    dimensions); folded exactly into W_enc, W_dec and b_dec on export. input_norm "scalar" is
-    the older single factor with E||x||^2 = d_in (recorded as input_scale, folded on save);
+    dimensions); folded exactly into W_enc, W_dec and b_dec on export, and recorded (not to be
+    applied again) as metadata.saeflow.dim_scale in cfg.json. input_norm "scalar" is the older
+    single factor with E||x||^2 = d_in (recorded as input_scale, folded on save);
   - b_dec initialised at the geometric median of the first chunk;
   - W_dec rows kept at unit norm (gradient parallel to each row removed, then renormalised);
   - AuxK loss: the top-k_aux pre-activations among dead latents reconstruct the residual;
@@ -154,6 +155,20 @@ def _fold_dim_scale(W_enc, W_dec, b_dec, v):
     back with /v equals one on raw x with W_enc' = diag(v) W_enc, W_dec' = W_dec diag(1/v),
     b_dec' = b_dec / v (b_dec is subtracted from the input and added to the output)."""
     return v[:, None] * W_enc, W_dec / v[None, :], b_dec / v
+
+
+DIM_SCALE_NOTE = ("training inputs were x * dim_scale per dimension (1 / min(sd, dim_cap x the "
+                  "median sd), sd on the first chunk); already folded exactly into W_enc, W_dec "
+                  "and b_dec: informational, do not apply it again")
+
+
+def _dim_scale_metadata(v: torch.Tensor, cap: float) -> dict:
+    """What an export records of its per-dimension scale v [d] (written to cfg.json under
+    metadata.saeflow; loaders ignore it). Each float is the shortest decimal that reads back
+    as the same float32."""
+    return {"input_norm": "dim (folded)", "dim_cap": cap,
+            "dim_scale": [float(str(x)) for x in v.float().cpu().numpy()],
+            "dim_scale_note": DIM_SCALE_NOTE}
 
 
 # --- sparse encoder -----------------------------------------------------------------------------
@@ -485,8 +500,9 @@ class SAETrainer:
         W_dec = self.W_dec.detach().float().cpu()
         b_dec = self.b_dec.detach().float().cpu()
         if self.dim_scale is not None:
-            W_enc, W_dec, b_dec = _fold_dim_scale(W_enc, W_dec, b_dec, self.dim_scale.float().cpu())
-            metadata = {**metadata, "input_norm": "dim (folded)"}
+            v = self.dim_scale.float().cpu()
+            W_enc, W_dec, b_dec = _fold_dim_scale(W_enc, W_dec, b_dec, v)
+            metadata = {**metadata, **_dim_scale_metadata(v, cfg.dim_cap)}
         threshold = None
         if cfg.architecture == "batchtopk":
             theta = self.thr_sum / max(1, self.thr_count)
@@ -701,8 +717,9 @@ class StackedTrainer:
         W_dec = self.W_dec[i].detach().float().cpu()
         b_dec = self.b_dec[i].detach().float().cpu()
         if self.dim is not None:
-            W_enc, W_dec, b_dec = _fold_dim_scale(W_enc, W_dec, b_dec, self.dim[i].float().cpu())
-            metadata = {**metadata, "input_norm": "dim (folded)"}
+            v = self.dim[i].float().cpu()
+            W_enc, W_dec, b_dec = _fold_dim_scale(W_enc, W_dec, b_dec, v)
+            metadata = {**metadata, **_dim_scale_metadata(v, cfg.dim_cap)}
         return SAE(W_enc=W_enc.contiguous(), W_dec=W_dec,
                    b_enc=self.b_enc[i].detach().float().cpu(), b_dec=b_dec,
                    architecture=cfg.architecture, threshold=threshold, k=cfg.k,
