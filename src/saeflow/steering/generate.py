@@ -88,11 +88,12 @@ def sample(model, input_ids: torch.Tensor, cfg: SamplingConfig, edits_for=None,
            on_token: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Sample cfg.n continuations of input_ids [1, P] as one batch -> new tokens [n, <= max].
 
-    `edits_for(scope)` returns the hook edits of this call (see interventions.plan_edits);
+    `edits_for(scope)` returns the hook edits of this call (see plans.plan_edits); the scope is
+    given the ids of every forward, so special tokens (BOS, EOS, ...) are never edited.
     `on_token(step, tokens [n])` is called after each step (streaming). Sequences that reached
     EOS are padded with EOS."""
     eos = model.tokenizer.eos_token_id
-    scope = CallScope()
+    scope = CallScope.for_model(model)
     edits = edits_for(scope) if edits_for is not None else None
     gen = torch.Generator().manual_seed(int(cfg.seed))
     device = model.device
@@ -102,6 +103,7 @@ def sample(model, input_ids: torch.Tensor, cfg: SamplingConfig, edits_for=None,
     hooks = Hooks(model, edits=edits) if edits else nullcontext()
     with torch.inference_mode(), scope, hooks:
         for step in range(cfg.max_new_tokens):
+            scope.set_inputs(cur)  # its special tokens stay unedited
             res = model.hf(input_ids=cur, past_key_values=past, use_cache=True, logits_to_keep=1)
             scope.seen += cur.shape[1]
             past = res.past_key_values

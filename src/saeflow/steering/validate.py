@@ -690,7 +690,8 @@ def r_sweep(pack, model, run, seeds: list[str], r_values, texts: int = 8, ctx_le
         G = trace(flow, s, t_res=t_res)
         for r in r_values:
             plan = plan_from_graph(G, r, "span", mode="rescale")
-            scope = CallScope()
+            scope = CallScope.for_model(model)
+            scope.set_inputs(ids, mask)  # BOS, separators and padding stay unedited
             lr = loss(plan_edits(plan, pack, scope, device=model.device), scope)
             rows.append({"seed": s, "nodes": len(plan.interventions), "r": r, "loss": lr,
                          "clean_loss": clean, "relative_change": (lr - clean) / clean})
