@@ -71,7 +71,7 @@ class SteerRequest(BaseModel):
     schedule: Literal["constant", "linear", "exponential"] = "constant"
     alpha: float = Field(-0.05, ge=-10, le=10)
     t_res: float = Field(0.5, ge=-1, le=1)
-    t_mod: float = Field(0.15, ge=-1, le=1)
+    t_mod: float | None = Field(None, ge=-1, le=1)  # None: each layer's threshold from the flow
     n: int = Field(1, ge=1, le=MAX_SAMPLES)
     max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(1.0, ge=0, le=10)
@@ -164,7 +164,9 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
 
     @app.get("/api/trace", summary="Flow graph of one or more features (comma-separated)")
     def trace(feature: str = Query(..., max_length=2000),
-              t_res: float = Query(0.5, ge=-1, le=1), t_mod: float = Query(0.15, ge=-1, le=1),
+              t_res: float = Query(0.5, ge=-1, le=1), t_mod: float | None = Query(None, ge=-1, le=1,
+                                          description="MLP/attention link threshold; omitted: "
+                                                      "each layer's own from the flow's null"),
               mod_k: int = Query(1, ge=1, le=32),
               direction: Literal["both", "backward", "forward"] = "both",
               max_nodes: int = Query(2000, ge=1, le=MAX_GRAPH_NODES)) -> dict:

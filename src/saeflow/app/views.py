@@ -106,7 +106,10 @@ class RunData:
         if self.flow is not None:
             m = self.flow.manifest
             out["pack"] = {"root": m["pack"]["root"], "fingerprint": m["pack"]["fingerprint"]}
-            out["default_thresholds"] = {"t_res": 0.5, "t_mod": 0.15}
+            # t_mod None: each layer's own MLP / attention threshold (the flow's null model)
+            out["default_thresholds"] = {"t_res": 0.5, "t_mod": None}
+            out["flow_null"] = self.flow.thresholds.get("null", m.get("config", {}).get("null"))
+            out["flow_geometry"] = m.get("geometry", "raw")
         out["first_feature"] = self.suggested_feature()
         if self.index is not None:
             out["index_tokens"] = self.index.manifest.get("tokens")
@@ -226,7 +229,7 @@ class RunData:
         return page
 
     # --- graphs ------------------------------------------------------------------------
-    def trace(self, seeds: list[str], t_res: float, t_mod: float, mod_k: int = 1,
+    def trace(self, seeds: list[str], t_res: float, t_mod: float | None, mod_k: int = 1,
               direction: Literal["both", "backward", "forward"] = "both", max_nodes: int = 2000, color_by: str = "class") -> dict:
         """The union of the seeds' flow graphs, pruned to max_nodes and laid out in lanes."""
         import networkx as nx

@@ -107,10 +107,13 @@ class FlowIndex:
         return nl, int(i[feature, 0]), float(v[feature, 0])
 
 
-def trace(run: FlowRun | FlowIndex, seed: str, t_res: float = 0.5, t_mod: float = 0.15,
+def trace(run: FlowRun | FlowIndex, seed: str, t_res: float = 0.5, t_mod: float | None = None,
           mod_k: int = 1, direction: Literal["both", "backward", "forward"] = "both",
           max_steps: int | None = None) -> nx.DiGraph:
-    """The flow graph of `seed` ('12/resid_post/4230'). Thresholds are inclusive (s >= t)."""
+    """The flow graph of `seed` ('12/resid_post/4230'). Thresholds are inclusive (s >= t).
+
+    t_mod None: each layer's MLP / attention link threshold is the flow's own (thresholds.json,
+    from its null model), so a graph links a module only where the classes call it "high"."""
     index = run if isinstance(run, FlowIndex) else FlowIndex(run)
     run = index.run
     if direction not in ("both", "backward", "forward"):
@@ -119,7 +122,8 @@ def trace(run: FlowRun | FlowIndex, seed: str, t_res: float = 0.5, t_mod: float 
         raise FlowError("mod_k must be >= 1")
     L, pos, f = parse_feature(seed)
     run.check_feature(L, pos, f)
-    G = nx.DiGraph(seed=feature_id(L, pos, f), t_res=t_res, t_mod=t_mod, mod_k=mod_k,
+    G = nx.DiGraph(seed=feature_id(L, pos, f), t_res=t_res,
+                   t_mod=t_mod if t_mod is not None else "per layer (flow null)", mod_k=mod_k,
                    pack=run.manifest["pack"]["fingerprint"])
 
     def node(layer, position, feature, score, role):
@@ -132,11 +136,17 @@ def trace(run: FlowRun | FlowIndex, seed: str, t_res: float = 0.5, t_mod: float 
                        score=float(score), role=role, **({"class": cls} if cls else {}))
         return nid
 
+    def module_t(layer: int, kind: str) -> float:
+        if t_mod is not None:
+            return t_mod
+        entry = run.thresholds.get("layers", {}).get(str(layer), {}).get(kind)
+        return float(entry["value"]) if entry else 0.15  # 0.15: the paper's figure
+
     def modules(layer, feature, target):
         for kind in ("mlp", "attn"):
             for rank in range(mod_k):
                 p = index.predecessor(layer, feature, kind, rank)
-                if p is None or not p[3] >= t_mod:
+                if p is None or not p[3] >= module_t(layer, kind):
                     break
                 src = node(p[1], p[0], p[2], p[3], kind)
                 G.add_edge(src, target, similarity=p[3], kind=kind)
@@ -144,7 +154,8 @@ def trace(run: FlowRun | FlowIndex, seed: str, t_res: float = 0.5, t_mod: float 
     seed_id = node(L, pos, f, 1.0, "seed")
     if pos != "resid_post":  # enter the residual chain through the seed's successor
         s = index.successor(pos, L, f)
-        if s is None or not s[2] >= (t_mod if pos != "resid_pre" else t_res):
+        kind = "attn" if pos.startswith("attn") else "mlp"
+        if s is None or not s[2] >= (module_t(s[0], kind) if pos != "resid_pre" else t_res):
             return G
         L, f = s[0], s[1]
         G.add_edge(seed_id, node(L, "resid_post", f, s[2], "res"), similarity=s[2], kind="seed")

@@ -54,6 +54,19 @@ def similarity_histograms(run: FlowRun, bins: np.ndarray) -> dict[str, np.ndarra
     return out
 
 
+def thresholds_caption(run: FlowRun) -> str:
+    """How the classes were cut, in one line: the residual threshold, the null model of the
+    MLP / attention thresholds, and the geometry (for every class plot and table)."""
+    t = run.thresholds
+    t_res = t.get("t_res")
+    null = t.get("null") or run.manifest.get("config", {}).get("null", "?")
+    q = t.get("null_quantile", 0.99)
+    geometry = t.get("geometry") or run.manifest.get("geometry", "raw")
+    res = f"s_res >= {t_res}" if t_res is not None else "s_res from the null"
+    return (f"{res}; MLP/attention: q{q} of the '{null}' null; geometry: {geometry}"
+            + ("" if geometry == "raw" else " (massive residual dims left out)"))
+
+
 def write_flow_plots(run: FlowRun, out_dir: str | Path, t_res: float = 0.5) -> list[Path]:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -75,13 +88,15 @@ def write_flow_plots(run: FlowRun, out_dir: str | Path, t_res: float = 0.5) -> l
     ax.set_ylim(0, 1)
     ax.set_xticks(layers)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=4, frameon=False)
-    ax.set_title("Feature classes per layer (data-free flow)")
+    how = thresholds_caption(run)
+    ax.set_title(f"Feature classes per layer (data-free flow)\n{how}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out_dir / "class_proportions.png", dpi=150)
     plt.close(fig)
     pf = go.Figure([go.Bar(x=layers, y=props[c], name=c, marker_color=CLASS_COLORS[c])
                     for c in CLASSES])
-    pf.update_layout(barmode="stack", title="Feature classes per layer", xaxis_title="layer",
+    pf.update_layout(barmode="stack", title=f"Feature classes per layer<br><sub>{how}</sub>",
+                     xaxis_title="layer",
                      yaxis_title="share of residual features", yaxis_range=[0, 1])
     _write_html(pf, out_dir / "class_proportions.html")
     written += [out_dir / "class_proportions.png", out_dir / "class_proportions.html"]

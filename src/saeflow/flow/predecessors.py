@@ -598,7 +598,8 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
                           f"that {cfg.null_samples} '{cfg.null}' null directions reach against "
                           f"the same predecessor SAE (see docs/method.md); user values replace "
                           f"either. Geometry: {geometry}."),
-               "null": cfg.null, "geometry": geometry, "t_res": t_res,
+               "null": cfg.null, "null_quantile": cfg.null_quantile, "geometry": geometry,
+               "t_res": t_res,
                "massive_dims": {str(L): v for L, v in massive.items()},
                "s_res_share": {str(L): v for L, v in shares.items()},
                "layers": {str(L): v for L, v in resolved.items()},

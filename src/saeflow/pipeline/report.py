@@ -306,7 +306,7 @@ def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
     if flow is not None:
 
         for fid in example_features(run):
-            G = trace(flow, fid, t_res=0.5, t_mod=0.15)
+            G = trace(flow, fid, t_res=0.5)
             add_labels(G, run)
             out = files / fid.replace("/", "_")
             out.mkdir(exist_ok=True)

@@ -116,9 +116,13 @@ function drawGraph(div, g, colorBy, onClick) {
 
 // --- flow view -------------------------------------------------------------------------------
 let flowGraph = null, flowTimer = null;
+// t_mod: the flow's per-layer thresholds (omitted from requests) until the slider is moved
+const tMod = () => ($("#t-mod-auto").checked ? null : +$("#t-mod").value);
+$("#t-mod-auto").addEventListener("change", () => { clearTimeout(flowTimer); flowTimer = setTimeout(loadFlow, 120); });
 for (const id of ["t-res", "t-mod"]) {
   $("#" + id).addEventListener("input", () => {
     $("#" + id + "-val").textContent = (+$("#" + id).value).toFixed(2);
+    if (id === "t-mod") $("#t-mod-auto").checked = false;
     clearTimeout(flowTimer);
     flowTimer = setTimeout(loadFlow, 120);
   });
@@ -143,7 +147,7 @@ async function showFlow(arg) {
   const [ids, query] = (arg || "").split("?");
   const params = new URLSearchParams(query || "");
   for (const [k, el] of [["t_res", "#t-res"], ["t_mod", "#t-mod"], ["mod_k", "#mod-k"]]) {
-    if (params.has(k)) { $(el).value = params.get(k); if ($(el + "-val")) $(el + "-val").textContent = (+params.get(k)).toFixed(2); }
+    if (params.has(k)) { $(el).value = params.get(k); if ($(el + "-val")) $(el + "-val").textContent = (+params.get(k)).toFixed(2); if (k === "t_mod") $("#t-mod-auto").checked = false; }
   }
   if (ids) $("#flow-feature").value = decodeURIComponent(ids);
   if (!$("#flow-feature").value && INFO && INFO.first_feature) $("#flow-feature").value = INFO.first_feature;
@@ -156,7 +160,8 @@ async function loadFlow() {
   const st = $("#flow-status");
   if (!f) { status(st, "search for a feature, or type its id (LAYER/POSITION/INDEX)"); return; }
   const seq = ++flowSeq;
-  const q = new URLSearchParams({feature: f, t_res: $("#t-res").value, t_mod: $("#t-mod").value, mod_k: $("#mod-k").value});
+  const q = new URLSearchParams({feature: f, t_res: $("#t-res").value, mod_k: $("#mod-k").value});
+  if (tMod() !== null) q.set("t_mod", String(tMod()));
   const t0 = performance.now();
   status(st, "tracing ...");
   try {
@@ -168,7 +173,7 @@ async function loadFlow() {
     const t2 = performance.now();
     window.saeflow.timings.flow = {fetch_ms: t1 - t0, draw_ms: t2 - t1, nodes: g.nodes.length};
     status(st, `${g.nodes.length} nodes, ${g.links.length} links` + (g.pruned ? ` (pruned from ${g.n_total})` : "") +
-      ` · t_res ${(+g.t_res).toFixed(2)}, t_mod ${(+g.t_mod).toFixed(2)}`);
+      ` · t_res ${(+g.t_res).toFixed(2)}, t_mod ${g.t_mod === null ? "per layer (" + (INFO && INFO.flow_null || "null") + " null)" : (+g.t_mod).toFixed(2)}`);
     $("#graph").dataset.tRes = String(g.t_res);
   } catch (e) { status(st, e.message, true); }
 }
@@ -328,7 +333,7 @@ $("#steer-form").addEventListener("submit", async (e) => {
   const req = {prompt: f.get("prompt"), mode: f.get("mode"), kind: f.get("kind"), strength: +f.get("strength"),
     schedule: f.get("schedule"), alpha: +f.get("alpha"), n: +f.get("n"), max_new_tokens: +f.get("max_new_tokens"),
     temperature: +f.get("temperature"), seed: +f.get("seed"), score: f.get("score") === "on",
-    t_res: +$("#t-res").value, t_mod: +$("#t-mod").value};
+    t_res: +$("#t-res").value, t_mod: tMod()};
   if (f.get("layer") !== "") req.layer = +f.get("layer");
   if (f.get("feature").trim()) req.feature = f.get("feature").trim(); else if (loadedPlan) req.plan = loadedPlan;
   $("#out-default").innerHTML = $("#out-steered").innerHTML = $("#steer-scores").innerHTML = "";
