@@ -183,6 +183,26 @@ def test_stats_bad_input_and_cli(pack_and_model, tmp_path, capsys):
     groups = json.loads((run / "stats" / "groups.json").read_text())["layers"]
     assert set(groups) == {"0", "1", "2"} and all(sum(v.values()) > 0 for v in groups.values())
     assert groups["0"]["From RES"] == 0  # layer 0 has no residual predecessor
+    # Co-firing of each feature with its top-1 predecessors: the same (token, feature) events
+    # as the groups, split by feature.
+    import pandas as pd
+
+    co = pd.read_parquet(run / "stats" / "cofire.parquet")
+    for L, g in groups.items():
+        c = co[co.layer == int(L)]
+        assert len(c) == pack.sae("resid_post", int(L)).d_sae
+        assert int(c.n_on.sum()) == sum(g.values())
+        for kind, word in (("res", "RES"), ("mlp", "MLP"), ("attn", "ATT")):
+            assert int(c[f"both_{kind}"].sum()) == sum(v for k, v in g.items() if word in k)
+            assert (c[f"both_{kind}"] <= c.n_on).all()
+    assert co[co.layer == 0].both_res.sum() == 0
+    by_sim = pd.DataFrame(summary["cofire"]["by_similarity"])
+    assert set(by_sim.kind) == {"res", "mlp", "attn"}
+    live_pairs = co.merge(pd.read_parquet(run / "predecessors.parquet"), on=["layer", "feature"])
+    assert by_sim[by_sim.kind == "mlp"].pairs.sum() == int(
+        (live_pairs.live & live_pairs.s_mlp.notna()).sum())
+    by_t = pd.DataFrame(summary["cofire"]["by_threshold"])
+    assert set(by_t.kind) <= {"res", "mlp", "attn"} and (by_t.high_share <= 1).all()
     for f in ("pass_through.csv", "gates.json", "communities.parquet", "agreement.csv",
               "plots/groups.png", "plots/pass_through_resid_post.html"):
         assert (run / "stats" / f).is_file(), f

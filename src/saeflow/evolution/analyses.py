@@ -20,6 +20,57 @@ def _alive(stats: StatsRun) -> pd.DataFrame:
     return f[f.n_active > 0]
 
 
+COFIRE_BINS = (-1.0, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.01)
+
+
+def _cofire_joined(flow_run, co: pd.DataFrame) -> pd.DataFrame:
+    """The flow's predecessor rows (live features) with their co-firing counts."""
+    pred = flow_run.table("predecessors").select(
+        ["layer", "feature", "s_res", "s_mlp", "s_attn", "live"]).to_pandas()
+    d = pred.merge(co, on=["layer", "feature"], how="inner")
+    return d[d.live.astype(bool)]
+
+
+def cofire_by_similarity(flow_run, co: pd.DataFrame, bins=COFIRE_BINS) -> pd.DataFrame:
+    """Per predecessor kind and similarity bin of the top-1 match: pairs, and how often the
+    predecessor fires when the target fires (pooled: sum both-on / sum target-on). A data-free
+    match that means something co-fires far above a random pair."""
+    d = _cofire_joined(flow_run, co)
+    rows = []
+    for kind in ("res", "mlp", "attn"):
+        s = d[f"s_{kind}"]
+        for lo, hi in zip(bins[:-1], bins[1:]):
+            sel = d[(s >= lo) & (s < hi)]
+            n_on = int(sel.n_on.sum())
+            rows.append({"kind": kind, "similarity": f"[{lo:.2f}, {min(hi, 1.0):.2f})",
+                         "pairs": int(len(sel)), "target_on": n_on,
+                         "cofire": (float(sel[f"both_{kind}"].sum()) / n_on) if n_on else None})
+    return pd.DataFrame(rows)
+
+
+def cofire_by_threshold(flow_run, co: pd.DataFrame) -> pd.DataFrame:
+    """Per layer and kind: the co-firing of the pairs the flow's thresholds call "high" and of
+    those they call "low" (how well the thresholds separate real links from chance ones)."""
+    d = _cofire_joined(flow_run, co)
+    thr = flow_run.thresholds.get("layers", {})
+    rows = []
+    for L, g in d.groupby("layer"):
+        for kind in ("res", "mlp", "attn"):
+            t = (thr.get(str(L)) or {}).get(kind)
+            s = g[f"s_{kind}"]
+            if t is None or s.isna().all():
+                continue
+            hi, lo = g[s >= t["value"]], g[s < t["value"]]
+
+            def rate(x):
+                n = x.n_on.sum()
+                return round(float(x[f"both_{kind}"].sum() / n), 4) if n else None
+            rows.append({"layer": int(L), "kind": kind, "threshold": round(t["value"], 4),
+                         "high_share": round(float(len(hi) / max(len(g), 1)), 4),
+                         "cofire_high": rate(hi), "cofire_low": rate(lo)})
+    return pd.DataFrame(rows)
+
+
 def pass_through(stats: StatsRun, threshold: float = 0.5, measure: str = "pearson") -> pd.DataFrame:
     """Per adjacent pair at one position: how many live upstream features pass through (best
     downstream partner >= threshold), disappear, and how many downstream features appear."""
@@ -270,6 +321,11 @@ def write_evolution_outputs(run, stats: StatsRun, pack, *, pass_threshold: float
         flow_run = open_flow(run)
     except ValueError:
         flow_run = None
+    cpath = root / "cofire.parquet"
+    if flow_run is not None and cpath.is_file():
+        co = pd.read_parquet(cpath)
+        summary["cofire"] = {"by_similarity": cofire_by_similarity(flow_run, co).to_dict("records"),
+                             "by_threshold": cofire_by_threshold(flow_run, co).to_dict("records")}
     if flow_run is not None:
         ag = agreement(flow_run, stats, pack)
         ag.to_csv(root / "agreement.csv", index=False)

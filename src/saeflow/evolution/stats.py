@@ -39,7 +39,7 @@ from saeflow.saes.packs import pack_fingerprint
 from saeflow.saes.scan import CorpusPassConfig, ScanSpec, load_saes
 from saeflow.scale import ScaleConfig
 from saeflow.scale.shards import sharded_scan
-from saeflow.store import finished_pass, write_json_atomic
+from saeflow.store import finished_pass, write_json_atomic, write_parquet_atomic
 
 
 def _nonzero_lists(z: torch.Tensor, active: torch.Tensor | None
@@ -425,6 +425,8 @@ def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
     total = res["total"]
     acc, group_counts = total.acc, total.group_counts
     write_stats(root, acc, cfg, ident, res["tokens"], res["seconds"])
+    if total.cofire:
+        write_cofire(root, total.cofire)
     if group_counts:
 
         order = [0, 1, 2, 3, 4, 5, 6, 7]
@@ -434,6 +436,24 @@ def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
             "layers": {str(L): {group_name(bool(c & 1), bool(c & 2), bool(c & 4)): int(v[c])
                                 for c in order} for L, v in group_counts.items()}})
     return open_stats(out)
+
+
+COFIRE_FILE = "cofire.parquet"
+
+
+def write_cofire(root, cofire: dict) -> None:
+    """stats/cofire.parquet: per (layer, resid_post feature) the tokens it was active on and,
+    of those, the tokens its top-1 RES / MLP / ATT predecessor (the flow's) was active too."""
+    import pyarrow as pa
+
+    tables = []
+    for L, c in sorted(cofire.items()):
+        n = c.shape[1]
+        tables.append(pa.table({"layer": pa.array(np.full(n, L, np.int16)),
+                                "feature": pa.array(np.arange(n, dtype=np.int32)),
+                                "n_on": c[0], "both_res": c[1], "both_mlp": c[2],
+                                "both_attn": c[3]}))
+    write_parquet_atomic(pa.concat_tables(tables), root / COFIRE_FILE)
 
 
 class _StatsShard:
@@ -446,6 +466,10 @@ class _StatsShard:
         self.acc = {pr: PairAccumulator(plan["d"][pr[0]], plan["d"][pr[1]])
                     for pr in plan["pairs"]}
         self.group_counts = {L: np.zeros(8, np.int64) for L in plan["flow_pred"]}
+        # per layer: [4, d_sae] counts of the target on, and on with its top-1 RES / MLP / ATT
+        # predecessor (the co-firing that tells a real data-free match from a chance one)
+        self.cofire = {L: np.zeros((4, plan["d"][("resid_post", L)]), np.int64)
+                       for L in plan["flow_pred"]}
         self.thresholds = None
         if plan["frac"] is not None:
             self.thresholds = {s: torch.as_tensor(plan["maxima"][s], dtype=torch.float32,
@@ -475,7 +499,9 @@ class _StatsShard:
             on_r = act[r]
             t, f = on_r.nonzero(as_tuple=True)
             code = torch.zeros(len(t), dtype=torch.long, device=dev)
-            for bit, kind in ((1, "res"), (2, "mlp"), (4, "attn")):
+            n_d = on_r.shape[1]
+            self.cofire[L][0] += torch.bincount(f, minlength=n_d).cpu().numpy()
+            for row, (bit, kind) in enumerate(((1, "res"), (2, "mlp"), (4, "attn")), start=1):
                 slot = info["slots"].get(kind)
                 if slot is None:
                     continue
@@ -485,22 +511,31 @@ class _StatsShard:
                 fired = torch.zeros(len(t), dtype=torch.bool, device=dev)
                 fired[ok] = src[t[ok], pred[ok]]
                 code += bit * fired.long()
+                self.cofire[L][row] += torch.bincount(f[fired], minlength=n_d).cpu().numpy()
             self.group_counts[L] += torch.bincount(code, minlength=8).cpu().numpy()
 
     def state(self) -> dict:
         return {"pairs": {self._key(u, d): a.state() for (u, d), a in self.acc.items()},
-                "groups": {L: v.copy() for L, v in self.group_counts.items()}}
+                "groups": {L: v.copy() for L, v in self.group_counts.items()},
+                "cofire": {L: v.copy() for L, v in self.cofire.items()}}
 
     def load(self, st: dict) -> None:
         for (u, d), a in self.acc.items():
             a.load(st["pairs"][self._key(u, d)])
         self.group_counts.update({L: np.array(v, np.int64) for L, v in st["groups"].items()})
+        # a state saved before saeflow counted co-firing has none: the pass then starts over
+        if "cofire" not in st and self.cofire:
+            raise StatsError("this statistics checkpoint predates the co-firing counts; rerun "
+                             "with --force")
+        self.cofire.update({L: np.array(v, np.int64) for L, v in st.get("cofire", {}).items()})
 
     def merge(self, other: "_StatsShard") -> None:
         for pr, a in self.acc.items():
             a.merge(other.acc[pr])
         for L, v in other.group_counts.items():
             self.group_counts[L] += v
+        for L, v in other.cofire.items():
+            self.cofire[L] += v
 
 
 def _flow_predecessors(run, pack) -> dict:
