@@ -140,6 +140,66 @@ def _ci(r: dict) -> str:
     return "" if not ci else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
+def flow_science_table(run: Path, flow) -> pd.DataFrame:
+    """Per layer: the data-free classes (with the flow's thresholds), the s_res share in both
+    geometries and under the null, and the empirical groups on real tokens (stats)."""
+    counts = flow.class_counts()
+    shares = flow.thresholds.get("s_res_share") or {}
+    geometry = flow.thresholds.get("geometry", "raw")
+    groups = (_read_json(run / "stats" / "summary.json") or {}).get("groups") or {}
+    rows = []
+    for L, c in counts.items():
+        n = max(sum(c.values()), 1)
+        row = {"layer": L, **{f"{k[:5]} %": 100 * v / n for k, v in c.items()}}
+        sh = shares.get(str(L)) or {}
+        for g in (geometry, "raw" if geometry == "no_massive" else "no_massive", "null"):
+            row[f"s_res {g} %"] = 100 * sh[g] if g in sh else float("nan")
+        gr = groups.get(str(L)) or {}
+        for name in ("From RES", "From MLP", "From ATT", "From nowhere"):
+            row[f"{name} %"] = 100 * gr[name] if name in gr else float("nan")
+        if gr:
+            row["mixed %"] = 100 * sum(v for k, v in gr.items() if "&" in k)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _flow_science_section(doc, run: Path) -> None:
+    from saeflow.flow.plots import thresholds_caption
+
+    try:
+        flow = open_flow(run)
+    except ValueError:
+        doc.p("No flow in this run (stage flow).")
+        return
+    t_res = flow.thresholds.get("t_res", 0.5)
+    doc.p(f"Classes per layer ({thresholds_caption(flow)}); the share of live residual "
+          f"features with s_res >= {t_res} in the flow's geometry, in the other one, and for "
+          f"null directions (what chance alone reaches); and the empirical groups on real "
+          f"tokens (which top-1 predecessors fire with the feature; 'mixed' = two or three). "
+          f"The paper (Gemma 2 2B, Gemma Scope) shows classes only as plots; its groups: "
+          f"'From nowhere' and 'From RES' lead early, a stable middle, 'From RES' rising late.")
+    doc.table(flow_science_table(run, flow), "{:.1f}")
+    co = (_read_json(run / "stats" / "summary.json") or {}).get("cofire")
+    if co and co.get("by_similarity"):
+        df = pd.DataFrame(co["by_similarity"])
+        df = df[df.pairs > 0]
+        piv = df.pivot_table(index="similarity", columns="kind", values="cofire",
+                             aggfunc="first").reset_index()
+        doc.p("Evidence for the thresholds: how often a top-1 predecessor fires when its target "
+              "fires, by the pair's cosine (pooled over layers; statistics tokens). Real links "
+              "co-fire far above chance; a threshold should sit where co-firing rises.")
+        doc.table(piv.rename(columns={k: f"co-firing {k}" for k in ("res", "mlp", "attn")}),
+                  "{:.3f}")
+        bt = pd.DataFrame(co.get("by_threshold") or [])
+        if len(bt):
+            summ = bt.groupby("kind").agg(high_share=("high_share", "median"),
+                                          cofire_high=("cofire_high", "median"),
+                                          cofire_low=("cofire_low", "median")).reset_index()
+            doc.p("Pairs the thresholds call high and low (median over layers): share called "
+                  "high, and the co-firing of each side.")
+            doc.table(summ, "{:.3f}")
+
+
 def _validation_section(doc, va: dict) -> None:
     cfg = va.get("config", {})
     doc.p(f"{va.get('texts')} texts, layers {va.get('layers')}, {va.get('targets', '?')} "
@@ -227,14 +287,18 @@ def write_report(run: str | Path, pack=None) -> tuple[Path, Path]:
                 f"{L}: {100 * v:.0f}%" for L, v in sorted(by_layer.items())) + ".")
     else:
         doc.p("No eval, flow or validation in this run to measure.")
+    doc.h("Feature flow against chance and data, layer by layer")
+    _flow_science_section(doc, run)
 
     # --- pack quality -------------------------------------------------------------------
     ev = _read_json(run / "eval.json")
     doc.h("SAE pack quality")
     if ev:
-        doc.p(f"{ev['tokens']} held-out tokens (ΔCE and KL on {ev['ce_tokens']}, at "
-              f"{', '.join(ev.get('ce_positions') or ['every position'])}, with 95% "
-              f"bootstrap intervals over text rows); clean CE {ev['clean_ce']:.3f}. dead = never "
+        ci_how = ev.get("ce_ci_method", "bootstrap by text row")
+        docs = f" from {ev['ce_documents']} documents" if ev.get("ce_documents") else ""
+        doc.p(f"{ev['tokens']} held-out tokens (ΔCE and KL on {ev['ce_tokens']}{docs}, at "
+              f"{', '.join(ev.get('ce_positions') or ['every position'])}, 95% intervals: "
+              f"{ci_how}); clean CE {ev['clean_ce']:.3f}. dead = never "
               f"active on {ev.get('dead_tokens', ev['tokens'])} held-out tokens (the FVU tokens "
               f"and more); dense = active on more than 10% of them; fvu_rest = FVU "
               f"without the massive dimensions (each carries >= 10% of the variance and stands out, or >= 1000x "

@@ -48,6 +48,13 @@ def measure_run(run: str | Path) -> dict:
         if mid:
             out["s_res_share_median_4_13"] = statistics.median(mid)
         out["s_res_share_by_layer"] = share
+    thr = _json(run / "thresholds.json") or {}
+    for view in ("raw", "no_massive", "null"):
+        per = [v[view] for L, v in (thr.get("s_res_share") or {}).items()
+               if int(L) in S_RES_LAYERS and view in v]
+        if per:
+            out[f"s_res_share_median_4_13/{view}"] = statistics.median(per)
+    out["flow_geometry"] = thr.get("geometry")
     va = _json(run / "validate" / "summary.json")
     if va:
         for m in ("top1_cosine", "top1_pearson", "exhaustive"):
@@ -65,7 +72,11 @@ ROWS = [
     ("dead_max/attn_out", "dead latents, attn_out SAEs (max)", 0.10, 0.03, None),
     ("delta_ce_median/resid_post", "resid_post ΔCE, median over layers (nats)", 0.5, 0.2, None),
     ("s_res_share_median_4_13", "share of live resid features with s_res >= 0.5, median of "
-     "layers 4-13", 0.10, 0.30, None),
+     "layers 4-13 (the flow's geometry)", 0.10, 0.30, None),
+    ("s_res_share_median_4_13/no_massive", "  the same, massive residual dimensions left out",
+     None, None, None),
+    ("s_res_share_median_4_13/raw", "  the same, every dimension", None, None, None),
+    ("s_res_share_median_4_13/null", "  the same, null directions (chance)", None, None, None),
     ("deactivation/top1_cosine", "deactivation success, top-1 cosine", 0.20, 0.50, 0.65),
     ("deactivation/top1_pearson", "deactivation success, top-1 Pearson", None, None, 0.65),
     ("deactivation/exhaustive", "deactivation success, exhaustive", None, None, 0.73),
