@@ -83,6 +83,8 @@ def cmd_validate(args) -> int:
     from saeflow.steering.validate import (
         VALIDATE_DIR,
         breakdown_markdown,
+        paired_markdown,
+        rank_rule_markdown,
         run_validation,
         table_markdown,
         write_r_sweep,
@@ -94,23 +96,20 @@ def cmd_validate(args) -> int:
     for L in cfg.layers or []:
         model.check_layer(L)
     summary = run_validation(pack, model, args.run, cfg)
-    print(f"deactivation on {summary['texts']} texts, layers {summary['layers']}, "
-          f"{summary['targets']} targets chosen {cfg.target_choice}ly "
-          f"({summary['seconds']:.0f} s); 95% CIs clustered by text:")
+    print(f"deactivation on {summary['texts']} {summary['split']} texts, layers "
+          f"{summary['layers']}, {summary['targets']} cases (targets chosen "
+          f"{cfg.target_choice}ly; {summary['seconds']:.0f} s):")
     print(table_markdown(summary))
     ci = summary["ci_target"]
     if ci["halfwidth_asked"] is not None:
         print(f"CI half-width asked {100 * ci['halfwidth_asked']:.0f} points: "
               f"{'met' if ci['met'] else 'NOT met (raise --max-texts)'} "
               f"({', '.join(f'{m} {100 * v:.1f}' for m, v in ci['halfwidths'].items())})")
-    pt = summary.get("paired_top1", {}).get("minus_control")
-    if pt and pt["cases"]:
-        print(f"top-1 cosine minus the matched control on the same {pt['cases']} targets: "
-              f"{100 * pt['difference']:+.1f} points [{100 * pt['ci95'][0]:+.1f}, "
-              f"{100 * pt['ci95'][1]:+.1f}]")
-    print("success by the target's activation rank (0 = most active at the token):")
-    print(breakdown_markdown(summary, "by_target_rank", title="rank"))
-    print("success by the cosine of the removed predecessor to the target:")
+    print("each method minus its null on the same cases (points; change in units of z_old):")
+    print(paired_markdown(summary))
+    print("success by the target's activation rank (0 = most active at the token), both rules:")
+    print(rank_rule_markdown(summary))
+    print("success by the cosine of the removed feature to the target:")
     print(breakdown_markdown(summary, "by_similarity", title="cosine"))
     print("top-1 cosine by empirical group (is removing one predecessor enough?):")
     for g, r in summary["by_group_top1"].items():

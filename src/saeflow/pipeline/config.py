@@ -23,9 +23,13 @@ class PipelineConfig:
     dead_tokens: int = 50_000  # held-out tokens over which dead latents are counted
     index_tokens: int = 40_000  # tokens of the feature index pass
     stats_tokens: int = 40_000  # tokens of the co-activation statistics pass
-    validate_texts: int = 6
-    # `saeflow validate --ci 0.05` adds texts until each headline rate is known to +-5 points
-    # (14 texts on the quick pack, docs/benchmarks.md); the demo keeps a fixed, cheap sample.
+    # The deactivation experiment (section 5.2): held-out texts x token positions, at the
+    # paper's layers scaled to the depth; the paper used 35 x 5. 95% CIs are clustered by text
+    # with a t quantile, so few texts give wide intervals.
+    validate_texts: int = 30
+    validate_tokens_per_text: int = 5
+    # `saeflow validate --ci 0.05` adds texts until each headline rate is known to +-5 points;
+    # the demo keeps a fixed sample.
     validate_ci: float | None = None
     validate_max_texts: int = 60
     validate_r_graphs: int = 2
@@ -60,8 +64,9 @@ class PipelineConfig:
                  "index": {"tokens": self.index_tokens, "corpus": self.corpus},
                  "stats": {"tokens": self.stats_tokens, "corpus": self.corpus},
                  "validate": {"texts": self.validate_texts, "r_graphs": self.validate_r_graphs,
+                              "tokens_per_text": self.validate_tokens_per_text,
                               "ci": self.validate_ci, "max_texts": self.validate_max_texts,
-                              "corpus": self.corpus, "version": 2},
+                              "corpus": self.corpus, "version": 3},
                  "sweep": {"themes": self.sweep_themes, "strengths": self.sweep_strengths,
                            "seeds": self.sweep_seeds, "n": self.sweep_n,
                            "max_layers": self.sweep_max_layers,
@@ -77,8 +82,8 @@ PROFILES = {
     "default": PipelineConfig(),
     "quick": PipelineConfig(pack="embedded-quick", eval_tokens=512, ce_tokens=128, dead_tokens=4_096,
                             index_tokens=8_000, stats_tokens=8_000, validate_texts=2,
-                            validate_ci=None, validate_r_graphs=1, sweep_themes=["religion"],
-                            sweep_strengths=[2.0], sweep_n=4, sweep_max_layers=1,
+                            validate_tokens_per_text=4, validate_ci=None, validate_r_graphs=1,
+                            sweep_themes=["religion"], sweep_strengths=[2.0], sweep_n=4, sweep_max_layers=1,
                             paper_strengths=[0.0, -8.0], paper_n=4, paper_max_layers=1,
                             firing_tokens=8_192, classifier_docs=800),
 }

@@ -45,8 +45,11 @@ PIPELINE_FILE = "pipeline.json"
 
 
 # Rough seconds per unit on 2 CPU cores, for the time-left estimates printed between stages.
+# validate: per text of 5 tokens x 3 layers (10 targets each, ~200 one-token trials per token
+# and layer, block L alone), about 2 s at Gemma 3 270M's shapes on one contended core (30 texts
+# 59 s where the saeflow 0.2 experiment took 22 s for 6 x 4); 4 s leaves room for the real model.
 RATES = {"pack": 1 / 420, "eval": 1 / 25, "flow": 40, "index": 1 / 150, "stats": 1 / 150,
-         "validate": 45, "sweep": 1, "report": 20}
+         "validate": 4, "sweep": 1, "report": 20}
 
 
 def estimate_seconds(cfg: PipelineConfig, stage: str, cached_pack: bool) -> float:
@@ -64,7 +67,7 @@ def estimate_seconds(cfg: PipelineConfig, stage: str, cached_pack: bool) -> floa
         return 30 + cfg.stats_tokens * RATES["stats"]
     if stage == "validate":
         texts = cfg.validate_max_texts if cfg.validate_ci else cfg.validate_texts
-        return 60 + texts * RATES["validate"]
+        return 60 + texts * RATES["validate"] * cfg.validate_tokens_per_text / 5
     if stage == "sweep":
         n_gen = len(cfg.sweep_themes) * len(cfg.sweep_strengths) * len(cfg.sweep_seeds) * \
             (1 + 4 * cfg.sweep_max_layers)
@@ -240,12 +243,15 @@ class Pipeline:
                 "communities": s["communities"]["n"]}
 
     def stage_validate(self) -> dict:
-        cfg = ValidateConfig(texts=self.cfg.validate_texts, r_graphs=self.cfg.validate_r_graphs,
-                             r_texts=4, corpus=self.cfg.corpus, ci_halfwidth=self.cfg.validate_ci,
+        cfg = ValidateConfig(texts=self.cfg.validate_texts,
+                             tokens_per_text=self.cfg.validate_tokens_per_text,
+                             r_graphs=self.cfg.validate_r_graphs, r_texts=4,
+                             corpus=self.cfg.corpus, ci_halfwidth=self.cfg.validate_ci,
                              max_texts=self.cfg.validate_max_texts)
         summary = run_validation(self.pack, self.model, self.root, cfg)
         if cfg.r_graphs > 0:
             write_r_sweep(self.pack, self.model, self.root, cfg)
+        # The rank rule's rates (every method over the same cases), as before.
         return {m: round(r["success_rate"], 4) for m, r in summary["methods"].items()}
 
     def stage_sweep(self) -> dict:
