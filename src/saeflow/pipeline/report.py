@@ -124,20 +124,20 @@ def example_features(run: Path, n: int = 5, t_res: float = 0.5) -> list[str]:
 
 
 DIFFERENCES = (
-    "Where saeflow's experiments differ from the paper's, and why: targets are sampled "
-    "uniformly among the active features (the paper does not say how it chose them; the most "
-    "active ones are the hardest to switch off, so that choice biases the rate down); "
-    "'exhaustive' tries every active upstream feature at the token, not only the cosine "
-    "candidates, so it is a true upper bound for single removals; a matched control "
-    "(an unrelated active feature of the same removal norm) shows how much of a success any "
-    "removal of that size would give, which matters for TopK SAEs; latents that never fire are "
-    "left out of the candidate lists. The SAEs are small TopK SAEs on Gemma 3 270M, not Gemma "
+    "Where saeflow's experiment differs from the paper's, and why: every method is scored on "
+    "one set of cases (targets with an active top-1 predecessor), so the rates compare; "
+    "'predecessor_group' removes the target's top-1 predecessor of each kind together, as the "
+    "paper removes 'the predecessor(s)', and 'top1_cosine' the single most similar of them; "
+    "'exhaustive' tries every active upstream feature alone and has its own null "
+    "('exhaustive_control': inactive features at the same removal norms, as many tries); "
+    "'control_matched' / 'control_group' remove unrelated active features of the same size. "
+    "Success is given under two rules: TopK's rank rule (the target left the top-k) and a "
+    "threshold rule (its pre-activation fell below the SAE's threshold θ, or for a TopK SAE the "
+    "mean k-th largest pre-activation), because a TopK latent near the boundary leaves the top-k "
+    "under almost any change; the rate by the target's activation rank shows how much. Targets "
+    "are sampled uniformly among the active features of held-out texts; CIs are clustered by "
+    "text with a Student t quantile. The SAEs are small TopK SAEs on Gemma 3 270M, not Gemma "
     "Scope JumpReLU SAEs on Gemma 2 2B, so the numbers are comparable in kind, not in value.")
-
-
-def _ci(r: dict) -> str:
-    ci = r.get("success_ci95")
-    return "" if not ci else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
 def flow_science_table(run: Path, flow) -> pd.DataFrame:
@@ -200,39 +200,51 @@ def _flow_science_section(doc, run: Path) -> None:
             doc.table(summ, "{:.3f}")
 
 
-def _validation_section(doc, va: dict) -> None:
-    cfg = va.get("config", {})
-    doc.p(f"{va.get('texts')} texts, layers {va.get('layers')}, {va.get('targets', '?')} "
-          f"targets chosen {cfg.get('target_choice', 'most_active')}ly; success = the target "
-          f"feature switched off; change = 1 - z_new / z_old; 95% CIs clustered by text. The "
-          f"paper's Table 1 is Gemma 2 2B with Gemma Scope.")
-    rows = [{"method": m, "cases": r["cases"], "success %": 100 * r["success_rate"],
-             "95% CI": _ci(r), "mean change": r["mean_activation_change"],
-             "paper (change, success)": "-" if m not in va.get("paper_table1", {}) else
-             f"{va['paper_table1'][m][0]:.2f}, {100 * va['paper_table1'][m][1]:.0f}%"}
-            for m, r in va["methods"].items()]
-    doc.table(pd.DataFrame(rows), "{:.3f}")
-    pt = (va.get("paired_top1") or {}).get("minus_control")
-    if pt and pt.get("cases"):
-        doc.p(f"Top-1 cosine minus the matched control on the same {pt['cases']} targets: "
-              f"{100 * pt['difference']:+.1f} points (95% CI {100 * pt['ci95'][0]:+.1f} to "
-              f"{100 * pt['ci95'][1]:+.1f}): the part of the success that a predecessor earns "
-              f"beyond removing any active feature of the same size.")
-    for key, title, what in (("by_target_rank", "rank", "the target's activation rank "
-                              "(0 = most active at the token)"),
-                             ("by_similarity", "cosine", "the cosine of the removed predecessor "
-                              "to the target")):
-        table = va.get(key) or {}
-        methods = [m for m in ("top1_cosine", "exhaustive", "control_matched") if m in table]
-        if not methods:
+def _md_tables(doc, text: str) -> None:
+    """Markdown from validate's renderers into the report: tables as tables, lines as text."""
+    block: list[str] = []
+
+    def flush():
+        if block:
+            rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in block
+                    if not set(ln.replace("|", "").strip()) <= {"-"}]
+            doc.table(pd.DataFrame(rows[1:], columns=rows[0]))
+            block.clear()
+    for line in text.splitlines():
+        if line.startswith("|"):
+            block.append(line)
             continue
-        bins = sorted({b for m in methods for b in table[m]},
-                      key=lambda b: float(b.strip("[").split(",")[0].split("-")[0]))
-        doc.p(f"Success by {what}: % [95% CI] (cases).")
-        doc.table(pd.DataFrame([{title: b, **{m: (f"{100 * table[m][b]['success_rate']:.0f}% "
-                                                  f"{_ci(table[m][b])} ({table[m][b]['cases']})"
-                                                  if b in table[m] else "-")
-                                              for m in methods}} for b in bins]))
+        flush()
+        if line.strip():
+            doc.p(line)
+    flush()
+
+
+def _validation_section(doc, va: dict) -> None:
+    from saeflow.steering.validate import (
+        breakdown_markdown,
+        paired_markdown,
+        rank_rule_markdown,
+        table_markdown,
+    )
+
+    cfg = va.get("config", {})
+    doc.p(f"Layers {va.get('layers')}, {cfg.get('tokens_per_text', '?')} tokens per text, "
+          f"targets chosen {cfg.get('target_choice', 'random')}ly; success = the target feature "
+          f"switched off; change = 1 - z_new / z_old. The paper's Table 1 is Gemma 2 2B with "
+          f"Gemma Scope (top-1 cosine 65%, exhaustive 73%).")
+    _md_tables(doc, table_markdown(va))
+    if va.get("paired"):
+        doc.p("Each method minus its null on the same cases (points; 95% CI): what a "
+              "predecessor earns beyond removing unrelated features of the same size.")
+        _md_tables(doc, paired_markdown(va))
+    if va.get("by_target_rank"):
+        doc.p("Success by the target's activation rank (0 = most active at the token), under "
+              "both rules:")
+        _md_tables(doc, rank_rule_markdown(va))
+    if va.get("by_similarity"):
+        doc.p("Success by the cosine of the removed predecessor to the target (rank rule):")
+        _md_tables(doc, breakdown_markdown(va, "by_similarity", title="cosine"))
     dead = va.get("dead_latents") or {}
     if dead.get("slots"):
         left = sum(v["excluded"] for v in dead["slots"].values())

@@ -57,11 +57,18 @@ def measure_run(run: str | Path) -> dict:
     out["flow_geometry"] = thr.get("geometry")
     va = _json(run / "validate" / "summary.json")
     if va:
-        for m in ("top1_cosine", "top1_pearson", "exhaustive"):
+        for m in ("top1_cosine", "predecessor_group", "top1_pearson", "exhaustive",
+                  "exhaustive_control", "control_matched"):
             r = (va.get("methods") or {}).get(m)
             if r:
                 out[f"deactivation/{m}"] = float(r["success_rate"])
                 out[f"deactivation/{m}/ci95"] = r.get("success_ci95")
+                if "threshold_success_rate" in r:
+                    out[f"deactivation/{m}/threshold"] = float(r["threshold_success_rate"])
+        h = va.get("top1_ranks_0_15")
+        if h:
+            out["deactivation/top1_cosine/ranks_0_15"] = float(h["success_rate"])
+        out["deactivation/cases"] = va.get("cases")
     return out
 
 
@@ -78,8 +85,18 @@ ROWS = [
     ("s_res_share_median_4_13/raw", "  the same, every dimension", None, None, None),
     ("s_res_share_median_4_13/null", "  the same, null directions (chance)", None, None, None),
     ("deactivation/top1_cosine", "deactivation success, top-1 cosine", 0.20, 0.50, 0.65),
+    ("deactivation/top1_cosine/ranks_0_15", "  the same, targets of activation rank 0-15",
+     None, None, 0.65),
+    ("deactivation/top1_cosine/threshold", "  the same, threshold rule (pre-activation < θ)",
+     None, None, 0.65),
+    ("deactivation/control_matched", "  its null: an unrelated feature of the same norm",
+     None, None, None),
+    ("deactivation/predecessor_group", "deactivation success, the top-1 predecessor of each "
+     "kind together", None, None, None),
     ("deactivation/top1_pearson", "deactivation success, top-1 Pearson", None, None, 0.65),
     ("deactivation/exhaustive", "deactivation success, exhaustive", None, None, 0.73),
+    ("deactivation/exhaustive_control", "  its null: inactive features at the same norms",
+     None, None, None),
 ]
 LOWER_IS_BETTER = ("dead_max", "delta_ce")
 
