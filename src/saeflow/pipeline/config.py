@@ -56,13 +56,15 @@ class PipelineConfig:
     def stage_settings(self, stage: str) -> dict:
         """What a stage's outputs depend on (a change reruns it)."""
         common = {"model": self.model, "pack": self.pack}
+        # "version" bumps when a stage's outputs change meaning (flow 2: t_res, the rotation
+        # null, the no_massive geometry; stats 2: co-firing counts)
         extra = {"pack": {}, "flow": {"firing_tokens": self.firing_tokens,
-                                      "keep_dead": self.keep_dead}, "report": {},
+                                      "keep_dead": self.keep_dead, "version": 2}, "report": {},
                  "eval": {"tokens": self.eval_tokens, "ce_tokens": self.ce_tokens,
                           "ce_positions": self.ce_positions,
                           "dead_tokens": self.dead_tokens, "corpus": self.corpus},
                  "index": {"tokens": self.index_tokens, "corpus": self.corpus},
-                 "stats": {"tokens": self.stats_tokens, "corpus": self.corpus},
+                 "stats": {"tokens": self.stats_tokens, "corpus": self.corpus, "version": 2},
                  "validate": {"texts": self.validate_texts, "r_graphs": self.validate_r_graphs,
                               "tokens_per_text": self.validate_tokens_per_text,
                               "ci": self.validate_ci, "max_texts": self.validate_max_texts,
