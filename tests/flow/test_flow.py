@@ -113,7 +113,7 @@ def test_planted_predecessors_are_found_and_classified(planted, planted_run, tmp
             assert row[f"pred_{kind}"] == idx, (L, f, kind)
         agree.append(row["class"] == cls)
     # Null thresholds (q=0.99) let about 1% of chance similarities count as high.
-    assert np.mean(agree) > 0.95
+    assert np.mean(agree) >= 0.97, np.mean(agree)
     rand = pred[pred.index.get_level_values("feature") >= 120]
     assert (rand["class"] == "unexplained").mean() > 0.9
     # Thresholds far above chance at this width: every planted feature gets its class.
@@ -340,7 +340,7 @@ def test_t_res_reaches_the_classification(planted, tmp_path):
     for run, t in ((lo, 0.5), (hi, 0.8)):
         thr = run.thresholds["layers"]
         assert thr["2"]["res"]["value"] == t and thr["2"]["res"]["source"].startswith("t_res")
-        assert thr["2"]["mlp"]["source"].startswith("null rotation")
+        assert thr["2"]["mlp"]["source"].startswith("null columns")
         pred = run.predecessors()
         rows = pred[pred.layer == 2]
         want = classify(rows.s_res.to_numpy(float), rows.s_mlp.to_numpy(float),

@@ -68,11 +68,11 @@ class FlowConfig:
     k: int = 5  # matches kept per feature and predecessor kind
     method: Literal["decoder", "encoder", "folded", "permutation"] = "decoder"  # which directions are matched
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 ranks in bf16 and re-scores the candidates exactly in fp32
-    # null model of the MLP / attention class thresholds: "rotation" turns the residual rows by a
-    # random orthogonal matrix (keeps their geometry whole; chosen by the co-firing evidence,
-    # docs/decisions.md); "shuffle" permutes each row's coordinates; "columns" draws each
-    # coordinate from its column (keeps components all features share)
-    null: Literal["rotation", "shuffle", "columns", "gaussian"] = "rotation"
+    # null model of the MLP / attention class thresholds: "columns" draws each coordinate from
+    # its column (keeps the components all features share; chosen by the co-firing evidence,
+    # docs/decisions.md); "rotation" turns the rows by a random orthogonal matrix; "shuffle"
+    # permutes each row's coordinates; "gaussian" is isotropic
+    null: Literal["columns", "rotation", "shuffle", "gaussian"] = "columns"
     null_samples: int = 2048  # null directions drawn per pair
     null_quantile: float = 0.99  # the null's quantile that becomes the default threshold
     seed: int = 0  # seed of the null model
