@@ -45,8 +45,11 @@ def test_flow_view_slider_and_click_through(page, live_server):
     page.goto(f"{live_server}/#flow/{seed}")
     page.wait_for_selector("#graph[data-node-count]")
     n = int(page.get_attribute("#graph", "data-node-count"))
-    assert n == _api_nodes(live_server, feature=seed, t_res=0.5, t_mod=0.15)
+    # by default MLP/attention links use each layer's own threshold (no t_mod in the request)
+    assert n == _api_nodes(live_server, feature=seed, t_res=0.5)
     assert _points(page).count() == n  # every node is drawn
+    assert "per layer" in page.inner_text("#flow-status")
+    assert page.is_checked("#t-mod-auto")
     page.screenshot(path=str(SHOTS / "flow_default.png"))
 
     # both thresholds to 0: the graph grows to what the API traces at 0 / 0
@@ -57,6 +60,7 @@ def test_flow_view_slider_and_click_through(page, live_server):
     page.wait_for_function(f"document.querySelector('#graph').dataset.nodeCount === '{want}'")
     assert _points(page).count() == want
     assert "t_res 0.00" in page.inner_text("#flow-status")
+    assert not page.is_checked("#t-mod-auto")  # moving the slider sets one value for all layers
     page.screenshot(path=str(SHOTS / "flow_thresholds_0.png"))
 
     # click a node that is not the seed: its feature page opens
