@@ -101,6 +101,8 @@ def test_steering_playground_shows_two_completions(page, live_server):
 def test_layers_and_prompt_views(page, live_server):
     page.goto(f"{live_server}/#layers")
     page.wait_for_selector("#classes-plot .main-svg")
+    assert "null" in page.inner_text("#classes-caption")  # the classes name their thresholds
+    page.wait_for_selector("#groups-plot .main-svg")  # empirical groups beside the classes
     page.wait_for_selector("#sankey .main-svg")
     page.wait_for_selector("#comm-graph[data-node-count]")
     assert int(page.get_attribute("#comm-graph", "data-node-count")) > 0

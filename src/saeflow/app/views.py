@@ -268,9 +268,12 @@ class RunData:
         out: dict = {"classes": [], "pass_through": [], "communities": [], "groups": {},
                      "agreement": []}
         if self.flow is not None:
+            from saeflow.flow.plots import thresholds_caption
+
             for L, c in self.flow.class_counts().items():
                 n = max(sum(c.values()), 1)
                 out["classes"].append({"layer": L, **{k: v / n for k, v in c.items()}})
+            out["classes_caption"] = thresholds_caption(self.flow)
         s = self.stats_summary
         out["pass_through"] = s.get("pass_through", [])
         out["groups"] = s.get("groups", {})

@@ -248,6 +248,15 @@ async function showLayers() {
       {barmode: "stack", margin: {l: 50, r: 10, t: 10, b: 40}, xaxis: {title: {text: "layer"}, dtick: 1}, yaxis: {title: {text: "share"}}},
       {displaylogo: false, responsive: true});
   } else $("#classes-plot").textContent = "no flow in this run";
+  $("#classes-caption").textContent = d.classes_caption || "";
+  const gl = Object.keys(d.groups || {}).map(Number).sort((a, b) => a - b);
+  if (gl.length) {
+    const names = Object.keys(d.groups[String(gl[0])]);
+    Plotly.react("groups-plot", names.map((g) => ({type: "bar", name: g, x: gl,
+      y: gl.map((L) => d.groups[String(L)][g])})),
+      {barmode: "stack", margin: {l: 50, r: 10, t: 10, b: 40}, xaxis: {title: {text: "layer"}, dtick: 1}, yaxis: {title: {text: "share"}}},
+      {displaylogo: false, responsive: true});
+  } else $("#groups-plot").textContent = "no statistics in this run (saeflow stats)";
   const sel = $("#pt-position");
   const positions = [...new Set(d.pass_through.map((r) => r.position))];
   sel.innerHTML = positions.map((p) => `<option>${esc(p)}</option>`).join("");
