@@ -206,3 +206,31 @@ def make_tiny_run(model, root: Path, tokens: int = 1500) -> tuple[Path, "object"
     write_evolution_outputs(run, st, pack, community_floor=0.05, gate_threshold=0.9,
                             gate_min_count=2, gate_min_up_count=2)
     return run, pack
+
+
+def reference_splice_logprobs(model, batch, point, sae):
+    """A hand-written ΔCE reference: (clean log-probs [T, V] float64, spliced log-probs, targets
+    [T]) over the batch's scored tokens (content tokens after the first), with `sae`'s
+    reconstruction replacing the activation at `point` on content tokens."""
+    import torch
+
+    from saeflow import Hooks
+
+    dev = model.device
+    ids, am, mask = (t.to(dev) for t in (batch.input_ids, batch.attention_mask,
+                                          batch.content_mask()))
+    tm = mask[:, 1:]
+
+    def logprobs():
+        return torch.log_softmax(model.hf(input_ids=ids, attention_mask=am)
+                                 .logits[:, :-1][tm].double(), -1)
+
+    def splice(a):
+        out = a.clone()
+        out[mask] = sae(a[mask])
+        return out
+    with torch.no_grad():
+        lc = logprobs()
+        with Hooks(model, edits={point: splice}):
+            ls = logprobs()
+    return lc, ls, ids[:, 1:][tm]

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from fixtures import TEXTS, random_weights, write_saelens
+from fixtures import TEXTS, random_weights, reference_splice_logprobs, write_saelens
 
-from saeflow import HookPoint, Hooks, convert_pack, load_pack
+from saeflow import HookPoint, convert_pack, load_pack
 from saeflow.errors import ConfigError
 from saeflow.lm.corpora import Corpus
 from saeflow.saes.evaluate import (
@@ -82,26 +82,12 @@ def test_eval_intervals_bootstrap_held_out_documents(tiny_models, tmp_path):
     docs, rows, d_ce, d_kl = [], [], [], []
     n_rows = 0
     for b in corpus.token_batches(m.tokenizer, 4, 32, split="heldout"):
-        dev = m.device
-        ids, am, mask = (t.to(dev) for t in (b.input_ids, b.attention_mask, b.content_mask()))
-        tm = mask[:, 1:]
-        tgt = ids[:, 1:][tm]
-        with torch.no_grad():
-            lc = torch.log_softmax(m.hf(input_ids=ids, attention_mask=am)
-                                   .logits[:, :-1][tm].double(), -1)
-
-            def splice(a):
-                out = a.clone()
-                out[mask] = sae(a[mask])
-                return out
-            with Hooks(m, edits={p: splice}):
-                ls = torch.log_softmax(m.hf(input_ids=ids, attention_mask=am)
-                                       .logits[:, :-1][tm].double(), -1)
+        lc, ls, tgt = reference_splice_logprobs(m, b, p, sae)
         d_ce.append((lc - ls).gather(1, tgt[:, None])[:, 0].cpu().numpy())
         d_kl.append((lc.exp() * (lc - ls)).sum(1).cpu().numpy())
         docs.append(b.doc_ids[:, 1:][b.content_mask()[:, 1:]].numpy())
         rows.append(n_rows + torch.nonzero(b.content_mask()[:, 1:])[:, 0].numpy())
-        n_rows += len(ids)
+        n_rows += len(b.input_ids)
         if sum(map(len, d_ce)) >= kw["ce_tokens"]:
             break
     doc, rw = np.concatenate(docs), np.concatenate(rows)

@@ -5,9 +5,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from fixtures import random_weights, write_saelens
+from fixtures import random_weights, reference_splice_logprobs, write_saelens
 
-from saeflow import HookPoint, Hooks, capture, load_pack
+from saeflow import HookPoint, capture, load_pack
 from saeflow.errors import ConfigError, TrainingError
 from saeflow.lm.corpora import Corpus
 from saeflow.saes.evaluate import evaluate_pack
@@ -203,22 +203,8 @@ def test_eval_matches_reference_computation(tiny_models, tmp_path):
     assert row["dead_fraction"] == pytest.approx(float((freq == 0).double().mean()))
     assert row["dense_fraction"] == pytest.approx(float((freq > 0.1).double().mean()))
     for b in corpus.token_batches(m.tokenizer, 2, 32, split="heldout"):
-        dev = m.device
-        ids, am, mask = (t.to(dev) for t in (b.input_ids, b.attention_mask, b.content_mask()))
-        tm = mask[:, 1:]
-        tgt = ids[:, 1:][tm]
-        sae_dev = pack.sae("resid_post", 1, device=dev)
-        with torch.no_grad():
-            lc = torch.log_softmax(m.hf(input_ids=ids, attention_mask=am)
-                                   .logits[:, :-1][tm].double(), -1)
-
-            def splice(a):
-                out = a.clone()
-                out[mask] = sae_dev(a[mask])
-                return out
-            with Hooks(m, edits={p: splice}):
-                ls = torch.log_softmax(m.hf(input_ids=ids, attention_mask=am)
-                                       .logits[:, :-1][tm].double(), -1)
+        sae_dev = pack.sae("resid_post", 1, device=m.device)
+        lc, ls, tgt = reference_splice_logprobs(m, b, p, sae_dev)
         ce_clean += float(-lc.gather(1, tgt[:, None]).sum())
         ce_spl += float(-ls.gather(1, tgt[:, None]).sum())
         kl += float((lc.exp() * (lc - ls)).sum())

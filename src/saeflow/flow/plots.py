@@ -67,16 +67,11 @@ def thresholds_caption(run: FlowRun) -> str:
             + ("" if geometry == "raw" else " (massive residual dims left out)"))
 
 
-def write_flow_plots(run: FlowRun, out_dir: str | Path, t_res: float = 0.5) -> list[Path]:
+def _class_plots(run: FlowRun, out_dir: Path) -> tuple[list[int], list[Path]]:
+    """Class proportions per layer (PNG + HTML), captioned with how the classes were cut."""
     import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
     plt = _plt()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-
-    # 1. class proportions per layer (the paper's main figure)
     layers, props = class_proportions(run)
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(layers) + 2), 3.8))
     bottom = np.zeros(len(layers))
@@ -99,7 +94,19 @@ def write_flow_plots(run: FlowRun, out_dir: str | Path, t_res: float = 0.5) -> l
                      xaxis_title="layer",
                      yaxis_title="share of residual features", yaxis_range=[0, 1])
     _write_html(pf, out_dir / "class_proportions.html")
-    written += [out_dir / "class_proportions.png", out_dir / "class_proportions.html"]
+    return layers, [out_dir / "class_proportions.png", out_dir / "class_proportions.html"]
+
+
+def write_flow_plots(run: FlowRun, out_dir: str | Path, t_res: float = 0.5) -> list[Path]:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    plt = _plt()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # 1. class proportions per layer (the paper's main figure)
+    layers, written = _class_plots(run, out_dir)
 
     # 2. top-1 similarity histograms per layer, with the class thresholds
     bins = np.linspace(-0.2, 1.0, 61)

@@ -509,7 +509,6 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
 
     `liveness` (liveness.Liveness): latents that never or rarely fire are flagged (`live`
     column) and left out of the candidate lists, class shares and similarity figures."""
-    from tqdm.auto import tqdm
 
     cfg = cfg or FlowConfig()
     t0 = time.time()
@@ -546,6 +545,94 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
     cache = cache_dir("flow", key)
     write_json_atomic(cache / "key.json", key_src)
 
+    todo = [p for p in plans if not _layer_cache_file(cache, p.layer).is_file()]
+    _match_layers(pack, todo, cfg, model, live, geometry, massive, cache, scale, progress)
+    results = {p.layer: dict(np.load(_layer_cache_file(cache, p.layer))) for p in plans}
+
+    nulls = {p.layer: {k: results[p.layer][f"{k}_null"] for k in PRED_KINDS
+                       if f"{k}_null" in results[p.layer]} for p in plans}
+    defaults = {L: {k: ((t_res, f"t_res={t_res} (the paper's residual threshold)")
+                        if k == "res" else (v, f"null {cfg.null} q={cfg.null_quantile}"))
+                    for k, v in ts.items()} for L, ts in
+                default_thresholds(nulls, cfg.null_quantile).items()}
+    resolved = resolve_thresholds(defaults, thresholds)
+    shares = s_res_shares(plans, results, resolved, live, geometry)
+
+    pred = predecessor_table(plans, results, resolved, live)
+    succ = successor_table(plans, results, pack, live)
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(pred, out / "predecessors.parquet")
+    write_parquet_atomic(succ, out / "successors.parquet")
+    thr_doc = _thresholds_doc(cfg, t_res, geometry, massive, shares, resolved, nulls)
+    write_json_atomic(out / "thresholds.json", thr_doc)
+    manifest = _manifest(pack, plans, results, cfg, model, key, fingerprint, geometry, massive,
+                         request, liveness if live else None,
+                         seconds=time.time() - t0, reused=not todo)
+    write_json_atomic(out / FLOW_MANIFEST, manifest)
+    return open_flow(out)
+
+
+def _thresholds_doc(cfg: FlowConfig, t_res: float, geometry: str, massive: dict, shares: dict,
+                    resolved: dict, nulls: dict) -> dict:
+    """thresholds.json: how "high" was decided, each layer's values, the nulls' quantiles and
+    the s_res share in both geometries and under the null."""
+    return {"method": (f"The residual predecessor is 'high' at s_res >= t_res = {t_res}. An "
+                          f"MLP or attention predecessor is 'high' when its similarity is at or "
+                          f"above the {cfg.null_quantile} quantile of the top-1 similarities "
+                          f"that {cfg.null_samples} '{cfg.null}' null directions reach against "
+                          f"the same predecessor SAE (see docs/method.md); user values replace "
+                          f"either. Geometry: {geometry}."),
+               "null": cfg.null, "null_quantile": cfg.null_quantile, "geometry": geometry,
+               "t_res": t_res,
+               "massive_dims": {str(L): v for L, v in massive.items()},
+               "s_res_share": {str(L): v for L, v in shares.items()},
+               "layers": {str(L): v for L, v in resolved.items()},
+               "null_quantiles": {str(L): {k: {q: float(np.quantile(v, q))
+                                               for q in (0.5, 0.9, 0.99, 0.999)}
+                                           for k, v in per.items()} for L, per in nulls.items()}}
+
+
+def _manifest(pack, plans, results, cfg: FlowConfig, model, key: str, fingerprint: str,
+              geometry: str, massive: dict, request: dict, liveness, seconds: float,
+              reused: bool) -> dict:
+    """flow.json: the pack, the settings, the slots and widths, how attention was mapped."""
+    slots = {}
+    for p in plans:
+        slots[f"{p.layer}/resid_post"] = int(results[p.layer]["n_resid"])
+        for kind, slot in p.preds.items():
+            if slot:
+                slots[f"{slot[1]}/{slot[0]}"] = int(results[p.layer][f"{kind}_n"])
+    mapping = {}
+    for p in plans:
+        s = p.preds["attn"]
+        if s:
+            mapping[str(p.layer)] = (describe_mapping(model, s[0]) if s[0] in MAPPED_POSITIONS
+                                     else s[0])
+    return {
+        "format": FLOW_FORMAT, "saeflow_version": __version__,
+        "pack": {"root": str(pack.root), "fingerprint": fingerprint, "model": pack.model_name,
+                 "source_format": pack.source_format,
+                 "neuronpedia_ids": {f"{L}/{p}": i.extra["neuronpedia_id"]
+                                     for (p, L), i in pack.entries.items()
+                                     if i.extra.get("neuronpedia_id")}},
+        "config": cfg.identity(), "cache_key": key, "layers": [p.layer for p in plans],
+        "geometry": geometry, "massive_dims": {str(L): v for L, v in massive.items()},
+        "predecessor_slots": {str(p.layer): {k: (f"{s[1]}/{s[0]}" if s else None)
+                                             for k, s in p.preds.items()} for p in plans},
+        "attention_mapping": mapping, "slots": slots, "request": request,
+        "dead_latents": (liveness.summary() if liveness is not None else
+                         {"source": "unknown", "note": "no firing counts: dead latents are in"}),
+        "seconds": round(seconds, 2), "reused_cache": reused,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _match_layers(pack, todo: list[LayerPlan], cfg: FlowConfig, model, live: dict,
+                  geometry: str, massive: dict, cache: Path, scale, progress: bool) -> None:
+    """Match the layers not in the cache yet (in this process, or one Ray task per layer);
+    each finished layer lands in the cache at once, so a stopped job resumes at the others."""
+    from tqdm.auto import tqdm
+
     def drops(L: int) -> tuple[list[int] | None, list[int] | None]:
         """(dims the matching leaves out, dims of the other geometry or None: no other)."""
         m = massive.get(L) or []
@@ -553,7 +640,6 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
             return None, None
         return (m, []) if geometry == "no_massive" else (None, m)
 
-    todo = [p for p in plans if not _layer_cache_file(cache, p.layer).is_file()]
     work = {p.layer: sum(1 for s in p.preds.values() if s) for p in todo}
     if scale is not None and scale.distributed and todo:
         # One task per layer (its up to three pairs share the residual SAE's directions); each
@@ -576,67 +662,3 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
             save_npz_atomic(_layer_cache_file(cache, p.layer), arrays)
             bar.update(work[p.layer])
         bar.close()
-    results = {p.layer: dict(np.load(_layer_cache_file(cache, p.layer))) for p in plans}
-
-    nulls = {p.layer: {k: results[p.layer][f"{k}_null"] for k in PRED_KINDS
-                       if f"{k}_null" in results[p.layer]} for p in plans}
-    defaults = {L: {k: ((t_res, f"t_res={t_res} (the paper's residual threshold)")
-                        if k == "res" else (v, f"null {cfg.null} q={cfg.null_quantile}"))
-                    for k, v in ts.items()} for L, ts in
-                default_thresholds(nulls, cfg.null_quantile).items()}
-    resolved = resolve_thresholds(defaults, thresholds)
-    shares = s_res_shares(plans, results, resolved, live, geometry)
-
-    pred = predecessor_table(plans, results, resolved, live)
-    succ = successor_table(plans, results, pack, live)
-    out.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(pred, out / "predecessors.parquet")
-    write_parquet_atomic(succ, out / "successors.parquet")
-    thr_doc = {"method": (f"The residual predecessor is 'high' at s_res >= t_res = {t_res}. An "
-                          f"MLP or attention predecessor is 'high' when its similarity is at or "
-                          f"above the {cfg.null_quantile} quantile of the top-1 similarities "
-                          f"that {cfg.null_samples} '{cfg.null}' null directions reach against "
-                          f"the same predecessor SAE (see docs/method.md); user values replace "
-                          f"either. Geometry: {geometry}."),
-               "null": cfg.null, "null_quantile": cfg.null_quantile, "geometry": geometry,
-               "t_res": t_res,
-               "massive_dims": {str(L): v for L, v in massive.items()},
-               "s_res_share": {str(L): v for L, v in shares.items()},
-               "layers": {str(L): v for L, v in resolved.items()},
-               "null_quantiles": {str(L): {k: {q: float(np.quantile(v, q))
-                                               for q in (0.5, 0.9, 0.99, 0.999)}
-                                           for k, v in per.items()} for L, per in nulls.items()}}
-    write_json_atomic(out / "thresholds.json", thr_doc)
-    slots = {}
-    for p in plans:
-        slots[f"{p.layer}/resid_post"] = int(results[p.layer]["n_resid"])
-        for kind, slot in p.preds.items():
-            if slot:
-                slots[f"{slot[1]}/{slot[0]}"] = int(results[p.layer][f"{kind}_n"])
-    mapping = {}
-    for p in plans:
-        s = p.preds["attn"]
-        if s:
-            mapping[str(p.layer)] = (describe_mapping(model, s[0]) if s[0] in MAPPED_POSITIONS
-                                     else s[0])
-    manifest = {
-        "format": FLOW_FORMAT, "saeflow_version": __version__,
-        "pack": {"root": str(pack.root), "fingerprint": fingerprint, "model": pack.model_name,
-                 "source_format": pack.source_format,
-                 "neuronpedia_ids": {f"{L}/{p}": i.extra["neuronpedia_id"]
-                                     for (p, L), i in pack.entries.items()
-                                     if i.extra.get("neuronpedia_id")}},
-        "config": cfg.identity(), "cache_key": key, "layers": [p.layer for p in plans],
-        "geometry": geometry, "massive_dims": {str(L): v for L, v in massive.items()},
-        "predecessor_slots": {str(p.layer): {k: (f"{s[1]}/{s[0]}" if s else None)
-                                             for k, s in p.preds.items()} for p in plans},
-        "attention_mapping": mapping, "slots": slots, "request": request,
-        "dead_latents": (liveness.summary() if live else
-                         {"source": "unknown", "note": "no firing counts: dead latents are in"}),
-        "seconds": round(time.time() - t0, 2), "reused_cache": not todo,
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_json_atomic(out / FLOW_MANIFEST, manifest)
-    return open_flow(out)
-
-
