@@ -43,7 +43,7 @@ from saeflow.errors import ConfigError, TrainingError
 from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
 from saeflow.lm.hookpoints import check_position
 from saeflow.lm.hooks import HookPoint, capture
-from saeflow.lm.model import LoadedModel, resolve_dtype
+from saeflow.lm.model import LoadedModel, dtype_name, resolve_encoder_dtype
 from saeflow.saes.packs import PACK_MANIFEST, Pack, load_pack, save_pack
 from saeflow.saes.sae import SAE
 
@@ -846,10 +846,14 @@ def prepare_training(model, cfg: TrainConfig, out: Path, overwrite: bool
     cfg = TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)})
     cfg.layers = cfg.layers if cfg.layers is not None else list(range(model.n_layers))
     cfg.validate(model)
+    # "auto" dtypes become the concrete ones of this device here, once: the identity, the
+    # checkpoint and every Ray group then carry the same dtype (issue 30).
+    cfg.encoder_dtype = dtype_name(resolve_encoder_dtype(cfg.encoder_dtype, model.device))
+    cfg.model_dtype = dtype_name(resolve_encoder_dtype(cfg.model_dtype, model.device))
     ident = {"model": model.name, **cfg.identity()}
     if (out / PACK_MANIFEST).is_file() and not overwrite:
         existing = load_pack(out)
-        if existing.provenance.get("train_config") == ident:
+        if pack_identity(existing.provenance) == ident:
             return cfg, ident, TrainResult(existing, existing.provenance.get("wall_seconds", 0.0),
                                            existing.provenance.get("tokens", 0), {})
         raise FileExistsError(f"{out} holds a different pack; pass --overwrite to replace it, "
@@ -859,6 +863,35 @@ def prepare_training(model, cfg: TrainConfig, out: Path, overwrite: bool
         raise FileExistsError(f"{out} exists and is not a saeflow pack; refusing to write there "
                               f"(pass --overwrite, or choose another --out)")
     return cfg, ident, None
+
+
+def pack_identity(provenance: dict) -> dict | None:
+    """The training identity a pack records. Packs trained before dtypes were resolved in the
+    identity say "auto" there; the dtypes they ran in are in the provenance beside it."""
+    ident = provenance.get("train_config")
+    if not isinstance(ident, dict):
+        return None
+    ident = dict(ident)
+    for key, ran in (("encoder_dtype", "encoder_dtype"), ("model_dtype", "capture_dtype")):
+        if ident.get(key) == "auto" and provenance.get(ran):
+            ident[key] = provenance[ran]
+    return ident
+
+
+def check_resume(saved: dict | None, ident: dict, ckpt_dir: Path) -> None:
+    """Refuse to resume a checkpoint of another run, naming a dtype difference plainly (a
+    resume across dtypes would mix two numerics in one pack)."""
+    if saved == ident:
+        return
+    saved = saved or {}
+    for key, flag in (("encoder_dtype", "--encoder-dtype"), ("model_dtype", "--model-dtype")):
+        if key in saved and saved.get(key) != ident.get(key):
+            raise TrainingError(
+                f"{ckpt_dir} was trained with {key} {saved[key]}, but this run resolves "
+                f"{ident.get(key)}; pass {flag} {saved[key]} to resume it, or --overwrite to "
+                f"start over")
+    raise TrainingError(f"{ckpt_dir} holds a checkpoint of a different training run; delete it "
+                        f"or pass --overwrite")
 
 
 def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
@@ -882,8 +915,8 @@ def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
 
     corpus = Corpus.from_spec(cfg.corpus, seed=cfg.seed)
     device = model.device
-    enc_dtype = resolve_dtype(cfg.encoder_dtype, device)
-    cap_dtype = resolve_dtype(cfg.model_dtype, device)
+    enc_dtype = resolve_encoder_dtype(cfg.encoder_dtype, device)  # concrete: prepare_training
+    cap_dtype = resolve_encoder_dtype(cfg.model_dtype, device)
     slots = [(p, L) for p in cfg.positions for L in cfg.layers]
     steps_per_chunk = cfg.chunk_tokens // cfg.batch_size
     n_chunks = math.ceil(cfg.tokens / cfg.chunk_tokens)
@@ -892,9 +925,11 @@ def train_family(model: LoadedModel, cfg: TrainConfig, out: str | os.PathLike,
     state = None
     if (ckpt_dir / CKPT_FILE).is_file():
         state = torch.load(ckpt_dir / CKPT_FILE, map_location=device, weights_only=False)
-        if state.get("ident") != ident:
-            raise FileExistsError(f"{ckpt_dir} holds a checkpoint of a different training run; "
-                                  f"delete it or pass --overwrite")
+        if overwrite and state.get("ident") != ident:
+            state = None
+            shutil.rmtree(ckpt_dir)
+        else:
+            check_resume(state.get("ident"), ident, ckpt_dir)
     elif ckpt_dir.exists() and overwrite:
         shutil.rmtree(ckpt_dir)
     if state is None:
