@@ -159,7 +159,9 @@ def test_verify_checks_cfg_against_headers(tmp_path):
     folder = write_saelens(tmp_path / "f" / "a", random_weights(), "relu")
     _edit_cfg(folder, dtype="float16")
     assert any("dtype 'float16' but the tensors are float32" in p
-               for p in load_pack(tmp_path / "f").verify())
+               for p in load_pack(tmp_path / "f", strict=False).verify())
+    with pytest.raises(PackError, match="cfg contradicts the weights"):
+        load_pack(tmp_path / "f")
 
 
 def test_convert_writes_one_dtype(tmp_path):

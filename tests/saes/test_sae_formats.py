@@ -241,7 +241,7 @@ def test_missing_cfg_key(tmp_path):
 
 def test_unknown_hook_name_and_position(tmp_path):
     write_saelens(tmp_path / "s", random_weights(), "relu", hook="blocks.1.hook_resid_mid")
-    with pytest.raises(SAEFormatError, match="cannot map hook name"):
+    with pytest.raises(PackError, match="cannot map hook name"):  # refused, in one line
         load_pack(tmp_path)
     with pytest.raises(ValueError, match="unknown position"):
         load_pack(tmp_path, position="middle")

@@ -86,12 +86,15 @@ def cmd_pack_inspect(args) -> int:
     if model is not None:
         n_layers = model.n_layers
         pack.check_model(model)
+    # The checks `load` and `convert` make, on every SAE (it reads the weights, one SAE at a
+    # time); those that fail are listed as REFUSED below.
+    problems = pack.verify()
     d = pack.describe(n_layers)
     if args.verify:
-        d["verify_problems"] = pack.verify()
+        d["verify_problems"] = problems
     if args.json:
         print_json(d)
-        return 0
+        return 1 if d["refused"] else 0
     print(f"pack        {d['root']}")
     print(f"format      {d['source_format']}    model {d['model'] or '?'}    "
           f"d_model {d['d_model'] or '?'}    layers {d['n_layers'] or '?'}")
@@ -164,7 +167,9 @@ def register(sub) -> None:
     ins.add_argument("--model", default=None, help="check against this model (d_in, layers)")
     ins.add_argument("--n-layers", type=int, default=None, help="layers the family should cover")
     ins.add_argument("--verify", action="store_true",
-                     help="check each cfg against its tensor headers and hashes in pack.json")
+                     help="also print every problem found (the checks are the ones load and "
+                          "convert make: cfg against tensor headers, dtypes, k, finite weights, "
+                          "hashes in pack.json) and end with verify: OK / FAILED")
     add_json(ins)
     ins.set_defaults(func=cmd_pack_inspect)
 

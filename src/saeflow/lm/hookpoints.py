@@ -178,8 +178,11 @@ _HOOK_PATTERNS: list[tuple[re.Pattern, str]] = [
 def parse_hook_name(name: str, family: str | None = None) -> tuple[str, int]:
     """Map a TransformerLens or HF-style hook name to (position, layer).
 
-    `post_attention_layernorm` is the attention output only in Gemma (sandwich norms); in Llama
-    it is the norm *before* the MLP, so it is refused when `family` says it is not Gemma.
+    HF names are placed by what the module is in the model's family, never by its name alone:
+    `post_attention_layernorm` is the attention output only in Gemma (sandwich norms); in
+    Llama, Qwen and most others it is the norm *before* the MLP, which saeflow has no position
+    for. So it is refused when `family` is unknown or has no such post-norm, and a module the
+    family does not have (`post_feedforward_layernorm` in Llama) is refused too.
 
     HF `layers.L.mlp` / `layers.L.self_attn` are the raw module outputs: mlp_raw / attn_raw
     in Gemma (before its post-norm), and when the family is unknown; mlp_out / attn_out in a
@@ -190,18 +193,34 @@ def parse_hook_name(name: str, family: str | None = None) -> tuple[str, int]:
         m = pattern.match(name)
         if not m:
             continue
+        layer = int(m.group(1))
         if position == "attn_out@gemma":
-            if family is not None and not family.startswith("gemma"):
-                break
+            if has_post_norms(family) is not True:
+                raise UnknownPositionError(_post_attention_norm_refusal(name, family))
             position = "attn_out"
+        elif position == "mlp_out" and "post_feedforward_layernorm" in name \
+                and has_post_norms(family) is False:
+            raise UnknownPositionError(
+                f"{name!r}: the {family} family has no post_feedforward_layernorm; is the SAE "
+                f"for another model? Pass the right --family or --model")
         if position in RAW_POSITIONS:
             position = raw_position(position, family)
-        return position, int(m.group(1))
+        return position, layer
     raise UnknownPositionError(
         f"cannot map hook name {name!r} to a position; expected a TransformerLens name such as "
         f"'blocks.12.hook_resid_post' or an HF module path such as 'model.layers.12' / "
         f"'model.layers.12.post_feedforward_layernorm.output'"
     )
+
+
+def _post_attention_norm_refusal(name: str, family: str | None) -> str:
+    if has_post_norms(family) is None:
+        known = f"the family {family!r} is not one saeflow knows, so it " if family else ""
+        return (f"{name!r} is the attention output in Gemma 2/3 but the norm before the MLP in "
+                f"Llama, Qwen and most other families; {known or 'saeflow '}cannot tell which "
+                f"without the model: pass --model (or --family gemma3, llama, ...)")
+    return (f"{name!r} is the norm before the MLP in the {family} family (its output is the "
+            f"MLP's input), a site saeflow has no position for; such an SAE cannot be placed")
 
 
 def written_hook_name(position: str, layer: int) -> str:
@@ -216,7 +235,9 @@ def has_post_norms(family: str | None) -> bool | None:
         return None
     arch = ARCHITECTURES.get(family) or ARCHITECTURES.get(
         {"gemma": "gemma2", "qwen": "qwen2", "smollm": "llama"}.get(family, ""))
-    return arch.has_post_norms if arch else family.startswith("gemma")
+    if arch:
+        return arch.has_post_norms
+    return True if family.startswith("gemma") else None  # a family saeflow does not know
 
 
 def raw_position(position: str, family: str | None) -> str:

@@ -10,6 +10,7 @@ used by `pack inspect`), and `load_*` reads the weights. Formats:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import zipfile
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from saeflow._version import __version__
-from saeflow.errors import SAEFormatError
+from saeflow.errors import ConfigError, SAEFormatError, SAEShapeError
 from saeflow.lm.hookpoints import parse_hook_name
 from saeflow.saes.sae import SAE
 
@@ -105,12 +106,18 @@ def _check_safetensors_length(path: Path) -> None:
                              f"re-download or re-convert it")
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _load_safetensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a file; with `sha256` (a saeflow pack's manifest), the bytes read are
+    hashed too, and a file edited after the pack was written is refused."""
+    from safetensors.torch import load as load_bytes
 
     _safetensors_header(path)
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise SAEFormatError(f"{path} was changed after the pack was written (its sha256 differs "
+                             f"from pack.json); re-convert the SAE, or restore the file")
     try:
-        return load_file(str(path))
+        return load_bytes(data)
     except Exception as e:
         raise SAEFormatError(f"{path} is truncated or corrupt ({e}); re-download or re-convert it") from e
 
@@ -132,10 +139,16 @@ def _hook_position(hook: str | None, where: Path, family: str | None = None):
 
 
 def _family_of(model_name: str | None) -> str | None:
+    """The family a model name says for sure (None when it does not: Gemma 1 and Gemma 2
+    place `post_attention_layernorm` differently, so a bare 'gemma' decides nothing)."""
     if not model_name:
         return None
     m = model_name.lower()
-    for fam in ("gemma", "llama", "qwen", "gpt2", "smollm"):
+    if re.search(r"gemma-?3", m):
+        return "gemma3"
+    if re.search(r"gemma-?2(?![0-9.]*b)", m):  # gemma-2-2b, gemma2; not Gemma 1's gemma-2b
+        return "gemma2"
+    for fam in ("llama", "qwen", "gpt2", "smollm"):
         if fam in m:
             return "llama" if fam == "smollm" else fam
     return None
@@ -177,27 +190,50 @@ class _SAELensPlan:
     rescale_by_decoder_norm: bool
     dtype: str | None
     refused: str | None
+    # BatchTopK training checkpoint: its running threshold is the inference threshold.
+    topk_threshold: bool = False
+
+
+def _is_pre_6(cfg: dict) -> bool:
+    """SAELens reads a cfg as pre-6.0 when neither it nor its metadata names a version >= 6."""
+    version = cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version")
+    m = re.match(r"\s*(\d+)", str(version or ""))
+    return m is None or int(m.group(1)) < 6
+
+
+def _saelens_arch_and_k(cfg: dict) -> tuple[str, Any, str | None]:
+    """(architecture name, k, refusal) as SAELens's loader resolves them."""
+    k = cfg.get("k")
+    if not _is_pre_6(cfg):
+        return str(cfg.get("architecture", "standard")), k, None
+    # Pre-6.0 configs: `activation_fn_str` (or `activation_fn`) decides; SAELens 6 turns
+    # architecture "standard" with a topk activation and activation_fn_kwargs.k into TopK.
+    act = cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu"
+    raw = str(cfg.get("architecture", "standard"))
+    if act == "topk" and raw in ("standard", "topk"):
+        k = (cfg.get("activation_fn_kwargs") or {}).get("k", k)
+        if k is None:
+            return raw, None, "a pre-6.0 TopK config without activation_fn_kwargs.k"
+        return "topk", k, None
+    if raw == "standard" and act != "relu":
+        return raw, k, f"pre-6.0 activation_fn {act!r} is not supported (relu, topk)"
+    return raw, k, None
 
 
 def _saelens_plan(cfg: dict, tensor_names, path: Path) -> _SAELensPlan:
     meta = cfg.get("metadata") or {}
     sf = meta.get("saeflow") or {}
-    if "architecture" in cfg:
-        raw = cfg["architecture"]
-    else:  # pre-6.0 flat configs: activation_fn_str decides
-        act = cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu"
-        raw = {"relu": "standard", "topk": "topk"}.get(act, act)
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-    refused = None
+    raw, k, refused = _saelens_arch_and_k(cfg)
     arch = _SAELENS_ARCH.get(raw)
-    if raw in _SAELENS_REFUSED:
-        refused = _SAELENS_REFUSED[raw]
-    elif arch is None:
-        refused = (f"architecture {raw!r} is not supported (supported: standard/relu, jumprelu, "
-                   f"topk, batchtopk)")
-    elif "W_skip" in tensor_names or cfg.get("d_out") not in (None, cfg.get("d_in")) \
-            or meta.get("hook_name_out"):
-        refused = "this is a transcoder (it has a separate output site), not an SAE"
+    if refused is None:
+        if raw in _SAELENS_REFUSED:
+            refused = _SAELENS_REFUSED[raw]
+        elif arch is None:
+            refused = (f"architecture {raw!r} is not supported (supported: standard/relu, "
+                       f"jumprelu, topk, batchtopk)")
+        elif "W_skip" in tensor_names or cfg.get("d_out") not in (None, cfg.get("d_in")) \
+                or meta.get("hook_name_out"):
+            refused = "this is a transcoder (it has a separate output site), not an SAE"
     if sf.get("architecture") == "batchtopk" and arch in ("jumprelu", "topk"):
         arch, k = "batchtopk", k or sf.get("k")
     norm = cfg.get("normalize_activations", "none")
@@ -217,14 +253,21 @@ def _saelens_plan(cfg: dict, tensor_names, path: Path) -> _SAELensPlan:
         refused = "finetuning_scaling_factor is not supported"
     if refused is None and arch == "topk" and not k:
         refused = "a TopK SAE config needs k"
+    # A BatchTopK training checkpoint runs as SAELens's inference export does: JumpReLU with
+    # the learned threshold, so its (possibly fractional) k is a training target only.
+    topk_threshold = raw == "batchtopk" and "topk_threshold" in tensor_names
+    if refused is None and k is not None and not topk_threshold and float(k) != int(float(k)):
+        refused = (f"k={k} is fractional and there is no topk_threshold to run it by; export the "
+                   f"inference SAE with SAELens's save_inference_model")
+    k_int = int(float(k)) if k is not None and not topk_threshold else None
     rescale = bool(cfg.get("rescale_acts_by_decoder_norm")) and arch in ("topk", "batchtopk")
     # SAELens defaults apply_b_dec_to_input to true for every architecture, old and new.
     apply_b_dec = cfg.get("apply_b_dec_to_input")
     dtype = cfg.get("dtype")
     if refused is None and dtype is not None and dtype.removeprefix("torch.") not in _TORCH_DTYPES:
         refused = f"dtype {dtype!r} is not supported (float32, float16, bfloat16, float64)"
-    return _SAELensPlan(arch, int(k) if k else None, True if apply_b_dec is None else bool(apply_b_dec),
-                        rescale, dtype.removeprefix("torch.") if dtype else None, refused)
+    return _SAELensPlan(arch, k_int, True if apply_b_dec is None else bool(apply_b_dec), rescale,
+                        dtype.removeprefix("torch.") if dtype else None, refused, topk_threshold)
 
 
 def _saelens_hook(cfg: dict) -> str | None:
@@ -237,37 +280,45 @@ def describe_saelens(folder: Path, family: str | None = None) -> SAEInfo:
     header = _safetensors_header(folder / SAELENS_WEIGHTS)
     plan = _saelens_plan(cfg, header, folder / SAELENS_CFG)
     d_in = int(_require(cfg, "d_in", folder / SAELENS_CFG))
-    if "W_enc" not in header:
-        raise SAEFormatError(f"{folder / SAELENS_WEIGHTS} has no W_enc tensor")
-    d_sae = int(cfg.get("d_sae") or header["W_enc"][0][1])
-    if header["W_enc"][0] != (d_in, d_sae):
-        raise SAEFormatError(f"{folder}: cfg.json says d_in={d_in}, d_sae={d_sae} but W_enc has "
-                             f"shape {header['W_enc'][0]}")
     meta = cfg.get("metadata") or {}
     model_name = meta.get("model_name") or cfg.get("model_name")
     hook = _saelens_hook(cfg)
-    try:
-        position, layer = _hook_position(hook, folder / SAELENS_CFG,
-                                         family or _family_of(model_name))
-    except SAEFormatError:
-        if not plan.refused:
-            raise
-        position, layer = None, None  # listed as refused; its site does not matter
+    arch = plan.arch or str(cfg.get("architecture"))
+    dtype = plan.dtype or (_dtype_name(header["W_enc"][1]) if "W_enc" in header else "?")
+    if plan.refused:  # listed by its reason; its tensors and site do not matter
+        return SAEInfo("saelens", folder, d_in, int(cfg.get("d_sae") or 0), arch, dtype,
+                       None, None, hook, model_name, refused=plan.refused)
+    if "W_enc" not in header:
+        raise SAEFormatError(f"{folder / SAELENS_WEIGHTS} has no W_enc tensor")
+    d_sae = int(cfg.get("d_sae") or header["W_enc"][0][1])
+    position, layer, refused = _placed(hook, folder / SAELENS_CFG, family or _family_of(model_name))
     sf = meta.get("saeflow") or {}
-    position, layer = sf.get("position", position), sf.get("layer", layer)
+    if "position" in sf and "layer" in sf:  # saeflow's own record of the site
+        position, layer, refused = sf["position"], sf["layer"], None
     extra = {"neuronpedia_id": meta.get("neuronpedia_id") or cfg.get("neuronpedia_id")}
     if plan.rescale_by_decoder_norm:
         extra["options"] = ["rescale_acts_by_decoder_norm (folded into the weights)"]
-    return SAEInfo("saelens", folder, d_in, d_sae, plan.arch or str(cfg.get("architecture")),
-                   plan.dtype or _dtype_name(header["W_enc"][1]), position, layer, hook,
-                   model_name, extra=extra, refused=plan.refused)
+    if plan.topk_threshold:
+        extra["options"] = extra.get("options", []) + [
+            "BatchTopK training checkpoint: runs as JumpReLU at its topk_threshold"]
+    return SAEInfo("saelens", folder, d_in, d_sae, arch, dtype, position, layer, hook,
+                   model_name, extra=extra, refused=refused)
 
 
-def load_saelens(folder: Path) -> SAE:
+def _placed(hook: str | None, where: Path, family: str | None):
+    """(position, layer, refusal): an SAE whose site cannot be known is refused, not guessed."""
+    try:
+        position, layer = _hook_position(hook, where, family)
+    except SAEFormatError as e:
+        return None, None, str(e).removeprefix(f"{where}: ")
+    return position, layer, None
+
+
+def load_saelens(folder: Path, sha256: str | None = None) -> SAE:
     cfg_path = folder / SAELENS_CFG
     cfg = _read_json(cfg_path)
     _require(cfg, "d_in", cfg_path)
-    t = _load_safetensors(folder / SAELENS_WEIGHTS)
+    t = _load_safetensors(folder / SAELENS_WEIGHTS, sha256)
     plan = _saelens_plan(cfg, t, cfg_path)
     if plan.refused:
         raise SAEFormatError(f"{folder}: {plan.refused}")
@@ -280,20 +331,27 @@ def load_saelens(folder: Path) -> SAE:
     missing = [n for n in ("W_enc", "W_dec", "b_enc", "b_dec") if n not in t]
     if missing:
         raise SAEFormatError(f"{folder / SAELENS_WEIGHTS} lacks tensors {missing}")
-    if plan.arch == "jumprelu" and "threshold" not in t:
-        raise SAEFormatError(f"{folder / SAELENS_WEIGHTS}: a JumpReLU SAE needs a threshold tensor")
     # SAELens casts every tensor to the cfg's dtype on load; so does saeflow, for equal numbers.
     dtype = _TORCH_DTYPES[plan.dtype] if plan.dtype else t["W_enc"].dtype
+    topk_threshold = t.pop("topk_threshold", None)  # [] float64, BatchTopK training only
     t = {n: v.to(dtype) for n, v in t.items()}
+    if plan.topk_threshold:
+        assert topk_threshold is not None
+        # As SAELens's save_inference_model: one threshold for every latent, in b_enc's dtype.
+        t["threshold"] = torch.ones_like(t["b_enc"]) * topk_threshold.item()
+    if plan.arch == "jumprelu" and "threshold" not in t:
+        raise SAEFormatError(f"{folder / SAELENS_WEIGHTS}: a JumpReLU SAE needs a threshold tensor")
     sf = (cfg.get("metadata") or {}).get("saeflow") or {}
     sae_kw = {"input_scale": float(sf.get("input_scale", 1.0))}
+    record = {k: sf[k] for k in SAEFLOW_RECORD_KEYS if k in sf}
+    if plan.topk_threshold:
+        record["batchtopk_k"] = cfg.get("k")  # the training target; inference uses the threshold
     try:
         sae = SAE(W_enc=t["W_enc"], W_dec=t["W_dec"], b_enc=t["b_enc"], b_dec=t["b_dec"],
                   architecture=plan.arch, threshold=t.get("threshold"), k=plan.k,
                   apply_b_dec_to_input=plan.apply_b_dec,
                   batchtopk_inference="jumprelu" if "threshold" in t else "topk",
-                  metadata={"source_format": "saelens", "cfg": cfg,
-                            **{k: sf[k] for k in SAEFLOW_RECORD_KEYS if k in sf}}, **sae_kw)
+                  metadata={"source_format": "saelens", "cfg": cfg, **record}, **sae_kw)
     except ValueError as e:
         raise SAEFormatError(f"{folder}: {e}") from e
     if sae.d_in != int(cfg["d_in"]):
@@ -460,14 +518,14 @@ def _gemmascope2_refusal(cfg: dict) -> str | None:
     return None
 
 
-def load_gemmascope2(folder: Path) -> SAE:
+def load_gemmascope2(folder: Path, sha256: str | None = None) -> SAE:
     cfg = _read_json(folder / "config.json")
     if refused := _gemmascope2_refusal(cfg):
         raise SAEFormatError(f"{folder}: {refused}")
     arch = cfg.get("architecture", "jump_relu")
     if arch not in ("jump_relu", "jumprelu"):
         raise SAEFormatError(f"{folder}: architecture {arch!r} is not supported (expected jump_relu)")
-    t = _load_safetensors(folder / "params.safetensors")
+    t = _load_safetensors(folder / "params.safetensors", sha256)
     missing = [n for n in ("w_enc", "w_dec", "b_enc", "b_dec", "threshold") if n not in t]
     if missing:
         raise SAEFormatError(f"{folder / 'params.safetensors'} lacks tensors {missing}")
@@ -532,23 +590,24 @@ def describe_sparsify(folder: Path, family: str | None = None) -> SAEInfo:
                              f"{header['encoder.weight'][0]}")
     lay = sparsify_layout(folder)
     model_name = _sparsify_run_model(lay["run"])
-    position, layer = _hook_position(lay["hookpoint"], folder, family or _family_of(model_name))
+    position, layer, unplaced = _placed(lay["hookpoint"], folder,
+                                        family or _family_of(model_name))
     variant = ", ".join(([f"seed {lay['seed']}"] if lay["seed"] is not None else [])
                         + (["best"] if lay["best"] else []))
     return SAEInfo("sparsify", folder, d_in, d_sae, cfg.get("activation", "topk"),
                    _dtype_name(header["encoder.weight"][1]), position, layer, lay["hookpoint"],
                    model_name, extra={"seed": lay["seed"], "best": lay["best"],
                                       "variant": variant or None},
-                   refused=_sparsify_refusal(cfg))
+                   refused=_sparsify_refusal(cfg) or unplaced)
 
 
-def load_sparsify(folder: Path) -> SAE:
+def load_sparsify(folder: Path, sha256: str | None = None) -> SAE:
     cfg = _read_json(folder / "cfg.json")
     refused = _sparsify_refusal(cfg)
     if refused:
         raise SAEFormatError(f"{folder}: {refused}")
     k = int(_require(cfg, "k", folder / "cfg.json"))
-    t = _load_safetensors(folder / "sae.safetensors")
+    t = _load_safetensors(folder / "sae.safetensors", sha256)
     missing = [n for n in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if n not in t]
     if missing:
         raise SAEFormatError(f"{folder / 'sae.safetensors'} lacks tensors {missing}")
@@ -564,56 +623,140 @@ def load_sparsify(folder: Path) -> SAE:
         raise SAEFormatError(f"{folder}: {e}") from e
 
 
-# --- consistency of configs and tensor headers (pack inspect --verify) ----------------------
+# --- the checks every path runs: inspect, --verify, convert and load -----------------------
+# Floating dtypes by precision; a cfg dtype narrower than the stored weight matrices would
+# change the weights on load, so the cfg contradicts the file.
+_FLOAT_RANK = {"float16": 1, "bfloat16": 1, "float32": 2, "float64": 3}
+
+
 def check_files(folder: Path, fmt: str) -> list[str]:
-    """Problems where a folder's config disagrees with its tensor headers (empty: consistent)."""
+    """Problems that configs and tensor headers show without reading the weights (empty: none).
+
+    Shapes against the config, dtypes (a non-float tensor; a cfg dtype that the weight
+    matrices contradict), k within 1..d_sae and, for GroupMax, k dividing d_sae. A dtype the
+    loader casts exactly, as the format's own library does, is not a problem.
+    """
+    k_groups = False
     try:
         if fmt == "saelens":
             cfg, h = _read_json(folder / SAELENS_CFG), _safetensors_header(folder / SAELENS_WEIGHTS)
             d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
             names = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,),
-                     "b_dec": (d_in,), "threshold": (d_sae,), "log_threshold": (d_sae,)}
+                     "b_dec": (d_in,), "threshold": (d_sae,), "log_threshold": (d_sae,),
+                     "topk_threshold": ()}
             want_dtype = (cfg.get("dtype") or "").removeprefix("torch.") or None
-            k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-            where = folder / SAELENS_CFG
+            plan = _saelens_plan(cfg, h, folder / SAELENS_CFG)
+            k = plan.k
+            matrices = ("W_enc", "W_dec")
         elif fmt == "sparsify":
             cfg, h = _read_json(folder / "cfg.json"), _safetensors_header(folder / "sae.safetensors")
             d_in = cfg.get("d_in")
             d_sae = cfg.get("num_latents") or (d_in * cfg["expansion_factor"]
                                                if d_in and cfg.get("expansion_factor") else None)
+            d_sae = d_sae or h.get("encoder.weight", ((None,), ""))[0][0]
             names = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,),
                      "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-            want_dtype, k, where = None, cfg.get("k"), folder / "cfg.json"
+            want_dtype, k, matrices = None, cfg.get("k"), ("encoder.weight", "W_dec")
+            k_groups = cfg.get("activation") == "groupmax"
         elif fmt == "gemmascope2":
             h = _safetensors_header(folder / "params.safetensors")
             d_in, d_sae = h.get("w_enc", ((None, None), ""))[0]
             names = {"w_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,),
                      "threshold": (d_sae,)}
-            want_dtype, k, where = None, None, folder / "params.safetensors"
+            want_dtype, k, matrices = None, None, ("w_enc", "w_dec")
         elif fmt == "gemmascope":
             h = _npz_headers(folder / "params.npz")
             d_in, d_sae = h.get("W_enc", ((None, None), ""))[0]
             names = {"W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,),
                      "threshold": (d_sae,)}
-            want_dtype, k, where = None, None, folder / "params.npz"
+            want_dtype, k, matrices = None, None, ("W_enc", "W_dec")
         else:
-            return [f"{folder}: unknown format {fmt!r}"]
+            return [f"unknown format {fmt!r}"]
     except (SAEFormatError, KeyError, TypeError) as e:
-        return [f"{folder}: {e}"]
+        return [str(e)]
     problems = []
     for name, shape in names.items():
         if name in h and None not in shape and tuple(h[name][0]) != shape:
-            problems.append(f"{where}: {name} has shape {tuple(h[name][0])}, the config implies "
-                            f"{shape}")
-    dtypes = {_dtype_name(v[1]) for v in h.values()}
-    if want_dtype and dtypes != {want_dtype}:
-        problems.append(f"{where}: dtype {want_dtype!r} but the tensors are "
-                        f"{', '.join(sorted(dtypes))}")
-    elif not want_dtype and len(dtypes) > 1:
-        problems.append(f"{where}: tensors mix dtypes {', '.join(sorted(dtypes))}")
-    if k is not None and d_sae and not 0 < int(k) <= int(d_sae):
-        problems.append(f"{where}: k={k} is not within 1..d_sae={d_sae}")
+            problems.append(f"{name} has shape {tuple(h[name][0])}, the config implies {shape}")
+    dtypes = {n: _dtype_name(v[1]) for n, v in h.items()}
+    not_float = sorted(f"{n} is {d}" for n, d in dtypes.items() if d not in _FLOAT_RANK)
+    if not_float:
+        problems.append(f"non-float tensors ({', '.join(not_float)}); saeflow reads float16, "
+                        f"bfloat16, float32 and float64 weights")
+    elif want_dtype in _FLOAT_RANK:
+        wider = sorted(n for n in matrices if n in dtypes and dtypes[n] != want_dtype
+                       and _FLOAT_RANK[dtypes[n]] >= _FLOAT_RANK[want_dtype])
+        if wider:
+            have = ", ".join(sorted({dtypes[n] for n in wider}))
+            problems.append(f"dtype {want_dtype!r} but the tensors are {have} ({', '.join(wider)}"
+                            f"): the cfg contradicts the weights; set its dtype to {have}")
+    if k is not None and d_sae:
+        if not 0 < int(k) <= int(d_sae):
+            problems.append(f"k={k} is not within 1..d_sae={d_sae}")
+        elif k_groups and int(d_sae) % int(k):
+            problems.append(f"GroupMax k={k} groups do not divide d_sae={d_sae}")
     return problems
+
+
+def load(folder: Path, fmt: str, *, sha256: str | None = None) -> SAE:
+    """One SAE, after the checks `check_files` makes and with every weight finite; anything
+    else is refused in one SAEFormatError. `sha256`: the weights file's hash in pack.json."""
+    problems = check_files(folder, fmt)
+    if problems:
+        raise SAEFormatError(f"{folder}: {'; '.join(problems)}")
+    if fmt == "saelens":
+        sae = load_saelens(folder, sha256)
+    elif fmt == "gemmascope":
+        sae = load_gemmascope(folder / "params.npz")
+    elif fmt == "gemmascope2":
+        sae = load_gemmascope2(folder, sha256)
+    elif fmt == "sparsify":
+        sae = load_sparsify(folder, sha256)
+    else:
+        raise SAEFormatError(f"unknown SAE format {fmt!r}; known: {', '.join(FORMATS)}")
+    bad = sae.nonfinite()
+    if bad:
+        raise SAEFormatError(f"{folder}: the weights hold NaN or Inf ({'; '.join(bad)}); "
+                             f"re-download or re-train this SAE")
+    return sae
+
+
+def _manifest_problems(info: SAEInfo) -> list[str]:
+    """A saeflow pack's SAE: pack.json's d_in, d_sae and dtype against the SAE's cfg.json."""
+    if "sha256" not in info.extra:  # described from its own files, not from a manifest
+        return []
+    try:
+        cfg = _read_json(info.path / SAELENS_CFG)
+    except SAEFormatError as e:
+        return [str(e)]
+    return [f"cfg.json {key}={cfg.get(key)!r} but pack.json says {have!r}"
+            for key, have in (("d_in", info.d_in), ("d_sae", info.d_sae), ("dtype", info.dtype))
+            if cfg.get(key) != have]
+
+
+def load_checked(info: SAEInfo) -> SAE:
+    """The SAE an SAEInfo describes, through every check: why it was refused when described,
+    the file checks, pack.json's shapes and hash, finite weights. `Pack.sae`, convert,
+    inspect and --verify all run this one function."""
+    problems = [info.refused] if info.refused else _manifest_problems(info)
+    if problems:
+        raise SAEFormatError(f"{info.path}: {'; '.join(problems)}")
+    return load(info.path, info.format, sha256=info.extra.get("sha256"))
+
+
+def check_sae(info: SAEInfo) -> list[str]:
+    """Why `load_checked` refuses this SAE, one line per problem (empty: it loads). Reads the
+    weights when configs and headers are sound."""
+    if info.refused:
+        return [info.refused]
+    problems = check_files(info.path, info.format) + _manifest_problems(info)
+    if problems:
+        return problems
+    try:
+        load_checked(info)
+    except (SAEFormatError, SAEShapeError, ConfigError) as e:
+        return [str(e).removeprefix(f"{info.path}: ")]
+    return []
 
 
 def detect_format(folder: Path, names: set[str] | None = None) -> str | None:
@@ -637,24 +780,17 @@ def detect_format(folder: Path, names: set[str] | None = None) -> str | None:
 
 def describe(folder: Path, fmt: str, position: str | None = None,
              family: str | None = None) -> SAEInfo:
+    """What a folder holds, from configs and headers; `refused` says why it cannot load."""
     if fmt == "saelens":
-        return describe_saelens(folder, family)
-    if fmt == "gemmascope":
-        return describe_gemmascope(folder / "params.npz", position)
-    if fmt == "gemmascope2":
-        return describe_gemmascope2(folder)
-    if fmt == "sparsify":
-        return describe_sparsify(folder, family)
-    raise SAEFormatError(f"unknown SAE format {fmt!r}; known: {', '.join(FORMATS)}")
-
-
-def load(folder: Path, fmt: str) -> SAE:
-    if fmt == "saelens":
-        return load_saelens(folder)
-    if fmt == "gemmascope":
-        return load_gemmascope(folder / "params.npz")
-    if fmt == "gemmascope2":
-        return load_gemmascope2(folder)
-    if fmt == "sparsify":
-        return load_sparsify(folder)
-    raise SAEFormatError(f"unknown SAE format {fmt!r}; known: {', '.join(FORMATS)}")
+        info = describe_saelens(folder, family)
+    elif fmt == "gemmascope":
+        info = describe_gemmascope(folder / "params.npz", position)
+    elif fmt == "gemmascope2":
+        info = describe_gemmascope2(folder)
+    elif fmt == "sparsify":
+        info = describe_sparsify(folder, family)
+    else:
+        raise SAEFormatError(f"unknown SAE format {fmt!r}; known: {', '.join(FORMATS)}")
+    if info.refused is None:
+        info.refused = "; ".join(check_files(folder, fmt)) or None
+    return info

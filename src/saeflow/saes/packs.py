@@ -91,7 +91,7 @@ class Pack:
         info = self.info(*key)
         sae = self._cache.get(key)
         if sae is None:
-            sae = fmt.load(info.path, info.format)
+            sae = fmt.load_checked(info)
             sae.metadata.update(position=position, layer=int(layer))
             self._cache[key] = sae
             while len(self._cache) > self.max_cached:
@@ -108,34 +108,23 @@ class Pack:
         """Every SAE, one at a time (not kept in the cache)."""
         for (p, L) in sorted(self.entries, key=lambda s: (POSITIONS.index(s[0]), s[1])):
             info = self.entries[(p, L)]
-            sae = fmt.load(info.path, info.format)
+            sae = fmt.load_checked(info)
             sae.metadata.update(position=p, layer=L)
             yield p, L, sae
 
     def verify(self) -> list[str]:
-        """Check every SAE's files: content hashes against pack.json, each config against its
-        tensor headers, and the manifest's shapes against the config. Returns problems."""
+        """Run every check `load` makes on every SAE (configs against tensor headers, dtypes,
+        k, pack.json's shapes and hashes, finite weights; one SAE in memory at a time) and
+        return the problems, one line each. SAEs that fail move from `entries` to `refused`,
+        so `describe()` lists them with their reason."""
         problems = [f"{i.path}: {i.refused}" for i in self.refused]
-        for (p, L), info in sorted(self.entries.items()):
-            problems += [f"{p}/layer_{L}: {m}" for m in fmt.check_files(info.path, info.format)]
-            want = info.extra.get("sha256")
-            if not want:
-                continue
-            f = info.path / fmt.SAELENS_WEIGHTS
-            if not f.is_file():
-                problems.append(f"{p}/layer_{L}: {f} is missing")
-                continue
-            if sha256_file(f) != want:
-                problems.append(f"{p}/layer_{L}: content hash differs from pack.json")
-            try:
-                cfg = json.loads((info.path / fmt.SAELENS_CFG).read_text())
-            except (OSError, ValueError) as e:
-                problems.append(f"{p}/layer_{L}: cfg.json unreadable ({e})")
-                continue
-            for key, have in (("d_in", info.d_in), ("d_sae", info.d_sae), ("dtype", info.dtype)):
-                if cfg.get(key) != have:
-                    problems.append(f"{p}/layer_{L}: cfg.json {key}={cfg.get(key)!r} but pack.json "
-                                    f"says {have!r}")
+        for slot, info in sorted(self.entries.items()):
+            found = fmt.check_sae(info)
+            if found:
+                problems += [f"{slot[0]}/layer_{slot[1]}: {m}" for m in found]
+                info.refused = "; ".join(found)
+                self.refused.append(self.entries.pop(slot))
+                self._cache.pop(slot, None)
         return problems
 
     # --- checks against a model -----------------------------------------------------------
@@ -213,12 +202,12 @@ def load_pack(path: str | os.PathLike, position: str | None = None, width: str |
             refused.append(info)
             continue
         (infos if info.position is not None and info.layer is not None else unplaced).append(info)
-    if refused and (strict or not infos):
+    if refused and strict:
         r = refused[0]
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
         raise PackError(f"{r.path}: {r.refused}{more}; remove it from {root}, or list the family "
                         f"with `saeflow pack inspect` to see every SAE saeflow cannot load")
-    if not infos and not unplaced:
+    if not infos and not unplaced and not refused:
         raise PackError(
             f"no SAEs found under {root}: expected pack.json, SAELens folders (cfg.json + "
             f"sae_weights.safetensors), Gemma Scope params.npz, Gemma Scope 2 params.safetensors "

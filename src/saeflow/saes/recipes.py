@@ -61,4 +61,6 @@ def open_pack(spec: str, model=None, **kw) -> Pack:
     """'embedded' / 'embedded-quick' (trained on first use) or a path to any supported pack."""
     if spec in EMBEDDED_NAMES:
         return ensure_embedded_pack(EMBEDDED_NAMES[spec], model=model)
-    return load_pack(spec, **kw)
+    # The model's family places HF hook names by what the module is in that model.
+    family = kw.pop("family", None) or (model.arch.family if model is not None else None)
+    return load_pack(spec, family=family, **kw)

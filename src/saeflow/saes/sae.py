@@ -56,6 +56,8 @@ class SAE:
             raise ConfigError("a JumpReLU SAE needs a threshold tensor [d_sae]")
         if self.architecture == "topk" and not self.k:
             raise ConfigError("a TopK SAE needs k")
+        if self.k is not None and not 0 < self.k <= d_sae:
+            raise ConfigError(f"k={self.k} is not within 1..d_sae={d_sae}; the config's k is wrong")
         if self.architecture == "groupmax" and (not self.k or d_sae % self.k):
             raise ConfigError(f"a GroupMax SAE needs k groups that divide d_sae {d_sae}; "
                              f"got k={self.k}")
@@ -94,10 +96,23 @@ class SAE:
         W_dec by their inverse gives the same outputs with a plain selection (SAELens's own
         fold_W_dec_norm); the activations come out in the rescaled units, as SAELens returns.
         """
-        n = self.W_dec.norm(dim=-1).clamp_min(1e-8)  # [d_sae]
-        return self._replace(W_enc=self.W_enc * n, b_enc=self.b_enc * n,
-                             W_dec=self.W_dec / n[:, None],
+        # In float32 at least, then cast: a bf16 product rounds W_enc * n a second time and
+        # changes which latents win the selection on a large share of tokens.
+        work = torch.promote_types(self.dtype, torch.float32)
+        W_enc, W_dec, b_enc = (t.to(work) for t in (self.W_enc, self.W_dec, self.b_enc))
+        n = W_dec.norm(dim=-1).clamp_min(1e-8)  # [d_sae]
+        return self._replace(W_enc=(W_enc * n).to(self.dtype), b_enc=(b_enc * n).to(self.dtype),
+                             W_dec=(W_dec / n[:, None]).to(self.dtype),
                              metadata={**self.metadata, "rescale_acts_by_decoder_norm": "folded"})
+
+    def nonfinite(self) -> list[str]:
+        """'W_enc: 3 NaN/Inf values' for every tensor that holds any (empty: all finite)."""
+        out = []
+        for name, t in self.tensors().items():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                out.append(f"{name}: {bad} NaN/Inf value{'s' if bad > 1 else ''}")
+        return out
 
     @property
     def activation(self) -> str:

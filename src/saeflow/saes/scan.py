@@ -15,8 +15,9 @@ from typing import Callable
 import torch
 
 import saeflow.saes.formats as sae_formats
-from saeflow.errors import ScanError
-from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
+from saeflow.checks import at_least, dtype_choice
+from saeflow.errors import ConfigError, ScanError
+from saeflow.lm.corpora import DEFAULT_SPEC, Corpus, check_corpus_spec
 from saeflow.lm.hookpoints import POSITIONS
 from saeflow.lm.hooks import HookPoint, capture
 from saeflow.lm.model import resolve_dtype
@@ -30,7 +31,20 @@ class CorpusPassConfig:
     seed: int = 0  # seed of the corpus order
     batch_size: int = 32  # contexts per model forward
     ctx_len: int = 128  # tokens per context
-    encoder_dtype: str = "auto"  # SAE encoder matmul: auto (bf16 on a CPU, else the model's), float32, bfloat16
+    # SAE encoder matmul: auto (bfloat16 where the device has native bf16, else float32),
+    # float32, bfloat16
+    encoder_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        """The rules of a pass's settings: bad values fail here, before a model loads."""
+        at_least(self, 1, "tokens", "batch_size")
+        at_least(self, 2, "ctx_len")  # BOS and at least one token of text
+        at_least(self, 0, "seed")
+        check_corpus_spec(self.corpus)
+        dtype_choice(self, "encoder_dtype")
+        split = getattr(self, "split", "train")
+        if split not in ("train", "heldout"):
+            raise ConfigError(f"split must be train or heldout, not {split!r}")
 
 
 @dataclass
