@@ -128,6 +128,35 @@ def test_edits_outside_their_call_do_nothing(setup):
     torch.testing.assert_close(h.activations[pt], clean)
 
 
+def test_hooks_fire_only_in_the_call_that_entered_them(setup):
+    """A capture (with its early stop) and an edit installed by one thread stay silent in a
+    forward another thread runs on the same model (issue 30: HookNotFiredError, _StopForward)."""
+    model, _, _ = setup
+    pt, early = HookPoint("resid_post", 1), HookPoint("resid_post", 0)  # stops after layer 1
+    ids = _ids(model)
+    with torch.inference_mode():
+        clean = model.hf(input_ids=ids).logits
+    entered, ran = threading.Event(), threading.Event()
+    out: dict = {}
+
+    def other_thread():
+        entered.wait()
+        with torch.inference_mode():
+            out["logits"] = model.hf(input_ids=ids).logits  # runs past every foreign hook
+        ran.set()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    with Hooks(model, capture=[pt], edits={early: lambda a: a + 100.0},
+               stop_early=True) as h:
+        assert h.stop_early
+        entered.set()
+        ran.wait(60)
+    t.join()
+    assert h.activations == {}  # nothing captured from the other thread's forward
+    torch.testing.assert_close(out["logits"], clean)  # and nothing edited there
+
+
 def test_sampling_is_seeded_batched_and_steerable(setup):
     model, pack, typical = setup
     cfg = SamplingConfig(max_new_tokens=6, n=3, temperature=1.0, top_p=0.9, seed=5)

@@ -9,9 +9,16 @@
 An edit is a callable `fn(act [batch, seq, width]) -> new act | None` (None: edited in place).
 A capture at the same point sees the edited value. All torch hooks are removed on exit,
 also when the forward raises.
+
+Hooks are scoped to the call that entered them. Torch hooks sit on the model's modules, which
+every thread shares (the web app serves requests from a thread pool), so a hook installed by
+one request would otherwise fire in another request's forward: capture the wrong activations,
+apply another request's edit, or stop its forward early. Each `Hooks` marks itself active in a
+context variable on enter; its hook bodies do nothing in a forward run by any other context.
 """
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -49,6 +56,11 @@ class _StopForward(Exception):
     """Raised inside a hook once every requested activation is captured."""
 
 
+# The Hooks whose `with` block the running code is in (this thread / task only).
+_ACTIVE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "saeflow_active_hooks", default=frozenset())
+
+
 def replacing(value: torch.Tensor) -> Edit:
     return lambda act: value.to(act.dtype).expand_as(act)
 
@@ -69,9 +81,16 @@ class Hooks:
         self.detach, self.to_cpu = detach, to_cpu
         self.activations: dict[HookPoint, torch.Tensor] = {}
         self._handles: list = []
+        self._reset: contextvars.Token | None = None
+
+    @property
+    def active(self) -> bool:
+        """True inside this object's `with` block, in the thread (context) that entered it."""
+        return id(self) in _ACTIVE.get()
 
     # -- installation ----------------------------------------------------------------------
     def __enter__(self) -> "Hooks":
+        self._reset = _ACTIVE.set(_ACTIVE.get() | {id(self)})
         try:
             for point in sorted(set(self.capture_points) | set(self.edits)):
                 self._install(point)
@@ -92,6 +111,12 @@ class Hooks:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._reset is not None:
+            try:
+                _ACTIVE.reset(self._reset)
+            except ValueError:  # removed from another context than the one that entered
+                _ACTIVE.set(_ACTIVE.get() - {id(self)})
+            self._reset = None
 
     def _install(self, point: HookPoint) -> None:
         module = self.model.hook_module(point.position, point.layer)
@@ -104,6 +129,8 @@ class Hooks:
 
     # -- hook bodies -------------------------------------------------------------------------
     def _process(self, point: HookPoint, act: torch.Tensor) -> torch.Tensor | None:
+        if not self.active:  # another call's forward on the shared model: not ours
+            return None
         new = None
         edit = self.edits.get(point)
         if edit is not None:
@@ -142,7 +169,7 @@ class Hooks:
         return hook
 
     def _stop_hook(self, module, args, output):
-        if all(p in self.activations for p in self.capture_points):
+        if self.active and all(p in self.activations for p in self.capture_points):
             raise _StopForward()
 
 
