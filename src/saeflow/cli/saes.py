@@ -117,7 +117,7 @@ def cmd_pack_inspect(args) -> int:
         print(f"incomplete: {len(d['missing'])} slot(s) missing")
         for p, ls in by_pos.items():
             print(f"  {p}: layers {_ranges(ls)}")
-    else:
+    elif d["n_saes"]:
         print("complete: every layer has an SAE at every position present")
     if d["refused"]:
         print(f"{len(d['refused'])} SAE(s) above cannot be loaded exactly; other commands refuse "

@@ -122,7 +122,9 @@ def _load_safetensors(path: Path, sha256: str | None = None) -> dict[str, torch.
         raise SAEFormatError(f"{path} is truncated or corrupt ({e}); re-download or re-convert it") from e
 
 
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+              "I8": "int8", "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64",
+              "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 def _dtype_name(st_dtype: str) -> str:

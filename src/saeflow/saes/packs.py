@@ -217,7 +217,7 @@ def load_pack(path: str | os.PathLike, position: str | None = None, width: str |
         raise PackError(f"cannot tell the position or layer of {len(unplaced)} SAE(s), e.g. {ex}; "
                         f"pass position= (--position resid_post|mlp_out|attn_out|attn_z)")
     entries, choices = _choose_variants(infos, width, l0, seed, best, root)
-    formats = {i.format for i in entries.values()}
+    formats = {i.format for i in entries.values()} or {i.format for i in refused}
     models = {i.model_name for i in entries.values() if i.model_name}
     resid = [i.d_in for (p, _), i in entries.items() if p != "attn_z"]
     return Pack(root=root, entries=entries,
