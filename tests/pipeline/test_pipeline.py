@@ -34,7 +34,7 @@ def test_pipeline_runs_every_stage_then_reuses(tiny_model_dirs, tiny_pack, tmp_p
     cfg = _cfg(tiny_model_dirs, tiny_pack)
     state = run_pipeline(run, cfg, skip=["sweep"], command="saeflow run (test)")
     stages = state["stages"]
-    assert [s for s in stages] == ["pack", "eval", "flow", "index", "stats", "validate",
+    assert [s for s in stages] == ["pack", "flow", "eval", "index", "stats", "validate",
                                    "report"]
     assert all(r["status"] == "done" and r["seconds"] >= 0 for r in stages.values())
     for path in ("eval.json", "flow.json", "index/index.json", "stats/stats.json",
@@ -71,7 +71,7 @@ def test_pipeline_runs_every_stage_then_reuses(tiny_model_dirs, tiny_pack, tmp_p
     # a second run does nothing; a changed setting reruns only its stage
     again = run_pipeline(run, cfg, skip=["sweep"])
     assert again["stages"]["flow"]["finished_at"] == stages["flow"]["finished_at"]
-    assert "reused: pack, eval, flow, index, stats, validate, report" in capsys.readouterr().out
+    assert "reused: pack, flow, eval, index, stats, validate, report" in capsys.readouterr().out
     more = run_pipeline(run, _cfg(tiny_model_dirs, tiny_pack, index_tokens=1200),
                         skip=["sweep"])
     assert more["stages"]["index"]["finished_at"] != stages["index"]["finished_at"]

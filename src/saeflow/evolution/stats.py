@@ -32,13 +32,12 @@ from saeflow.evolution.tables import (
 from saeflow.features.tables import open_index
 from saeflow.flow.predecessors import open_flow
 from saeflow.ids import group_name
-from saeflow.lm.corpora import Corpus
 from saeflow.lm.hooks import HookPoint, capture
 from saeflow.lm.model import resolve_dtype
 from saeflow.saes.packs import pack_fingerprint
-from saeflow.saes.scan import CorpusPassConfig, ScanSpec, load_saes
+from saeflow.saes.scan import CorpusPassConfig, PassJob, PassParts, load_saes
 from saeflow.scale import ScaleConfig
-from saeflow.scale.shards import sharded_scan
+from saeflow.scale.shards import run_jobs
 from saeflow.store import finished_pass, write_json_atomic, write_parquet_atomic
 
 
@@ -381,6 +380,56 @@ def stat_pairs(pack, kind: str = "adjacent", positions: str = "all"
     return out
 
 
+def stats_job(pack, model, out, cfg: StatsConfig | None = None, *, force: bool = False,
+              progress: bool = True, max_by_feature: dict | None = None) -> PassJob | None:
+    """The statistics' share of a corpus pass, or None when RUN already holds them."""
+    from pathlib import Path
+
+    cfg = cfg or StatsConfig()
+    frac = cfg.active_fraction()
+    pairs = stat_pairs(pack, cfg.pairs, cfg.positions)
+    pack.check_model(model)
+    root = Path(out) / STATS_DIR
+    ident = {"pack": pack_fingerprint(pack), "model": model.name, "config": cfg.identity()}
+    if finished_pass(root / STATS_MANIFEST, ident, force, StatsError, "statistics"):
+        return None
+    slot_set = {s for pr in pairs for s in pr}
+    flow_pred = _flow_predecessors(out, pack)
+    if flow_pred:
+        ident["flow"] = flow_pred.pop("_key")
+        for L, info in flow_pred.items():
+            slot_set |= {s for s in info["slots"].values() if s} | {("resid_post", L)}
+    slots = sorted(slot_set)
+    spec = cfg.spec(cfg.checkpoint_every_s)
+    maxima = None
+    if frac is not None:
+        maxima = max_by_feature or _maxima_from_index(out, slots)
+        if maxima is None:
+            maxima = _maxima_pass(pack, model, slots, spec, progress)
+        maxima = {s: np.asarray(maxima[s], np.float32) for s in slots}
+    plan = {"pairs": pairs, "slots": slots, "frac": frac, "maxima": maxima,
+            "d": {s: pack.entries[s].d_sae for s in slots}, "flow_pred": flow_pred}
+
+    def finish(parts: PassParts, seconds: float, saes=None) -> "StatsRun":
+        total: _StatsShard = parts.parts["stats"]
+        tokens = parts.tokens["stats"]
+        write_stats(root, total.acc, cfg, ident, tokens, seconds)
+        if total.cofire:
+            write_cofire(root, total.cofire)
+        if total.group_counts:
+            write_json_atomic(root / "groups.json", {
+                "method": "for every active resid_post feature on every content token: which "
+                          "of its top-1 data-free predecessors (RES / MLP / ATT) are active on "
+                          "that token",
+                "layers": {str(L): {group_name(bool(c & 1), bool(c & 2), bool(c & 4)): int(v[c])
+                                    for c in range(8)}
+                           for L, v in total.group_counts.items()}})
+        return open_stats(out)
+
+    return PassJob("stats", ident, slots, spec, {"stats": (partial(_StatsShard, plan), cfg.tokens)},
+                   finish, root / ".state" / "state.pt", StatsError)
+
+
 def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool = False,
               progress: bool = True, stop_after_batches: int | None = None,
               max_by_feature: dict | None = None,
@@ -391,51 +440,12 @@ def run_stats(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
     With active="frac:F", "active" means z > F * the feature's maximum; the maxima come from
     the feature index in RUN when there is one, else from `max_by_feature`, else a first pass.
     """
-    from pathlib import Path
-
-    cfg = cfg or StatsConfig()
-    frac = cfg.active_fraction()
-    pairs = stat_pairs(pack, cfg.pairs, cfg.positions)
-    pack.check_model(model)
-    root = Path(out) / STATS_DIR
-    ident = {"pack": pack_fingerprint(pack), "model": model.name, "config": cfg.identity()}
-    if finished_pass(root / STATS_MANIFEST, ident, force, StatsError, "statistics"):
+    job = stats_job(pack, model, out, cfg, force=force, progress=progress,
+                    max_by_feature=max_by_feature)
+    if job is None:
         return open_stats(out)
-    slot_set = {s for pr in pairs for s in pr}
-    flow_pred = _flow_predecessors(out, pack)
-    if flow_pred:
-        ident["flow"] = flow_pred.pop("_key")
-        for L, info in flow_pred.items():
-            slot_set |= {s for s in info["slots"].values() if s} | {("resid_post", L)}
-    slots = sorted(slot_set)
-    spec = ScanSpec(cfg.tokens, cfg.corpus, cfg.seed, cfg.batch_size, cfg.ctx_len,
-                    cfg.encoder_dtype, cfg.checkpoint_every_s)
-    maxima = None
-    if frac is not None:
-        maxima = max_by_feature or _maxima_from_index(out, slots)
-        if maxima is None:
-            maxima = _maxima_pass(pack, model, slots, spec, progress)
-        maxima = {s: np.asarray(maxima[s], np.float32) for s in slots}
-    plan = {"pairs": pairs, "slots": slots, "frac": frac, "maxima": maxima,
-            "d": {s: pack.entries[s].d_sae for s in slots}, "flow_pred": flow_pred}
-    res = sharded_scan(model, pack, slots, spec, root / ".state" / "state.pt", ident,
-                       partial(_StatsShard, plan), scale=scale, force=force, progress=progress,
-                       desc="stats", stop_after_batches=stop_after_batches,
-                       codes_on_device=True, error=StatsError)
-    total = res["total"]
-    acc, group_counts = total.acc, total.group_counts
-    write_stats(root, acc, cfg, ident, res["tokens"], res["seconds"])
-    if total.cofire:
-        write_cofire(root, total.cofire)
-    if group_counts:
-
-        order = [0, 1, 2, 3, 4, 5, 6, 7]
-        write_json_atomic(root / "groups.json", {
-            "method": "for every active resid_post feature on every content token: which of its "
-                      "top-1 data-free predecessors (RES / MLP / ATT) are active on that token",
-            "layers": {str(L): {group_name(bool(c & 1), bool(c & 2), bool(c & 4)): int(v[c])
-                                for c in order} for L, v in group_counts.items()}})
-    return open_stats(out)
+    return run_jobs(model, pack, [job], scale=scale, force=force, progress=progress,
+                    stop_after_batches=stop_after_batches)["stats"]
 
 
 COFIRE_FILE = "cofire.parquet"
@@ -483,7 +493,7 @@ class _StatsShard:
     def _key(u, d) -> str:
         return f"{u[1]}/{u[0]}->{d[1]}/{d[0]}"
 
-    def on_batch(self, z, b, content) -> None:
+    def on_batch(self, z, b, content, acts=None) -> None:
         dev, thresholds = self.dev, self.thresholds
         content = content.to(dev)
         flat = {s: z[s][content] for s in self.plan["slots"]}  # [T_content, d]
@@ -592,9 +602,7 @@ def _maxima_pass(pack, model, slots, spec, progress) -> dict:
     saes = load_saes(pack, slots, model.device, resolve_dtype(spec.encoder_dtype, model.device))
     maxima = {s: torch.zeros(saes[s].d_sae) for s in slots}
     points = [HookPoint(p, L) for p, L in slots]
-    corpus = Corpus.from_spec(spec.corpus, seed=spec.seed)
-    for b in corpus.token_batches(model.tokenizer, spec.batch_size, spec.ctx_len,
-                                  max_tokens=spec.tokens):
+    for b in spec.batches(model.tokenizer):
         acts = capture(model, b.input_ids, points, attention_mask=b.attention_mask)
         content = b.content_mask()
         with torch.inference_mode():

@@ -15,7 +15,6 @@ Written to RUN/index/: features.parquet, examples.parquet, index.json. Queried w
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -33,9 +32,9 @@ from saeflow.features.tables import (
 )
 from saeflow.lm.corpora import TokenBatch
 from saeflow.saes.packs import pack_fingerprint
-from saeflow.saes.scan import CorpusPassConfig, ScanSpec
+from saeflow.saes.scan import CorpusPassConfig, PassJob, PassParts
 from saeflow.scale import ScaleConfig
-from saeflow.scale.shards import sharded_scan
+from saeflow.scale.shards import run_jobs
 from saeflow.store import finished_pass
 
 
@@ -225,7 +224,7 @@ class _IndexShard:
                       for i, slot in enumerate(plan["slots"])}
         self.unigram = torch.zeros(plan["vocab"], dtype=torch.long)
 
-    def on_batch(self, z, b, content) -> None:
+    def on_batch(self, z, b, content, acts=None) -> None:
         dev = self.dev
         on_dev = TokenBatch(*(t.to(dev) for t in (b.input_ids, b.attention_mask, b.doc_ids,
                                                   b.token_index)))
@@ -249,6 +248,33 @@ class _IndexShard:
             s.merge(other.stats[slot])
 
 
+def index_job(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = None, *,
+              force: bool = False, progress: bool = True) -> PassJob | None:
+    """The index's share of a corpus pass, or None when RUN already holds this index."""
+    cfg = cfg or IndexConfig()
+    pack.check_model(model)
+    root = Path(out) / INDEX_DIR
+    ident = _index_identity(pack, model, cfg)
+    if finished_pass(root / INDEX_MANIFEST, ident, force, FeatureIndexError, "the index"):
+        return None
+    slots = sorted(pack.entries)
+    plan = {"slots": slots, "d": {s: pack.entries[s].d_sae for s in slots}, "cfg": cfg,
+            "vocab": model.vocab_size}
+
+    def finish(total: PassParts, seconds: float, saes: dict) -> FeatureIndex:
+        part: _IndexShard = total.parts["index"]
+        if model.device.type != "cpu":
+            for st in part.stats.values():  # the table writer reads them as numpy arrays
+                st.to_cpu()
+        write_index(root, pack, model, {s: saes[s] for s in slots}, part.stats, part.unigram,
+                    cfg, ident, total.tokens["index"], seconds, progress=progress)
+        return open_index(out)
+
+    return PassJob("index", ident, slots, cfg.spec(cfg.checkpoint_every_s),
+                   {"index": (partial(_IndexShard, plan), cfg.tokens)}, finish,
+                   root / ".state" / "state.pt", FeatureIndexError)
+
+
 def build_index(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = None, *,
                 force: bool = False, progress: bool = True,
                 stop_after_batches: int | None = None,
@@ -260,31 +286,8 @@ def build_index(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = N
     (`scale.shard_tokens`) merged in shard order, in this process or on `scale.workers` Ray
     workers: the same index either way.
     """
-
-    cfg = cfg or IndexConfig()
-    pack.check_model(model)
-    root = Path(out) / INDEX_DIR
-    ident = _index_identity(pack, model, cfg)
-    if finished_pass(root / INDEX_MANIFEST, ident, force, FeatureIndexError, "the index"):
+    job = index_job(pack, model, out, cfg, force=force, progress=progress)
+    if job is None:
         return open_index(out)
-    slots = sorted(pack.entries)
-    dev = model.device  # the bookkeeping runs where the codes are: no dense copy to the host
-    plan = {"slots": slots, "d": {s: pack.entries[s].d_sae for s in slots}, "cfg": cfg,
-            "vocab": model.vocab_size}
-    spec = ScanSpec(cfg.tokens, cfg.corpus, cfg.seed, cfg.batch_size, cfg.ctx_len,
-                    cfg.encoder_dtype, cfg.checkpoint_every_s)
-    res = sharded_scan(model, pack, slots, spec, root / ".state" / "state.pt", ident,
-                       partial(_IndexShard, plan), scale=scale, force=force, progress=progress,
-                       desc="index", stop_after_batches=stop_after_batches,
-                       codes_on_device=True, error=FeatureIndexError)
-    stats, unigram = res["total"].stats, [res["total"].unigram]
-    if dev.type != "cpu":
-        for st in stats.values():  # the table writer reads them as numpy arrays
-            st.to_cpu()
-    saes, tokens_done = res["saes"], res["tokens"]
-    t_start = time.time() - res["seconds"]
-
-    write_index(root, pack, model, saes, stats, unigram[0], cfg, ident, tokens_done,
-                time.time() - t_start, progress=progress)
-
-    return open_index(out)
+    return run_jobs(model, pack, [job], scale=scale, force=force, progress=progress,
+                    stop_after_batches=stop_after_batches)["index"]

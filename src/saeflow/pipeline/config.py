@@ -23,6 +23,10 @@ class PipelineConfig:
     dead_tokens: int = 50_000  # held-out tokens over which dead latents are counted
     index_tokens: int = 40_000  # tokens of the feature index pass
     stats_tokens: int = 40_000  # tokens of the co-activation statistics pass
+    # Eval, the index and the statistics read the same held-out text in the same batches, so
+    # one pass of the model (and one encoding by every SAE) feeds all three.
+    pass_batch_size: int = 32
+    pass_ctx_len: int = 128
     # The deactivation experiment (section 5.2): held-out texts x token positions, at the
     # paper's layers scaled to the depth; the paper used 35 x 5. 95% CIs are clustered by text
     # with a t quantile, so few texts give wide intervals.
@@ -53,6 +57,18 @@ class PipelineConfig:
             raise PipelineError(f"give --pack for {self.model}: the embedded pack belongs to the "
                                 f"embedded model")
 
+    def index_config(self):
+        from saeflow.features.index import IndexConfig
+
+        return IndexConfig(tokens=self.index_tokens, corpus=self.corpus, split="heldout",
+                           batch_size=self.pass_batch_size, ctx_len=self.pass_ctx_len)
+
+    def stats_config(self):
+        from saeflow.evolution.stats import StatsConfig
+
+        return StatsConfig(tokens=self.stats_tokens, corpus=self.corpus, split="heldout",
+                           batch_size=self.pass_batch_size, ctx_len=self.pass_ctx_len)
+
     def stage_settings(self, stage: str) -> dict:
         """What a stage's outputs depend on (a change reruns it)."""
         common = {"model": self.model, "pack": self.pack}
@@ -62,9 +78,12 @@ class PipelineConfig:
                                       "keep_dead": self.keep_dead, "version": 2}, "report": {},
                  "eval": {"tokens": self.eval_tokens, "ce_tokens": self.ce_tokens,
                           "ce_positions": self.ce_positions,
-                          "dead_tokens": self.dead_tokens, "corpus": self.corpus},
-                 "index": {"tokens": self.index_tokens, "corpus": self.corpus},
-                 "stats": {"tokens": self.stats_tokens, "corpus": self.corpus, "version": 2},
+                          "dead_tokens": self.dead_tokens, "corpus": self.corpus,
+                          "pass": [self.pass_batch_size, self.pass_ctx_len], "version": 2},
+                 "index": {"tokens": self.index_tokens, "corpus": self.corpus,
+                           "pass": [self.pass_batch_size, self.pass_ctx_len], "version": 2},
+                 "stats": {"tokens": self.stats_tokens, "corpus": self.corpus, "version": 3,
+                           "pass": [self.pass_batch_size, self.pass_ctx_len]},
                  "validate": {"texts": self.validate_texts, "r_graphs": self.validate_r_graphs,
                               "tokens_per_text": self.validate_tokens_per_text,
                               "ci": self.validate_ci, "max_texts": self.validate_max_texts,

@@ -1,6 +1,10 @@
 """`saeflow run`: the main job end to end, as resumable stages over one RUN directory.
 
-    pack -> eval -> flow -> index -> stats -> validate -> sweep -> report   (then `serve`)
+    pack -> flow -> eval -> index -> stats -> validate -> sweep -> report   (then `serve`)
+
+Eval, the index and the statistics read the same held-out text: `saeflow run` reads it once,
+in eval's stage, for all three (the flow comes first because the statistics count co-firing
+with the flow's predecessors).
 
 Each stage writes its outputs under RUN and is recorded in RUN/pipeline.json with its settings
 and wall time. A second run skips the stages whose settings are unchanged; `only` / `skip`
@@ -20,27 +24,28 @@ from typing import Any
 
 from saeflow.errors import PipelineError
 from saeflow.evolution.analyses import write_evolution_outputs
-from saeflow.evolution.stats import StatsConfig, run_stats
-from saeflow.features.index import IndexConfig, build_index
+from saeflow.evolution.stats import run_stats, stats_job
+from saeflow.features.index import build_index, index_job
 from saeflow.features.liveness import firing_pass
 from saeflow.flow.plots import write_flow_plots
 from saeflow.flow.predecessors import run_flow
 from saeflow.lm.model import MAPPED_POSITIONS, load_model
 from saeflow.pipeline.config import PipelineConfig
 from saeflow.pipeline.report import write_report
-from saeflow.saes.evaluate import evaluate_pack
+from saeflow.saes.evaluate import check_ce_request, eval_job, with_splice
 from saeflow.saes.hub import fetch
 from saeflow.saes.packs import load_pack
 from saeflow.saes.recipes import EMBEDDED_NAMES, embedded_pack_dir, ensure_embedded_pack
 from saeflow.saes.recipes import PROFILES as PACK_PROFILES
 from saeflow.scale import ScaleConfig
 from saeflow.scale.ray_backend import connect
+from saeflow.scale.shards import can_share, run_jobs
 from saeflow.steering.scores import topic_classifier
 from saeflow.steering.sweep import run_sweep, sweep_profile
 from saeflow.steering.validate import ValidateConfig, run_validation, write_r_sweep
 from saeflow.store import write_json_atomic
 
-STAGES = ("pack", "eval", "flow", "index", "stats", "validate", "sweep", "report")
+STAGES = ("pack", "flow", "eval", "index", "stats", "validate", "sweep", "report")
 PIPELINE_FILE = "pipeline.json"
 
 
@@ -110,6 +115,8 @@ class Pipeline:
         self._model = None
         self._pack = None
         self._force = False  # the current stage starts over (changed settings or --force)
+        self._fuse: dict[str, str] = {}  # index / stats to feed from eval's pass
+        self._fused_done: set[str] = set()  # and those it fed
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / PIPELINE_FILE
         self.state: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {
@@ -169,6 +176,15 @@ class Pipeline:
 
         cached = (self.cfg.pack not in EMBEDDED_NAMES or
                   (embedded_pack_dir(EMBEDDED_NAMES[self.cfg.pack]) / "pack.json").is_file())
+        # index / stats still to run ride on eval's pass ("force": their settings changed)
+        self._fuse = {}
+        if "eval" in todo:
+            for name in ("index", "stats"):
+                if name in todo:
+                    prev = self.state["stages"].get(name) or {}
+                    changed = bool(prev) and prev.get("settings") != _digest(
+                        self.cfg.stage_settings(name))
+                    self._fuse[name] = "force" if (force or changed) else "resume"
         t_all = time.perf_counter()
         for i, stage in enumerate(todo):
             left = sum(estimate_seconds(self.cfg, s, cached) for s in todo[i:])
@@ -184,6 +200,8 @@ class Pipeline:
                                            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
             self._save()
             result = getattr(self, f"stage_{stage}")()
+            if stage == "eval":
+                self._fused_done = set(result.get("fused_with", []))
             dt = time.perf_counter() - t0
             self.state["stages"][stage] = {
                 "status": "done", "seconds": round(dt, 1), "settings": digest,
@@ -208,12 +226,41 @@ class Pipeline:
                 "layers": [min(p.layers()), max(p.layers())]}
 
     def stage_eval(self) -> dict:
-        res = evaluate_pack(self.pack, self.model, tokens=self.cfg.eval_tokens,
-                            ce_tokens=self.cfg.ce_tokens, dead_tokens=self.cfg.dead_tokens,
-                            ce_positions=self.cfg.ce_positions or None,
-                            corpus=self.cfg.corpus, progress=self.progress)
+        """Eval's pass over held-out text also feeds the index and the statistics when they
+        are still to run with the same corpus settings (one read, one encoding of the codes);
+        their stages then find their tables written and finish at once."""
+        cfg = self.cfg
+        check_ce_request(self.pack, cfg.ce_positions or None, "document")
+        job = eval_job(self.pack, self.model, cfg.eval_tokens, cfg.dead_tokens, cfg.corpus,
+                       batch=cfg.pass_batch_size, ctx_len=cfg.pass_ctx_len,
+                       state_file=self.root / ".pass" / "eval.pt")
+        jobs, fused = [job], []
+        for name in ("index", "stats"):
+            other = self._pass_job(name) if self._fuse.get(name) else None
+            if other is not None and can_share([job, other]):
+                jobs.append(other)
+                fused.append(name)
+        if fused:
+            self._say(f"    one pass over the corpus for eval, {' and '.join(fused)}")
+        out = run_jobs(self.model, self.pack, jobs, scale=self.scale, force=self._force,
+                       progress=self.progress, state_file=self.root / ".pass" / "state.pt")
+        if "stats" in out:
+            write_evolution_outputs(self.root, out["stats"], self.pack)
+        res = with_splice(self.pack, self.model, out["eval"], ce_tokens=cfg.ce_tokens,
+                          corpus=cfg.corpus, seed=0, batch=8, ctx_len=cfg.pass_ctx_len,
+                          progress=self.progress, ce_positions=cfg.ce_positions or None,
+                          ci_by="document", encoder_dtype="auto")
+        res["fused_with"] = fused
         write_json_atomic(self.root / "eval.json", res)
-        return {"saes": len(res["saes"]), "clean_ce": res.get("clean_ce")}
+        return {"saes": len(res["saes"]), "clean_ce": res.get("clean_ce"), "fused_with": fused}
+
+    def _pass_job(self, stage: str):
+        """The index's or the statistics' share of a corpus pass (None: already done)."""
+        if stage == "index":
+            return index_job(self.pack, self.model, self.root, self.cfg.index_config(),
+                             force=self._fuse[stage] == "force", progress=self.progress)
+        return stats_job(self.pack, self.model, self.root, self.cfg.stats_config(),
+                         force=self._fuse[stage] == "force", progress=self.progress)
 
     def stage_flow(self) -> dict:
         model = self.model if any(p in self.pack.positions for p in MAPPED_POSITIONS) else None
@@ -229,18 +276,19 @@ class Pipeline:
                 "latents_left_out": sum(v["excluded"] for v in dead.values())}
 
     def stage_index(self) -> dict:
-        idx = build_index(self.pack, self.model, self.root,
-                          IndexConfig(tokens=self.cfg.index_tokens, corpus=self.cfg.corpus),
-                          progress=self.progress, force=self._force, scale=self.scale)
-        return {"tokens": idx.manifest["tokens"]}
+        # written by eval's pass when fused (then this finds them finished)
+        force = self._force and "index" not in self._fused_done
+        idx = build_index(self.pack, self.model, self.root, self.cfg.index_config(),
+                          progress=self.progress, force=force, scale=self.scale)
+        return {"tokens": idx.manifest["tokens"], "fused": "index" in self._fused_done}
 
     def stage_stats(self) -> dict:
-        st = run_stats(self.pack, self.model, self.root,
-                       StatsConfig(tokens=self.cfg.stats_tokens, corpus=self.cfg.corpus),
-                       progress=self.progress, force=self._force, scale=self.scale)
+        force = self._force and "stats" not in self._fused_done
+        st = run_stats(self.pack, self.model, self.root, self.cfg.stats_config(),
+                       progress=self.progress, force=force, scale=self.scale)
         s = write_evolution_outputs(self.root, st, self.pack)
         return {"tokens": st.manifest["tokens"], "gates": s["gates"],
-                "communities": s["communities"]["n"]}
+                "communities": s["communities"]["n"], "fused": "stats" in self._fused_done}
 
     def stage_validate(self) -> dict:
         cfg = ValidateConfig(texts=self.cfg.validate_texts,

@@ -23,15 +23,18 @@ or 1000x the median dimension's).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from saeflow.errors import ConfigError, CorpusError
 from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
-from saeflow.lm.hooks import HookPoint, Hooks, capture
-from saeflow.lm.model import LoadedModel
-from saeflow.saes.packs import Pack
+from saeflow.lm.hooks import HookPoint, Hooks
+from saeflow.lm.model import LoadedModel, resolve_dtype
+from saeflow.saes.packs import Pack, pack_fingerprint
+from saeflow.saes.scan import PassJob, PassParts, ScanSpec, batch_budgets, scan
 
 DENSE_FRACTION = 0.10
 KEEP_IN_MEMORY_BYTES = 4 << 30  # below this, all SAEs stay loaded for the whole evaluation
@@ -104,35 +107,84 @@ class _Acc:
     x_sum: torch.Tensor | None = None  # [d] float64
     sq_dim: torch.Tensor | None = None  # [d] float64: sum of x^2 per dimension
     sse_dim: torch.Tensor | None = None  # [d] float64: sum of squared error per dimension
-    fire: torch.Tensor | None = None  # [d_sae] count of tokens where the latent fired
+
+    def add(self, other: "_Acc") -> None:
+        self.sse += other.sse
+        self.sum_sq += other.sum_sq
+        self.n += other.n
+        self.l0_sum += other.l0_sum
+        for name in ("x_sum", "sq_dim", "sse_dim"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if theirs is not None:
+                theirs = theirs.to(mine.device) if mine is not None else theirs
+                setattr(self, name, theirs.clone() if mine is None else mine + theirs)
 
 
-def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens: int = 1024,
-                  corpus: str = DEFAULT_SPEC, seed: int = 0, batch: int = 8,
-                  ctx_len: int = 128, progress: bool = True,
-                  dead_tokens: int = DEAD_TOKENS, ce_positions: list[str] | None = None,
-                  ci_by: str = "document") -> dict:
-    """Return {"saes": [row per SAE], "clean_ce": float, ...} on the held-out split.
+class _Reconstruction:
+    """FVU, L0 and per-dimension sums of every SAE, encoded and decoded in float32 from the
+    SAEs' inputs (the pass's own codes may be bf16), on the batches of its token budget."""
 
-    FVU / L0 on `tokens` held-out tokens; dead and dense fractions on max(tokens, dead_tokens);
-    ΔCE / KL on `ce_tokens`, splicing the SAEs at `ce_positions` (default: all; every spliced
-    SAE costs a full forward with the LM head per token, so this is the expensive part). SAEs at
-    other positions get None for ΔCE and KL. Their 95% intervals resample whole documents
-    (ci_by "document"; "row" resamples the fixed-length text rows, which understates the
-    spread); ce_documents, ce_tokens and ce_ci_method record what they rest on."""
-    from tqdm.auto import tqdm
+    def __init__(self, plan: dict, k: int, device):
+        self.plan = plan
+        self.acc = {s: _Acc() for s in plan["slots"]}
 
-    if ci_by not in CI_UNITS:
-        raise ConfigError(f"ci_by must be one of {', '.join(CI_UNITS)}, got {ci_by!r}")
+    def on_batch(self, z, b, content, acts) -> None:
+        with torch.inference_mode():
+            for s in self.plan["slots"]:
+                x = acts[s][content.to(acts[s].device)].float()  # [n, d_in]
+                sae = self.plan["sae_of"](s)
+                code = sae.encode(x)  # [n, d_sae]
+                err = sae.decode(code) - x
+                xd = x.double()
+                self.acc[s].add(_Acc(float(err.pow(2).sum()), float(x.pow(2).sum()),
+                                     x.shape[0], float((code > 0).sum()), xd.sum(0),
+                                     xd.pow(2).sum(0), err.double().pow(2).sum(0)))
+
+    def state(self) -> dict:
+        return {f"{L}/{p}": {k: (v.cpu() if isinstance(v, torch.Tensor) else v)
+                             for k, v in vars(a).items()}
+                for (p, L), a in self.acc.items()}
+
+    def load(self, st: dict) -> None:
+        self.acc = {(p, L): _Acc(**st[f"{L}/{p}"]) for p, L in self.plan["slots"]}
+
+    def merge(self, other: "_Reconstruction") -> None:
+        for s, a in self.acc.items():
+            a.add(other.acc[s])
+
+
+class _Firing:
+    """How many content tokens each latent fired on (the pass's codes), for the dead and dense
+    fractions, on the batches of its token budget."""
+
+    def __init__(self, plan: dict, k: int, device):
+        self.fire = {s: torch.zeros(plan["d"][s], dtype=torch.long, device=device)
+                     for s in plan["slots"]}
+
+    def on_batch(self, z, b, content, acts=None) -> None:
+        for s, f in self.fire.items():
+            f += (z[s][content.to(z[s].device)] > 0).sum(0)
+
+    def state(self) -> dict:
+        return {f"{L}/{p}": v.cpu() for (p, L), v in self.fire.items()}
+
+    def load(self, st: dict) -> None:
+        self.fire = {(p, L): st[f"{L}/{p}"].to(v.device) for (p, L), v in self.fire.items()}
+
+    def merge(self, other: "_Firing") -> None:
+        for s, v in self.fire.items():
+            v += other.fire[s].to(v.device)
+
+
+def eval_job(pack: Pack, model: LoadedModel, tokens: int = 8192,
+             dead_tokens: int = DEAD_TOKENS, corpus: str = DEFAULT_SPEC, seed: int = 0,
+             batch: int = 8, ctx_len: int = 128, encoder_dtype: str = "auto", *,
+             state_file: Path) -> PassJob:
+    """Eval's share of a corpus pass over held-out text: reconstruction on the first `tokens`
+    tokens, firing counts on `dead_tokens` (at least `tokens`). Its `finish` gives the
+    per-SAE measures without ΔCE/KL (`splice_ce` adds those)."""
     pack.check_model(model)
     slots = sorted(pack.entries)
-    have = sorted({s[0] for s in slots})
-    missing = sorted(set(ce_positions or []) - set(have))
-    if missing:  # before any pass over the text
-        raise ConfigError(f"no SAE of the pack is at --ce-positions {', '.join(missing)}; the "
-                          f"pack has {', '.join(have)}")
-    ce_positions = ce_positions or None  # empty: all
-    points = [HookPoint(p, L) for p, L in slots]
     dev = model.device
     total = sum(2 * pack.entries[s].d_in * pack.entries[s].d_sae * 4 for s in slots)
     # Loading every SAE once beats re-reading them from disk for every batch.
@@ -142,62 +194,41 @@ def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens:
     def sae_of(s):
         return saes[s] if saes is not None else pack.sae(*s, device=dev, dtype=torch.float32)
 
-    data = Corpus.from_spec(corpus, seed=seed)
-    acc = {s: _Acc() for s in slots}
-    limit = max(tokens, dead_tokens)
-    bar = tqdm(total=limit, unit="tok", desc="eval: reconstruction + firing", disable=not progress)
-    seen = 0
-    with torch.inference_mode():
-        for b in data.token_batches(model.tokenizer, batch, ctx_len, split="heldout"):
-            mask = b.content_mask().to(dev)
-            acts = capture(model, b.input_ids, points, attention_mask=b.attention_mask)
-            full = seen < tokens  # past `tokens`, only the firing counts go on
-            for s, pt in zip(slots, points):
-                x = acts[pt][mask].float()  # [n, d]
-                sae = sae_of(s)
-                z = sae.encode(x)
-                a = acc[s]
-                cnt = (z > 0).sum(0)
-                a.fire = cnt if a.fire is None else a.fire + cnt
-                if not full:
-                    continue
-                err = sae.decode(z) - x
-                a.sse += float(err.pow(2).sum())
-                a.sum_sq += float(x.pow(2).sum())
-                xd = x.double()
-                for name, v in (("x_sum", xd.sum(0)), ("sq_dim", xd.pow(2).sum(0)),
-                                ("sse_dim", err.double().pow(2).sum(0))):
-                    cur = getattr(a, name)
-                    setattr(a, name, v if cur is None else cur + v)
-                a.n += x.shape[0]
-                a.l0_sum += float(cnt.sum())
-            n_new = int(mask.sum())
-            seen += n_new
-            bar.update(n_new)
-            if seen >= limit:
-                break
-    bar.close()
+    dead_tokens = max(tokens, dead_tokens)
+    # the budgets are caps: on a short held-out split eval reads what there is
+    spec = ScanSpec(dead_tokens, corpus, seed, batch, ctx_len, encoder_dtype, 120.0, "heldout",
+                    require_tokens=False)
+    plan = {"slots": slots, "sae_of": sae_of, "d": {s: pack.entries[s].d_sae for s in slots}}
+    parts = {"reconstruction": (partial(_Reconstruction, plan), tokens),
+             "firing": (partial(_Firing, plan), dead_tokens)}
+    identity = {"pack": pack_fingerprint(pack), "model": model.name,
+                "config": {"tokens": tokens, "dead_tokens": dead_tokens, "corpus": corpus,
+                           "seed": seed, "batch": batch, "ctx_len": ctx_len,
+                           "encoder_dtype": encoder_dtype}}
+
+    def finish(total: PassParts, seconds: float, saes=None) -> dict:
+        return eval_rows(pack, total.parts["reconstruction"].acc, total.parts["firing"].fire,
+                         total.tokens["firing"])
+
+    return PassJob("eval", identity, slots, spec, parts, finish, state_file, CorpusError)
+
+
+def eval_rows(pack: Pack, acc: dict, fire: dict, seen: int) -> dict:
+    """{"rows": per-SAE measures (ΔCE/KL None), "tokens", "dead_tokens"} from the sums."""
     if seen == 0:
         raise CorpusError("the held-out split gave no tokens")
-
-    # Pass 2: splicing.
-    spliced = [s for s in slots if ce_positions is None or s[0] in ce_positions]
-    ce = _splice_ce(pack, model, spliced, sae_of, data, ce_tokens, batch, ctx_len, progress,
-                    ci_by)
     rows = []
-    for s in slots:
+    for s in sorted(pack.entries):
         a = acc[s]
-        assert a.x_sum is not None and a.sq_dim is not None and a.sse_dim is not None \
-            and a.fire is not None  # every slot saw tokens (seen > 0)
+        assert a.x_sum is not None and a.sq_dim is not None and a.sse_dim is not None
         var = a.sum_sq - float(a.x_sum.pow(2).sum()) / a.n
         var_dim = (a.sq_dim - a.x_sum.pow(2) / a.n).cpu()  # [d]
         massive = massive_dims(var_dim)
         rest = torch.ones(len(var_dim), dtype=torch.bool)
         rest[massive] = False
         fvu_rest = float(a.sse_dim.cpu()[rest].sum() / var_dim[rest].sum().clamp_min(1e-12))
-        freq = a.fire.float() / seen
+        freq = fire[s].float().cpu() / seen
         info = pack.entries[s]
-        pc = ce["per_sae"].get(s)
         rows.append({
             "position": s[0], "layer": s[1], "d_sae": info.d_sae,
             "architecture": info.architecture,
@@ -205,17 +236,87 @@ def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens:
             "fvu_rest": fvu_rest,
             "massive_dims": massive,
             "l0": a.l0_sum / a.n,
-            "dead_fraction": float((a.fire == 0).float().mean()),
+            "dead_fraction": float((fire[s] == 0).float().mean()),
             "dense_fraction": float((freq > DENSE_FRACTION).float().mean()),
-            "delta_ce": None if pc is None else pc["ce"] - ce["clean_ce"],
-            "delta_ce_ci": None if pc is None else pc["delta_ce_ci"],
-            "kl": None if pc is None else pc["kl"],
-            "kl_ci": None if pc is None else pc["kl_ci"],
+            "delta_ce": None, "delta_ce_ci": None, "kl": None, "kl_ci": None,
             "tokens": a.n,
             "dead_tokens": seen,
         })
-    return {"pack": str(pack.root), "model": model.name, "tokens": acc[slots[0]].n,
-            "dead_tokens": seen,
+    return {"rows": rows, "tokens": acc[sorted(pack.entries)[0]].n, "dead_tokens": seen}
+
+
+def evaluate_pack(pack: Pack, model: LoadedModel, tokens: int = 8192, ce_tokens: int = 1024,
+                  corpus: str = DEFAULT_SPEC, seed: int = 0, batch: int = 8,
+                  ctx_len: int = 128, progress: bool = True,
+                  dead_tokens: int = DEAD_TOKENS, ce_positions: list[str] | None = None,
+                  ci_by: str = "document", encoder_dtype: str = "auto") -> dict:
+    """Return {"saes": [row per SAE], "clean_ce": float, ...} on the held-out split.
+
+    FVU / L0 on `tokens` held-out tokens (float32 SAEs); dead and dense fractions on
+    max(tokens, dead_tokens), from codes in `encoder_dtype` (the index's and the statistics'
+    dtype: `saeflow run` reads the text once for all three); ΔCE / KL on `ce_tokens`, splicing
+    the SAEs at `ce_positions` (default: all; every spliced SAE costs a full forward with the LM
+    head per token, so this is the expensive part). SAEs at other positions get None for ΔCE
+    and KL. Their 95% intervals resample whole documents (ci_by "document"; "row" resamples the
+    fixed-length text rows, which understates the spread); ce_documents, ce_tokens and
+    ce_ci_method record what they rest on."""
+    import tempfile
+
+    check_ce_request(pack, ce_positions, ci_by)
+    with tempfile.TemporaryDirectory(prefix="saeflow-eval-") as tmp:
+        job = eval_job(pack, model, tokens, dead_tokens, corpus, seed, batch, ctx_len,
+                       encoder_dtype, state_file=Path(tmp) / "state.pt")
+        # one shard (this process): the same sums as the shards of `saeflow run`'s pass
+        budgets = batch_budgets(model.tokenizer, job.spec,
+                                {n: t for n, (_, t) in job.parts.items()}, CorpusError,
+                                caps=set(job.parts))
+        acc = PassParts({n: (make, budgets[n]) for n, (make, _) in job.parts.items()},
+                        1 << 40, 0, model.device)
+        res = scan(model, pack, job.slots, job.spec, job.state_file, job.identity,
+                   acc.on_batch, acc.state, acc.load, progress=progress,
+                   desc="eval: reconstruction + firing", codes_on_device=True,
+                   error=CorpusError)
+    measures = job.finish(acc, res["seconds"])
+    return with_splice(pack, model, measures, ce_tokens=ce_tokens, corpus=corpus, seed=seed,
+                       batch=batch, ctx_len=ctx_len, progress=progress,
+                       ce_positions=ce_positions, ci_by=ci_by, encoder_dtype=encoder_dtype)
+
+
+def check_ce_request(pack: Pack, ce_positions: list[str] | None, ci_by: str) -> None:
+    """Refuse a bad ΔCE request before any pass over the text."""
+    if ci_by not in CI_UNITS:
+        raise ConfigError(f"ci_by must be one of {', '.join(CI_UNITS)}, got {ci_by!r}")
+    have = sorted({s[0] for s in pack.entries})
+    missing = sorted(set(ce_positions or []) - set(have))
+    if missing:
+        raise ConfigError(f"no SAE of the pack is at --ce-positions {', '.join(missing)}; the "
+                          f"pack has {', '.join(have)}")
+
+
+def with_splice(pack: Pack, model: LoadedModel, measures: dict, *, ce_tokens: int, corpus: str,
+                seed: int, batch: int, ctx_len: int, progress: bool,
+                ce_positions: list[str] | None, ci_by: str, encoder_dtype: str) -> dict:
+    """eval.json: the pass's measures (`eval_job`) with ΔCE / KL of the spliced SAEs."""
+    ce_positions = ce_positions or None  # empty: all
+    slots = sorted(pack.entries)
+    dev = model.device
+
+    def sae_of(s):
+        return pack.sae(*s, device=dev, dtype=torch.float32)
+
+    spliced = [s for s in slots if ce_positions is None or s[0] in ce_positions]
+    data = Corpus.from_spec(corpus, seed=seed)
+    ce = _splice_ce(pack, model, spliced, sae_of, data, ce_tokens, batch, ctx_len, progress,
+                    ci_by)
+    rows = []
+    for r in measures["rows"]:
+        pc = ce["per_sae"].get((r["position"], r["layer"]))
+        rows.append({**r, **({} if pc is None else {
+            "delta_ce": pc["ce"] - ce["clean_ce"], "delta_ce_ci": pc["delta_ce_ci"],
+            "kl": pc["kl"], "kl_ci": pc["kl_ci"]})})
+    return {"pack": str(pack.root), "model": model.name, "tokens": measures["tokens"],
+            "dead_tokens": measures["dead_tokens"], "firing_dtype": str(resolve_dtype(
+                encoder_dtype, dev)).removeprefix("torch."),
             "ce_tokens": ce["tokens"], "ce_documents": ce["documents"], "ce_rows": ce["rows"],
             "ce_ci_method": ci_method(ci_by), "ce_positions": ce_positions,
             "clean_ce": ce["clean_ce"], "saes": rows}

@@ -34,6 +34,11 @@ class CorpusPassConfig:
     # SAE encoder matmul: auto (bfloat16 where the device has native bf16, else float32),
     # float32, bfloat16
     encoder_dtype: str = "auto"
+    split: str = "train"  # corpus documents: train, or heldout (the ~5% that SAE training never reads)
+
+    def spec(self, checkpoint_every_s: float = 120.0) -> "ScanSpec":
+        return ScanSpec(self.tokens, self.corpus, self.seed, self.batch_size, self.ctx_len,
+                        self.encoder_dtype, checkpoint_every_s, self.split)
 
     def __post_init__(self) -> None:
         """The rules of a pass's settings: bad values fail here, before a model loads."""
@@ -56,6 +61,16 @@ class ScanSpec:
     ctx_len: int
     encoder_dtype: str = "auto"
     checkpoint_every_s: float = 120.0
+    split: str = "train"
+    # False: `tokens` is a cap (read what the corpus has, up to it), not a requirement
+    require_tokens: bool = True
+
+    def batches(self, tokenizer, max_tokens: int | None = None):
+        """The pass's token batches (the same on any machine: the order is the seed's)."""
+        corpus = Corpus.from_spec(self.corpus, seed=self.seed)
+        return corpus.token_batches(tokenizer, self.batch_size, self.ctx_len,
+                                    max_tokens=self.tokens if max_tokens is None else max_tokens,
+                                    split=self.split)
 
 
 def load_saes(pack, slots, device, dtype) -> dict:
@@ -90,16 +105,16 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
          error: type[Exception] = ScanError) -> dict:
     """Run the pass; returns {"tokens": content tokens seen, "seconds": wall time, "saes": ...}.
 
-    on_batch(z: {slot: [B, T, d_sae] float32}, batch: TokenBatch, content: [B, T] bool), with
-    z on the CPU, or on the model's device when `codes_on_device` (the consumer's bookkeeping
-    runs there; copying dense codes of every SAE to the host is what bounds a GPU pass).
+    on_batch(z: {slot: [B, T, d_sae] float32}, batch: TokenBatch, content: [B, T] bool,
+    acts: {slot: [B, T, d_in]} the SAEs' inputs on the model's device), with z on the CPU, or
+    on the model's device when `codes_on_device` (the consumer's bookkeeping runs there;
+    copying dense codes of every SAE to the host is what bounds a GPU pass).
     A state file of another identity is refused (unless `force`, which starts over).
     """
     from tqdm.auto import tqdm
 
     pack.check_model(model)
     slots = sorted(slots, key=lambda s: (s[1], POSITIONS.index(s[0])))
-    corpus = Corpus.from_spec(spec.corpus, seed=spec.seed)
     tok = model.tokenizer
     batches_done = tokens_done = 0
     seconds_before = 0.0  # pass time spent before an interruption (reported in the total)
@@ -108,8 +123,8 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
         set_state(state["consumer"])
         batches_done, tokens_done = state["batches"], state["tokens"]
         seconds_before = float(state.get("seconds", 0.0))
-    if batches_done == 0:
-        check_available(corpus, tok, spec, error)
+    if batches_done == 0 and spec.require_tokens:
+        check_available(tok, spec, error)
     enc_dtype = resolve_dtype(spec.encoder_dtype, model.device)
     saes = load_saes(pack, slots, model.device, enc_dtype)
 
@@ -124,9 +139,9 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
     bar = tqdm(total=spec.tokens, initial=tokens_done, desc=desc, unit="tok",
                disable=not progress, smoothing=0.05)
     last = time.perf_counter()
-    for i, z, b, content in encoded_batches(model, saes, slots, spec, start=batches_done,
-                                            codes_on_device=codes_on_device):
-        on_batch(z, b, content)
+    for i, z, b, content, acts in encoded_batches(model, saes, slots, spec, start=batches_done,
+                                                  codes_on_device=codes_on_device):
+        on_batch(z, b, content, acts)
         n = int(content.sum())
         batches_done, tokens_done = i + 1, tokens_done + n
         bar.update(n)
@@ -142,30 +157,106 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
     return {"tokens": tokens_done, "seconds": seconds_before + time.time() - t0, "saes": saes}
 
 
-def check_available(corpus, tok, spec: ScanSpec, error: type[Exception]) -> int:
+def check_available(tok, spec: ScanSpec, error: type[Exception]) -> int:
     """The number of batches of the pass; `error` when the corpus is short of spec.tokens."""
-    available = n_batches = 0
-    for b in corpus.token_batches(tok, spec.batch_size, spec.ctx_len, max_tokens=spec.tokens):
-        available += int(b.content_mask().sum())
-        n_batches += 1
-    if available < 0.98 * spec.tokens:
-        raise error(f"the corpus {spec.corpus!r} gives only {available} tokens, fewer "
-                    f"than the {spec.tokens} asked; ask for fewer or add sources")
-    return n_batches
+    return batch_budgets(tok, spec, {"pass": spec.tokens}, error)["pass"]
+
+
+def batch_budgets(tok, spec: ScanSpec, budgets: dict[str, int],
+                  error: type[Exception] = ScanError, caps: set | frozenset = frozenset()
+                  ) -> dict[str, int]:
+    """{name: batches} for token budgets read from the front of one pass: a pass asked for T
+    tokens reads the batches that start before T tokens were emitted, so a pass over
+    max(budgets) holds each shorter pass as a prefix (the same batches, the same order).
+    `error` when the corpus is short of a budget, unless its name is in `caps` (read up to
+    it)."""
+    starts, content = [], []  # per batch: tokens emitted before it, content tokens in it
+    emitted = 0
+    for b in spec.batches(tok, max(budgets.values())):
+        starts.append(emitted)
+        content.append(int(b.content_mask().sum()))
+        emitted += int(b.attention_mask.sum())
+    out = {}
+    for name, tokens in budgets.items():
+        n = sum(1 for s in starts if s < tokens)
+        available = sum(content[:n])
+        if available < 0.98 * tokens and name not in caps:
+            where = "" if spec.split == "train" else f" ({spec.split} split)"
+            raise error(f"the corpus {spec.corpus!r}{where} gives only {available} tokens, "
+                        f"fewer than the {tokens} asked; ask for fewer or add sources")
+        out[name] = n
+    return out
+
+
+@dataclass
+class PassJob:
+    """One consumer's share of a corpus pass: what it reads, its accumulators, where it
+    checkpoints when it runs alone, and how it writes its results. Built by `index_job`,
+    `stats_job` and `eval_job`; run alone by their stage, or with the others in one pass
+    (saeflow.scale.shards.run_jobs).
+
+    parts: {part name: (make_shard(shard index, device) -> accumulator, token budget)};
+    finish(total: PassParts, seconds, saes) reads its parts (`total.parts[name]`,
+    `total.tokens[name]`) and writes the results."""
+    name: str
+    identity: dict
+    slots: list
+    spec: ScanSpec
+    parts: dict
+    finish: Callable
+    state_file: Path
+    error: type[Exception] = ScanError
+
+
+class PassParts:
+    """Several consumers of one corpus pass (eval, index, statistics), each over its own
+    prefix of the batches (`batch_budgets`), held as one shard accumulator of `sharded_scan`:
+    the pass reads and encodes the corpus once for all of them.
+
+    parts: {name: (make_shard(k, device), batches)}; `per` batches per shard, so that shard k
+    knows the global index of its batches."""
+
+    def __init__(self, parts: dict, per: int, k: int, device):
+        self.limit = {name: n for name, (_, n) in parts.items()}
+        self.parts = {name: make(k, device) for name, (make, n) in parts.items()}
+        self.batch = k * per  # global index of this shard's next batch
+        self.tokens = dict.fromkeys(self.parts, 0)  # content tokens each part has read
+
+    def on_batch(self, z, b, content, acts=None) -> None:
+        n = None
+        for name, part in self.parts.items():
+            if self.batch < self.limit[name]:
+                part.on_batch(z, b, content, acts)
+                n = int(content.sum()) if n is None else n
+                self.tokens[name] += n
+        self.batch += 1
+
+    def state(self) -> dict:
+        return {"batch": self.batch, "tokens": dict(self.tokens),
+                "parts": {n: p.state() for n, p in self.parts.items()}}
+
+    def load(self, st: dict) -> None:
+        self.batch, self.tokens = st["batch"], dict(st["tokens"])
+        for name, part in self.parts.items():
+            part.load(st["parts"][name])
+
+    def merge(self, other: "PassParts") -> None:
+        for name, part in self.parts.items():
+            part.merge(other.parts[name])
+            self.tokens[name] += other.tokens[name]
+        self.batch = max(self.batch, other.batch)
 
 
 def encoded_batches(model, saes: dict, slots, spec: ScanSpec, *, start: int = 0,
                     stop: int | None = None, codes_on_device: bool = False):
-    """(batch index, {slot: codes [B, T, d]}, batch, content [B, T]) for the batches
-    [start, stop) of the pass: one forward captures every slot, then each SAE encodes. The
-    same batches for the same spec on any machine (the corpus order is a function of the seed).
+    """(batch index, {slot: codes [B, T, d_sae]}, batch, content [B, T], {slot: inputs
+    [B, T, d_in] on the model's device}) for the batches [start, stop) of the pass: one forward
+    captures every slot, then each SAE encodes. The same batches for the same spec on any
+    machine (the corpus order is a function of the seed).
     """
     points = [HookPoint(p, L) for p, L in slots]
     enc_dtype = next(iter(saes.values())).dtype if saes else torch.float32
-    corpus = Corpus.from_spec(spec.corpus, seed=spec.seed)
-    batches = corpus.token_batches(model.tokenizer, spec.batch_size, spec.ctx_len,
-                                   max_tokens=spec.tokens)
-    for i, b in enumerate(batches):
+    for i, b in enumerate(spec.batches(model.tokenizer)):
         if i < start:
             continue  # counted before an interruption, or another shard's
         if stop is not None and i >= stop:
@@ -177,5 +268,5 @@ def encoded_batches(model, saes: dict, slots, spec: ScanSpec, *, start: int = 0,
                  for slot, pt in zip(slots, points)}
             if not codes_on_device:
                 z = {slot: v.cpu() for slot, v in z.items()}
+        yield i, z, b, content, {slot: acts[pt] for slot, pt in zip(slots, points)}
         del acts
-        yield i, z, b, content

@@ -19,7 +19,6 @@ import torch
 
 from saeflow._version import __version__
 from saeflow.errors import MissingDependencyError, ScaleError
-from saeflow.lm.corpora import Corpus
 from saeflow.lm.hookpoints import POSITIONS
 from saeflow.lm.model import EMBEDDED_NAME, load_model, resolve_dtype
 from saeflow.saes.scan import check_available, encoded_batches, load_saes, resumable_state
@@ -179,14 +178,15 @@ def _run_shard(job: dict, k: int, start: int, stop: int, driver: dict, fault: di
                      resolve_dtype(spec.encoder_dtype, model.device))
     acc = job["make_shard"](k, model.device)
     tokens = 0
-    for i, z, b, content in encoded_batches(model, saes, slots, spec, start=start, stop=stop,
-                                            codes_on_device=job["codes_on_device"]):
+    for i, z, b, content, acts in encoded_batches(model, saes, slots, spec, start=start,
+                                                  stop=stop,
+                                                  codes_on_device=job["codes_on_device"]):
         if fault and fault["shard"] == k and i > start:
             marker = Path(fault["marker"])
             if fault.get("always") or not marker.exists():
                 marker.write_text(f"{marker.read_text() if marker.exists() else ''}x")
                 os.kill(os.getpid(), 9)  # a worker killed mid-shard
-        acc.on_batch(z, b, content)
+        acc.on_batch(z, b, content, acts)
         tokens += int(content.sum())
     return k, acc.state(), tokens, time.perf_counter() - t0
 
@@ -223,8 +223,7 @@ def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
         cur.update(shard=c["shard"], merged_tokens=c["merged_tokens"],
                    tokens=c["merged_tokens"])
         seconds_before = float(st.get("seconds", 0.0))
-    n_batches = check_available(Corpus.from_spec(spec.corpus, seed=spec.seed), model.tokenizer,
-                                spec, error)
+    n_batches = check_available(model.tokenizer, spec, error)
     shards = shard_ranges(n_batches, per, cur["shard"])
     def save():
         state_file.parent.mkdir(parents=True, exist_ok=True)

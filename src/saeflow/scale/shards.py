@@ -3,7 +3,7 @@ shard order.
 
 A consumer of the pass (the statistics, the feature index) is a factory `make_shard(k, device)`
 of per-shard accumulators with four methods:
-    on_batch(z, batch, content)   add one batch (the scan's callback)
+    on_batch(z, batch, content, acts)   add one batch (the scan's callback)
     state() -> dict               CPU tensors/arrays (a checkpoint, or what a worker returns)
     load(state)                   the inverse
     merge(other)                  add another accumulator's sums into this one
@@ -13,10 +13,13 @@ workers: the results are bit-identical for 0, 1 or N workers at the same shard s
 """
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from saeflow.saes.scan import ScanSpec, scan
+from saeflow.lm.hookpoints import POSITIONS
+from saeflow.saes.scan import PassJob, PassParts, ScanSpec, batch_budgets, scan
 from saeflow.scale import ScaleConfig, shard_batches
 from saeflow.scale.merge import load_shard, merge_in_order
 from saeflow.scale.ray_backend import run_sharded
@@ -41,8 +44,8 @@ def sharded_scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity:
     cur = {"shard": 0, "in_shard": 0, "merged_tokens": 0, "tokens": 0}
     local = [make_shard(0, dev)]
 
-    def on_batch(z, b, content):
-        local[0].on_batch(z, b, content)
+    def on_batch(z, b, content, acts):
+        local[0].on_batch(z, b, content, acts)
         cur["in_shard"] += 1
         cur["tokens"] += int(content.sum())
         if cur["in_shard"] == per:
@@ -74,3 +77,44 @@ def sharded_scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity:
     return res
 
 
+
+
+# The settings a pass's consumers must share to read one pass (the token budget may differ).
+SHARED_SETTINGS = ("corpus", "seed", "batch_size", "ctx_len", "encoder_dtype", "split")
+
+
+def can_share(jobs: list[PassJob]) -> bool:
+    """Whether the jobs read the same corpus in the same batches (one pass can feed them)."""
+    return all(getattr(j.spec, k) == getattr(jobs[0].spec, k)
+               for j in jobs for k in SHARED_SETTINGS)
+
+
+def run_jobs(model, pack, jobs: list[PassJob], *, scale: ScaleConfig | None = None,
+             force: bool = False, progress: bool = True, state_file: Path | None = None,
+             stop_after_batches: int | None = None) -> dict:
+    """One corpus pass feeding every job (each over its own prefix of the batches), sharded
+    and resumable like any pass; returns {job name: what its `finish` gives}.
+
+    A single job checkpoints to its own state file; several share `state_file`. The codes stay
+    on the model's device (the consumers' bookkeeping runs there)."""
+    if not can_share(jobs):
+        raise ValueError("these passes read the corpus differently; run them one by one")
+    # the budgets are checked here, once for every part
+    spec = replace(jobs[0].spec, tokens=max(j.spec.tokens for j in jobs), require_tokens=False)
+    error = jobs[0].error
+    per = shard_batches(scale, spec.batch_size, spec.ctx_len)
+    tokens = {n: t for j in jobs for n, (_, t) in j.parts.items()}
+    caps = {n for j in jobs if not j.spec.require_tokens for n in j.parts}
+    budgets = batch_budgets(model.tokenizer, spec, tokens, error, caps)
+    parts = {n: (make, budgets[n]) for j in jobs for n, (make, _) in j.parts.items()}
+    slots = sorted({s for j in jobs for s in j.slots}, key=lambda s: (s[1], POSITIONS.index(s[0])))
+    one = len(jobs) == 1
+    identity = jobs[0].identity if one else {j.name: j.identity for j in jobs}
+    state_file = jobs[0].state_file if one else state_file
+    if state_file is None:
+        raise ValueError("a pass shared by several jobs needs its own state_file")
+    res = sharded_scan(model, pack, slots, spec, state_file,
+                       identity, partial(PassParts, parts, per), scale=scale, force=force,
+                       progress=progress, desc="+".join(j.name for j in jobs),
+                       stop_after_batches=stop_after_batches, codes_on_device=True, error=error)
+    return {j.name: j.finish(res["total"], res["seconds"], res["saes"]) for j in jobs}
