@@ -244,3 +244,33 @@ def test_cli_bad_address_is_one_line_and_writes_nothing(pack_and_model, tmp_path
     rc = main(["stats", str(pack.root), "--model", model.source, "--out", str(tmp_path / "x"),
                "--ray-address", "127.0.0.1:1"])
     assert rc == 2 and "--ray-address needs --workers" in capsys.readouterr().err
+
+
+def test_one_pass_on_two_workers_equals_the_single_process_run(local_ray, pack_and_model,
+                                                               tmp_path):
+    """Eval, index and statistics fed by one pass (`saeflow run`'s eval stage) on Ray."""
+    from saeflow.features.index import IndexConfig, index_job
+    from saeflow.saes.evaluate import eval_job
+    from saeflow.scale.shards import run_jobs
+
+    pack, model = pack_and_model
+    icfg = IndexConfig(tokens=1200, batch_size=4, ctx_len=48, n_top=5, n_samples=4,
+                       encoder_dtype="float32", split="heldout", corpus="wiki")
+    scfg = replace(STATS, tokens=1000, split="heldout", corpus="wiki")
+
+    def jobs(run):
+        from saeflow.evolution.stats import stats_job
+
+        return [eval_job(pack, model, 300, 1500, "wiki", batch=4, ctx_len=48,
+                         encoder_dtype="float32", state_file=run / "eval.pt"),
+                index_job(pack, model, run, icfg, progress=False),
+                stats_job(pack, model, run, scfg, progress=False)]
+
+    one = run_jobs(model, pack, jobs(tmp_path / "one"), scale=LOCAL, progress=False,
+                   state_file=tmp_path / "one" / "pass.pt")
+    two = run_jobs(model, pack, jobs(tmp_path / "two"), scale=RAY2, progress=False,
+                   state_file=tmp_path / "two" / "pass.pt")
+    assert one["eval"] == two["eval"]
+    _same_tables(tmp_path / "one" / "index", tmp_path / "two" / "index",
+                 ["features.parquet", "examples.parquet"])
+    _same_tables(tmp_path / "one" / "stats", tmp_path / "two" / "stats", STATS_TABLES)
