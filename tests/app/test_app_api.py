@@ -86,7 +86,7 @@ def test_bad_ids_are_404_and_bad_values_4xx(client):
     r = client.post("/api/steer", json={"prompt": "hi", "features": too_many})
     assert r.status_code == 422
     r = client.post("/api/steer", json={"prompt": "hi", "plan": {"format": "nope"}})
-    assert r.status_code == 400 and "steering plan" in r.json()["detail"]
+    assert r.status_code == 422 and "saeflow-steering-plan" in json.dumps(r.json()["detail"])
     r = client.post("/api/steer", json={"prompt": "hi"})
     assert r.status_code == 400 and "exactly one" in r.json()["detail"]
 

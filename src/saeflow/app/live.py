@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from saeflow.app.views import graph_json
-from saeflow.errors import AppError
+from saeflow.errors import AppError, SaeflowError
 from saeflow.ids import feature_id, parse_feature
 from saeflow.lm.hooks import HookPoint, capture
 from saeflow.lm.model import load_model
@@ -46,8 +46,14 @@ class LiveModel:
 
                 self._model = load_model(self.model_spec)
             if self._pack is None:
-
-                self._pack = open_pack(self.pack_spec, model=self._model)
+                if self.pack_spec is None:
+                    raise AppError("this server has no pack: start it with --pack PATH (or on a "
+                                   "RUN holding a flow, which names its pack)")
+                try:
+                    self._pack = open_pack(self.pack_spec, model=self._model)
+                except (SaeflowError, OSError) as e:  # the server's setup, not the request
+                    raise AppError(f"cannot open the pack {self.pack_spec!r} ({e}); restart the "
+                                   f"server with --pack PATH") from None
             # every SAE stays in memory: requests come and go, the SAEs do not change
             self._pack.max_cached = max(self._pack.max_cached, len(self._pack.entries))
         return self._model, self._pack

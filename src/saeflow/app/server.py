@@ -3,6 +3,11 @@ single-page app that uses it (static files of this package; plotly.js from the p
 
 Files: only the package's static folder, plotly's own bundle, and files inside RUN are served;
 paths are resolved and must stay inside RUN (no '..', no symlink out).
+
+Errors: every answer to a bad request is a 4xx with a `detail` that says what to change; a
+saeflow error maps to 404 (unknown feature), 400 (a request that cannot run as asked) or 503
+(what the server cannot do now: no model, an unreadable table, a missing scorer). A 422 names
+each bad field without echoing large inputs back, and bodies over MAX_BODY_BYTES are refused.
 """
 from __future__ import annotations
 
@@ -13,22 +18,26 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from saeflow._version import __version__
 from saeflow.app import DEFAULT_HOST, DEFAULT_PORT
 from saeflow.app.live import LiveModel
 from saeflow.app.views import MAX_GRAPH_NODES, NotFound, RunData, jsonable
-from saeflow.errors import AppError, FlowError
+from saeflow.errors import AppError, FlowError, MissingSAEError, SaeflowError
 from saeflow.features.dashboards import feature_dashboard
 from saeflow.ids import parse_feature
+from saeflow.saes.recipes import EMBEDDED_NAMES
 from saeflow.steering.generate import MAX_NEW_TOKENS, MAX_SAMPLES, SamplingConfig
 from saeflow.steering.plans import (
     MAX_INTERVENTIONS,
     MAX_STRENGTH,
     Intervention,
+    PlanSchema,
     SteeringPlan,
     build_plan,
 )
@@ -37,6 +46,29 @@ from saeflow.steering.scores import compare_completions
 STATIC = Path(__file__).parent / "static"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_PROMPT_CHARS = 4000
+MAX_BODY_BYTES = 1 << 20  # a 256-intervention plan is ~20 kB; nothing valid comes near 1 MiB
+MAX_ECHO_CHARS = 120  # of a bad value quoted back in a 422
+MAX_ERRORS = 20  # per 422
+STREAM_POLL_S = 1.0  # a stream with no new token checks this often that its client is there
+
+
+class StreamDropped(Exception):
+    """Raised in the generation thread of a stream whose client went away: stops the loop."""
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events; `on_close()` runs however the response ends (done, cancelled, or a
+    send that failed because the client went away), so its generation thread can stop."""
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def plotly_bundle() -> Path:
@@ -63,7 +95,7 @@ class SteerRequest(BaseModel):
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
     feature: str | None = Field(None, max_length=64)
     features: list[FeatureStrength] | None = Field(None, max_length=MAX_INTERVENTIONS)
-    plan: dict | None = None
+    plan: PlanSchema | None = None
     mode: Literal["seed", "single", "cumulative", "span"] = "seed"
     kind: Literal["add", "rescale"] = "add"
     strength: float = Field(4.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH)
@@ -93,7 +125,7 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
                loaded_model=None, loaded_pack=None) -> FastAPI:
     data = RunData(run)
     if pack is None and loaded_pack is None and data.flow is not None:
-        pack = data.flow.manifest["pack"]["root"]
+        pack = flow_pack_spec(data.flow.manifest["pack"]["root"], data.root)
     if model is None and loaded_model is None and data.index is not None:
         if data.index.manifest.get("identity", {}).get("model") == "gemma-3-270m":
             model = "embedded"
@@ -102,14 +134,27 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
                   description="Feature flow, feature pages and steering over one RUN directory.")
     app.state.data, app.state.live = data, live
 
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound):
         return JSONResponse({"detail": str(exc).strip("'\"")}, status_code=404)
 
+    @app.exception_handler(SaeflowError)
+    async def _saeflow_error(request: Request, exc: SaeflowError):
+        return JSONResponse({"detail": str(exc)}, status_code=error_status(exc))
+
     @app.exception_handler(ValueError)
     async def _bad_value(request: Request, exc: ValueError):
-        # PlanError, GenerationError, FlowError and the like: a request that cannot run as asked
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        # a request that cannot run as asked (a ValueError of a library, say)
+        return JSONResponse({"detail": str(exc)}, status_code=error_status(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": short_errors(exc.errors())}, status_code=422)
+
+    for table_error in _table_errors():
+        app.add_exception_handler(table_error, _unreadable_table)
 
     # --- browsing ------------------------------------------------------------------------
     @app.get("/api/info", summary="What this run holds: slots, parts, pack")
@@ -208,7 +253,7 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
         if len(given) != 1:
             raise HTTPException(400, "give exactly one of feature, features or plan")
         if req.plan is not None:
-            plan = SteeringPlan.from_dict(req.plan)
+            plan = SteeringPlan.from_schema(req.plan)
         elif req.features:
             ivs = []
             for fs in req.features:
@@ -238,7 +283,8 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
 
         concept = req.concept
         if not concept:  # the seed feature's activating tokens (its label left of the arrow)
-            ids = [plan.meta["seed"]] if plan.meta.get("seed") else []
+            seed = plan.meta.get("seed")  # meta is the client's: any JSON
+            ids = [seed] if isinstance(seed, str) and seed else []
             ids += [i.id for i in plan.interventions]
             labs = data.labels(ids)
             concept = next((labs[i]["label"] for i in ids if labs.get(i, {}).get("label")), "")
@@ -256,37 +302,51 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
 
     @app.post("/api/steer/stream", summary="The same, streamed as server-sent events",
               response_class=StreamingResponse)
-    async def steer_stream(req: SteerRequest):
+    async def steer_stream(req: SteerRequest, request: Request):
         cfg = _sampling(req)
         plan = await asyncio.to_thread(_plan, req)  # errors answer 4xx before streaming
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        dropped = threading.Event()  # the client went away: stop generating
 
-        def push(event: dict):
+        def push(event: dict | None):
             loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        def on_token(which, step, texts):
+            if dropped.is_set():
+                raise StreamDropped()
+            push({"event": "token", "which": which, "step": step, "texts": texts})
 
         def work():
             try:
-                res = live.steer(plan, req.prompt, cfg,
-                                 on_token=lambda w, s, texts: push(
-                                     {"event": "token", "which": w, "step": s, "texts": texts}))
+                res = live.steer(plan, req.prompt, cfg, on_token=on_token)
                 res["scores"] = _scores(req, res, plan)
                 push({"event": "done", "result": res})
+            except StreamDropped:
+                pass
             except Exception as e:  # reported in the stream: the status line is already sent
-                push({"event": "error", "detail": str(e)})
+                push({"event": "error", "status": error_status(e), "detail": str(e)})
             push(None)
 
         threading.Thread(target=work, daemon=True).start()
 
         async def events():
-            while (ev := await queue.get()) is not None:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(queue.get(), STREAM_POLL_S)
+                except asyncio.TimeoutError:  # no token for a while: is anyone listening?
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if ev is None:
+                    return
                 yield f"data: {json.dumps(ev)}\n\n"
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return EventStream(events(), on_close=dropped.set)
 
     @app.post("/api/plan/check", summary="Validate a steering plan against the pack")
-    def plan_check(plan: dict) -> dict:
+    def plan_check(plan: PlanSchema) -> dict:
         _, pk = _need_model()
-        p = SteeringPlan.from_dict(plan)
+        p = SteeringPlan.from_schema(plan)
         p.check(pk)
         return p.to_dict()
 
@@ -314,6 +374,112 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
         return FileResponse(STATIC / "index.html")
 
     return app
+
+
+# --- errors ----------------------------------------------------------------------------------
+def error_status(exc: Exception) -> int:
+    """The HTTP status of an error raised while answering: 404 for what does not exist, 400 for
+    a request that cannot run as asked, 503 for what this server cannot do now."""
+    if isinstance(exc, (NotFound, MissingSAEError)):
+        return 404
+    if isinstance(exc, _table_errors()):
+        return 503
+    if isinstance(exc, ValueError):  # PlanError, GenerationError, FlowError, ...
+        return 400
+    return 503  # AppError (no model), HubError / EvalError (a scorer), an unreadable table...
+
+
+def _table_errors() -> tuple[type[Exception], ...]:
+    """Errors of the table readers: a truncated or corrupt parquet file of the run."""
+    import duckdb
+    import pyarrow
+
+    return (duckdb.Error, pyarrow.ArrowException)
+
+
+async def _unreadable_table(request: Request, exc: Exception):
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return JSONResponse({"detail": f"a table of this run cannot be read ({first}); rerun the "
+                                   f"stage that wrote it (saeflow flow / index / stats)"},
+                        status_code=503)
+
+
+def _echo(value):
+    """A bad input as quoted back in a 422: scalars as they are, long text cut, containers
+    summarised (the body that failed may be megabytes)."""
+    if value is None or isinstance(value, (bool, int)):
+        return value if not isinstance(value, int) or abs(value) < 10**15 else str(value)[:40]
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    if isinstance(value, str):
+        return value if len(value) <= MAX_ECHO_CHARS else \
+            f"{value[:MAX_ECHO_CHARS]}... ({len(value)} characters)"
+    if isinstance(value, dict):
+        return f"an object with {len(value)} keys"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} items"
+    return type(value).__name__
+
+
+def short_errors(errors) -> list[dict]:
+    """FastAPI's 422 detail (loc, msg, type, input) with each input trimmed by _echo and at most
+    MAX_ERRORS entries."""
+    out = []
+    for e in list(errors)[:MAX_ERRORS]:
+        item = {"loc": [x if isinstance(x, (str, int)) else str(x) for x in e.get("loc", ())],
+                "msg": str(e.get("msg", ""))[:500], "type": str(e.get("type", ""))}
+        if "input" in e:
+            item["input"] = _echo(e["input"])
+        out.append(item)
+    if len(errors) > MAX_ERRORS:
+        out.append({"loc": [], "msg": f"... and {len(errors) - MAX_ERRORS} more errors",
+                    "type": "too_many_errors"})
+    return out
+
+
+class BodyLimit:
+    """Refuse request bodies over max_bytes with 413, by Content-Length or while reading."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            res = JSONResponse({"detail": self._too_big()}, status_code=413)
+            return await res(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:  # a chunked body without Content-Length
+                raise StarletteHTTPException(413, self._too_big())
+            return message
+        return await self.app(scope, counted, send)
+
+    def _too_big(self) -> str:
+        return f"the request body is over {self.max_bytes} bytes; send less"
+
+
+# --- the pack of a run ------------------------------------------------------------------------
+def flow_pack_spec(root: str, run: Path) -> str:
+    """The pack a run's flow was computed from, as a spec `open_pack` can load from here.
+
+    flow.json keeps the pack path as it was typed, often relative to the directory the flow
+    ran in, not to this server's working directory. A relative path is looked up from the
+    working directory, then from RUN and each folder above it (runs/x beside packs/y); the
+    first that exists wins. A spec that is not a path ('embedded') is kept."""
+    p = Path(root)
+    if not root or p.is_absolute() or root in EMBEDDED_NAMES:
+        return root
+    for base in (Path.cwd(), run, *run.parents):
+        if (base / p).exists():
+            return str((base / p).resolve())
+    return root
 
 
 def _pack_feature(pack, spec: str) -> tuple[int, str, int]:

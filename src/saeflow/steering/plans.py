@@ -11,8 +11,19 @@ special ids) and padding positions keep their activations bit for bit. The SAEs 
 in training (a feature can fire at z ~ 57 on BOS), and editing them wrecks the model. Each
 call's CallScope learns the input ids of every forward (`CallScope.set_inputs`) before it runs.
 
-Plans are plain JSON, so they can be saved and shared. `plan_edits` turns a plan into per-hook
-edits for one call; each edit only acts inside the call that made it (a context variable), so
+Plans are plain JSON, so they can be saved and shared. One schema (`PlanSchema`, pydantic) holds
+the rules of that JSON for plan files (the CLI), API requests (the web app documents it in its
+OpenAPI) and `SteeringPlan` itself:
+    {"format": "saeflow-steering-plan", "version": 1, "mode": "add" | "rescale",
+     "tokens": null | "all" | [0-based positions >= 0],      null and "all": every token
+     "description": "...", "meta": {...any JSON object...},
+     "interventions": [{"layer": int >= 0, "position": one of POSITIONS, "feature": int >= 0,
+                        "strength": finite, |strength| <= STRENGTH_LIMIT}, ...]}
+Unknown keys are ignored (older and hand-written plans keep loading). What depends on the pack
+(the layer and position exist, the feature is in range) and the sane bounds that `--force`
+lifts (MAX_STRENGTH, MAX_INTERVENTIONS) are checked by `SteeringPlan.check(pack)`.
+
+`plan_edits` turns a plan into per-hook edits for one call; each edit only acts inside the call that made it (a context variable), so
 concurrent calls on one model never see each other's interventions.
 """
 from __future__ import annotations
@@ -24,11 +35,12 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import networkx as nx
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from saeflow.errors import FlowError, PlanError
 from saeflow.features.tables import open_index
@@ -36,6 +48,7 @@ from saeflow.flow.graphs import trace
 from saeflow.flow.predecessors import open_flow, run_flow
 from saeflow.ids import feature_id, parse_feature
 from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
+from saeflow.lm.hookpoints import POSITIONS, check_position
 from saeflow.lm.hooks import HookPoint, capture
 from saeflow.saes.packs import pack_fingerprint
 from saeflow.store import cache_dir, write_json_atomic
@@ -48,6 +61,74 @@ PLAN_FORMAT = "saeflow-steering-plan"
 # Bounds a request must stay within unless forced (the web app never forces).
 MAX_STRENGTH = 64.0  # |s| in typical activations, or |r|
 MAX_INTERVENTIONS = 256
+# Bounds no plan passes, forced or not: beyond them a plan is a typo or an attack, not a setting
+# (|s| 1e4 already swamps any residual stream; bf16 overflows not far above).
+STRENGTH_LIMIT = 1e4
+MAX_LAYER = 1000
+MAX_TOKEN_POSITION = 1_000_000
+MAX_PLAN_INTERVENTIONS = 100_000
+MAX_DESCRIPTION_CHARS = 10_000
+
+
+# --- the plan schema ------------------------------------------------------------------------
+class InterventionSchema(BaseModel):
+    """One feature pushed at one hook point."""
+    model_config = ConfigDict(extra="ignore")
+    layer: int = Field(..., ge=0, le=MAX_LAYER)
+    position: str = Field(..., json_schema_extra={"enum": list(POSITIONS)})
+    feature: int = Field(..., ge=0)
+    strength: float = Field(..., ge=-STRENGTH_LIMIT, le=STRENGTH_LIMIT, allow_inf_nan=False,
+                            description="add: in units of the feature's typical activation; "
+                                        "rescale: the factor r on its activation")
+
+    @field_validator("position")
+    @classmethod
+    def _known_position(cls, v: str) -> str:
+        return check_position(v)
+
+
+TokenPosition = Annotated[int, Field(ge=0, le=MAX_TOKEN_POSITION)]
+
+
+class PlanBody(BaseModel):
+    """The rules of a plan's content (SteeringPlan applies them on construction)."""
+    model_config = ConfigDict(extra="ignore")
+    mode: Literal["add", "rescale"] = "add"
+    interventions: list[InterventionSchema] = Field(..., max_length=MAX_PLAN_INTERVENTIONS)
+    tokens: list[TokenPosition] | Literal["all"] | None = Field(
+        None, max_length=MAX_TOKEN_POSITION,
+        description="0-based positions over prompt + output to edit; null or \"all\": every token")
+    description: str = Field("", max_length=MAX_DESCRIPTION_CHARS)
+    meta: dict[str, Any] = Field(default_factory=dict, description="any JSON object")
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _tokens_shape(cls, v: Any) -> Any:
+        # one clear line instead of pydantic's error per branch of the union
+        if v is None or v == "all":
+            return v
+        if not isinstance(v, (list, tuple)) or not all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                and 0 <= t <= MAX_TOKEN_POSITION for t in v):
+            raise ValueError(f'tokens must be null, "all" or a list of 0-based token positions '
+                             f'(integers 0..{MAX_TOKEN_POSITION}) into prompt + output')
+        return v
+
+
+class PlanSchema(PlanBody):
+    """A steering plan as JSON: a plan file, or the `plan` of an API request."""
+    format: Literal["saeflow-steering-plan"]
+    version: Literal[1] = 1
+
+
+def schema_errors(e: ValidationError, limit: int = 3) -> str:
+    """A pydantic error as one short line: 'interventions.0.layer: Input should be ...; ...'.
+    The offending values are not repeated (a plan can be megabytes)."""
+    parts = [f"{'.'.join(str(x) for x in err['loc']) or 'plan'}: "
+             f"{err['msg'].removeprefix('Value error, ')}"
+             for err in e.errors(include_url=False, include_input=False)[:limit]]
+    more = e.error_count() - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
 @dataclass(frozen=True)
@@ -66,23 +147,25 @@ class Intervention:
 class SteeringPlan:
     mode: str
     interventions: list[Intervention]
-    tokens: list[int] | None = None  # None: every token
+    tokens: list[int] | None = None  # None (or "all" when given): every token
     description: str = ""
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise PlanError(f"plan mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        self.interventions = [i if isinstance(i, Intervention) else Intervention(**i)
-                              for i in self.interventions]
         for i in self.interventions:
-            if not math.isfinite(i.strength):
-                raise PlanError(f"{i.id}: strength must be a finite number, not {i.strength}")
-        if self.tokens is not None:
-            self.tokens = sorted({int(t) for t in self.tokens})
-            if self.tokens and self.tokens[0] < 0:
-                raise PlanError("token positions are 0-based indices into prompt + output; "
-                                "negative positions are not allowed")
+            strength = i.strength if isinstance(i, Intervention) else None
+            if isinstance(strength, (int, float)) and not math.isfinite(strength):
+                raise PlanError(f"{i.id}: strength must be a finite number, not {strength}")
+        body = _validated(PlanBody, {
+            "mode": self.mode, "tokens": self.tokens, "description": self.description,
+            "meta": self.meta, "interventions": [asdict(i) if isinstance(i, Intervention) else i
+                                                 for i in self.interventions]})
+        self.interventions = [Intervention(i.layer, i.position, i.feature, i.strength)
+                              for i in body.interventions]
+        self.tokens = None if body.tokens in (None, "all") else sorted(set(body.tokens))
+        self.description, self.meta = body.description, body.meta
 
     # --- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -91,17 +174,18 @@ class SteeringPlan:
                 "interventions": [asdict(i) for i in self.interventions]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SteeringPlan":
+    def from_dict(cls, d: Any) -> "SteeringPlan":
+        """A plan from its JSON (a plan file, an API request); PlanError says what is wrong."""
         if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
             raise PlanError(f"not a saeflow steering plan (expected \"format\": \"{PLAN_FORMAT}\")")
-        try:
-            ivs = [Intervention(int(i["layer"]), str(i["position"]), int(i["feature"]),
-                                float(i["strength"])) for i in d["interventions"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise PlanError(f"bad intervention in plan: {e}; each needs layer, position, "
-                            f"feature and strength") from None
-        return cls(d.get("mode", "add"), ivs, d.get("tokens"), d.get("description", ""),
-                   d.get("meta", {}))
+        return cls.from_schema(_validated(PlanSchema, d))
+
+    @classmethod
+    def from_schema(cls, s: PlanBody) -> "SteeringPlan":
+        """A plan from its validated schema (the web app's requests arrive as one)."""
+        ivs = [Intervention(i.layer, i.position, i.feature, i.strength) for i in s.interventions]
+        return cls(s.mode, ivs, None if s.tokens == "all" else s.tokens, s.description,
+                   dict(s.meta))
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -141,6 +225,13 @@ class SteeringPlan:
             if abs(i.strength) > max_strength and not force:
                 raise PlanError(f"{i.id}: strength {i.strength:g} is beyond the sane bound "
                                 f"|strength| <= {max_strength:g}; use --force to pass it anyway")
+
+
+def _validated(schema: type[PlanBody], d: dict) -> Any:
+    try:
+        return schema.model_validate(d)
+    except ValidationError as e:
+        raise PlanError(f"not a valid steering plan: {schema_errors(e)}") from None
 
 
 # --- building plans ---------------------------------------------------------------------------
