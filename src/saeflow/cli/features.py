@@ -7,6 +7,7 @@ from saeflow.cli.common import (
     add_json,
     add_pass_command,
     model_and_pack,
+    optional_model,
     print_json,
     scale_from_args,
 )
@@ -52,9 +53,13 @@ def cmd_search(args) -> int:
 def cmd_dashboards(args) -> int:
     from saeflow.features.dashboards import export_dashboards
 
-    paths = export_dashboards(args.run, out=args.out, slots=args.slots)
-    print(f"wrote {len(paths)} dashboard file(s) (Neuronpedia feature JSON) to "
-          f"{paths[0].parent if paths else args.out}")
+    paths = export_dashboards(args.run, out=args.out, slots=args.slots, format=args.format,
+                              model=optional_model(args.model), model_id=args.model_id,
+                              sae_set=args.sae_set)
+    what = ("SAEDashboard's Neuronpedia batch JSON" if args.format == "neuronpedia"
+            else "saeflow's feature JSON")
+    print(f"wrote {len(paths)} dashboard file(s) ({what}) under "
+          f"{os.path.commonpath([str(p.parent) for p in paths]) if paths else args.out}")
     return 0
 
 
@@ -143,12 +148,22 @@ def register(sub) -> None:
     add_json(ex)
     ex.set_defaults(func=cmd_explain)
 
-    db = sub.add_parser("dashboards", help="export feature dashboards (Neuronpedia's JSON "
-                        "shape) from RUN/index, one file per SAE")
+    db = sub.add_parser("dashboards", help="export feature dashboards from RUN/index, one "
+                        "file per SAE (SAEDashboard's Neuronpedia batch format by default)")
     db.add_argument("run")
     db.add_argument("--out", default=None, help="folder (default: RUN/dashboards)")
     db.add_argument("--slots", type=parse_str_list, default=None,
                     help="comma list, e.g. 6/resid_post,6/mlp_out")
+    db.add_argument("--format", choices=["neuronpedia", "saeflow"], default="neuronpedia",
+                    help="neuronpedia: LAYER-POSITION/batch-0.json for Neuronpedia's importer "
+                         "and SAEDashboard; saeflow: LAYER-POSITION.json, the web app's shape")
+    db.add_argument("--model", default=None,
+                    help="the model, for the logit histogram (neuronpedia; without it the "
+                         "histogram is left empty)")
+    db.add_argument("--model-id", default=None,
+                    help="Neuronpedia model id (default: the model's name)")
+    db.add_argument("--sae-set", default=None,
+                    help="Neuronpedia SAE set (default: saeflow-POSITION)")
     db.set_defaults(func=cmd_dashboards)
 
     fe = sub.add_parser("feature", help="one feature's page: label, stats, logit lens, contexts")
