@@ -95,10 +95,12 @@ def cmd_explain(args) -> int:
 
 
 def cmd_feature(args) -> int:
+    from saeflow.features.lens import open_index_with_lens
     from saeflow.ids import parse_feature
 
     L, pos, f = parse_feature(args.feature)
-    row = open_index(args.run).feature(L, pos, f)
+    open_index(args.run).feature(L, pos, f)  # unknown ids fail before the model loads
+    row = open_index_with_lens(args.run).feature(L, pos, f)
     if args.json:
         print_json(row)
         return 0

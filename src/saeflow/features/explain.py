@@ -13,6 +13,7 @@ run keeps what it finished and the next run skips those features.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -21,10 +22,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from saeflow.errors import ExplainError
+from saeflow.errors import ExplainError, FeatureIndexError
+from saeflow.features.lens import open_index_with_lens
 from saeflow.features.tables import EXPLANATIONS, open_index
 from saeflow.ids import parse_feature
 from saeflow.llm import LLMEndpoint, post_chat
+
+log = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = (
     "You explain features of a sparse autoencoder trained on a language model's activations. "
@@ -141,6 +145,11 @@ def explain_features(run: str | os.PathLike, cfg: ExplainerConfig, features: lis
     if path.is_file():
         rows = {r["id"]: r for r in pq.read_table(path).to_pylist()}
     todo = [f for f in wanted if force or f not in rows]
+    if todo:  # the promoted tokens are evidence: the logit lens needs the index's model
+        try:
+            index = open_index_with_lens(run)
+        except FeatureIndexError as e:
+            log.warning("explaining without the logit lens: %s", e)
     done = 0
     try:
         for fid in tqdm(todo, desc="explain", unit="feature", disable=not progress):

@@ -1,7 +1,8 @@
 """Writing and querying the feature index (RUN/index/*.parquet), through DuckDB.
 
     features.parquet  one row per (layer, position, feature): density, mean/max activation,
-                      histogram, logit lens, label, characteristic tokens, Neuronpedia link
+                      histogram, label, characteristic tokens, Neuronpedia link (the logit
+                      lens is computed when a feature is asked for: features/lens.py)
     examples.parquet  one row per (feature, kind, rank): kind 'top' (highest activations) or
                       'sample' (uniform sample, with its activation quantile); token ids and
                       the feature's activation on each token of the window
@@ -24,9 +25,10 @@ import torch
 if TYPE_CHECKING:
     import networkx as nx
 
+    from saeflow.features.lens import LogitLens
+
 from saeflow.errors import FeatureIndexError
-from saeflow.features.labels import auto_label, logit_lens, token_strings
-from saeflow.lm.model import residual_mapping
+from saeflow.features.labels import auto_label, token_strings
 from saeflow.store import open_manifest, write_json_atomic
 
 INDEX_DIR = "index"
@@ -42,12 +44,6 @@ EXPLANATIONS = "explanations.parquet"  # see explain.py
 def neuronpedia_url(np_id: str | None, feature: int) -> str | None:
     """'gemma-2-2b/12-gemmascope-res-16k' + feature -> the feature's Neuronpedia page."""
     return f"{NEURONPEDIA}/{np_id}/{feature}" if np_id else None
-
-
-def _directions(pack, slot, sae, model) -> torch.Tensor:
-    W = sae.W_dec.float().cpu()  # [d_sae, d_in]
-    mapping = residual_mapping(model, *slot)  # attn_z, or a raw site under a post-norm
-    return W if mapping is None else W @ mapping.to(W.device)
 
 
 def _quantiles_from_hist(hist: np.ndarray, features: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -70,23 +66,16 @@ def write_index(root: Path, pack, model, saes: dict, stats: dict, unigram: torch
     writers: dict[str, pq.ParquetWriter] = {}
     slot_list = list(saes)
     try:
-        # Pass 1: logit lens for every slot (ids only), to know which strings to decode.
-        lens = {}
-        for slot in tqdm(slot_list, desc="index: logit lens", disable=not progress, unit="sae"):
-            dirs = _directions(pack, slot, saes[slot], model)
-            lens[slot] = [t.numpy() for t in logit_lens(model, dirs, n=cfg.n_logits)]
-            needed_ids.update(np.unique(lens[slot][0]).tolist())
-            needed_ids.update(np.unique(lens[slot][2]).tolist())
+        for slot in slot_list:  # the token strings the tables need
             for res in (stats[slot].top, stats[slot].sample):
                 needed_ids.update(np.unique(res.win_ids.numpy()).tolist())
         strings = token_strings(model.tokenizer, needed_ids)
-        for slot in slot_list:
+        for slot in tqdm(slot_list, desc="index: tables", disable=not progress, unit="sae"):
             pos, L = slot
             st = stats[slot]
             d = st.count.shape[0]
             count = st.count.numpy()
             np_id = pack.entries[slot].extra.get("neuronpedia_id")
-            top_i, top_v, bot_i, bot_v = lens[slot]
             c = cfg.window_left
             labels, chars = [], []
             tv = st.top.value.numpy()
@@ -94,17 +83,11 @@ def write_index(root: Path, pack, model, saes: dict, stats: dict, unigram: torch
             centers = st.top.win_ids[:, :, c].numpy()
             for f in range(d):
                 ok = np.isfinite(tk[f])
-                label, words = auto_label(centers[f][ok].tolist(), tv[f][ok].tolist(),
-                                          top_i[f].tolist(), strings, freq, tokens)
+                # from the activating tokens alone: the logit lens is not computed here
+                label, words = auto_label(centers[f][ok].tolist(), tv[f][ok].tolist(), [],
+                                          strings, freq, tokens)
                 labels.append(label)
                 chars.append(words)
-            lens_type = pa.list_(pa.struct([("token", pa.string()), ("id", pa.int32()),
-                                            ("logit", pa.float32())]))
-
-            def lens_col(ids, vals):
-                return pa.array([[{"token": strings.get(int(i), ""), "id": int(i),
-                                   "logit": float(v)} for i, v in zip(r_i, r_v)]
-                                 for r_i, r_v in zip(ids, vals)], type=lens_type)
 
             feats = pa.table({
                 "layer": pa.array(np.full(d, L, np.int16)),
@@ -119,8 +102,6 @@ def write_index(root: Path, pack, model, saes: dict, stats: dict, unigram: torch
                                  type=pa.list_(pa.int32())),
                 "label": pa.array(labels),
                 "top_tokens": pa.array(chars, type=pa.list_(pa.string())),
-                "logit_top": lens_col(top_i, top_v),
-                "logit_bottom": lens_col(bot_i, bot_v),
                 "neuronpedia": pa.array([neuronpedia_url(np_id, f) for f in range(d)],
                                         type=pa.string()),
             })
@@ -172,6 +153,7 @@ def write_index(root: Path, pack, model, saes: dict, stats: dict, unigram: torch
         "format": INDEX_FORMAT, "identity": ident, "tokens": tokens, "seconds": round(seconds, 1),
         "slots": {f"{L}/{p}": saes[(p, L)].d_sae for p, L in slot_list},
         "hist_edges": HIST_EDGES.tolist(), "window": [cfg.window_left, cfg.window_right],
+        "n_logits": cfg.n_logits, "model_source": model.source,
         "pack_root": str(pack.root), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
@@ -195,6 +177,24 @@ def _append(writers: dict, name: str, path: Path, table: pa.Table) -> None:
 class FeatureIndex:
     root: Path  # RUN/index
     manifest: dict
+    # computes a feature's logit lens when asked (attach_lens); None: rows carry the lens only
+    # when an older index stored it
+    lens: "LogitLens | None" = None
+
+    def attach_lens(self, pack, model) -> "FeatureIndex":
+        """Give feature rows and search the logit lens, computed on demand with `model`."""
+        from saeflow.features.lens import LogitLens
+
+        self.lens = LogitLens(pack, model, n=int(self.manifest.get("n_logits", 10)))
+        return self
+
+    def _with_lens(self, row: dict) -> dict:
+        if self.lens is not None:
+            row.update(self.lens.feature((row["position"], row["layer"]), row["feature"]))
+        else:
+            row.setdefault("logit_top", None)
+            row.setdefault("logit_bottom", None)
+        return row
 
     def _con(self):
         import duckdb
@@ -239,7 +239,7 @@ class FeatureIndex:
         row["examples"] = [e for e in ex if e["kind"] == "top"]
         row["samples"] = [e for e in ex if e["kind"] == "sample"]
         row["hist_edges"] = self.manifest["hist_edges"]
-        return row
+        return self._with_lens(row)
 
     def slot_features(self, layer: int, position: str) -> list[dict]:
         """feature() for every feature of one SAE, in two queries (exports read whole SAEs)."""
@@ -258,6 +258,13 @@ class FeatureIndex:
                                 [ids]).fetchall()) if ids else {}
         by_feature: dict[int, dict] = {r["feature"]: {**r, "examples": [], "samples": []}
                                        for r in rows}
+        if self.lens is not None:  # the whole SAE in one tiled pass
+            for r, lens in zip(rows, self.lens.slot((position, layer))):
+                by_feature[r["feature"]].update(lens)
+        else:
+            for r in by_feature.values():
+                r.setdefault("logit_top", None)
+                r.setdefault("logit_bottom", None)
         for e in ex:
             e["tokens"] = [text.get(i, "") if i >= 0 else None for i in e["token_ids"]]
             by_feature[e["feature"]]["examples" if e["kind"] == "top" else "samples"].append(e)
@@ -277,7 +284,8 @@ class FeatureIndex:
 
         score = 3 * (label contains it) + 3 * (the LLM explanation, if any, contains it)
         + 2 * (share of top examples whose activating token is it) + (share of top examples whose
-        window contains it).
+        window contains it) + 2 * (a top logit-lens token is it; with an attached lens, which
+        checks its best candidates exactly: features/lens.py).
         """
         q = query.strip().lower()
         if not q:
@@ -303,7 +311,26 @@ class FeatureIndex:
            OR lower(coalesce(e.explanation, '')) LIKE '%' || ? || '%'
         ORDER BY score DESC, f.density DESC, f.id LIMIT ?
         """
-        return _rows(con.execute(sql, [q, q, q, q, q, limit]))
+        rows = _rows(con.execute(sql, [q, q, q, q, q, limit]))
+        if self.lens is None:
+            return rows
+        slots = [(k.split("/")[1], int(k.split("/")[0])) for k in self.manifest["slots"]]
+        hits = {f"{s[1]}/{s[0]}/{h['feature']}": h for h in self.lens.search(q, slots)
+                for s in [h["slot"]]}
+        by_id = {r["id"]: r for r in rows}
+        missing = [i for i in hits if i not in by_id]
+        if missing:
+            extra = _rows(con.execute(
+                "SELECT f.id, f.layer, f.position, f.feature, f.label, e.explanation, "
+                "f.density, f.neuronpedia, 0.0 AS score, 0.0 AS center_share FROM features f "
+                "LEFT JOIN explanations e ON e.id = f.id WHERE list_contains(?, f.id)",
+                [missing]))
+            by_id.update({r["id"]: r for r in extra})
+        for i, h in hits.items():
+            by_id[i]["score"] += 2
+            by_id[i]["logit_rank"] = h["rank"]
+        out = sorted(by_id.values(), key=lambda r: (-r["score"], -r["density"], r["id"]))
+        return out[:limit]
 
 
 def _rows(cursor) -> list[dict]:
@@ -311,10 +338,19 @@ def _rows(cursor) -> list[dict]:
     return [dict(zip(cols, r)) for r in cursor.fetchall()]
 
 
-def open_index(run: str | os.PathLike) -> FeatureIndex:
-    return FeatureIndex(*open_manifest(run, INDEX_DIR, INDEX_MANIFEST, INDEX_FORMAT,
-                                       FeatureIndexError,
-                                       f"feature index; run `saeflow index PACK --out {run}`"))
+def open_index(run: str | os.PathLike, lens_model=None, pack=None) -> FeatureIndex:
+    """The index in RUN; with `lens_model`, feature rows and search get the logit lens
+    (computed on demand; `pack` defaults to the one the index was built from)."""
+    idx = FeatureIndex(*open_manifest(run, INDEX_DIR, INDEX_MANIFEST, INDEX_FORMAT,
+                                      FeatureIndexError,
+                                      f"feature index; run `saeflow index PACK --out {run}`"))
+    if lens_model is not None:
+        if pack is None:
+            from saeflow.saes.packs import load_pack
+
+            pack = load_pack(idx.manifest["pack_root"])
+        idx.attach_lens(pack, lens_model)
+    return idx
 
 
 
