@@ -297,12 +297,14 @@ def describe_saelens(folder: Path, family: str | None = None) -> SAEInfo:
     sf = meta.get("saeflow") or {}
     if "position" in sf and "layer" in sf:  # saeflow's own record of the site
         position, layer, refused = sf["position"], sf["layer"], None
-    extra = {"neuronpedia_id": meta.get("neuronpedia_id") or cfg.get("neuronpedia_id")}
+    options = []
     if plan.rescale_by_decoder_norm:
-        extra["options"] = ["rescale_acts_by_decoder_norm (folded into the weights)"]
+        options.append("rescale_acts_by_decoder_norm (folded into the weights)")
     if plan.topk_threshold:
-        extra["options"] = extra.get("options", []) + [
-            "BatchTopK training checkpoint: runs as JumpReLU at its topk_threshold"]
+        options.append("BatchTopK training checkpoint: runs as JumpReLU at its topk_threshold")
+    extra: dict[str, Any] = {
+        "neuronpedia_id": meta.get("neuronpedia_id") or cfg.get("neuronpedia_id"),
+        **({"options": options} if options else {})}
     return SAEInfo("saelens", folder, d_in, d_sae, arch, dtype, position, layer, hook,
                    model_name, extra=extra, refused=refused)
 
