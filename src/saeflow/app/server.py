@@ -133,6 +133,8 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
     app = FastAPI(title="saeflow", version=__version__,
                   description="Feature flow, feature pages and steering over one RUN directory.")
     app.state.data, app.state.live = data, live
+    if live.available:
+        data.set_model(live.load)
 
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 
@@ -198,7 +200,7 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
         L, pos, f = data.check_feature(_feature_spec(layer, position, index))
         if data.index is None or f"{L}/{pos}" not in data.index.manifest["slots"]:
             raise NotFound(f"this run has no feature index for {L}/{pos}; run `saeflow index`")
-        row = data.index.feature(L, pos, f)
+        row = data.index_row(L, pos, f)
         return jsonable(feature_dashboard(row, data.index.manifest["hist_edges"],
                                           data.index.manifest.get("model")))
 

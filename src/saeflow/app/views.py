@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow.parquet as pq
 
-from saeflow.errors import FlowError
+from saeflow.errors import AppError, FlowError
 from saeflow.evolution.tables import open_stats
 from saeflow.features.tables import open_index
 from saeflow.flow.graphs import FlowIndex, persistence, trace
@@ -41,6 +41,7 @@ class RunData:
             raise FileNotFoundError(f"{root} is not a directory; give a RUN made by "
                                     f"`saeflow flow` / `index` / `stats`")
         self._lock = threading.Lock()
+        self._model_source = None  # set_model: how to load the model for the logit lens
 
     # --- the parts ---------------------------------------------------------------------
     @cached_property
@@ -65,6 +66,23 @@ class RunData:
                 None, self.flow.manifest["pack"]["fingerprint"]):
             return None  # an index of another pack: its feature numbers mean other features
         return idx
+
+    @cached_property
+    def lens(self):
+        """The logit lens of a feature page, when the server can run the model (set_model)."""
+        if self._model_source is None:
+            return None
+        from saeflow.features.lens import LogitLens
+
+        try:
+            model, pack = self._model_source()
+        except AppError:  # no pack to read the decoders from: pages go without the lens
+            return None
+        return LogitLens(pack, model)
+
+    def set_model(self, load) -> None:
+        """`load() -> (model, pack)`: called on the first feature page that needs the model."""
+        self._model_source = load
 
     @cached_property
     def stats(self):
@@ -215,13 +233,21 @@ class RunData:
             r["label"] = (lab.get(r["id"]) or {}).get("label")
         return res
 
+    def index_row(self, L: int, pos: str, f: int) -> dict:
+        """The index's row of a feature, with its logit lens when the model can run."""
+        assert self.index is not None
+        row = self.index.feature(L, pos, f)
+        if row.get("logit_top") is None and self.lens is not None:
+            row.update(self.lens.feature((pos, L), f))  # on demand (features/lens.py)
+        return row
+
     def feature(self, spec: str) -> dict:
         """Everything the feature page shows."""
         L, pos, f = self.check_feature(spec)
         fid = feature_id(L, pos, f)
         page: dict = {"id": fid, "layer": L, "position": pos, "feature": f, "index": None}
         if self.index is not None and f"{L}/{pos}" in self.index.manifest["slots"]:
-            row = self.index.feature(L, pos, f)
+            row = self.index_row(L, pos, f)
             page["index"] = {k: jsonable(v) for k, v in row.items()}
         page.update(self.predecessors(fid))
         page["coactivation"] = self.coactivation(fid)

@@ -207,7 +207,9 @@ async function showFeature(id) {
   html += `<p>class: <b>${esc(p.class || "-")}</b> · community: <b>${p.community ?? "-"}</b>` +
     (ix ? ` · density ${(+ix.density).toExponential(2)} · mean ${(+ix.mean_act).toFixed(3)} · max ${(+ix.max_act).toFixed(3)}` : "") + `</p>`;
   html += `<div class="cols"><div><h3>Activation histogram</h3><div id="hist" class="plot" style="height:240px"></div></div>`;
-  if (ix) {
+  if (ix && !ix.logit_top) {
+    html += `<div><h3>Logit lens</h3><p>computed when the page opens, with the model: serve this run with --model</p></div>`;
+  } else if (ix) {
     html += `<div><h3>Logit lens</h3><table><tr><th>promoted</th><th>suppressed</th></tr>` +
       ix.logit_top.map((t, i) => `<tr><td>${esc(JSON.stringify(t.token))} ${(+t.logit).toFixed(3)}</td><td>${ix.logit_bottom[i] ? esc(JSON.stringify(ix.logit_bottom[i].token)) + " " + (+ix.logit_bottom[i].logit).toFixed(3) : ""}</td></tr>`).join("") + `</table></div>`;
   }
