@@ -154,7 +154,7 @@ def _activations(row: dict, edges: list[float]) -> list[dict]:
     return out
 
 
-def _decoder_facts(sae, dirs_logits: torch.Tensor | None, feature: int) -> dict:
+def _decoder_facts(sae, logit_hist: dict | None, feature: int) -> dict:
     """neuron_alignment_* from the decoder row; the logit histogram from the logit lens."""
     out: dict = {"neuron_alignment_indices": [], "neuron_alignment_values": [],
                  "neuron_alignment_l1": [], "logits_hist_data_bar_values": [],
@@ -166,15 +166,13 @@ def _decoder_facts(sae, dirs_logits: torch.Tensor | None, feature: int) -> dict:
         out["neuron_alignment_indices"] = [int(i) for i in top.indices]
         out["neuron_alignment_values"] = [round(float(w[i]), 4) for i in top.indices]
         out["neuron_alignment_l1"] = [round(float(w[i]) / l1, 4) for i in top.indices]
-    if dirs_logits is not None:
-        logits = dirs_logits[feature]  # [vocab]
-        lo, hi = float(logits.min()), float(logits.max())
+    if logit_hist is not None:
+        lo, hi = float(logit_hist["lo"][feature]), float(logit_hist["hi"][feature])
         if hi > lo:
-            heights = torch.histc(logits, bins=N_LOGIT_BINS, min=lo, max=hi)
             step = (hi - lo) / N_LOGIT_BINS
             out["logits_hist_data_bar_values"] = [round(lo + (i + 0.5) * step, 4)
                                                   for i in range(N_LOGIT_BINS)]
-            out["logits_hist_data_bar_heights"] = [int(h) for h in heights]
+            out["logits_hist_data_bar_heights"] = [int(h) for h in logit_hist["heights"][feature]]
     return out
 
 
@@ -214,8 +212,12 @@ def dashboard(run: str | os.PathLike, layer: int, position: str, feature: int) -
     return feature_dashboard(row, ix.manifest["hist_edges"], _model_id(ix.manifest))
 
 
+LOGIT_ROWS = 256  # decoder rows per block of the logit histograms (~270 MB at Gemma 3's vocab)
+
+
 def _slot_decoder(pack, model, L: int, pos: str):
-    """(SAE or None, logit-lens logits [d_sae, vocab] or None) for one slot."""
+    """(SAE or None, logit histograms {"lo", "hi": [d_sae], "heights": [d_sae][bins]} or None)
+    for one slot."""
     if pack is None or (pos, L) not in pack:
         return None, None
     sae = pack.sae(pos, L)
@@ -228,8 +230,17 @@ def _slot_decoder(pack, model, L: int, pos: str):
     mapping = residual_mapping(model, pos, L)
     if mapping is not None:
         dirs = dirs @ mapping.to(dirs.device)  # -> [d_sae, d_model]
+    # The histogram of each feature's logits over the vocabulary, in blocks of rows: the whole
+    # [d_sae, vocab] matrix is 4 GB at 4096 x 262k.
+    lo, hi, heights = [], [], []
     with torch.inference_mode():
-        return sae, unembed_directions(model, dirs).cpu()  # [d_sae, vocab]
+        for i in range(0, dirs.shape[0], LOGIT_ROWS):
+            logits = unembed_directions(model, dirs[i:i + LOGIT_ROWS]).cpu()  # [rows, vocab]
+            lo.append(logits.min(1).values)
+            hi.append(logits.max(1).values)
+            heights += [torch.histc(r, bins=N_LOGIT_BINS, min=float(a), max=float(b))
+                        for r, a, b in zip(logits, lo[-1], hi[-1])]
+    return sae, {"lo": torch.cat(lo), "hi": torch.cat(hi), "heights": heights}
 
 
 def export_dashboards(run: str | os.PathLike, out: str | os.PathLike | None = None,

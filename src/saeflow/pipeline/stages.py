@@ -242,17 +242,22 @@ class Pipeline:
                 fused.append(name)
         if fused:
             self._say(f"    one pass over the corpus for eval, {' and '.join(fused)}")
+        t0 = time.perf_counter()
         out = run_jobs(self.model, self.pack, jobs, scale=self.scale, force=self._force,
                        progress=self.progress, state_file=self.root / ".pass" / "state.pt")
         if "stats" in out:
             write_evolution_outputs(self.root, out["stats"], self.pack)
+        t_pass = time.perf_counter() - t0
         res = with_splice(self.pack, self.model, out["eval"], ce_tokens=cfg.ce_tokens,
                           corpus=cfg.corpus, seed=0, batch=8, ctx_len=cfg.pass_ctx_len,
                           progress=self.progress, ce_positions=cfg.ce_positions or None,
                           ci_by="document", encoder_dtype="auto")
         res["fused_with"] = fused
+        res["seconds"] = {"pass": round(t_pass, 1),
+                          "splice": round(time.perf_counter() - t0 - t_pass, 1)}
         write_json_atomic(self.root / "eval.json", res)
-        return {"saes": len(res["saes"]), "clean_ce": res.get("clean_ce"), "fused_with": fused}
+        return {"saes": len(res["saes"]), "clean_ce": res.get("clean_ce"), "fused_with": fused,
+                "seconds": res["seconds"]}
 
     def _pass_job(self, stage: str):
         """The index's or the statistics' share of a corpus pass (None: already done)."""

@@ -77,7 +77,7 @@ def load_saes(pack, slots, device, dtype) -> dict:
     out = {}
     for slot in slots:
         info = pack.entries[slot]
-        out[slot] = sae_formats.load(info.path, info.format).to(device=device, dtype=dtype)
+        out[slot] = sae_formats.load_checked(info).to(device=device, dtype=dtype)
     return out
 
 
