@@ -177,9 +177,9 @@ def test_fuzz_the_api_with_its_openapi_schema(live_server):
     for op, mode in [(o.ok(), m) for o in schema.get_all_operations()
                      for m in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)]:
         if op.path in ("/api/steer", "/api/steer/stream") and mode == GenerationMode.POSITIVE:
-            examples = 12  # each valid case generates text: keep these few
+            examples = 16  # each valid case generates text: keep these few
         else:
-            examples = 30
+            examples = 50
 
         @settings(max_examples=examples, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
@@ -197,7 +197,7 @@ def test_fuzz_the_api_with_its_openapi_schema(live_server):
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
             try:
                 case.validate_response(r, checks=checks)
-            except AssertionError as e:  # schemathesis' failures are AssertionErrors
+            except Exception as e:  # schemathesis' failures (an exception group of them)
                 failures.append((op.path, mode.name, r.status_code, str(e)[:300],
                                  str(case.body or case.query)[:200]))
         try:

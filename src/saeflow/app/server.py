@@ -52,6 +52,19 @@ MAX_ERRORS = 20  # per 422
 STREAM_POLL_S = 1.0  # a stream with no new token checks this often that its client is there
 
 
+class ErrorDetail(BaseModel):
+    detail: str = Field(..., description="what was wrong and what to do")
+
+
+ERROR_RESPONSES: dict[int | str, dict] = {
+    400: {"model": ErrorDetail, "description": "a request that cannot run as asked"},
+    404: {"model": ErrorDetail, "description": "an unknown feature, slot or part of the run"},
+    413: {"model": ErrorDetail, "description": f"a body over {MAX_BODY_BYTES} bytes"},
+    503: {"model": ErrorDetail, "description": "what this server cannot do now: no model, an "
+                                               "unreadable table, a missing scorer"},
+}
+
+
 class StreamDropped(Exception):
     """Raised in the generation thread of a stream whose client went away: stops the loop."""
 
@@ -131,7 +144,8 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
             model = "embedded"
     live = LiveModel(pack, model, loaded_model, loaded_pack, run=data.root)
     app = FastAPI(title="saeflow", version=__version__,
-                  description="Feature flow, feature pages and steering over one RUN directory.")
+                  description="Feature flow, feature pages and steering over one RUN directory.",
+                  responses=ERROR_RESPONSES)
     app.state.data, app.state.live = data, live
     if live.available:
         data.set_model(live.load)
@@ -303,7 +317,10 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
         return res
 
     @app.post("/api/steer/stream", summary="The same, streamed as server-sent events",
-              response_class=StreamingResponse)
+              response_class=StreamingResponse,
+              responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                               "description": "events: token (which, step, texts), then done "
+                                              "(result) or error (status, detail)"}})
     async def steer_stream(req: SteerRequest, request: Request):
         cfg = _sampling(req)
         plan = await asyncio.to_thread(_plan, req)  # errors answer 4xx before streaming
