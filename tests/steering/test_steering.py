@@ -59,6 +59,45 @@ def test_plan_json_round_trip_and_bad_files(tmp_path):
         SteeringPlan("add", [Intervention(1, "resid_post", 0, float("nan"))])
 
 
+def test_one_plan_schema_for_files_requests_and_python(tmp_path):
+    """PlanSchema's rules hold for plan files, API requests and SteeringPlan (issue 30)."""
+    from saeflow.steering.plans import PLAN_FORMAT, STRENGTH_LIMIT, PlanSchema
+
+    iv = {"layer": 1, "position": "resid_post", "feature": 3, "strength": 2.0}
+    good = {"format": PLAN_FORMAT, "version": 1, "mode": "add", "tokens": None,
+            "description": "", "meta": {}, "interventions": [iv]}
+    # what older saeflow wrote (and hand-edited extras) loads as before
+    legacy = {**good, "interventions": [{**iv, "id": "1/resid_post/3"}], "note": "mine"}
+    assert SteeringPlan.from_dict(legacy).to_dict() == good
+    assert SteeringPlan.from_dict({**good, "tokens": "all"}).tokens is None
+    assert SteeringPlan.from_dict({**good, "tokens": [5, 2, 5]}).tokens == [2, 5]
+    bad_texts = {  # plan file text -> a word of the one-line error
+        json.dumps({**good, "tokens": 5}): "tokens", json.dumps({**good, "tokens": [None]}): "tokens",
+        json.dumps({**good, "tokens": ["a"]}): "tokens", json.dumps({**good, "tokens": [-2]}): "tokens",
+        json.dumps(good).replace('"layer": 1', '"layer": 1e400'): "finite",
+        json.dumps(good).replace('"strength": 2.0', '"strength": NaN'): "finite",
+        json.dumps({**good, "interventions": [{**iv, "strength": 2 * STRENGTH_LIMIT}]}): "strength",
+        json.dumps({**good, "interventions": [{**iv, "position": "x"}]}): "unknown position",
+        json.dumps({**good, "interventions": [{**iv, "layer": 2.5}]}): "layer",
+        json.dumps({**good, "interventions": [{"layer": 1}]}): "position",
+        json.dumps({**good, "meta": "x"}): "meta", json.dumps({**good, "mode": "mul"}): "mode",
+        json.dumps([good]): "not a saeflow steering plan",
+    }
+    for i, (text, word) in enumerate(bad_texts.items()):
+        path = tmp_path / f"bad{i}.json"
+        path.write_text(text)
+        with pytest.raises(PlanError, match=word) as e:
+            SteeringPlan.load(path)
+        assert "\n" not in str(e.value) and len(str(e.value)) < 400
+    # the same rules in Python and in the schema the API documents
+    with pytest.raises(PlanError, match="tokens"):
+        SteeringPlan("add", [Intervention(1, "resid_post", 3, 1.0)], tokens=[-1])
+    with pytest.raises(PlanError, match="layer"):
+        SteeringPlan("add", [Intervention(-1, "resid_post", 3, 1.0)])
+    props = PlanSchema.model_json_schema()["properties"]
+    assert {"format", "mode", "tokens", "interventions", "meta"} <= set(props)
+
+
 def test_plan_check_names_what_is_wrong(setup):
     _, pack, _ = setup
     with pytest.raises(PlanError, match="unknown feature 7/resid_post/1"):
