@@ -1,6 +1,7 @@
 """`saeflow run` (the main job) and `saeflow serve` (the web app)."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import shlex
 
@@ -17,8 +18,9 @@ def cmd_run(args) -> int:
     from saeflow.app.server import serve
     from saeflow.pipeline.stages import run_pipeline
 
-    scale = scale_from_args(args)
+    # The settings first (their rules refuse bad values), then Ray, then the stages.
     cfg = dataclasses.replace(PROFILES[args.profile], **given_overrides(args, RUN_OVERRIDES))
+    scale = scale_from_args(args)
     run_pipeline(args.out, cfg, only=args.only, skip=args.skip, force=args.force,
                  command="saeflow " + " ".join(shlex.quote(a) for a in args.argv),
                  scale=scale)
@@ -35,8 +37,19 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def parse_port(text: str) -> int:
+    """A TCP port to listen on: 1..65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port is a number in 1..65535, not {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number in 1..65535, not {port}")
+    return port
+
+
 def _port_option(p) -> None:
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+    p.add_argument("--port", type=parse_port, default=DEFAULT_PORT,
                    help="port of the web app")
 
 

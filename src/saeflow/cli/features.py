@@ -1,7 +1,9 @@
 """`saeflow index|search|explain|dashboards|feature`: features as evidence."""
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 from saeflow.cli.common import (
     add_json,
@@ -15,10 +17,12 @@ from saeflow.cli.options import (
     add_config_options,
     add_overrides,
     config_from_args,
+    one_line,
     parse_layers_arg,
     parse_str_list,
     signature_default,
 )
+from saeflow.errors import FeatureIndexError
 from saeflow.features.explain import ExplainerConfig, explain_features
 from saeflow.features.index import IndexConfig
 from saeflow.features.tables import FeatureIndex, open_index
@@ -37,8 +41,24 @@ def cmd_index(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def readable_index(run: str) -> Iterator[None]:
+    """A damaged index table (a truncated parquet, say) as one line that says what to do,
+    instead of the query engine's traceback."""
+    import duckdb
+    import pyarrow as pa
+
+    try:
+        yield
+    except (duckdb.Error, pa.ArrowException) as e:
+        raise FeatureIndexError(f"the feature index in {run} cannot be read ({one_line(e)}); "
+                                f"rebuild it with `saeflow index PACK --out {run} --force`") \
+            from None
+
+
 def cmd_search(args) -> int:
-    hits = open_index(args.run).search(args.query, limit=args.limit)
+    with readable_index(args.run):
+        hits = open_index(args.run).search(args.query, limit=args.limit)
     if args.json:
         print_json(hits)
         return 0
@@ -99,8 +119,9 @@ def cmd_feature(args) -> int:
     from saeflow.ids import parse_feature
 
     L, pos, f = parse_feature(args.feature)
-    open_index(args.run).feature(L, pos, f)  # unknown ids fail before the model loads
-    row = open_index_with_lens(args.run).feature(L, pos, f)
+    with readable_index(args.run):
+        open_index(args.run).feature(L, pos, f)  # unknown ids fail before the model loads
+        row = open_index_with_lens(args.run).feature(L, pos, f)
     if args.json:
         print_json(row)
         return 0

@@ -11,13 +11,36 @@ import dataclasses
 import functools
 import inspect
 import io
+import math
+import sys
 import tokenize
 import types
 import typing
 from typing import Any, Callable, Literal, get_args, get_origin
 
-from saeflow.errors import ConfigError
-from saeflow.lm.corpora import parse_tokens
+from saeflow.errors import ConfigError, SaeflowError
+from saeflow.lm.corpora import check_corpus_spec, parse_tokens
+
+CONFIG_KEY = "_config_"  # namespace keys that name the config classes a command builds
+
+
+class Parser(argparse.ArgumentParser):
+    """saeflow's argparse parser: no prefix matching (`--model` was taken as `--model-name`),
+    and a usage error is one line on stderr and exit status 2, like every other bad input."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        kw.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kw)
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+def one_line(text: object) -> str:
+    """A message on one line (tracebacks and wrapped texts would break the one-line rule)."""
+    return " ".join(str(text).split())
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,12 +108,18 @@ def parse_layers_arg(text: str) -> list[int] | None:
             part = part.strip()
             if "-" in part[1:]:
                 a, b = part.split("-", 1)
+                if int(b) < int(a):
+                    raise argparse.ArgumentTypeError(
+                        f"the layer range {part} runs backwards; write {b}-{a}")
                 out.extend(range(int(a), int(b) + 1))
             elif part:
                 out.append(int(part))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"layers are all, a range like 0-5, or a list like 1,3,7; got {text!r}") from None
+    if not out or min(out) < 0:
+        raise argparse.ArgumentTypeError(
+            f"layers are all, a range like 0-5, or a list like 1,3,7 (0 or more); got {text!r}")
     return out
 
 
@@ -102,18 +131,38 @@ def parse_str_tuple(text: str) -> tuple[str, ...]:
     return tuple(parse_str_list(text))
 
 
-def _number_list(kind: type, what: str) -> Callable[[str], list]:
+def _number_list(kind: Callable[[str], Any], what: str) -> Callable[[str], list]:
     def parse(text: str) -> list:
         try:
             return [kind(t) for t in parse_str_list(text)]
-        except ValueError:
+        except (ValueError, argparse.ArgumentTypeError):
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") \
                 from None
     return parse
 
 
+def parse_float(text: str) -> float:
+    """A number; nan is never a meaningful setting (inf may be: the config's rules decide)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    return value
+
+
+def parse_corpus(text: str) -> str:
+    """A corpus spec, checked (sources and shares) when the command line is read."""
+    try:
+        check_corpus_spec(text)
+    except SaeflowError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 parse_int_list = _number_list(int, "integers")
-parse_float_list = _number_list(float, "numbers")
+parse_float_list = _number_list(parse_float, "numbers")
 
 
 def _token_count(text: str) -> int:
@@ -154,7 +203,11 @@ def _converter(name: str, tp: Any) -> tuple[Callable[[str], Any] | None, list | 
         if item is float:
             return parse_float_list, None
         return parse_str_list, None
-    if tp in (int, float, str):
+    if name == "corpus" and tp is str:
+        return parse_corpus, None
+    if tp is float:
+        return parse_float, None
+    if tp in (int, str):
         return tp, None
     return None, None
 
@@ -177,6 +230,9 @@ def add_config_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup
     adds CLI-only wording. The option's dest is always the field name, so `config_from_args`
     can build the config back. Returns the field names added."""
     cls, preset = _defaults_of(cls)
+    # The command's config is built (and checked by its own rules) right after parsing,
+    # before anything loads or writes: see check_configs.
+    parser.set_defaults(**{CONFIG_KEY + cls.__name__: cls})
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     names = only or [f.name for f in dataclasses.fields(cls) if f.name not in skip]
@@ -218,6 +274,20 @@ def config_from_args(cls: type, args: argparse.Namespace, **override: Any) -> An
     kw = {n: getattr(args, n) for n in names if hasattr(args, n)}
     kw.update(override)
     return cls(**kw)
+
+
+def check_configs(args: argparse.Namespace) -> None:
+    """Build every config class the command's options came from, so that the class's own
+    rules (its __post_init__) refuse bad values before the command loads or writes anything.
+    A class with fields the options do not give is left to the command."""
+    for key in sorted(vars(args)):
+        if key.startswith(CONFIG_KEY):
+            cls = getattr(args, key)
+            required = [f.name for f in dataclasses.fields(cls)
+                        if f.default is dataclasses.MISSING
+                        and f.default_factory is dataclasses.MISSING]
+            if all(hasattr(args, n) for n in required):
+                config_from_args(cls, args)
 
 
 def add_overrides(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,

@@ -1,8 +1,10 @@
 """`saeflow steer|validate|steer-sweep`: interventions."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+from saeflow.checks import flag
 from saeflow.cli.common import add_device, load_model_and_pack, model_spec
 from saeflow.cli.features import add_llm_options, explainer_from_args
 from saeflow.cli.options import (
@@ -13,7 +15,7 @@ from saeflow.cli.options import (
     given_overrides,
     signature_kwargs,
 )
-from saeflow.errors import UsageError
+from saeflow.errors import PlanError, SaeflowError, UsageError
 from saeflow.steering.generate import DEFAULT_PROMPT, STEER_SAMPLING, SamplingConfig
 from saeflow.steering.plans import build_plan
 from saeflow.steering.sweep import SWEEP_PROFILES, SweepConfig
@@ -45,20 +47,37 @@ def add_pack_and_model(p, pack_default: str | None = "embedded") -> None:
     add_device(p)
 
 
+def load_plan_file(path: str):
+    """The plan in `path`; a plan the plans module cannot read (a number where a list goes, a
+    layer of 1e400) is a PlanError naming the file, never a traceback."""
+    from saeflow.steering.plans import SteeringPlan
+
+    try:
+        return SteeringPlan.load(path)
+    except SaeflowError:
+        raise
+    except (TypeError, ValueError, OverflowError, KeyError, AttributeError) as e:
+        raise PlanError(f"{path} is not a valid steering plan ({type(e).__name__}: {e}); see "
+                        f"`saeflow steer --save-plan` for the format") from None
+
+
 def cmd_steer(args) -> int:
     from saeflow.steering.generate import steer
-    from saeflow.steering.plans import SteeringPlan
     from saeflow.store import write_json_atomic
 
     if bool(args.plan) == bool(args.feature):
         raise UsageError("give either --plan PLAN.json or --feature LAYER/POSITION/INDEX")
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty; give the text to continue")
+    for name in ("strength", "alpha", "t_res", "t_mod"):  # plan numbers, checked before loading
+        if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
+            raise UsageError(f"{flag(name)} must be a finite number, not {getattr(args, name)}")
     model_spec(args.pack, args.model, "steer")
     cfg = config_from_args(SamplingConfig, args)
     cfg.check(args.force)  # before loading anything
+    plan = load_plan_file(args.plan) if args.plan else None  # a bad plan fails before the model
     model, pack = load_model_and_pack(args, "steer")
-    if args.plan:
-        plan = SteeringPlan.load(args.plan)
-    else:
+    if plan is None:
         plan = build_plan(pack, feature=args.feature, run=args.run, model=model,
                           **signature_kwargs(args, PLAN_OPTIONS))
     if args.save_plan:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import random
 import re
 import sysconfig
@@ -221,6 +222,46 @@ class HFDataset(Source):
         return self._seen[i]
 
 
+BUILTIN_SOURCES = ("wiki", "python")
+SPEC_HINT = "write sources with shares, e.g. wiki=0.8,python=0.2 (or a file, or hf:NAME)"
+
+
+def parse_corpus_spec(spec: str) -> list[tuple[str, float]]:
+    """"wiki=0.8,python=0.2" -> [("wiki", 0.8), ("python", 0.2)]; a source without a share
+    weighs 1. CorpusError for a share that is not a positive finite number, an empty spec, or
+    a source that is neither built in, hf:NAME, nor an existing file or folder."""
+    items: list[tuple[str, float]] = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, share = part.rpartition("=") if "=" in part else (part, "", "1")
+        name = name.strip()
+        if not name:
+            raise CorpusError(f"corpus part {part!r} names no source; {SPEC_HINT}")
+        try:
+            weight = float(share)
+        except ValueError:
+            raise CorpusError(f"the share of {name!r} in the corpus, {share!r}, is not a number; "
+                              f"{SPEC_HINT}") from None
+        if not (math.isfinite(weight) and weight > 0):
+            raise CorpusError(f"the share of {name!r} in the corpus must be a positive number, "
+                              f"not {share!r}; {SPEC_HINT}")
+        if name not in BUILTIN_SOURCES and not name.startswith("hf:") and not Path(name).exists():
+            raise CorpusError(f"unknown corpus source {name!r}: not wiki, python, hf:NAME or an "
+                              f"existing file or folder")
+        items.append((name, weight))
+    if not items:
+        raise CorpusError(f"the corpus spec {spec!r} is empty; {SPEC_HINT}")
+    return items
+
+
+def check_corpus_spec(spec: str) -> str:
+    """`spec` when parse_corpus_spec accepts it (for config rules); CorpusError otherwise."""
+    parse_corpus_spec(spec)
+    return spec
+
+
 def make_source(spec: str) -> Source:
     if spec == "wiki":
         return WikiSummaries()
@@ -246,13 +287,7 @@ class Corpus:
 
     @classmethod
     def from_spec(cls, spec: str = DEFAULT_SPEC, seed: int = 0, **kw) -> "Corpus":
-        items = []
-        for part in spec.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            name, _, weight = part.rpartition("=") if "=" in part else (part, "", "1")
-            items.append((make_source(name), float(weight)))
+        items = [(make_source(name), weight) for name, weight in parse_corpus_spec(spec)]
         return cls(items, seed=seed, **kw)
 
     def describe(self) -> dict:

@@ -2,10 +2,12 @@
 build its options without importing every stage)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from saeflow.errors import PipelineError
-from saeflow.lm.corpora import DEFAULT_SPEC
+from saeflow.checks import at_least
+from saeflow.errors import CorpusError, PipelineError
+from saeflow.lm.corpora import DEFAULT_SPEC, check_corpus_spec
 
 
 @dataclass
@@ -50,6 +52,24 @@ class PipelineConfig:
     firing_tokens: int = 16_384  # the firing pass that flags dead and rare latents for the flow
     keep_dead: bool = False
     device: str | None = None  # cuda, mps or cpu (default: automatic)
+
+    def __post_init__(self) -> None:
+        """The rules of the settings alone: bad values fail here, before any stage runs."""
+        at_least(self, 1, "eval_tokens", "ce_tokens", "dead_tokens", "index_tokens",
+                 "stats_tokens", "firing_tokens", "validate_texts", "validate_tokens_per_text",
+                 "validate_max_texts", "sweep_n", "sweep_max_layers", "paper_n",
+                 "paper_max_layers", "classifier_docs", error=PipelineError)
+        at_least(self, 0, "validate_r_graphs", error=PipelineError)
+        if self.validate_ci is not None and not 0 < self.validate_ci < 1:
+            raise PipelineError(f"validate_ci must be in (0, 1), not {self.validate_ci!r}")
+        for name in ("sweep_strengths", "paper_strengths"):
+            if not all(isinstance(v, (int, float)) and math.isfinite(v)
+                       for v in getattr(self, name)):
+                raise PipelineError(f"{name} must be finite numbers, not {getattr(self, name)!r}")
+        try:
+            check_corpus_spec(self.corpus)
+        except CorpusError as e:
+            raise PipelineError(str(e)) from None
 
     def check(self) -> None:
         """The embedded packs are trained on the embedded model: refuse another model with them."""

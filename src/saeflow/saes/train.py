@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from saeflow._version import __version__
+from saeflow.checks import at_least, dtype_choice, finite, flag, fraction
 from saeflow.errors import ConfigError, TrainingError
-from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
+from saeflow.lm.corpora import DEFAULT_SPEC, Corpus, check_corpus_spec
 from saeflow.lm.hookpoints import check_position
 from saeflow.lm.hooks import HookPoint, capture
 from saeflow.lm.model import LoadedModel, dtype_name, resolve_encoder_dtype
@@ -94,35 +95,53 @@ class TrainConfig:
     # problem (bmm; fastest on a GPU); "auto" picks by device.
     engine: Literal["auto", "sparse", "stacked"] = "auto"
 
-    def validate(self, model: LoadedModel) -> None:
-        if self.width <= 0:
-            raise ConfigError(f"--width must be positive, got {self.width}")
-        if not 0 < self.k < self.width:
+    def __post_init__(self) -> None:
+        """The rules that need no model: bad values fail here, before anything loads."""
+        at_least(self, 1, "width", "k", "tokens", "batch_size", "model_batch", "chunk_tokens",
+                 "aux_k", "dead_tokens")
+        at_least(self, 2, "ctx_len")  # BOS and at least one token of text
+        at_least(self, 0, "seed", "checkpoint_every_s")
+        finite(self, "lr", positive=True)
+        finite(self, "aux_coef", "dim_cap")
+        at_least(self, 0, "aux_coef", "dim_cap")
+        fraction(self, "warmup_frac", "decay_frac")
+        if self.warmup_frac + self.decay_frac > 1:
+            raise ConfigError(f"--warmup-frac + --decay-frac must be at most 1, not "
+                              f"{self.warmup_frac} + {self.decay_frac}")
+        if self.k >= self.width:
             raise ConfigError(f"--k must be in 1..width-1 (k={self.k}, width={self.width}); "
-                             f"a TopK SAE with k >= width is not sparse")
-        if self.architecture not in ("topk", "batchtopk"):
-            raise ConfigError("--architecture must be topk or batchtopk")
+                              f"a TopK SAE with k >= width is not sparse")
+        for name, allowed in (("architecture", ("topk", "batchtopk")),
+                              ("engine", ("auto", "sparse", "stacked")),
+                              ("input_norm", ("scalar", "dim")),
+                              ("aux_activation", ("relu", "linear"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{flag(name)} must be {' or '.join(allowed)}, not "
+                                  f"{getattr(self, name)!r}")
         if not self.positions:
-            raise ConfigError("no positions to train")
+            raise ConfigError("no positions to train; give --positions, e.g. resid_post")
         for p in self.positions:
             check_position(p)
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ConfigError(f"--layers must be all or layers 0 and up, not {self.layers!r}")
+        if self.tokens < self.batch_size:
+            raise ConfigError(f"--tokens {self.tokens} is less than one batch ({self.batch_size})")
+        if self.chunk_tokens < self.batch_size:
+            raise ConfigError(f"--chunk-tokens {self.chunk_tokens} must be at least --batch-size "
+                              f"{self.batch_size}")
+        if self.dead_tokens is not None and self.dead_tokens < self.batch_size:
+            raise ConfigError(f"--dead-tokens {self.dead_tokens} is less than one batch "
+                              f"({self.batch_size}): every latent would count as dead")
+        check_corpus_spec(self.corpus)
+        dtype_choice(self, "model_dtype", "encoder_dtype")
+
+    def validate(self, model: LoadedModel) -> None:
+        """The rules that need the model: its positions and layers."""
+        for p in self.positions:
             if p not in model.arch.sites:
                 raise ConfigError(f"the {model.arch.family} architecture has no position {p!r}")
         for L in self.layers or []:
             model.check_layer(L)
-        if self.tokens < self.batch_size:
-            raise ConfigError(f"--tokens {self.tokens} is less than one batch ({self.batch_size})")
-        if self.chunk_tokens < self.batch_size:
-            raise ConfigError("chunk_tokens must be at least batch_size")
-        if self.engine not in ("auto", "sparse", "stacked"):
-            raise ConfigError("engine must be auto, sparse or stacked")
-        if self.input_norm not in ("scalar", "dim"):
-            raise ConfigError("input_norm must be scalar or dim")
-        if self.aux_activation not in ("relu", "linear"):
-            raise ConfigError("--aux-activation must be relu or linear")
-        if self.dead_tokens is not None and self.dead_tokens < self.batch_size:
-            raise ConfigError(f"--dead-tokens {self.dead_tokens} is less than one batch "
-                              f"({self.batch_size}): every latent would count as dead")
 
     def identity(self) -> dict:
         """The fields that define the result (not how often it checkpoints)."""
@@ -884,12 +903,12 @@ def check_resume(saved: dict | None, ident: dict, ckpt_dir: Path) -> None:
     if saved == ident:
         return
     saved = saved or {}
-    for key, flag in (("encoder_dtype", "--encoder-dtype"), ("model_dtype", "--model-dtype")):
+    for key in ("encoder_dtype", "model_dtype"):
         if key in saved and saved.get(key) != ident.get(key):
             raise TrainingError(
                 f"{ckpt_dir} was trained with {key} {saved[key]}, but this run resolves "
-                f"{ident.get(key)}; pass {flag} {saved[key]} to resume it, or --overwrite to "
-                f"start over")
+                f"{ident.get(key)}; pass {flag(key)} {saved[key]} to resume it, or --overwrite "
+                f"to start over")
     raise TrainingError(f"{ckpt_dir} holds a checkpoint of a different training run; delete it "
                         f"or pass --overwrite")
 
