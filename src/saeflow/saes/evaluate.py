@@ -22,6 +22,7 @@ or 1000x the median dimension's).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -339,6 +340,38 @@ def nll_and_kl(logits, clean_p, neg_entropy, tgt, rows: int = 128):
     return nll, (neg_entropy - cross).float()
 
 
+def _edited(output, edit):
+    """A decoder layer's output object with its hidden states replaced by edit(hidden)."""
+    if isinstance(output, tuple):
+        return (edit(output[0]),) + output[1:]
+    return edit(output)
+
+
+@contextmanager
+def _from_layer(model: LoadedModel, layer: int, output):
+    """Forward passes that start after decoder layer `layer`: that layer returns `output` (its
+    clean output, edited) and the layers before it return it too without computing (their
+    results are never read). The layers after it, the final norm and the LM head run as usual,
+    on the same inputs as in a full forward with the edit hooked in, so the logits are the
+    same; the layers up to `layer` are saved (half the body on average). Not for a model that
+    other threads use at the same time (the layers' forward is replaced for the block)."""
+    mods = [model.hook_module("resid_post", i) for i in range(layer + 1)]
+    own = [m.__dict__.get("forward") for m in mods]
+
+    def skip(*args, **kwargs):
+        return output
+    try:
+        for m in mods:
+            m.forward = skip
+        yield
+    finally:
+        for m, f in zip(mods, own):
+            if f is None:
+                del m.forward
+            else:
+                m.forward = f
+
+
 def _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, progress,
                ci_by: str = "document"):
     from tqdm.auto import tqdm
@@ -356,8 +389,9 @@ def _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, prog
     piece_kl: dict = {s: [] for s in slots}
     bar = tqdm(total=ce_tokens, unit="tok", desc=f"eval: splice {len(slots)} SAEs",
                disable=not progress)
-    # each row costs len(slots) + 1 full forwards with the LM head: never more rows than asked
+    # each row costs len(slots) + 1 forwards with the LM head: never more rows than asked
     batch = max(1, min(batch, -(-ce_tokens // ctx_len)))
+    resid_layers = sorted({L for p, L in slots if p == "resid_post"})
     with torch.inference_mode():
         for b in data.token_batches(model.tokenizer, batch, ctx_len, split="heldout"):
             ids = b.input_ids.to(dev)
@@ -368,8 +402,19 @@ def _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, prog
             if tgt.numel() == 0:
                 rows_before += ids.shape[0]
                 continue
-            clean_logp = torch.log_softmax(
-                model.hf(input_ids=ids, attention_mask=am).logits[:, :-1][tgt_mask].float(), -1)
+            # the clean forward also keeps each spliced residual layer's output, so that a
+            # resid_post splice runs only the layers after its own (_from_layer)
+            clean_out: dict[int, object] = {}
+            handles = [model.hook_module("resid_post", L).register_forward_hook(
+                lambda mod, args, out, L=L: clean_out.__setitem__(L, out))
+                for L in resid_layers]
+            try:
+                clean_logits = model.hf(input_ids=ids, attention_mask=am).logits
+            finally:
+                for h in handles:
+                    h.remove()
+            clean_logp = torch.log_softmax(clean_logits[:, :-1][tgt_mask].float(), -1)
+            del clean_logits
             clean_p = clean_logp.exp()  # [n_tgt, vocab]
             neg_entropy = (clean_p * clean_logp).sum(1, dtype=torch.float64)  # [n_tgt]
             row_of = torch.nonzero(tgt_mask)[:, 0]  # [n_tgt] the row of each target token
@@ -396,9 +441,13 @@ def _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, prog
                     out = act.clone()
                     out[mask] = sae(act[mask].float()).to(act.dtype)
                     return out
-                with Hooks(model, edits={HookPoint(*s): splice}):
-                    logits = model.hf(input_ids=ids,
-                                      attention_mask=am).logits[:, :-1][tgt_mask].float()
+                if s[0] == "resid_post":
+                    with _from_layer(model, s[1], _edited(clean_out[s[1]], splice)):
+                        logits = model.hf(input_ids=ids, attention_mask=am).logits
+                else:
+                    with Hooks(model, edits={HookPoint(*s): splice}):
+                        logits = model.hf(input_ids=ids, attention_mask=am).logits
+                logits = logits[:, :-1][tgt_mask].float()
                 nll, kl = nll_and_kl(logits, clean_p, neg_entropy, tgt)
                 del logits
                 totals[s]["ce"] += float(nll.sum())
