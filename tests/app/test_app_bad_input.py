@@ -149,7 +149,7 @@ def test_truncated_tables_answer_503_with_what_to_do(tiny_run, run_copy):
 
     from saeflow.app.server import create_app
 
-    _, pack, model = tiny_run
+    run, pack, model = tiny_run
     _truncate(run_copy / "index" / "features.parquet")
     app = create_app(run_copy, loaded_model=model, loaded_pack=pack)
     with TestClient(app, raise_server_exceptions=False) as c:
@@ -160,11 +160,13 @@ def test_truncated_tables_answer_503_with_what_to_do(tiny_run, run_copy):
             assert r.status_code in (400, 503), (path, r.status_code, r.text[:300])
             assert "rerun" in r.json()["detail"] or "index" in r.json()["detail"], r.text[:300]
         assert c.get("/api/info").status_code == 200  # what does not read the index still works
-    _truncate(run_copy / "stats" / "communities.parquet", 4)
+    shutil.copy(run / "index" / "features.parquet", run_copy / "index" / "features.parquet")
+    _truncate(run_copy / "stats" / "communities.parquet", 4)  # what a kill left (issue 30)
     app = create_app(run_copy, loaded_model=model, loaded_pack=pack)
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.get("/api/features/1/resid_post/3")
         assert r.status_code == 503 and "rerun" in r.json()["detail"], r.text[:300]
+        assert "communities" in r.json()["detail"], r.text[:300]
 
 
 def test_a_run_served_from_another_directory_finds_its_relative_pack(tiny_run, tmp_path,

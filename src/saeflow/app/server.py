@@ -162,6 +162,8 @@ def create_app(run: str | Path, *, pack: str | None = None, model: str | None = 
 
     @app.exception_handler(ValueError)
     async def _bad_value(request: Request, exc: ValueError):
+        if isinstance(exc, _table_errors()):  # pyarrow's ArrowInvalid is a ValueError too
+            return await _unreadable_table(request, exc)
         # a request that cannot run as asked (a ValueError of a library, say)
         return JSONResponse({"detail": str(exc)}, status_code=error_status(exc))
 
