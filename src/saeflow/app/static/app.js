@@ -15,11 +15,14 @@ async function api(path, opts) {
   const r = await fetch(path, opts);
   let body = null;
   try { body = await r.json(); } catch (e) { /* not JSON */ }
-  if (!r.ok) {
-    const d = body && body.detail;
-    throw new Error(typeof d === "string" ? d : JSON.stringify(d ?? r.statusText));
-  }
+  if (!r.ok) throw new Error(errorText(body && body.detail, r.statusText));
   return body;
+}
+// An error's detail as one line: a string as it is, a 422's field errors as "field: message; ...".
+function errorText(d, fallback) {
+  if (typeof d === "string") return d;
+  if (Array.isArray(d)) return d.map((e) => `${(e.loc || []).filter((x) => x !== "body").join(".")}: ${e.msg}`).join("; ");
+  return JSON.stringify(d ?? fallback);
 }
 const postJSON = (path, obj) => api(path, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(obj)});
 function status(el, text, isError) { el.textContent = text; el.classList.toggle("error", !!isError); }
@@ -352,7 +355,7 @@ $("#steer-form").addEventListener("submit", async (e) => {
   $("#steer-run").disabled = true;
   try {
     const r = await fetch("/api/steer/stream", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(req)});
-    if (!r.ok) { const b = await r.json().catch(() => ({})); throw new Error(typeof b.detail === "string" ? b.detail : JSON.stringify(b.detail || r.statusText)); }
+    if (!r.ok) { const b = await r.json().catch(() => ({})); throw new Error(errorText(b.detail, r.statusText)); }
     const reader = r.body.getReader(), dec = new TextDecoder();
     let buf = "";
     for (;;) {
