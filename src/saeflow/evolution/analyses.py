@@ -10,9 +10,10 @@ import pandas as pd
 from saeflow.errors import ConfigError
 from saeflow.evolution.tables import StatsRun
 from saeflow.features.tables import open_index
+from saeflow.flow.plots import save_png_atomic, write_html_atomic
 from saeflow.flow.predecessors import open_flow
 from saeflow.ids import GROUPS
-from saeflow.store import write_json_atomic
+from saeflow.store import atomic_path, write_json_atomic
 
 
 def _alive(stats: StatsRun) -> pd.DataFrame:
@@ -264,11 +265,11 @@ def write_evolution_outputs(run, stats: StatsRun, pack, *, pass_threshold: float
     summary: dict = {}
 
     pt = pass_through(stats, pass_threshold)
-    pt.to_csv(root / "pass_through.csv", index=False)
+    with atomic_path(root / "pass_through.csv") as tmp:
+        pt.to_csv(tmp, index=False)
     summary["pass_through"] = pt.round(2).to_dict("records")
     for pos in pt.position.unique() if len(pt) else []:
-        sankey_figure(pt, pos).write_html(str(plots / f"pass_through_{pos}.html"),
-                                          include_plotlyjs="directory")
+        write_html_atomic(sankey_figure(pt, pos), plots / f"pass_through_{pos}.html")
         rows = pt[pt.position == pos]
         fig, ax = plt.subplots(figsize=(7, 3.5))
         for col, c in (("pass_through_pct", "#4c72b0"), ("disappearing_pct", "#c44e52"),
@@ -279,7 +280,7 @@ def write_evolution_outputs(run, stats: StatsRun, pack, *, pass_threshold: float
         ax.set_title(f"{pos}: pass-through at {pass_threshold} ({'pearson'})")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(plots / f"pass_through_{pos}.png", dpi=150)
+        save_png_atomic(fig, plots / f"pass_through_{pos}.png")
         plt.close(fig)
 
     g = gates(stats, gate_threshold, gate_min_count, labels, gate_max_up_density,
@@ -289,8 +290,12 @@ def write_evolution_outputs(run, stats: StatsRun, pack, *, pass_threshold: float
                         "OR": int((g.gate == "OR").sum()) if len(g) else 0}
 
     members, comm = communities(stats, community_floor, resolution, method)
-    members.to_parquet(root / "communities.parquet")
-    comm.to_csv(root / "communities_summary.csv", index=False)
+    # Through a temporary file: a kill here left 4 bytes that every feature page then failed
+    # on (issue 30); now the old table stays until the new one is complete.
+    with atomic_path(root / "communities.parquet") as tmp:
+        members.to_parquet(tmp)
+    with atomic_path(root / "communities_summary.csv") as tmp:
+        comm.to_csv(tmp, index=False)
     summary["communities"] = {"n": int(len(comm)),
                               "largest": comm.head(5).to_dict("records") if len(comm) else []}
 
@@ -312,7 +317,7 @@ def write_evolution_outputs(run, stats: StatsRun, pack, *, pass_threshold: float
         ax.set_title("Empirical predecessor groups (which top-1 predecessors fire on the token)")
         ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
         fig.tight_layout()
-        fig.savefig(plots / "groups.png", dpi=150)
+        save_png_atomic(fig, plots / "groups.png")
         plt.close(fig)
         summary["groups"] = {str(L): {G: round(shares[G][i], 4) for G in GROUPS}
                              for i, L in enumerate(layers)}
@@ -328,7 +333,8 @@ def write_evolution_outputs(run, stats: StatsRun, pack, *, pass_threshold: float
                              "by_threshold": cofire_by_threshold(flow_run, co).to_dict("records")}
     if flow_run is not None:
         ag = agreement(flow_run, stats, pack)
-        ag.to_csv(root / "agreement.csv", index=False)
+        with atomic_path(root / "agreement.csv") as tmp:
+            ag.to_csv(tmp, index=False)
         summary["agreement"] = ag.round(4).to_dict("records")
         if len(ag):
             fig, ax = plt.subplots(figsize=(6.5, 3.5))
@@ -340,7 +346,7 @@ def write_evolution_outputs(run, stats: StatsRun, pack, *, pass_threshold: float
             ax.set_title("Data-free vs data-driven residual predecessors")
             ax.legend(fontsize=8)
             fig.tight_layout()
-            fig.savefig(plots / "agreement.png", dpi=150)
+            save_png_atomic(fig, plots / "agreement.png")
             plt.close(fig)
     write_json_atomic(root / "summary.json", summary)
     return summary

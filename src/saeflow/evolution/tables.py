@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from saeflow.errors import StatsError
-from saeflow.store import open_manifest, write_json_atomic, write_parquet_atomic
+from saeflow.store import open_manifest, publish_files, recover_files
 
 MEASURES = ("pearson", "jaccard", "sufficiency", "necessity", "mutual_info")
 STATS_DIR = "stats"
@@ -78,14 +79,19 @@ def write_stats(root: Path, acc: dict, cfg, ident: dict, tokens: int, seconds: f
                 "n_active": pa.array(nn), "density": pa.array(nn / max(a.n_tokens, 1)),
                 "mean": pa.array((s / max(a.n_tokens, 1)).astype(np.float32)),
                 "max": pa.array(mx.astype(np.float32))}))
-    write_parquet_atomic(pa.concat_tables(edge_tables), root / "edges.parquet")
-    write_parquet_atomic(pa.concat_tables(feat_rows), root / "features.parquet")
-    write_json_atomic(root / STATS_MANIFEST, {
+    manifest = {
         "format": STATS_FORMAT, "identity": ident, "tokens": tokens, "seconds": round(seconds, 1),
         "pairs": [[f"{u[1]}/{u[0]}", f"{d[1]}/{d[0]}"] for u, d in acc],
         "kept": f"top-{cfg.top_k} per row and column by Pearson; |Pearson| or Jaccard >= "
                 f"{cfg.floor}; sufficiency or necessity >= 0.9 with count >= 2",
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    edges, feats = pa.concat_tables(edge_tables), pa.concat_tables(feat_rows)
+    # The two tables and the manifest are published together (old set or new set, never a mix;
+    # store.publish_files), the manifest last.
+    publish_files(root, {
+        "edges.parquet": lambda path: pq.write_table(edges, path, compression="zstd"),
+        "features.parquet": lambda path: pq.write_table(feats, path, compression="zstd"),
+        STATS_MANIFEST: lambda path: path.write_text(json.dumps(manifest, indent=2) + "\n")})
 
 
 @dataclass
@@ -115,5 +121,6 @@ class StatsRun:
 
 
 def open_stats(run: str | os.PathLike) -> StatsRun:
+    recover_files(Path(run) / STATS_DIR)  # finish a publication a kill interrupted
     return StatsRun(*open_manifest(run, STATS_DIR, STATS_MANIFEST, STATS_FORMAT, StatsError,
                                    f"statistics; run `saeflow stats PACK --out {run}`"))

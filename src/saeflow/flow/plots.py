@@ -1,7 +1,9 @@
 """Figures of a flow run: class proportions per layer, similarity histograms, persistence.
 
 Each figure is written twice: a PNG (matplotlib) for papers and reports, and an interactive HTML
-(plotly) that loads plotly.js from a file written beside it by plotly itself (offline).
+(plotly) that loads plotly.js from plotly.min.js beside it (offline). Every file is written
+through a temporary file and a rename, plotly.min.js included: a full disk leaves the old file
+or none, never a truncated one.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import numpy as np
 from saeflow.flow.graphs import persistence
 from saeflow.flow.predecessors import FlowRun
 from saeflow.ids import CLASSES, PRED_KINDS
+from saeflow.store import atomic_path, write_bytes_atomic
 
 CLASS_COLORS = {"translated": "#4c72b0", "processed": "#8172b3", "newborn": "#dd8452",
                 "unexplained": "#bbbbbb"}
@@ -27,8 +30,25 @@ def _plt():
     return plt
 
 
-def _write_html(fig, path: Path) -> None:
-    fig.write_html(str(path), include_plotlyjs="directory", full_html=True)
+def write_html_atomic(fig, path: Path) -> None:
+    """A plotly figure as HTML that loads plotly.min.js from its folder; the bundle is
+    (re)written first, atomically, when it is missing or not the complete current one (plotly
+    itself would write it in place, and skip a truncated one forever after)."""
+    from plotly.offline import get_plotlyjs
+
+    path = Path(path)
+    bundle = path.parent / "plotly.min.js"
+    js = get_plotlyjs().encode("utf-8")
+    if not bundle.is_file() or bundle.stat().st_size != len(js):
+        write_bytes_atomic(bundle, js)
+    with atomic_path(path) as tmp:
+        fig.write_html(str(tmp), include_plotlyjs="directory", full_html=True)
+
+
+def save_png_atomic(fig, path: Path, dpi: int = 150) -> None:
+    """A matplotlib figure as PNG, through a temporary file and a rename."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
 
 
 def class_proportions(run: FlowRun) -> tuple[list[int], dict[str, np.ndarray]]:
@@ -86,14 +106,14 @@ def _class_plots(run: FlowRun, out_dir: Path) -> tuple[list[int], list[Path]]:
     how = thresholds_caption(run)
     ax.set_title(f"Feature classes per layer (data-free flow)\n{how}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out_dir / "class_proportions.png", dpi=150)
+    save_png_atomic(fig, out_dir / "class_proportions.png")
     plt.close(fig)
     pf = go.Figure([go.Bar(x=layers, y=props[c], name=c, marker_color=CLASS_COLORS[c])
                     for c in CLASSES])
     pf.update_layout(barmode="stack", title=f"Feature classes per layer<br><sub>{how}</sub>",
                      xaxis_title="layer",
                      yaxis_title="share of residual features", yaxis_range=[0, 1])
-    _write_html(pf, out_dir / "class_proportions.html")
+    write_html_atomic(pf, out_dir / "class_proportions.html")
     return layers, [out_dir / "class_proportions.png", out_dir / "class_proportions.html"]
 
 
@@ -130,11 +150,11 @@ def write_flow_plots(run: FlowRun, out_dir: str | Path, t_res: float = 0.5) -> l
                                 name=f"threshold {kind}"), row=1, col=j + 1)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "similarity_histograms.png", dpi=150)
+    save_png_atomic(fig, out_dir / "similarity_histograms.png")
     plt.close(fig)
     pf.update_layout(title="Top-1 predecessor similarity per layer (fraction of features)",
                      coloraxis=dict(colorscale="Viridis"))
-    _write_html(pf, out_dir / "similarity_histograms.html")
+    write_html_atomic(pf, out_dir / "similarity_histograms.html")
     written += [out_dir / "similarity_histograms.png", out_dir / "similarity_histograms.html"]
 
     # 3. persistence: how many layers a top-1 residual chain survives at >= t_res
@@ -150,12 +170,12 @@ def write_flow_plots(run: FlowRun, out_dir: str | Path, t_res: float = 0.5) -> l
     ax.set_ylabel("starting layer")
     ax.set_title("Persistence of residual features")
     fig.tight_layout()
-    fig.savefig(out_dir / "persistence.png", dpi=150)
+    save_png_atomic(fig, out_dir / "persistence.png")
     plt.close(fig)
     pf = go.Figure(go.Heatmap(z=grid, x=list(range(max_len + 1)), y=layers, colorscale="Magma",
                               colorbar=dict(title="share")))
     pf.update_layout(title=f"Persistence: layers a top-1 chain survives at s_res >= {t_res}",
                      xaxis_title="layers survived", yaxis_title="starting layer")
-    _write_html(pf, out_dir / "persistence.html")
+    write_html_atomic(pf, out_dir / "persistence.html")
     written += [out_dir / "persistence.png", out_dir / "persistence.html"]
     return written
