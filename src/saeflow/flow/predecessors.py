@@ -56,7 +56,13 @@ from saeflow.lm.model import (
 )
 from saeflow.saes.packs import pack_fingerprint
 from saeflow.scale.ray_backend import run_tasks, shippable
-from saeflow.store import cache_dir, save_npz_atomic, write_json_atomic, write_parquet_atomic
+from saeflow.store import (
+    cache_dir,
+    file_digest,
+    save_npz_atomic,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 
 FLOW_MANIFEST = "flow.json"
 FLOW_FORMAT = "saeflow-flow"
@@ -241,6 +247,29 @@ def _mapping_fingerprint(pack, model) -> str | None:
             m = residual_mapping(model, pos, L)
             h.update(pos.encode() + (m.numpy().tobytes() if m is not None else b"identity"))
     return h.hexdigest()
+
+
+WEIGHT_FILES = {"saelens": sae_formats.SAELENS_WEIGHTS, "gemmascope2": "params.safetensors",
+                "sparsify": "sae.safetensors"}
+
+
+def check_pack_files(pack) -> None:
+    """Refuse a pack whose SAE files are not what its manifest says, before any cached match is
+    reused: the cache is keyed by pack.json's hashes, so a garbage or changed weights file
+    would otherwise be reported as "reused cached matches". Tensor headers are parsed, and
+    each weights file's sha256 is compared with pack.json's (memoised by size and mtime, so a
+    pack is hashed once, not on every run)."""
+    for slot, info in sorted(pack.entries.items()):
+        problems = sae_formats.check_files(Path(info.path), info.format)
+        want = info.extra.get("sha256")
+        weights = Path(info.path) / WEIGHT_FILES.get(info.format, "")
+        if not problems and want and weights.is_file() and file_digest(weights) != want:
+            problems = [f"{weights.name} was changed after the pack was written (its sha256 "
+                        f"differs from pack.json's)"]
+        if problems:
+            raise FlowError(f"the SAE at {slot[1]}/{slot[0]} ({info.path}) is corrupt: "
+                            f"{'; '.join(problems)}; run `saeflow pack inspect {pack.root} "
+                            f"--verify`, then retrain, re-fetch or re-convert the pack")
 
 
 # --- the computation ------------------------------------------------------------------------
@@ -517,6 +546,7 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
     if model is not None and any(p in pack.positions for p in MAPPED_POSITIONS):
         pack.check_model(model)
     fingerprint = pack_fingerprint(pack)
+    check_pack_files(pack)  # the fingerprint trusts pack.json: check the files themselves
     prior = out / FLOW_MANIFEST
     if prior.is_file() and not force:
         old = json.loads(prior.read_text())
