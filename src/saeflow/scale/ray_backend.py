@@ -65,10 +65,37 @@ def _reachable(address: str) -> None:
     if not host:
         host, port = host_port, "10001" if address.startswith("ray://") else "6379"
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
+        speaks_grpc = _speaks_grpc(host, int(port))
     except (OSError, ValueError) as e:
         raise ScaleError(f"cannot reach the Ray cluster at {address} ({e.__class__.__name__}: "
                          f"{e}); start it with `ray start --head` or fix --ray-address") from None
+    if not speaks_grpc:  # ray.init would retry it for minutes, tens of warnings on the way
+        raise ScaleError(f"{address} answers, but not as Ray (no gRPC server there); give the "
+                         f"address `ray start --head` printed (host:6379, or ray://host:10001)")
+
+
+# An HTTP/2 client preface and an empty SETTINGS frame: every gRPC server (Ray's GCS and its
+# client server are gRPC) answers with a SETTINGS frame of its own at once.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_H2_SETTINGS = 4
+
+
+def _speaks_grpc(host: str, port: int, timeout: float = 3.0) -> bool:
+    """Whether the TCP server at host:port speaks HTTP/2 (so gRPC, so possibly Ray): its first
+    frame is SETTINGS. OSError when nothing listens; False for any other server (an HTTP/1
+    answer, a closed connection, or silence for `timeout` seconds)."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        try:
+            s.sendall(_H2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = s.recv(9 - len(head))
+                if not chunk:
+                    return False
+                head += chunk
+        except (socket.timeout, ConnectionError):
+            return False
+    return head[3] == _H2_SETTINGS
 
 
 def connect(scale: ScaleConfig):
