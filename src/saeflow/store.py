@@ -154,6 +154,8 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     normal_mode(tmp, directory=True)
     try:
         yield tmp
+        for path in tmp.rglob("*"):  # some writers (safetensors) make 0600 files
+            normal_mode(path, directory=path.is_dir())
         replace_dir_atomic(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -176,3 +176,14 @@ def test_a_kill_while_writing_communities_keeps_the_old_table(tiny_run, tmp_path
         write_evolution_outputs(run, open_stats(run), tiny_run[1], community_floor=0.05)
     assert table.read_bytes() == before
     assert not [p for p in (run / "stats").rglob(".*") if p.name.endswith(".tmp")]
+
+
+def test_pack_files_get_normal_permissions(tmp_path):
+    from saeflow.saes.packs import save_pack
+    from saeflow.saes.sae import random_sae
+
+    pack = save_pack([("resid_post", 0, random_sae(8, 12, "relu", seed=0))], tmp_path / "pack",
+                     model_name="t", d_model=8, n_layers=1)
+    for path in [pack.root, *pack.root.rglob("*")]:
+        want = (0o777 if path.is_dir() else 0o666) & ~_umask()
+        assert stat.S_IMODE(path.stat().st_mode) == want, path
