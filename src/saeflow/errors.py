@@ -52,6 +52,10 @@ class FeatureIndexError(SaeflowError, ValueError):
     """A feature index that is missing, of another pack, or asked for an unknown feature."""
 
 
+class UnreadableTableError(SaeflowError, RuntimeError):
+    """A table of a RUN (parquet) is truncated or corrupt: rerun the stage that wrote it."""
+
+
 class ExplainError(SaeflowError, RuntimeError):
     """An explanation request that failed (endpoint unreachable or a bad answer)."""
 

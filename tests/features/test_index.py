@@ -227,3 +227,49 @@ def test_quantiles_from_hist_match_each_features_cdf():
         cdf = np.cumsum(hist[f]) / max(hist[f].sum(), 1)
         b = min(max(int(np.searchsorted(edges, v)) - 1, 0), nb - 1)
         assert q == cdf[b]
+
+
+def test_a_truncated_table_is_one_clear_error(setup, tmp_path, capsys):
+    import shutil
+
+    from saeflow.errors import UnreadableTableError
+
+    model, pack, root = setup
+    idx = build_index(pack, model, root / "run", CFG, progress=False)  # reused
+    run = tmp_path / "copy"
+    shutil.copytree(idx.root.parent, run)
+    t = run / "index" / "features.parquet"
+    t.write_bytes(t.read_bytes()[:100])
+    broken = open_index(run)
+    with pytest.raises(UnreadableTableError, match="rerun `saeflow index"):
+        broken.feature(1, "resid_post", 0)
+    with pytest.raises(UnreadableTableError):
+        broken.search("the")
+    assert main(["search", str(run), "the"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be read" in err[0]
+
+
+def test_a_kill_while_publishing_leaves_no_index(setup, tmp_path, monkeypatch):
+    """Old or new, never a mix: the manifest goes before the tables are replaced."""
+    import os
+
+    model, pack, _ = setup
+    cfg = IndexConfig(**{**CFG.__dict__, "tokens": 600})
+    build_index(pack, model, tmp_path, cfg, progress=False)
+    real = os.replace
+    calls = []
+
+    def dying(a, b):
+        calls.append(b)
+        if str(b).endswith("examples.parquet"):
+            raise KeyboardInterrupt("killed between two renames")
+        return real(a, b)
+    monkeypatch.setattr(os, "replace", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(pack, model, tmp_path, cfg, progress=False, force=True)
+    monkeypatch.setattr(os, "replace", real)
+    with pytest.raises(FeatureIndexError, match="run `saeflow index"):
+        open_index(tmp_path)
+    again = build_index(pack, model, tmp_path, cfg, progress=False)  # a rerun finishes it
+    assert again.manifest["tokens"] > 0

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from saeflow.features.lens import LogitLens
 
-from saeflow.errors import FeatureIndexError
+from saeflow.errors import FeatureIndexError, UnreadableTableError
 from saeflow.features.labels import auto_label, token_strings
 from saeflow.store import open_manifest, write_json_atomic
 
@@ -141,6 +141,9 @@ def write_index(root: Path, pack, model, saes: dict, stats: dict, unigram: torch
         for w in writers.values():
             w.close()
         writers.clear()
+        # Old or new, never a mix: the manifest goes first, the tables one by one, the new
+        # manifest last; a kill in between leaves no index (a rerun resumes from .state).
+        (root / INDEX_MANIFEST).unlink(missing_ok=True)
         for name, path in tmp.items():
             os.replace(path, root / f"{name}.parquet")
     finally:
@@ -199,7 +202,7 @@ class FeatureIndex:
     def _con(self):
         import duckdb
 
-        con = duckdb.connect()
+        con = _ReadableConnection(duckdb.connect(), self.root)
         for name in ("features", "examples", "tokens"):
             path = str(self.root / f"{name}.parquet").replace("'", "''")
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path}')")
@@ -331,6 +334,27 @@ class FeatureIndex:
             by_id[i]["logit_rank"] = h["rank"]
         out = sorted(by_id.values(), key=lambda r: (-r["score"], -r["density"], r["id"]))
         return out[:limit]
+
+
+class _ReadableConnection:
+    """A DuckDB connection whose errors on a truncated or corrupt table say what to rerun."""
+
+    def __init__(self, con, root: Path):
+        self._c, self._root = con, root
+
+    def execute(self, *args, **kwargs):
+        import duckdb
+
+        try:
+            return self._c.execute(*args, **kwargs)
+        except (duckdb.IOException, duckdb.InvalidInputException) as e:
+            first = str(e).strip().splitlines()[0][:200]
+            raise UnreadableTableError(
+                f"a table of the index in {self._root} cannot be read ({first}); rerun "
+                f"`saeflow index PACK --out RUN --force`") from None
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
 
 
 def _rows(cursor) -> list[dict]:
