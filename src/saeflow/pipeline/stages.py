@@ -245,8 +245,6 @@ class Pipeline:
         t0 = time.perf_counter()
         out = run_jobs(self.model, self.pack, jobs, scale=self.scale, force=self._force,
                        progress=self.progress, state_file=self.root / ".pass" / "state.pt")
-        if "stats" in out:
-            write_evolution_outputs(self.root, out["stats"], self.pack)
         t_pass = time.perf_counter() - t0
         res = with_splice(self.pack, self.model, out["eval"], ce_tokens=cfg.ce_tokens,
                           corpus=cfg.corpus, seed=0, batch=8, ctx_len=cfg.pass_ctx_len,
