@@ -133,7 +133,7 @@ def test_resume_equals_uninterrupted(tiny_models, tmp_path):
 def test_bad_input_writes_nothing(tiny_models, tmp_path):
     m = tiny_models["llama"]
     out = tmp_path / "p"
-    for kw, msg in [(dict(k=64), "k must be"), (dict(width=0), "width must be positive"),
+    for kw, msg in [(dict(k=64), "k must be"), (dict(width=0), "width must be at least 1"),
                     (dict(layers=[7]), "layers 0..2"), (dict(positions=["resid_mid"]),
                                                         "unknown position"),
                     (dict(dead_tokens=10), "less than one batch"),
