@@ -35,7 +35,7 @@ from saeflow.ids import group_name
 from saeflow.lm.hooks import HookPoint, capture
 from saeflow.lm.model import resolve_dtype
 from saeflow.saes.packs import pack_fingerprint
-from saeflow.saes.scan import CorpusPassConfig, PassJob, PassParts, load_saes
+from saeflow.saes.scan import CorpusPassConfig, PassJob, PassParts, load_saes, pass_identity
 from saeflow.scale import ScaleConfig
 from saeflow.scale.shards import run_jobs
 from saeflow.store import finished_pass, write_json_atomic, write_parquet_atomic
@@ -333,13 +333,6 @@ class StatsConfig(CorpusPassConfig):
     floor: float = 0.1  # and every pair with |Pearson| or Jaccard at or above it
     checkpoint_every_s: float = 600.0  # seconds between saved states (they hold every pair's sums)
 
-    def identity(self) -> dict:
-        from dataclasses import asdict
-
-        d = asdict(self)
-        d.pop("checkpoint_every_s")
-        return d
-
     def active_fraction(self) -> float | None:
         if self.active == "zero":
             return None
@@ -390,7 +383,7 @@ def stats_job(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
     pairs = stat_pairs(pack, cfg.pairs, cfg.positions)
     pack.check_model(model)
     root = Path(out) / STATS_DIR
-    ident = {"pack": pack_fingerprint(pack), "model": model.name, "config": cfg.identity()}
+    ident = pass_identity(pack_fingerprint(pack), model, cfg)
     if finished_pass(root / STATS_MANIFEST, ident, force, StatsError, "statistics"):
         return None
     slot_set = {s for pr in pairs for s in pr}

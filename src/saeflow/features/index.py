@@ -15,7 +15,7 @@ Written to RUN/index/: features.parquet, examples.parquet, index.json. Queried w
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from saeflow.features.tables import (
 )
 from saeflow.lm.corpora import TokenBatch
 from saeflow.saes.packs import pack_fingerprint
-from saeflow.saes.scan import CorpusPassConfig, PassJob, PassParts
+from saeflow.saes.scan import CorpusPassConfig, PassJob, PassParts, pass_identity
 from saeflow.scale import ScaleConfig
 from saeflow.scale.shards import run_jobs
 from saeflow.store import finished_pass
@@ -46,11 +46,6 @@ class IndexConfig(CorpusPassConfig):
     window_right: int = 3  # tokens kept right of it
     n_logits: int = 10  # logit-lens tokens kept per feature and sign
     checkpoint_every_s: float = 120.0  # seconds between saved states (a killed pass resumes)
-
-    def identity(self) -> dict:
-        d = asdict(self)
-        d.pop("checkpoint_every_s")
-        return d
 
     @property
     def window(self) -> int:
@@ -208,7 +203,7 @@ class _SlotStats:
 
 # --- the pass -------------------------------------------------------------------------------
 def _index_identity(pack, model, cfg: IndexConfig) -> dict:
-    return {"pack": pack_fingerprint(pack), "model": model.name, "config": cfg.identity()}
+    return pass_identity(pack_fingerprint(pack), model, cfg)
 
 
 class _IndexShard:

@@ -33,7 +33,7 @@ import torch
 from saeflow.errors import ConfigError, CorpusError
 from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
 from saeflow.lm.hooks import HookPoint, Hooks
-from saeflow.lm.model import LoadedModel, resolve_dtype
+from saeflow.lm.model import LoadedModel, dtype_name, resolve_dtype, resolve_encoder_dtype
 from saeflow.saes.packs import Pack, pack_fingerprint
 from saeflow.saes.scan import PassJob, PassParts, ScanSpec, batch_budgets, scan
 
@@ -205,7 +205,8 @@ def eval_job(pack: Pack, model: LoadedModel, tokens: int = 8192,
     identity = {"pack": pack_fingerprint(pack), "model": model.name,
                 "config": {"tokens": tokens, "dead_tokens": dead_tokens, "corpus": corpus,
                            "seed": seed, "batch": batch, "ctx_len": ctx_len,
-                           "encoder_dtype": encoder_dtype}}
+                           "encoder_dtype": encoder_dtype},
+                "encoder_dtype": dtype_name(resolve_encoder_dtype(encoder_dtype, dev))}
 
     def finish(total: PassParts, seconds: float, saes=None) -> dict:
         return eval_rows(pack, total.parts["reconstruction"].acc, total.parts["firing"].fire,

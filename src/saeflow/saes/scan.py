@@ -36,6 +36,15 @@ class CorpusPassConfig:
     encoder_dtype: str = "auto"
     split: str = "train"  # corpus documents: train, or heldout (the ~5% that SAE training never reads)
 
+    def identity(self) -> dict:
+        """What the pass's results depend on: the settings, with "auto" dtypes resolved (the
+        same settings on a machine that resolves another dtype give other codes)."""
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d.pop("checkpoint_every_s", None)
+        return d
+
     def spec(self, checkpoint_every_s: float = 120.0) -> "ScanSpec":
         return ScanSpec(self.tokens, self.corpus, self.seed, self.batch_size, self.ctx_len,
                         self.encoder_dtype, checkpoint_every_s, self.split)
@@ -270,3 +279,12 @@ def encoded_batches(model, saes: dict, slots, spec: ScanSpec, *, start: int = 0,
                 z = {slot: v.cpu() for slot, v in z.items()}
         yield i, z, b, content, {slot: acts[pt] for slot, pt in zip(slots, points)}
         del acts
+
+
+def pass_identity(pack_fp: str, model, cfg: CorpusPassConfig) -> dict:
+    """The identity of a corpus pass: pack, model, settings and the encoder dtype they resolve
+    to on the model's device (a resume or merge in another dtype is refused with it)."""
+    from saeflow.lm.model import dtype_name, resolve_encoder_dtype
+
+    return {"pack": pack_fp, "model": model.name, "config": cfg.identity(),
+            "encoder_dtype": dtype_name(resolve_encoder_dtype(cfg.encoder_dtype, model.device))}
