@@ -273,3 +273,11 @@ def test_a_kill_while_publishing_leaves_no_index(setup, tmp_path, monkeypatch):
         open_index(tmp_path)
     again = build_index(pack, model, tmp_path, cfg, progress=False)  # a rerun finishes it
     assert again.manifest["tokens"] > 0
+
+
+def test_a_batch_too_big_for_memory_is_refused_up_front(setup, tmp_path):
+    model, pack, _ = setup
+    huge = IndexConfig(**{**CFG.__dict__, "ctx_len": 100_000, "batch_size": 1})
+    with pytest.raises(FeatureIndexError, match="lower --batch-size or --ctx-len"):
+        build_index(pack, model, tmp_path, huge, progress=False)
+    assert not (tmp_path / "index").exists()

@@ -82,6 +82,39 @@ class ScanSpec:
                                     split=self.split)
 
 
+def pass_bytes(model, pack, slots, spec: ScanSpec) -> int:
+    """A lower bound of one batch's memory in a pass: the float32 codes of every SAE, the
+    captured inputs, and one [B, T, T] attention mask and score block (quadratic in ctx_len)."""
+    tokens = spec.batch_size * spec.ctx_len
+    codes = tokens * sum(pack.entries[s].d_sae for s in slots) * 4
+    inputs = tokens * sum(pack.entries[s].d_in for s in slots) * 4
+    attention = 2 * spec.batch_size * spec.ctx_len ** 2 * 4
+    return codes + inputs + attention
+
+
+def available_bytes() -> int | None:
+    """Memory the OS can give now (MemAvailable; None where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(model, pack, slots, spec: ScanSpec, error: type[Exception]) -> None:
+    """Refuse a batch shape whose memory alone exceeds what the machine has (instead of being
+    killed by the OS part-way); a GPU pass is bounded by the card, which torch reports."""
+    need = pass_bytes(model, pack, slots, spec)
+    have = (torch.cuda.mem_get_info(model.device)[0] if model.device.type == "cuda"
+            else available_bytes())
+    if have is not None and need > have:
+        raise error(f"one batch of {spec.batch_size} x {spec.ctx_len} tokens over "
+                    f"{len(slots)} SAEs needs at least {need / 2**30:.1f} GiB, more than the "
+                    f"{have / 2**30:.1f} GiB available; lower --batch-size or --ctx-len")
+
+
 def load_saes(pack, slots, device, dtype) -> dict:
     out = {}
     for slot in slots:
@@ -124,6 +157,7 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
 
     pack.check_model(model)
     slots = sorted(slots, key=lambda s: (s[1], POSITIONS.index(s[0])))
+    check_memory(model, pack, slots, spec, error)
     tok = model.tokenizer
     batches_done = tokens_done = 0
     seconds_before = 0.0  # pass time spent before an interruption (reported in the total)

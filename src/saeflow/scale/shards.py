@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from saeflow.lm.hookpoints import POSITIONS
-from saeflow.saes.scan import PassJob, PassParts, ScanSpec, batch_budgets, scan
+from saeflow.saes.scan import PassJob, PassParts, ScanSpec, batch_budgets, check_memory, scan
 from saeflow.scale import ScaleConfig, shard_batches
 from saeflow.scale.merge import load_shard, merge_in_order
 from saeflow.scale.ray_backend import run_sharded
@@ -99,6 +99,8 @@ def run_jobs(model, pack, jobs: list[PassJob], *, scale: ScaleConfig | None = No
     on the model's device (the consumers' bookkeeping runs there)."""
     if not can_share(jobs):
         raise ValueError("these passes read the corpus differently; run them one by one")
+    slots = sorted({s for j in jobs for s in j.slots}, key=lambda s: (s[1], POSITIONS.index(s[0])))
+    check_memory(model, pack, slots, jobs[0].spec, jobs[0].error)  # before reading any text
     # the budgets are checked here, once for every part
     spec = replace(jobs[0].spec, tokens=max(j.spec.tokens for j in jobs), require_tokens=False)
     error = jobs[0].error
@@ -107,7 +109,6 @@ def run_jobs(model, pack, jobs: list[PassJob], *, scale: ScaleConfig | None = No
     caps = {n for j in jobs if not j.spec.require_tokens for n in j.parts}
     budgets = batch_budgets(model.tokenizer, spec, tokens, error, caps)
     parts = {n: (make, budgets[n]) for j in jobs for n, (make, _) in j.parts.items()}
-    slots = sorted({s for j in jobs for s in j.slots}, key=lambda s: (s[1], POSITIONS.index(s[0])))
     one = len(jobs) == 1
     identity = jobs[0].identity if one else {j.name: j.identity for j in jobs}
     state_file = jobs[0].state_file if one else state_file
