@@ -281,3 +281,13 @@ def test_a_batch_too_big_for_memory_is_refused_up_front(setup, tmp_path):
     with pytest.raises(FeatureIndexError, match="lower --batch-size or --ctx-len"):
         build_index(pack, model, tmp_path, huge, progress=False)
     assert not (tmp_path / "index").exists()
+
+
+def test_new_settings_after_a_finished_index_rerun_without_force(setup, tmp_path):
+    model, pack, _ = setup
+    first = build_index(pack, model, tmp_path, IndexConfig(**{**CFG.__dict__, "tokens": 600}),
+                        progress=False)
+    assert not (tmp_path / "index" / ".state" / "state.pt").exists()  # spent once published
+    more = build_index(pack, model, tmp_path, IndexConfig(**{**CFG.__dict__, "tokens": 900}),
+                       progress=False)
+    assert more.manifest["tokens"] > first.manifest["tokens"]

@@ -118,4 +118,8 @@ def run_jobs(model, pack, jobs: list[PassJob], *, scale: ScaleConfig | None = No
                        identity, partial(PassParts, parts, per), scale=scale, force=force,
                        progress=progress, desc="+".join(j.name for j in jobs),
                        stop_after_batches=stop_after_batches, codes_on_device=True, error=error)
-    return {j.name: j.finish(res["total"], res["seconds"], res["saes"]) for j in jobs}
+    out = {j.name: j.finish(res["total"], res["seconds"], res["saes"]) for j in jobs}
+    # published: the checkpoint is spent (a rerun with other settings starts afresh instead
+    # of finding "a partial pass over a different config")
+    state_file.unlink(missing_ok=True)
+    return out
