@@ -37,6 +37,11 @@ def test_pipeline_runs_every_stage_then_reuses(tiny_model_dirs, tiny_pack, tmp_p
     assert [s for s in stages] == ["pack", "flow", "eval", "index", "stats", "validate",
                                    "report"]
     assert all(r["status"] == "done" and r["seconds"] >= 0 for r in stages.values())
+    # eval's pass fed the index and the statistics; their stages found them written (and the
+    # statistics, whose identity holds the flow's key, were not computed a second time)
+    assert stages["eval"]["result"]["fused_with"] == ["index", "stats"]
+    written = json.loads((run / "stats" / "stats.json").read_text())["written_at"][:19]
+    assert written <= stages["eval"]["finished_at"]
     for path in ("eval.json", "flow.json", "index/index.json", "stats/stats.json",
                  "validate/summary.json", "report.html", "report.md"):
         assert (run / path).is_file(), path

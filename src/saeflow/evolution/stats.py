@@ -384,12 +384,14 @@ def stats_job(pack, model, out, cfg: StatsConfig | None = None, *, force: bool =
     pack.check_model(model)
     root = Path(out) / STATS_DIR
     ident = pass_identity(pack_fingerprint(pack), model, cfg)
+    flow_pred = _flow_predecessors(out, pack)
+    if flow_pred:  # the co-firing counts depend on the flow: part of the identity
+        ident["flow"] = flow_pred.pop("_key")
+    # (checked with the flow's key: without it a finished pass never matched and reran)
     if finished_pass(root / STATS_MANIFEST, ident, force, StatsError, "statistics"):
         return None
     slot_set = {s for pr in pairs for s in pr}
-    flow_pred = _flow_predecessors(out, pack)
     if flow_pred:
-        ident["flow"] = flow_pred.pop("_key")
         for L, info in flow_pred.items():
             slot_set |= {s for s in info["slots"].values() if s} | {("resid_post", L)}
     slots = sorted(slot_set)
