@@ -49,35 +49,43 @@ STAGES = ("pack", "flow", "eval", "index", "stats", "validate", "sweep", "report
 PIPELINE_FILE = "pipeline.json"
 
 
-# Rough seconds per unit on 2 CPU cores, for the time-left estimates printed between stages.
-# validate: per text of 5 tokens x 3 layers (10 targets each, ~200 one-token trials per token
-# and layer, block L alone), about 2 s at Gemma 3 270M's shapes on one contended core (30 texts
-# 59 s where the saeflow 0.2 experiment took 22 s for 6 x 4); 4 s leaves room for the real model.
-RATES = {"pack": 1 / 420, "eval": 1 / 25, "flow": 40, "index": 1 / 150, "stats": 1 / 150,
-         "validate": 4, "sweep": 1, "report": 20}
+# Seconds per unit on 2 quiet CPU cores at Gemma 3 270M's shapes with the 54-SAE pack, for the
+# time-left estimates printed between stages; measured by benchmarks/bench_one_pass.py
+# (docs/benchmarks.md, issue 28). Per token: eval's own pass (capture, 54 encodes, firing
+# counts), what the index and the statistics add to a shared pass, each alone; the splice per
+# token and spliced SAE; validate per text of 5 tokens x 3 layers (53 s for 30 texts); the
+# sweep per generated sample (5 min 51 s for the default profile).
+RATES = {"pack": 1 / 420, "eval_pass": 3.9e-3, "index_extra": 3.6e-3, "stats_extra": 3.6e-3,
+         "index": 4.6e-3, "stats": 5.5e-3, "splice": 4.1e-3, "analyses": 120, "flow": 40,
+         "validate": 1.1, "sweep": 1, "report": 12}
 
 
-def estimate_seconds(cfg: PipelineConfig, stage: str, cached_pack: bool) -> float:
+def estimate_seconds(cfg: PipelineConfig, stage: str, cached_pack: bool,
+                     fused: frozenset[str] | set[str] = frozenset()) -> float:
+    """The expected seconds of `stage`; `fused`: the stages eval's pass also feeds."""
     if stage == "pack":
         if cached_pack or cfg.pack not in EMBEDDED_NAMES:
             return 10
         return PACK_PROFILES[EMBEDDED_NAMES[cfg.pack]].tokens * RATES["pack"]
     if stage == "eval":
-        dead_pass = max(cfg.dead_tokens - cfg.eval_tokens, 0) * RATES["index"]  # one capture pass
-        share = len(cfg.ce_positions) / 3 if cfg.ce_positions else 1.0  # of the 3 positions
-        return 30 + (cfg.eval_tokens + cfg.ce_tokens * share) * RATES["eval"] + dead_pass
+        n_layers = 18  # the embedded model's; a rough scale for other packs
+        spliced = n_layers * (len(cfg.ce_positions) if cfg.ce_positions else 3)
+        extra = (("index" in fused) * cfg.index_tokens * RATES["index_extra"] +
+                 ("stats" in fused) * cfg.stats_tokens * RATES["stats_extra"])
+        return (30 + max(cfg.dead_tokens, cfg.eval_tokens) * RATES["eval_pass"] + extra +
+                cfg.ce_tokens * spliced * RATES["splice"])
     if stage == "index":
-        return 30 + cfg.index_tokens * RATES["index"]
+        return 5 if "index" in fused else 30 + cfg.index_tokens * RATES["index"]
     if stage == "stats":
-        return 30 + cfg.stats_tokens * RATES["stats"]
+        return RATES["analyses"] + (0 if "stats" in fused else cfg.stats_tokens * RATES["stats"])
     if stage == "validate":
         texts = cfg.validate_max_texts if cfg.validate_ci else cfg.validate_texts
-        return 60 + texts * RATES["validate"] * cfg.validate_tokens_per_text / 5
+        return 20 + texts * RATES["validate"] * cfg.validate_tokens_per_text / 5
     if stage == "sweep":
         n_gen = len(cfg.sweep_themes) * len(cfg.sweep_strengths) * len(cfg.sweep_seeds) * \
             (1 + 4 * cfg.sweep_max_layers)
         n_paper = len(cfg.paper_strengths) * 2 * cfg.paper_max_layers + 1
-        return 120 + n_gen * cfg.sweep_n * 0.5 + n_paper * cfg.paper_n * 1.5
+        return 120 + n_gen * cfg.sweep_n * 0.75 + n_paper * cfg.paper_n * 2.2
     return RATES[stage]
 
 
@@ -187,9 +195,10 @@ class Pipeline:
                     self._fuse[name] = "force" if (force or changed) else "resume"
         t_all = time.perf_counter()
         for i, stage in enumerate(todo):
-            left = sum(estimate_seconds(self.cfg, s, cached) for s in todo[i:])
+            fused = set(self._fuse) if "eval" in todo[i:] else self._fused_done
+            left = sum(estimate_seconds(self.cfg, s, cached, fused) for s in todo[i:])
             self._say(f"[{i + 1}/{len(todo)}] {stage}: about "
-                      f"{_fmt(estimate_seconds(self.cfg, stage, cached))} "
+                      f"{_fmt(estimate_seconds(self.cfg, stage, cached, fused))} "
                       f"(all stages left: about {_fmt(left)})")
             t0 = time.perf_counter()
             digest = _digest(self.cfg.stage_settings(stage))
