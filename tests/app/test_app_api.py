@@ -181,7 +181,7 @@ def test_fuzz_the_api_with_its_openapi_schema(live_server):
         else:
             examples = 50
 
-        @settings(max_examples=examples, deadline=None, database=None,
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
         @given(case=op.as_strategy(mode))
         def check(case):
