@@ -53,9 +53,10 @@ PIPELINE_FILE = "pipeline.json"
 # time-left estimates printed between stages; measured by benchmarks/bench_one_pass.py
 # (docs/benchmarks.md, issue 28). Per token: eval's own pass (capture, 54 encodes, firing
 # counts), what the index and the statistics add to a shared pass, each alone; the splice per
-# token and spliced SAE; validate per text of 5 tokens x 3 layers (53 s for 30 texts); the
+# token and spliced SAE; the pack per training token (15 min 06 s for 303k tokens on a fresh
+# clone); validate per text of 5 tokens x 3 layers (53 s for 30 texts); the
 # sweep per generated sample (5 min 51 s for the default profile).
-RATES = {"pack": 1 / 420, "eval_pass": 3.9e-3, "index_extra": 3.6e-3, "stats_extra": 3.6e-3,
+RATES = {"pack": 1 / 340, "eval_pass": 3.9e-3, "index_extra": 3.6e-3, "stats_extra": 3.6e-3,
          "index": 4.6e-3, "stats": 5.5e-3, "splice": 4.1e-3, "analyses": 120, "flow": 40,
          "validate": 1.1, "sweep": 1, "report": 12}
 
