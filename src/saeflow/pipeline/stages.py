@@ -57,7 +57,7 @@ PIPELINE_FILE = "pipeline.json"
 # clone); validate per text of 5 tokens x 3 layers (53 s for 30 texts); the
 # sweep per generated sample (5 min 51 s for the default profile).
 RATES = {"pack": 1 / 340, "eval_pass": 3.9e-3, "index_extra": 3.6e-3, "stats_extra": 3.6e-3,
-         "index": 4.6e-3, "stats": 5.5e-3, "splice": 4.1e-3, "analyses": 120, "flow": 40,
+         "index": 4.6e-3, "stats": 5.5e-3, "splice": 4.1e-3, "analyses": 35, "flow": 60,
          "validate": 1.1, "sweep": 1, "report": 12}
 
 
