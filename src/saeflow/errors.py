@@ -52,6 +52,12 @@ class FeatureIndexError(SaeflowError, ValueError):
     """A feature index that is missing, of another pack, or asked for an unknown feature."""
 
 
+class MissingResultError(SaeflowError, ValueError):
+    """A result of a RUN that is not computed yet (no flow, index or statistics there): run the
+    stage that writes it. A result that is there but unreadable raises its stage's own error.
+    (A ValueError, as the errors it replaces were; callers catch it by name.)"""
+
+
 class UnreadableTableError(SaeflowError, RuntimeError):
     """A table of a RUN (parquet) is truncated or corrupt: rerun the stage that wrote it."""
 

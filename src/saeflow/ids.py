@@ -1,10 +1,56 @@
-"""Names shared by every stage: feature ids (`L6/resid_post/123`), the flow classes, the
-predecessor kinds and the group names of the evolution analyses. Kept apart so that tables,
-graphs and the app can speak them without importing the stages that compute them."""
+"""Names shared by every stage: an SAE's place (`Slot`, written `6/resid_post`), feature ids
+(`6/resid_post/123`), the flow classes, the predecessor kinds and the group names of the
+evolution analyses. Kept apart so that tables, graphs and the app can speak them without
+importing the stages that compute them. Place strings are built and split here only."""
 from __future__ import annotations
 
-from saeflow.errors import FlowError
+from typing import NamedTuple
+
+from saeflow.errors import FlowError, HookError
 from saeflow.lm.hookpoints import check_position
+
+
+class _SlotFields(NamedTuple):
+    position: str
+    layer: int
+
+
+class Slot(_SlotFields):
+    """Where one SAE sits: a position at a layer. A tuple `(position, layer)`, so it sorts by
+    position, then layer, and equals (and hashes as) the plain tuple; `str()` is `6/resid_post`,
+    the key of every manifest, and `Slot.parse` reads it back."""
+
+    __slots__ = ()
+
+    def __new__(cls, position: str, layer: int) -> "Slot":
+        return super().__new__(cls, check_position(position), int(layer))
+
+    def __str__(self) -> str:
+        return f"{self.layer}/{self.position}"
+
+    def __repr__(self) -> str:
+        return f"Slot({self.position!r}, {self.layer})"
+
+    @classmethod
+    def parse(cls, text: "str | Slot") -> "Slot":
+        """'12/resid_post' -> Slot('resid_post', 12)."""
+        if isinstance(text, Slot):
+            return text
+        try:
+            layer, position = str(text).strip().split("/")
+            return cls(position, int(layer))
+        except ValueError as e:
+            raise HookError(f"an SAE's place is written LAYER/POSITION, e.g. 12/resid_post; "
+                            f"got {text!r}") from e
+
+    @classmethod
+    def of(cls, key: "tuple[str, int] | Slot") -> "Slot":
+        """A `(position, layer)` tuple as a Slot."""
+        return key if isinstance(key, Slot) else cls(*key)
+
+    def feature(self, index: int) -> str:
+        """The feature id of feature `index` here, e.g. `6/resid_post/123`."""
+        return f"{self.layer}/{self.position}/{int(index)}"
 
 CLASSES = ("translated", "processed", "newborn", "unexplained")
 
@@ -13,7 +59,7 @@ PRED_KINDS = ("res", "mlp", "attn")
 
 
 def feature_id(layer: int, position: str, feature: int) -> str:
-    return f"{layer}/{position}/{feature}"
+    return Slot(position, layer).feature(feature)
 
 
 def parse_feature(spec: str) -> tuple[int, str, int]:

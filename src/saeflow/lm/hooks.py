@@ -19,37 +19,19 @@ context variable on enter; its hook bodies do nothing in a forward run by any ot
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 import torch
 
 from saeflow.errors import HookError, HookNotFiredError
-from saeflow.lm.hookpoints import check_position
+from saeflow.ids import Slot
 from saeflow.lm.model import LoadedModel
 
 Edit = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
-@dataclass(frozen=True, order=True)
-class HookPoint:
-    position: str
-    layer: int
-
-    def __post_init__(self):
-        check_position(self.position)
-
-    def __str__(self) -> str:
-        return f"{self.layer}/{self.position}"
-
-    @classmethod
-    def parse(cls, text: str) -> "HookPoint":
-        """'12/resid_post' -> HookPoint('resid_post', 12)."""
-        try:
-            layer, position = text.split("/")
-            return cls(position, int(layer))
-        except ValueError as e:
-            raise HookError(f"hook point {text!r} should look like '12/resid_post'") from e
+# A hook point is an SAE's place: one type, `Slot`, for both.
+HookPoint = Slot
 
 
 class _StopForward(Exception):
