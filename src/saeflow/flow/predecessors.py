@@ -31,7 +31,7 @@ import torch
 
 import saeflow.saes.formats as sae_formats
 from saeflow._version import __version__
-from saeflow.errors import FlowError, MatchError
+from saeflow.errors import FlowError, MatchError, MissingResultError
 from saeflow.flow.match import (
     MATCH_METHODS,
     NULL_MODELS,
@@ -426,16 +426,29 @@ class FlowRun:
                             f"{n} features (0..{n - 1})")
 
 
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object of a flow result; FlowError when it is unreadable (not when absent)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FlowError(f"{path} is unreadable ({e}); rerun `saeflow flow` ({what})") from None
+    if not isinstance(doc, dict):
+        raise FlowError(f"{path} is not a saeflow {what}")
+    return doc
+
+
 def open_flow(run: str | os.PathLike) -> FlowRun:
+    """The flow in the RUN directory `run`. MissingResultError when none was computed there
+    (no flow.json); FlowError when one is there but corrupt or not a saeflow flow."""
     root = Path(run)
     mf = root / FLOW_MANIFEST
     if not mf.is_file():
-        raise FlowError(f"{root} holds no flow results ({FLOW_MANIFEST} missing); run "
-                        f"`saeflow flow PACK --out {root}` first")
-    manifest = json.loads(mf.read_text())
+        raise MissingResultError(f"{root} holds no flow results ({FLOW_MANIFEST} missing); run "
+                                 f"`saeflow flow PACK --out {root}` first")
+    manifest = _read_json(mf, "flow manifest")
     if manifest.get("format") != FLOW_FORMAT:
         raise FlowError(f"{mf} is not a saeflow flow manifest")
-    thresholds = json.loads((root / "thresholds.json").read_text())
+    thresholds = _read_json(root / "thresholds.json", "flow thresholds file")
     return FlowRun(root, manifest, thresholds)
 
 
