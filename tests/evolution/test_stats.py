@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from saeflow.cli.main import main
-from saeflow.errors import StatsError
+from saeflow.errors import MissingResultError, StatsError
 from saeflow.evolution.analyses import communities, gates, pass_through
 from saeflow.evolution.stats import PairAccumulator, StatsConfig, dense_reference, run_stats
 from saeflow.evolution.tables import MEASURES, open_stats, write_stats
@@ -206,3 +206,18 @@ def test_stats_bad_input_and_cli(pack_and_model, tmp_path, capsys):
     for f in ("pass_through.csv", "gates.json", "communities.parquet", "agreement.csv",
               "plots/groups.png", "plots/pass_through_resid_post.html"):
         assert (run / "stats" / f).is_file(), f
+
+
+def test_open_stats_tells_absent_from_corrupt(tmp_path):
+    """No statistics yet: MissingResultError; a manifest that is there but unreadable or of
+    another format: StatsError (never taken for absent)."""
+    with pytest.raises(MissingResultError, match="run `saeflow stats"):
+        open_stats(tmp_path)
+    (tmp_path / "stats").mkdir()
+    (tmp_path / "stats" / "stats.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(StatsError, match="unreadable") as e:
+        open_stats(tmp_path)
+    assert not isinstance(e.value, MissingResultError)
+    (tmp_path / "stats" / "stats.json").write_text('{"format": "saeflow-index"}')
+    with pytest.raises(StatsError, match="not a saeflow stats"):
+        open_stats(tmp_path)

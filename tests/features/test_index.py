@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from saeflow.cli.main import main
-from saeflow.errors import FeatureIndexError
+from saeflow.errors import FeatureIndexError, MissingResultError
 from saeflow.features.index import IndexConfig, build_index
 from saeflow.features.labels import logit_lens
 from saeflow.features.tables import open_index
@@ -269,7 +269,7 @@ def test_a_kill_while_publishing_leaves_no_index(setup, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build_index(pack, model, tmp_path, cfg, progress=False, force=True)
     monkeypatch.setattr(os, "replace", real)
-    with pytest.raises(FeatureIndexError, match="run `saeflow index"):
+    with pytest.raises(MissingResultError, match="run `saeflow index"):
         open_index(tmp_path)
     again = build_index(pack, model, tmp_path, cfg, progress=False)  # a rerun finishes it
     assert again.manifest["tokens"] > 0
@@ -291,3 +291,18 @@ def test_new_settings_after_a_finished_index_rerun_without_force(setup, tmp_path
     more = build_index(pack, model, tmp_path, IndexConfig(**{**CFG.__dict__, "tokens": 900}),
                        progress=False)
     assert more.manifest["tokens"] > first.manifest["tokens"]
+
+
+def test_open_index_tells_absent_from_corrupt(tmp_path):
+    """No index yet: MissingResultError; a manifest that is there but unreadable or of another
+    format: FeatureIndexError (never taken for absent)."""
+    with pytest.raises(MissingResultError, match="run `saeflow index"):
+        open_index(tmp_path)
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "index.json").write_text('{"format": "saeflow-ind')
+    with pytest.raises(FeatureIndexError, match="unreadable") as e:
+        open_index(tmp_path)
+    assert not isinstance(e.value, MissingResultError)
+    (tmp_path / "index" / "index.json").write_text('{"format": "saeflow-stats"}')
+    with pytest.raises(FeatureIndexError, match="not a saeflow index"):
+        open_index(tmp_path)

@@ -7,7 +7,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from saeflow.errors import ConfigError
+from saeflow.errors import ConfigError, MissingResultError
 from saeflow.evolution.tables import StatsRun
 from saeflow.features.tables import open_index
 from saeflow.flow.plots import save_png_atomic, write_html_atomic
@@ -208,7 +208,7 @@ def agreement(flow_run, stats: StatsRun, pack) -> pd.DataFrame:
 def _labels(run) -> dict[str, str]:
     try:
         con = open_index(run)._con()
-    except ValueError:
+    except MissingResultError:
         return {}
     return dict(con.execute("SELECT id, label FROM features").fetchall())
 
@@ -324,7 +324,7 @@ def write_evolution_outputs(run, stats: StatsRun, pack, *, pass_threshold: float
 
     try:
         flow_run = open_flow(run)
-    except ValueError:
+    except MissingResultError:
         flow_run = None
     cpath = root / "cofire.parquet"
     if flow_run is not None and cpath.is_file():

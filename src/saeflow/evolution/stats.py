@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from saeflow.errors import StatsError
+from saeflow.errors import MissingResultError, StatsError
 from saeflow.evolution.tables import (
     MEASURES,
     STATS_DIR,
@@ -549,7 +549,7 @@ def _flow_predecessors(run, pack) -> dict:
 
     try:
         fr = open_flow(run)
-    except ValueError:
+    except MissingResultError:
         return {}
     if fr.manifest["pack"]["fingerprint"] != pack_fingerprint(pack):
         raise StatsError(f"{run} holds a flow of a different pack; statistics and flow must "
@@ -578,7 +578,7 @@ def _flow_predecessors(run, pack) -> dict:
 def _maxima_from_index(run, slots) -> dict | None:
     try:
         idx = open_index(run)
-    except ValueError:
+    except MissingResultError:
         return None
     con = idx._con()
     out = {}

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from saeflow.errors import StatsError
+from saeflow.errors import MissingResultError, StatsError
 from saeflow.store import open_manifest, publish_files, recover_files
 
 MEASURES = ("pearson", "jaccard", "sufficiency", "necessity", "mutual_info")
@@ -121,6 +121,16 @@ class StatsRun:
 
 
 def open_stats(run: str | os.PathLike) -> StatsRun:
+    """The statistics in RUN. MissingResultError when RUN has none yet; StatsError when their
+    manifest is unreadable or not a statistics manifest."""
     recover_files(Path(run) / STATS_DIR)  # finish a publication a kill interrupted
-    return StatsRun(*open_manifest(run, STATS_DIR, STATS_MANIFEST, STATS_FORMAT, StatsError,
-                                   f"statistics; run `saeflow stats PACK --out {run}`"))
+    hint = f"statistics; run `saeflow stats PACK --out {run}`"
+    manifest_file = Path(run) / STATS_DIR / STATS_MANIFEST
+    if not manifest_file.is_file():
+        raise MissingResultError(f"{Path(run)} has no {hint}")
+    try:
+        return StatsRun(*open_manifest(run, STATS_DIR, STATS_MANIFEST, STATS_FORMAT, StatsError,
+                                       hint))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StatsError(f"{manifest_file} is unreadable ({e}); rerun "
+                         f"`saeflow stats PACK --out {run} --force`") from None

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
     from saeflow.features.lens import LogitLens
 
-from saeflow.errors import FeatureIndexError, UnreadableTableError
+from saeflow.errors import FeatureIndexError, MissingResultError, UnreadableTableError
 from saeflow.features.labels import auto_label, token_strings
 from saeflow.store import open_manifest, write_json_atomic
 
@@ -364,10 +365,20 @@ def _rows(cursor) -> list[dict]:
 
 def open_index(run: str | os.PathLike, lens_model=None, pack=None) -> FeatureIndex:
     """The index in RUN; with `lens_model`, feature rows and search get the logit lens
-    (computed on demand; `pack` defaults to the one the index was built from)."""
-    idx = FeatureIndex(*open_manifest(run, INDEX_DIR, INDEX_MANIFEST, INDEX_FORMAT,
-                                      FeatureIndexError,
-                                      f"feature index; run `saeflow index PACK --out {run}`"))
+    (computed on demand; `pack` defaults to the one the index was built from).
+
+    MissingResultError when RUN has no index yet; FeatureIndexError when its manifest is
+    unreadable or not an index's."""
+    hint = f"feature index; run `saeflow index PACK --out {run}`"
+    manifest_file = Path(run) / INDEX_DIR / INDEX_MANIFEST
+    if not manifest_file.is_file():
+        raise MissingResultError(f"{Path(run)} has no {hint}")
+    try:
+        idx = FeatureIndex(*open_manifest(run, INDEX_DIR, INDEX_MANIFEST, INDEX_FORMAT,
+                                          FeatureIndexError, hint))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FeatureIndexError(f"{manifest_file} is unreadable ({e}); rerun "
+                                f"`saeflow index PACK --out {run} --force`") from None
     if lens_model is not None:
         if pack is None:
             from saeflow.saes.packs import load_pack
@@ -384,7 +395,7 @@ def add_labels(G: "nx.DiGraph", run_dir: str | Path) -> int:
     there is one built from the same pack as the flow. Returns how many nodes got a label."""
     try:
         index = open_index(run_dir)
-    except ValueError:
+    except MissingResultError:
         return 0
     flow_pack = G.graph.get("pack")
     if flow_pack and index.manifest.get("identity", {}).get("pack") not in (None, flow_pack):
