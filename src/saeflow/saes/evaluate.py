@@ -31,6 +31,12 @@ import numpy as np
 import torch
 
 from saeflow.errors import ConfigError, CorpusError
+from saeflow.intervals import (  # noqa: F401  (re-exported: eval's intervals live there)
+    BOOTSTRAP_SAMPLES,
+    bootstrap_ratio_ci,
+    cluster_ratio_ci,
+    cluster_sums,
+)
 from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
 from saeflow.lm.hooks import HookPoint, Hooks
 from saeflow.lm.model import LoadedModel, dtype_name, resolve_dtype, resolve_encoder_dtype
@@ -44,7 +50,6 @@ KEEP_IN_MEMORY_BYTES = 4 << 30  # below this, all SAEs stay loaded for the whole
 # 2 / 10 / 2 / 1 dimensions at layers 0 / 3 / 6 / 9 (one carries 95% of the variance at layer 0).
 MASSIVE_SHARE = 0.10
 MASSIVE_FACTOR = 1000.0
-BOOTSTRAP_SAMPLES = 2000
 CI_UNITS = ("document", "row")  # what the ΔCE / KL bootstrap resamples
 DEAD_TOKENS = 50_000  # held-out tokens on which the dead and dense fractions are counted
 
@@ -61,38 +66,6 @@ def massive_dims(var: torch.Tensor, share: float = MASSIVE_SHARE,
     if med > 0:
         big |= var >= factor * med
     return torch.nonzero(big).flatten().tolist()
-
-
-def bootstrap_ratio_ci(num: "np.ndarray", den: "np.ndarray", samples: int = BOOTSTRAP_SAMPLES,
-                       seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of sum(num) / sum(den) when the clusters [R] (documents, or
-    rows) are resampled with replacement; num and den are per-cluster sums."""
-
-    R = len(num)
-    if R < 2:
-        v = float(num.sum() / max(den.sum(), 1e-12))
-        return v, v
-    idx = np.random.default_rng(seed).integers(0, R, size=(samples, R))
-    ratios = num[idx].sum(1) / np.maximum(den[idx].sum(1), 1e-12)
-    lo, hi = np.percentile(ratios, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def cluster_sums(keys: "np.ndarray", *values: "np.ndarray") -> tuple["np.ndarray", ...]:
-    """(unique keys [C] sorted, then each of `values` summed per key [C]) from per-item keys
-    [n] and values [n]: the per-document sums of per-token (or per-piece) values."""
-    uniq, inv = np.unique(np.asarray(keys), return_inverse=True)
-    return (uniq, *(np.bincount(inv, weights=np.asarray(v, dtype=np.float64),
-                                minlength=len(uniq)) for v in values))
-
-
-def cluster_ratio_ci(keys: "np.ndarray", num: "np.ndarray", den: "np.ndarray",
-                     samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
-    """95% cluster-bootstrap interval of sum(num) / sum(den): items (tokens, or per-document
-    pieces of a row) with equal `keys` are summed into one cluster, and clusters are resampled
-    whole."""
-    _, n, d = cluster_sums(keys, num, den)
-    return bootstrap_ratio_ci(n, d, samples, seed)
 
 
 def ci_method(unit: str, samples: int = BOOTSTRAP_SAMPLES) -> str:

@@ -75,7 +75,6 @@ import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,6 +89,7 @@ from saeflow.flow.graphs import FlowIndex, persistence, trace
 from saeflow.flow.match import permutation_match
 from saeflow.flow.predecessors import slot_directions
 from saeflow.ids import group_name
+from saeflow.intervals import ci95, clustered_ci, wilson_ci  # noqa: F401  (clustered_ci: re-exported)
 from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
 from saeflow.lm.hooks import HookPoint, Hooks
 from saeflow.steering.plans import CallScope, flow_for_pack, plan_edits, plan_from_graph
@@ -869,71 +869,6 @@ def _threshold_summary(thetas: dict, cases: pd.DataFrame) -> dict:
 
 
 # --- summaries with confidence intervals ---------------------------------------------------------
-def clustered_ci(values: np.ndarray, clusters: np.ndarray, level: float = 0.95,
-                 z: float | None = None) -> tuple[float, float]:
-    """CI of a mean whose observations come in clusters (targets of one text share it): the
-    cluster-robust (ratio estimator) standard error times a Student t quantile with
-    (clusters - 1) degrees of freedom; `z` a fixed normal quantile instead (1.96: the narrower
-    interval saeflow used before). NaN with fewer than 2 clusters (no df) unless z is given."""
-    values = np.asarray(values, dtype=float)
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = float(values.mean())
-    ids, inv = np.unique(np.asarray(clusters), return_inverse=True)
-    m = len(ids)
-    if m < 2:
-        if z is None or n < 2:
-            return float("nan"), float("nan")
-        se = float(values.std(ddof=1) / math.sqrt(n))
-    else:
-        resid = np.bincount(inv, weights=values - mean, minlength=m)  # per-cluster sums
-        se = math.sqrt(m / (m - 1) * float((resid ** 2).sum())) / n
-    q = z if z is not None else _t_quantile(0.5 + level / 2, m - 1)
-    return mean - q * se, mean + q * se
-
-
-@lru_cache(maxsize=256)
-def _t_quantile(p: float, df: int) -> float:
-    from scipy import stats as sst
-
-    return float(sst.t.ppf(p, df))
-
-
-def bootstrap_ci(values: np.ndarray, clusters: np.ndarray, level: float = 0.95,
-                 n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile CI of a mean from resampling whole clusters (texts) with replacement."""
-    values = np.asarray(values, dtype=float)
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    ids, inv = np.unique(np.asarray(clusters), return_inverse=True)
-    m = len(ids)
-    if m < 2:
-        return float("nan"), float("nan")
-    sums = np.bincount(inv, weights=values, minlength=m)
-    counts = np.bincount(inv, minlength=m).astype(float)
-    w = np.random.default_rng(seed).multinomial(m, np.full(m, 1 / m), size=n_boot)  # [B, m]
-    den = w @ counts
-    means = (w @ sums)[den > 0] / den[den > 0]
-    lo, hi = np.quantile(means, [0.5 - level / 2, 0.5 + level / 2])
-    return float(lo), float(hi)
-
-
-def ci95(values, clusters, how: str = "t") -> tuple[float, float]:
-    """The 95% CI clustered by text: `t` (clustered_ci) or `bootstrap` (bootstrap_ci)."""
-    return bootstrap_ci(values, clusters) if how == "bootstrap" else clustered_ci(values, clusters)
-
-
-def wilson_ci(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return float("nan"), float("nan")
-    p = successes / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return mid - half, mid + half
-
-
 def _r4(x) -> float:
     return round(float(x), 4)
 
