@@ -306,3 +306,31 @@ def test_open_index_tells_absent_from_corrupt(tmp_path):
     (tmp_path / "index" / "index.json").write_text('{"format": "saeflow-stats"}')
     with pytest.raises(FeatureIndexError, match="not a saeflow index"):
         open_index(tmp_path)
+
+
+def test_bulk_accessors_read_the_features_table(setup):
+    """slot_column, firing_counts, active_ids and label_map give what the features table holds
+    (the stages that read the index in bulk use them instead of SQL)."""
+    from saeflow.ids import Slot
+
+    model, pack, root = setup
+    idx = build_index(pack, model, root / "run", CFG, progress=False)  # reused
+    feats = pq.read_table(idx.root / "features.parquet").to_pandas()
+    for (pos, L) in pack.entries:
+        one = feats[(feats.position == pos) & (feats.layer == L)].sort_values("feature")
+        assert idx.slot_column((pos, L), "max_act") == one.max_act.tolist()
+        assert idx.slot_column(Slot(pos, L), "count") == one["count"].tolist()
+    assert idx.slot_column(("resid_post", 0), "mean_act") == []
+    with pytest.raises(FeatureIndexError, match="no column"):
+        idx.slot_column(("resid_post", 1), "max_act FROM features; --")
+    counts = idx.firing_counts()
+    assert list(counts) == sorted(pack.entries) and all(isinstance(s, Slot) for s in counts)
+    for slot, arr in counts.items():
+        one = feats[(feats.position == slot.position) & (feats.layer == slot.layer)]
+        assert arr.dtype == np.int64 and arr.tolist() == one.sort_values("feature")["count"].tolist()
+    live = feats[feats["count"] > 0].sort_values(["density", "id"], ascending=[False, True])
+    assert idx.active_ids() == live.id.tolist()
+    assert idx.active_ids(limit=3) == live.id.tolist()[:3]
+    sel = live[(live.layer == 1) & (live.position == "mlp_out")]
+    assert idx.active_ids(layers=[1], positions=["mlp_out"]) == sel.id.tolist()
+    assert idx.label_map() == dict(zip(feats.id, feats.label))

@@ -207,10 +207,10 @@ def agreement(flow_run, stats: StatsRun, pack) -> pd.DataFrame:
 # --- outputs ----------------------------------------------------------------------------------
 def _labels(run) -> dict[str, str]:
     try:
-        con = open_index(run)._con()
+        index = open_index(run)
     except MissingResultError:
         return {}
-    return dict(con.execute("SELECT id, label FROM features").fetchall())
+    return index.label_map()
 
 
 def sankey_figure(pt: pd.DataFrame, position: str):

@@ -580,14 +580,12 @@ def _maxima_from_index(run, slots) -> dict | None:
         idx = open_index(run)
     except MissingResultError:
         return None
-    con = idx._con()
     out = {}
-    for p, L in slots:
-        rows = con.execute("SELECT feature, max_act FROM features WHERE layer=? AND position=? "
-                           "ORDER BY feature", [L, p]).fetchall()
-        if not rows:
+    for slot in slots:
+        maxima = idx.slot_column(slot, "max_act")
+        if not maxima:
             return None
-        out[(p, L)] = np.array([r[1] for r in rows], np.float32)
+        out[slot] = np.array(maxima, np.float32)
     return out
 
 

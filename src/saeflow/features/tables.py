@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 from saeflow.errors import FeatureIndexError, MissingResultError, UnreadableTableError
 from saeflow.features.labels import auto_label, token_strings
+from saeflow.ids import Slot
 from saeflow.store import open_manifest, write_json_atomic
 
 INDEX_DIR = "index"
@@ -37,6 +38,9 @@ INDEX_MANIFEST = "index.json"
 INDEX_FORMAT = "saeflow-index"
 # Log-spaced histogram edges for nonzero activations: 1e-3 .. 1e4, 56 bins (ends clamp).
 HIST_EDGES = torch.logspace(-3, 4, 57)
+
+# the per-feature columns of features.parquet that slot_column reads
+FEATURE_COLUMNS = ("count", "density", "mean_act", "max_act", "label", "neuronpedia")
 
 NEURONPEDIA = "https://www.neuronpedia.org"
 EXPLANATIONS = "explanations.parquet"  # see explain.py
@@ -282,6 +286,56 @@ class FeatureIndex:
             "SELECT f.id, f.label, e.explanation FROM features f LEFT JOIN explanations e "
             "USING (id) WHERE list_contains(?, f.id)", [list(ids)]).fetchall()
         return {i: {"label": lab, "explanation": ex} for i, lab, ex in rows}
+
+    # --- whole columns, for the stages that read the index in bulk -----------------------
+    def slot_column(self, slot: "Slot | tuple[str, int]", column: str) -> list:
+        """One column of the features table for every feature of the SAE at `slot`, in
+        feature order ([] when the index holds no SAE there)."""
+        if column not in FEATURE_COLUMNS:
+            raise FeatureIndexError(f"the features table has no column {column!r} "
+                                    f"(it has {', '.join(FEATURE_COLUMNS)})")
+        slot = Slot.of(slot)
+        rows = self._con().execute(
+            f"SELECT {column} FROM features WHERE layer=? AND position=? ORDER BY feature",
+            [slot.layer, slot.position]).fetchall()
+        return [r[0] for r in rows]
+
+    def firing_counts(self) -> "dict[Slot, np.ndarray]":
+        """{slot: [d] tokens each feature was active on} for every SAE of the index, in slot
+        order (position, then layer); a feature without a count counts 0."""
+        rows = self._con().execute("SELECT position, layer, feature, count FROM features "
+                                   "ORDER BY position, layer, feature").fetchall()
+        by: dict[Slot, list[tuple[int, int]]] = {}
+        for pos, L, f, c in rows:
+            by.setdefault(Slot(pos, L), []).append((int(f), int(c or 0)))
+        counts = {}
+        for slot, fc in by.items():
+            arr = np.zeros(max(f for f, _ in fc) + 1, np.int64)
+            for f, c in fc:
+                arr[f] = c
+            counts[slot] = arr
+        return counts
+
+    def active_ids(self, layers: list[int] | None = None, positions: list[str] | None = None,
+                   limit: int | None = None) -> list[str]:
+        """Ids of the features that were ever active, densest first (ties by id), at `layers`
+        and `positions` when given, at most `limit` (None or 0: all)."""
+        where: list[str] = ["count > 0"]
+        args: list[int | str] = []
+        if layers:
+            where.append(f"layer IN ({', '.join('?' * len(layers))})")
+            args += list(layers)
+        if positions:
+            where.append(f"position IN ({', '.join('?' * len(positions))})")
+            args += list(positions)
+        sql = f"SELECT id FROM features WHERE {' AND '.join(where)} ORDER BY density DESC, id"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return [r[0] for r in self._con().execute(sql, args).fetchall()]
+
+    def label_map(self) -> dict[str, str]:
+        """{feature id: automatic label} for every feature of the index."""
+        return dict(self._con().execute("SELECT id, label FROM features").fetchall())
 
     def search(self, query: str, limit: int = 20) -> list[dict]:
         """Features whose label or top contexts contain `query` (case-insensitive), best first.
