@@ -7,8 +7,7 @@ import shlex
 
 from saeflow.app import DEFAULT_HOST, DEFAULT_PORT
 from saeflow.cli.common import add_scale, scale_from_args
-from saeflow.cli.options import add_overrides, given_overrides, parse_str_list
-from saeflow.pipeline.config import PROFILES, PipelineConfig
+from saeflow.cli.options import add_overrides, command, given_overrides, parse_str_list
 
 RUN_OVERRIDES = ["model", "pack", "corpus", "index_tokens", "stats_tokens", "device"]
 SERVE_HOST_HELP = "bind address; anything but localhost is reachable from other machines"
@@ -16,6 +15,7 @@ SERVE_HOST_HELP = "bind address; anything but localhost is reachable from other 
 
 def cmd_run(args) -> int:
     from saeflow.app.server import serve
+    from saeflow.pipeline.config import PROFILES
     from saeflow.pipeline.stages import run_pipeline
 
     # The settings first (their rules refuse bad values), then Ray, then the stages.
@@ -53,9 +53,9 @@ def _port_option(p) -> None:
                    help="port of the web app")
 
 
-def register(sub) -> None:
-    rn = sub.add_parser("run", help="the main job end to end: pack, eval, flow, index, stats, "
-                                    "validate, sweep, report (resumable; then --serve)")
+def _run_options(rn) -> None:
+    from saeflow.pipeline.config import PROFILES, PipelineConfig
+
     rn.add_argument("--out", required=True, help="the RUN directory")
     rn.add_argument("--profile", default="default", choices=list(PROFILES),
                     help="quick: the small pack and small samples (under 10 min on 2 cores)")
@@ -71,7 +71,8 @@ def register(sub) -> None:
     _port_option(rn)
     rn.set_defaults(func=cmd_run)
 
-    sv = sub.add_parser("serve", help="the web app and JSON API over a RUN (127.0.0.1 by default)")
+
+def _serve_options(sv) -> None:
     sv.add_argument("run", help="RUN from `saeflow flow` / `index` / `stats`")
     _port_option(sv)
     sv.add_argument("--host", default=DEFAULT_HOST, help=SERVE_HOST_HELP)
@@ -81,3 +82,10 @@ def register(sub) -> None:
                          "runs of the embedded model)")
     sv.add_argument("--open", action="store_true", help="open the browser")
     sv.set_defaults(func=cmd_serve)
+
+
+def register(sub) -> None:
+    command(sub, "run", "the main job end to end: pack, eval, flow, index, stats, validate, "
+            "sweep, report (resumable; then --serve)", _run_options)
+    command(sub, "serve", "the web app and JSON API over a RUN (127.0.0.1 by default)",
+            _serve_options)

@@ -55,15 +55,14 @@ def add_corpus_pass(sp: argparse.ArgumentParser, cls, *, fields: list[str] | Non
     add_config_options(g, cls, only=names)
 
 
-def add_pass_command(sub, name: str, help: str, cls, writes: str) -> argparse.ArgumentParser:
-    """A command that runs the model and a pack over a corpus and writes into RUN/`writes`."""
-    p = sub.add_parser(name, help=help)
+def add_pass_arguments(p: argparse.ArgumentParser, cls, writes: str) -> None:
+    """The arguments of a command that runs the model and a pack over a corpus and writes into
+    RUN/`writes`."""
     p.add_argument("path", help="a pack path, or 'embedded' / 'embedded-quick'")
     add_selectors(p)
     p.add_argument("--out", required=True, help=f"RUN directory (writes RUN/{writes}/)")
     add_corpus_pass(p, cls)
     add_scale(p)
-    return p
 
 
 def add_scale(p: argparse.ArgumentParser, only: list[str] | None = None) -> None:

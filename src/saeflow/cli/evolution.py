@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from saeflow.cli.common import (
     add_json,
-    add_pass_command,
+    add_pass_arguments,
     model_and_pack,
     print_json,
     scale_from_args,
@@ -11,11 +11,10 @@ from saeflow.cli.common import (
 from saeflow.cli.options import (
     add_config_options,
     add_signature_options,
+    command,
     config_from_args,
     signature_kwargs,
 )
-from saeflow.evolution.analyses import write_evolution_outputs
-from saeflow.evolution.stats import StatsConfig
 
 ANALYSIS_OPTIONS = {
     "pass_threshold": "Pearson at or above which a feature passes through to the next layer",
@@ -30,7 +29,8 @@ ANALYSIS_OPTIONS = {
 
 
 def cmd_stats(args) -> int:
-    from saeflow.evolution.stats import run_stats
+    from saeflow.evolution.analyses import write_evolution_outputs
+    from saeflow.evolution.stats import StatsConfig, run_stats
 
     scale = scale_from_args(args)
     model, pack = model_and_pack(args, "stats")
@@ -58,9 +58,11 @@ def cmd_stats(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    st = add_pass_command(sub, "stats", "co-activation statistics, pass-through, gates, "
-                          "communities", StatsConfig, "stats")
+def _stats_options(st) -> None:
+    from saeflow.evolution.analyses import write_evolution_outputs
+    from saeflow.evolution.stats import StatsConfig
+
+    add_pass_arguments(st, StatsConfig, "stats")
     g = st.add_argument_group("statistics")
     add_config_options(g, StatsConfig, only=["pairs", "positions", "active", "top_k", "floor",
                                              "checkpoint_every_s"])
@@ -70,3 +72,8 @@ def register(sub) -> None:
     st.add_argument("--force", action="store_true")
     add_json(st)
     st.set_defaults(func=cmd_stats)
+
+
+def register(sub) -> None:
+    command(sub, "stats", "co-activation statistics, pass-through, gates, communities",
+            _stats_options)

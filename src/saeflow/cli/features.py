@@ -7,7 +7,7 @@ from typing import Iterator
 
 from saeflow.cli.common import (
     add_json,
-    add_pass_command,
+    add_pass_arguments,
     model_and_pack,
     optional_model,
     print_json,
@@ -16,6 +16,7 @@ from saeflow.cli.common import (
 from saeflow.cli.options import (
     add_config_options,
     add_overrides,
+    command,
     config_from_args,
     one_line,
     parse_layers_arg,
@@ -23,13 +24,10 @@ from saeflow.cli.options import (
     signature_default,
 )
 from saeflow.errors import FeatureIndexError
-from saeflow.features.explain import ExplainerConfig, explain_features
-from saeflow.features.index import IndexConfig
-from saeflow.features.tables import FeatureIndex, open_index
 
 
 def cmd_index(args) -> int:
-    from saeflow.features.index import build_index
+    from saeflow.features.index import IndexConfig, build_index
 
     scale = scale_from_args(args)
     model, pack = model_and_pack(args, "index")
@@ -57,6 +55,8 @@ def readable_index(run: str) -> Iterator[None]:
 
 
 def cmd_search(args) -> int:
+    from saeflow.features.tables import open_index
+
     with readable_index(args.run):
         hits = open_index(args.run).search(args.query, limit=args.limit)
     if args.json:
@@ -83,14 +83,19 @@ def cmd_dashboards(args) -> int:
     return 0
 
 
-def explainer_from_args(args, **override) -> ExplainerConfig:
-    """The LLM endpoint's config; the key is read from the environment variable named."""
+def explainer_from_args(args, **override):
+    """The LLM endpoint's config (ExplainerConfig); the key is read from the environment
+    variable named."""
+    from saeflow.features.explain import ExplainerConfig
+
     key = os.environ.get(args.api_key_env) if args.api_key_env else None
     return config_from_args(ExplainerConfig, args, api_key=key, **override)
 
 
 def add_llm_options(p, judge: bool = False) -> None:
     """The endpoint options; a judge is optional (no --llm-url: no judge)."""
+    from saeflow.features.explain import ExplainerConfig
+
     flags = {"url": ["--llm-url"], "model": ["--llm"]}
     if judge:
         g = p.add_argument_group("optional LLM judge (any OpenAI-compatible API)")
@@ -103,6 +108,8 @@ def add_llm_options(p, judge: bool = False) -> None:
 
 
 def cmd_explain(args) -> int:
+    from saeflow.features.explain import explain_features
+
     out = explain_features(args.run, explainer_from_args(args), args.features,
                            layers=args.layers, positions=args.positions, limit=args.limit,
                            force=args.force, progress=not args.json)
@@ -116,6 +123,7 @@ def cmd_explain(args) -> int:
 
 def cmd_feature(args) -> int:
     from saeflow.features.lens import open_index_with_lens
+    from saeflow.features.tables import open_index
     from saeflow.ids import parse_feature
 
     L, pos, f = parse_feature(args.feature)
@@ -139,9 +147,10 @@ def cmd_feature(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    ix = add_pass_command(sub, "index", "feature index: top contexts, densities, logit lens, "
-                          "labels", IndexConfig, "index")
+def _index_options(ix) -> None:
+    from saeflow.features.index import IndexConfig
+
+    add_pass_arguments(ix, IndexConfig, "index")
     g = ix.add_argument_group("what is kept per feature")
     add_config_options(g, IndexConfig, only=["n_top", "n_samples", "window_left", "window_right",
                                              "n_logits", "checkpoint_every_s"])
@@ -149,7 +158,10 @@ def register(sub) -> None:
                     help="start over when RUN holds an index or partial state of another pack")
     ix.set_defaults(func=cmd_index)
 
-    se = sub.add_parser("search", help="find features by label or token, best first")
+
+def _search_options(se) -> None:
+    from saeflow.features.tables import FeatureIndex
+
     se.add_argument("run")
     se.add_argument("query")
     se.add_argument("--limit", type=int, default=signature_default(FeatureIndex.search, "limit"),
@@ -157,7 +169,10 @@ def register(sub) -> None:
     add_json(se)
     se.set_defaults(func=cmd_search)
 
-    ex = sub.add_parser("explain", help="explain features with an LLM (any OpenAI-compatible API)")
+
+def _explain_options(ex) -> None:
+    from saeflow.features.explain import explain_features
+
     ex.add_argument("run", help="RUN directory with a feature index")
     add_llm_options(ex)
     ex.add_argument("--features", type=parse_str_list, default=None,
@@ -171,8 +186,8 @@ def register(sub) -> None:
     add_json(ex)
     ex.set_defaults(func=cmd_explain)
 
-    db = sub.add_parser("dashboards", help="export feature dashboards from RUN/index, one "
-                        "file per SAE (SAEDashboard's Neuronpedia batch format by default)")
+
+def _dashboards_options(db) -> None:
     db.add_argument("run")
     db.add_argument("--out", default=None, help="folder (default: RUN/dashboards)")
     db.add_argument("--slots", type=parse_str_list, default=None,
@@ -189,9 +204,22 @@ def register(sub) -> None:
                     help="Neuronpedia SAE set (default: saeflow-POSITION)")
     db.set_defaults(func=cmd_dashboards)
 
-    fe = sub.add_parser("feature", help="one feature's page: label, stats, logit lens, contexts")
+
+def _feature_options(fe) -> None:
     fe.add_argument("run")
     fe.add_argument("feature", help="LAYER/POSITION/INDEX")
     fe.add_argument("--n", type=int, default=8, help="top contexts to print")
     add_json(fe)
     fe.set_defaults(func=cmd_feature)
+
+
+def register(sub) -> None:
+    command(sub, "index", "feature index: top contexts, densities, logit lens, labels",
+            _index_options)
+    command(sub, "search", "find features by label or token, best first", _search_options)
+    command(sub, "explain", "explain features with an LLM (any OpenAI-compatible API)",
+            _explain_options)
+    command(sub, "dashboards", "export feature dashboards from RUN/index, one file per SAE "
+            "(SAEDashboard's Neuronpedia batch format by default)", _dashboards_options)
+    command(sub, "feature", "one feature's page: label, stats, logit lens, contexts",
+            _feature_options)

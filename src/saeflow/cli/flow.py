@@ -16,13 +16,12 @@ from saeflow.cli.common import (
 from saeflow.cli.options import (
     add_config_options,
     add_signature_options,
+    command,
     config_from_args,
     parse_layers_arg,
     signature_kwargs,
 )
-from saeflow.features.liveness import firing_pass
-from saeflow.flow.graphs import trace
-from saeflow.flow.predecessors import FlowConfig, run_flow
+from saeflow.configs import TOKENS
 
 TRACE_OPTIONS = {"t_res": "residual chain threshold", "t_mod": "MLP/attention link threshold",
                  "mod_k": "MLP/attention predecessors per node",
@@ -41,8 +40,9 @@ def _thresholds_arg(args) -> dict | None:
 
 
 def cmd_flow(args) -> int:
-    from saeflow.features.liveness import liveness_from_index
+    from saeflow.features.liveness import firing_pass, liveness_from_index
     from saeflow.flow.plots import write_flow_plots
+    from saeflow.flow.predecessors import FlowConfig, run_flow
 
     scale = scale_from_args(args)
     model = optional_model(args.model)
@@ -102,7 +102,7 @@ def cmd_flow(args) -> int:
 
 def cmd_trace(args) -> int:
     from saeflow.features.tables import add_labels
-    from saeflow.flow.graphs import node_link, write_graph
+    from saeflow.flow.graphs import node_link, trace, write_graph
     from saeflow.flow.predecessors import open_flow
 
     run = open_flow(args.run)
@@ -153,8 +153,10 @@ def cmd_match(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    fl = sub.add_parser("flow", help="data-free feature flow of a pack: predecessors, classes, plots")
+def _flow_options(fl) -> None:
+    from saeflow.features.liveness import firing_pass
+    from saeflow.flow.predecessors import FlowConfig, run_flow
+
     fl.add_argument("path", help="a pack path, or 'embedded' / 'embedded-quick'")
     add_selectors(fl, variant_seed=True)
     fl.add_argument("--out", required=True, help="RUN directory")
@@ -179,12 +181,16 @@ def register(sub) -> None:
                    help="keep latents that never (or rarely) fire in the lists and class shares")
     add_signature_options(g, firing_pass, {
         "tokens": "tokens of the firing pass that finds dead latents (with --model and no "
-                  "index in RUN)"}, flags={"tokens": ["--firing-tokens"]})
+                  "index in RUN)"}, flags={"tokens": ["--firing-tokens"]},
+        reads={"tokens": TOKENS})
     fl.add_argument("--force", action="store_true", help="replace the flow of another pack in RUN")
     add_json(fl)
     fl.set_defaults(func=cmd_flow)
 
-    tc = sub.add_parser("trace", help="the flow graph of one feature, e.g. 12/resid_post/4230")
+
+def _trace_options(tc) -> None:
+    from saeflow.flow.graphs import trace
+
     tc.add_argument("run", help="RUN directory written by `saeflow flow`")
     tc.add_argument("feature", help="LAYER/POSITION/INDEX")
     add_signature_options(tc, trace, TRACE_OPTIONS)
@@ -194,7 +200,10 @@ def register(sub) -> None:
     add_json(tc, "print the node-link JSON")
     tc.set_defaults(func=cmd_trace)
 
-    mt = sub.add_parser("match", help="match the features of any two SAEs")
+
+def _match_options(mt) -> None:
+    from saeflow.flow.predecessors import FlowConfig
+
     mt.add_argument("a", help="SAE folder, or PACK@LAYER/POSITION")
     mt.add_argument("b", help="SAE folder, or PACK@LAYER/POSITION")
     add_config_options(mt, FlowConfig, only=["method", "k", "precision"])
@@ -202,3 +211,11 @@ def register(sub) -> None:
     mt.add_argument("--out", default=None, help="write the matches as parquet")
     add_json(mt)
     mt.set_defaults(func=cmd_match)
+
+
+def register(sub) -> None:
+    command(sub, "flow", "data-free feature flow of a pack: predecessors, classes, plots",
+            _flow_options)
+    command(sub, "trace", "the flow graph of one feature, e.g. 12/resid_post/4230",
+            _trace_options)
+    command(sub, "match", "match the features of any two SAEs", _match_options)

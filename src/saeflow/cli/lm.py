@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from saeflow.cli.common import add_device, add_json, print_json
+from saeflow.cli.options import command
 
 
 def cmd_info(args) -> int:
@@ -26,11 +27,14 @@ def cmd_info(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    info = sub.add_parser("info", help="load a model and print its anatomy and hook points")
+def _info_options(info) -> None:
     info.add_argument("--model", default="embedded",
                       help="'embedded', an HF folder, a hub id, or a .gguf file")
     add_device(info)
     info.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     add_json(info)
     info.set_defaults(func=cmd_info)
+
+
+def register(sub) -> None:
+    command(sub, "info", "load a model and print its anatomy and hook points", _info_options)

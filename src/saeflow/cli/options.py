@@ -1,36 +1,58 @@
 """Command-line options generated from the config dataclasses, so that each default and each
-help text lives in one place: the config field. A field's help is the comment on its line (or
-the comment lines just above it); its default is the field's default; `Literal[...]` gives
-choices. Token counts accept 300k / 2M, layer lists accept all / 0-5 / 1,3,7, and string lists
-are comma-separated."""
+help text lives in one place: the config field. A field's help is its metadata
+(`saeflow.configs.setting`); its default is the field's default; its type says how text is read
+(`Literal[...]` gives choices; `Tokens` accepts 300k / 2M, `Layers` all / 0-5 / 1,3,7, list
+fields comma-separated values). Fields without metadata still fall back to their source comment
+(saeflow.cli.legacy_docs).
+
+Each command's options are added when the command is parsed or its help is shown
+(`Parser.defer`), so `saeflow --help` imports no config module, and with it no torch."""
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import functools
 import inspect
-import io
 import math
 import sys
-import tokenize
 import types
 import typing
-from typing import Any, Callable, Literal, get_args, get_origin
+from typing import Annotated, Any, Callable, Literal, get_args, get_origin
 
+from saeflow.configs import CORPUS, LAYERS, TOKENS, ReadAs, field_help, read_as
 from saeflow.errors import ConfigError, SaeflowError
-from saeflow.lm.corpora import check_corpus_spec, parse_tokens
 
 CONFIG_KEY = "_config_"  # namespace keys that name the config classes a command builds
 
 
 class Parser(argparse.ArgumentParser):
     """saeflow's argparse parser: no prefix matching (`--model` was taken as `--model-name`),
-    and a usage error is one line on stderr and exit status 2, like every other bad input."""
+    a usage error is one line on stderr and exit status 2, like every other bad input, and
+    options can be added on first use (`defer`)."""
 
     def __init__(self, *args: Any, **kw: Any) -> None:
+        self._pending: list[Callable[[Parser], None]] = []
         kw.setdefault("allow_abbrev", False)
         super().__init__(*args, **kw)
+
+    def defer(self, build: Callable[["Parser"], None]) -> None:
+        """Add options with `build(self)` only when this parser parses or shows its help."""
+        self._pending.append(build)
+
+    def _build(self) -> None:
+        while self._pending:
+            self._pending.pop(0)(self)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._build()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._build()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._build()
+        return super().format_usage()
 
     def error(self, message: str):  # type: ignore[override]
         print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)",
@@ -38,46 +60,38 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def command(sub, name: str, help: str, build: Callable[[Parser], None]) -> Parser:
+    """A subcommand whose options `build` adds when it is used (its imports wait till then)."""
+    p = sub.add_parser(name, help=help)
+    p.defer(build)
+    return p
+
+
 def one_line(text: object) -> str:
     """A message on one line (tracebacks and wrapped texts would break the one-line rule)."""
     return " ".join(str(text).split())
 
 
-@functools.lru_cache(maxsize=None)
+def field_settings(cls: type) -> dict[str, tuple[str, ReadAs | None]]:
+    """{field name: (help, how its text is read)} from each field's metadata and annotation;
+    a field with no metadata falls back to its source comment and its name (legacy_docs)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out: dict[str, tuple[str, ReadAs | None]] = {}
+    for f in dataclasses.fields(cls):
+        help_ = field_help(f)
+        reads = read_as(hints[f.name])
+        if help_ is None:
+            from saeflow.cli.legacy_docs import comment_docs, read_by_name
+
+            help_ = comment_docs(cls).get(f.name, "")
+            reads = reads or read_by_name(f.name, hints[f.name])
+        out[f.name] = (help_, reads)
+    return out
+
+
 def field_docs(cls: type) -> dict[str, str]:
-    """{field name: the comment that documents it in the class body (or a base class's)}."""
-    docs: dict[str, str] = {}
-    for base in reversed(cls.__mro__):
-        if dataclasses.is_dataclass(base) and base is not cls:
-            docs.update(field_docs(base))
-    docs.update(_own_field_docs(cls))
-    return docs
-
-
-def _own_field_docs(cls: type) -> dict[str, str]:
-    src = inspect.getsource(cls)
-    comments: dict[int, str] = {}  # trailing comments, by line
-    alone: dict[int, str] = {}  # lines that hold only a comment
-    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-        if tok.type == tokenize.COMMENT:
-            text = tok.string.lstrip("#").strip()
-            (alone if tok.line.strip().startswith("#") else comments)[tok.start[0]] = text
-    docs: dict[str, str] = {}
-    body = ast.parse(src).body[0]
-    assert isinstance(body, ast.ClassDef)
-    for node in body.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            text = comments.get(node.end_lineno or node.lineno, "")
-            if not text:  # a block of comment lines right above the field
-                above: list[str] = []
-                line = node.lineno - 1
-                while line in alone:
-                    above.insert(0, alone[line])
-                    line -= 1
-                text = " ".join(above)
-            if text:
-                docs[node.target.id] = text
-    return docs
+    """{field name: its help text}."""
+    return {name: help_ for name, (help_, _) in field_settings(cls).items() if help_}
 
 
 def config_default(cls: type, name: str) -> Any:
@@ -89,12 +103,15 @@ def config_default(cls: type, name: str) -> Any:
     return None
 
 
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
+def _base_type(tp: Any) -> Any:
+    """The plain type under `X | None` and `Annotated[X, ...]`."""
     if get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
         if len(args) == 1:
-            return args[0], True
-    return tp, False
+            tp = args[0]
+    if get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    return tp
 
 
 def parse_layers_arg(text: str) -> list[int] | None:
@@ -154,6 +171,8 @@ def parse_float(text: str) -> float:
 
 def parse_corpus(text: str) -> str:
     """A corpus spec, checked (sources and shares) when the command line is read."""
+    from saeflow.lm.corpora import check_corpus_spec
+
     try:
         check_corpus_spec(text)
     except SaeflowError as e:
@@ -163,15 +182,24 @@ def parse_corpus(text: str) -> str:
 
 parse_int_list = _number_list(int, "integers")
 parse_float_list = _number_list(parse_float, "numbers")
+STR_TUPLE = ReadAs("str_tuple")  # a signature's tuple[str, ...] parameter: a comma list
 
 
 def _token_count(text: str) -> int:
+    from saeflow.lm.corpora import parse_tokens
+
     try:
         return parse_tokens(text)
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# how text is read for each ReadAs marker
+READERS: dict[ReadAs, Callable[[str], Any]] = {
+    TOKENS: _token_count, LAYERS: parse_layers_arg, CORPUS: parse_corpus,
+    STR_TUPLE: parse_str_tuple}
 
 
 def _show(value: Any) -> str:
@@ -189,22 +217,21 @@ def _with_default(help_: str, shown: str | None = None) -> str:
     return help_.replace("%", "%%")
 
 
-def _converter(name: str, tp: Any) -> tuple[Callable[[str], Any] | None, list | None]:
-    """(argparse type, choices) for a field's annotation."""
-    tp, _ = _strip_optional(tp)
+def _converter(tp: Any, reads: ReadAs | None = None
+               ) -> tuple[Callable[[str], Any] | None, list | None]:
+    """(argparse type, choices) for a field's annotation and its ReadAs marker."""
+    tp = _base_type(tp)
     if get_origin(tp) is Literal:
         return None, list(get_args(tp))
-    if tp is int and (name == "tokens" or name.endswith("_tokens")):
-        return _token_count, None
+    if reads is not None:
+        return READERS[reads], None
     if get_origin(tp) is list:
         (item,) = get_args(tp) or (str,)
         if item is int:
-            return (parse_layers_arg if name == "layers" else parse_int_list), None
+            return parse_int_list, None
         if item is float:
             return parse_float_list, None
         return parse_str_list, None
-    if name == "corpus" and tp is str:
-        return parse_corpus, None
     if tp is float:
         return parse_float, None
     if tp in (int, str):
@@ -220,6 +247,24 @@ def _defaults_of(cls_or_preset: Any) -> tuple[type, dict[str, Any]]:
     return type(preset), {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)}
 
 
+def _option(parser, opt: list[str], name: str, tp: Any, reads: ReadAs | None, help_: str, *,
+            default: Any = None, shown: str | None = None, required: bool = False) -> None:
+    """One option read as `tp` / `reads` says: a flag pair for a bool, a checked value else."""
+    if not required and _base_type(tp) is bool:
+        parser.add_argument(*opt, dest=name, action=argparse.BooleanOptionalAction,
+                            default=default, help=_with_default(help_))
+        return
+    conv, choices = _converter(tp, reads)
+    kw: dict[str, Any] = {"dest": name}
+    kw.update({"required": True} if required else {"default": default})
+    if conv is not None:
+        kw["type"] = conv
+    if choices is not None:
+        kw["choices"] = choices
+    kw["help"] = _with_default(help_, None if required else shown)
+    parser.add_argument(*opt, **kw)
+
+
 def add_config_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: Any, *,
                        only: list[str] | None = None, skip: tuple[str, ...] = (),
                        flags: dict[str, list[str]] | None = None,
@@ -233,38 +278,19 @@ def add_config_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup
     # The command's config is built (and checked by its own rules) right after parsing,
     # before anything loads or writes: see check_configs.
     parser.set_defaults(**{CONFIG_KEY + cls.__name__: cls})
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    names = only or [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+    hints = typing.get_type_hints(cls, include_extras=True)
+    settings = field_settings(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = only or [name for name in fields if name not in skip]
     for name in names:
-        tp = hints[name]
+        doc, reads = settings[name]
+        f = fields[name]
         default = preset[name] if name in preset else config_default(cls, name)
-        help_ = (helps or {}).get(name) or docs.get(name, "")
-        opt = (flags or {}).get(name) or ["--" + name.replace("_", "-")]
-        base, _ = _strip_optional(tp)
-        f = {x.name: x for x in dataclasses.fields(cls)}[name]
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            conv, choices = _converter(name, tp)
-            req: dict[str, Any] = {"dest": name, "required": True, "help": _with_default(help_)}
-            if conv is not None:
-                req["type"] = conv
-            if choices is not None:
-                req["choices"] = choices
-            parser.add_argument(*opt, **req)
-            continue
-        if base is bool:
-            parser.add_argument(*opt, dest=name, action=argparse.BooleanOptionalAction,
-                                default=default, help=_with_default(help_))
-            continue
-        conv, choices = _converter(name, tp)
-        kw: dict[str, Any] = {"dest": name, "default": default}
-        if conv is not None:
-            kw["type"] = conv
-        if choices is not None:
-            kw["choices"] = choices
-        shown = "all" if name == "layers" and default is None else _show(default)
-        kw["help"] = _with_default(help_, shown)
-        parser.add_argument(*opt, **kw)
+        shown = "all" if reads == LAYERS and default is None else _show(default)
+        _option(parser, (flags or {}).get(name) or ["--" + name.replace("_", "-")], name,
+                hints[name], reads, (helps or {}).get(name) or doc, default=default,
+                shown=shown, required=f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING)
     return names
 
 
@@ -295,13 +321,13 @@ def add_overrides(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
                   shown: str = "the profile's") -> None:
     """Options that override a preset config (a profile) only when given: default None, and the
     help names the field's default in `cls`."""
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
+    settings = field_settings(cls)
     for name in names:
-        conv, choices = _converter(name, hints[name])
+        doc, reads = settings[name]
+        conv, choices = _converter(hints[name], reads)
         opt = (flags or {}).get(name) or ["--" + name.replace("_", "-")]
-        kw: dict[str, Any] = {"dest": name, "default": None,
-                              "help": _with_default(docs.get(name, ""), shown)}
+        kw: dict[str, Any] = {"dest": name, "default": None, "help": _with_default(doc, shown)}
         if conv is not None:
             kw["type"] = conv
         if choices is not None:
@@ -320,27 +346,20 @@ def signature_default(fn: Callable, name: str) -> Any:
 
 def add_signature_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
                           fn: Callable, helps: dict[str, str], *,
-                          flags: dict[str, list[str]] | None = None) -> None:
-    """One option per parameter named in `helps`, typed and defaulted by `fn`'s signature."""
-    hints = typing.get_type_hints(fn)
+                          flags: dict[str, list[str]] | None = None,
+                          reads: dict[str, ReadAs] | None = None) -> None:
+    """One option per parameter named in `helps`, typed and defaulted by `fn`'s signature;
+    `reads` marks parameters read as token counts, layer lists or corpus specs."""
+    hints = typing.get_type_hints(fn, include_extras=True)
     for name, help_ in helps.items():
         default = signature_default(fn, name)
         tp = hints.get(name, type(default))
-        conv, choices = _converter(name, tp)
-        if conv is None and get_origin(_strip_optional(tp)[0]) is tuple:
-            conv = parse_str_tuple
+        marker = (reads or {}).get(name) or read_as(tp)
         opt = (flags or {}).get(name) or ["--" + name.replace("_", "-")]
-        if _strip_optional(tp)[0] is bool:
-            parser.add_argument(*opt, dest=name, action=argparse.BooleanOptionalAction,
-                                default=default, help=_with_default(help_))
-            continue
-        kw: dict[str, Any] = {"dest": name, "default": default,
-                              "help": _with_default(help_, _show(default))}
-        if conv is not None:
-            kw["type"] = conv
-        if choices is not None:
-            kw["choices"] = choices
-        parser.add_argument(*opt, **kw)
+        if get_origin(_base_type(tp)) is tuple:
+            tp = Annotated[tuple, STR_TUPLE]
+            marker = STR_TUPLE
+        _option(parser, opt, name, tp, marker, help_, default=default, shown=_show(default))
 
 
 def signature_kwargs(args: argparse.Namespace, names) -> dict[str, Any]:

@@ -15,13 +15,12 @@ from saeflow.cli.common import (
 from saeflow.cli.options import (
     add_config_options,
     add_signature_options,
+    command,
     config_from_args,
     signature_default,
     signature_kwargs,
 )
-from saeflow.saes.evaluate import evaluate_pack
-from saeflow.saes.hub import fetch
-from saeflow.saes.train import TrainConfig
+from saeflow.configs import CORPUS, TOKENS
 
 TRAIN_PASS = ["tokens", "corpus", "seed", "ctx_len", "encoder_dtype", "model_dtype"]
 EVAL_OPTIONS = {"tokens": "held-out tokens for FVU and L0",
@@ -31,11 +30,12 @@ EVAL_OPTIONS = {"tokens": "held-out tokens for FVU and L0",
                 "ce_positions": "positions whose SAEs are spliced for ΔCE/KL, comma list "
                                 "(default: all)",
                 "corpus": "held-out text sources with shares"}
+EVAL_READS = {"tokens": TOKENS, "dead_tokens": TOKENS, "ce_tokens": TOKENS, "corpus": CORPUS}
 
 
 def cmd_train(args) -> int:
     from saeflow.lm.model import load_model
-    from saeflow.saes.train import train_family
+    from saeflow.saes.train import TrainConfig, train_family
 
     scale = scale_from_args(args)
     model = load_model(args.model, device=args.device)
@@ -54,7 +54,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_pack_eval(args) -> int:
-    from saeflow.saes.evaluate import format_table
+    from saeflow.saes.evaluate import evaluate_pack, format_table
 
     model, pack = model_and_pack(args, "pack eval")
     res = evaluate_pack(pack, model, **signature_kwargs(args, EVAL_OPTIONS))
@@ -140,6 +140,8 @@ def cmd_pack_convert(args) -> int:
 
 
 def cmd_pack_fetch(args) -> int:
+    from saeflow.saes.hub import fetch
+
     pack = fetch(args.release, out=args.out, layers=args.layers, width=args.width, l0=args.l0,
                  positions=args.positions, mirror=args.mirror, overwrite=args.force,
                  ids=args.ids.split(",") if args.ids else None)
@@ -147,8 +149,9 @@ def cmd_pack_fetch(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    tr = sub.add_parser("train", help="train an SAE family from one pass over a corpus")
+def _train_options(tr) -> None:
+    from saeflow.saes.train import TrainConfig
+
     add_corpus_pass(tr, TrainConfig, fields=TRAIN_PASS, model_default="embedded")
     g = tr.add_argument_group("the SAEs and their training")
     add_config_options(g, TrainConfig, skip=tuple(TRAIN_PASS),
@@ -158,10 +161,8 @@ def register(sub) -> None:
     add_scale(tr, only=["workers", "ray_address", "retries"])
     tr.set_defaults(func=cmd_train)
 
-    pack = sub.add_parser("pack", help="inspect, convert, evaluate and fetch SAE families")
-    psub = pack.add_subparsers(dest="pack_cmd", required=True)
 
-    ins = psub.add_parser("inspect", help="list the SAEs of a family and the missing slots")
+def _inspect_options(ins) -> None:
     ins.add_argument("path")
     add_selectors(ins, variant_seed=True)
     ins.add_argument("--model", default=None, help="check against this model (d_in, layers)")
@@ -173,7 +174,8 @@ def register(sub) -> None:
     add_json(ins)
     ins.set_defaults(func=cmd_pack_inspect)
 
-    conv = psub.add_parser("convert", help="write any supported family as a saeflow pack")
+
+def _convert_options(conv) -> None:
     conv.add_argument("path")
     conv.add_argument("out")
     add_selectors(conv, variant_seed=True)
@@ -182,16 +184,22 @@ def register(sub) -> None:
     conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
     conv.set_defaults(func=cmd_pack_convert)
 
-    ev = psub.add_parser("eval", help="FVU, L0, dead/dense fractions, ΔCE and KL per SAE")
+
+def _eval_options(ev) -> None:
+    from saeflow.saes.evaluate import evaluate_pack
+
     ev.add_argument("path", help="a pack path, or 'embedded' / 'embedded-quick'")
     add_selectors(ev)
     ev.add_argument("--model", default=None, help="default: embedded for the embedded packs")
-    add_signature_options(ev, evaluate_pack, EVAL_OPTIONS)
+    add_signature_options(ev, evaluate_pack, EVAL_OPTIONS, reads=EVAL_READS)
     add_device(ev)
     add_json(ev)
     ev.set_defaults(func=cmd_pack_eval)
 
-    fet = psub.add_parser("fetch", help="download a published family (needs the hub)")
+
+def _fetch_options(fet) -> None:
+    from saeflow.saes.hub import fetch
+
     fet.add_argument("release", help="e.g. gemma-scope-2b-pt-res-canonical, "
                      "gemma-scope-2-270m-pt-res, a SAELens release, or a hub repo owner/name")
     fet.add_argument("--layers", default=signature_default(fetch, "layers"),
@@ -208,3 +216,16 @@ def register(sub) -> None:
                           "$SAEFLOW_HUB_MIRROR)")
     fet.add_argument("--force", action="store_true")
     fet.set_defaults(func=cmd_pack_fetch)
+
+
+def _pack_commands(pack) -> None:
+    psub = pack.add_subparsers(dest="pack_cmd", required=True)
+    command(psub, "inspect", "list the SAEs of a family and the missing slots", _inspect_options)
+    command(psub, "convert", "write any supported family as a saeflow pack", _convert_options)
+    command(psub, "eval", "FVU, L0, dead/dense fractions, ΔCE and KL per SAE", _eval_options)
+    command(psub, "fetch", "download a published family (needs the hub)", _fetch_options)
+
+
+def register(sub) -> None:
+    command(sub, "train", "train an SAE family from one pass over a corpus", _train_options)
+    command(sub, "pack", "inspect, convert, evaluate and fetch SAE families", _pack_commands)

@@ -11,15 +11,12 @@ from saeflow.cli.options import (
     add_config_options,
     add_overrides,
     add_signature_options,
+    command,
     config_from_args,
     given_overrides,
     signature_kwargs,
 )
 from saeflow.errors import PlanError, SaeflowError, UsageError
-from saeflow.steering.generate import DEFAULT_PROMPT, STEER_SAMPLING, SamplingConfig
-from saeflow.steering.plans import build_plan
-from saeflow.steering.sweep import SWEEP_PROFILES, SweepConfig
-from saeflow.steering.validate import ValidateConfig
 
 PLAN_OPTIONS = {
     "graph_mode": "the feature alone (seed), or its flow graph at --layer (single), at layers "
@@ -62,7 +59,8 @@ def load_plan_file(path: str):
 
 
 def cmd_steer(args) -> int:
-    from saeflow.steering.generate import steer
+    from saeflow.steering.generate import SamplingConfig, steer
+    from saeflow.steering.plans import build_plan
     from saeflow.store import write_json_atomic
 
     if bool(args.plan) == bool(args.feature):
@@ -101,6 +99,7 @@ def cmd_steer(args) -> int:
 def cmd_validate(args) -> int:
     from saeflow.steering.validate import (
         VALIDATE_DIR,
+        ValidateConfig,
         breakdown_markdown,
         paired_markdown,
         rank_rule_markdown,
@@ -191,8 +190,10 @@ def cmd_steer_sweep(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    sr = sub.add_parser("steer", help="default vs steered completions, side by side")
+def _steer_options(sr) -> None:
+    from saeflow.steering.generate import DEFAULT_PROMPT, STEER_SAMPLING
+    from saeflow.steering.plans import build_plan
+
     add_pack_and_model(sr)
     sr.add_argument("--plan", default=None, help="a steering plan (JSON)")
     sr.add_argument("--feature", default=None, help="LAYER/POSITION/INDEX to steer")
@@ -207,14 +208,20 @@ def register(sub) -> None:
     sr.add_argument("--json", default=None, help="write prompt, plan and completions as JSON")
     sr.set_defaults(func=cmd_steer)
 
-    va = sub.add_parser("validate", help="deactivation experiments: do predecessors matter?")
+
+def _validate_options(va) -> None:
+    from saeflow.steering.validate import ValidateConfig
+
     va.add_argument("run", help="RUN directory (its flow and stats are used; writes RUN/validate)")
     add_pack_and_model(va)
     add_config_options(va, ValidateConfig,
                        flags={"target_choice": ["--targets"], "ci_halfwidth": ["--ci"]})
     va.set_defaults(func=cmd_validate)
 
-    sw = sub.add_parser("steer-sweep", help="steering grid: modes x layers x strengths x themes")
+
+def _steer_sweep_options(sw) -> None:
+    from saeflow.steering.sweep import SWEEP_PROFILES, SweepConfig
+
     sw.add_argument("run", help="RUN with the flow and feature index of the pack (writes RUN/sweep)")
     add_pack_and_model(sw)
     sw.add_argument("--profile", default="ours", choices=list(SWEEP_PROFILES),
@@ -228,3 +235,11 @@ def register(sub) -> None:
                    help="theme=LAYER/POSITION/INDEX[+...],... instead of searching the index")
     add_llm_options(sw, judge=True)
     sw.set_defaults(func=cmd_steer_sweep)
+
+
+def register(sub) -> None:
+    command(sub, "steer", "default vs steered completions, side by side", _steer_options)
+    command(sub, "validate", "deactivation experiments: do predecessors matter?",
+            _validate_options)
+    command(sub, "steer-sweep", "steering grid: modes x layers x strengths x themes",
+            _steer_sweep_options)
