@@ -188,7 +188,7 @@ def test_trace_exports_and_persistence(planted_run, tmp_path):
 
 
 def test_rerun_is_cached_and_resumes(planted, tmp_path, monkeypatch):
-    import saeflow.flow.predecessors as flow
+    import saeflow.flow.compute as flow
 
     pack, _ = planted
     run = run_flow(pack, tmp_path / "a", progress=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import networkx as nx
 import numpy as np
@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from saeflow.errors import FlowError
-from saeflow.flow.predecessors import FlowRun
-from saeflow.ids import feature_id, parse_feature
+from saeflow.flow.run import FlowRun
+from saeflow.ids import PRED_KINDS, feature_id, parse_feature
 from saeflow.store import write_json_atomic
 
 LANES = {"attn_out": 1.0, "attn_z": 1.0, "attn_raw": 1.0, "resid_post": 0.0, "resid_pre": 0.0,
@@ -54,10 +54,29 @@ def _blocks(table: pa.Table, key: np.ndarray):
 
 
 @dataclass
-class _Slot:
-    top_i: dict  # kind -> [n, k] int64 (-1 missing)
-    top_v: dict  # kind -> [n, k] float32 (nan missing)
+class _LayerTops:
+    """The top-k predecessor lists of one layer's residual features, per origin."""
+
+    top_i: dict  # origin ("res", "mlp", "attn") -> [n, k] int64 (-1 missing)
+    top_v: dict  # origin -> [n, k] float32 (nan missing)
     cls: np.ndarray | None = None
+
+
+class PredecessorMatch(NamedTuple):
+    """A residual feature's predecessor: where it sits, which feature, how similar."""
+
+    position: str
+    layer: int
+    feature: int
+    similarity: float
+
+
+class SuccessorMatch(NamedTuple):
+    """A feature's best residual successor (at resid_post `layer`)."""
+
+    layer: int
+    feature: int
+    similarity: float
 
 
 class FlowIndex:
@@ -65,15 +84,16 @@ class FlowIndex:
 
     def __init__(self, run: FlowRun):
         self.run = run
-        self.pred: dict[int, _Slot] = {}
+        self.pred: dict[int, _LayerTops] = {}
         t = run.table("predecessors")
         for L, sel in _blocks(t, t.column("layer").to_numpy()):
             n = sel.num_rows
             top_i, top_v = {}, {}
-            for kind in ("res", "mlp", "attn"):
-                top_i[kind], top_v[kind] = _padded(sel.column(f"top_{kind}"), n)
-            self.pred[int(L)] = _Slot(top_i, top_v,
-                                      np.asarray(sel.column("class").to_pylist(), dtype=object))
+            for origin in PRED_KINDS:
+                top_i[origin], top_v[origin] = _padded(sel.column(f"top_{origin}"), n)
+            self.pred[int(L)] = _LayerTops(top_i, top_v,
+                                           np.asarray(sel.column("class").to_pylist(),
+                                                      dtype=object))
         self.succ: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, int | None]] = {}
         s = run.table("successors")
         names = pc.dictionary_encode(s.column("position").combine_chunks())
@@ -82,29 +102,33 @@ class FlowIndex:
             pos, L = sel.column("position")[0].as_py(), sel.column("layer")[0].as_py()
             i, v = _padded(sel.column("top_next"), sel.num_rows)
             self.succ[(pos, L)] = (i, v, sel.column("next_layer")[0].as_py())
+        # layer -> origin -> the SAE matched against (None: the pack has none)
+        self.predecessor_slots = {int(L): run.predecessor_slots(int(L))
+                                  for L in run.manifest["predecessor_slots"]}
+        # the same as written in flow.json ("5/resid_post"), for callers that read strings
         self.pred_slots = {int(L): v for L, v in run.manifest["predecessor_slots"].items()}
 
-    def predecessor(self, layer: int, feature: int, kind: str, rank: int = 0):
-        """(slot position, slot layer, index, similarity) or None."""
-        slot = self.pred_slots.get(layer, {}).get(kind)
+    def predecessor(self, layer: int, feature: int, origin: str, rank: int = 0
+                    ) -> PredecessorMatch | None:
+        """The `rank`-th best predecessor from `origin` ("res", "mlp", "attn"), or None."""
+        slot = self.predecessor_slots.get(layer, {}).get(origin)
         if slot is None:
             return None
-        i = self.pred[layer].top_i[kind][feature]
-        v = self.pred[layer].top_v[kind][feature]
+        i = self.pred[layer].top_i[origin][feature]
+        v = self.pred[layer].top_v[origin][feature]
         if rank >= len(i) or i[rank] < 0:
             return None
-        L, pos = slot.split("/")
-        return pos, int(L), int(i[rank]), float(v[rank])
+        return PredecessorMatch(slot.position, slot.layer, int(i[rank]), float(v[rank]))
 
-    def successor(self, position: str, layer: int, feature: int):
-        """(next layer, index, similarity) or None."""
+    def successor(self, position: str, layer: int, feature: int) -> SuccessorMatch | None:
+        """The best residual successor, or None."""
         entry = self.succ.get((position, layer))
         if entry is None or entry[2] is None:
             return None
         i, v, nl = entry
         if i[feature, 0] < 0:
             return None
-        return nl, int(i[feature, 0]), float(v[feature, 0])
+        return SuccessorMatch(nl, int(i[feature, 0]), float(v[feature, 0]))
 
 
 def trace(run: FlowRun | FlowIndex, seed: str, t_res: float = 0.5, t_mod: float | None = None,
@@ -136,29 +160,31 @@ def trace(run: FlowRun | FlowIndex, seed: str, t_res: float = 0.5, t_mod: float 
                        score=float(score), role=role, **({"class": cls} if cls else {}))
         return nid
 
-    def module_t(layer: int, kind: str) -> float:
+    def module_t(layer: int, origin: str) -> float:
         if t_mod is not None:
             return t_mod
-        entry = run.thresholds.get("layers", {}).get(str(layer), {}).get(kind)
+        entry = run.thresholds.get("layers", {}).get(str(layer), {}).get(origin)
         return float(entry["value"]) if entry else 0.15  # 0.15: the paper's figure
 
     def modules(layer, feature, target):
-        for kind in ("mlp", "attn"):
+        for origin in ("mlp", "attn"):
             for rank in range(mod_k):
-                p = index.predecessor(layer, feature, kind, rank)
-                if p is None or not p[3] >= module_t(layer, kind):
+                p = index.predecessor(layer, feature, origin, rank)
+                if p is None or not p.similarity >= module_t(layer, origin):
                     break
-                src = node(p[1], p[0], p[2], p[3], kind)
-                G.add_edge(src, target, similarity=p[3], kind=kind)
+                src = node(p.layer, p.position, p.feature, p.similarity, origin)
+                G.add_edge(src, target, similarity=p.similarity, kind=origin)
 
     seed_id = node(L, pos, f, 1.0, "seed")
     if pos != "resid_post":  # enter the residual chain through the seed's successor
         s = index.successor(pos, L, f)
-        kind = "attn" if pos.startswith("attn") else "mlp"
-        if s is None or not s[2] >= (module_t(s[0], kind) if pos != "resid_pre" else t_res):
+        origin = "attn" if pos.startswith("attn") else "mlp"
+        if s is None or not s.similarity >= (module_t(s.layer, origin) if pos != "resid_pre"
+                                             else t_res):
             return G
-        L, f = s[0], s[1]
-        G.add_edge(seed_id, node(L, "resid_post", f, s[2], "res"), similarity=s[2], kind="seed")
+        L, f = s.layer, s.feature
+        G.add_edge(seed_id, node(L, "resid_post", f, s.similarity, "res"),
+                   similarity=s.similarity, kind="seed")
     start = (L, f)
     steps = max_steps if max_steps is not None else len(run.layers) + 1
     if direction in ("both", "backward"):
@@ -167,24 +193,25 @@ def trace(run: FlowRun | FlowIndex, seed: str, t_res: float = 0.5, t_mod: float 
             here = feature_id(cur_L, "resid_post", cur_f)
             modules(cur_L, cur_f, here)
             p = index.predecessor(cur_L, cur_f, "res")
-            if p is None or not p[3] >= t_res:
+            if p is None or not p.similarity >= t_res:
                 break
-            G.add_edge(node(p[1], p[0], p[2], p[3], "res"), here, similarity=p[3], kind="res")
-            if p[0] != "resid_post" or p[1] not in index.pred:
+            G.add_edge(node(p.layer, p.position, p.feature, p.similarity, "res"), here,
+                       similarity=p.similarity, kind="res")
+            if p.position != "resid_post" or p.layer not in index.pred:
                 break
-            cur_L, cur_f = p[1], p[2]
+            cur_L, cur_f = p.layer, p.feature
     if direction in ("both", "forward"):
         cur_L, cur_f = start
         if direction == "forward":
             modules(cur_L, cur_f, feature_id(cur_L, "resid_post", cur_f))
         for _ in range(steps):
             s = index.successor("resid_post", cur_L, cur_f)
-            if s is None or not s[2] >= t_res:
+            if s is None or not s.similarity >= t_res:
                 break
             here = feature_id(cur_L, "resid_post", cur_f)
-            nxt = node(s[0], "resid_post", s[1], s[2], "res")
-            G.add_edge(here, nxt, similarity=s[2], kind="res")
-            cur_L, cur_f = s[0], s[1]
+            nxt = node(s.layer, "resid_post", s.feature, s.similarity, "res")
+            G.add_edge(here, nxt, similarity=s.similarity, kind="res")
+            cur_L, cur_f = s.layer, s.feature
             modules(cur_L, cur_f, nxt)
     return G
 

@@ -30,9 +30,7 @@ import numpy as np
 import torch
 
 from saeflow.errors import MatchError
-
-MATCH_METHODS = ("decoder", "encoder", "folded", "permutation")
-NULL_MODELS = ("shuffle", "columns", "rotation", "gaussian")
+from saeflow.flow.config import MATCH_METHODS, NULL_MODELS  # noqa: F401 (their old home)
 
 
 # --- dictionaries ---------------------------------------------------------------------------
@@ -297,44 +295,47 @@ def top_k_cosine(A: torch.Tensor, B: torch.Tensor, k: int = 5, block_a: int = 10
 
 
 # --- null model -----------------------------------------------------------------------------
-def null_top1(A, B, n: int = 2048, kind: str = "shuffle", seed: int = 0, **kw) -> np.ndarray:
+def null_top1(A, B, n: int = 2048, null: str = "shuffle", seed: int = 0, *,
+              kind: str | None = None, **kw) -> np.ndarray:
     """Top-1 similarities to B of `n` directions that carry no relation to B.
 
-    kind="shuffle": rows of A with their coordinates permuted (independently per row): each
+    null="shuffle": rows of A with their coordinates permuted (independently per row): each
     keeps its own distribution of coordinate sizes, but any alignment with B is destroyed.
-    kind="columns": each coordinate drawn from its own column of A (a random row's value per
+    null="columns": each coordinate drawn from its own column of A (a random row's value per
     dimension): every dimension keeps its distribution over A's features, so a component that
     all of A's rows share (a massive residual dimension) stays, but the features' identity is
     gone. Stricter where the dictionaries share such a component.
-    kind="rotation": rows of A turned by one random orthogonal matrix: A's own geometry (its
+    null="rotation": rows of A turned by one random orthogonal matrix: A's own geometry (its
     norms, its anisotropy, the angles among its features) is kept whole, only its alignment with
     B is gone. The strictest of these: a rotated dictionary scores what any dictionary of the
     same shape would, so a threshold above it says "aligned", not "anisotropic too".
-    kind="gaussian": isotropic random directions. Returns float32 [n].
+    null="gaussian": isotropic random directions. Returns float32 [n].
+    `kind`: the former name of `null` (kept for old callers).
     """
+    null = kind if kind is not None else null
     A, B = _as_directions(A), _as_directions(B)
     g = torch.Generator().manual_seed(seed)  # draws on the CPU: the same null on any device
     dev = torch.device(kw.get("device") or "cpu")
-    if kind == "shuffle":
+    if null == "shuffle":
         rows = torch.randperm(A.n, generator=g)[:n].sort().values
         X = gather_rows(A, rows)  # [n, d]
         # the argsort of n x d random keys is the costly part; it runs where the matching does
         perm = torch.argsort(torch.rand(X.shape, generator=g).to(dev), dim=1)
         X = X.to(dev).gather(1, perm).cpu()
-    elif kind == "columns":
+    elif null == "columns":
         rows = torch.randperm(A.n, generator=g)[:max(n, 8192)].sort().values
         S = gather_rows(A, rows)  # [m, d] unit rows: the pool each column is drawn from
         pick = torch.randint(0, len(rows), (min(n, A.n), A.d), generator=g)  # [n, d]
         X = S.gather(0, pick)
-    elif kind == "rotation":
+    elif null == "rotation":
         rows = torch.randperm(A.n, generator=g)[:n].sort().values
         Q, R = torch.linalg.qr(torch.randn(A.d, A.d, generator=g, dtype=torch.float64))
         Q = Q * torch.sign(torch.diagonal(R))  # Haar-distributed (sign fix of the QR)
         X = gather_rows(A, rows) @ Q.float()  # [n, d]
-    elif kind == "gaussian":
+    elif null == "gaussian":
         X = torch.randn(min(n, A.n), A.d, generator=g)
     else:
-        raise MatchError(f"unknown null model {kind!r}; use one of {', '.join(NULL_MODELS)}")
+        raise MatchError(f"unknown null model {null!r}; use one of {', '.join(NULL_MODELS)}")
     m = top_k_pairs(TensorDirections(X), B, k=1, **kw)
     return m.row_values[:, 0].numpy()
 

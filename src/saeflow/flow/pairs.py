@@ -6,31 +6,32 @@ from typing import Literal
 
 import numpy as np
 
-from saeflow.errors import FlowError
+from saeflow.errors import FlowError, HookError, UnknownPositionError
+from saeflow.flow.config import FlowConfig
+from saeflow.flow.inputs import slot_directions
 from saeflow.flow.match import null_top1, permutation_match, top_k_pairs
-from saeflow.flow.predecessors import FlowConfig, slot_directions
 from saeflow.flow.tables import top1_columns, topk_column
-from saeflow.lm.hookpoints import check_position
+from saeflow.ids import Slot
 from saeflow.lm.model import describe_mapping
+from saeflow.saes.packs import Pack
 from saeflow.saes.recipes import open_pack
 
 
-def open_sae_slot(spec: str):
-    """'PATH' (a folder holding one SAE) or 'PATH@LAYER/POSITION' -> (pack, (position, layer))."""
-    path, _, slot = str(spec).partition("@")
+def open_sae_slot(spec: str) -> tuple[Pack, Slot]:
+    """'PATH' (a folder holding one SAE) or 'PATH@LAYER/POSITION' -> (pack, slot)."""
+    path, _, place = str(spec).partition("@")
     pack = open_pack(path)
-    if slot:
+    if place:
         try:
-            layer_s, position = slot.split("/")
-            key = (check_position(position), int(layer_s))
-        except ValueError:
+            slot = Slot.parse(place)
+        except (HookError, UnknownPositionError):  # a malformed place or an unknown position
             raise FlowError(f"write the slot as PATH@LAYER/POSITION, e.g. {path}@12/resid_post; "
                             f"got {spec!r}") from None
-        pack.info(*key)  # clear error if absent
-        return pack, key
+        pack.info(*slot)  # clear error if absent
+        return pack, slot
     if len(pack) != 1:
         raise FlowError(f"{path} holds {len(pack)} SAEs; name one as {path}@LAYER/POSITION")
-    return pack, next(iter(pack.entries))
+    return pack, Slot.of(next(iter(pack.entries)))
 
 
 def match_pair(a_spec: str, b_spec: str,
@@ -72,13 +73,13 @@ def match_pair(a_spec: str, b_spec: str,
     s1, i1 = top1_columns(row_i, row_v, A.n)
     table = pa.table({"feature": pa.array(np.arange(A.n, dtype=np.int32)), "s": s1,
                       "match": i1, "top": topk_column(row_i, row_v, A.n), "mutual": pa.array(mutual)})
-    summary = {"a": a_spec, "b": b_spec, "a_slot": f"{sa[1]}/{sa[0]}", "b_slot": f"{sb[1]}/{sb[0]}",
+    summary = {"a": a_spec, "b": b_spec, "a_slot": str(sa), "b_slot": str(sb),
                "n_a": A.n, "n_b": B.n, "method": method, "k": 1 if method == "permutation" else k,
                "mean_top1": float(s[valid].mean()), "median_top1": float(np.median(s[valid])),
                "null_threshold": t_null, "null_quantile": null_quantile,
                "share_above_null": float((s[valid] >= t_null).mean()),
                "share_mutual_top1": float(mutual.mean()),
                "share_above_0.5": float((s[valid] >= 0.5).mean()),
-               "mapping": {"a": describe_mapping(model, sa[0]) if model else sa[0],
-                           "b": describe_mapping(model, sb[0]) if model else sb[0]}}
+               "mapping": {"a": describe_mapping(model, sa.position) if model else sa.position,
+                           "b": describe_mapping(model, sb.position) if model else sb.position}}
     return summary, table

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from saeflow.flow.graphs import persistence
-from saeflow.flow.predecessors import FlowRun
+from saeflow.flow.run import FlowRun
 from saeflow.ids import CLASSES, PRED_KINDS
 from saeflow.store import atomic_path, write_bytes_atomic
 
 CLASS_COLORS = {"translated": "#4c72b0", "processed": "#8172b3", "newborn": "#dd8452",
                 "unexplained": "#bbbbbb"}
-KIND_NAMES = {"res": "residual (R_{L-1})", "mlp": "MLP (M_L)", "attn": "attention (A_L)"}
+ORIGIN_NAMES = {"res": "residual (R_{L-1})", "mlp": "MLP (M_L)", "attn": "attention (A_L)"}
 
 
 def _plt():
@@ -59,18 +59,19 @@ def class_proportions(run: FlowRun) -> tuple[list[int], dict[str, np.ndarray]]:
 
 
 def similarity_histograms(run: FlowRun, bins: np.ndarray) -> dict[str, np.ndarray]:
-    """kind -> [n_layers, n_bins] fraction of features per top-1 similarity bin."""
+    """origin ("res", "mlp", "attn") -> [n_layers, n_bins] fraction of features per top-1
+    similarity bin."""
     t = run.table("predecessors")
     layers = t.column("layer").to_numpy()
     out = {}
-    for kind in PRED_KINDS:
-        s = t.column(f"s_{kind}").to_numpy(zero_copy_only=False).astype(float)
+    for origin in PRED_KINDS:
+        s = t.column(f"s_{origin}").to_numpy(zero_copy_only=False).astype(float)
         rows = []
         for L in run.layers:
             v = s[(layers == L) & ~np.isnan(s)]
             h = np.histogram(v, bins=bins)[0].astype(float)
             rows.append(h / max(len(v), 1))
-        out[kind] = np.array(rows)
+        out[origin] = np.array(rows)
     return out
 
 
@@ -131,23 +132,23 @@ def write_flow_plots(run: FlowRun, out_dir: str | Path, t_res: float = 0.5) -> l
     # 2. top-1 similarity histograms per layer, with the class thresholds
     bins = np.linspace(-0.2, 1.0, 61)
     hists = similarity_histograms(run, bins)
-    kinds = [k for k in PRED_KINDS if hists[k].sum() > 0]
+    origins = [k for k in PRED_KINDS if hists[k].sum() > 0]
     thr = run.thresholds["layers"]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.8), squeeze=False)
-    pf = make_subplots(rows=1, cols=len(kinds), subplot_titles=[KIND_NAMES[k] for k in kinds])
-    for j, kind in enumerate(kinds):
+    fig, axes = plt.subplots(1, len(origins), figsize=(4.2 * len(origins), 3.8), squeeze=False)
+    pf = make_subplots(rows=1, cols=len(origins), subplot_titles=[ORIGIN_NAMES[k] for k in origins])
+    for j, origin in enumerate(origins):
         ax = axes[0, j]
-        ax.imshow(hists[kind], aspect="auto", origin="lower", cmap="viridis",
+        ax.imshow(hists[origin], aspect="auto", origin="lower", cmap="viridis",
                   extent=[bins[0], bins[-1], layers[0] - 0.5, layers[-1] + 0.5])
-        tx = [thr[str(L)][kind]["value"] if kind in thr[str(L)] else np.nan for L in layers]
+        tx = [thr[str(L)][origin]["value"] if origin in thr[str(L)] else np.nan for L in layers]
         ax.plot(tx, layers, "w--", lw=1, label="threshold")
-        ax.set_title(f"s_{kind}: {KIND_NAMES[kind]}", fontsize=9)
+        ax.set_title(f"s_{origin}: {ORIGIN_NAMES[origin]}", fontsize=9)
         ax.set_xlabel("top-1 similarity")
         ax.set_ylabel("layer")
-        pf.add_trace(go.Heatmap(z=hists[kind], x=(bins[:-1] + bins[1:]) / 2, y=layers,
+        pf.add_trace(go.Heatmap(z=hists[origin], x=(bins[:-1] + bins[1:]) / 2, y=layers,
                                 coloraxis="coloraxis"), row=1, col=j + 1)
         pf.add_trace(go.Scatter(x=tx, y=layers, mode="lines", line=dict(color="white", dash="dash"),
-                                name=f"threshold {kind}"), row=1, col=j + 1)
+                                name=f"threshold {origin}"), row=1, col=j + 1)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     save_png_atomic(fig, out_dir / "similarity_histograms.png")

@@ -5,10 +5,15 @@ null in the table, never a magic number. Top-k lists are list<struct<feature, si
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
 
-from saeflow.ids import PRED_KINDS
+from saeflow.ids import PRED_KINDS, Slot
+
+if TYPE_CHECKING:
+    from saeflow.flow.inputs import LayerSlots
 
 TOPK_TYPE = pa.list_(pa.struct([("feature", pa.int32()), ("similarity", pa.float32())]))
 
@@ -39,35 +44,38 @@ def _live_column(live: dict | None, slot, n: int) -> pa.Array:
     return pa.array(np.ones(n, bool) if mask is None else np.asarray(mask, bool))
 
 
-def predecessor_table(plans, results: dict, thresholds: dict, live: dict | None = None
-                      ) -> pa.Table:
-    """One row per (layer, resid_post feature): top-1 and top-k per predecessor kind, class,
-    and `live` (False: a latent flagged dead or rare, left out of the statistics)."""
+def predecessor_table(chosen: list[LayerSlots], results: dict, thresholds: dict,
+                      live: dict | None = None) -> pa.Table:
+    """One row per (layer, resid_post feature): top-1 and top-k per predecessor origin (res,
+    mlp, attn), class, and `live` (False: a latent flagged dead or rare, left out of the
+    statistics). `results`: {layer: compute_layer's arrays}."""
     tables = []
-    for p in plans:
-        r = results[p.layer]
+    for entry in chosen:
+        r = results[entry.layer]
         n = int(r["n_resid"])
-        cols = {"layer": pa.array(np.full(n, p.layer, np.int16)),
+        cols = {"layer": pa.array(np.full(n, entry.layer, np.int16)),
                 "feature": pa.array(np.arange(n, dtype=np.int32))}
         scores = {}
-        for kind in PRED_KINDS:
-            has = p.preds[kind] is not None
-            idx = r[f"{kind}_row_i"] if has else None
-            val = r[f"{kind}_row_v"] if has else None
+        for origin in PRED_KINDS:
+            has = entry.preds[origin] is not None
+            idx = r[f"{origin}_row_i"] if has else None
+            val = r[f"{origin}_row_v"] if has else None
             s, i = top1_columns(idx, val, n)
-            cols[f"s_{kind}"], cols[f"pred_{kind}"] = s, i
-            cols[f"top_{kind}"] = topk_column(idx, val, n)
-            scores[kind] = val[:, 0].astype(np.float64) if val is not None else np.full(n, np.nan)
-        t = thresholds[p.layer]
+            cols[f"s_{origin}"], cols[f"pred_{origin}"] = s, i
+            cols[f"top_{origin}"] = topk_column(idx, val, n)
+            scores[origin] = (val[:, 0].astype(np.float64) if val is not None
+                              else np.full(n, np.nan))
+        t = thresholds[entry.layer]
         cols["class"] = pa.array(classify(scores["res"], scores["mlp"], scores["attn"],
-                                          *(t[k]["value"] if k in t else np.inf
-                                            for k in PRED_KINDS)), type=pa.string())
-        cols["live"] = _live_column(live, p.resid, n)
+                                          *(t[o]["value"] if o in t else np.inf
+                                            for o in PRED_KINDS)), type=pa.string())
+        cols["live"] = _live_column(live, entry.resid, n)
         tables.append(pa.table(cols))
     return pa.concat_tables(tables)
 
 
-def successor_table(plans, results: dict, pack, live: dict | None = None) -> pa.Table:
+def successor_table(chosen: list[LayerSlots], results: dict, pack,
+                    live: dict | None = None) -> pa.Table:
     """One row per (layer, position, feature) of every matched SAE: its best matches downstream.
 
     resid_post L -> resid_post L+1; mlp_out / attn_out (attn_z) L -> resid_post L. Residual
@@ -75,29 +83,29 @@ def successor_table(plans, results: dict, pack, live: dict | None = None) -> pa.
     """
     tables, seen = [], set()
 
-    def add(layer, position, n, next_layer, idx, val):
+    def add(slot: Slot, n, next_layer, idx, val):
         s, i = top1_columns(idx, val, n)
         nl = pa.nulls(n, pa.int16()) if next_layer is None else \
             pa.array(np.full(n, next_layer, np.int16))
         npos = pa.nulls(n, pa.string()) if next_layer is None else \
             pa.array(["resid_post"] * n, pa.string())
         tables.append(pa.table({
-            "layer": pa.array(np.full(n, layer, np.int16)),
-            "position": pa.array([position] * n, pa.string()),
+            "layer": pa.array(np.full(n, slot.layer, np.int16)),
+            "position": pa.array([slot.position] * n, pa.string()),
             "feature": pa.array(np.arange(n, dtype=np.int32)),
             "next_layer": nl, "next_position": npos, "s_next": s, "next": i,
-            "top_next": topk_column(idx, val, n), "live": _live_column(live, (position, layer), n)}))
-        seen.add((position, layer))
+            "top_next": topk_column(idx, val, n), "live": _live_column(live, slot, n)}))
+        seen.add(slot)
 
-    for p in plans:
-        r = results[p.layer]
-        for kind, slot in p.preds.items():
+    for entry in chosen:
+        r = results[entry.layer]
+        for origin, slot in entry.preds.items():
             if slot is not None and slot not in seen:
-                add(slot[1], slot[0], int(r[f"{kind}_n"]), p.layer, r[f"{kind}_col_i"],
-                    r[f"{kind}_col_v"])
-    for p in plans:
-        if p.resid not in seen:
-            add(p.layer, "resid_post", int(results[p.layer]["n_resid"]), None, None, None)
+                add(slot, int(r[f"{origin}_n"]), entry.layer, r[f"{origin}_col_i"],
+                    r[f"{origin}_col_v"])
+    for entry in chosen:
+        if entry.resid not in seen:
+            add(entry.resid, int(results[entry.layer]["n_resid"]), None, None, None)
     return pa.concat_tables(tables)
 
 
