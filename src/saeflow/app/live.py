@@ -13,8 +13,8 @@ import torch
 
 from saeflow.app.views import graph_json
 from saeflow.errors import AppError, SaeflowError
-from saeflow.ids import feature_id, parse_feature
-from saeflow.lm.hooks import HookPoint, capture
+from saeflow.ids import Slot, feature_id, parse_feature
+from saeflow.lm.hooks import capture
 from saeflow.lm.model import load_model
 from saeflow.saes.recipes import open_pack
 from saeflow.steering.generate import decode, encode_prompt, generate
@@ -71,27 +71,27 @@ class LiveModel:
 
         model, pack = self.load()
         ids = model.tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]  # [1, T]
-        slots = sorted(pack.entries, key=lambda s: (s[1], s[0]))
-        acts = capture(model, ids, [HookPoint(p, L) for p, L in slots])
+        slots = sorted((Slot.of(k) for k in pack.entries), key=lambda s: (s.layer, s.position))
+        acts = capture(model, ids, slots)
         T = ids.shape[1]
         tok_text = [model.tokenizer.decode([i]) for i in ids[0].tolist()]
         per_slot = []
         active: dict[str, float] = {}  # features active at the chosen token
         t_sel = T - 1 if token is None else max(0, min(int(token), T - 1))
-        for p, L in slots:
-            sae = self.sae(p, L)
+        for slot in slots:
+            sae = self.sae(slot.position, slot.layer)
             with torch.inference_mode():
-                z = sae.encode(acts[HookPoint(p, L)][0].float().cpu())  # [T, d_sae]
+                z = sae.encode(acts[slot][0].float().cpu())  # [T, d_sae]
             k = min(top_k, z.shape[1])
             val, idx = z.topk(k, dim=1)  # [T, k]
             rows = []
             for t in range(T):
                 rows.append([{"feature": int(i), "activation": round(float(v), 4)}
                              for v, i in zip(val[t].tolist(), idx[t].tolist()) if v > 0])
-            per_slot.append({"layer": L, "position": p, "n_active": (z > 0).sum(1).tolist(),
-                             "top": rows})
+            per_slot.append({"layer": slot.layer, "position": slot.position,
+                             "n_active": (z > 0).sum(1).tolist(), "top": rows})
             for e in rows[t_sel]:
-                active[feature_id(L, p, e["feature"])] = e["activation"]
+                active[slot.feature(e["feature"])] = e["activation"]
         graph = self._active_subgraph(active, flow_index) if flow_index is not None else None
         if graph is not None and labels is not None:
             lab = labels(list(graph))

@@ -14,12 +14,12 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow.parquet as pq
 
-from saeflow.errors import AppError, FlowError
+from saeflow.errors import AppError, FlowError, MissingResultError
 from saeflow.evolution.tables import open_stats
 from saeflow.features.tables import open_index
 from saeflow.flow.graphs import FlowIndex, persistence, trace
 from saeflow.flow.predecessors import open_flow
-from saeflow.ids import feature_id, parse_feature
+from saeflow.ids import Slot, feature_id, parse_feature
 
 LANES = {"resid_post": 0, "mlp_out": 1, "attn_out": 2, "attn_z": 2, "resid_pre": 0,
          "mlp_raw": 1, "attn_raw": 2,
@@ -48,7 +48,7 @@ class RunData:
     def flow(self):
         try:
             return open_flow(self.root)
-        except (ValueError, FileNotFoundError):
+        except MissingResultError:
             return None
 
     @cached_property
@@ -60,7 +60,7 @@ class RunData:
     def index(self):
         try:
             idx = open_index(self.root)
-        except ValueError:
+        except MissingResultError:
             return None
         if self.flow is not None and idx.manifest.get("identity", {}).get("pack") not in (
                 None, self.flow.manifest["pack"]["fingerprint"]):
@@ -88,7 +88,7 @@ class RunData:
     def stats(self):
         try:
             return open_stats(self.root)
-        except ValueError:
+        except MissingResultError:
             return None
 
     @cached_property
@@ -115,8 +115,9 @@ class RunData:
 
     def info(self) -> dict:
         slots = self.slots()
-        layers = sorted({int(k.split("/")[0]) for k in slots})
-        positions = sorted({k.split("/")[1] for k in slots}, key=lambda p: LANES.get(p, 9))
+        places = [Slot.parse(k) for k in slots]
+        layers = sorted({s.layer for s in places})
+        positions = sorted({s.position for s in places}, key=lambda p: LANES.get(p, 9))
         out: dict[str, Any] = {"run": self.root.name, "layers": layers, "positions": positions,
                "slots": slots, "has": {"flow": self.flow is not None,
                                        "index": self.index is not None,
@@ -153,13 +154,18 @@ class RunData:
             L, pos, f = parse_feature(spec)
         except FlowError as e:
             raise NotFound(str(e)) from None
-        n = self.slots().get(f"{L}/{pos}")
+        slot = Slot(pos, L)
+        n = self.slots().get(str(slot))
         if n is None:
             raise NotFound(f"this run has no SAE at {pos} layer {L}; its slots are "
                            f"{', '.join(sorted(self.slots())[:12])}")
         if not 0 <= f < n:
-            raise NotFound(f"feature {f} is out of range for {L}/{pos} (0..{n - 1})")
+            raise NotFound(f"feature {f} is out of range for {slot} (0..{n - 1})")
         return L, pos, f
+
+    def has_index_for(self, slot: Slot) -> bool:
+        """Whether the run's feature index holds the SAE at `slot`."""
+        return self.index is not None and str(slot) in self.index.manifest["slots"]
 
     def labels(self, ids: list[str]) -> dict[str, dict]:
         return self.index.labels(ids) if self.index is not None and ids else {}
@@ -181,9 +187,9 @@ class RunData:
                     slot = slots.get(kind)
                     if slot is None or not row.get(f"top_{kind}"):
                         continue
-                    sL, spos = slot.split("/")
+                    place = Slot.parse(slot)
                     out["predecessors"][kind] = [
-                        {"id": feature_id(int(sL), spos, int(e["feature"])),
+                        {"id": place.feature(e["feature"]),
                          "similarity": float(e["similarity"])}
                         for e in row[f"top_{kind}"] if e["feature"] >= 0]
         t = self.flow.table("successors")
@@ -246,7 +252,7 @@ class RunData:
         L, pos, f = self.check_feature(spec)
         fid = feature_id(L, pos, f)
         page: dict = {"id": fid, "layer": L, "position": pos, "feature": f, "index": None}
-        if self.index is not None and f"{L}/{pos}" in self.index.manifest["slots"]:
+        if self.has_index_for(Slot(pos, L)):
             row = self.index_row(L, pos, f)
             page["index"] = {k: jsonable(v) for k, v in row.items()}
         page.update(self.predecessors(fid))
@@ -340,8 +346,8 @@ class RunData:
                                    "down_position", "down", "pearson"],
                           filters=[("pearson", ">=", float(min_similarity))]).to_pandas()
         e = e[e.up_position == e.down_position]
-        src = e.up_layer.astype(str) + "/" + e.up_position + "/" + e.up.astype(str)
-        dst = e.down_layer.astype(str) + "/" + e.down_position + "/" + e.down.astype(str)
+        src = _feature_ids(e.up_layer, e.up_position, e.up)
+        dst = _feature_ids(e.down_layer, e.down_position, e.down)
         G = nx.DiGraph()
         for u, v, w in zip(src, dst, e.pearson.to_numpy(float)):
             cu, cv = self.communities.get(u), self.communities.get(v)
@@ -374,6 +380,18 @@ def _row(table, **eq) -> dict | None:
         mask = m if mask is None else pc.and_(mask, m)
     sel = table.filter(mask)
     return sel.slice(0, 1).to_pylist()[0] if sel.num_rows else None
+
+
+def _feature_ids(layers, positions, indices) -> list[str]:
+    """The feature ids of three table columns (one Slot per place: edge tables are long)."""
+    slots: dict[tuple[int, str], Slot] = {}
+    out = []
+    for L, pos, f in zip(layers.tolist(), positions.tolist(), indices.tolist()):
+        slot = slots.get((L, pos))
+        if slot is None:
+            slot = slots[(L, pos)] = Slot(pos, L)
+        out.append(slot.feature(f))
+    return out
 
 
 def _num(v):
