@@ -11,14 +11,9 @@ from saeflow import HookPoint, capture, load_pack
 from saeflow.errors import ConfigError, TrainingError
 from saeflow.lm.corpora import Corpus
 from saeflow.saes.evaluate import evaluate_pack
-from saeflow.saes.train import (
-    SAETrainer,
-    TrainConfig,
-    _csr_rows,
-    _GatherPre,
-    _moments,
-    train_family,
-)
+from saeflow.saes.train import SAETrainer, StackedTrainer, TrainConfig, train_family
+from saeflow.saes.train.kernels import GatherPre, csr_rows
+from saeflow.saes.train.recipe import moments
 
 
 def tiny_cfg(**kw):
@@ -51,7 +46,7 @@ def test_sparse_backward_matches_dense_autograd():
     with torch.no_grad():
         xc = x - bd
         pre2 = xc @ W + b
-    vals = _GatherPre.apply(pre2[rows, cols], xc, W, b, bd, cols, _csr_rows(rows, B))
+    vals = GatherPre.apply(pre2[rows, cols], xc, W, b, bd, cols, csr_rows(rows, B))
     (vals * w.reshape(-1)).sum().backward()
     for got, want in zip([W.grad, b.grad, bd.grad], ref):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -155,8 +150,6 @@ def test_bad_input_writes_nothing(tiny_models, tmp_path):
 @pytest.mark.parametrize("engine", ["sparse", "stacked"])
 def test_nan_is_reported_with_the_sae_and_checkpoint_kept(tiny_models, tmp_path, monkeypatch,
                                                           engine):
-    from saeflow.saes.train import StackedTrainer
-
     m = tiny_models["llama"]
     cls = SAETrainer if engine == "sparse" else StackedTrainer
     real_step = cls.step
@@ -287,8 +280,6 @@ def test_stacked_engine_equals_the_sparse_trainer(arch, norm, aux, aux_k):
     """The batched GPU engine computes the same steps as the per-SAE sparse one (fp32, CPU):
     same init per seed, same losses (AuxK included), same Adam, same dead-latent bookkeeping.
     aux_k 8: the top 8 dead latents of each row; 256 (the width): every dead latent."""
-    from saeflow.saes.train import StackedTrainer
-
     cfg = TrainConfig(width=256, k=2, architecture=arch, tokens=4096, batch_size=64, lr=1e-3,
                       dead_tokens=64, aux_k=aux_k, input_norm=norm,  # AuxK is exercised
                       aux_activation=aux)
@@ -328,7 +319,7 @@ def test_stacked_engine_equals_the_sparse_trainer(arch, norm, aux, aux_k):
             ref = (getattr(stacked, name)[1] if eng is back
                    else torch.stack([getattr(t, name) for t in singles]))
             assert torch.equal(getattr(eng, name).detach(), ref.detach())
-    assert back.step_i == stacked.step_i and back.input_scale == stacked.scales[1]
+    assert back.step_i == stacked.step_i and back.input_scale == stacked.input_scales[1]
 
 
 def test_train_family_stacked_engine_writes_the_same_pack(tiny_models, tmp_path):
@@ -465,8 +456,6 @@ def test_linear_auxk_revives_latents_whose_preactivations_are_all_negative(aux, 
 
 
 def test_resampling_revives_dead_latents_identically_in_both_engines():
-    from saeflow.saes.train import StackedTrainer
-
     cfg = TrainConfig(width=128, k=4, tokens=2048, batch_size=64, lr=1e-3, dead_tokens=64,
                       resample_dead=True)
     t, x = _starved_trainer(cfg)
@@ -485,7 +474,7 @@ def test_resampling_revives_dead_latents_identically_in_both_engines():
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):  # SAETrainer holds W_enc transposed
         torch.testing.assert_close(getattr(st, name).detach()[0], getattr(t, name).detach(),
                                    atol=1e-5, rtol=1e-5)
-    ma, mb = _moments(t), _moments(st, 0)  # Adam moments of the resampled latents are reset
+    ma, mb = moments(t), moments(st, 0)  # Adam moments of the resampled latents are reset
     for name in ma:
         for va, vb in zip(ma[name], mb[name], strict=True):
             torch.testing.assert_close(vb, va, atol=1e-6, rtol=1e-5)

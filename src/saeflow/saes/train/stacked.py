@@ -1,0 +1,209 @@
+"""The stacked engine: the SAEs of one input width stepped as one batched dense problem (bmm;
+fastest on a GPU)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from saeflow.saes.sae import SAE
+from saeflow.saes.train import recipe
+from saeflow.saes.train.config import TrainConfig
+
+
+class StackedTrainer:
+    """S SAEs of one input width trained as one batched problem, for GPUs.
+
+    The same recipe as SAETrainer, step for step (same init per seed, same losses, same Adam),
+    but dense and batched: pre-activations [S, B, n] from one bmm, TopK / BatchTopK as a scatter
+    into a dense code, decoding as a second bmm, gradients from autograd. Nothing in a step waits
+    for the host: dead-latent bookkeeping, AuxK and the metrics stay on the device, and metrics
+    are read once per chunk (`metrics()`). In fp32 it equals SAETrainer to rounding; with a bf16
+    `enc_dtype` both products run in bf16 (parameters, Adam and losses stay fp32).
+    """
+
+    engine = "stacked"
+
+    def __init__(self, d_in: int, cfg: TrainConfig, steps_total: int, device, seeds: list[int],
+                 enc_dtype: torch.dtype):
+        self.cfg, self.d_in, self.n, self.S = cfg, d_in, cfg.width, len(seeds)
+        self.steps_total, self.enc_dtype, self.seeds = steps_total, enc_dtype, list(seeds)
+        W_dec = torch.stack([recipe.init_decoder(self.n, d_in, s) for s in seeds])  # [S, n, d_in]
+        self.W_enc = W_dec.transpose(1, 2).contiguous().to(device).requires_grad_()  # [S, d_in, n]
+        self.W_dec = W_dec.to(device).requires_grad_()
+        self.b_enc = torch.zeros(self.S, self.n, device=device, requires_grad=True)
+        self.b_dec = torch.zeros(self.S, d_in, device=device, requires_grad=True)
+        self.params = [self.W_enc, self.W_dec, self.b_enc, self.b_dec]
+        fused = torch.device(device).type in ("cpu", "cuda")
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
+        self.input_scale: torch.Tensor | None = None  # [S] single factors, fixed by the first chunk
+        self.input_scales: list[float] = []  # the same as Python floats, as SAETrainer keeps them
+        self.dim_scale: torch.Tensor | None = None  # [S, d_in] with input_norm "dim"
+        self.step_i = 0
+        self.since_fired = torch.zeros(self.S, self.n, dtype=torch.long, device=device)
+        self.fired_ever = torch.zeros(self.S, self.n, dtype=torch.bool, device=device)
+        self.thr_sum = torch.zeros(self.S, dtype=torch.float64, device=device)
+        self.thr_count = torch.zeros(self.S, dtype=torch.long, device=device)
+        self.aux_k = recipe.aux_k_of(cfg, d_in)
+        self.dead_tokens = recipe.dead_tokens_of(cfg)
+        self._last: dict[str, torch.Tensor] = {}  # metric -> [S], on the device
+
+    @property
+    def initialised(self) -> bool:
+        return self.input_scale is not None
+
+    def _view(self, i: int) -> recipe.SAEView:
+        return recipe.SAEView(self.W_enc[i], self.W_dec[i], self.b_enc[i], self.b_dec[i])
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        """x [S, N, d_in] (first chunk): input scales and b_dec at the geometric medians."""
+        init = recipe.init_scales(x.float(), self.cfg, ratio_in_float32=False)
+        self.input_scales, self.dim_scale = init.input_scale, init.dim_scale
+        self.input_scale = torch.tensor(self.input_scales, device=x.device)  # [S]
+        self.b_dec.copy_(init.median)
+
+    def _code(self, pre: torch.Tensor, k: int, batch_level: bool, linear: bool = False):
+        """Dense code [S, B, n] of the top-k pre-activations (per row, or per batch); relu'd,
+        or with their sign (`linear`; -inf, a masked entry, counts as 0)."""
+        S, B, n = pre.shape
+        if batch_level:
+            vals, pos = pre.reshape(S, B * n).topk(B * k, dim=1)  # [S, B*k]
+            z = torch.zeros_like(pre).reshape(S, B * n).scatter(1, pos, torch.relu(vals))
+            return z.reshape(S, B, n), vals
+        vals, idx = pre.topk(k, dim=-1)  # [S, B, k]
+        acts = torch.where(torch.isfinite(vals), vals, 0.0) if linear else torch.relu(vals)
+        return torch.zeros_like(pre).scatter(-1, idx, acts), vals
+
+    def step(self, x: torch.Tensor) -> None:
+        """x [S, B, d_in] raw activations; updates the parameters (no host sync)."""
+        cfg, dt = self.cfg, self.enc_dtype
+        S, B, _ = x.shape
+        assert self.input_scale is not None  # fixed by the first chunk
+        x = x.float() * self.input_scale[:, None, None]
+        if self.dim_scale is not None:
+            x = x * self.dim_scale[:, None, :]
+        xc = x - self.b_dec[:, None, :]
+        pre = torch.baddbmm(self.b_enc[:, None, :].to(dt), xc.to(dt), self.W_enc.to(dt))
+        batch_level = cfg.architecture == "batchtopk"
+        z, vals = self._code(pre, cfg.k, batch_level)  # [S, B, n]
+        W_dec = self.W_dec.to(dt)
+        recon = torch.bmm(z, W_dec).float() + self.b_dec[:, None, :]
+        err = recon - x
+        mse = err.pow(2).sum((1, 2)) / B  # [S]
+        # AuxK: the top aux_k pre-activations among dead latents explain the residual error.
+        with torch.no_grad():
+            dead = self.since_fired > self.dead_tokens  # [S, n]
+            has_dead = dead.any(1)
+        masked = pre.masked_fill(~dead[:, None, :], float("-inf"))
+        az, _ = self._code(masked, min(self.aux_k, self.n), False,
+                           linear=cfg.aux_activation == "linear")
+        arecon = torch.bmm(az, W_dec).float()
+        aux = (arecon - err.detach().neg()).pow(2).sum((1, 2)) / B * has_dead  # [S]
+        loss = (mse + cfg.aux_coef * aux).sum()
+        for p in self.params:
+            p.grad = None
+        loss.backward()
+        with torch.no_grad():
+            g = self.W_dec.grad  # keep decoder rows on the unit sphere
+            assert g is not None
+            g.addcmul_(torch.linalg.vecdot(g, self.W_dec)[..., None], self.W_dec, value=-1)
+            for group in self.opt.param_groups:
+                group["lr"] = recipe.lr_at(cfg, self.steps_total, self.step_i)
+            self.opt.step()
+            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            on = z > 0
+            fired = on.any(1)  # [S, n]
+            self.since_fired += B
+            self.since_fired.masked_fill_(fired, 0)
+            self.fired_ever |= fired
+            if batch_level and self.step_i >= recipe.threshold_from(cfg, self.steps_total):
+                pos = vals > 0
+                least = torch.where(pos, vals, torch.inf).amin(1).double()
+                self.thr_sum += torch.where(pos.any(1), least, 0.0)
+                self.thr_count += pos.any(1)
+            var = (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
+            self._last = {"fvu": err.pow(2).sum((1, 2)) / var, "l0": on.sum((1, 2)) / B,
+                          "dead": dead.float().mean(1), "loss": mse + cfg.aux_coef * aux,
+                          "aux": aux}
+        self.step_i += 1
+
+    @torch.no_grad()
+    def resample(self, x: torch.Tensor) -> int:
+        """x [S, N, d_in] raw chunk: SAETrainer.resample for each SAE of the stack."""
+        cfg = self.cfg
+        if not cfg.resample_dead or self.step_i >= recipe.decay_start(cfg, self.steps_total):
+            return 0
+        assert self.input_scale is not None
+        total = 0
+        for i in range(self.S):
+            dead = self.since_fired[i] > self.dead_tokens
+            n_dead = int(dead.sum())
+            if n_dead == 0:
+                continue
+            xs = x[i].float() * self.input_scale[i]
+            if self.dim_scale is not None:
+                xs = xs * self.dim_scale[i]
+            recipe.resample_sae(xs, dead, sae=self._view(i), moments=recipe.moments(self, i),
+                                reconstruct=functools.partial(self._reconstruct, i),
+                                batch_size=cfg.batch_size,
+                                seed=recipe.resample_seed(self.seeds[i], self.step_i))
+            self.since_fired[i][dead] = 0
+            total += n_dead
+        return total
+
+    def _reconstruct(self, i: int, xs: torch.Tensor) -> torch.Tensor:
+        """xs [B, d_in] scaled inputs of SAE i -> its reconstruction [B, d_in]."""
+        pre = torch.addmm(self.b_enc[i], xs - self.b_dec[i], self.W_enc[i])[None]
+        z, _ = self._code(pre, self.cfg.k, self.cfg.architecture == "batchtopk")
+        return z[0] @ self.W_dec[i] + self.b_dec[i]
+
+    def metrics(self) -> list[dict]:
+        """The last step's metrics, one dict per SAE (one host sync)."""
+        cols = {k: v.detach().float().cpu().tolist() for k, v in self._last.items()}
+        return [{k: cols[k][i] for k in cols} for i in range(self.S)]
+
+    def export(self, i: int, metadata: dict) -> SAE:
+        return recipe.export_sae(
+            self._view(i), self.cfg, input_scale=self.input_scales[i],
+            dim_scale=None if self.dim_scale is None else self.dim_scale[i],
+            threshold=float(self.thr_sum[i]) / max(1, int(self.thr_count[i])), metadata=metadata)
+
+    # --- checkpoints: one SAETrainer-shaped state per SAE, so either engine can resume ---------
+    def state_dict(self, i: int) -> dict:
+        opt = self.opt.state_dict()
+        per = {j: {k: (v[i].clone() if torch.is_tensor(v) and v.dim() > 0 else v)
+                   for k, v in st.items()} for j, st in opt["state"].items()}
+        return recipe.sae_state(
+            params=[p[i].detach().clone() for p in self.params],
+            opt={"state": per, "param_groups": opt["param_groups"]},
+            input_scale=None if self.input_scale is None else self.input_scales[i],
+            dim_scale=None if self.dim_scale is None else self.dim_scale[i].clone(),
+            step_i=self.step_i, since_fired=self.since_fired[i].clone(),
+            fired_ever=self.fired_ever[i].clone(),
+            thr=(float(self.thr_sum[i]), int(self.thr_count[i])),
+            last=self.metrics()[i] if self._last else {})
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        dev = self.W_enc.device
+        with torch.no_grad():
+            for j, p in enumerate(self.params):
+                p.copy_(torch.stack([s["params"][j] for s in states]).to(dev))
+        opt = self.opt.state_dict()
+        first = states[0]["opt"]["state"]
+        opt["state"] = {j: {k: (torch.stack([s["opt"]["state"][j][k] for s in states]).to(dev)
+                                if torch.is_tensor(v) and v.dim() > 0 else v)
+                            for k, v in st.items()} for j, st in first.items()}
+        opt["param_groups"] = states[0]["opt"]["param_groups"]
+        self.opt.load_state_dict(opt)
+        self.input_scales = [s["input_scale"] for s in states]
+        self.input_scale = (None if self.input_scales[0] is None
+                            else torch.tensor(self.input_scales, device=dev))
+        dims = [s.get("dim_scale") for s in states]  # all set, or none (one config)
+        self.dim_scale = (None if dims[0] is None
+                          else torch.stack([d for d in dims if d is not None]).to(dev))
+        self.step_i = states[0]["step_i"]
+        self.since_fired.copy_(torch.stack([s["since_fired"] for s in states]))
+        self.fired_ever.copy_(torch.stack([s["fired_ever"] for s in states]))
+        self.thr_sum.copy_(torch.tensor([float(s["thr"][0]) for s in states]))
+        self.thr_count.copy_(torch.tensor([int(s["thr"][1]) for s in states]))
