@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from saeflow.errors import FlowError
 from saeflow.flow.run import FlowRun
-from saeflow.ids import PRED_KINDS, feature_id, parse_feature
+from saeflow.ids import PRED_KINDS, Slot, feature_id, parse_feature
 from saeflow.store import write_json_atomic
 
 LANES = {"attn_out": 1.0, "attn_z": 1.0, "attn_raw": 1.0, "resid_post": 0.0, "resid_pre": 0.0,
@@ -59,7 +59,16 @@ class _LayerTops:
 
     top_i: dict  # origin ("res", "mlp", "attn") -> [n, k] int64 (-1 missing)
     top_v: dict  # origin -> [n, k] float32 (nan missing)
-    cls: np.ndarray | None = None
+    cls: np.ndarray  # [n] object: each feature's class
+
+
+@dataclass
+class _SuccessorTops:
+    """The top-k successor lists of one SAE's features, all at resid_post `next_layer`."""
+
+    top_i: np.ndarray  # [n, k] int64 (-1 missing)
+    top_v: np.ndarray  # [n, k] float32 (nan missing)
+    next_layer: int | None  # None: the last layer's residual features have no successor
 
 
 class PredecessorMatch(NamedTuple):
@@ -94,14 +103,14 @@ class FlowIndex:
             self.pred[int(L)] = _LayerTops(top_i, top_v,
                                            np.asarray(sel.column("class").to_pylist(),
                                                       dtype=object))
-        self.succ: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, int | None]] = {}
+        self.succ: dict[Slot, _SuccessorTops] = {}
         s = run.table("successors")
         names = pc.dictionary_encode(s.column("position").combine_chunks())
         key = names.indices.to_numpy().astype(np.int64) * 100_000 + s.column("layer").to_numpy()
         for _, sel in _blocks(s, key):
             pos, L = sel.column("position")[0].as_py(), sel.column("layer")[0].as_py()
             i, v = _padded(sel.column("top_next"), sel.num_rows)
-            self.succ[(pos, L)] = (i, v, sel.column("next_layer")[0].as_py())
+            self.succ[Slot(pos, L)] = _SuccessorTops(i, v, sel.column("next_layer")[0].as_py())
         # layer -> origin -> the SAE matched against (None: the pack has none)
         self.predecessor_slots = {int(L): run.predecessor_slots(int(L))
                                   for L in run.manifest["predecessor_slots"]}
@@ -122,13 +131,11 @@ class FlowIndex:
 
     def successor(self, position: str, layer: int, feature: int) -> SuccessorMatch | None:
         """The best residual successor, or None."""
-        entry = self.succ.get((position, layer))
-        if entry is None or entry[2] is None:
+        tops = self.succ.get(Slot(position, layer))
+        if tops is None or tops.next_layer is None or tops.top_i[feature, 0] < 0:
             return None
-        i, v, nl = entry
-        if i[feature, 0] < 0:
-            return None
-        return SuccessorMatch(nl, int(i[feature, 0]), float(v[feature, 0]))
+        return SuccessorMatch(tops.next_layer, int(tops.top_i[feature, 0]),
+                              float(tops.top_v[feature, 0]))
 
 
 def trace(run: FlowRun | FlowIndex, seed: str, t_res: float = 0.5, t_mod: float | None = None,
@@ -149,71 +156,87 @@ def trace(run: FlowRun | FlowIndex, seed: str, t_res: float = 0.5, t_mod: float 
     G = nx.DiGraph(seed=feature_id(L, pos, f), t_res=t_res,
                    t_mod=t_mod if t_mod is not None else "per layer (flow null)", mod_k=mod_k,
                    pack=run.manifest["pack"]["fingerprint"])
-
-    def node(layer, position, feature, score, role):
-        nid = feature_id(layer, position, feature)
-        if nid not in G:
-            cls = None
-            if position == "resid_post" and layer in index.pred:
-                cls = str(index.pred[layer].cls[feature])
-            G.add_node(nid, layer=layer, position=position, feature=feature,
-                       score=float(score), role=role, **({"class": cls} if cls else {}))
-        return nid
-
-    def module_t(layer: int, origin: str) -> float:
-        if t_mod is not None:
-            return t_mod
-        entry = run.thresholds.get("layers", {}).get(str(layer), {}).get(origin)
-        return float(entry["value"]) if entry else 0.15  # 0.15: the paper's figure
-
-    def modules(layer, feature, target):
-        for origin in ("mlp", "attn"):
-            for rank in range(mod_k):
-                p = index.predecessor(layer, feature, origin, rank)
-                if p is None or not p.similarity >= module_t(layer, origin):
-                    break
-                src = node(p.layer, p.position, p.feature, p.similarity, origin)
-                G.add_edge(src, target, similarity=p.similarity, kind=origin)
-
-    seed_id = node(L, pos, f, 1.0, "seed")
+    tracer = _Tracer(index, G, t_res=t_res, t_mod=t_mod, mod_k=mod_k)
+    seed_id = tracer.node(L, pos, f, 1.0, "seed")
     if pos != "resid_post":  # enter the residual chain through the seed's successor
         s = index.successor(pos, L, f)
         origin = "attn" if pos.startswith("attn") else "mlp"
-        if s is None or not s.similarity >= (module_t(s.layer, origin) if pos != "resid_pre"
-                                             else t_res):
+        if s is None or not s.similarity >= (tracer.module_t(s.layer, origin)
+                                             if pos != "resid_pre" else t_res):
             return G
         L, f = s.layer, s.feature
-        G.add_edge(seed_id, node(L, "resid_post", f, s.similarity, "res"),
+        G.add_edge(seed_id, tracer.node(L, "resid_post", f, s.similarity, "res"),
                    similarity=s.similarity, kind="seed")
-    start = (L, f)
     steps = max_steps if max_steps is not None else len(run.layers) + 1
     if direction in ("both", "backward"):
-        cur_L, cur_f = start
-        for _ in range(steps):
-            here = feature_id(cur_L, "resid_post", cur_f)
-            modules(cur_L, cur_f, here)
-            p = index.predecessor(cur_L, cur_f, "res")
-            if p is None or not p.similarity >= t_res:
-                break
-            G.add_edge(node(p.layer, p.position, p.feature, p.similarity, "res"), here,
-                       similarity=p.similarity, kind="res")
-            if p.position != "resid_post" or p.layer not in index.pred:
-                break
-            cur_L, cur_f = p.layer, p.feature
+        tracer.backward(L, f, steps)
     if direction in ("both", "forward"):
-        cur_L, cur_f = start
-        if direction == "forward":
-            modules(cur_L, cur_f, feature_id(cur_L, "resid_post", cur_f))
-        for _ in range(steps):
-            s = index.successor("resid_post", cur_L, cur_f)
-            if s is None or not s.similarity >= t_res:
-                break
-            here = feature_id(cur_L, "resid_post", cur_f)
-            nxt = node(s.layer, "resid_post", s.feature, s.similarity, "res")
-            G.add_edge(here, nxt, similarity=s.similarity, kind="res")
-            cur_L, cur_f = s.layer, s.feature
-            modules(cur_L, cur_f, nxt)
+        tracer.forward(L, f, steps, modules_at_start=direction == "forward")
     return G
+
+
+class _Tracer:
+    """Grows one flow graph: nodes are added once, links only at or above their thresholds."""
+
+    def __init__(self, index: FlowIndex, G: nx.DiGraph, *, t_res: float, t_mod: float | None,
+                 mod_k: int):
+        self.index, self.G = index, G
+        self.t_res, self.t_mod, self.mod_k = t_res, t_mod, mod_k
+
+    def node(self, layer: int, position: str, feature: int, score: float, role: str) -> str:
+        nid = feature_id(layer, position, feature)
+        if nid not in self.G:
+            cls = None
+            if position == "resid_post" and layer in self.index.pred:
+                cls = str(self.index.pred[layer].cls[feature])
+            self.G.add_node(nid, layer=layer, position=position, feature=feature,
+                            score=float(score), role=role, **({"class": cls} if cls else {}))
+        return nid
+
+    def module_t(self, layer: int, origin: str) -> float:
+        """The link threshold of an MLP or attention predecessor at `layer`."""
+        if self.t_mod is not None:
+            return self.t_mod
+        entry = self.index.run.thresholds.get("layers", {}).get(str(layer), {}).get(origin)
+        return float(entry["value"]) if entry else 0.15  # 0.15: the paper's figure
+
+    def modules(self, layer: int, feature: int, target: str) -> None:
+        """Link the best `mod_k` MLP and attention predecessors of a residual feature."""
+        for origin in ("mlp", "attn"):
+            for rank in range(self.mod_k):
+                p = self.index.predecessor(layer, feature, origin, rank)
+                if p is None or not p.similarity >= self.module_t(layer, origin):
+                    break
+                src = self.node(p.layer, p.position, p.feature, p.similarity, origin)
+                self.G.add_edge(src, target, similarity=p.similarity, kind=origin)
+
+    def backward(self, layer: int, feature: int, steps: int) -> None:
+        """Follow the top-1 residual predecessor while it reaches t_res."""
+        for _ in range(steps):
+            here = feature_id(layer, "resid_post", feature)
+            self.modules(layer, feature, here)
+            p = self.index.predecessor(layer, feature, "res")
+            if p is None or not p.similarity >= self.t_res:
+                break
+            self.G.add_edge(self.node(p.layer, p.position, p.feature, p.similarity, "res"), here,
+                            similarity=p.similarity, kind="res")
+            if p.position != "resid_post" or p.layer not in self.index.pred:
+                break
+            layer, feature = p.layer, p.feature
+
+    def forward(self, layer: int, feature: int, steps: int, modules_at_start: bool) -> None:
+        """Follow the top-1 residual successor while it reaches t_res."""
+        if modules_at_start:
+            self.modules(layer, feature, feature_id(layer, "resid_post", feature))
+        for _ in range(steps):
+            s = self.index.successor("resid_post", layer, feature)
+            if s is None or not s.similarity >= self.t_res:
+                break
+            here = feature_id(layer, "resid_post", feature)
+            nxt = self.node(s.layer, "resid_post", s.feature, s.similarity, "res")
+            self.G.add_edge(here, nxt, similarity=s.similarity, kind="res")
+            layer, feature = s.layer, s.feature
+            self.modules(layer, feature, nxt)
 
 
 def persistence(run: FlowRun | FlowIndex, t_res: float = 0.5) -> dict[int, np.ndarray]:
@@ -223,17 +246,15 @@ def persistence(run: FlowRun | FlowIndex, t_res: float = 0.5) -> dict[int, np.nd
     layers = sorted(index.pred)
     out: dict[int, np.ndarray] = {}
     for L in reversed(layers):
-        cls = index.pred[L].cls
-        assert cls is not None  # FlowIndex reads the class of every resid_post feature
-        n = len(cls)
-        entry = index.succ.get(("resid_post", L))
-        i, v, nl = entry if entry is not None else (None, None, None)
-        if i is None or v is None or nl is None or nl not in out:
+        n = len(index.pred[L].cls)
+        tops = index.succ.get(Slot("resid_post", L))
+        if tops is None or tops.next_layer is None or tops.next_layer not in out:
             out[L] = np.zeros(n, np.int32)
             continue
+        i, v = tops.top_i, tops.top_v
         ok = (i[:, 0] >= 0) & (v[:, 0] >= t_res)
         length = np.zeros(n, np.int32)
-        length[ok] = 1 + out[nl][i[ok, 0]]
+        length[ok] = 1 + out[tops.next_layer][i[ok, 0]]
         out[L] = length
     return {L: out[L] for L in layers}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saeflow.errors import FlowError, MissingResultError
+from saeflow.errors import FlowError, MissingResultError, UnknownPositionError
 from saeflow.ids import CLASSES, Slot
 from saeflow.saes.packs import pack_fingerprint
 
@@ -45,7 +45,11 @@ class FlowRun:
         return {Slot.parse(key): int(n) for key, n in self.manifest["slots"].items()}
 
     def n_features(self, position: str, layer: int) -> int | None:
-        return self.slots().get((position, layer))
+        """How many features the SAE at `position` `layer` has; None: the flow has none there."""
+        try:
+            return self.slots().get(Slot(position, layer))
+        except UnknownPositionError:
+            return None
 
     def predecessor_slots(self, layer: int) -> dict[str, Slot | None]:
         """{origin ("res", "mlp", "attn"): the SAE the residual features of `layer` were
