@@ -7,9 +7,13 @@ import torch
 
 from saeflow.cli.main import main
 from saeflow.errors import FlowError
+from saeflow.flow.compute import run_flow
+from saeflow.flow.config import FlowConfig
 from saeflow.flow.graphs import FlowIndex, load_graph, node_link, persistence, trace, write_graph
-from saeflow.flow.predecessors import FlowConfig, open_flow, plan_layers, run_flow
+from saeflow.flow.inputs import layer_slots
+from saeflow.flow.run import open_flow
 from saeflow.flow.tables import classify
+from saeflow.ids import Slot
 from saeflow.saes.packs import save_pack
 from saeflow.saes.sae import SAE, random_sae
 
@@ -147,6 +151,24 @@ def test_classes_follow_thresholds(planted, tmp_path):
                  progress=False)
 
 
+def test_the_reader_speaks_slots_and_named_matches(planted_run):
+    run = planted_run
+    assert all(isinstance(slot, Slot) for slot in run.slots())
+    assert run.slots()[Slot("resid_post", 1)] == N == run.n_features("resid_post", 1)
+    assert run.n_features("resid_mid", 1) is None and run.n_features("resid_post", 99) is None
+    assert run.predecessor_slots(1) == {"res": Slot("resid_post", 0), "mlp": Slot("mlp_out", 1),
+                                        "attn": Slot("attn_out", 1)}
+    assert run.predecessor_slots(0)["res"] is None
+    idx = FlowIndex(run)
+    p = idx.predecessor(2, 5, "res")
+    assert (p.position, p.layer) == ("resid_post", 1)
+    assert p == (p.position, p.layer, p.feature, p.similarity)  # still a tuple for old callers
+    assert idx.predecessor(0, 5, "res") is None
+    s = idx.successor("resid_post", 1, p.feature)
+    assert s is not None and s.layer == 2 and s == (s.layer, s.feature, s.similarity)
+    assert idx.successor("resid_post", LAYERS - 1, 0) is None  # the last layer has none
+
+
 def test_trace_is_cut_exactly_at_the_thresholds(planted_run):
     idx = FlowIndex(planted_run)
     G = trace(idx, "2/resid_post/5", t_res=0.5, t_mod=0.15)
@@ -228,16 +250,16 @@ def test_methods_permutation_folded_encoder(planted, tmp_path):
 def test_bad_input(planted, planted_run, tmp_path):
     pack, _ = planted
     with pytest.raises(FlowError, match=r"no resid_post SAE at layers \[7, 9\]"):
-        plan_layers(pack, [1, 7, 9])
+        layer_slots(pack, [1, 7, 9])
     odd = save_pack([("resid_post", 0, random_sae(D, 64)), ("resid_post", 1, random_sae(D + 1, 64))],
                     tmp_path / "odd", model_name="x", d_model=D, n_layers=2)
     with pytest.raises(FlowError, match="disagree on d_model"):
-        plan_layers(odd)
+        layer_slots(odd)
     gap = save_pack([("resid_post", L, random_sae(D, 64, seed=L)) for L in range(3)] +
                     [("mlp_out", 0, random_sae(D, 64)), ("mlp_out", 2, random_sae(D, 64))],
                     tmp_path / "gap", model_name="x", d_model=D, n_layers=3)
     with pytest.raises(FlowError, match="mlp_out 1"):
-        plan_layers(gap)
+        layer_slots(gap)
     with pytest.raises(FlowError, match="out of range"):
         trace(planted_run, f"1/resid_post/{N}")
     with pytest.raises(FlowError, match="unknown position|position"):
@@ -281,7 +303,7 @@ def test_cli_flow_trace_match(planted, tmp_path, capsys):
 def test_attn_z_mapping_equals_the_real_output_path(tiny_models, tmp_path):
     """Directions mapped through W_O (and Gemma's post-attention norm gain) point where the
     model's own o_proj + norm send them."""
-    from saeflow.flow.predecessors import slot_directions
+    from saeflow.flow.inputs import slot_directions
     from saeflow.lm.model import attn_z_mapping
 
     for family in ("gemma3", "gemma2", "llama", "gpt2"):

@@ -140,12 +140,12 @@ def test_columns_null_keeps_a_component_that_every_feature_shares():
         return W
     A, B = dictionary(), dictionary()
     real = top_k_pairs(A, B, k=1).row_values[:, 0].numpy()  # no real relation between A and B
-    row = float(np.quantile(null_top1(A, B, n=1024, kind="shuffle"), 0.99))
-    col = float(np.quantile(null_top1(A, B, n=1024, kind="columns"), 0.99))
+    row = float(np.quantile(null_top1(A, B, n=1024, null="shuffle"), 0.99))
+    col = float(np.quantile(null_top1(A, B, n=1024, null="columns"), 0.99))
     assert (real >= row).mean() > 0.9  # the row shuffle calls most unrelated pairs related
     assert (real >= col).mean() < 0.05 and col > row
     with pytest.raises(Exception, match="columns"):
-        null_top1(A, B, kind="rows")
+        null_top1(A, B, null="rows")
 
 
 def test_rotation_null_keeps_the_geometry_and_breaks_the_alignment():
@@ -156,8 +156,10 @@ def test_rotation_null_keeps_the_geometry_and_breaks_the_alignment():
     g = torch.Generator().manual_seed(1)
     A = torch.randn(512, 48, generator=g)
     assert torch.allclose(top_k_pairs(A, A, k=1).row_values[:, 0], torch.ones(512), atol=1e-5)
-    v = null_top1(A, A, n=256, kind="rotation", seed=3)
+    v = null_top1(A, A, n=256, null="rotation", seed=3)
     assert v.shape == (256,) and float(np.median(v)) < 0.8
+    assert np.array_equal(v, null_top1(A, A, n=256, null="rotation", seed=3))
+    # `kind`, the former name of `null`, still works
     assert np.array_equal(v, null_top1(A, A, n=256, kind="rotation", seed=3))
 
 
