@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 from saeflow.checks import at_least, dtype_choice, finite, flag, fraction
 from saeflow.errors import ConfigError
-from saeflow.lm.corpora import DEFAULT_SPEC, check_corpus_spec
+from saeflow.lm.corpus_spec import DEFAULT_SPEC, check_corpus_spec
 from saeflow.lm.hookpoints import check_position
 
 if TYPE_CHECKING:

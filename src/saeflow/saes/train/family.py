@@ -64,7 +64,7 @@ def prepare_training(model, cfg: TrainConfig, out: Path, overwrite: bool
     cfg.layers = cfg.layers if cfg.layers is not None else list(range(model.n_layers))
     cfg.validate(model)
     # "auto" dtypes become the concrete ones of this device here, once: the identity, the
-    # checkpoint and every Ray group then carry the same dtype (issue 30).
+    # checkpoint and every Ray group then carry the same dtype.
     cfg.encoder_dtype = dtype_name(resolve_encoder_dtype(cfg.encoder_dtype, model.device))
     cfg.model_dtype = dtype_name(resolve_encoder_dtype(cfg.model_dtype, model.device))
     ident = {"model": model.name, **cfg.identity()}
