@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from saeflow.errors import FlowError
 from saeflow.flow.run import FlowRun
 from saeflow.ids import PRED_KINDS, Slot, feature_id, parse_feature
-from saeflow.store import write_json_atomic
+from saeflow.store import atomic_path, write_json_atomic
 
 LANES = {"attn_out": 1.0, "attn_z": 1.0, "attn_raw": 1.0, "resid_post": 0.0, "resid_pre": 0.0,
          "mlp_out": -1.0, "mlp_raw": -1.0}
@@ -288,9 +288,8 @@ def write_graph(G: nx.DiGraph, out_dir: str | Path, formats=("json", "graphml", 
                          for n, d in G.nodes(data=True))
         H.add_edges_from(G.edges(data=True))
         H.graph.update({k: v for k, v in G.graph.items() if v is not None})
-        tmp = out_dir / ".graph.graphml.tmp"
-        nx.write_graphml(H, tmp)
-        tmp.replace(out_dir / "graph.graphml")
+        with atomic_path(out_dir / "graph.graphml") as tmp:
+            nx.write_graphml(H, tmp)
         written["graphml"] = out_dir / "graph.graphml"
     pics = [f for f in ("svg", "png") if f in formats]
     if pics:
