@@ -213,7 +213,7 @@ def test_quantiles_from_hist_match_each_features_cdf():
     """The vectorised quantiles equal, activation by activation, its own feature's CDF bin."""
     import numpy as np
 
-    from saeflow.features.tables import HIST_EDGES, _quantiles_from_hist
+    from saeflow.features.writer import HIST_EDGES, _quantiles_from_hist
 
     rng = np.random.default_rng(0)
     nb = len(HIST_EDGES) - 1

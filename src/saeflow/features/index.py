@@ -15,41 +15,24 @@ Written to RUN/index/: features.parquet, examples.parquet, index.json. Queried w
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from saeflow.errors import FeatureIndexError
-from saeflow.features.tables import (
-    HIST_EDGES,
-    INDEX_DIR,
-    INDEX_MANIFEST,
-    FeatureIndex,
-    open_index,
-    write_index,
-)
+from saeflow.features.config import IndexConfig
+from saeflow.features.tables import INDEX_DIR, INDEX_MANIFEST, FeatureIndex, open_index
+from saeflow.features.writer import HIST_EDGES, write_index
+from saeflow.ids import Slot
 from saeflow.lm.corpora import TokenBatch
 from saeflow.saes.packs import pack_fingerprint
-from saeflow.saes.scan import CorpusPassConfig, PassJob, PassParts, pass_identity
+from saeflow.saes.scan import PassJob, PassParts, pass_identity
 from saeflow.scale import ScaleConfig
 from saeflow.scale.shards import run_jobs
 from saeflow.store import finished_pass
 
-
-@dataclass
-class IndexConfig(CorpusPassConfig):
-    n_top: int = 16  # top contexts kept per feature
-    n_samples: int = 8  # random contexts kept per feature (a bottom-k sketch)
-    window_left: int = 10  # tokens kept left of the activating token
-    window_right: int = 3  # tokens kept right of it
-    n_logits: int = 10  # logit-lens tokens kept per feature and sign
-    checkpoint_every_s: float = 120.0  # seconds between saved states (a killed pass resumes)
-
-    @property
-    def window(self) -> int:
-        return self.window_left + 1 + self.window_right
+__all__ = ["IndexConfig", "build_index", "index_job"]
 
 
 class _Reservoir:
@@ -230,12 +213,12 @@ class _IndexShard:
 
     def state(self) -> dict:
         return {"unigram": self.unigram.clone(),
-                "stats": {f"{L}/{p}": st.state() for (p, L), st in self.stats.items()}}
+                "stats": {str(Slot.of(slot)): st.state() for slot, st in self.stats.items()}}
 
     def load(self, st: dict) -> None:
         self.unigram = st["unigram"].clone()
-        for (p, L), s in self.stats.items():
-            s.load(st["stats"][f"{L}/{p}"])
+        for slot, s in self.stats.items():
+            s.load(st["stats"][str(Slot.of(slot))])
 
     def merge(self, other: "_IndexShard") -> None:
         self.unigram += other.unigram

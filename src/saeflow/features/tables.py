@@ -11,173 +11,40 @@
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
+from saeflow.errors import FeatureIndexError, MissingResultError, UnreadableTableError
+from saeflow.ids import Slot
+from saeflow.store import open_manifest
 
 if TYPE_CHECKING:
     import networkx as nx
+    import numpy as np
 
     from saeflow.features.lens import LogitLens
-
-from saeflow.errors import FeatureIndexError, MissingResultError, UnreadableTableError
-from saeflow.features.labels import auto_label, token_strings
-from saeflow.ids import Slot
-from saeflow.store import open_manifest, write_json_atomic
 
 INDEX_DIR = "index"
 INDEX_MANIFEST = "index.json"
 INDEX_FORMAT = "saeflow-index"
-# Log-spaced histogram edges for nonzero activations: 1e-3 .. 1e4, 56 bins (ends clamp).
-HIST_EDGES = torch.logspace(-3, 4, 57)
-
+EXPLANATIONS = "explanations.parquet"  # see explain.py
 # the per-feature columns of features.parquet that slot_column reads
 FEATURE_COLUMNS = ("count", "density", "mean_act", "max_act", "label", "neuronpedia")
 
-NEURONPEDIA = "https://www.neuronpedia.org"
-EXPLANATIONS = "explanations.parquet"  # see explain.py
+# The writing half lives in features/writer.py (it needs torch); its names stay importable
+# from here, loaded on first use.
+_WRITER_NAMES = ("HIST_EDGES", "NEURONPEDIA", "neuronpedia_url", "write_index",
+                 "_quantiles_from_hist")
 
 
-def neuronpedia_url(np_id: str | None, feature: int) -> str | None:
-    """'gemma-2-2b/12-gemmascope-res-16k' + feature -> the feature's Neuronpedia page."""
-    return f"{NEURONPEDIA}/{np_id}/{feature}" if np_id else None
-
-
-def _quantiles_from_hist(hist: np.ndarray, features: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Where each activation values[i] falls in the distribution of its feature features[i]
-    (the CDF from that feature's row of hist [d, bins]), for all of them at once."""
-    edges = HIST_EDGES.numpy()
-    cdf = np.cumsum(hist, axis=1) / np.maximum(hist.sum(axis=1, keepdims=True), 1)
-    b = np.clip(np.searchsorted(edges, values) - 1, 0, hist.shape[1] - 1)
-    return cdf[features, b]
-
-
-def write_index(root: Path, pack, model, saes: dict, stats: dict, unigram: torch.Tensor, cfg,
-                ident: dict, tokens: int, seconds: float, progress: bool = True) -> None:
-    from tqdm.auto import tqdm
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = {name: root / f".{name}.parquet.tmp" for name in ("features", "examples", "tokens")}
-    needed_ids: set[int] = set()
-    freq = unigram.numpy()
-    writers: dict[str, pq.ParquetWriter] = {}
-    slot_list = list(saes)
-    try:
-        for slot in slot_list:  # the token strings the tables need
-            for res in (stats[slot].top, stats[slot].sample):
-                needed_ids.update(np.unique(res.win_ids.numpy()).tolist())
-        strings = token_strings(model.tokenizer, needed_ids)
-        for slot in tqdm(slot_list, desc="index: tables", disable=not progress, unit="sae"):
-            pos, L = slot
-            st = stats[slot]
-            d = st.count.shape[0]
-            count = st.count.numpy()
-            np_id = pack.entries[slot].extra.get("neuronpedia_id")
-            c = cfg.window_left
-            labels, chars = [], []
-            tv = st.top.value.numpy()
-            tk = st.top.key.numpy()
-            centers = st.top.win_ids[:, :, c].numpy()
-            for f in range(d):
-                ok = np.isfinite(tk[f])
-                # from the activating tokens alone: the logit lens is not computed here
-                label, words = auto_label(centers[f][ok].tolist(), tv[f][ok].tolist(), [],
-                                          strings, freq, tokens)
-                labels.append(label)
-                chars.append(words)
-
-            feats = pa.table({
-                "layer": pa.array(np.full(d, L, np.int16)),
-                "position": pa.array([pos] * d),
-                "feature": pa.array(np.arange(d, dtype=np.int32)),
-                "id": pa.array([f"{L}/{pos}/{f}" for f in range(d)]),
-                "count": pa.array(count),
-                "density": pa.array(count / max(tokens, 1)),
-                "mean_act": pa.array((st.total.numpy() / np.maximum(count, 1)).astype(np.float32)),
-                "max_act": pa.array(st.max.numpy()),
-                "hist": pa.array(list(st.hist.numpy().astype(np.int32)),
-                                 type=pa.list_(pa.int32())),
-                "label": pa.array(labels),
-                "top_tokens": pa.array(chars, type=pa.list_(pa.string())),
-                "neuronpedia": pa.array([neuronpedia_url(np_id, f) for f in range(d)],
-                                        type=pa.string()),
-            })
-            _append(writers, "features", tmp["features"], feats)
-            for kind, res in (("top", st.top), ("sample", st.sample)):
-                key = res.key.numpy()
-                f_idx, rank = np.nonzero(np.isfinite(key))
-                if kind == "sample":  # report samples in order of activation
-                    val = res.value.numpy()
-                    order = np.lexsort((-val[f_idx, rank], f_idx))
-                    f_idx, rank = f_idx[order], rank[order]
-                val = res.value.numpy()[f_idx, rank]
-                n = len(f_idx)
-                q = _quantiles_from_hist(st.hist.numpy(), f_idx, val).astype(np.float32)
-                W = res.win_ids.shape[2]
-                ex = pa.table({
-                    "layer": pa.array(np.full(n, L, np.int16)),
-                    "position": pa.array([pos] * n),
-                    "feature": pa.array(f_idx.astype(np.int32)),
-                    "kind": pa.array([kind] * n),
-                    "rank": pa.array(_ranks(f_idx).astype(np.int16)),
-                    "activation": pa.array(val.astype(np.float32)),
-                    "quantile": pa.array(q),
-                    "doc_id": pa.array(res.doc.numpy()[f_idx, rank]),
-                    "token_index": pa.array(res.tok.numpy()[f_idx, rank]),
-                    "center": pa.array(np.full(n, c, np.int16)),
-                    "token_ids": pa.FixedSizeListArray.from_arrays(
-                        pa.array(res.win_ids.numpy()[f_idx, rank].ravel()), W),
-                    "acts": pa.FixedSizeListArray.from_arrays(
-                        pa.array(res.win_act.numpy()[f_idx, rank].astype(np.float32).ravel()), W),
-                })
-                _append(writers, "examples", tmp["examples"], ex)
-        ids = sorted(strings)
-        _append(writers, "tokens", tmp["tokens"], pa.table({
-            "id": pa.array(ids, pa.int32()), "text": pa.array([strings[i] for i in ids]),
-            "corpus_count": pa.array(freq[ids] if ids else np.zeros(0, np.int64))}))
-        for w in writers.values():
-            w.close()
-        writers.clear()
-        # Old or new, never a mix: the manifest goes first, the tables one by one, the new
-        # manifest last; a kill in between leaves no index (a rerun resumes from .state).
-        (root / INDEX_MANIFEST).unlink(missing_ok=True)
-        for name, path in tmp.items():
-            os.replace(path, root / f"{name}.parquet")
-    finally:
-        for w in writers.values():
-            w.close()
-        for path in tmp.values():
-            if path.exists():
-                path.unlink()
-    write_json_atomic(root / INDEX_MANIFEST, {
-        "format": INDEX_FORMAT, "identity": ident, "tokens": tokens, "seconds": round(seconds, 1),
-        "slots": {f"{L}/{p}": saes[(p, L)].d_sae for p, L in slot_list},
-        "hist_edges": HIST_EDGES.tolist(), "window": [cfg.window_left, cfg.window_right],
-        "n_logits": cfg.n_logits, "model_source": model.source,
-        "pack_root": str(pack.root), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-
-
-def _ranks(f_idx: np.ndarray) -> np.ndarray:
-    """0, 1, 2, ... within each run of equal feature ids."""
-    if len(f_idx) == 0:
-        return np.zeros(0, np.int64)
-    starts = np.r_[0, np.flatnonzero(np.diff(f_idx)) + 1]
-    lengths = np.diff(np.r_[starts, len(f_idx)])
-    return np.arange(len(f_idx)) - np.repeat(starts, lengths)
-
-
-def _append(writers: dict, name: str, path: Path, table: pa.Table) -> None:
-    if name not in writers:
-        writers[name] = pq.ParquetWriter(path, table.schema, compression="zstd")
-    writers[name].write_table(table)
+def __getattr__(name: str) -> Any:
+    if name in _WRITER_NAMES:
+        return getattr(importlib.import_module("saeflow.features.writer"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- reading and search ---------------------------------------------------------------------
@@ -198,11 +65,22 @@ class FeatureIndex:
 
     def _with_lens(self, row: dict) -> dict:
         if self.lens is not None:
-            row.update(self.lens.feature((row["position"], row["layer"]), row["feature"]))
+            row.update(self.lens.feature(Slot(row["position"], row["layer"]), row["feature"]))
         else:
             row.setdefault("logit_top", None)
             row.setdefault("logit_bottom", None)
         return row
+
+    def _slot_key(self, layer: int, position: str) -> str:
+        """The manifest key of the SAE at (layer, position); FeatureIndexError when the index
+        holds none there."""
+        try:
+            key = str(Slot(position, layer))
+        except ValueError:  # a position saeflow does not know: no SAE of the index is there
+            key = None
+        if key not in self.manifest["slots"]:
+            raise FeatureIndexError(f"the index has no SAE at {position} layer {layer}")
+        return key
 
     def _con(self):
         import duckdb
@@ -223,10 +101,8 @@ class FeatureIndex:
 
     def feature(self, layer: int, position: str, feature: int) -> dict:
         """Everything about one feature: stats, label, logit lens, examples with token text."""
-        key = f"{layer}/{position}"
-        n = self.manifest["slots"].get(key)
-        if n is None:
-            raise FeatureIndexError(f"the index has no SAE at {position} layer {layer}")
+        key = self._slot_key(layer, position)
+        n = self.manifest["slots"][key]
         if not 0 <= feature < n:
             raise FeatureIndexError(f"feature {feature} is out of range for {key} (0..{n - 1})")
         con = self._con()
@@ -251,8 +127,7 @@ class FeatureIndex:
 
     def slot_features(self, layer: int, position: str) -> list[dict]:
         """feature() for every feature of one SAE, in two queries (exports read whole SAEs)."""
-        if f"{layer}/{position}" not in self.manifest["slots"]:
-            raise FeatureIndexError(f"the index has no SAE at {position} layer {layer}")
+        self._slot_key(layer, position)
         con = self._con()
         rows = _rows(con.execute(
             "SELECT f.*, e.explanation FROM features f LEFT JOIN explanations e USING (id) "
@@ -267,7 +142,7 @@ class FeatureIndex:
         by_feature: dict[int, dict] = {r["feature"]: {**r, "examples": [], "samples": []}
                                        for r in rows}
         if self.lens is not None:  # the whole SAE in one tiled pass
-            for r, lens in zip(rows, self.lens.slot((position, layer))):
+            for r, lens in zip(rows, self.lens.slot(Slot(position, layer))):
                 by_feature[r["feature"]].update(lens)
         else:
             for r in by_feature.values():
@@ -303,6 +178,8 @@ class FeatureIndex:
     def firing_counts(self) -> "dict[Slot, np.ndarray]":
         """{slot: [d] tokens each feature was active on} for every SAE of the index, in slot
         order (position, then layer); a feature without a count counts 0."""
+        import numpy as np
+
         rows = self._con().execute("SELECT position, layer, feature, count FROM features "
                                    "ORDER BY position, layer, feature").fetchall()
         by: dict[Slot, list[tuple[int, int]]] = {}
@@ -372,9 +249,8 @@ class FeatureIndex:
         rows = _rows(con.execute(sql, [q, q, q, q, q, limit]))
         if self.lens is None:
             return rows
-        slots = [(k.split("/")[1], int(k.split("/")[0])) for k in self.manifest["slots"]]
-        hits = {f"{s[1]}/{s[0]}/{h['feature']}": h for h in self.lens.search(q, slots)
-                for s in [h["slot"]]}
+        slots = [Slot.parse(k) for k in self.manifest["slots"]]
+        hits = {Slot.of(h["slot"]).feature(h["feature"]): h for h in self.lens.search(q, slots)}
         by_id = {r["id"]: r for r in rows}
         missing = [i for i in hits if i not in by_id]
         if missing:

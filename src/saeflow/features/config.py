@@ -1,0 +1,21 @@
+"""IndexConfig: the settings of the feature index pass. Import-light (no torch, numpy or
+pandas): the command line reads it to build its options."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from saeflow.saes.scan import CorpusPassConfig  # TODO(H6): saes.pass_config once committed
+
+
+@dataclass
+class IndexConfig(CorpusPassConfig):
+    n_top: int = 16  # top contexts kept per feature
+    n_samples: int = 8  # random contexts kept per feature (a bottom-k sketch)
+    window_left: int = 10  # tokens kept left of the activating token
+    window_right: int = 3  # tokens kept right of it
+    n_logits: int = 10  # logit-lens tokens kept per feature and sign
+    checkpoint_every_s: float = 120.0  # seconds between saved states (a killed pass resumes)
+
+    @property
+    def window(self) -> int:
+        return self.window_left + 1 + self.window_right
