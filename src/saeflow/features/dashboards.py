@@ -36,6 +36,7 @@ import torch
 
 from saeflow.errors import FeatureIndexError, UsageError
 from saeflow.features.tables import open_index
+from saeflow.ids import Slot, feature_id
 from saeflow.store import write_json_atomic
 
 DASHBOARD_DIR = "dashboards"
@@ -83,7 +84,7 @@ def feature_dashboard(row: dict, hist_edges: list[float], model_id: str | None) 
     top, bottom = row.get("logit_top") or [], row.get("logit_bottom") or []
     return {
         "modelId": model_id, "layer": _source_id(L, pos), "index": f,
-        "saeflowId": f"{L}/{pos}/{f}",
+        "saeflowId": feature_id(L, pos, f),
         "frac_nonzero": float(row["density"]), "maxActApprox": float(row["max_act"]),
         "meanAct": float(row["mean_act"]),
         "pos_str": [t["token"] for t in top], "pos_values": [float(t["logit"]) for t in top],
@@ -259,7 +260,7 @@ def export_dashboards(run: str | os.PathLike, out: str | os.PathLike | None = No
         raise UsageError(f"unknown dashboard format {format!r}; use one of {', '.join(FORMATS)}")
     ix = open_index(run)
     have = ix.manifest["slots"]
-    slots = slots or sorted(have, key=lambda s: (int(s.split("/")[0]), s))
+    slots = slots or sorted(have, key=lambda s: (Slot.parse(s).layer, s))
     unknown = [s for s in slots if s not in have]
     if unknown:
         raise FeatureIndexError(f"the index has no SAE at {', '.join(unknown)}; it has "
@@ -282,18 +283,18 @@ def export_dashboards(run: str | os.PathLike, out: str | os.PathLike | None = No
               "n_tokens_in_prompt": ctx, "dataset": str(cfg.get("corpus") or "")}
     written = []
     for slot in slots:
-        L, pos = slot.split("/")
-        rows = ix.slot_features(int(L), pos)
+        pos, L = Slot.parse(slot)
+        rows = ix.slot_features(L, pos)
         if format == "saeflow":
             path = out / f"{L}-{pos}.json"
             write_json_atomic(path, [feature_dashboard(r, edges, model_id) for r in rows])
         else:
-            sae, logits = _slot_decoder(pack, model, int(L), pos)
+            sae, logits = _slot_decoder(pack, model, L, pos)
             feats = [neuronpedia_feature(r, edges, corpus, _decoder_facts(sae, logits, r["feature"]))
                      for r in rows]
             path = out / f"{L}-{pos}" / "batch-0.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, {"model_id": model_id, "layer": int(L),
+            write_json_atomic(path, {"model_id": model_id, "layer": L,
                                      "sae_set": sae_set or f"saeflow-{pos}",
                                      "sae_id_suffix": None, "features": feats})
         written.append(path)

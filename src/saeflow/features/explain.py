@@ -16,17 +16,18 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from saeflow.errors import ExplainError, FeatureIndexError
+from saeflow.features.explain_config import ExplainerConfig
 from saeflow.features.lens import open_index_with_lens
 from saeflow.features.tables import EXPLANATIONS, open_index
 from saeflow.ids import parse_feature
-from saeflow.llm import LLMEndpoint, post_chat
+from saeflow.llm import post_chat
+from saeflow.store import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +37,6 @@ SYSTEM_PROMPT = (
     "<<like this>>, and the numbers in [brackets] after tokens are the feature's activation "
     "there. You also get the tokens the feature's direction promotes in the output. Reply with "
     "one short phrase (at most 12 words) that says what the feature responds to. No preamble.")
-
-
-@dataclass
-class ExplainerConfig(LLMEndpoint):
-    n_examples: int = 8  # top contexts shown per feature
-    max_tokens: int = 48  # the reply's length cap
-    temperature: float = 0.0  # sampling temperature of the reply
-    save_every: int = 16  # features between atomic rewrites of the table
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 1 <= self.n_examples <= 64:
-            raise ExplainError("n_examples must be between 1 and 64")
 
 
 def feature_prompt(row: dict, n_examples: int) -> str:
@@ -101,22 +89,10 @@ def select_features(index, features: list[str] | None = None, layers: list[int] 
             L, p, i = parse_feature(f)
             index.feature(L, p, i)  # raises a clear error for unknown slots and indices
         return [str(f) for f in features]
-    where: list[str] = ["count > 0"]
-    args: list[int | str] = []
-    if layers:
-        where.append(f"layer IN ({', '.join('?' * len(layers))})")
-        args += list(layers)
-    if positions:
-        where.append(f"position IN ({', '.join('?' * len(positions))})")
-        args += list(positions)
-    sql = f"SELECT id FROM features WHERE {' AND '.join(where)} ORDER BY density DESC, id"
-    if limit:
-        sql += f" LIMIT {int(limit)}"
-    return [r[0] for r in index._con().execute(sql, args).fetchall()]
+    return index.active_ids(layers, positions, limit)
 
 
 def _write(root: Path, rows: list[dict]) -> None:
-    tmp = root / f".{EXPLANATIONS}.tmp"
     table = pa.table({
         "id": pa.array([r["id"] for r in rows], pa.string()),
         "layer": pa.array([r["layer"] for r in rows], pa.int16()),
@@ -126,8 +102,8 @@ def _write(root: Path, rows: list[dict]) -> None:
         "llm": pa.array([r["llm"] for r in rows], pa.string()),
         "created": pa.array([r["created"] for r in rows], pa.float64()),
     })
-    pq.write_table(table, tmp)
-    os.replace(tmp, root / EXPLANATIONS)
+    with atomic_path(root / EXPLANATIONS) as tmp:
+        pq.write_table(table, tmp)  # pyarrow's default compression (snappy), as always
 
 
 def explain_features(run: str | os.PathLike, cfg: ExplainerConfig, features: list[str] | None = None,

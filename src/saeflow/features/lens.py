@@ -15,14 +15,24 @@ top-n logit tokens hold the token (docs/method.md).
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 
 from saeflow.features.labels import logit_lens, token_strings, unembed_directions
+from saeflow.ids import Slot
 from saeflow.lm.model import residual_mapping
 
-Slot = tuple[str, int]  # (position, layer)
 CANDIDATES = 64  # features per query token whose lens is checked exactly
+
+
+class _Candidate(NamedTuple):
+    """A feature whose lens may hold the query token, by its approximate z-score."""
+
+    z: float
+    slot: Slot
+    feature: int
+    token_id: int
 
 
 class LogitLens:
@@ -129,18 +139,18 @@ class LogitLens:
             best, which = z.max(1)
             k = min(limit, len(best))
             top = best.topk(k).indices
-            cand += [(float(best[f]), slot, int(f), ids[int(which[f])]) for f in top]
-        cand = sorted(cand, key=lambda c: -c[0])[:limit]
-        new = [(slot, f) for _, slot, f, _ in cand if (slot, f) not in self._rows]
+            cand += [_Candidate(float(best[f]), slot, int(f), ids[int(which[f])]) for f in top]
+        cand = sorted(cand, key=lambda c: -c.z)[:limit]
+        new = [(c.slot, c.feature) for c in cand if (c.slot, c.feature) not in self._rows]
         if new:  # one tiled pass over the vocabulary for every unchecked candidate
             rows = self._rows_of(torch.stack([self.directions(s)[f] for s, f in new]))
             self._rows.update(zip(new, rows))
         hits = []
-        for _, slot, f, _tid in cand:
-            row = self.feature(slot, f)
+        for c in cand:
+            row = self.feature(c.slot, c.feature)
             for rank, t in enumerate(row["logit_top"]):
                 if t["id"] in ids:
-                    hits.append({"slot": slot, "feature": f, "token": t["token"],
+                    hits.append({"slot": c.slot, "feature": c.feature, "token": t["token"],
                                  "rank": rank, "logit": t["logit"]})
                     break
         return hits

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from saeflow.errors import MissingResultError
 from saeflow.features.tables import open_index
+from saeflow.ids import Slot
 from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
 from saeflow.lm.hooks import HookPoint, capture
 from saeflow.saes.packs import pack_fingerprint
-from saeflow.store import cache_dir
-
-Slot = tuple[str, int]  # (position, layer)
+from saeflow.store import cache_dir, save_npz_atomic
 
 DEFAULT_MIN_DENSITY = 1e-4
 DEFAULT_FIRING_TOKENS = 16_384
@@ -48,14 +48,14 @@ class Liveness:
 
     def live(self, slot: Slot) -> np.ndarray | None:
         """[d_sae] bool, or None when this slot was not counted."""
-        c = self.counts.get((slot[0], slot[1]))  # a list (from JSON) works too
+        c = self.counts.get(Slot(slot[0], slot[1]))  # a list (from JSON) works too
         return None if c is None else c >= self.min_count
 
     def massive(self, slot: Slot) -> list[int] | None:
         """The massive input dimensions of `slot` (None when no variances were measured)."""
         from saeflow.saes.evaluate import massive_dims
 
-        var = (self.dim_var or {}).get((slot[0], slot[1]))
+        var = (self.dim_var or {}).get(Slot(slot[0], slot[1]))
         return None if var is None else massive_dims(torch.as_tensor(var, dtype=torch.float64))
 
     def summary(self) -> dict:
@@ -64,7 +64,7 @@ class Liveness:
         for (pos, L), c in sorted(self.counts.items(), key=lambda x: (x[0][1], x[0][0])):
             dead = int((c == 0).sum())
             rare = int(((c > 0) & (c < self.min_count)).sum())
-            out[f"{L}/{pos}"] = {"n": int(len(c)), "dead": dead, "rare": rare,
+            out[str(Slot(pos, L))] = {"n": int(len(c)), "dead": dead, "rare": rare,
                                  "excluded": dead + rare}
         return {"source": self.source, "tokens": int(self.tokens),
                 "min_density": self.min_density, "min_count": self.min_count, "slots": out}
@@ -75,7 +75,8 @@ class Liveness:
 
         h = hashlib.sha256(f"{self.min_count}".encode())
         for slot in sorted(self.counts):
-            h.update(f"{slot}".encode())
+            # the tuple's repr, as when keys were plain tuples: the digest is part of cache keys
+            h.update(repr((slot[0], slot[1])).encode())
             h.update(np.packbits(self.counts[slot] >= self.min_count).tobytes())
         return h.hexdigest()[:16]
 
@@ -86,23 +87,13 @@ def liveness_from_index(run: str | os.PathLike, pack=None,
 
     try:
         idx = open_index(run)
-    except (ValueError, FileNotFoundError):
+    except MissingResultError:
         return None
     if pack is not None:
 
         if idx.manifest.get("identity", {}).get("pack") != pack_fingerprint(pack):
             return None
-    rows = idx._con().execute("SELECT position, layer, feature, count FROM features "
-                              "ORDER BY position, layer, feature").fetchall()
-    by: dict[Slot, list] = {}
-    for pos, L, f, c in rows:
-        by.setdefault((pos, int(L)), []).append((int(f), int(c or 0)))
-    counts = {}
-    for slot, fc in by.items():
-        arr = np.zeros(max(f for f, _ in fc) + 1, np.int64)
-        for f, c in fc:
-            arr[f] = c
-        counts[slot] = arr
+    counts = idx.firing_counts()
     return Liveness(counts, int(idx.manifest.get("tokens", 0)), "index", min_density)
 
 
@@ -118,14 +109,11 @@ def firing_pass(pack, model, tokens: int = DEFAULT_FIRING_TOKENS,
                          ).hexdigest()[:20]
     cached = cache_dir("firing") / f"{key}.npz"
 
-    def slot_of(k: str) -> Slot:
-        return k.split("/")[1], int(k.split("/")[0])
-
     if cached.is_file():
         d = dict(np.load(cached))
         seen = int(d.pop("__tokens__"))
-        counts = {slot_of(k): v for k, v in d.items() if not k.startswith("var:")}
-        var = {slot_of(k[4:]): v for k, v in d.items() if k.startswith("var:")}
+        counts = {Slot.parse(k): v for k, v in d.items() if not k.startswith("var:")}
+        var = {Slot.parse(k.removeprefix("var:")): v for k, v in d.items() if k.startswith("var:")}
         return Liveness(counts, seen, "firing pass", min_density, var)
     from tqdm.auto import tqdm
 
@@ -159,10 +147,9 @@ def firing_pass(pack, model, tokens: int = DEFAULT_FIRING_TOKENS,
     out = {s: c.cpu().numpy() for s, c in counts.items()}
     n = max(seen, 1)
     var = {s: (v[1] / n - (v[0] / n) ** 2).clamp_min(0).cpu().numpy() for s, v in sums.items()}
-    tmp = cached.with_name(cached.name + ".tmp.npz")
-    np.savez(tmp, __tokens__=np.array(seen), **{f"{L}/{p}": v for (p, L), v in out.items()},
-             **{f"var:{L}/{p}": v for (p, L), v in var.items()})
-    os.replace(tmp, cached)
+    save_npz_atomic(cached, {"__tokens__": np.array(seen),
+                             **{str(Slot.of(s)): v for s, v in out.items()},
+                             **{f"var:{Slot.of(s)}": v for s, v in var.items()}})
     return Liveness(out, seen, "firing pass", min_density, var)
 
 

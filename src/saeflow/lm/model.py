@@ -20,6 +20,14 @@ import torch
 
 from saeflow.errors import MissingDependencyError, ModelError, TokenizerError
 from saeflow.lm.hookpoints import POSITIONS, Architecture, architecture_for, check_position
+from saeflow.lm.mappings import (  # noqa: F401 - re-exported: the old home of these names
+    MAPPED_POSITIONS,
+    RESIDUAL_SPACE,
+    attn_z_mapping,
+    describe_mapping,
+    raw_mapping,
+    residual_mapping,
+)
 from saeflow.store import atomic_dir, cache_dir, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -27,12 +35,10 @@ log = logging.getLogger(__name__)
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "gemma-3-270m"  # the id Gemma Scope 2 / Neuronpedia use for this model
 CACHE_MANIFEST = "saeflow-cache.json"
-# 2: the tokenizer is checked to prepend BOS where the GGUF asks for it (copies made by format 1
-# under transformers 5.17 lacked it, and Gemma without BOS reads garbage: CE 12.9 nats).
+# 2: the tokenizer is checked to prepend BOS where the GGUF asks for it (docs/decisions.md).
 CACHE_FORMAT = 2
-# A sentence and its ids under Gemma 3's own tokenizer: transformers <= 5.17 converts the
-# embedded GGUF's tokenizer wrongly (other splits: CE 5.9 instead of 3.0 nats), 5.18-5.22
-# drop its BOS (ensure_bos restores it), 5.23+ get both right.
+# A sentence and its ids under Gemma 3's own tokenizer: some transformers versions convert the
+# embedded GGUF's tokenizer wrongly or drop its BOS (docs/decisions.md).
 EMBEDDED_TOKEN_CHECK = ("Lund University is a public university",
                         [2, 236798, 1136, 3148, 563, 496, 1237, 10467])
 # Families whose models are trained with BOS at position 0 and break without it.
@@ -408,60 +414,13 @@ def tokenizer_adds_bos(tokenizer) -> bool:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-RESIDUAL_SPACE = ("resid_pre", "resid_post", "mlp_out", "attn_out", "mlp_raw", "attn_raw")
-
-
-def attn_z_mapping(model, layer: int) -> torch.Tensor:
-    """[n_heads*d_head, d_model]: head-space direction -> residual direction (W_O, norm gain)."""
-    n_z = model.width("attn_z")
-    return model.attn_z_to_residual(torch.eye(n_z), layer).cpu()  # consumed on the host
-
-
-# Positions whose directions need the model to reach the residual stream.
-MAPPED_POSITIONS = ("attn_z", "mlp_raw", "attn_raw")
-
-
-def raw_mapping(model, position: str, layer: int) -> torch.Tensor | None:
-    """[d_model, d_model] diag(1 + w) of the post-norm after a raw MLP / attention output.
-
-    The RMSNorm also divides each token by its RMS, a positive scalar that leaves directions
-    unchanged. None where the family has no post-norm (raw and *_out are then the same site).
-    """
-    norm = {"mlp_raw": model.arch.post_mlp_norm, "attn_raw": model.arch.post_attn_norm}[position]
-    if not norm:
-        return None
-    w = model.layer_module(layer).get_submodule(norm).weight.detach().float().cpu()  # [d_model]
-    return torch.diag(1.0 + w)
-
-
-def residual_mapping(model, position: str, layer: int) -> torch.Tensor | None:
-    """[width, d_model] taking a position's directions into the residual; None if identity."""
-    if position == "attn_z":
-        return attn_z_mapping(model, layer)
-    if position in ("mlp_raw", "attn_raw"):
-        return raw_mapping(model, position, layer)
-    return None
-
-
-def describe_mapping(model, position: str) -> str:
-    if position in ("mlp_raw", "attn_raw"):
-        norm = {"mlp_raw": model.arch.post_mlp_norm, "attn_raw": model.arch.post_attn_norm}
-        return (f"{position} mapped to the residual through {norm[position]} (1 + w)"
-                if norm[position] else position)
-    if position != "attn_z":
-        return position
-    gain = " * (1 + post-attention norm weight)" if model.arch.post_attn_norm else ""
-    return f"attn_z mapped to the residual through W_O ({model.arch.o_proj}){gain}"
-
-
 # --- dtype choice -----------------------------------------------------------------------------------
 # "auto" is resolved by the device and what its hardware can do, never by timing a matmul: a
-# timing depends on how busy the machine is, and the dtype changes the results (a float32 and
-# a bfloat16 training differ by up to 2.7 in W_dec; issue 30). The rule, in full:
+# timing depends on how busy the machine is, and the dtype changes the results. The rule:
 #   cuda  bfloat16 on compute capability >= 8.0 (Ampere and later: native bf16 tensor cores),
 #         else float32 (older GPUs emulate bf16);
 #   cpu   bfloat16 where the CPU has native bf16 instructions (AVX512-BF16 or AMX-BF16, as
-#         torch reports them), else float32 (an emulated bf16 matmul is ~5x slower than fp32);
+#         torch reports them), else float32 (an emulated bf16 matmul is much slower);
 #   other (mps, ...) float32.
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> 'bfloat16' (the spelling in identities and manifests)."""

@@ -25,6 +25,7 @@ from typing import Iterable, Iterator
 import saeflow.saes.formats as fmt
 from saeflow._version import __version__
 from saeflow.errors import MissingSAEError, PackError
+from saeflow.ids import Slot
 from saeflow.lm.hookpoints import POSITIONS, check_position, raw_position, written_hook_name
 from saeflow.saes.formats import SAEInfo
 from saeflow.saes.sae import SAE
@@ -42,7 +43,7 @@ def slot_dir(position: str, layer: int) -> str:
 @dataclass
 class Pack:
     root: Path
-    entries: dict[tuple[str, int], SAEInfo]  # (position, layer) -> info
+    entries: dict[Slot, SAEInfo]
     source_format: str  # saeflow, saelens, gemmascope, gemmascope2, sparsify, mixed
     model_name: str | None = None
     d_model: int | None = None
@@ -51,7 +52,7 @@ class Pack:
     choices: list[str] = field(default_factory=list)  # notes on variant selection
     refused: list[SAEInfo] = field(default_factory=list)  # SAEs found that saeflow cannot load
     max_cached: int = 8
-    _cache: "OrderedDict[tuple[str, int], SAE]" = field(default_factory=OrderedDict, repr=False)
+    _cache: "OrderedDict[Slot, SAE]" = field(default_factory=OrderedDict, repr=False)
 
     # --- what is in it --------------------------------------------------------------------
     @property
@@ -69,25 +70,24 @@ class Pack:
         return len(self.entries)
 
     def info(self, position: str, layer: int) -> SAEInfo:
-        check_position(position)
         try:
-            return self.entries[(position, int(layer))]
+            return self.entries[Slot(position, layer)]
         except KeyError:
-            have = ", ".join(f"{p}/{L}" for p, L in sorted(self.entries)[:8])
+            have = ", ".join(str(Slot.of(s)) for s in sorted(self.entries)[:8])
             raise MissingSAEError(f"the pack at {self.root} has no SAE at {position} layer {layer} "
                            f"(it has {len(self.entries)} SAEs, e.g. {have})") from None
 
     def missing(self, n_layers: int | None = None,
-                positions: Iterable[str] | None = None) -> list[tuple[str, int]]:
-        """Slots (position, layer) absent from the family, over layers 0..n_layers-1."""
+                positions: Iterable[str] | None = None) -> list[Slot]:
+        """Slots absent from the family, over layers 0..n_layers-1."""
         n = n_layers or self.n_layers or (max(self.layers()) + 1 if self.entries else 0)
         poss = list(positions) if positions else self.positions
-        return [(p, L) for p in poss for L in range(n) if (p, L) not in self.entries]
+        return [Slot(p, L) for p in poss for L in range(n) if (p, L) not in self.entries]
 
     # --- weights --------------------------------------------------------------------------
     def sae(self, position: str, layer: int, device=None, dtype=None) -> SAE:
         """Load one SAE (LRU-cached, at most `max_cached` in memory)."""
-        key = (position, int(layer))
+        key = Slot(position, layer)
         info = self.info(*key)
         sae = self._cache.get(key)
         if sae is None:
@@ -106,9 +106,9 @@ class Pack:
 
     def iter_saes(self) -> Iterator[tuple[str, int, SAE]]:
         """Every SAE, one at a time (not kept in the cache)."""
-        for (p, L) in sorted(self.entries, key=lambda s: (POSITIONS.index(s[0]), s[1])):
-            info = self.entries[(p, L)]
-            sae = fmt.load_checked(info)
+        for slot in sorted(self.entries, key=lambda s: (POSITIONS.index(s.position), s.layer)):
+            p, L = slot
+            sae = fmt.load_checked(self.entries[slot])
             sae.metadata.update(position=p, layer=L)
             yield p, L, sae
 
@@ -121,7 +121,7 @@ class Pack:
         for slot, info in sorted(self.entries.items()):
             found = fmt.check_sae(info)
             if found:
-                problems += [f"{slot[0]}/layer_{slot[1]}: {m}" for m in found]
+                problems += [f"{slot_dir(*slot)}: {m}" for m in found]
                 info.refused = "; ".join(found)
                 self.refused.append(self.entries.pop(slot))
                 self._cache.pop(slot, None)
@@ -266,10 +266,10 @@ def _variant_label(c: SAEInfo) -> str:
 
 def _choose_variants(infos: list[SAEInfo], width: str | None, l0: str | None,
                      seed: int | None = None, best: bool = False, root: Path | None = None):
-    groups: dict[tuple[str, int], list[SAEInfo]] = {}
+    groups: dict[Slot, list[SAEInfo]] = {}
     for info in infos:
         assert info.position is not None and info.layer is not None  # placed by load_pack
-        groups.setdefault((info.position, info.layer), []).append(info)
+        groups.setdefault(Slot(info.position, info.layer), []).append(info)
     entries, choices = {}, []
     for slot, cands in sorted(groups.items()):
         pool = cands
@@ -320,7 +320,7 @@ def _load_saeflow_pack(root: Path) -> Pack:
                                   "neuronpedia_id": row.get("neuronpedia_id")})
         except KeyError as e:
             raise PackError(f"{root / PACK_MANIFEST}: an SAE entry lacks {e}") from None
-        entries[(p, L)] = info
+        entries[Slot(p, L)] = info
     return Pack(root=root, entries=entries, source_format="saeflow",
                 model_name=manifest.get("model"), d_model=manifest.get("d_model"),
                 n_layers=manifest.get("n_layers"), provenance=manifest.get("provenance", {}))
@@ -330,8 +330,8 @@ def _load_saeflow_pack(root: Path) -> Pack:
 def save_pack(saes: Iterable[tuple[str, int, SAE]], out: str | os.PathLike, *,
               model_name: str | None, d_model: int | None, n_layers: int | None,
               provenance: dict | None = None, overwrite: bool = False,
-              sae_provenance: dict[tuple[str, int], dict] | None = None,
-              neuronpedia_ids: dict[tuple[str, int], str] | None = None,
+              sae_provenance: dict[Slot, dict] | None = None,
+              neuronpedia_ids: dict[Slot, str] | None = None,
               progress: bool = False) -> Pack:
     """Write SAEs (consumed one at a time) as a saeflow pack, atomically."""
     from tqdm.auto import tqdm
@@ -341,14 +341,14 @@ def save_pack(saes: Iterable[tuple[str, int, SAE]], out: str | os.PathLike, *,
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for position, layer, sae in tqdm(saes, desc="writing pack", disable=not progress,
                                          unit="sae"):
-            check_position(position)
+            slot = Slot(position, layer)
             rel = slot_dir(position, layer)
-            np_id = (neuronpedia_ids or {}).get((position, layer))
+            np_id = (neuronpedia_ids or {}).get(slot)
             extra = {"neuronpedia_id": np_id} if np_id else None
             hook = written_hook_name(position, layer)
             fmt.save_saelens(sae, tmp / rel, position=position, layer=layer, hook_name=hook,
                              model_name=model_name, extra_metadata=extra,
-                             provenance=(sae_provenance or {}).get((position, layer)))
+                             provenance=(sae_provenance or {}).get(slot))
             rows.append({"position": position, "layer": layer, "path": rel, "d_in": sae.d_in,
                          "d_sae": sae.d_sae, "architecture": sae.architecture,
                          "dtype": str(sae.dtype).removeprefix("torch."),
@@ -376,7 +376,7 @@ def convert_pack(src: Pack, out: str | os.PathLike, *, model_name: str | None = 
         if info.architecture == "groupmax":  # refuse before anything is written
             raise PackError(f"{info.path}: a GroupMax SAE ({p} layer {L}) has no SAELens form, so "
                             f"it cannot be converted; use the sparsify run as it is")
-    np_ids: dict[tuple[str, int], str] = {
+    np_ids: dict[Slot, str] = {
         s: i.extra["neuronpedia_id"] for s, i in src.entries.items()
               if i.extra.get("neuronpedia_id")}
     prov = {"converted_from": str(src.root), "source_format": src.source_format,

@@ -6,7 +6,6 @@ of the batch to `on_batch`, checkpoint the consumer's state atomically, and resu
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,71 +14,12 @@ from typing import Callable
 import torch
 
 import saeflow.saes.formats as sae_formats
-from saeflow.checks import at_least, dtype_choice
-from saeflow.errors import ConfigError, ScanError
-from saeflow.lm.corpora import DEFAULT_SPEC, Corpus, check_corpus_spec
+from saeflow.errors import ScanError
 from saeflow.lm.hookpoints import POSITIONS
 from saeflow.lm.hooks import HookPoint, capture
 from saeflow.lm.model import resolve_dtype
-
-
-@dataclass
-class CorpusPassConfig:
-    """The settings every pass of the model over a corpus shares (index, statistics)."""
-    tokens: int = 200_000  # tokens to read (e.g. 200k, 2M)
-    corpus: str = DEFAULT_SPEC  # sources with text shares: wiki, python, PATH, hf:NAME
-    seed: int = 0  # seed of the corpus order
-    batch_size: int = 32  # contexts per model forward
-    ctx_len: int = 128  # tokens per context
-    # SAE encoder matmul: auto (bfloat16 where the device has native bf16, else float32),
-    # float32, bfloat16
-    encoder_dtype: str = "auto"
-    split: str = "train"  # corpus documents: train, or heldout (the ~5% that SAE training never reads)
-
-    def identity(self) -> dict:
-        """What the pass's results depend on: the settings, with "auto" dtypes resolved (the
-        same settings on a machine that resolves another dtype give other codes)."""
-        from dataclasses import asdict
-
-        d = asdict(self)
-        d.pop("checkpoint_every_s", None)
-        return d
-
-    def spec(self, checkpoint_every_s: float = 120.0) -> "ScanSpec":
-        return ScanSpec(self.tokens, self.corpus, self.seed, self.batch_size, self.ctx_len,
-                        self.encoder_dtype, checkpoint_every_s, self.split)
-
-    def __post_init__(self) -> None:
-        """The rules of a pass's settings: bad values fail here, before a model loads."""
-        at_least(self, 1, "tokens", "batch_size")
-        at_least(self, 2, "ctx_len")  # BOS and at least one token of text
-        at_least(self, 0, "seed")
-        check_corpus_spec(self.corpus)
-        dtype_choice(self, "encoder_dtype")
-        split = getattr(self, "split", "train")
-        if split not in ("train", "heldout"):
-            raise ConfigError(f"split must be train or heldout, not {split!r}")
-
-
-@dataclass
-class ScanSpec:
-    tokens: int
-    corpus: str
-    seed: int
-    batch_size: int
-    ctx_len: int
-    encoder_dtype: str = "auto"
-    checkpoint_every_s: float = 120.0
-    split: str = "train"
-    # False: `tokens` is a cap (read what the corpus has, up to it), not a requirement
-    require_tokens: bool = True
-
-    def batches(self, tokenizer, max_tokens: int | None = None):
-        """The pass's token batches (the same on any machine: the order is the seed's)."""
-        corpus = Corpus.from_spec(self.corpus, seed=self.seed)
-        return corpus.token_batches(tokenizer, self.batch_size, self.ctx_len,
-                                    max_tokens=self.tokens if max_tokens is None else max_tokens,
-                                    split=self.split)
+from saeflow.saes.pass_config import CorpusPassConfig, ScanSpec
+from saeflow.store import atomic_path
 
 
 def pass_bytes(model, pack, slots, spec: ScanSpec) -> int:
@@ -172,11 +112,10 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
     saes = load_saes(pack, slots, model.device, enc_dtype)
 
     def save():
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = state_file.with_suffix(".tmp")
-        torch.save({"identity": identity, "batches": batches_done, "tokens": tokens_done,
-                    "seconds": seconds_before + time.time() - t0, "consumer": get_state()}, tmp)
-        os.replace(tmp, state_file)
+        with atomic_path(state_file) as tmp:
+            torch.save({"identity": identity, "batches": batches_done, "tokens": tokens_done,
+                        "seconds": seconds_before + time.time() - t0, "consumer": get_state()},
+                       tmp)
 
     t0 = time.time()
     bar = tqdm(total=spec.tokens, initial=tokens_done, desc=desc, unit="tok",

@@ -7,13 +7,15 @@ worker that died, `retry_exceptions` for one that raised); the driver only submi
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 import torch
 
@@ -24,6 +26,7 @@ from saeflow.lm.model import EMBEDDED_NAME, load_model, resolve_dtype
 from saeflow.saes.scan import check_available, encoded_batches, load_saes, resumable_state
 from saeflow.scale import ScaleConfig
 from saeflow.scale.merge import load_shard, merge_in_order, shard_ranges
+from saeflow.store import atomic_path
 
 # What the last sharded pass on Ray spent where (benchmarks/bench_scale.py reads it).
 last_job: dict = {}
@@ -223,6 +226,86 @@ def _fault() -> dict | None:
 
 
 # --- the driver side -----------------------------------------------------------------------
+@dataclass
+class _Merge:
+    """The driver's merge of finished shards, in shard order, and its checkpoint: the same
+    state file as the in-process pass, so a killed driver resumes from the shards merged."""
+
+    make_shard: Callable
+    device: Any
+    per: int  # batches per shard
+    state_file: Path
+    identity: dict
+    total: Any = None  # the merged shards (None until the first: merge_in_order)
+    shard: int = 0  # the next shard to merge
+    merged_tokens: int = 0
+    seconds_before: float = 0.0  # pass time spent before an interruption
+    waiting: dict = field(default_factory=dict)  # shard -> (state, tokens): done, not merged
+
+    def resume(self, st: dict | None, error: type[Exception]) -> None:
+        if st is None:
+            return
+        c = st["consumer"]
+        if c.get("per") != self.per:
+            raise error(f"{self.state_file} was cut into shards of {c.get('per')} batches, not "
+                        f"{self.per}; resume with the same --shard-tokens (or --force)")
+        # a shard merged part-way (in-process run) is redone
+        self.total = load_shard(self.make_shard, c["shard"] - 1, self.device, c["total"])
+        self.shard, self.merged_tokens = c["shard"], c["merged_tokens"]
+        self.seconds_before = float(st.get("seconds", 0.0))
+
+    def add(self, k: int, state: dict, tokens: int) -> None:
+        """Shard k is done; merge it and every done shard after it that now follows in order."""
+        self.waiting[k] = (state, tokens)
+        while self.shard in self.waiting:
+            state, tokens = self.waiting.pop(self.shard)
+            self.total = merge_in_order(self.total, load_shard(self.make_shard, self.shard,
+                                                               self.device, state))
+            self.shard += 1
+            self.merged_tokens += tokens
+
+    def save(self, seconds: float) -> None:
+        cur = {"shard": self.shard, "in_shard": 0, "merged_tokens": self.merged_tokens,
+               "tokens": self.merged_tokens}
+        with atomic_path(self.state_file) as tmp:
+            torch.save({"identity": self.identity, "batches": self.shard * self.per,
+                        "tokens": self.merged_tokens, "seconds": self.seconds_before + seconds,
+                        "consumer": {"total": None if self.total is None else self.total.state(),
+                                     "local": self.make_shard(0, self.device).state(),
+                                     "per": self.per, **cur}}, tmp)
+
+
+def _completed(ray, submit: Callable[[Any], Any], items: list, workers: int,
+               failed: Callable[[Any, BaseException], str]
+               ) -> Generator[tuple[Any, Any, float], None, None]:
+    """(item, result, seconds spent fetching it) for each of `items` as its task finishes, at
+    most `workers` tasks at once (submit(item) starts one). A task that failed after every
+    retry stops the job: its own ScaleError, or ScaleError(failed(item, cause)). Close the
+    generator (contextlib.closing) to cancel the tasks still running."""
+    pending = list(items)
+    running: dict = {}  # ref -> item
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                item = pending.pop(0)
+                running[submit(item)] = item
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                item = running.pop(ref)
+                t_get = time.perf_counter()
+                try:
+                    result = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - the task's error, after every retry
+                    cause = _cause(e)
+                    if isinstance(cause, ScaleError):
+                        raise cause from None
+                    raise ScaleError(failed(item, cause)) from None
+                yield item, result, time.perf_counter() - t_get
+    finally:
+        for ref in running:
+            ray.cancel(ref, force=True)
+
+
 def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
                 make_shard: Callable, per: int, scale: ScaleConfig, *, force: bool,
                 progress: bool, desc: str, codes_on_device: bool,
@@ -236,85 +319,44 @@ def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
     pack.check_model(model)
     slots = sorted(slots, key=lambda s: (s[1], POSITIONS.index(s[0])))
     dev = model.device
-    total = None  # the merged shards (None until the first: merge_in_order)
-    cur = {"shard": 0, "in_shard": 0, "merged_tokens": 0, "tokens": 0}
-    seconds_before = 0.0
-    st = resumable_state(state_file, identity, force, error)
-    if st is not None:
-        c = st["consumer"]
-        if c.get("per") != per:
-            raise error(f"{state_file} was cut into shards of {c.get('per')} batches, not "
-                        f"{per}; resume with the same --shard-tokens (or --force)")
-        # a shard merged part-way (in-process run) is redone
-        total = load_shard(make_shard, c["shard"] - 1, dev, c["total"])
-        cur.update(shard=c["shard"], merged_tokens=c["merged_tokens"],
-                   tokens=c["merged_tokens"])
-        seconds_before = float(st.get("seconds", 0.0))
-    n_batches = check_available(model.tokenizer, spec, error)
-    shards = shard_ranges(n_batches, per, cur["shard"])
-    def save():
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = state_file.with_suffix(".tmp")
-        torch.save({"identity": identity, "batches": cur["shard"] * per,
-                    "tokens": cur["merged_tokens"], "seconds": seconds_before + time.time() - t0,
-                    "consumer": {"total": None if total is None else total.state(),
-                                 "local": make_shard(0, dev).state(), "per": per,
-                                 **cur}}, tmp)
-        os.replace(tmp, state_file)
-
+    merged = _Merge(make_shard, dev, per, state_file, identity)
+    merged.resume(resumable_state(state_file, identity, force, error), error)
+    shards = shard_ranges(check_available(model.tokenizer, spec, error), per, merged.shard)
     job = ray.put({"model": model_recipe(model), "pack": shippable(pack), "slots": slots,
                    "spec": spec, "make_shard": make_shard, "codes_on_device": codes_on_device})
     task = ray.remote(_run_shard).options(**_task_options(ray, scale))
     driver, fault = local_versions(), _fault()
+
+    def failed(shard: tuple[int, int, int], cause: BaseException) -> str:
+        k, a, b = shard
+        return (f"{desc}: shard {k} (batches {a}-{b - 1}) failed {scale.retries} times "
+                f"({cause}); the {merged.shard} shards merged before it are kept in "
+                f"{state_file}: run the same command to resume")
+
     t0 = time.time()
-    bar = tqdm(total=spec.tokens, initial=cur["merged_tokens"], desc=f"{desc} x{scale.workers}",
+    bar = tqdm(total=spec.tokens, initial=merged.merged_tokens, desc=f"{desc} x{scale.workers}",
                unit="tok", disable=not progress, smoothing=0.05)
-    pending = list(shards)
-    running: dict = {}  # ref -> shard
-    done: dict[int, tuple[dict, int]] = {}
     last = time.perf_counter()
     merge_s = fetch_s = 0.0  # the driver's merging, and its fetching of finished shards
     task_s: list[float] = []
     try:
-        while pending or running:
-            while pending and len(running) < scale.workers:
-                k, a, b = pending.pop(0)
-                running[task.remote(job, k, a, b, driver, fault)] = (k, a, b)
-            ready, _ = ray.wait(list(running), num_returns=1)
-            for ref in ready:
-                k, a, b = running.pop(ref)
-                t_get = time.perf_counter()
-                try:
-                    _, state, n, secs = ray.get(ref)
-                except Exception as e:  # noqa: BLE001 - the task's error, after every retry
-                    cause = _cause(e)
-                    if isinstance(cause, ScaleError):
-                        raise cause from None
-                    raise ScaleError(
-                        f"{desc}: shard {k} (batches {a}-{b - 1}) failed {scale.retries} times "
-                        f"({cause}); the {cur['shard']} shards merged before it are kept in "
-                        f"{state_file}: run the same command to resume") from None
-                fetch_s += time.perf_counter() - t_get
-                done[k] = (state, n)
+        with contextlib.closing(_completed(ray, lambda sh: task.remote(job, *sh, driver, fault),
+                                           shards, scale.workers, failed)) as finished:
+            for (k, _, _), (_, state, n, secs), fetch in finished:
+                fetch_s += fetch
                 task_s.append(secs)
                 bar.update(n)
-            t_merge = time.perf_counter()
-            while cur["shard"] in done:
-                state, n = done.pop(cur["shard"])
-                total = merge_in_order(total, load_shard(make_shard, cur["shard"], dev, state))
-                cur["shard"] += 1
-                cur["merged_tokens"] += n
-                cur["tokens"] = cur["merged_tokens"]
-            merge_s += time.perf_counter() - t_merge
-            if time.perf_counter() - last > spec.checkpoint_every_s:
-                save()
-                last = time.perf_counter()
+                t_merge = time.perf_counter()
+                merged.add(k, state, n)
+                merge_s += time.perf_counter() - t_merge
+                if time.perf_counter() - last > spec.checkpoint_every_s:
+                    merged.save(time.time() - t0)
+                    last = time.perf_counter()
     finally:
         bar.close()
-        for ref in running:
-            ray.cancel(ref, force=True)
-        if cur["shard"] > 0 or state_file.is_file():
-            save()  # the merged state: the same command resumes from here
+        if merged.shard > 0 or state_file.is_file():
+            merged.save(time.time() - t0)  # the merged state: the same command resumes here
+    total = merged.total
     if total is None:  # no shard at all (cannot happen past check_available): empty sums
         total = make_shard(0, dev)
     saes = load_saes(pack, slots, dev, resolve_dtype(spec.encoder_dtype, dev))
@@ -323,7 +365,7 @@ def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
                      "seconds": time.time() - t0, "merge_seconds": merge_s,
                      "fetch_seconds": fetch_s,
                      "task_seconds": task_s})
-    return {"tokens": cur["merged_tokens"], "seconds": seconds_before + time.time() - t0,
+    return {"tokens": merged.merged_tokens, "seconds": merged.seconds_before + time.time() - t0,
             "saes": saes, "total": total}
 
 
@@ -362,31 +404,20 @@ def run_tasks(fn: Callable, args: list[tuple], scale: ScaleConfig, *, desc: str,
     driver = local_versions()
     w = weights or [1.0] * len(args)
     bar = tqdm(total=sum(w), desc=f"{desc} x{scale.workers}", disable=not progress)
-    pending = list(range(len(args)))
-    running: dict = {}
+
+    def failed(i: int, cause: BaseException) -> str:
+        return (f"{desc}: task {i} failed {scale.retries} times ({cause}); the finished ones "
+                f"are kept: run the same command to resume")
+
     try:
-        while pending or running:
-            while pending and len(running) < scale.workers:
-                i = pending.pop(0)
-                running[task.remote(fn, args[i], driver)] = i
-            ready, _ = ray.wait(list(running), num_returns=1)
-            for ref in ready:
-                i = running.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except Exception as e:  # noqa: BLE001
-                    cause = _cause(e)
-                    if isinstance(cause, ScaleError):
-                        raise cause from None
-                    raise ScaleError(f"{desc}: task {i} failed {scale.retries} times ({cause}); "
-                                     f"the finished ones are kept: run the same command to "
-                                     f"resume") from None
+        with contextlib.closing(_completed(ray, lambda i: task.remote(fn, args[i], driver),
+                                           list(range(len(args))), scale.workers,
+                                           failed)) as finished:
+            for i, result, _ in finished:
                 on_result(i, result)
                 bar.update(w[i])
     finally:
         bar.close()
-        for ref in running:
-            ray.cancel(ref, force=True)
 
 
 def _call_checked(fn: Callable, args: tuple, driver: dict):
