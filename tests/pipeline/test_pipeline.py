@@ -26,7 +26,7 @@ def _cfg(tiny_model_dirs, pack, **kw):
     base = dict(model=str(tiny_model_dirs["gemma3"]), pack=str(pack.root), eval_tokens=256,
                 ce_tokens=64, index_tokens=800, stats_tokens=800, validate_texts=2,
                 validate_r_graphs=1)
-    return PipelineConfig(**{**base, **kw})
+    return PipelineConfig.from_flat(**{**base, **kw})
 
 
 def test_pipeline_runs_every_stage_then_reuses(tiny_model_dirs, tiny_pack, tmp_path, capsys):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
 
 from saeflow.app import DEFAULT_HOST, DEFAULT_PORT
@@ -15,11 +14,11 @@ SERVE_HOST_HELP = "bind address; anything but localhost is reachable from other 
 
 def cmd_run(args) -> int:
     from saeflow.app.server import serve
-    from saeflow.pipeline.config import PROFILES
+    from saeflow.pipeline.config import PROFILES, PipelineConfig
     from saeflow.pipeline.stages import run_pipeline
 
     # The settings first (their rules refuse bad values), then Ray, then the stages.
-    cfg = dataclasses.replace(PROFILES[args.profile], **given_overrides(args, RUN_OVERRIDES))
+    cfg = PipelineConfig.from_flat(PROFILES[args.profile], **given_overrides(args, RUN_OVERRIDES))
     scale = scale_from_args(args)
     run_pipeline(args.out, cfg, only=args.only, skip=args.skip, force=args.force,
                  command="saeflow " + " ".join(shlex.quote(a) for a in args.argv),
@@ -54,13 +53,14 @@ def _port_option(p) -> None:
 
 
 def _run_options(rn) -> None:
-    from saeflow.pipeline.config import PROFILES, PipelineConfig
+    from saeflow.pipeline.config import FLAT, FLAT_HELP, PROFILES, PipelineConfig
 
     rn.add_argument("--out", required=True, help="the RUN directory")
     rn.add_argument("--profile", default="default", choices=list(PROFILES),
                     help="quick: the small pack and small samples (under 10 min on 2 cores)")
     g = rn.add_argument_group("overrides of the profile")
-    add_overrides(g, PipelineConfig, RUN_OVERRIDES)
+    add_overrides(g, PipelineConfig, RUN_OVERRIDES, helps=FLAT_HELP,
+                  paths={name: FLAT[name][0] for name in RUN_OVERRIDES})
     rn.add_argument("--only", type=parse_str_list, default=None,
                     help="comma-separated stages to run")
     rn.add_argument("--skip", type=parse_str_list, default=None,

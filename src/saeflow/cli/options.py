@@ -316,18 +316,29 @@ def check_configs(args: argparse.Namespace) -> None:
                 config_from_args(cls, args)
 
 
+def field_at(cls: type, path: str) -> tuple[type, str]:
+    """(the dataclass that holds the field, its name) at a dotted `path` into nested configs."""
+    *outer, name = path.split(".")
+    for key in outer:
+        cls = typing.get_type_hints(cls)[key]
+    return cls, name
+
+
 def add_overrides(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
                   names: list[str], *, flags: dict[str, list[str]] | None = None,
-                  shown: str = "the profile's") -> None:
+                  shown: str = "the profile's", paths: dict[str, str] | None = None,
+                  helps: dict[str, str] | None = None) -> None:
     """Options that override a preset config (a profile) only when given: default None, and the
-    help names the field's default in `cls`."""
-    hints = typing.get_type_hints(cls, include_extras=True)
-    settings = field_settings(cls)
+    help names the field's default in `cls`. `paths` places an option on a nested config's
+    field (e.g. {"index_tokens": "index.tokens"}); `helps` words it for this command."""
     for name in names:
-        doc, reads = settings[name]
-        conv, choices = _converter(hints[name], reads)
+        owner, field_name = field_at(cls, (paths or {}).get(name, name))
+        doc, reads = field_settings(owner)[field_name]
+        tp = typing.get_type_hints(owner, include_extras=True)[field_name]
+        conv, choices = _converter(tp, reads)
         opt = (flags or {}).get(name) or ["--" + name.replace("_", "-")]
-        kw: dict[str, Any] = {"dest": name, "default": None, "help": _with_default(doc, shown)}
+        help_ = (helps or {}).get(name) or doc
+        kw: dict[str, Any] = {"dest": name, "default": None, "help": _with_default(help_, shown)}
         if conv is not None:
             kw["type"] = conv
         if choices is not None:

@@ -1,75 +1,130 @@
-"""The settings of `saeflow run` and its profiles (kept apart from the stages so that the CLI can
-build its options without importing every stage)."""
+"""The settings of `saeflow run` and its profiles: the stages' own configs, nested.
+
+`PipelineConfig` holds one config per stage (`cfg.index` is the IndexConfig the index stage
+builds with, `cfg.validate` the ValidateConfig, ...), and a stage's settings digest is its
+config's identity (`stage_identity`). The flat names of the settings (`eval_tokens`,
+`index_tokens`, ...) remain as a view: `saeflow run` takes its overrides by them,
+RUN/pipeline.json records them, and `PipelineConfig.from_flat` builds a config from them."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from saeflow.checks import at_least
-from saeflow.errors import CorpusError, PipelineError
-from saeflow.lm.corpora import DEFAULT_SPEC, check_corpus_spec
+from saeflow.configs import CorpusSpec, Tokens, setting
+from saeflow.errors import PipelineError, SaeflowError
+from saeflow.evolution.stats import StatsConfig
+from saeflow.features.config import IndexConfig
+from saeflow.lm.corpus_spec import DEFAULT_SPEC
+from saeflow.steering.config import SweepConfig, sweep_profile
+from saeflow.steering.validate import ValidateConfig
+
+
+@dataclass
+class EvalConfig:
+    """The eval stage: FVU, L0 and dead latents over held-out text, then the ΔCE / KL splice."""
+    tokens: Tokens = setting(4096, "held-out tokens for FVU and L0")
+    # bootstrap intervals over rows
+    ce_tokens: Tokens = setting(4096, "held-out tokens of the ΔCE / KL splice")
+    # each spliced position costs a full forward per token; the residual stream's ΔCE is the
+    # headline
+    ce_positions: list[str] = setting(["resid_post"], "positions whose SAEs are spliced for "
+                                      "ΔCE, comma list, or empty for all")
+    dead_tokens: Tokens = setting(50_000, "held-out tokens over which dead latents are counted")
+    corpus: CorpusSpec = setting(DEFAULT_SPEC, "held-out text sources with shares")
+    batch_size: int = setting(32, "contexts per model forward of the pass")
+    ctx_len: int = setting(128, "tokens per context of the pass")
+
+    def identity(self) -> dict:
+        """What eval's outputs depend on ("version" bumps when their meaning changes)."""
+        return {"tokens": self.tokens, "ce_tokens": self.ce_tokens,
+                "ce_positions": self.ce_positions, "dead_tokens": self.dead_tokens,
+                "corpus": self.corpus, "pass": [self.batch_size, self.ctx_len], "version": 2}
+
+
+@dataclass
+class FlowStageConfig:
+    """The flow stage: the firing pass that flags dead latents, then the data-free flow."""
+    firing_tokens: Tokens = setting(16_384, "the firing pass that flags dead and rare latents "
+                                    "for the flow")
+    keep_dead: bool = setting(False, "keep never-firing latents in the flow")
+
+    def identity(self) -> dict:
+        """Version 2: t_res, the rotation null, the no_massive geometry."""
+        return {"firing_tokens": self.firing_tokens, "keep_dead": self.keep_dead, "version": 2}
+
+
+def _demo_sweep() -> SweepConfig:
+    return sweep_profile("demo", themes=["religion", "biology"], strengths=[0.5, 2.0], seeds=[0],
+                         n=4, max_layers=2, classifier_docs=2000)
+
+
+def _paper_sweep() -> SweepConfig:
+    return sweep_profile("paper-demo", strengths=[0.0, -8.0], n=8, max_layers=1,
+                         classifier_docs=2000)
+
+
+@dataclass
+class SweepStageConfig:
+    """The sweep stage: our steering sweep (`ours`), then the paper's deactivation experiment
+    (`paper`), both judged by one topic classifier (trained on `ours.classifier_docs`)."""
+    ours: SweepConfig = field(default_factory=_demo_sweep)
+    paper: SweepConfig = field(default_factory=_paper_sweep)
+
+    def __post_init__(self) -> None:
+        if self.ours.classifier_docs != self.paper.classifier_docs:
+            raise PipelineError("the two sweeps share one topic classifier: give them the same "
+                                "classifier_docs")
+
+    def identity(self) -> dict:
+        """Version 2 (the sweep's scores changed meaning once)."""
+        o, p = self.ours, self.paper
+        return {"themes": o.themes, "strengths": o.strengths, "seeds": o.seeds, "n": o.n,
+                "max_layers": o.max_layers, "paper": [p.strengths, p.n, p.max_layers],
+                "classifier_docs": o.classifier_docs, "version": 2}
+
+
+def _pass_config(cls: type) -> Any:
+    """The index's or the statistics' config on the held-out text of eval's pass."""
+    return cls(tokens=40_000, split="heldout", batch_size=32, ctx_len=128)
+
+
+def _validate() -> ValidateConfig:
+    return ValidateConfig(max_texts=60, r_graphs=2, r_texts=4)
 
 
 @dataclass
 class PipelineConfig:
-    model: str = "embedded"  # 'embedded', an HF folder, a hub id, or a .gguf file
-    # embedded / embedded-quick (trained once into the cache), a pack folder (SAELens, Gemma
-    # Scope, Gemma Scope 2, sparsify, saeflow) or a hub release name (downloaded once)
-    pack: str = "embedded"
-    corpus: str = DEFAULT_SPEC  # text sources with shares, e.g. wiki=0.8,python=0.2 or a text file
-    eval_tokens: int = 4096
-    ce_tokens: int = 4096  # held-out tokens of the ΔCE / KL splice (bootstrap intervals over rows)
-    # positions whose SAEs are spliced for ΔCE (each costs a full forward per token; the
-    # residual stream's ΔCE is the headline): comma list, or empty for all
-    ce_positions: list[str] = field(default_factory=lambda: ["resid_post"])
-    dead_tokens: int = 50_000  # held-out tokens over which dead latents are counted
-    index_tokens: int = 40_000  # tokens of the feature index pass
-    stats_tokens: int = 40_000  # tokens of the co-activation statistics pass
-    # Eval, the index and the statistics read the same held-out text in the same batches, so
-    # one pass of the model (and one encoding by every SAE) feeds all three.
-    pass_batch_size: int = 32
-    pass_ctx_len: int = 128
-    # The deactivation experiment (section 5.2): held-out texts x token positions, at the
-    # paper's layers scaled to the depth; the paper used 35 x 5. 95% CIs are clustered by text
-    # with a t quantile, so few texts give wide intervals.
-    validate_texts: int = 30
-    validate_tokens_per_text: int = 5
-    # `saeflow validate --ci 0.05` adds texts until each headline rate is known to +-5 points;
-    # the demo keeps a fixed sample.
-    validate_ci: float | None = None
-    validate_max_texts: int = 60
-    validate_r_graphs: int = 2
-    sweep_themes: list[str] = field(default_factory=lambda: ["religion", "biology"])
-    sweep_strengths: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    sweep_seeds: list[int] = field(default_factory=lambda: [0])
-    sweep_n: int = 4
-    sweep_max_layers: int = 2
-    # The paper's deactivation experiment (sweep profile paper-demo): r values, samples, layers.
-    paper_strengths: list[float] = field(default_factory=lambda: [0.0, -8.0])
-    paper_n: int = 8
-    paper_max_layers: int = 1
-    classifier_docs: int = 2000
-    firing_tokens: int = 16_384  # the firing pass that flags dead and rare latents for the flow
-    keep_dead: bool = False
-    device: str | None = None  # cuda, mps or cpu (default: automatic)
+    model: str = setting("embedded", "'embedded', an HF folder, a hub id, or a .gguf file")
+    pack: str = setting("embedded", "embedded / embedded-quick (trained once into the cache), a "
+                        "pack folder (SAELens, Gemma Scope, Gemma Scope 2, sparsify, saeflow) or "
+                        "a hub release name (downloaded once)")
+    device: str | None = setting(None, "cuda, mps or cpu (default: automatic)")
+    flow: FlowStageConfig = field(default_factory=FlowStageConfig)
+    # eval, the index and the statistics read the same held-out text in the same batches, so
+    # one pass of the model (and one encoding by every SAE) feeds all three
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    index: IndexConfig = field(default_factory=lambda: _pass_config(IndexConfig))
+    stats: StatsConfig = field(default_factory=lambda: _pass_config(StatsConfig))
+    validate: ValidateConfig = field(default_factory=_validate)
+    sweep: SweepStageConfig = field(default_factory=SweepStageConfig)
 
     def __post_init__(self) -> None:
         """The rules of the settings alone: bad values fail here, before any stage runs."""
-        at_least(self, 1, "eval_tokens", "ce_tokens", "dead_tokens", "index_tokens",
-                 "stats_tokens", "firing_tokens", "validate_texts", "validate_tokens_per_text",
-                 "validate_max_texts", "sweep_n", "sweep_max_layers", "paper_n",
-                 "paper_max_layers", "classifier_docs", error=PipelineError)
-        at_least(self, 0, "validate_r_graphs", error=PipelineError)
-        if self.validate_ci is not None and not 0 < self.validate_ci < 1:
-            raise PipelineError(f"validate_ci must be in (0, 1), not {self.validate_ci!r}")
-        for name in ("sweep_strengths", "paper_strengths"):
-            if not all(isinstance(v, (int, float)) and math.isfinite(v)
-                       for v in getattr(self, name)):
-                raise PipelineError(f"{name} must be finite numbers, not {getattr(self, name)!r}")
-        try:
-            check_corpus_spec(self.corpus)
-        except CorpusError as e:
-            raise PipelineError(str(e)) from None
+        passes = (self.eval, self.index, self.stats)
+        if len({(c.corpus) for c in (*passes, self.validate)}) > 1:
+            raise PipelineError("eval, the index, the statistics and validate read one corpus: "
+                                "give them the same corpus")
+        if len({(c.batch_size, c.ctx_len) for c in passes}) > 1:
+            raise PipelineError("eval, the index and the statistics share one pass: give them "
+                                "the same batch_size and ctx_len")
+        check_flat(self.flat())
+
+    @property
+    def corpus(self) -> str:
+        return self.eval.corpus
 
     def check(self) -> None:
         """The embedded packs are trained on the embedded model: refuse another model with them."""
@@ -77,54 +132,130 @@ class PipelineConfig:
             raise PipelineError(f"give --pack for {self.model}: the embedded pack belongs to the "
                                 f"embedded model")
 
-    def index_config(self):
-        from saeflow.features.index import IndexConfig
+    def flat(self) -> dict:
+        """The settings by their flat names, in FLAT's order (RUN/pipeline.json's "config")."""
+        return {name: _get(self, paths[0]) for name, paths in FLAT.items()}
 
-        return IndexConfig(tokens=self.index_tokens, corpus=self.corpus, split="heldout",
-                           batch_size=self.pass_batch_size, ctx_len=self.pass_ctx_len)
+    @classmethod
+    def from_flat(cls, base: PipelineConfig | None = None, **flat: Any) -> PipelineConfig:
+        """`base` (default: the defaults) with settings given by their flat names."""
+        unknown = sorted(set(flat) - set(FLAT))
+        if unknown:
+            raise PipelineError(f"unknown pipeline settings: {', '.join(unknown)}")
+        base = base or cls()
+        check_flat({**base.flat(), **flat})
+        changes: dict[str, dict[str, Any]] = {}
+        for name, value in flat.items():
+            for path in FLAT[name]:
+                stage, _, key = path.rpartition(".")
+                changes.setdefault(stage, {})[key] = value
+        try:
+            return _replaced(base, "", changes)
+        except PipelineError:
+            raise
+        except SaeflowError as e:  # a stage config's own rule, named by its flat setting
+            raise PipelineError(str(e)) from None
 
-    def stats_config(self):
-        from saeflow.evolution.stats import StatsConfig
 
-        return StatsConfig(tokens=self.stats_tokens, corpus=self.corpus, split="heldout",
-                           batch_size=self.pass_batch_size, ctx_len=self.pass_ctx_len)
+# The flat names: name -> the fields that hold it (every one gets the value; the first is read).
+FLAT: dict[str, tuple[str, ...]] = {
+    "model": ("model",), "pack": ("pack",),
+    "corpus": ("eval.corpus", "index.corpus", "stats.corpus", "validate.corpus"),
+    "eval_tokens": ("eval.tokens",), "ce_tokens": ("eval.ce_tokens",),
+    "ce_positions": ("eval.ce_positions",), "dead_tokens": ("eval.dead_tokens",),
+    "index_tokens": ("index.tokens",), "stats_tokens": ("stats.tokens",),
+    "pass_batch_size": ("eval.batch_size", "index.batch_size", "stats.batch_size"),
+    "pass_ctx_len": ("eval.ctx_len", "index.ctx_len", "stats.ctx_len"),
+    "validate_texts": ("validate.texts",), "validate_tokens_per_text": ("validate.tokens_per_text",),
+    "validate_ci": ("validate.ci_halfwidth",), "validate_max_texts": ("validate.max_texts",),
+    "validate_r_graphs": ("validate.r_graphs",),
+    "sweep_themes": ("sweep.ours.themes",), "sweep_strengths": ("sweep.ours.strengths",),
+    "sweep_seeds": ("sweep.ours.seeds",), "sweep_n": ("sweep.ours.n",),
+    "sweep_max_layers": ("sweep.ours.max_layers",),
+    "paper_strengths": ("sweep.paper.strengths",), "paper_n": ("sweep.paper.n",),
+    "paper_max_layers": ("sweep.paper.max_layers",),
+    "classifier_docs": ("sweep.ours.classifier_docs", "sweep.paper.classifier_docs"),
+    "firing_tokens": ("flow.firing_tokens",), "keep_dead": ("flow.keep_dead",),
+    "device": ("device",),
+}
+# the help of a flat name that says more than its first field's help (`saeflow run` options)
+FLAT_HELP = {"corpus": "text sources with shares, e.g. wiki=0.8,python=0.2 or a text file",
+             "index_tokens": "tokens of the feature index pass",
+             "stats_tokens": "tokens of the co-activation statistics pass"}
 
-    def stage_settings(self, stage: str) -> dict:
-        """What a stage's outputs depend on (a change reruns it)."""
-        common = {"model": self.model, "pack": self.pack}
-        # "version" bumps when a stage's outputs change meaning (flow 2: t_res, the rotation
-        # null, the no_massive geometry; stats 2: co-firing counts)
-        extra = {"pack": {}, "flow": {"firing_tokens": self.firing_tokens,
-                                      "keep_dead": self.keep_dead, "version": 2}, "report": {},
-                 "eval": {"tokens": self.eval_tokens, "ce_tokens": self.ce_tokens,
-                          "ce_positions": self.ce_positions,
-                          "dead_tokens": self.dead_tokens, "corpus": self.corpus,
-                          "pass": [self.pass_batch_size, self.pass_ctx_len], "version": 2},
-                 "index": {"tokens": self.index_tokens, "corpus": self.corpus,
-                           "pass": [self.pass_batch_size, self.pass_ctx_len], "version": 2},
-                 "stats": {"tokens": self.stats_tokens, "corpus": self.corpus, "version": 3,
-                           "pass": [self.pass_batch_size, self.pass_ctx_len]},
-                 "validate": {"texts": self.validate_texts, "r_graphs": self.validate_r_graphs,
-                              "tokens_per_text": self.validate_tokens_per_text,
-                              "ci": self.validate_ci, "max_texts": self.validate_max_texts,
-                              "corpus": self.corpus, "version": 3},
-                 "sweep": {"themes": self.sweep_themes, "strengths": self.sweep_strengths,
-                           "seeds": self.sweep_seeds, "n": self.sweep_n,
-                           "max_layers": self.sweep_max_layers,
-                           "paper": [self.paper_strengths, self.paper_n, self.paper_max_layers],
-                           "classifier_docs": self.classifier_docs, "version": 2}}[stage]
-        assert isinstance(extra, dict)  # every stage's settings are a dict
-        return {**common, **extra}
+
+def _get(obj: Any, path: str) -> Any:
+    for key in path.split("."):
+        obj = getattr(obj, key)
+    return obj
+
+
+def _replaced(obj: Any, prefix: str, changes: dict[str, dict[str, Any]]) -> Any:
+    """`obj` with `changes` ({dotted config path: {field: value}}) made, inner configs first."""
+    own = dict(changes.get(prefix, {}))
+    for f in dataclasses.fields(obj):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        if any(p == path or p.startswith(path + ".") for p in changes):
+            own[f.name] = _replaced(getattr(obj, f.name), path, changes)
+    return dataclasses.replace(obj, **own) if own else obj
+
+
+def check_flat(flat: dict) -> None:
+    """The pipeline's rules on its flat settings (the names `saeflow run` takes)."""
+    view = _View(flat)
+    at_least(view, 1, "eval_tokens", "ce_tokens", "dead_tokens", "index_tokens",
+             "stats_tokens", "firing_tokens", "validate_texts", "validate_tokens_per_text",
+             "validate_max_texts", "sweep_n", "sweep_max_layers", "paper_n",
+             "paper_max_layers", "classifier_docs", error=PipelineError)
+    at_least(view, 0, "validate_r_graphs", error=PipelineError)
+    ci = flat["validate_ci"]
+    if ci is not None and not 0 < ci < 1:
+        raise PipelineError(f"validate_ci must be in (0, 1), not {ci!r}")
+    for name in ("sweep_strengths", "paper_strengths"):
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in flat[name]):
+            raise PipelineError(f"{name} must be finite numbers, not {flat[name]!r}")
+
+
+class _View:
+    def __init__(self, flat: dict) -> None:
+        self.__dict__.update(flat)
+
+
+def stage_identity(cfg: PipelineConfig, stage: str) -> dict:
+    """What a stage's outputs depend on (a change reruns it): the model, the pack and the
+    identity of the stage's config ("version" bumps when the outputs change meaning)."""
+    return {"model": cfg.model, "pack": cfg.pack, **_STAGE_IDENTITY[stage](cfg)}
+
+
+def _pass_identity(c: Any, version: int) -> dict:
+    """The index's or the statistics' identity as a stage (stats 3: co-firing counts)."""
+    return {"tokens": c.tokens, "corpus": c.corpus, "pass": [c.batch_size, c.ctx_len],
+            "version": version}
+
+
+def _validate_identity(c: ValidateConfig) -> dict:
+    return {"texts": c.texts, "r_graphs": c.r_graphs, "tokens_per_text": c.tokens_per_text,
+            "ci": c.ci_halfwidth, "max_texts": c.max_texts, "corpus": c.corpus, "version": 3}
+
+
+_STAGE_IDENTITY = {
+    "pack": lambda cfg: {}, "report": lambda cfg: {},
+    "flow": lambda cfg: cfg.flow.identity(), "eval": lambda cfg: cfg.eval.identity(),
+    "index": lambda cfg: _pass_identity(cfg.index, 2),
+    "stats": lambda cfg: _pass_identity(cfg.stats, 3),
+    "validate": lambda cfg: _validate_identity(cfg.validate),
+    "sweep": lambda cfg: cfg.sweep.identity(),
+}
 
 
 # Budgets measured on 2 CPU cores (docs/benchmarks.md); a GPU is much faster. QUICK trades
 # statistical power for time, never correctness: every stage still runs for real.
 PROFILES = {
     "default": PipelineConfig(),
-    "quick": PipelineConfig(pack="embedded-quick", eval_tokens=512, ce_tokens=128, dead_tokens=4_096,
-                            index_tokens=8_000, stats_tokens=8_000, validate_texts=2,
-                            validate_tokens_per_text=4, validate_ci=None, validate_r_graphs=1,
-                            sweep_themes=["religion"], sweep_strengths=[2.0], sweep_n=4, sweep_max_layers=1,
-                            paper_strengths=[0.0, -8.0], paper_n=4, paper_max_layers=1,
-                            firing_tokens=8_192, classifier_docs=800),
+    "quick": PipelineConfig.from_flat(
+        pack="embedded-quick", eval_tokens=512, ce_tokens=128, dead_tokens=4_096,
+        index_tokens=8_000, stats_tokens=8_000, validate_texts=2, validate_tokens_per_text=4,
+        validate_ci=None, validate_r_graphs=1, sweep_themes=["religion"], sweep_strengths=[2.0],
+        sweep_n=4, sweep_max_layers=1, paper_strengths=[0.0, -8.0], paper_n=4,
+        paper_max_layers=1, firing_tokens=8_192, classifier_docs=800),
 }

@@ -18,7 +18,6 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from saeflow.features.liveness import firing_pass
 from saeflow.flow.plots import write_flow_plots
 from saeflow.flow.predecessors import run_flow
 from saeflow.lm.model import MAPPED_POSITIONS, load_model
-from saeflow.pipeline.config import PipelineConfig
+from saeflow.pipeline.config import PipelineConfig, stage_identity
 from saeflow.pipeline.report import write_report
 from saeflow.saes.evaluate import check_ce_request, eval_job, with_splice
 from saeflow.saes.hub import fetch
@@ -41,8 +40,8 @@ from saeflow.scale import ScaleConfig
 from saeflow.scale.ray_backend import connect
 from saeflow.scale.shards import can_share, run_jobs
 from saeflow.steering.scores import topic_classifier
-from saeflow.steering.sweep import run_sweep, sweep_profile
-from saeflow.steering.validate import ValidateConfig, run_validation, write_r_sweep
+from saeflow.steering.sweep import run_sweep
+from saeflow.steering.validate import run_validation, write_r_sweep
 from saeflow.store import write_json_atomic
 
 STAGES = ("pack", "flow", "eval", "index", "stats", "validate", "sweep", "report")
@@ -69,29 +68,34 @@ def estimate_seconds(cfg: PipelineConfig, stage: str, cached_pack: bool,
             return 10
         return PACK_PROFILES[EMBEDDED_NAMES[cfg.pack]].tokens * RATES["pack"]
     if stage == "eval":
+        ev = cfg.eval
         n_layers = 18  # the embedded model's; a rough scale for other packs
-        spliced = n_layers * (len(cfg.ce_positions) if cfg.ce_positions else 3)
-        extra = (("index" in fused) * cfg.index_tokens * RATES["index_extra"] +
-                 ("stats" in fused) * cfg.stats_tokens * RATES["stats_extra"])
-        return (30 + max(cfg.dead_tokens, cfg.eval_tokens) * RATES["eval_pass"] + extra +
-                cfg.ce_tokens * spliced * RATES["splice"])
+        spliced = n_layers * (len(ev.ce_positions) if ev.ce_positions else 3)
+        extra = (("index" in fused) * cfg.index.tokens * RATES["index_extra"] +
+                 ("stats" in fused) * cfg.stats.tokens * RATES["stats_extra"])
+        return (30 + max(ev.dead_tokens, ev.tokens) * RATES["eval_pass"] + extra +
+                ev.ce_tokens * spliced * RATES["splice"])
     if stage == "index":
-        return 5 if "index" in fused else 30 + cfg.index_tokens * RATES["index"]
+        return 5 if "index" in fused else 30 + cfg.index.tokens * RATES["index"]
     if stage == "stats":
-        return RATES["analyses"] + (0 if "stats" in fused else cfg.stats_tokens * RATES["stats"])
+        return RATES["analyses"] + (0 if "stats" in fused else cfg.stats.tokens * RATES["stats"])
     if stage == "validate":
-        texts = cfg.validate_max_texts if cfg.validate_ci else cfg.validate_texts
-        return 20 + texts * RATES["validate"] * cfg.validate_tokens_per_text / 5
+        va = cfg.validate
+        texts = va.max_texts if va.ci_halfwidth else va.texts
+        return 20 + texts * RATES["validate"] * va.tokens_per_text / 5
     if stage == "sweep":
-        n_gen = len(cfg.sweep_themes) * len(cfg.sweep_strengths) * len(cfg.sweep_seeds) * \
-            (1 + 4 * cfg.sweep_max_layers)
-        n_paper = len(cfg.paper_strengths) * 2 * cfg.paper_max_layers + 1
-        return 120 + n_gen * cfg.sweep_n * 0.75 + n_paper * cfg.paper_n * 2.2
+        ours, paper = cfg.sweep.ours, cfg.sweep.paper
+        n_gen = len(ours.themes) * len(ours.strengths) * len(ours.seeds) * \
+            (1 + 4 * ours.max_layers)
+        n_paper = len(paper.strengths) * 2 * paper.max_layers + 1
+        return 120 + n_gen * ours.n * 0.75 + n_paper * paper.n * 2.2
     return RATES[stage]
 
 
-def _digest(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def stage_digest(cfg: PipelineConfig, stage: str) -> str:
+    """The digest of a stage's settings that RUN/pipeline.json records (a change reruns it)."""
+    ident = stage_identity(cfg, stage)
+    return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def versions() -> dict:
@@ -166,7 +170,7 @@ class Pipeline:
     def is_done(self, stage: str) -> bool:
         rec = self.state["stages"].get(stage)
         return bool(rec and rec.get("status") == "done" and
-                    rec.get("settings") == _digest(self.cfg.stage_settings(stage)))
+                    rec.get("settings") == stage_digest(self.cfg, stage))
 
     def plan(self, only=None, skip=None, force: bool = False) -> list[str]:
         for name in list(only or []) + list(skip or []):
@@ -180,7 +184,7 @@ class Pipeline:
         if command:
             self.state["commands"] = (self.state.get("commands", []) + [command])[-20:]
         self.state["versions"] = versions()
-        self.state["config"] = asdict(self.cfg)
+        self.state["config"] = self.cfg.flat()
         self._save()
 
         cached = (self.cfg.pack not in EMBEDDED_NAMES or
@@ -191,8 +195,8 @@ class Pipeline:
             for name in ("index", "stats"):
                 if name in todo:
                     prev = self.state["stages"].get(name) or {}
-                    changed = bool(prev) and prev.get("settings") != _digest(
-                        self.cfg.stage_settings(name))
+                    changed = bool(prev) and prev.get("settings") != stage_digest(
+                        self.cfg, name)
                     self._fuse[name] = "force" if (force or changed) else "resume"
         t_all = time.perf_counter()
         for i, stage in enumerate(todo):
@@ -202,7 +206,7 @@ class Pipeline:
                       f"{_fmt(estimate_seconds(self.cfg, stage, cached, fused))} "
                       f"(all stages left: about {_fmt(left)})")
             t0 = time.perf_counter()
-            digest = _digest(self.cfg.stage_settings(stage))
+            digest = stage_digest(self.cfg, stage)
             prev = self.state["stages"].get(stage) or {}
             # changed settings start the stage over; a killed stage with the same ones resumes
             self._force = force or (bool(prev) and prev.get("settings") != digest)
@@ -239,10 +243,10 @@ class Pipeline:
         """Eval's pass over held-out text also feeds the index and the statistics when they
         are still to run with the same corpus settings (one read, one encoding of the codes);
         their stages then find their tables written and finish at once."""
-        cfg = self.cfg
+        cfg = self.cfg.eval
         check_ce_request(self.pack, cfg.ce_positions or None, "document")
-        job = eval_job(self.pack, self.model, cfg.eval_tokens, cfg.dead_tokens, cfg.corpus,
-                       batch=cfg.pass_batch_size, ctx_len=cfg.pass_ctx_len,
+        job = eval_job(self.pack, self.model, cfg.tokens, cfg.dead_tokens, cfg.corpus,
+                       batch=cfg.batch_size, ctx_len=cfg.ctx_len,
                        state_file=self.root / ".pass" / "eval.pt")
         jobs, fused = [job], []
         for name in ("index", "stats"):
@@ -257,7 +261,7 @@ class Pipeline:
                        progress=self.progress, state_file=self.root / ".pass" / "state.pt")
         t_pass = time.perf_counter() - t0
         res = with_splice(self.pack, self.model, out["eval"], ce_tokens=cfg.ce_tokens,
-                          corpus=cfg.corpus, seed=0, batch=8, ctx_len=cfg.pass_ctx_len,
+                          corpus=cfg.corpus, seed=0, batch=8, ctx_len=cfg.ctx_len,
                           progress=self.progress, ce_positions=cfg.ce_positions or None,
                           ci_by="document", encoder_dtype="auto")
         res["fused_with"] = fused
@@ -270,17 +274,18 @@ class Pipeline:
     def _pass_job(self, stage: str):
         """The index's or the statistics' share of a corpus pass (None: already done)."""
         if stage == "index":
-            return index_job(self.pack, self.model, self.root, self.cfg.index_config(),
+            return index_job(self.pack, self.model, self.root, self.cfg.index,
                              force=self._fuse[stage] == "force", progress=self.progress)
-        return stats_job(self.pack, self.model, self.root, self.cfg.stats_config(),
+        return stats_job(self.pack, self.model, self.root, self.cfg.stats,
                          force=self._fuse[stage] == "force", progress=self.progress)
 
     def stage_flow(self) -> dict:
         model = self.model if any(p in self.pack.positions for p in MAPPED_POSITIONS) else None
         # Always a firing pass (cached by pack), never the index: the flow must not change
         # when an index appears later in the same RUN.
-        liveness = None if self.cfg.keep_dead else firing_pass(
-            self.pack, self.model, self.cfg.firing_tokens, self.cfg.corpus, progress=self.progress)
+        liveness = None if self.cfg.flow.keep_dead else firing_pass(
+            self.pack, self.model, self.cfg.flow.firing_tokens, self.cfg.corpus,
+            progress=self.progress)
         run = run_flow(self.pack, self.root, model=model, progress=self.progress,
                        force=self._force, liveness=liveness, scale=self.scale)
         write_flow_plots(run, run.root / "plots")
@@ -291,24 +296,20 @@ class Pipeline:
     def stage_index(self) -> dict:
         # written by eval's pass when fused (then this finds them finished)
         force = self._force and "index" not in self._fused_done
-        idx = build_index(self.pack, self.model, self.root, self.cfg.index_config(),
+        idx = build_index(self.pack, self.model, self.root, self.cfg.index,
                           progress=self.progress, force=force, scale=self.scale)
         return {"tokens": idx.manifest["tokens"], "fused": "index" in self._fused_done}
 
     def stage_stats(self) -> dict:
         force = self._force and "stats" not in self._fused_done
-        st = run_stats(self.pack, self.model, self.root, self.cfg.stats_config(),
+        st = run_stats(self.pack, self.model, self.root, self.cfg.stats,
                        progress=self.progress, force=force, scale=self.scale)
         s = write_evolution_outputs(self.root, st, self.pack)
         return {"tokens": st.manifest["tokens"], "gates": s["gates"],
                 "communities": s["communities"]["n"], "fused": "stats" in self._fused_done}
 
     def stage_validate(self) -> dict:
-        cfg = ValidateConfig(texts=self.cfg.validate_texts,
-                             tokens_per_text=self.cfg.validate_tokens_per_text,
-                             r_graphs=self.cfg.validate_r_graphs, r_texts=4,
-                             corpus=self.cfg.corpus, ci_halfwidth=self.cfg.validate_ci,
-                             max_texts=self.cfg.validate_max_texts)
+        cfg = self.cfg.validate
         summary = run_validation(self.pack, self.model, self.root, cfg)
         if cfg.r_graphs > 0:
             write_r_sweep(self.pack, self.model, self.root, cfg)
@@ -316,17 +317,11 @@ class Pipeline:
         return {m: round(r["success_rate"], 4) for m, r in summary["methods"].items()}
 
     def stage_sweep(self) -> dict:
-        clf = topic_classifier(self.cfg.classifier_docs, progress=self.progress)
-        ours = sweep_profile("demo", themes=self.cfg.sweep_themes,
-                             strengths=self.cfg.sweep_strengths, seeds=self.cfg.sweep_seeds,
-                             n=self.cfg.sweep_n, max_layers=self.cfg.sweep_max_layers,
-                             classifier_docs=self.cfg.classifier_docs)
-        s = run_sweep(self.model, self.pack, self.root, ours, classifier=clf)
+        sweep = self.cfg.sweep
+        clf = topic_classifier(sweep.ours.classifier_docs, progress=self.progress)
+        s = run_sweep(self.model, self.pack, self.root, sweep.ours, classifier=clf)
         # The paper's experiment, small: deactivation of "physics" by rescale, 10 seeds.
-        paper = sweep_profile("paper-demo", strengths=self.cfg.paper_strengths,
-                              n=self.cfg.paper_n, max_layers=self.cfg.paper_max_layers,
-                              classifier_docs=self.cfg.classifier_docs)
-        p = run_sweep(self.model, self.pack, self.root, paper, classifier=clf)
+        p = run_sweep(self.model, self.pack, self.root, sweep.paper, classifier=clf)
         return {"best": len(s["best"]), "minutes": round((s["seconds"] + p["seconds"]) / 60, 1),
                 "paper_best": len(p["best"])}
 
