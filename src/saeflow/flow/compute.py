@@ -98,8 +98,9 @@ class FlowJob:
         return (m, []) if self.geometry == "no_massive" else (None, m)
 
 
-def _job(pack, chosen: list[LayerSlots], cfg: FlowConfig, model, liveness,
+def _job(pack, chosen: list[LayerSlots], cfg: FlowConfig, *, model, liveness,
          fingerprint: str) -> FlowJob:
+    """The job's settings resolved: live latents, geometry and massive dims, the cache key."""
     live = {}
     if liveness is not None:
         live = {s: m for s in pack.entries if (m := liveness.live(s)) is not None}
@@ -137,7 +138,8 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
         raise FlowError(f"{out} holds the flow of a different pack "
                         f"({prior.get('pack', {}).get('root')}); use another --out, or --force "
                         f"to replace it")
-    job = _job(pack, chosen, cfg or FlowConfig(), model, liveness, fingerprint)
+    job = _job(pack, chosen, cfg or FlowConfig(), model=model, liveness=liveness,
+               fingerprint=fingerprint)
     request = {"layers": [entry.layer for entry in chosen], "thresholds": thresholds or {},
                "t_res": t_res, "live": job.key_source.get("live")}
     if prior is not None and prior.get("cache_key") == job.key \
@@ -171,8 +173,9 @@ def _write_results(job: FlowJob, results: dict, out: Path, thresholds: dict | No
     write_parquet_atomic(pred, out / "predecessors.parquet")
     write_parquet_atomic(succ, out / "successors.parquet")
     write_json_atomic(out / THRESHOLDS_FILE,
-                      thresholds_doc(job.cfg, t_res, job.geometry, job.massive, shares, resolved,
-                                     nulls))
+                      thresholds_doc(job.cfg, t_res=t_res, geometry=job.geometry,
+                                     massive=job.massive, shares=shares, resolved=resolved,
+                                     nulls=nulls))
 
 
 def _manifest(job: FlowJob, results: dict, request: dict, seconds: float, reused: bool) -> dict:

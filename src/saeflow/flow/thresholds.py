@@ -113,8 +113,8 @@ def s_res_shares(chosen: list[LayerSlots], results: dict, resolved: dict, live: 
     return out
 
 
-def thresholds_doc(cfg: FlowConfig, t_res: float, geometry: str, massive: dict, shares: dict,
-                   resolved: dict, nulls: dict) -> dict:
+def thresholds_doc(cfg: FlowConfig, *, t_res: float, geometry: str, massive: dict,
+                   shares: dict, resolved: dict, nulls: dict) -> dict:
     """thresholds.json: how "high" was decided, each layer's values, the nulls' quantiles and
     the s_res share in both geometries and under the null."""
     return {"method": (f"The residual predecessor is 'high' at s_res >= t_res = {t_res}. An "
