@@ -5,12 +5,39 @@ This package is light to import: Ray itself is imported only by `saeflow.scale.r
 which the stages reach only when `workers` is set. Without it every pass runs in this process
 through the same shard-then-merge accumulation, so the results do not depend on the number of
 workers (docs/scale.md).
+
+    ScaleConfig, shard_batches   here (import-light: the command line reads ScaleConfig)
+    merge.py        shard ranges and the in-order merge of shard accumulators
+    shards.py       sharded_scan, run_jobs: one corpus pass for several consumers, any workers
+    ray_backend.py  Ray: connecting, version checks, the shards and independent tasks on workers
+    train.py        train_family_on_ray: a family's layers in groups, one Ray task per group
+
+The other names below load on first use.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from saeflow.errors import ScaleError
+
+_EXPORTS = {
+    "shard_ranges": "saeflow.scale.merge",
+    "merge_in_order": "saeflow.scale.merge",
+    "sharded_scan": "saeflow.scale.shards",
+    "run_jobs": "saeflow.scale.shards",
+    "train_family_on_ray": "saeflow.scale.train",
+}
+
+__all__ = ["DEFAULT_SHARD_TOKENS", "ScaleConfig", "shard_batches", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from saeflow.scale.merge import merge_in_order as merge_in_order
+    from saeflow.scale.merge import shard_ranges as shard_ranges
+    from saeflow.scale.shards import run_jobs as run_jobs
+    from saeflow.scale.shards import sharded_scan as sharded_scan
+    from saeflow.scale.train import train_family_on_ray as train_family_on_ray
 
 DEFAULT_SHARD_TOKENS = 262_144
 
@@ -43,3 +70,16 @@ def shard_batches(cfg: ScaleConfig | None, batch_size: int, ctx_len: int) -> int
     """Batches per shard: the shard size in tokens, rounded up to whole batches."""
     tokens = (cfg or ScaleConfig()).shard_tokens
     return max(1, -(-tokens // (batch_size * ctx_len)))
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

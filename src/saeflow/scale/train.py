@@ -19,10 +19,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from saeflow.ids import Slot
 from saeflow.saes.packs import PACK_MANIFEST, load_pack, save_pack
 from saeflow.saes.train import TrainResult, prepare_training, train_family
 from saeflow.scale import ScaleConfig
 from saeflow.scale.ray_backend import model_recipe, run_tasks, worker_model
+from saeflow.store import atomic_dir, write_text_atomic
 
 
 def layer_groups(layers: list[int], n: int) -> list[list[int]]:
@@ -58,7 +60,7 @@ def train_family_on_ray(model, cfg, out, scale: ScaleConfig, *, overwrite: bool 
     cfg, ident, done = prepare_training(model, cfg, out, overwrite)
     if done is not None:
         return done
-    family_slots = [(p, L) for p in cfg.positions for L in cfg.layers]
+    family_slots = [Slot(p, L) for p in cfg.positions for L in cfg.layers]
     groups = layer_groups(list(cfg.layers), scale.workers)
     work = out.with_name(out.name + ".groups")
     marker = work / "family.json"
@@ -73,14 +75,12 @@ def train_family_on_ray(model, cfg, out, scale: ScaleConfig, *, overwrite: bool 
 
     def on_result(j: int, res: dict) -> None:
         i = todo[j]
-        work.mkdir(parents=True, exist_ok=True)
         if not marker.is_file():
-            marker.write_text(json.dumps(ident))
-        tmp = Path(tempfile.mkdtemp(dir=work, prefix=".tmp-"))
-        for rel, data in res["files"].items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(data)
-        tmp.rename(group_dir(i))
+            write_text_atomic(marker, json.dumps(ident))
+        with atomic_dir(group_dir(i), overwrite=True) as tmp:
+            for rel, data in res["files"].items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(data)
         results[i] = res
 
     t0 = time.perf_counter()
@@ -92,7 +92,7 @@ def train_family_on_ray(model, cfg, out, scale: ScaleConfig, *, overwrite: bool 
                   weights=[len(groups[i]) for i in todo])
     packs = [load_pack(group_dir(i)) for i in range(len(groups))]
     where = {s: pk for pk in packs for s in pk.entries}
-    saes = [(p, L, where[(p, L)].sae(p, L)) for p, L in family_slots]
+    saes = [(s.position, s.layer, where[s].sae(*s)) for s in family_slots]
     prov = dict(packs[0].provenance)
     metrics = {k: v for pk in packs
                for k, v in pk.provenance.get("final_train_metrics", {}).items()}
