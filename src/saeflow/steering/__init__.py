@@ -26,7 +26,7 @@ __all__ = [
     "CallScope", "DEFAULT_PROMPT", "GRAPH_MODES", "Intervention", "OPS", "PLAN_FORMAT",
     "PlanSchema", "SCHEDULES", "STEER_SAMPLING", "SWEEP_GRAPH_MODES", "SWEEP_PROFILES",
     "SamplingConfig", "SteeringPlan", "SweepConfig", "SweepJob", "THEMES", "Theme",
-    "ValidateConfig", "build_plan", "compare_completions", "flow_for_pack", "generate",
+    "ValidateConfig", "build_plan", "compare_completions", "flow_for_pack",
     "plan_edits", "plan_for_feature", "plan_from_graph", "run_sweep", "run_validation",
     "sample", "score_texts", "special_token_ids", "steer", "sweep_profile", "theme",
     "topic_classifier", "typical_activations",
@@ -40,7 +40,7 @@ _EXPORTS = {
               "plan_from_graph"],
     "edits": ["CallScope", "plan_edits", "special_token_ids"],
     "typical": ["typical_activations"],
-    "generate": ["generate", "sample", "steer"],
+    "generate": ["sample", "steer"],  # not `generate`: the submodule has that name
     "scores": ["THEMES", "Theme", "compare_completions", "score_texts", "theme",
                "topic_classifier"],
     "sweep": ["SweepJob", "run_sweep"],
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
         sweep_profile,
     )
     from saeflow.steering.edits import CallScope, plan_edits, special_token_ids
-    from saeflow.steering.generate import generate, sample, steer
+    from saeflow.steering.generate import sample, steer
     from saeflow.steering.plans import (
         Intervention,
         SteeringPlan,
