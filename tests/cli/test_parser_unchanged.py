@@ -51,7 +51,8 @@ def dump(parser: argparse.ArgumentParser, path: str, out: dict, types: dict) -> 
     `types`: {what a type makes of PROBES: its name in the snapshot}."""
     text = parser.format_help()  # also builds a parser whose options are added on first use
     out[path] = {"help": text, "defaults": {k: _plain(v) for k, v in
-                                            sorted(parser._defaults.items())},
+                                            sorted(parser._defaults.items())
+                                            if not k.startswith("_config_")},  # internal
                  "actions": [_action(a, types) for a in parser._actions]}
     for a in parser._actions:
         if isinstance(a, argparse._SubParsersAction):
@@ -83,3 +84,22 @@ if __name__ == "__main__":
     os.environ["COLUMNS"] = "100"
     SNAPSHOT.write_text(json.dumps(current(), indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {SNAPSHOT} ({len(current()['commands'])} commands)", file=sys.stderr)
+
+
+def test_option_configs_keep_the_defaults_of_the_functions_they_feed():
+    """`saeflow pack eval` and `saeflow trace` build EvalConfig / TraceConfig and pass them on:
+    their defaults are the library functions' own."""
+    import dataclasses
+    import inspect
+
+    from saeflow.cli.flow import TraceConfig
+    from saeflow.cli.saes import EVAL_OPTIONS
+    from saeflow.flow.graphs import trace
+    from saeflow.pipeline.config import EvalConfig
+    from saeflow.saes.evaluate import evaluate_pack
+
+    for cls, fn, names in ((EvalConfig, evaluate_pack, EVAL_OPTIONS),
+                           (TraceConfig, trace, [f.name for f in dataclasses.fields(TraceConfig)])):
+        params = inspect.signature(fn).parameters
+        for name in names:
+            assert getattr(cls(), name) == params[name].default, (cls.__name__, name)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from saeflow.cli.common import (
     add_json,
@@ -19,13 +21,18 @@ from saeflow.cli.options import (
     command,
     config_from_args,
     parse_layers_arg,
-    signature_kwargs,
 )
-from saeflow.configs import TOKENS
+from saeflow.configs import TOKENS, setting
 
-TRACE_OPTIONS = {"t_res": "residual chain threshold", "t_mod": "MLP/attention link threshold",
-                 "mod_k": "MLP/attention predecessors per node",
-                 "direction": "follow predecessors, successors, or both"}
+
+@dataclass
+class TraceConfig:
+    """The settings of one feature's flow graph (saeflow.flow.graphs.trace's defaults)."""
+    t_res: float = setting(0.5, "residual chain threshold")
+    t_mod: float | None = setting(None, "MLP/attention link threshold")
+    mod_k: int = setting(1, "MLP/attention predecessors per node")
+    direction: Literal["both", "backward", "forward"] = setting(
+        "both", "follow predecessors, successors, or both")
 
 
 def _thresholds_arg(args) -> dict | None:
@@ -110,7 +117,7 @@ def cmd_trace(args) -> int:
         from saeflow.saes.recipes import open_pack
 
         run.check_pack(open_pack(args.pack), name=args.pack)
-    G = trace(run, args.feature, **signature_kwargs(args, TRACE_OPTIONS))
+    G = trace(run, args.feature, **asdict(config_from_args(TraceConfig, args)))
     add_labels(G, args.run)  # from RUN's feature index, when it has one
     out = Path(args.out) if args.out else run.root / "traces" / args.feature.replace("/", "_")
     formats = ["json", "graphml", *args.picture.split(",")]
@@ -189,11 +196,9 @@ def _flow_options(fl) -> None:
 
 
 def _trace_options(tc) -> None:
-    from saeflow.flow.graphs import trace
-
     tc.add_argument("run", help="RUN directory written by `saeflow flow`")
     tc.add_argument("feature", help="LAYER/POSITION/INDEX")
-    add_signature_options(tc, trace, TRACE_OPTIONS)
+    add_config_options(tc, TraceConfig)
     tc.add_argument("--pack", default=None, help="check that RUN was computed from this pack")
     tc.add_argument("--out", default=None, help="default: RUN/traces/FEATURE")
     tc.add_argument("--picture", default="svg,png", help="svg, png, both, or '' for none")

@@ -14,23 +14,13 @@ from saeflow.cli.common import (
 )
 from saeflow.cli.options import (
     add_config_options,
-    add_signature_options,
     command,
     config_from_args,
     signature_default,
-    signature_kwargs,
 )
-from saeflow.configs import CORPUS, TOKENS
 
 TRAIN_PASS = ["tokens", "corpus", "seed", "ctx_len", "encoder_dtype", "model_dtype"]
-EVAL_OPTIONS = {"tokens": "held-out tokens for FVU and L0",
-                "dead_tokens": "held-out tokens over which dead and dense latents are counted "
-                               "(at least --tokens)",
-                "ce_tokens": "held-out tokens for ΔCE/KL (costly)",
-                "ce_positions": "positions whose SAEs are spliced for ΔCE/KL, comma list "
-                                "(default: all)",
-                "corpus": "held-out text sources with shares"}
-EVAL_READS = {"tokens": TOKENS, "dead_tokens": TOKENS, "ce_tokens": TOKENS, "corpus": CORPUS}
+EVAL_OPTIONS = ["tokens", "dead_tokens", "ce_tokens", "ce_positions", "corpus"]  # of EvalConfig
 
 
 def cmd_train(args) -> int:
@@ -54,10 +44,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_pack_eval(args) -> int:
+    from saeflow.pipeline.config import EvalConfig
     from saeflow.saes.evaluate import evaluate_pack, format_table
 
+    cfg = config_from_args(EvalConfig, args)
     model, pack = model_and_pack(args, "pack eval")
-    res = evaluate_pack(pack, model, **signature_kwargs(args, EVAL_OPTIONS))
+    res = evaluate_pack(pack, model, **{name: getattr(cfg, name) for name in EVAL_OPTIONS})
     if args.json:
         print_json(res)
     else:
@@ -186,12 +178,12 @@ def _convert_options(conv) -> None:
 
 
 def _eval_options(ev) -> None:
-    from saeflow.saes.evaluate import evaluate_pack
+    from saeflow.pipeline.config import EvalConfig
 
     ev.add_argument("path", help="a pack path, or 'embedded' / 'embedded-quick'")
     add_selectors(ev)
     ev.add_argument("--model", default=None, help="default: embedded for the embedded packs")
-    add_signature_options(ev, evaluate_pack, EVAL_OPTIONS, reads=EVAL_READS)
+    add_config_options(ev, EvalConfig, only=EVAL_OPTIONS)
     add_device(ev)
     add_json(ev)
     ev.set_defaults(func=cmd_pack_eval)

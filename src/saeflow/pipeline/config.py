@@ -24,16 +24,18 @@ from saeflow.steering.validate import ValidateConfig
 
 @dataclass
 class EvalConfig:
-    """The eval stage: FVU, L0 and dead latents over held-out text, then the ΔCE / KL splice."""
-    tokens: Tokens = setting(4096, "held-out tokens for FVU and L0")
-    # bootstrap intervals over rows
-    ce_tokens: Tokens = setting(4096, "held-out tokens of the ΔCE / KL splice")
-    # each spliced position costs a full forward per token; the residual stream's ΔCE is the
-    # headline
-    ce_positions: list[str] = setting(["resid_post"], "positions whose SAEs are spliced for "
-                                      "ΔCE, comma list, or empty for all")
-    dead_tokens: Tokens = setting(50_000, "held-out tokens over which dead latents are counted")
+    """Eval: FVU, L0 and dead latents over held-out text, then the ΔCE / KL splice. The class
+    defaults are `saeflow pack eval`'s (evaluate_pack's); the pipeline's are in PipelineConfig."""
+    tokens: Tokens = setting(8192, "held-out tokens for FVU and L0")
+    dead_tokens: Tokens = setting(50_000, "held-out tokens over which dead and dense latents "
+                                  "are counted (at least --tokens)")
+    # bootstrap intervals over rows (over documents in `saeflow run`)
+    ce_tokens: Tokens = setting(1024, "held-out tokens for ΔCE/KL (costly)")
+    # each spliced position costs a full forward per token
+    ce_positions: list[str] | None = setting(None, "positions whose SAEs are spliced for "
+                                             "ΔCE/KL, comma list (default: all)")
     corpus: CorpusSpec = setting(DEFAULT_SPEC, "held-out text sources with shares")
+    # the shape of the pipeline's shared pass (`saeflow pack eval` reads in evaluate_pack's)
     batch_size: int = setting(32, "contexts per model forward of the pass")
     ctx_len: int = setting(128, "tokens per context of the pass")
 
@@ -42,6 +44,11 @@ class EvalConfig:
         return {"tokens": self.tokens, "ce_tokens": self.ce_tokens,
                 "ce_positions": self.ce_positions, "dead_tokens": self.dead_tokens,
                 "corpus": self.corpus, "pass": [self.batch_size, self.ctx_len], "version": 2}
+
+
+def _pipeline_eval() -> EvalConfig:
+    """The residual stream's ΔCE is the headline: only resid_post is spliced."""
+    return EvalConfig(tokens=4096, ce_tokens=4096, ce_positions=["resid_post"])
 
 
 @dataclass
@@ -105,7 +112,7 @@ class PipelineConfig:
     flow: FlowStageConfig = field(default_factory=FlowStageConfig)
     # eval, the index and the statistics read the same held-out text in the same batches, so
     # one pass of the model (and one encoding by every SAE) feeds all three
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=_pipeline_eval)
     index: IndexConfig = field(default_factory=lambda: _pass_config(IndexConfig))
     stats: StatsConfig = field(default_factory=lambda: _pass_config(StatsConfig))
     validate: ValidateConfig = field(default_factory=_validate)
