@@ -336,3 +336,20 @@ def test_cli_steer_writes_json_and_refuses_bad_input(setup, tiny_model_dirs, tmp
     assert main([*base, "--feature", "9/resid_post/3"]) == 2
     assert "unknown feature" in capsys.readouterr().err
     assert main([*base, "--feature", "1/resid_post/3", "--n", "100"]) == 2
+
+
+def test_typical_activations_come_from_the_runs_index(tiny_run, tmp_path):
+    import numpy as np
+
+    from saeflow.features.tables import open_index
+
+    run, pack, _ = tiny_run
+    slots = [("resid_post", 1), ("mlp_out", 0)]
+    t = typical_activations(pack, slots, run=run)  # no model: the index must answer
+    for slot in slots:
+        mean = np.array([v or 0 for v in open_index(run).slot_column(slot, "mean_act")])
+        seen = mean > 0
+        want = np.where(seen, mean, np.median(mean[seen]) if seen.any() else 1.0)
+        np.testing.assert_array_equal(t[slot].numpy(), want.astype(np.float32))
+    with pytest.raises(PlanError, match="typical activation"):  # a RUN without an index
+        typical_activations(pack, slots, run=tmp_path)

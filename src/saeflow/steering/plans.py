@@ -241,7 +241,7 @@ def _is_seed(d: dict) -> bool:
 # --- plans from the command line / API requests -----------------------------------------------
 def flow_for_pack(pack, run: str | os.PathLike | None = None, model=None):
     """The flow of `pack`: from RUN when it holds one of this pack, else computed once into the
-    cache (data-free: seconds to a minute)."""
+    cache (data-free). A flow in RUN that is corrupt is an error, not a reason to recompute."""
 
     fp = pack_fingerprint(pack)
     if run is not None:
@@ -264,7 +264,8 @@ def build_plan(pack, *, feature: str, strength: float = 4.0,
                alpha: float = -0.05, tokens: list[int] | None = None, run=None, model=None,
                t_res: float = 0.5, t_mod: float | None = None,
                positions: tuple[str, ...] = ("resid_post",)) -> SteeringPlan:
-    """One feature, or its flow graph in seed / single / cumulative / span mode."""
+    """One feature, or its flow graph in seed / single / cumulative / span mode; `kind` is the
+    plan's op, add or rescale (its name on the command line and in API requests)."""
     plan = plan_for_feature(feature, strength, kind, tokens)
     plan.check(pack, force=True)  # an unknown feature fails here, clearly (bounds: later)
     if graph_mode == "seed":

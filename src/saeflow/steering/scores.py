@@ -30,7 +30,7 @@ from saeflow.errors import EvalError
 from saeflow.llm import post_chat
 from saeflow.lm.corpora import WikiSummaries
 from saeflow.lm.model import load_model
-from saeflow.store import cache_dir, sha256_file, write_json_atomic
+from saeflow.store import cache_dir, save_npz_atomic, sha256_file, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,7 @@ def topic_classifier(max_docs: int | None = 4000, seed: int = 0, max_chars: int 
                      progress: bool = True) -> TopicClassifier:
     """Logistic regression over MiniLM embeddings of the wiki summaries (a seeded shuffle,
     80/20 split; each summary's first `max_chars` characters, which name its subject); trained
-    once and cached by corpus file hash and settings. 4,000 summaries embed in about 1-2 minutes
-    on 2 cores, all 10,033 in about 10 (MiniLM is the cost)."""
+    once and cached by corpus file hash and settings (embedding the summaries is the cost)."""
     from sklearn.linear_model import LogisticRegression
 
     src = WikiSummaries()
@@ -164,10 +163,9 @@ def topic_classifier(max_docs: int | None = 4000, seed: int = 0, max_chars: int 
         centroids[t] = c / max(np.linalg.norm(c), 1e-12)
     meta = {"classes": classes, "held_out_accuracy": acc, "n_train": len(texts) - n_test,
             "n_test": n_test}
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, coef=clf.coef_, intercept=clf.intercept_, meta=json.dumps(meta),
-             **{f"centroid_{i}": centroids[t] for i, t in enumerate(classes)})
-    os.replace(tmp, path)
+    save_npz_atomic(path, {"coef": clf.coef_, "intercept": clf.intercept_,
+                           "meta": np.asarray(json.dumps(meta)),
+                           **{f"centroid_{i}": centroids[t] for i, t in enumerate(classes)}})
     write_json_atomic(path.with_suffix(".json"), meta)
     return TopicClassifier(classes, clf.coef_, clf.intercept_, acc, len(texts) - n_test, n_test,
                            centroids)

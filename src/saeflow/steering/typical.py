@@ -57,13 +57,11 @@ def _typical_from_index(run, slots: list[Slot]) -> dict[Slot, torch.Tensor]:
         idx = open_index(run)
     except MissingResultError:
         return {}
-    con = idx._con()
     out = {}
     for slot in slots:
-        rows = con.execute("SELECT mean_act FROM features WHERE layer=? AND position=? "
-                           "ORDER BY feature", [slot.layer, slot.position]).fetchall()
-        if rows:
-            out[slot] = torch.from_numpy(_fill_unseen(np.array([r[0] or 0 for r in rows])))
+        mean_act = idx.slot_column(slot, "mean_act")  # [] when the index has no SAE there
+        if mean_act:
+            out[slot] = torch.from_numpy(_fill_unseen(np.array([v or 0 for v in mean_act])))
     return out
 
 
