@@ -37,10 +37,9 @@ def logit_lens(model, dirs: torch.Tensor, n: int = 10, block: int = 4096,
     """Top and bottom n tokens of each direction: (top_ids, top_vals, bot_ids, bot_vals) [N, n].
 
     Tiled over the vocabulary with a running top-n, so the [vocab, d_model] unembedding is read
-    once per `block` directions (reading it once per small block made this memory-bound: 84 s
-    per 4096-feature SAE on a 2-core CPU). It is cast once: to bf16 where bf16 matmuls are
-    measurably faster (GPUs, CPUs with AVX-512 BF16), else kept in fp32 (a CPU without bf16
-    units emulates them, ~5x slower than fp32).
+    once per `block` directions (small blocks make it memory-bound). It is cast once: to bf16
+    where bf16 matmuls are faster (GPUs, CPUs with AVX-512 BF16), else kept in fp32 (a CPU
+    without bf16 units emulates them, much slower than fp32).
     """
 
     W_U = model.hf.get_output_embeddings().weight.detach()  # [vocab, d_model]

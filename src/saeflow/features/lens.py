@@ -1,8 +1,7 @@
 """The logit lens of a feature, computed when it is asked for.
 
-The index used to hold the logit lens of every feature: at 221,184 features against Gemma 3's
-262,144-token vocabulary that is ~37 TFLOP, most of the index stage on 2 CPU cores, although a
-feature page reads one row (one decoder direction through the unembedding: a few ms). Here a
+Every feature's lens at index time would cost a pass of every decoder direction through the
+whole unembedding, although a feature page reads one row (one direction: a few ms). So a
 feature's lens is computed on its first request and kept in a bounded cache; exports ask for a
 whole SAE at once (one tiled pass, `labels.logit_lens`).
 

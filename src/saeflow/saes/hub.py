@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from saeflow.errors import HubError
+from saeflow.ids import Slot
 from saeflow.lm.hookpoints import parse_layers
 from saeflow.saes.packs import Pack, convert_pack, load_pack
 from saeflow.store import cache_dir
@@ -89,7 +90,7 @@ class Plan:
     n_layers: int | None
     files: list[str] = field(default_factory=list)  # repo paths to fetch
     position: str | None = None  # for formats whose files do not say it
-    neuronpedia: dict = field(default_factory=dict)  # (position, layer) -> id
+    neuronpedia: dict[Slot, str] = field(default_factory=dict)  # Neuronpedia ids
 
 
 def _gemmascope_plan(m: re.Match, files: list[str], layers, width, l0) -> Plan:
@@ -114,7 +115,7 @@ def _gemmascope_plan(m: re.Match, files: list[str], layers, width, l0) -> Plan:
                            f"{'' if canonical or not l0 else f' and l0 {l0}'}")
         cands.sort(key=lambda c: abs(float(c[2]) - CANONICAL_L0))
         plan.files.append(cands[0][0])
-        plan.neuronpedia[(plan.position, L)] = (
+        plan.neuronpedia[Slot(GS_POSITIONS[kind], L)] = (
             f"gemma-2-{size}/{L}-gemmascope-{kind}-{width}")
     return plan
 
@@ -144,7 +145,7 @@ def _gemmascope2_plan(m: re.Match, files, layers, width, l0, positions) -> Plan:
                 raise HubError(f"{plan.repo_id} has no {folder} SAE for layer {L} at width "
                                f"{width}, l0 {l0}")
             plan.files += [found[L], found[L].replace("params.safetensors", "config.json")]
-            plan.neuronpedia[(pos, L)] = f"gemma-3-{size}/{L}-gemmascope-2-{short or pos}-{width}"
+            plan.neuronpedia[Slot(pos, L)] = f"gemma-3-{size}/{L}-gemmascope-2-{short or pos}-{width}"
     return plan
 
 

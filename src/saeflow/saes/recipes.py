@@ -16,12 +16,10 @@ from saeflow.saes.train import TrainConfig, train_family
 from saeflow.store import cache_dir
 
 PROFILES: dict[str, TrainConfig] = {
-    # ~25 minutes on 2 quiet CPU cores (docs/benchmarks.md has the measured figures). The
-    # recipe (docs/decisions.md, "Training recipe, issue 15"): inputs standardised per dimension
-    # with the massive dimensions capped at 10x the median sd, lr 4e-3, TopK (BatchTopK's
-    # batch-wide selection makes a CPU step ~1.7x slower, which the 30-minute budget does not
-    # hold; its ΔCE was the same), AuxK on signed pre-activations over latents silent for 16
-    # steps (a relu'd AuxK left 30-40% of the attn_out latents dead).
+    # The recipe (docs/decisions.md, "Training recipe"; timings in docs/benchmarks.md): inputs
+    # standardised per dimension with the massive dimensions capped at 10x the median sd,
+    # lr 4e-3, TopK (cheaper than BatchTopK on a CPU), AuxK on signed pre-activations over
+    # latents silent for 16 steps.
     "default": TrainConfig(positions=["resid_post", "mlp_out", "attn_out"], layers=None,
                            width=4096, k=32, architecture="topk", tokens=300_000,
                            batch_size=1024, lr=4e-3, input_norm="dim", dim_cap=10.0,

@@ -22,6 +22,11 @@ from saeflow.saes.pass_config import CorpusPassConfig, ScanSpec
 from saeflow.store import atomic_path
 
 
+def in_pass_order(slots) -> list:
+    """`slots` by layer, then position: the order one forward reaches them."""
+    return sorted(slots, key=lambda s: (s[1], POSITIONS.index(s[0])))
+
+
 def pass_bytes(model, pack, slots, spec: ScanSpec) -> int:
     """A lower bound of one batch's memory in a pass: the float32 codes of every SAE, the
     captured inputs, and one [B, T, T] attention mask and score block (quadratic in ctx_len)."""
@@ -96,7 +101,7 @@ def scan(model, pack, slots, spec: ScanSpec, state_file: Path, identity: dict,
     from tqdm.auto import tqdm
 
     pack.check_model(model)
-    slots = sorted(slots, key=lambda s: (s[1], POSITIONS.index(s[0])))
+    slots = in_pass_order(slots)
     check_memory(model, pack, slots, spec, error)
     tok = model.tokenizer
     batches_done = tokens_done = 0

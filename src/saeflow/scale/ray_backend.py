@@ -21,9 +21,14 @@ import torch
 
 from saeflow._version import __version__
 from saeflow.errors import MissingDependencyError, ScaleError
-from saeflow.lm.hookpoints import POSITIONS
 from saeflow.lm.model import EMBEDDED_NAME, load_model, resolve_dtype
-from saeflow.saes.scan import check_available, encoded_batches, load_saes, resumable_state
+from saeflow.saes.scan import (
+    check_available,
+    encoded_batches,
+    in_pass_order,
+    load_saes,
+    resumable_state,
+)
 from saeflow.scale import ScaleConfig
 from saeflow.scale.merge import load_shard, merge_in_order, shard_ranges
 from saeflow.store import atomic_path
@@ -317,7 +322,7 @@ def run_sharded(model, pack, slots, spec, state_file: Path, identity: dict,
 
     ray = connect(scale)  # before anything is written: an unreachable cluster leaves no trace
     pack.check_model(model)
-    slots = sorted(slots, key=lambda s: (s[1], POSITIONS.index(s[0])))
+    slots = in_pass_order(slots)
     dev = model.device
     merged = _Merge(make_shard, dev, per, state_file, identity)
     merged.resume(resumable_state(state_file, identity, force, error), error)

@@ -18,8 +18,15 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from saeflow.lm.hookpoints import POSITIONS
-from saeflow.saes.scan import PassJob, PassParts, ScanSpec, batch_budgets, check_memory, scan
+from saeflow.saes.pass_config import ScanSpec
+from saeflow.saes.scan import (
+    PassJob,
+    PassParts,
+    batch_budgets,
+    check_memory,
+    in_pass_order,
+    scan,
+)
 from saeflow.scale import ScaleConfig, shard_batches
 from saeflow.scale.merge import load_shard, merge_in_order
 from saeflow.scale.ray_backend import run_sharded
@@ -99,7 +106,7 @@ def run_jobs(model, pack, jobs: list[PassJob], *, scale: ScaleConfig | None = No
     on the model's device (the consumers' bookkeeping runs there)."""
     if not can_share(jobs):
         raise ValueError("these passes read the corpus differently; run them one by one")
-    slots = sorted({s for j in jobs for s in j.slots}, key=lambda s: (s[1], POSITIONS.index(s[0])))
+    slots = in_pass_order({s for j in jobs for s in j.slots})
     check_memory(model, pack, slots, jobs[0].spec, jobs[0].error)  # before reading any text
     # the budgets are checked here, once for every part
     spec = replace(jobs[0].spec, tokens=max(j.spec.tokens for j in jobs), require_tokens=False)

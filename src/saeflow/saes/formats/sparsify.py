@@ -1,7 +1,6 @@
 """EleutherAI sparsify: cfg.json + sae.safetensors, one folder per hookpoint."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -45,10 +44,11 @@ def sparsify_layout(folder: Path) -> dict:
 
 
 def _sparsify_run_model(run: Path) -> str | None:
-    try:
-        cfg = json.loads((run / "config.json").read_text())
-    except (OSError, ValueError):
+    """The model the run names (it decides the family, so the site); None when the run has no
+    config.json or it names none. A config.json that is not JSON is refused, not ignored."""
+    if not (run / "config.json").is_file():
         return None
+    cfg = _read_json(run / "config.json")
     model = cfg.get("model") if isinstance(cfg, dict) else None
     return model if isinstance(model, str) else None
 
