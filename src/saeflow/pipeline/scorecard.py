@@ -3,20 +3,20 @@
 What a user needs to judge whether the pack is good enough for the science to show: dead
 latents, the spliced loss, how many residual features have a residual predecessor, and how
 often switching the top-1 cosine predecessor off switches the target off. The v0.1 figures are
-measurements of the old default pack (saeflow 0.1, before the issue-15 recipe), kept in
-scorecard_v01.json with how they were made; the paper's are Laptev et al. 2025 (Gemma 2 2B with
-Gemma Scope).
+measurements of the old default pack (saeflow 0.1), kept in scorecard_v01.json with how
+they were made; the paper's are Laptev et al. 2025 (Gemma 2 2B with Gemma Scope).
 """
 from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 BASELINE_FILE = Path(__file__).with_name("scorecard_v01.json")
-S_RES_LAYERS = range(4, 14)  # layers whose median share is the headline (the issue's choice)
+S_RES_LAYERS = range(4, 14)  # layers whose median share is the headline
 
 
 def _json(path: Path):
@@ -72,31 +72,43 @@ def measure_run(run: str | Path) -> dict:
     return out
 
 
-# (measure, what it is, floor of issue 15, goal, paper)
+@dataclass(frozen=True)
+class Headline:
+    """One headline measure: its key in measure_run, what it is, the floor and goal set for the
+    trained family, and the paper's figure (None where there is none)."""
+    key: str
+    what: str
+    floor: float | None = None
+    goal: float | None = None
+    paper: float | None = None
+
+
 ROWS = [
-    ("dead_max/resid_post", "dead latents, resid_post SAEs (max)", 0.10, 0.03, None),
-    ("dead_max/mlp_out", "dead latents, mlp_out SAEs (max)", 0.10, 0.03, None),
-    ("dead_max/attn_out", "dead latents, attn_out SAEs (max)", 0.10, 0.03, None),
-    ("delta_ce_median/resid_post", "resid_post ΔCE, median over layers (nats)", 0.5, 0.2, None),
-    ("s_res_share_median_4_13", "share of live resid features with s_res >= 0.5, median of "
-     "layers 4-13 (the flow's geometry)", 0.10, 0.30, None),
-    ("s_res_share_median_4_13/no_massive", "  the same, massive residual dimensions left out",
-     None, None, None),
-    ("s_res_share_median_4_13/raw", "  the same, every dimension", None, None, None),
-    ("s_res_share_median_4_13/null", "  the same, null directions (chance)", None, None, None),
-    ("deactivation/top1_cosine", "deactivation success, top-1 cosine", 0.20, 0.50, 0.65),
-    ("deactivation/top1_cosine/ranks_0_15", "  the same, targets of activation rank 0-15",
-     None, None, 0.65),
-    ("deactivation/top1_cosine/threshold", "  the same, threshold rule (pre-activation < θ)",
-     None, None, 0.65),
-    ("deactivation/control_matched", "  its null: an unrelated feature of the same norm",
-     None, None, None),
-    ("deactivation/predecessor_group", "deactivation success, the top-1 predecessor of each "
-     "kind together", None, None, None),
-    ("deactivation/top1_pearson", "deactivation success, top-1 Pearson", None, None, 0.65),
-    ("deactivation/exhaustive", "deactivation success, exhaustive", None, None, 0.73),
-    ("deactivation/exhaustive_control", "  its null: inactive features at the same norms",
-     None, None, None),
+    Headline("dead_max/resid_post", "dead latents, resid_post SAEs (max)", floor=0.10, goal=0.03),
+    Headline("dead_max/mlp_out", "dead latents, mlp_out SAEs (max)", floor=0.10, goal=0.03),
+    Headline("dead_max/attn_out", "dead latents, attn_out SAEs (max)", floor=0.10, goal=0.03),
+    Headline("delta_ce_median/resid_post", "resid_post ΔCE, median over layers (nats)",
+             floor=0.5, goal=0.2),
+    Headline("s_res_share_median_4_13", "share of live resid features with s_res >= 0.5, "
+             "median of layers 4-13 (the flow's geometry)", floor=0.10, goal=0.30),
+    Headline("s_res_share_median_4_13/no_massive",
+             "  the same, massive residual dimensions left out"),
+    Headline("s_res_share_median_4_13/raw", "  the same, every dimension"),
+    Headline("s_res_share_median_4_13/null", "  the same, null directions (chance)"),
+    Headline("deactivation/top1_cosine", "deactivation success, top-1 cosine", floor=0.20,
+             goal=0.50, paper=0.65),
+    Headline("deactivation/top1_cosine/ranks_0_15",
+             "  the same, targets of activation rank 0-15", paper=0.65),
+    Headline("deactivation/top1_cosine/threshold",
+             "  the same, threshold rule (pre-activation < θ)", paper=0.65),
+    Headline("deactivation/control_matched",
+             "  its null: an unrelated feature of the same norm"),
+    Headline("deactivation/predecessor_group", "deactivation success, the top-1 predecessor of "
+             "each kind together"),
+    Headline("deactivation/top1_pearson", "deactivation success, top-1 Pearson", paper=0.65),
+    Headline("deactivation/exhaustive", "deactivation success, exhaustive", paper=0.73),
+    Headline("deactivation/exhaustive_control",
+             "  its null: inactive features at the same norms"),
 ]
 LOWER_IS_BETTER = ("dead_max", "delta_ce")
 
@@ -107,12 +119,13 @@ def scorecard(run: str | Path) -> pd.DataFrame:
     now = measure_run(run)
     base = (_json(BASELINE_FILE) or {}).get("measures", {})
     rows = []
-    for key, what, floor, goal, paper in ROWS:
-        v = now.get(key)
-        lower = key.startswith(LOWER_IS_BETTER)
+    for row in ROWS:
+        v = now.get(row.key)
+        lower = row.key.startswith(LOWER_IS_BETTER)
+        floor = row.floor
         meets = None if v is None or floor is None else (v <= floor if lower else v >= floor)
-        rows.append({"measure": what, "this run": v, "v0.1 pack": base.get(key),
-                     "floor": floor, "goal": goal, "paper": paper,
+        rows.append({"measure": row.what, "this run": v, "v0.1 pack": base.get(row.key),
+                     "floor": floor, "goal": row.goal, "paper": row.paper,
                      "meets floor": "-" if meets is None else ("yes" if meets else "no")})
     return pd.DataFrame(rows)
 
