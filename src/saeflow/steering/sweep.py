@@ -1,8 +1,9 @@
-"""The steering sweep of the flow paper's figure: modes x layers x strengths x themes.
+"""The steering sweep of the flow paper's figure: graph modes x layers x strengths x themes.
 
 For each theme, seed features are found in the feature index (by the theme's words; among the
 hits, the residual features with the longest flow graphs; `seeds_per_theme` of them, 10 in the
-paper) and their flow graphs are joined. Then, with the same sampling seeds:
+paper) and their flow graphs are joined. Then, with the same sampling seeds, each graph mode
+(the `mode` column of the tables):
     seed             the seed features alone (a baseline, one layer each)
     single           the graphs' residual features at layer l
     cumulative       all the graphs' residual features at layers <= l, each at the full strength
@@ -14,7 +15,7 @@ each at every strength, scored offline (steer_eval). `injected_norm` records sum
 text), curves.csv (mean and 95% CI per setting), best.csv (the best setting per theme and mode,
 with a bootstrap 95% CI), and curves of score vs layer and vs strength (PNG + HTML).
 
-Profiles (SWEEP_PROFILES): `ours` (activation by adding, strengths from 0.25 typical
+Profiles (config.SWEEP_PROFILES): `ours` (activation by adding, strengths from 0.25 typical
 activations), `paper` (the paper's deactivation of a theme by rescale, r in {0, -1, ..., -64},
 10 seeds, its prompt and sampling), `paper-activation`, and `demo` / `paper-demo`, small enough
 for `make demo`. Each writes RUN/sweep (ours) or RUN/sweep-<profile>.
@@ -254,8 +255,9 @@ def _theme_jobs(th: Theme, G: nx.DiGraph, cfg: SweepConfig) -> list[SweepJob]:
                 if graph_mode == "seed":
                     plan = seed_plan(G, s, cfg.op)
                 else:
-                    plan_mode = "cumulative" if graph_mode == "cumulative_norm" else graph_mode
-                    plan = plan_from_graph(G, s, plan_mode, layer, cfg.op)
+                    # cumulative_norm: cumulative's plan, rescaled later (_match_norms)
+                    built_as = "cumulative" if graph_mode == "cumulative_norm" else graph_mode
+                    plan = plan_from_graph(G, s, built_as, layer, cfg.op)
                 jobs.append(SweepJob(th, graph_mode, layer, s, plan))
     return jobs
 
