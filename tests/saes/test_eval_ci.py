@@ -128,16 +128,21 @@ def test_trained_sae_cfg_records_the_dim_scale_the_trainer_used(tiny_models, tmp
     already; loading ignores it (the weights are the file's), and it survives a conversion."""
     from safetensors.torch import load_file
 
-    import saeflow.saes.train as tr
+    try:  # saes/train/ as a package: the recipe computes the scale
+        import saeflow.saes.train.recipe as tr
+        name = "dim_scale"
+    except ImportError:
+        import saeflow.saes.train as tr  # type: ignore[no-redef]
+        name = "_dim_scale"
 
     used: list[torch.Tensor] = []
-    real = tr._dim_scale
+    real = getattr(tr, name)
 
     def spy(x, cap=0.0):
         v = real(x, cap)
         used.append(v.detach().float().cpu().clone())
         return v
-    monkeypatch.setattr(tr, "_dim_scale", spy)
+    monkeypatch.setattr(tr, name, spy)
     m = tiny_models["gemma3"]
     cfg = TrainConfig(positions=["resid_post", "mlp_out"], layers=[0], width=64, k=4,
                       tokens=2048, batch_size=128, ctx_len=32, model_batch=8, chunk_tokens=1024,

@@ -1,11 +1,11 @@
-"""ΔCE splicing from the edited layer on (saes/evaluate.py `_from_layer`): the same logits as a
+"""ΔCE splicing from the edited layer on (saes/splice.py `from_layer`): the same logits as a
 full forward with the edit hooked in, for every tiny architecture."""
 import pytest
 import torch
 
 from saeflow.lm.corpora import Corpus
 from saeflow.lm.hooks import HookPoint, Hooks
-from saeflow.saes.evaluate import _edited, _from_layer
+from saeflow.saes.splice import edited_output, from_layer
 
 
 @pytest.mark.parametrize("family", ["gemma3", "llama", "gpt2", "qwen2"])
@@ -26,7 +26,7 @@ def test_from_layer_equals_the_hooked_full_forward(tiny_models, family):
             h.remove()
             with Hooks(model, edits={HookPoint("resid_post", L): edit}):
                 full = model.hf(input_ids=ids, attention_mask=am).logits
-            with _from_layer(model, L, _edited(outs["clean"], edit)):
+            with from_layer(model, L, edited_output(outs["clean"], edit)):
                 fast = model.hf(input_ids=ids, attention_mask=am).logits
             again = model.hf(input_ids=ids, attention_mask=am).logits  # layers restored
         assert torch.allclose(fast, full, atol=1e-5, rtol=1e-5), (family, L)

@@ -11,9 +11,8 @@ divergence from the clean next-token distribution, each with a 95% bootstrap int
 document: whole source documents are resampled with replacement, each with all its scored
 tokens (Corpus.token_batches packs several documents into a row and splits long ones across
 rows; every token carries its document's id). Resampling rows instead treats the pieces of one
-document as independent and leaves out the variation between documents, which dominates: on the
-embedded model ΔCE at resid layer 6 moved from 0.37 to 0.43-0.57 between samples of a few
-thousand tokens, far outside a row interval of +-0.05 (issue 25).
+document as independent and leaves out the variation between documents, which dominates.
+Pass 2 lives in saes/splice.py; the intervals in saeflow.intervals.
 
 FVU alone can be fooled: in Gemma's residual stream a few "massive" dimensions carry most of
 the variance, so an SAE that only reconstructs them scores well. `fvu_rest` leaves those
@@ -22,15 +21,14 @@ or 1000x the median dimension's).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from saeflow.errors import ConfigError, CorpusError
+from saeflow.ids import Slot
 from saeflow.intervals import (  # noqa: F401  (re-exported: eval's intervals live there)
     BOOTSTRAP_SAMPLES,
     bootstrap_ratio_ci,
@@ -38,10 +36,10 @@ from saeflow.intervals import (  # noqa: F401  (re-exported: eval's intervals li
     cluster_sums,
 )
 from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
-from saeflow.lm.hooks import HookPoint, Hooks
 from saeflow.lm.model import LoadedModel, dtype_name, resolve_dtype, resolve_encoder_dtype
 from saeflow.saes.packs import Pack, pack_fingerprint
 from saeflow.saes.scan import PassJob, PassParts, ScanSpec, batch_budgets, scan
+from saeflow.saes.splice import nll_and_kl, splice_ce  # noqa: F401  (nll_and_kl: re-exported)
 
 DENSE_FRACTION = 0.10
 KEEP_IN_MEMORY_BYTES = 4 << 30  # below this, all SAEs stay loaded for the whole evaluation
@@ -115,12 +113,12 @@ class _Reconstruction:
                                      xd.pow(2).sum(0), err.double().pow(2).sum(0)))
 
     def state(self) -> dict:
-        return {f"{L}/{p}": {k: (v.cpu() if isinstance(v, torch.Tensor) else v)
-                             for k, v in vars(a).items()}
-                for (p, L), a in self.acc.items()}
+        return {str(Slot.of(s)): {k: (v.cpu() if isinstance(v, torch.Tensor) else v)
+                                  for k, v in vars(a).items()}
+                for s, a in self.acc.items()}
 
     def load(self, st: dict) -> None:
-        self.acc = {(p, L): _Acc(**st[f"{L}/{p}"]) for p, L in self.plan["slots"]}
+        self.acc = {s: _Acc(**st[str(Slot.of(s))]) for s in self.plan["slots"]}
 
     def merge(self, other: "_Reconstruction") -> None:
         for s, a in self.acc.items():
@@ -140,10 +138,10 @@ class _Firing:
             f += (z[s][content.to(z[s].device)] > 0).sum(0)
 
     def state(self) -> dict:
-        return {f"{L}/{p}": v.cpu() for (p, L), v in self.fire.items()}
+        return {str(Slot.of(s)): v.cpu() for s, v in self.fire.items()}
 
     def load(self, st: dict) -> None:
-        self.fire = {(p, L): st[f"{L}/{p}"].to(v.device) for (p, L), v in self.fire.items()}
+        self.fire = {s: st[str(Slot.of(s))].to(v.device) for s, v in self.fire.items()}
 
     def merge(self, other: "_Firing") -> None:
         for s, v in self.fire.items():
@@ -170,8 +168,9 @@ def eval_job(pack: Pack, model: LoadedModel, tokens: int = 8192,
 
     dead_tokens = max(tokens, dead_tokens)
     # the budgets are caps: on a short held-out split eval reads what there is
-    spec = ScanSpec(dead_tokens, corpus, seed, batch, ctx_len, encoder_dtype, 120.0, "heldout",
-                    require_tokens=False)
+    spec = ScanSpec(tokens=dead_tokens, corpus=corpus, seed=seed, batch_size=batch,
+                    ctx_len=ctx_len, encoder_dtype=encoder_dtype, checkpoint_every_s=120.0,
+                    split="heldout", require_tokens=False)
     plan = {"slots": slots, "sae_of": sae_of, "d": {s: pack.entries[s].d_sae for s in slots}}
     parts = {"reconstruction": (partial(_Reconstruction, plan), tokens),
              "firing": (partial(_Firing, plan), dead_tokens)}
@@ -281,8 +280,8 @@ def with_splice(pack: Pack, model: LoadedModel, measures: dict, *, ce_tokens: in
 
     spliced = [s for s in slots if ce_positions is None or s[0] in ce_positions]
     data = Corpus.from_spec(corpus, seed=seed)
-    ce = _splice_ce(pack, model, spliced, sae_of, data, ce_tokens, batch, ctx_len, progress,
-                    ci_by)
+    ce = splice_ce(pack, model, spliced, sae_of, data, ce_tokens, batch, ctx_len, progress,
+                   ci_by)
     rows = []
     for r in measures["rows"]:
         pc = ce["per_sae"].get((r["position"], r["layer"]))
@@ -295,158 +294,6 @@ def with_splice(pack: Pack, model: LoadedModel, measures: dict, *, ce_tokens: in
             "ce_tokens": ce["tokens"], "ce_documents": ce["documents"], "ce_rows": ce["rows"],
             "ce_ci_method": ci_method(ci_by), "ce_positions": ce_positions,
             "clean_ce": ce["clean_ce"], "saes": rows}
-
-
-def nll_and_kl(logits, clean_p, neg_entropy, tgt, rows: int = 128):
-    """Per-token NLL of `tgt` and KL(clean || spliced) from the spliced logits [n, vocab]
-    (float32; turned into log-probabilities in place), the clean probabilities [n, vocab] and
-    sum p log p [n] (float64).
-
-    The clean exp and entropy are computed once per batch, not per SAE, and the only temporary
-    is a block of `rows` rows: the vocabulary is 262k on Gemma 3, so each full-size temporary
-    is a GB at 1k tokens. The dot product is an elementwise product summed per block (torch's
-    reduction, 4e-6 nats from float64 on real logits); a float32 matrix-vector product over the
-    262k terms was off by up to 1e-2 nats per token (benchmarks/bench_splice.py)."""
-    logits -= torch.logsumexp(logits, -1, keepdim=True)  # log q
-    nll = -logits.gather(1, tgt[:, None])[:, 0]
-    cross = torch.cat([(clean_p[i:i + rows] * logits[i:i + rows]).sum(1).double()
-                       for i in range(0, len(logits), rows)])  # sum p log q
-    return nll, (neg_entropy - cross).float()
-
-
-def _edited(output, edit):
-    """A decoder layer's output object with its hidden states replaced by edit(hidden)."""
-    if isinstance(output, tuple):
-        return (edit(output[0]),) + output[1:]
-    return edit(output)
-
-
-@contextmanager
-def _from_layer(model: LoadedModel, layer: int, output):
-    """Forward passes that start after decoder layer `layer`: that layer returns `output` (its
-    clean output, edited) and the layers before it return it too without computing (their
-    results are never read). The layers after it, the final norm and the LM head run as usual,
-    on the same inputs as in a full forward with the edit hooked in, so the logits are the
-    same; the layers up to `layer` are saved (half the body on average). Not for a model that
-    other threads use at the same time (the layers' forward is replaced for the block)."""
-    mods = [model.hook_module("resid_post", i) for i in range(layer + 1)]
-    own = [m.__dict__.get("forward") for m in mods]
-
-    def skip(*args, **kwargs):
-        return output
-    try:
-        for m in mods:
-            m.forward = skip
-        yield
-    finally:
-        for m, f in zip(mods, own):
-            if f is None:
-                del m.forward
-            else:
-                m.forward = f
-
-
-def _splice_ce(pack, model, slots, sae_of, data, ce_tokens, batch, ctx_len, progress,
-               ci_by: str = "document"):
-    from tqdm.auto import tqdm
-    dev = model.device
-    totals = {s: {"ce": 0.0, "kl": 0.0} for s in slots}
-    clean_total, n_tok, rows_before = 0.0, 0, 0
-    # For the bootstrap, sums per piece: the scored tokens of one document in one text row (a
-    # row may hold several documents, a document may span rows and batches). Pieces sum up to
-    # documents or to rows, whichever the interval resamples.
-    piece_row: list = []  # [pieces] global index of the row
-    piece_doc: list = []  # [pieces] document id (Corpus.document)
-    piece_n: list = []
-    piece_clean: list = []
-    piece_ce: dict = {s: [] for s in slots}
-    piece_kl: dict = {s: [] for s in slots}
-    bar = tqdm(total=ce_tokens, unit="tok", desc=f"eval: splice {len(slots)} SAEs",
-               disable=not progress)
-    # each row costs len(slots) + 1 forwards with the LM head: never more rows than asked
-    batch = max(1, min(batch, -(-ce_tokens // ctx_len)))
-    resid_layers = sorted({L for p, L in slots if p == "resid_post"})
-    with torch.inference_mode():
-        for b in data.token_batches(model.tokenizer, batch, ctx_len, split="heldout"):
-            ids = b.input_ids.to(dev)
-            am = b.attention_mask.to(dev)
-            mask = b.content_mask().to(dev)
-            tgt_mask = mask[:, 1:]  # predict document tokens only
-            tgt = ids[:, 1:][tgt_mask]
-            if tgt.numel() == 0:
-                rows_before += ids.shape[0]
-                continue
-            # the clean forward also keeps each spliced residual layer's output, so that a
-            # resid_post splice runs only the layers after its own (_from_layer)
-            clean_out: dict[int, object] = {}
-            handles = [model.hook_module("resid_post", L).register_forward_hook(
-                lambda mod, args, out, L=L: clean_out.__setitem__(L, out))
-                for L in resid_layers]
-            try:
-                clean_logits = model.hf(input_ids=ids, attention_mask=am).logits
-            finally:
-                for h in handles:
-                    h.remove()
-            clean_logp = torch.log_softmax(clean_logits[:, :-1][tgt_mask].float(), -1)
-            del clean_logits
-            clean_p = clean_logp.exp()  # [n_tgt, vocab]
-            neg_entropy = (clean_p * clean_logp).sum(1, dtype=torch.float64)  # [n_tgt]
-            row_of = torch.nonzero(tgt_mask)[:, 0]  # [n_tgt] the row of each target token
-            doc_of = b.doc_ids.to(dev)[:, 1:][tgt_mask]  # [n_tgt] the target token's document
-            pieces, piece_of = torch.unique(torch.stack([row_of, doc_of], 1), dim=0,
-                                            return_inverse=True)
-            n_pieces = len(pieces)
-            pieces = pieces.cpu().numpy()
-            piece_row.append(rows_before + pieces[:, 0])
-            piece_doc.append(pieces[:, 1])
-            rows_before += ids.shape[0]
-
-            def per_piece(v):  # [n_tgt] -> [pieces] sums
-                return torch.zeros(n_pieces, dtype=torch.float64, device=dev).index_add_(
-                    0, piece_of, v.double()).cpu().numpy()
-            clean_nll = -clean_logp.gather(1, tgt[:, None])[:, 0]
-            clean_total += float(clean_nll.sum())
-            piece_n.append(per_piece(torch.ones_like(clean_nll)))
-            piece_clean.append(per_piece(clean_nll))
-            for s in slots:
-                sae = sae_of(s)
-
-                def splice(act, sae=sae):
-                    out = act.clone()
-                    out[mask] = sae(act[mask].float()).to(act.dtype)
-                    return out
-                if s[0] == "resid_post":
-                    with _from_layer(model, s[1], _edited(clean_out[s[1]], splice)):
-                        logits = model.hf(input_ids=ids, attention_mask=am).logits
-                else:
-                    with Hooks(model, edits={HookPoint(*s): splice}):
-                        logits = model.hf(input_ids=ids, attention_mask=am).logits
-                logits = logits[:, :-1][tgt_mask].float()
-                nll, kl = nll_and_kl(logits, clean_p, neg_entropy, tgt)
-                del logits
-                totals[s]["ce"] += float(nll.sum())
-                totals[s]["kl"] += float(kl.sum())
-                piece_ce[s].append(per_piece(nll))
-                piece_kl[s].append(per_piece(kl))
-            n_tok += tgt.numel()
-            bar.update(tgt.numel())
-            if n_tok >= ce_tokens:
-                break
-    bar.close()
-    if n_tok == 0:
-        raise CorpusError("the held-out split gave no tokens to score")
-    rows_p, docs_p = np.concatenate(piece_row), np.concatenate(piece_doc)
-    keys = docs_p if ci_by == "document" else rows_p
-    _, n_c, clean_c = cluster_sums(keys, np.concatenate(piece_n), np.concatenate(piece_clean))
-    per_sae = {}
-    for s, v in totals.items():
-        _, ce_c, kl_c = cluster_sums(keys, np.concatenate(piece_ce[s]),
-                                     np.concatenate(piece_kl[s]))
-        per_sae[s] = {"ce": v["ce"] / n_tok, "kl": v["kl"] / n_tok,
-                      "delta_ce_ci": bootstrap_ratio_ci(ce_c - clean_c, n_c),
-                      "kl_ci": bootstrap_ratio_ci(kl_c, n_c)}
-    return {"tokens": n_tok, "clean_ce": clean_total / n_tok, "per_sae": per_sae,
-            "documents": len(np.unique(docs_p)), "rows": len(np.unique(rows_p))}
 
 
 def format_table(result: dict) -> str:
