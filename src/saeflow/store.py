@@ -8,9 +8,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import numpy as np
+if TYPE_CHECKING:  # numpy loads only when an npz is written: importing the store stays light
+    import numpy as np
 
 
 def cache_dir(*parts: str) -> Path:
@@ -216,6 +217,8 @@ def file_digest(path: Path) -> str:
 
 
 def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    import numpy as np
+
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         # numpy>=2.1 stub: **kwds could bind its allow_pickle flag; arrays never has that key
         np.savez(f, **arrays)  # type: ignore[arg-type]
