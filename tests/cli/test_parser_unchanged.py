@@ -103,3 +103,21 @@ def test_option_configs_keep_the_defaults_of_the_functions_they_feed():
         params = inspect.signature(fn).parameters
         for name in names:
             assert getattr(cls(), name) == params[name].default, (cls.__name__, name)
+
+
+def test_top_level_help_imports_no_config_module():
+    """`saeflow --help` adds each command's options only when that command is used, so it
+    imports no config module (nor torch, pandas or networkx through them)."""
+    import subprocess
+
+    code = ("import sys, saeflow\n"
+            "before = set(sys.modules)\n"
+            "from saeflow.cli.main import build_parser\n"
+            "build_parser().format_help()\n"
+            "print(' '.join(sorted(set(sys.modules) - before)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split()
+    heavy = [m for m in out if m.split(".")[0] in ("torch", "pandas", "networkx", "numpy")
+             or m.startswith(("saeflow.saes", "saeflow.flow", "saeflow.features",
+                              "saeflow.evolution", "saeflow.steering", "saeflow.pipeline"))]
+    assert heavy == []
