@@ -44,9 +44,9 @@ def test_sparse_accumulation_equals_dense_reference(dense_limit, flush):
 
 def test_sparse_runs_without_packed_sort_equal_dense_reference(monkeypatch):
     # Keys beyond 2**32 (widths above 65,536) take the argsort path; force it on small sizes.
-    import saeflow.evolution.stats as stats
+    import saeflow.evolution.sums as sums
 
-    monkeypatch.setattr(stats, "PACKED_SORT_MAX_KEYS", 0)
+    monkeypatch.setattr(sums, "PACKED_SORT_MAX_KEYS", 0)
     zu, zd = _sparse_acts(300, 37, 0.1, 2), _sparse_acts(300, 29, 0.15, 3)
     au, ad = zu > 0.4 * zu.max(0).values, zd > 0.4 * zd.max(0).values
     acc = PairAccumulator(37, 29, flush_tokens=40, dense_limit=0)

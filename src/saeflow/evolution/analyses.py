@@ -2,17 +2,19 @@
 empirical predecessor groups, and agreement between data-free and data-driven links."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
 from saeflow.errors import ConfigError, MissingResultError
-from saeflow.evolution.tables import StatsRun
+from saeflow.evolution.tables import COFIRE_FILE, GROUPS_FILE, StatsRun
 from saeflow.features.tables import open_index
 from saeflow.flow.plots import save_png_atomic, write_html_atomic
-from saeflow.flow.predecessors import open_flow
-from saeflow.ids import GROUPS
+from saeflow.flow.run import open_flow
+from saeflow.ids import GROUPS, Slot, parse_feature
 from saeflow.store import atomic_path, write_json_atomic
 
 
@@ -120,7 +122,7 @@ def gates(stats: StatsRun, threshold: float = 0.999, min_count: int = 5,
                 if len(grp) != 2:
                     continue
                 a, b = grp.up.tolist()
-                ids = [f"{u[1]}/{u[0]}/{a}", f"{u[1]}/{u[0]}/{b}", f"{d[1]}/{d[0]}/{j}"]
+                ids = [u.feature(a), u.feature(b), d.feature(j)]
                 out.append({"gate": kind, "down": ids[2], "up_a": ids[0], "up_b": ids[1],
                             "down_count": int(counts.get((d[0], d[1], j), 0)),
                             "up_a_count": int(counts.get((u[0], u[1], a), 0)),
@@ -142,8 +144,8 @@ def communities(stats: StatsRun, floor: float = 0.1, resolution: float = 1.0,
     if len(e) == 0:
         return pd.DataFrame(columns=["id", "layer", "position", "feature", "community"]), \
             pd.DataFrame(columns=["community", "size", "first_layer", "last_layer", "span"])
-    src = e.up_layer.astype(str) + "/" + e.up_position + "/" + e.up.astype(str)
-    dst = e.down_layer.astype(str) + "/" + e.down_position + "/" + e.down.astype(str)
+    src = pd.Series(_feature_ids(e.up_layer, e.up_position, e.up), index=e.index)
+    dst = pd.Series(_feature_ids(e.down_layer, e.down_position, e.down), index=e.index)
     names = pd.Index(pd.unique(pd.concat([src, dst])))
     s_idx, d_idx = names.get_indexer(src), names.get_indexer(dst)
     w = e[measure].to_numpy(float)
@@ -167,13 +169,21 @@ def communities(stats: StatsRun, floor: float = 0.1, resolution: float = 1.0,
             member[list(nodes)] = c
     else:
         raise ConfigError("method must be leiden or louvain")
-    parts = pd.Series(names).str.split("/", expand=True)
-    df = pd.DataFrame({"id": names, "layer": parts[0].astype(int), "position": parts[1],
-                       "feature": parts[2].astype(int), "community": member})
+    layers, positions, features = zip(*map(parse_feature, names)) if len(names) else ((), (), ())
+    df = pd.DataFrame({"id": names, "layer": np.array(layers, np.int64),
+                       "position": pd.Series(positions, dtype="str"),
+                       "feature": np.array(features, np.int64), "community": member})
     summary = df.groupby("community").agg(size=("id", "size"), first_layer=("layer", "min"),
                                           last_layer=("layer", "max")).reset_index()
     summary["span"] = summary.last_layer - summary.first_layer + 1
     return df, summary.sort_values("size", ascending=False)
+
+
+def _feature_ids(layers: pd.Series, positions: pd.Series, features: pd.Series) -> list[str]:
+    """Feature ids ('6/resid_post/12') of rows given by layer, position and index columns."""
+    slots: dict[tuple[str, int], Slot] = {}
+    return [slots.setdefault((p, L), Slot(p, L)).feature(f)
+            for L, p, f in zip(layers.tolist(), positions.tolist(), features.tolist())]
 
 
 def agreement(flow_run, stats: StatsRun, pack) -> pd.DataFrame:
@@ -251,47 +261,23 @@ def write_evolution_outputs(run, stats: StatsRun, pack, *, pass_threshold: float
                             community_floor: float = 0.1, resolution: float = 1.0,
                             method: Literal["leiden", "louvain"] = "leiden") -> dict:
     """Tables, JSON and figures of every analysis into RUN/stats/; returns a summary."""
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     root = stats.root
     plots = root / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    labels = _labels(run)
     summary: dict = {}
+    summary["pass_through"] = _write_pass_through(stats, pass_threshold, plots)
 
-    pt = pass_through(stats, pass_threshold)
-    with atomic_path(root / "pass_through.csv") as tmp:
-        pt.to_csv(tmp, index=False)
-    summary["pass_through"] = pt.round(2).to_dict("records")
-    for pos in pt.position.unique() if len(pt) else []:
-        write_html_atomic(sankey_figure(pt, pos), plots / f"pass_through_{pos}.html")
-        rows = pt[pt.position == pos]
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        for col, c in (("pass_through_pct", "#4c72b0"), ("disappearing_pct", "#c44e52"),
-                       ("appearing_pct", "#55a868")):
-            ax.plot(rows.layer, rows[col], marker="o", color=c, label=col.replace("_pct", ""))
-        ax.set_xlabel("layer L (pair L -> L+1)")
-        ax.set_ylabel("% of live features")
-        ax.set_title(f"{pos}: pass-through at {pass_threshold} ({'pearson'})")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        save_png_atomic(fig, plots / f"pass_through_{pos}.png")
-        plt.close(fig)
-
-    g = gates(stats, gate_threshold, gate_min_count, labels, gate_max_up_density,
+    g = gates(stats, gate_threshold, gate_min_count, _labels(run), gate_max_up_density,
               gate_min_up_count)
     write_json_atomic(root / "gates.json", g.to_dict("records"))
     summary["gates"] = {"AND": int((g.gate == "AND").sum()) if len(g) else 0,
                         "OR": int((g.gate == "OR").sum()) if len(g) else 0}
 
     members, comm = communities(stats, community_floor, resolution, method)
-    # Through a temporary file: a kill here left 4 bytes that every feature page then failed
-    # on (issue 30); now the old table stays until the new one is complete.
     with atomic_path(root / "communities.parquet") as tmp:
         members.to_parquet(tmp)
     with atomic_path(root / "communities_summary.csv") as tmp:
@@ -299,34 +285,13 @@ def write_evolution_outputs(run, stats: StatsRun, pack, *, pass_threshold: float
     summary["communities"] = {"n": int(len(comm)),
                               "largest": comm.head(5).to_dict("records") if len(comm) else []}
 
-    gpath = root / "groups.json"
-    if gpath.is_file():
-        groups = json.loads(gpath.read_text())["layers"]
-        layers = sorted(int(L) for L in groups)
-        shares = {G: [groups[str(L)].get(G, 0) / max(sum(groups[str(L)].values()), 1)
-                      for L in layers] for G in GROUPS}
-        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(layers) + 2), 3.8))
-        bottom = np.zeros(len(layers))
-        colors = plt.get_cmap("tab10")
-        for i, G in enumerate(GROUPS):
-            ax.bar(layers, shares[G], bottom=bottom, label=G, color=colors(i) if G != "From nowhere"
-                   else "#bbbbbb")
-            bottom += shares[G]
-        ax.set_xlabel("layer")
-        ax.set_ylabel("share of active features")
-        ax.set_title("Empirical predecessor groups (which top-1 predecessors fire on the token)")
-        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
-        fig.tight_layout()
-        save_png_atomic(fig, plots / "groups.png")
-        plt.close(fig)
-        summary["groups"] = {str(L): {G: round(shares[G][i], 4) for G in GROUPS}
-                             for i, L in enumerate(layers)}
-
+    if (root / GROUPS_FILE).is_file():
+        summary["groups"] = _write_groups_plot(root / GROUPS_FILE, plots)
     try:
         flow_run = open_flow(run)
     except MissingResultError:
         flow_run = None
-    cpath = root / "cofire.parquet"
+    cpath = root / COFIRE_FILE
     if flow_run is not None and cpath.is_file():
         co = pd.read_parquet(cpath)
         summary["cofire"] = {"by_similarity": cofire_by_similarity(flow_run, co).to_dict("records"),
@@ -337,16 +302,73 @@ def write_evolution_outputs(run, stats: StatsRun, pack, *, pass_threshold: float
             ag.to_csv(tmp, index=False)
         summary["agreement"] = ag.round(4).to_dict("records")
         if len(ag):
-            fig, ax = plt.subplots(figsize=(6.5, 3.5))
-            ax.plot(ag.layer, ag.top1_agreement, marker="o", label="top-1 cosine = top-1 Pearson")
-            ax.plot(ag.layer, ag.spearman_cosine_pearson, marker="s",
-                    label="Spearman(cosine, Pearson) over pairs")
-            ax.set_xlabel("layer")
-            ax.set_ylim(-0.05, 1.05)
-            ax.set_title("Data-free vs data-driven residual predecessors")
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            save_png_atomic(fig, plots / "agreement.png")
-            plt.close(fig)
+            _write_agreement_plot(ag, plots)
     write_json_atomic(root / "summary.json", summary)
     return summary
+
+
+def _write_pass_through(stats: StatsRun, threshold: float, plots: Path) -> list[dict]:
+    """pass_through.csv, and per position its Sankey (HTML) and line plot (PNG); returns the
+    rows for the summary."""
+    import matplotlib.pyplot as plt
+
+    pt = pass_through(stats, threshold)
+    with atomic_path(stats.root / "pass_through.csv") as tmp:
+        pt.to_csv(tmp, index=False)
+    for pos in pt.position.unique() if len(pt) else []:
+        write_html_atomic(sankey_figure(pt, pos), plots / f"pass_through_{pos}.html")
+        rows = pt[pt.position == pos]
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for col, c in (("pass_through_pct", "#4c72b0"), ("disappearing_pct", "#c44e52"),
+                       ("appearing_pct", "#55a868")):
+            ax.plot(rows.layer, rows[col], marker="o", color=c, label=col.replace("_pct", ""))
+        ax.set_xlabel("layer L (pair L -> L+1)")
+        ax.set_ylabel("% of live features")
+        ax.set_title(f"{pos}: pass-through at {threshold} ({'pearson'})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        save_png_atomic(fig, plots / f"pass_through_{pos}.png")
+        plt.close(fig)
+    return pt.round(2).to_dict("records")
+
+
+def _write_groups_plot(groups_file: Path, plots: Path) -> dict:
+    """groups.png: the share of each empirical predecessor group per layer; returns the
+    shares for the summary."""
+    import matplotlib.pyplot as plt
+
+    groups = json.loads(groups_file.read_text())["layers"]
+    layers = sorted(int(L) for L in groups)
+    shares = {G: [groups[str(L)].get(G, 0) / max(sum(groups[str(L)].values()), 1)
+                  for L in layers] for G in GROUPS}
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(layers) + 2), 3.8))
+    bottom = np.zeros(len(layers))
+    colors = plt.get_cmap("tab10")
+    for i, G in enumerate(GROUPS):
+        ax.bar(layers, shares[G], bottom=bottom, label=G, color=colors(i) if G != "From nowhere"
+               else "#bbbbbb")
+        bottom += shares[G]
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of active features")
+    ax.set_title("Empirical predecessor groups (which top-1 predecessors fire on the token)")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+    fig.tight_layout()
+    save_png_atomic(fig, plots / "groups.png")
+    plt.close(fig)
+    return {str(L): {G: round(shares[G][i], 4) for G in GROUPS} for i, L in enumerate(layers)}
+
+
+def _write_agreement_plot(ag: pd.DataFrame, plots: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    ax.plot(ag.layer, ag.top1_agreement, marker="o", label="top-1 cosine = top-1 Pearson")
+    ax.plot(ag.layer, ag.spearman_cosine_pearson, marker="s",
+            label="Spearman(cosine, Pearson) over pairs")
+    ax.set_xlabel("layer")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("Data-free vs data-driven residual predecessors")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_png_atomic(fig, plots / "agreement.png")
+    plt.close(fig)

@@ -21,12 +21,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from saeflow.errors import MissingResultError, StatsError
-from saeflow.store import open_manifest, publish_files, recover_files
+from saeflow.ids import Slot, group_name
+from saeflow.store import (
+    open_manifest,
+    publish_files,
+    recover_files,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 
 MEASURES = ("pearson", "jaccard", "sufficiency", "necessity", "mutual_info")
 STATS_DIR = "stats"
 STATS_MANIFEST = "stats.json"
 STATS_FORMAT = "saeflow-stats"
+COFIRE_FILE = "cofire.parquet"
+GROUPS_FILE = "groups.json"
 
 
 def _top_k_mask(group: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
@@ -50,19 +59,21 @@ def select_pairs(p: dict, top_k: int, floor: float) -> np.ndarray:
     return keep
 
 
-
-
 def write_stats(root: Path, acc: dict, cfg, ident: dict, tokens: int, seconds: float) -> None:
+    """edges.parquet, features.parquet and stats.json from the sums `acc` {(up, down) slots:
+    PairAccumulator}, published together."""
     root.mkdir(parents=True, exist_ok=True)
     edge_tables, feat_rows, seen = [], [], set()
-    for (u, d), a in acc.items():
+    for pair, a in acc.items():
+        u, d = Slot.of(pair[0]), Slot.of(pair[1])
         p = a.pairs()
         keep = select_pairs(p, cfg.top_k, cfg.floor)
         n = int(keep.sum())
-        cols = {"up_layer": pa.array(np.full(n, u[1], np.int16)), "up_position": pa.array([u[0]] * n),
+        cols = {"up_layer": pa.array(np.full(n, u.layer, np.int16)),
+                "up_position": pa.array([u.position] * n),
                 "up": pa.array(p["up"][keep].astype(np.int32)),
-                "down_layer": pa.array(np.full(n, d[1], np.int16)),
-                "down_position": pa.array([d[0]] * n),
+                "down_layer": pa.array(np.full(n, d.layer, np.int16)),
+                "down_position": pa.array([d.position] * n),
                 "down": pa.array(p["down"][keep].astype(np.int32)),
                 "count": pa.array(p["count"][keep].astype(np.int64))}
         for m in MEASURES:
@@ -74,14 +85,15 @@ def write_stats(root: Path, acc: dict, cfg, ident: dict, tokens: int, seconds: f
             seen.add(slot)
             k = len(nn)
             feat_rows.append(pa.table({
-                "layer": pa.array(np.full(k, slot[1], np.int16)), "position": pa.array([slot[0]] * k),
+                "layer": pa.array(np.full(k, slot.layer, np.int16)),
+                "position": pa.array([slot.position] * k),
                 "feature": pa.array(np.arange(k, dtype=np.int32)),
                 "n_active": pa.array(nn), "density": pa.array(nn / max(a.n_tokens, 1)),
                 "mean": pa.array((s / max(a.n_tokens, 1)).astype(np.float32)),
                 "max": pa.array(mx.astype(np.float32))}))
     manifest = {
         "format": STATS_FORMAT, "identity": ident, "tokens": tokens, "seconds": round(seconds, 1),
-        "pairs": [[f"{u[1]}/{u[0]}", f"{d[1]}/{d[0]}"] for u, d in acc],
+        "pairs": [[str(Slot.of(u)), str(Slot.of(d))] for u, d in acc],  # "6/resid_post"
         "kept": f"top-{cfg.top_k} per row and column by Pearson; |Pearson| or Jaccard >= "
                 f"{cfg.floor}; sufficiency or necessity >= 0.9 with count >= 2",
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -92,6 +104,32 @@ def write_stats(root: Path, acc: dict, cfg, ident: dict, tokens: int, seconds: f
         "edges.parquet": lambda path: pq.write_table(edges, path, compression="zstd"),
         "features.parquet": lambda path: pq.write_table(feats, path, compression="zstd"),
         STATS_MANIFEST: lambda path: path.write_text(json.dumps(manifest, indent=2) + "\n")})
+
+
+def write_cofire(root: Path, cofire: dict[int, np.ndarray]) -> None:
+    """stats/cofire.parquet: per (layer, resid_post feature) the tokens it was active on and,
+    of those, the tokens its top-1 RES / MLP / ATT predecessor (the flow's) was active too
+    (`cofire` {layer: [4, d] counts})."""
+    tables = []
+    for L, c in sorted(cofire.items()):
+        n = c.shape[1]
+        tables.append(pa.table({"layer": pa.array(np.full(n, L, np.int16)),
+                                "feature": pa.array(np.arange(n, dtype=np.int32)),
+                                "n_on": c[0], "both_res": c[1], "both_mlp": c[2],
+                                "both_attn": c[3]}))
+    write_parquet_atomic(pa.concat_tables(tables), root / COFIRE_FILE)
+
+
+def write_groups(root: Path, group_counts: dict[int, np.ndarray]) -> None:
+    """stats/groups.json: per layer, how many (token, active resid_post feature) fall in each
+    predecessor group (`group_counts` {layer: [8] counts by RES + 2 MLP + 4 ATT})."""
+    write_json_atomic(root / GROUPS_FILE, {
+        "method": "for every active resid_post feature on every content token: which "
+                  "of its top-1 data-free predecessors (RES / MLP / ATT) are active on "
+                  "that token",
+        "layers": {str(L): {group_name(bool(c & 1), bool(c & 2), bool(c & 4)): int(v[c])
+                            for c in range(8)}
+                   for L, v in group_counts.items()}})
 
 
 @dataclass
@@ -112,12 +150,9 @@ class StatsRun:
         return pq.read_table(self.root / "features.parquet").to_pandas()
 
     @property
-    def pairs(self) -> list[tuple[tuple[str, int], tuple[str, int]]]:
-        out = []
-        for u, d in self.manifest["pairs"]:
-            (lu, pu), (ld, pd_) = u.split("/"), d.split("/")
-            out.append(((pu, int(lu)), (pd_, int(ld))))
-        return out
+    def pairs(self) -> list[tuple[Slot, Slot]]:
+        """The (upstream, downstream) SAE pairs the statistics hold."""
+        return [(Slot.parse(u), Slot.parse(d)) for u, d in self.manifest["pairs"]]
 
 
 def open_stats(run: str | os.PathLike) -> StatsRun:

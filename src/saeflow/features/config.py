@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from saeflow.saes.scan import CorpusPassConfig  # TODO(H6): saes.pass_config once committed
+from saeflow.saes.pass_config import CorpusPassConfig
 
 
 @dataclass

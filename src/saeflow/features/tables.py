@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from saeflow.errors import FeatureIndexError, MissingResultError, UnreadableTableError
+from saeflow.errors import (
+    FeatureIndexError,
+    MissingResultError,
+    UnknownPositionError,
+    UnreadableTableError,
+)
 from saeflow.ids import Slot
 from saeflow.store import open_manifest
 
@@ -76,8 +81,8 @@ class FeatureIndex:
         holds none there."""
         try:
             key = str(Slot(position, layer))
-        except ValueError:  # a position saeflow does not know: no SAE of the index is there
-            key = None
+        except UnknownPositionError:  # no SAE of the index is at a position saeflow does not know
+            key = ""
         if key not in self.manifest["slots"]:
             raise FeatureIndexError(f"the index has no SAE at {position} layer {layer}")
         return key
