@@ -59,7 +59,7 @@ class FlowStageConfig:
     keep_dead: bool = setting(False, "keep never-firing latents in the flow")
 
     def identity(self) -> dict:
-        """Version 2: t_res, the rotation null, the no_massive geometry."""
+        """What the flow's outputs depend on ("version" bumps when their meaning changes)."""
         return {"firing_tokens": self.firing_tokens, "keep_dead": self.keep_dead, "version": 2}
 
 
@@ -86,7 +86,7 @@ class SweepStageConfig:
                                 "classifier_docs")
 
     def identity(self) -> dict:
-        """Version 2 (the sweep's scores changed meaning once)."""
+        """What the sweeps' outputs depend on ("version" bumps when their meaning changes)."""
         o, p = self.ours, self.paper
         return {"themes": o.themes, "strengths": o.strengths, "seeds": o.seeds, "n": o.n,
                 "max_layers": o.max_layers, "paper": [p.strengths, p.n, p.max_layers],
@@ -235,7 +235,7 @@ def stage_identity(cfg: PipelineConfig, stage: str) -> dict:
 
 
 def _pass_identity(c: Any, version: int) -> dict:
-    """The index's or the statistics' identity as a stage (stats 3: co-firing counts)."""
+    """The index's or the statistics' identity as a stage."""
     return {"tokens": c.tokens, "corpus": c.corpus, "pass": [c.batch_size, c.ctx_len],
             "version": version}
 
@@ -255,8 +255,8 @@ _STAGE_IDENTITY = {
 }
 
 
-# Budgets measured on 2 CPU cores (docs/benchmarks.md); a GPU is much faster. QUICK trades
-# statistical power for time, never correctness: every stage still runs for real.
+# QUICK trades statistical power for time, never correctness: every stage still runs for real
+# (its budget on 2 CPU cores: docs/benchmarks.md).
 PROFILES = {
     "default": PipelineConfig(),
     "quick": PipelineConfig.from_flat(

@@ -48,13 +48,12 @@ STAGES = ("pack", "flow", "eval", "index", "stats", "validate", "sweep", "report
 PIPELINE_FILE = "pipeline.json"
 
 
-# Seconds per unit on 2 quiet CPU cores at Gemma 3 270M's shapes with the 54-SAE pack, for the
-# time-left estimates printed between stages; measured by benchmarks/bench_one_pass.py
-# (docs/benchmarks.md, issue 28). Per token: eval's own pass (capture, 54 encodes, firing
-# counts), what the index and the statistics add to a shared pass, each alone; the splice per
-# token and spliced SAE; the pack per training token (15 min 06 s for 303k tokens on a fresh
-# clone); validate per text of 5 tokens x 3 layers (53 s for 30 texts); the
-# sweep per generated sample (5 min 51 s for the default profile).
+# Seconds per unit on 2 CPU cores at Gemma 3 270M's shapes with the 54-SAE pack, for the
+# time-left estimates printed between stages (benchmarks/bench_one_pass.py measures them;
+# docs/benchmarks.md). Per token: eval's own pass (capture, 54 encodes, firing counts), what the
+# index and the statistics add to a shared pass, each alone; the splice per token and spliced
+# SAE; the pack per training token; validate per text of 5 tokens x 3 layers; the sweep per
+# generated sample.
 RATES = {"pack": 1 / 340, "eval_pass": 3.9e-3, "index_extra": 3.6e-3, "stats_extra": 3.6e-3,
          "index": 4.6e-3, "stats": 5.5e-3, "splice": 4.1e-3, "analyses": 35, "flow": 60,
          "validate": 1.1, "sweep": 1, "report": 12}
@@ -313,7 +312,7 @@ class Pipeline:
         summary = run_validation(self.pack, self.model, self.root, cfg)
         if cfg.r_graphs > 0:
             write_r_sweep(self.pack, self.model, self.root, cfg)
-        # The rank rule's rates (every method over the same cases), as before.
+        # the rank rule's rates (every method over the same cases)
         return {m: round(r["success_rate"], 4) for m, r in summary["methods"].items()}
 
     def stage_sweep(self) -> dict:
