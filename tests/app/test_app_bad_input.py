@@ -250,3 +250,30 @@ def test_a_dropped_stream_stops_generating(tiny_run):
     finally:
         server.should_exit = True
         t.join(10)
+
+
+def test_a_part_not_computed_is_absent_and_a_corrupt_one_is_not(tiny_run, run_copy):
+    """No statistics: the app serves without them. A corrupt manifest is not taken for a
+    missing part: its requests answer 503 with what to rerun, and a corrupt flow (which names
+    the pack) stops the server from starting."""
+    from fastapi.testclient import TestClient
+
+    from saeflow.app.server import create_app
+    from saeflow.errors import UnreadableTableError
+
+    run, pack, model = tiny_run
+    shutil.rmtree(run_copy / "stats")
+    app = create_app(run_copy, loaded_model=model, loaded_pack=pack)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert c.get("/api/info").json()["has"] == {"flow": True, "index": True, "stats": False}
+        assert c.get("/api/features/1/resid_post/3").json()["coactivation"] == {
+            "upstream": [], "downstream": []}
+        assert c.get("/api/communities").status_code == 404
+    (run_copy / "index" / "index.json").write_text("{not json")
+    app = create_app(run_copy, loaded_model=model, loaded_pack=pack)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/api/info")
+        assert r.status_code == 503 and "rerun" in r.json()["detail"], r.text[:300]
+    (run_copy / "flow.json").write_text("{not json")
+    with pytest.raises(UnreadableTableError, match="flow"):
+        create_app(run_copy, loaded_model=model)

@@ -13,7 +13,7 @@ import torch
 
 from saeflow.app.views import graph_json
 from saeflow.errors import AppError, SaeflowError
-from saeflow.ids import Slot, feature_id, parse_feature
+from saeflow.ids import PRED_KINDS, Slot, feature_id, parse_feature
 from saeflow.lm.hooks import capture
 from saeflow.lm.model import load_model
 from saeflow.saes.recipes import open_pack
@@ -118,14 +118,14 @@ class LiveModel:
                 continue
             cls = flow_index.pred[L].cls[f]
             G.nodes[n]["class"] = str(cls)
-            for kind in ("res", "mlp", "attn"):
+            for kind in PRED_KINDS:
                 for rank in range(max_rank):
-                    pr = flow_index.predecessor(L, f, kind, rank)
-                    if pr is None:
+                    match = flow_index.predecessor(L, f, kind, rank)  # PredecessorMatch
+                    if match is None:
                         break
-                    src = feature_id(pr[1], pr[0], pr[2])
+                    src = feature_id(match.layer, match.position, match.feature)
                     if src in G:
-                        G.add_edge(src, n, similarity=pr[3], kind=kind)
+                        G.add_edge(src, n, similarity=match.similarity, kind=kind)
         return G
 
     # --- steering -----------------------------------------------------------------------

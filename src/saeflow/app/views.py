@@ -14,12 +14,19 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow.parquet as pq
 
-from saeflow.errors import AppError, FlowError, MissingResultError
+from saeflow.errors import (
+    AppError,
+    FeatureIndexError,
+    FlowError,
+    MissingResultError,
+    StatsError,
+    UnreadableTableError,
+)
 from saeflow.evolution.tables import open_stats
 from saeflow.features.tables import open_index
 from saeflow.flow.graphs import FlowIndex, persistence, trace
 from saeflow.flow.predecessors import open_flow
-from saeflow.ids import Slot, feature_id, parse_feature
+from saeflow.ids import PRED_KINDS, Slot, feature_id, parse_feature
 
 LANES = {"resid_post": 0, "mlp_out": 1, "attn_out": 2, "attn_z": 2, "resid_pre": 0,
          "mlp_raw": 1, "attn_raw": 2,
@@ -46,10 +53,7 @@ class RunData:
     # --- the parts ---------------------------------------------------------------------
     @cached_property
     def flow(self):
-        try:
-            return open_flow(self.root)
-        except MissingResultError:
-            return None
+        return _open_part(open_flow, self.root)
 
     @cached_property
     def flow_index(self):
@@ -58,9 +62,8 @@ class RunData:
 
     @cached_property
     def index(self):
-        try:
-            idx = open_index(self.root)
-        except MissingResultError:
+        idx = _open_part(open_index, self.root)
+        if idx is None:
             return None
         if self.flow is not None and idx.manifest.get("identity", {}).get("pack") not in (
                 None, self.flow.manifest["pack"]["fingerprint"]):
@@ -86,10 +89,7 @@ class RunData:
 
     @cached_property
     def stats(self):
-        try:
-            return open_stats(self.root)
-        except MissingResultError:
-            return None
+        return _open_part(open_stats, self.root)
 
     @cached_property
     def communities(self) -> dict[str, int]:
@@ -183,7 +183,7 @@ class RunData:
             row = _row(t, layer=L, feature=f)
             if row is not None:
                 out["class"] = row["class"]
-                for kind in ("res", "mlp", "attn"):
+                for kind in PRED_KINDS:
                     slot = slots.get(kind)
                     if slot is None or not row.get(f"top_{kind}"):
                         continue
@@ -371,6 +371,17 @@ class RunData:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+def _open_part(opener, root: Path):
+    """A part of the run (flow, index, stats): None when it was not computed; one that is
+    there but unreadable is an UnreadableTableError (the server answers 503), not absent."""
+    try:
+        return opener(root)
+    except MissingResultError:
+        return None
+    except (FlowError, FeatureIndexError, StatsError) as e:
+        raise UnreadableTableError(str(e)) from None
+
+
 def _row(table, **eq) -> dict | None:
     import pyarrow.compute as pc
 
