@@ -15,11 +15,11 @@ from typing import Any
 from saeflow.checks import at_least
 from saeflow.configs import CorpusSpec, Tokens, setting
 from saeflow.errors import PipelineError, SaeflowError
-from saeflow.evolution.stats import StatsConfig
+from saeflow.evolution.config import StatsConfig
 from saeflow.features.config import IndexConfig
 from saeflow.lm.corpus_spec import DEFAULT_SPEC
 from saeflow.steering.config import SweepConfig, sweep_profile
-from saeflow.steering.validate import ValidateConfig
+from saeflow.steering.validate_config import ValidateConfig
 
 
 @dataclass
