@@ -1,10 +1,50 @@
-"""saeflow: how SAE features flow from layer to layer, and steering along those flows."""
-from saeflow._version import __version__
-from saeflow.lm.hookpoints import POSITIONS  # noqa: E402
-from saeflow.lm.hooks import HookPoint, Hooks, capture  # noqa: E402
-from saeflow.lm.model import LoadedModel, load_model  # noqa: E402
-from saeflow.saes.packs import Pack, convert_pack, load_pack, save_pack  # noqa: E402
-from saeflow.saes.sae import SAE, random_sae  # noqa: E402
+"""saeflow: how SAE features flow from layer to layer, and steering along those flows.
 
-__all__ = ["POSITIONS", "HookPoint", "Hooks", "capture", "LoadedModel", "load_model", "Pack",
-           "load_pack", "save_pack", "convert_pack", "SAE", "random_sae", "__version__"]
+The names below load on first use, so that `import saeflow` (and the command line's
+`saeflow --help`) does not import torch."""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from saeflow._version import __version__
+
+_EXPORTS = {
+    "POSITIONS": "saeflow.lm.hookpoints",
+    "Slot": "saeflow.ids",
+    "HookPoint": "saeflow.lm.hooks",
+    "Hooks": "saeflow.lm.hooks",
+    "capture": "saeflow.lm.hooks",
+    "LoadedModel": "saeflow.lm.model",
+    "load_model": "saeflow.lm.model",
+    "Pack": "saeflow.saes.packs",
+    "load_pack": "saeflow.saes.packs",
+    "save_pack": "saeflow.saes.packs",
+    "convert_pack": "saeflow.saes.packs",
+    "SAE": "saeflow.saes.sae",
+    "random_sae": "saeflow.saes.sae",
+}
+
+__all__ = ["POSITIONS", "Slot", "HookPoint", "Hooks", "capture", "LoadedModel", "load_model",
+           "Pack", "load_pack", "save_pack", "convert_pack", "SAE", "random_sae", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'saeflow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from saeflow.ids import Slot
+    from saeflow.lm.hookpoints import POSITIONS
+    from saeflow.lm.hooks import HookPoint, Hooks, capture
+    from saeflow.lm.model import LoadedModel, load_model
+    from saeflow.saes.packs import Pack, convert_pack, load_pack, save_pack
+    from saeflow.saes.sae import SAE, random_sae
