@@ -60,7 +60,7 @@ def cmd_stats(args) -> int:
 
 def _stats_options(st) -> None:
     from saeflow.evolution.analyses import write_evolution_outputs
-    from saeflow.evolution.stats import StatsConfig
+    from saeflow.evolution.config import StatsConfig
 
     add_pass_arguments(st, StatsConfig, "stats")
     g = st.add_argument_group("statistics")

@@ -86,7 +86,7 @@ def cmd_dashboards(args) -> int:
 def explainer_from_args(args, **override):
     """The LLM endpoint's config (ExplainerConfig); the key is read from the environment
     variable named."""
-    from saeflow.features.explain import ExplainerConfig
+    from saeflow.features.explain_config import ExplainerConfig
 
     key = os.environ.get(args.api_key_env) if args.api_key_env else None
     return config_from_args(ExplainerConfig, args, api_key=key, **override)
@@ -94,7 +94,7 @@ def explainer_from_args(args, **override):
 
 def add_llm_options(p, judge: bool = False) -> None:
     """The endpoint options; a judge is optional (no --llm-url: no judge)."""
-    from saeflow.features.explain import ExplainerConfig
+    from saeflow.features.explain_config import ExplainerConfig
 
     flags = {"url": ["--llm-url"], "model": ["--llm"]}
     if judge:
@@ -148,7 +148,7 @@ def cmd_feature(args) -> int:
 
 
 def _index_options(ix) -> None:
-    from saeflow.features.index import IndexConfig
+    from saeflow.features.config import IndexConfig
 
     add_pass_arguments(ix, IndexConfig, "index")
     g = ix.add_argument_group("what is kept per feature")

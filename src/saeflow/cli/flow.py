@@ -162,7 +162,8 @@ def cmd_match(args) -> int:
 
 def _flow_options(fl) -> None:
     from saeflow.features.liveness import firing_pass
-    from saeflow.flow.predecessors import FlowConfig, run_flow
+    from saeflow.flow.compute import run_flow
+    from saeflow.flow.config import FlowConfig
 
     fl.add_argument("path", help="a pack path, or 'embedded' / 'embedded-quick'")
     add_selectors(fl, variant_seed=True)
@@ -207,7 +208,7 @@ def _trace_options(tc) -> None:
 
 
 def _match_options(mt) -> None:
-    from saeflow.flow.predecessors import FlowConfig
+    from saeflow.flow.config import FlowConfig
 
     mt.add_argument("a", help="SAE folder, or PACK@LAYER/POSITION")
     mt.add_argument("b", help="SAE folder, or PACK@LAYER/POSITION")

@@ -142,7 +142,7 @@ def cmd_pack_fetch(args) -> int:
 
 
 def _train_options(tr) -> None:
-    from saeflow.saes.train import TrainConfig
+    from saeflow.saes.train.config import TrainConfig
 
     add_corpus_pass(tr, TrainConfig, fields=TRAIN_PASS, model_default="embedded")
     g = tr.add_argument_group("the SAEs and their training")

@@ -191,7 +191,7 @@ def cmd_steer_sweep(args) -> int:
 
 
 def _steer_options(sr) -> None:
-    from saeflow.steering.generate import DEFAULT_PROMPT, STEER_SAMPLING
+    from saeflow.steering.config import DEFAULT_PROMPT, STEER_SAMPLING
     from saeflow.steering.plans import build_plan
 
     add_pack_and_model(sr)
@@ -210,7 +210,7 @@ def _steer_options(sr) -> None:
 
 
 def _validate_options(va) -> None:
-    from saeflow.steering.validate import ValidateConfig
+    from saeflow.steering.validate_config import ValidateConfig
 
     va.add_argument("run", help="RUN directory (its flow and stats are used; writes RUN/validate)")
     add_pack_and_model(va)
@@ -220,7 +220,7 @@ def _validate_options(va) -> None:
 
 
 def _steer_sweep_options(sw) -> None:
-    from saeflow.steering.sweep import SWEEP_PROFILES, SweepConfig
+    from saeflow.steering.config import SWEEP_PROFILES, SweepConfig
 
     sw.add_argument("run", help="RUN with the flow and feature index of the pack (writes RUN/sweep)")
     add_pack_and_model(sw)
