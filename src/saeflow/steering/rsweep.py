@@ -14,11 +14,10 @@ from saeflow.flow.graphs import persistence, trace
 from saeflow.ids import Slot
 from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
 from saeflow.lm.hooks import Hooks
-from saeflow.steering.plans import CallScope, flow_for_pack, plan_edits, plan_from_graph
-from saeflow.steering.validate_config import ValidateConfig
+from saeflow.steering.edits import CallScope, plan_edits
+from saeflow.steering.plans import flow_for_pack, plan_from_graph
+from saeflow.steering.validate_config import VALIDATE_DIR, ValidateConfig
 from saeflow.store import atomic_path
-
-VALIDATE_DIR = "validate"
 
 
 def r_sweep(pack, model, run, seeds: list[str], r_values, texts: int = 8, ctx_len: int = 64,
@@ -42,7 +41,7 @@ def r_sweep(pack, model, run, seeds: list[str], r_values, texts: int = 8, ctx_le
     for s in seeds:
         G = trace(flow, s, t_res=t_res)
         for r in r_values:
-            plan = plan_from_graph(G, r, "span", mode="rescale")
+            plan = plan_from_graph(G, r, "span", op="rescale")
             scope = CallScope.for_model(model)
             scope.set_inputs(ids, mask)  # BOS, separators and padding stay unedited
             lr = loss(plan_edits(plan, pack, scope, device=model.device), scope)

@@ -90,7 +90,7 @@ from saeflow.lm.corpora import Corpus
 from saeflow.lm.hooks import HookPoint, Hooks, model_body
 from saeflow.lm.trials import PATH_TOLERANCE, path_error, run_token
 from saeflow.steering.plans import flow_for_pack
-from saeflow.steering.rsweep import VALIDATE_DIR, pick_seeds, r_sweep, write_r_sweep
+from saeflow.steering.rsweep import pick_seeds, r_sweep, write_r_sweep
 from saeflow.steering.validate_config import (
     HEADLINE_METHODS,
     HEADLINE_RANKS,
@@ -103,6 +103,7 @@ from saeflow.steering.validate_config import (
     RULES,
     SIMILARITY_BINS,
     TARGET_CHOICES,
+    VALIDATE_DIR,
     ValidateConfig,
     default_layers,
     paper_layers,
@@ -126,6 +127,7 @@ from saeflow.steering.validate_design import (
     slots_of,
 )
 from saeflow.steering.validate_tables import (
+    KthSum,
     apply_threshold_rule,
     breakdown_markdown,
     ci_status,
@@ -159,8 +161,9 @@ class _Job:
     saes: dict  # {slot: SAE} of every R_L and every predecessor slot of the layers
     design: Design
     rng: np.random.Generator
-    kth: dict[int, list[float]] = field(default_factory=dict)  # layer -> [sum, count] of the
-    # k-th largest pre-activation of R_L over the clean content tokens (θ without a threshold)
+    # layer -> the k-th largest pre-activation of R_L over the clean content tokens (θ of an
+    # SAE without a threshold)
+    kth: dict[int, KthSum] = field(default_factory=dict)
     trial_rows: int = 0
     # how the trials ran: skip_layers (early layers skipped), max_error (of an unedited row)
     path: dict[str, Any] = field(default_factory=dict)
@@ -320,9 +323,9 @@ def _clean_pass(job: _Job, input_ids, content: list[int]) -> _Clean:
             if content and s[0] == "resid_post" and s[1] in layers and sae.threshold is None \
                     and sae.k:
                 vals = pre[content].float().topk(min(int(sae.k), sae.d_sae), dim=-1).values
-                acc = job.kth.setdefault(s[1], [0.0, 0])
-                acc[0] += float(vals[:, -1].sum())
-                acc[1] += len(content)
+                acc = job.kth.setdefault(s[1], KthSum())
+                acc.total += float(vals[:, -1].sum())
+                acc.count += len(content)
     return _Clean(h.activations, resid, z, clean_pre)
 
 

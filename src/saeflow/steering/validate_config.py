@@ -21,6 +21,7 @@ HEADLINE_METHODS = ("top1_cosine", "predecessor_group", "exhaustive", "exhaustiv
 # Paired differences on the same cases: a method minus its own null.
 PAIRS = (("top1_cosine", "control_matched"), ("exhaustive", "exhaustive_control"),
          ("predecessor_group", "control_group"))
+VALIDATE_DIR = "validate"  # RUN/validate: cases.parquet, summary.json, r_sweep.csv
 RULES = ("rank", "threshold")
 TARGET_CHOICES = ("random", "all", "most_active")
 KINDS = PRED_KINDS

@@ -4,6 +4,7 @@ minus its null) and the markdown tables of the CLI and the report. The intervals
 saeflow.intervals'."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,14 @@ from saeflow.steering.validate_config import (
 
 
 # --- the threshold rule --------------------------------------------------------------------------
-def thresholds(saes, layers, kth: dict) -> dict[int, tuple[str, Any]]:
+@dataclass
+class KthSum:
+    """The k-th largest pre-activation of an R_L summed over clean content tokens, and how many."""
+    total: float = 0.0
+    count: int = 0
+
+
+def thresholds(saes, layers, kth: dict[int, KthSum]) -> dict[int, tuple[str, Any]]:
     """{layer: (source, θ)}: the SAE's threshold tensor [d_sae] (sae_threshold); else the mean
     k-th largest pre-activation over the clean content tokens (mean_kth_preactivation, a
     scalar); else 0 (relu_zero: a ReLU SAE's own rule)."""
@@ -34,9 +42,8 @@ def thresholds(saes, layers, kth: dict) -> dict[int, tuple[str, Any]]:
         sae = saes[("resid_post", L)]
         if sae.threshold is not None:
             out[L] = ("sae_threshold", sae.threshold.float().cpu().numpy())
-        elif sae.k and kth.get(L, [0.0, 0])[1] > 0:
-            s, n = kth[L]
-            out[L] = ("mean_kth_preactivation", float(s / n))
+        elif sae.k and kth.get(L, KthSum()).count > 0:
+            out[L] = ("mean_kth_preactivation", float(kth[L].total / kth[L].count))
         else:
             out[L] = ("relu_zero", 0.0)
     return out
@@ -60,7 +67,7 @@ def apply_threshold_rule(cases: pd.DataFrame, thetas: dict) -> pd.DataFrame:
 
 
 def threshold_summary(thetas: dict, cases: pd.DataFrame) -> dict:
-    r4 = lambda x: round(float(x), 4)  # noqa: E731
+    r4 = _r4
     layers = {}
     for L, (source, th) in thetas.items():
         if isinstance(th, np.ndarray):
