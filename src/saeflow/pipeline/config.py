@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from saeflow.checks import at_least
@@ -77,8 +77,10 @@ def _paper_sweep() -> SweepConfig:
 class SweepStageConfig:
     """The sweep stage: our steering sweep (`ours`), then the paper's deactivation experiment
     (`paper`), both judged by one topic classifier (trained on `ours.classifier_docs`)."""
-    ours: SweepConfig = field(default_factory=_demo_sweep)
-    paper: SweepConfig = field(default_factory=_paper_sweep)
+    ours: SweepConfig = setting(help="the steering sweep (activation by adding)",
+                                default_factory=_demo_sweep)
+    paper: SweepConfig = setting(help="the paper's deactivation by rescale, small",
+                                 default_factory=_paper_sweep)
 
     def __post_init__(self) -> None:
         if self.ours.classifier_docs != self.paper.classifier_docs:
@@ -109,14 +111,16 @@ class PipelineConfig:
                         "pack folder (SAELens, Gemma Scope, Gemma Scope 2, sparsify, saeflow) or "
                         "a hub release name (downloaded once)")
     device: str | None = setting(None, "cuda, mps or cpu (default: automatic)")
-    flow: FlowStageConfig = field(default_factory=FlowStageConfig)
+    flow: FlowStageConfig = setting(help="the flow stage", default_factory=FlowStageConfig)
     # eval, the index and the statistics read the same held-out text in the same batches, so
     # one pass of the model (and one encoding by every SAE) feeds all three
-    eval: EvalConfig = field(default_factory=_pipeline_eval)
-    index: IndexConfig = field(default_factory=lambda: _pass_config(IndexConfig))
-    stats: StatsConfig = field(default_factory=lambda: _pass_config(StatsConfig))
-    validate: ValidateConfig = field(default_factory=_validate)
-    sweep: SweepStageConfig = field(default_factory=SweepStageConfig)
+    eval: EvalConfig = setting(help="the eval stage", default_factory=_pipeline_eval)
+    index: IndexConfig = setting(help="the index stage",
+                                 default_factory=lambda: _pass_config(IndexConfig))
+    stats: StatsConfig = setting(help="the statistics stage",
+                                 default_factory=lambda: _pass_config(StatsConfig))
+    validate: ValidateConfig = setting(help="the validate stage", default_factory=_validate)
+    sweep: SweepStageConfig = setting(help="the sweep stage", default_factory=SweepStageConfig)
 
     def __post_init__(self) -> None:
         """The rules of the settings alone: bad values fail here, before any stage runs."""
