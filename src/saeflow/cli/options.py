@@ -89,11 +89,6 @@ def field_settings(cls: type) -> dict[str, tuple[str, ReadAs | None]]:
     return out
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """{field name: its help text}."""
-    return {name: help_ for name, (help_, _) in field_settings(cls).items() if help_}
-
-
 def config_default(cls: type, name: str) -> Any:
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     if f.default is not dataclasses.MISSING:
