@@ -15,6 +15,7 @@ Written to RUN/index/: features.parquet, examples.parquet, index.json. Queried w
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -189,18 +190,27 @@ def _index_identity(pack, model, cfg: IndexConfig) -> dict:
     return pass_identity(pack_fingerprint(pack), model, cfg)
 
 
+@dataclass
+class IndexTargets:
+    """What an index pass accumulates, the same for every shard."""
+    slots: list[Slot]  # every SAE of the pack, sorted
+    widths: dict[Slot, int]  # d_sae of each slot
+    cfg: IndexConfig
+    vocab_size: int  # length of the unigram counts
+
+
 class _IndexShard:
     """Every SAE's running statistics (and the token counts) over one shard of tokens. The
     random keys of the sample sketch come from a generator seeded by (seed, SAE, shard), so a
     shard draws the same keys on any worker."""
 
-    def __init__(self, plan: dict, k: int, device):
-        cfg = self.cfg = plan["cfg"]
+    def __init__(self, targets: IndexTargets, k: int, device):
+        cfg = self.cfg = targets.cfg
         self.dev = torch.device(device)
-        self.stats = {slot: _SlotStats(plan["d"][slot], cfg,
+        self.stats = {slot: _SlotStats(targets.widths[slot], cfg,
                                        seed=cfg.seed * 1000 + i + k * 1_000_003, device=device)
-                      for i, slot in enumerate(plan["slots"])}
-        self.unigram = torch.zeros(plan["vocab"], dtype=torch.long)
+                      for i, slot in enumerate(targets.slots)}
+        self.unigram = torch.zeros(targets.vocab_size, dtype=torch.long)
 
     def on_batch(self, z, b, content, acts=None) -> None:
         dev = self.dev
@@ -236,8 +246,8 @@ def index_job(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = Non
     if finished_pass(root / INDEX_MANIFEST, ident, force, FeatureIndexError, "the index"):
         return None
     slots = sorted(pack.entries)
-    plan = {"slots": slots, "d": {s: pack.entries[s].d_sae for s in slots}, "cfg": cfg,
-            "vocab": model.vocab_size}
+    targets = IndexTargets(slots=slots, widths={s: pack.entries[s].d_sae for s in slots},
+                           cfg=cfg, vocab_size=model.vocab_size)
 
     def finish(total: PassParts, seconds: float, saes: dict) -> FeatureIndex:
         part: _IndexShard = total.parts["index"]
@@ -249,7 +259,7 @@ def index_job(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = Non
         return open_index(out)
 
     return PassJob("index", ident, slots, cfg.spec(cfg.checkpoint_every_s),
-                   {"index": (partial(_IndexShard, plan), cfg.tokens)}, finish,
+                   {"index": (partial(_IndexShard, targets), cfg.tokens)}, finish,
                    root / ".state" / "state.pt", FeatureIndexError)
 
 
