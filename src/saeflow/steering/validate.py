@@ -62,10 +62,12 @@ the clean forward; a model where that fails runs every layer). Trials that remov
 at the same token are run once and read by every target that needs them; exhaustive_control's
 draws are shared by the targets of a (token, layer) as exhaustive's trials are.
 
-The modules: validate_design.py (settings, methods, targets, each case's trials), lm/trials.py
-(the one-token trial runner), validate_tables.py (the threshold rule, summaries with CIs,
-markdown), rsweep.py (the r sweep: the relative change of the LM loss when a flow graph's
-features are rescaled by r). This module runs the experiment; it re-exports their public names.
+The modules: validate_config.py (ValidateConfig, method names, rank bins; import-light),
+validate_design.py (targets, each case's trials, the matched controls), lm/trials.py (the
+one-token trial runner), validate_tables.py (the threshold rule, summaries with CIs from
+saeflow.intervals, markdown), rsweep.py (the r sweep: the relative change of the LM loss when a
+flow graph's features are rescaled by r). This module runs the experiment (clean forward,
+trials, one row per case and method) and re-exports their public names.
 """
 from __future__ import annotations
 
@@ -243,8 +245,10 @@ def _prepare(pack, model, run, cfg: ValidateConfig):
     live = None
     if liveness is not None:
         live = {s: liveness.live(s) for s in slots if liveness.live(s) is not None}
-    design = Design(cfg, index, layers, pearson, perm, available, width, live)
-    return _Job(model, saes, design, np.random.default_rng(cfg.seed)), stats, liveness
+    design = Design(cfg=cfg, index=index, layers=layers, pearson=pearson, perm=perm,
+                    available=available, width=width, live=live)
+    job = _Job(model=model, saes=saes, design=design, rng=np.random.default_rng(cfg.seed))
+    return job, stats, liveness
 
 
 def _run_texts(job: _Job, progress: bool) -> tuple[list[dict], int, list[list[int]]]:
@@ -440,7 +444,6 @@ def _collect(plans: list[MethodTrials], removal_sets, z_rows, unit, dec_norm) ->
         removed = keys[best].removed
         target_dir = unit[("resid_post", L)][f]
         sims = [float(unit[s][p] @ target_dir) for s, p, _ in removed]
-        matched = mt.matched
         rows.append({**row, "z_new": z_new, "pre_new": float(pv[best_t]),
                      "change": 1.0 - z_new / z_old, "deactivated": z_new <= 0.0,
                      "removed_nothing": False, "removed": _removed_str(removed),
@@ -448,8 +451,8 @@ def _collect(plans: list[MethodTrials], removal_sets, z_rows, unit, dec_norm) ->
                      "removed_similarity": max(sims) if sims else float("nan"),
                      "removed_norm": float(sum(abs(a) * float(dec_norm[s][p])
                                                for s, p, a in removed)),
-                     "matched": matched.get(keys[best], "") if isinstance(matched, dict)
-                     else matched})
+                     "matched": mt.matched if mt.matched_by_key is None
+                     else mt.matched_by_key.get(keys[best], "")})
     return rows
 
 

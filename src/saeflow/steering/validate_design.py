@@ -261,7 +261,8 @@ class MethodTrials:
     method: str
     keys: list[TrialKey]
     control_norm_ratio: float = float("nan")
-    matched: str | dict[TrialKey, str] = ""  # per key for exhaustive_control
+    matched: str = ""  # the feature(s) a control stands in for
+    matched_by_key: dict[TrialKey, str] | None = None  # exhaustive_control's, per trial
 
 
 def case_setup(design: Design, at: TokenLayer, f: int, rank: int, n_active: int,
@@ -357,6 +358,6 @@ def method_trials(design: Design, st: CaseSetup, at: TokenLayer, trials: TrialSe
                             [trials.add(at.layer, (r,)) for r in
                              (removal(c) for c in cands) if r is not None]))
     out.append(MethodTrials(st.case, "exhaustive_control", list(at.control_keys),
-                            matched=at.control_matched))
+                            matched_by_key=at.control_matched))
     out += _controls(design, st, at, trials, rng)
     return [p for p in out if p.method in design.available]
