@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from saeflow.app.views import graph_json
+from saeflow.app.graph_layout import graph_json
 from saeflow.errors import AppError, SaeflowError
 from saeflow.ids import PRED_KINDS, Slot, feature_id, parse_feature
 from saeflow.lm.hooks import capture

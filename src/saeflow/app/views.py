@@ -1,6 +1,6 @@
 """What the web app shows, as plain JSON-able dicts built from a RUN directory.
 
-Each function here is one view's data; the server (server.py) only routes and checks requests.
+Each method here is one view's data; the routes (routes/) only check requests and call them.
 Everything is read lazily and cached per RunData, so a server on a large run starts at once.
 """
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow.parquet as pq
 
+from saeflow.app.encode import jsonable, num
+from saeflow.app.graph_layout import LANES, graph_json, prune
 from saeflow.errors import (
     AppError,
     FeatureIndexError,
@@ -25,14 +27,8 @@ from saeflow.errors import (
 from saeflow.evolution.tables import open_stats
 from saeflow.features.tables import open_index
 from saeflow.flow.graphs import FlowIndex, persistence, trace
-from saeflow.flow.predecessors import open_flow
+from saeflow.flow.run import open_flow
 from saeflow.ids import PRED_KINDS, Slot, feature_id, parse_feature
-
-LANES = {"resid_post": 0, "mlp_out": 1, "attn_out": 2, "attn_z": 2, "resid_pre": 0,
-         "mlp_raw": 1, "attn_raw": 2,
-         "resid_mid": 0, "mlp_in": 1, "transcoder": 1}
-LANE_NAMES = ["residual", "MLP", "attention"]
-MAX_GRAPH_NODES = 5000
 
 
 class NotFound(LookupError):
@@ -228,7 +224,7 @@ class RunData:
             out = []
             for r in df.to_dict("records"):
                 other = feature_id(int(r[f"{side}_layer"]), r[f"{side}_position"], int(r[side]))
-                out.append({"id": other, **{k: _num(r[k]) for k in cols
+                out.append({"id": other, **{k: num(r[k]) for k in cols
                                            if k not in ("up_layer", "up_position", "up",
                                                         "down_layer", "down_position", "down")}})
             return out
@@ -283,7 +279,7 @@ class RunData:
             G.nodes[n]["role"] = "seed"
         n_total = G.number_of_nodes()
         if n_total > max_nodes:
-            G = G.subgraph(_prune(G, seed_ids, max_nodes)).copy()
+            G = G.subgraph(prune(G, seed_ids, max_nodes)).copy()
         lab = self.labels(list(G))
         for n, info in lab.items():
             G.nodes[n]["label"] = info.get("label")
@@ -403,72 +399,3 @@ def _feature_ids(layers, positions, indices) -> list[str]:
             slot = slots[(L, pos)] = Slot(pos, L)
         out.append(slot.feature(f))
     return out
-
-
-def _num(v):
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating, float)):
-        return None if not np.isfinite(v) else round(float(v), 5)
-    return v
-
-
-def jsonable(v):
-    if isinstance(v, np.ndarray):
-        return [jsonable(x) for x in v.tolist()]
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {k: jsonable(x) for k, x in v.items()}
-    if isinstance(v, (np.integer, np.floating, float)):
-        return _num(v)
-    return v
-
-
-def _prune(G, seeds: set[str], max_nodes: int) -> list[str]:
-    """Keep the seeds, then the nodes reached through the strongest links (best-first)."""
-    import heapq
-
-    keep: list[str] = []
-    seen = set()
-    heap = [(-2.0, n) for n in seeds if n in G]
-    heapq.heapify(heap)
-    while heap and len(keep) < max_nodes:
-        _, n = heapq.heappop(heap)
-        if n in seen:
-            continue
-        seen.add(n)
-        keep.append(n)
-        for m in list(G.predecessors(n)) + list(G.successors(n)):
-            if m not in seen:
-                w = (G.edges[m, n] if G.has_edge(m, n) else G.edges[n, m])["similarity"]
-                heapq.heappush(heap, (-float(w), m))
-    return keep
-
-
-def graph_json(G, t_res: float, meta: dict) -> dict:
-    """Nodes with a lane layout (x = layer, y = lane band + rank in the band) and links.
-
-    A link is 'chain' when it is a residual-to-residual link at or above t_res: the features
-    that pass straight through."""
-    groups: dict[tuple[int, int], list[str]] = {}
-    for n, d in G.nodes(data=True):
-        groups.setdefault((d["layer"], LANES.get(d["position"], 0)), []).append(n)
-    widest = max((len(v) for v in groups.values()), default=1)
-    band = max(widest, 1) + 1
-    nodes = []
-    for (L, lane), members in groups.items():
-        members.sort(key=lambda n: (-G.nodes[n].get("score", 0.0), n))
-        for r, n in enumerate(members):
-            d = G.nodes[n]
-            y = -(lane * band + (r - (len(members) - 1) / 2) * min(1.0, band / (len(members) + 1)))
-            nodes.append({"id": n, "x": float(L), "y": float(y), "lane": LANE_NAMES[lane],
-                          **{k: jsonable(v) for k, v in d.items()}})
-    nodes.sort(key=lambda d: (d["layer"], d["y"]))
-    links = []
-    for u, v, d in G.edges(data=True):
-        chain = (d.get("kind") == "res" and G.nodes[u]["position"] == "resid_post"
-                 and G.nodes[v]["position"] == "resid_post" and d["similarity"] >= t_res)
-        links.append({"source": u, "target": v, "similarity": _num(d["similarity"]),
-                      "kind": d.get("kind"), "chain": bool(chain)})
-    return {"nodes": nodes, "links": links, "lanes": LANE_NAMES, "band": band, **meta}

@@ -10,7 +10,7 @@ import pandas as pd
 from saeflow.errors import MissingResultError
 from saeflow.features.tables import add_labels, open_index
 from saeflow.flow.graphs import FlowIndex, draw_graph, persistence, trace
-from saeflow.flow.predecessors import open_flow
+from saeflow.flow.run import open_flow
 from saeflow.ids import Slot, feature_id
 from saeflow.pipeline.report_doc import Doc, png, read_json
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from saeflow.app.deps import Data
-from saeflow.app.views import NotFound, jsonable
+from saeflow.app.encode import jsonable
+from saeflow.app.views import NotFound
 from saeflow.errors import UnknownPositionError
 from saeflow.features.dashboards import feature_dashboard
 from saeflow.ids import Slot, feature_id

@@ -6,7 +6,7 @@ from typing import Literal
 from fastapi import APIRouter, HTTPException, Query
 
 from saeflow.app.deps import Data
-from saeflow.app.views import MAX_GRAPH_NODES
+from saeflow.app.graph_layout import MAX_GRAPH_NODES
 
 router = APIRouter()
 

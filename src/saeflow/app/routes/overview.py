@@ -4,7 +4,8 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Query
 
 from saeflow.app.deps import Data, Live
-from saeflow.app.views import NotFound, jsonable
+from saeflow.app.encode import jsonable
+from saeflow.app.views import NotFound
 from saeflow.ids import feature_id
 from saeflow.steering.generate import MAX_NEW_TOKENS, MAX_SAMPLES
 from saeflow.steering.plans import MAX_INTERVENTIONS, MAX_STRENGTH
