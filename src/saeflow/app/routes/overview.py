@@ -31,15 +31,15 @@ def search(data: Data, q: str = Query(..., min_length=1, max_length=200),
     if not q:
         raise HTTPException(400, "give a word, a phrase or a feature id to search for")
     hits = []
-    if q.count("/") == 2:
-        try:
-            L, pos, f = data.check_feature(q)
-            fid = feature_id(L, pos, f)
-            lab = data.labels([fid]).get(fid, {})
-            hits.append({"id": fid, "layer": L, "position": pos, "feature": f,
-                         "label": lab.get("label"), "score": ID_SCORE})
-        except NotFound:
-            pass
+    try:  # a query that is a feature id of this run
+        L, pos, f = data.check_feature(q)
+    except NotFound:
+        pass
+    else:
+        fid = feature_id(L, pos, f)
+        lab = data.labels([fid]).get(fid, {})
+        hits.append({"id": fid, "layer": L, "position": pos, "feature": f,
+                     "label": lab.get("label"), "score": ID_SCORE})
     if data.index is not None:
         hits += [{k: jsonable(v) for k, v in h.items()} for h in data.index.search(q, limit)]
     return {"query": q, "hits": hits[:limit]}
