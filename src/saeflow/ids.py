@@ -48,6 +48,11 @@ class Slot(_SlotFields):
         """A `(position, layer)` tuple as a Slot."""
         return key if isinstance(key, Slot) else cls(*key)
 
+    def folder_key(self) -> str:
+        """`resid_post/6`: position first, the order of a pack's folders
+        (`PACK/resid_post/layer_6`); pack.json's training metrics are keyed by it."""
+        return f"{self.position}/{self.layer}"
+
     def feature(self, index: int) -> str:
         """The feature id of feature `index` here, e.g. `6/resid_post/123`."""
         return f"{self.layer}/{self.position}/{int(index)}"

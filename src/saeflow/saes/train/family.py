@@ -261,12 +261,6 @@ def _mean_postfix(last_of: dict[Slot, dict]) -> dict[str, str]:
             "dead": f"{sum(x['dead'] for x in lasts) / len(lasts):.3f}"}
 
 
-def _metrics_key(slot: Slot) -> str:
-    """final_train_metrics' key, position/layer: the order packs have always recorded (not
-    str(Slot), which is layer/position)."""
-    return f"{slot.position}/{slot.layer}"
-
-
 @dataclass
 class _Run:
     """What the loop of one train_family call carries."""
@@ -324,7 +318,7 @@ def _write_pack(run: _Run, out: Path, corpus: Corpus, last_of: dict[Slot, dict],
                 enc_dtype: torch.dtype, cap_dtype: torch.dtype) -> TrainResult:
     cfg, model = run.cfg, run.model
     tokens = run.schedule.n_chunks * cfg.chunk_tokens
-    metrics = {_metrics_key(s): last_of.get(s, {}) for s in run.slots}
+    metrics = {s.folder_key(): last_of.get(s, {}) for s in run.slots}
     prov = {"trained_by": f"saeflow {__version__}", "model": model.name, "model_source": model.source,
             "corpus": corpus.describe(), "tokens": tokens, "seed": cfg.seed,
             "wall_seconds": round(run.wall_before, 1), "train_config": run.ident,
