@@ -9,16 +9,17 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+from saeflow.configs import setting
 from saeflow.errors import ExplainError
 
 
 @dataclass
 class LLMEndpoint:
-    url: str  # base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1
-    model: str  # the model name the endpoint expects
-    api_key: str | None = None  # sent as a Bearer token when set
-    timeout_s: float = 60.0  # seconds to wait for one answer
-    retries: int = 3  # retries on 429, 5xx and timeouts
+    url: str = setting(help="base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
+    model: str = setting(help="the model name the endpoint expects")
+    api_key: str | None = setting(None, "sent as a Bearer token when set")
+    timeout_s: float = setting(60.0, "seconds to wait for one answer")
+    retries: int = setting(3, "retries on 429, 5xx and timeouts")
 
     def __post_init__(self):
         if not self.url.startswith(("http://", "https://")):

@@ -2,8 +2,7 @@
 help text lives in one place: the config field. A field's help is its metadata
 (`saeflow.configs.setting`); its default is the field's default; its type says how text is read
 (`Literal[...]` gives choices; `Tokens` accepts 300k / 2M, `Layers` all / 0-5 / 1,3,7, list
-fields comma-separated values). Fields without metadata still fall back to their source comment
-(saeflow.cli.legacy_docs).
+fields comma-separated values). No source is read and no field name decides anything.
 
 Each command's options are added when the command is parsed or its help is shown
 (`Parser.defer`), so `saeflow --help` imports no config module, and with it no torch."""
@@ -73,18 +72,16 @@ def one_line(text: object) -> str:
 
 
 def field_settings(cls: type) -> dict[str, tuple[str, ReadAs | None]]:
-    """{field name: (help, how its text is read)} from each field's metadata and annotation;
-    a field with no metadata falls back to its source comment and its name (legacy_docs)."""
+    """{field name: (help, how its text is read)} from each field's metadata and annotation.
+    Every field of a config the CLI reads carries its help (`configs.setting`)."""
     hints = typing.get_type_hints(cls, include_extras=True)
     out: dict[str, tuple[str, ReadAs | None]] = {}
     for f in dataclasses.fields(cls):
         help_ = field_help(f)
         reads = read_as(hints[f.name])
         if help_ is None:
-            from saeflow.cli.legacy_docs import comment_docs, read_by_name
-
-            help_ = comment_docs(cls).get(f.name, "")
-            reads = reads or read_by_name(f.name, hints[f.name])
+            raise TypeError(f"{cls.__name__}.{f.name} has no help: declare it with "
+                            f"saeflow.configs.setting(default, help)")
         out[f.name] = (help_, reads)
     return out
 

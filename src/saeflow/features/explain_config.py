@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from saeflow.configs import Tokens, setting
 from saeflow.errors import ExplainError
 from saeflow.llm import LLMEndpoint
 
 
 @dataclass
 class ExplainerConfig(LLMEndpoint):
-    n_examples: int = 8  # top contexts shown per feature
-    max_tokens: int = 48  # the reply's length cap
-    temperature: float = 0.0  # sampling temperature of the reply
-    save_every: int = 16  # features between atomic rewrites of the table
+    n_examples: int = setting(8, "top contexts shown per feature")
+    max_tokens: Tokens = setting(48, "the reply's length cap")
+    temperature: float = setting(0.0, "sampling temperature of the reply")
+    save_every: int = setting(16, "features between atomic rewrites of the table")
 
     def __post_init__(self):
         super().__post_init__()

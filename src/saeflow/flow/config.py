@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from saeflow.configs import setting
 from saeflow.errors import FlowError
 
 if TYPE_CHECKING:
@@ -17,27 +18,32 @@ NULL_MODELS = ("shuffle", "columns", "rotation", "gaussian")
 
 @dataclass
 class FlowConfig:
-    k: int = 5  # matches kept per feature and predecessor kind
-    method: Literal["decoder", "encoder", "folded", "permutation"] = "decoder"  # which directions are matched
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 ranks in bf16 and re-scores the candidates exactly in fp32
-    # null model of the MLP / attention class thresholds: "columns" draws each coordinate from
-    # its column (keeps the components all features share; chosen by the co-firing evidence,
-    # docs/decisions.md); "rotation" turns the rows by a random orthogonal matrix; "shuffle"
-    # permutes each row's coordinates; "gaussian" is isotropic
-    null: Literal["columns", "rotation", "shuffle", "gaussian"] = "columns"
-    null_samples: int = 2048  # null directions drawn per pair
-    null_quantile: float = 0.99  # the null's quantile that becomes the default threshold
-    seed: int = 0  # seed of the null model
-    # which coordinates the matching compares: "no_massive" sets each layer's massive residual
-    # dimensions (from the firing pass's variances) to zero before the cosine, "raw" keeps them;
-    # "auto": no_massive when the variances are known, else raw (the manifest says which ran)
-    geometry: Literal["auto", "no_massive", "raw"] = "auto"
-    block_a: int | None = None  # rows of A per block; None: 1024 on a CPU, 8192 on a GPU
-    block_b: int | None = None  # rows of B per block; None: 4096 on a CPU, 16384 on a GPU
-    memory_budget_mb: int = 512  # dictionaries larger than this are streamed from disk in blocks
-    # where the similarity products run: "auto" (cuda when present, else the CPU), or a device
-    # name. Results are the same up to fp32 rounding, so it is not part of the cache key.
-    device: str = "auto"
+    k: int = setting(5, "matches kept per feature and predecessor kind")
+    method: Literal["decoder", "encoder", "folded", "permutation"] = setting(
+        "decoder", "which directions are matched")
+    precision: Literal["fp32", "bf16"] = setting(
+        "fp32", "bf16 ranks in bf16 and re-scores the candidates exactly in fp32")
+    null: Literal["columns", "rotation", "shuffle", "gaussian"] = setting(
+        "columns", 'null model of the MLP / attention class thresholds: "columns" draws each '
+        "coordinate from its column (keeps the components all features share; chosen by the "
+        'co-firing evidence, docs/decisions.md); "rotation" turns the rows by a random '
+        "orthogonal matrix; \"shuffle\" permutes each row's coordinates; \"gaussian\" is isotropic")
+    null_samples: int = setting(2048, "null directions drawn per pair")
+    null_quantile: float = setting(0.99, "the null's quantile that becomes the default threshold")
+    seed: int = setting(0, "seed of the null model")
+    geometry: Literal["auto", "no_massive", "raw"] = setting(
+        "auto", "which coordinates the matching compares: \"no_massive\" sets each layer's massive "
+        "residual dimensions (from the firing pass's variances) to zero before the cosine, \"raw\" "
+        'keeps them; "auto": no_massive when the variances are known, else raw (the manifest '
+        "says which ran)")
+    block_a: int | None = setting(None, "rows of A per block; None: 1024 on a CPU, 8192 on a GPU")
+    block_b: int | None = setting(None, "rows of B per block; None: 4096 on a CPU, 16384 on a GPU")
+    memory_budget_mb: int = setting(
+        512, "dictionaries larger than this are streamed from disk in blocks")
+    device: str = setting(
+        "auto", 'where the similarity products run: "auto" (cuda when present, else the CPU), or '
+        "a device name. Results are the same up to fp32 rounding, so it is not part of the cache "
+        "key.")
 
     def __post_init__(self):
         if self.method not in MATCH_METHODS:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from saeflow.checks import at_least, dtype_choice
+from saeflow.configs import CorpusSpec, Tokens, setting
 from saeflow.errors import ConfigError
 from saeflow.lm.corpus_spec import DEFAULT_SPEC, check_corpus_spec
 
@@ -13,15 +14,17 @@ from saeflow.lm.corpus_spec import DEFAULT_SPEC, check_corpus_spec
 @dataclass
 class CorpusPassConfig:
     """The settings every pass of the model over a corpus shares (index, statistics)."""
-    tokens: int = 200_000  # tokens to read (e.g. 200k, 2M)
-    corpus: str = DEFAULT_SPEC  # sources with text shares: wiki, python, PATH, hf:NAME
-    seed: int = 0  # seed of the corpus order
-    batch_size: int = 32  # contexts per model forward
-    ctx_len: int = 128  # tokens per context
-    # SAE encoder matmul: auto (bfloat16 where the device has native bf16, else float32),
-    # float32, bfloat16
-    encoder_dtype: str = "auto"
-    split: str = "train"  # corpus documents: train, or heldout (the ~5% that SAE training never reads)
+    tokens: Tokens = setting(200_000, "tokens to read (e.g. 200k, 2M)")
+    corpus: CorpusSpec = setting(
+        DEFAULT_SPEC, "sources with text shares: wiki, python, PATH, hf:NAME")
+    seed: int = setting(0, "seed of the corpus order")
+    batch_size: int = setting(32, "contexts per model forward")
+    ctx_len: int = setting(128, "tokens per context")
+    encoder_dtype: str = setting(
+        "auto", "SAE encoder matmul: auto (bfloat16 where the device has native bf16, else "
+        "float32), float32, bfloat16")
+    split: str = setting(
+        "train", "corpus documents: train, or heldout (the ~5% that SAE training never reads)")
 
     def identity(self) -> dict:
         """What the pass's results depend on: the settings, with "auto" dtypes resolved (the

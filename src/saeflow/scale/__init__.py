@@ -20,6 +20,7 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from saeflow.configs import Tokens, setting
 from saeflow.errors import ScaleError
 
 _EXPORTS = {
@@ -44,12 +45,16 @@ DEFAULT_SHARD_TOKENS = 262_144
 
 @dataclass
 class ScaleConfig:
-    workers: int = 0  # Ray workers (tasks at once); 0: run in this process, Ray not imported
-    ray_address: str = ""  # a Ray cluster to join (host:6379 or ray://host:10001); empty: a local Ray with --workers CPUs
-    retries: int = 3  # tries of one shard (a killed worker included) before the job stops
-    # tokens per corpus shard; results are bit-identical for any worker count at the same
-    # shard size (the single-process run included), so changing it changes the last bits
-    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    workers: int = setting(
+        0, "Ray workers (tasks at once); 0: run in this process, Ray not imported")
+    ray_address: str = setting(
+        "", "a Ray cluster to join (host:6379 or ray://host:10001); empty: a local Ray with "
+        "--workers CPUs")
+    retries: int = setting(3, "tries of one shard (a killed worker included) before the job stops")
+    shard_tokens: Tokens = setting(
+        DEFAULT_SHARD_TOKENS, "tokens per corpus shard; results are bit-identical for any worker "
+        "count at the same shard size (the single-process run included), so changing it changes "
+        "the last bits")
 
     def __post_init__(self):
         if self.workers < 0:

@@ -3,9 +3,10 @@ and its profiles). Kept free of torch and pandas so that the CLI can build its o
 these classes without loading them; the field comments are the options' help."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
+from saeflow.configs import Tokens, setting
 from saeflow.errors import GenerationError, SweepError
 
 MAX_NEW_TOKENS = 512
@@ -16,11 +17,11 @@ DEFAULT_PROMPT = "I think"
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 40  # tokens generated per sample
-    n: int = 1  # samples per prompt
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0  # nucleus sampling mass (1: off)
-    seed: int = 0  # sampling seed (the default and steered runs share it)
+    max_new_tokens: Tokens = setting(40, "tokens generated per sample")
+    n: int = setting(1, "samples per prompt")
+    temperature: float = setting(1.0, "0: greedy")
+    top_p: float = setting(1.0, "nucleus sampling mass (1: off)")
+    seed: int = setting(0, "sampling seed (the default and steered runs share it)")
 
     def check(self, force: bool = False) -> None:
         if self.n < 1 or self.max_new_tokens < 1:
@@ -53,29 +54,31 @@ PAPER_PROMPT = "I think that the biggest problem of contemporary theoretical phy
 
 @dataclass
 class SweepConfig:
-    # themes searched in the feature index, e.g. religion,mathematics,arts,biology
-    themes: list[str] = field(default_factory=lambda: ["religion", "mathematics", "arts",
-                                                       "biology"])
-    # steering modes: seed, single, cumulative, cumulative_norm
-    modes: list[str] = field(default_factory=lambda: ["seed", "single", "cumulative",
-                                                      "cumulative_norm"])
-    # typical activations (add), or r (rescale), e.g. 0,-1,-2,-4
-    strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
-    max_layers: int = 3  # graph layers tried per theme (evenly spaced over the graph)
-    prompt: str = "I think "  # the prompt every sample continues
-    n: int = 32  # samples per setting and sampling seed (one batch)
-    max_new_tokens: int = 36  # tokens generated per sample
-    seeds: list[int] = field(default_factory=lambda: [0])  # sampling seeds
-    temperature: float = 1.0  # sampling temperature (0: greedy)
-    top_p: float = 0.9  # nucleus sampling mass
-    kind: Literal["add", "rescale"] = "add"  # add (activation) or rescale (r x the current activation)
-    objective: str = "activation"  # which score ranks settings: activation | deactivation
-    seeds_per_theme: int = 1  # seed features per theme (the paper: 10), graphs joined
-    t_res: float = 0.5
-    classifier_docs: int | None = 4000  # wiki summaries for the topic classifier (0 or None: all)
-    # theme -> feature id, or a list of ids (no search)
-    seed_features: dict[str, str | list[str]] = field(default_factory=dict)
-    name: str = ""  # "" writes RUN/sweep; a profile name writes RUN/sweep-<name>
+    themes: list[str] = setting(
+        ["religion", "mathematics", "arts", "biology"], "themes searched in the feature index, "
+        "e.g. religion,mathematics,arts,biology")
+    modes: list[str] = setting(
+        ["seed", "single", "cumulative", "cumulative_norm"], "steering modes: seed, single, "
+        "cumulative, cumulative_norm")
+    strengths: list[float] = setting(
+        [0.25, 0.5, 1.0, 2.0, 4.0], "typical activations (add), or r (rescale), e.g. 0,-1,-2,-4")
+    max_layers: int = setting(3, "graph layers tried per theme (evenly spaced over the graph)")
+    prompt: str = setting("I think ", "the prompt every sample continues")
+    n: int = setting(32, "samples per setting and sampling seed (one batch)")
+    max_new_tokens: Tokens = setting(36, "tokens generated per sample")
+    seeds: list[int] = setting([0], "sampling seeds")
+    temperature: float = setting(1.0, "sampling temperature (0: greedy)")
+    top_p: float = setting(0.9, "nucleus sampling mass")
+    kind: Literal["add", "rescale"] = setting(
+        "add", "add (activation) or rescale (r x the current activation)")
+    objective: str = setting("activation", "which score ranks settings: activation | deactivation")
+    seeds_per_theme: int = setting(1, "seed features per theme (the paper: 10), graphs joined")
+    t_res: float = setting(0.5, "")
+    classifier_docs: int | None = setting(
+        4000, "wiki summaries for the topic classifier (0 or None: all)")
+    seed_features: dict[str, str | list[str]] = setting(
+        {}, "theme -> feature id, or a list of ids (no search)")
+    name: str = setting("", '"" writes RUN/sweep; a profile name writes RUN/sweep-<name>')
 
     def __post_init__(self) -> None:
         if self.classifier_docs == 0:  # 0 on the command line: every summary

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
+from saeflow.configs import CorpusSpec, Layers, setting
 from saeflow.errors import ValidateError
 from saeflow.ids import PRED_KINDS
 from saeflow.lm.corpus_spec import DEFAULT_SPEC
@@ -39,29 +40,36 @@ PAPER_TABLE1 = {"top1_cosine": (0.75, 0.65), "top1_pearson": (0.74, 0.65),
 
 @dataclass
 class ValidateConfig:
-    # default: the paper's layers 6, 12 and 18 of 26 scaled to the model's depth (4, 8, 12 of 18)
-    layers: list[int] | None = None
-    texts: int = 30  # at least this many texts (more when ci_halfwidth asks for them)
-    tokens_per_text: int = 5  # token positions tried per text (the paper: 35 texts x 5 tokens)
-    max_features: int | None = 10  # targets per (text, token, layer); None: every active one
-    # which active features become targets: a uniform sample, all of them, or the most active
-    # (biased towards hard targets)
-    target_choice: Literal["random", "all", "most_active"] = "random"
-    ctx_len: int = 64  # tokens per text
-    corpus: str = DEFAULT_SPEC
-    # the corpus split the texts come from: heldout (documents the SAEs never trained on)
-    split: Literal["heldout", "train", "all"] = "heldout"
-    seed: int = 0  # seed of the texts, tokens and targets
-    batch_rows: int = 128  # trial rows per one-token forward (each holds a copy of the KV cache)
-    # 95% CIs clustered by text: Student t with n_texts - 1 df, or a bootstrap over texts
-    interval: Literal["t", "bootstrap"] = "t"
-    ci_halfwidth: float | None = None  # add texts until every headline 95% CI is this narrow
-    max_texts: int = 200  # the cap when ci_halfwidth is set
-    control_tolerance: float = 1.25  # control's removal norm within [1/t, t] x the top-1's
-    keep_dead: bool = False  # keep never-firing latents in the candidate lists
-    r_values: list[float] = field(default_factory=lambda: [-2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 3.0])  # rescale factors r of the sweep
-    r_graphs: int = 4  # flow graphs in the r sweep (0: none)
-    r_texts: int = 8  # texts per graph in the r sweep
+    layers: Layers | None = setting(
+        None, "default: the paper's layers 6, 12 and 18 of 26 scaled to the model's depth (4, 8, "
+        "12 of 18)")
+    texts: int = setting(30, "at least this many texts (more when ci_halfwidth asks for them)")
+    tokens_per_text: int = setting(
+        5, "token positions tried per text (the paper: 35 texts x 5 tokens)")
+    max_features: int | None = setting(
+        10, "targets per (text, token, layer); None: every active one")
+    target_choice: Literal["random", "all", "most_active"] = setting(
+        "random", "which active features become targets: a uniform sample, all of them, or the "
+        "most active (biased towards hard targets)")
+    ctx_len: int = setting(64, "tokens per text")
+    corpus: CorpusSpec = setting(DEFAULT_SPEC, "")
+    split: Literal["heldout", "train", "all"] = setting(
+        "heldout", "the corpus split the texts come from: heldout (documents the SAEs never "
+        "trained on)")
+    seed: int = setting(0, "seed of the texts, tokens and targets")
+    batch_rows: int = setting(
+        128, "trial rows per one-token forward (each holds a copy of the KV cache)")
+    interval: Literal["t", "bootstrap"] = setting(
+        "t", "95% CIs clustered by text: Student t with n_texts - 1 df, or a bootstrap over texts")
+    ci_halfwidth: float | None = setting(
+        None, "add texts until every headline 95% CI is this narrow")
+    max_texts: int = setting(200, "the cap when ci_halfwidth is set")
+    control_tolerance: float = setting(1.25, "control's removal norm within [1/t, t] x the top-1's")
+    keep_dead: bool = setting(False, "keep never-firing latents in the candidate lists")
+    r_values: list[float] = setting(
+        [-2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 3.0], "rescale factors r of the sweep")
+    r_graphs: int = setting(4, "flow graphs in the r sweep (0: none)")
+    r_texts: int = setting(8, "texts per graph in the r sweep")
 
     def __post_init__(self) -> None:
         if self.target_choice == "all":  # every active feature: no cap

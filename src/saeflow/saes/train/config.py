@@ -2,10 +2,11 @@
 torch nor numpy, so the CLI can read it (field comments are the options' help) cheaply."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal
 
 from saeflow.checks import at_least, dtype_choice, finite, flag, fraction
+from saeflow.configs import CorpusSpec, Layers, Tokens, setting
 from saeflow.errors import ConfigError
 from saeflow.lm.corpus_spec import DEFAULT_SPEC, check_corpus_spec
 from saeflow.lm.hookpoints import check_position
@@ -16,45 +17,51 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrainConfig:
-    positions: list[str] = field(default_factory=lambda: ["resid_post", "mlp_out", "attn_out"])  # comma list
-    layers: list[int] | None = None  # all, 0-5, or 1,3,7
-    width: int = 4096  # latents per SAE
-    k: int = 32  # active latents per token (TopK) or per token on average (BatchTopK)
-    architecture: Literal["topk", "batchtopk"] = "topk"  # training activation
-    tokens: int = 300_000  # training tokens (e.g. 300k, 2M)
-    batch_size: int = 1024  # tokens per SAE step
-    lr: float = 4e-3  # Adam learning rate (the embedded recipe; docs/decisions.md, issue 15)
-    warmup_frac: float = 0.05  # linear warm-up over this fraction of steps
-    decay_frac: float = 0.2  # linear decay to 0 over the last fraction of steps
-    seed: int = 0  # seed of the corpus order and the initialisation
-    ctx_len: int = 128  # tokens per context
-    model_batch: int = 16  # rows per model forward
-    corpus: str = DEFAULT_SPEC  # sources with text shares: wiki, python, PATH, hf:NAME
-    chunk_tokens: int = 8192  # tokens shuffled together; checkpoints fall between chunks
-    aux_k: int | None = None  # dead latents in the AuxK loss (default: d_in // 2)
-    aux_coef: float = 1 / 32  # weight of the AuxK loss
-    dead_tokens: int | None = None  # latent dead after this many tokens without firing
-    # AuxK on the dead latents' top pre-activations: "relu" (Gao et al.) gives no gradient to a
-    # latent whose pre-activations are all negative; "linear" keeps their sign, so it does.
-    aux_activation: Literal["relu", "linear"] = "linear"
-    # Between chunks, before the lr decay: re-initialise dead latents towards inputs the SAE
-    # reconstructs worst (encoder column 0.2 x the mean live norm, bias 0, Adam state reset).
-    resample_dead: bool = False
-    # "scalar": one factor s with E||s x||^2 = d_in; "dim": each input dimension divided by its
-    # standard deviation (Gemma's massive residual dimensions no longer dominate the loss).
-    # Both are folded exactly into the saved weights.
-    input_norm: Literal["scalar", "dim"] = "dim"
-    # with input_norm "dim": 0 standardises every dimension; c > 0 divides each dimension by
-    # min(its sd, c x the median sd), so the massive ones keep sd / (c x median) > 1 and their
-    # share of a saved (raw-space) decoder row is amplified at most c times, not sd / median.
-    dim_cap: float = 10.0
-    model_dtype: str = "auto"  # dtype of the capture forward: auto | float32 | bfloat16
-    encoder_dtype: str = "auto"  # dtype of the encoder matmul: auto | float32 | bfloat16
-    checkpoint_every_s: float = 180.0  # seconds between checkpoints (a killed run resumes)
-    # How the SAE updates run, not what they compute: "sparse" steps each SAE alone with sparse
-    # products (fastest on a CPU); "stacked" steps all SAEs of one width as one batched dense
-    # problem (bmm; fastest on a GPU); "auto" picks by device.
-    engine: Literal["auto", "sparse", "stacked"] = "auto"
+    positions: list[str] = setting(["resid_post", "mlp_out", "attn_out"], "comma list")
+    layers: Layers | None = setting(None, "all, 0-5, or 1,3,7")
+    width: int = setting(4096, "latents per SAE")
+    k: int = setting(32, "active latents per token (TopK) or per token on average (BatchTopK)")
+    architecture: Literal["topk", "batchtopk"] = setting("topk", "training activation")
+    tokens: Tokens = setting(300_000, "training tokens (e.g. 300k, 2M)")
+    batch_size: int = setting(1024, "tokens per SAE step")
+    lr: float = setting(
+        4e-3, "Adam learning rate (the embedded recipe; docs/decisions.md, issue 15)")
+    warmup_frac: float = setting(0.05, "linear warm-up over this fraction of steps")
+    decay_frac: float = setting(0.2, "linear decay to 0 over the last fraction of steps")
+    seed: int = setting(0, "seed of the corpus order and the initialisation")
+    ctx_len: int = setting(128, "tokens per context")
+    model_batch: int = setting(16, "rows per model forward")
+    corpus: CorpusSpec = setting(
+        DEFAULT_SPEC, "sources with text shares: wiki, python, PATH, hf:NAME")
+    chunk_tokens: Tokens = setting(
+        8192, "tokens shuffled together; checkpoints fall between chunks")
+    aux_k: int | None = setting(None, "dead latents in the AuxK loss (default: d_in // 2)")
+    aux_coef: float = setting(1 / 32, "weight of the AuxK loss")
+    dead_tokens: Tokens | None = setting(None, "latent dead after this many tokens without firing")
+    aux_activation: Literal["relu", "linear"] = setting(
+        "linear", "AuxK on the dead latents' top pre-activations: \"relu\" (Gao et al.) gives no "
+        'gradient to a latent whose pre-activations are all negative; "linear" keeps their sign, '
+        "so it does.")
+    resample_dead: bool = setting(
+        False, "Between chunks, before the lr decay: re-initialise dead latents towards inputs "
+        "the SAE reconstructs worst (encoder column 0.2 x the mean live norm, bias 0, Adam state "
+        "reset).")
+    input_norm: Literal["scalar", "dim"] = setting(
+        "dim", '"scalar": one factor s with E||s x||^2 = d_in; "dim": each input dimension '
+        "divided by its standard deviation (Gemma's massive residual dimensions no longer "
+        "dominate the loss). Both are folded exactly into the saved weights.")
+    dim_cap: float = setting(
+        10.0, 'with input_norm "dim": 0 standardises every dimension; c > 0 divides each '
+        "dimension by min(its sd, c x the median sd), so the massive ones keep sd / (c x median) "
+        "> 1 and their share of a saved (raw-space) decoder row is amplified at most c times, "
+        "not sd / median.")
+    model_dtype: str = setting("auto", "dtype of the capture forward: auto | float32 | bfloat16")
+    encoder_dtype: str = setting("auto", "dtype of the encoder matmul: auto | float32 | bfloat16")
+    checkpoint_every_s: float = setting(180.0, "seconds between checkpoints (a killed run resumes)")
+    engine: Literal["auto", "sparse", "stacked"] = setting(
+        "auto", 'How the SAE updates run, not what they compute: "sparse" steps each SAE alone '
+        'with sparse products (fastest on a CPU); "stacked" steps all SAEs of one width as one '
+        'batched dense problem (bmm; fastest on a GPU); "auto" picks by device.')
 
     def __post_init__(self) -> None:
         """The rules that need no model: bad values fail here, before anything loads."""
