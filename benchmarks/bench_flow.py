@@ -61,8 +61,11 @@ def naive_pair(A: torch.Tensor, B: torch.Tensor, k: int) -> float:
 
 
 def bench_gemmascope(args) -> dict:
+    from saeflow.flow.compute import compute_layer
+    from saeflow.flow.config import FlowConfig
+    from saeflow.flow.inputs import LayerSlots
     from saeflow.flow.match import TensorDirections
-    from saeflow.flow.predecessors import FlowConfig, LayerPlan, compute_layer
+    from saeflow.ids import Slot
 
     cfg = FlowConfig(k=args.k, precision=args.precision, block_a=args.block_a,
                      block_b=args.block_b, null_samples=args.null_samples, device=args.device)
@@ -74,11 +77,12 @@ def bench_gemmascope(args) -> dict:
     def directions(slot):
         pos, L = slot
         g = torch.Generator().manual_seed(hash((pos, L)) % (2**31))
-        return TensorDirections(torch.randn(args.width, args.d, generator=g), label=f"{L}/{pos}")
+        return TensorDirections(torch.randn(args.width, args.d, generator=g), label=str(Slot(pos, L)))
 
-    plans = [LayerPlan(L, ("resid_post", L),
-                       {"res": ("resid_post", L - 1) if L else None, "mlp": ("mlp_out", L),
-                        "attn": ("attn_out", L)}) for L in range(args.layers)]
+    plans = [LayerSlots(L, Slot("resid_post", L),
+                        {"res": Slot("resid_post", L - 1) if L else None,
+                         "mlp": Slot("mlp_out", L), "attn": Slot("attn_out", L)})
+             for L in range(args.layers)]
     n_pairs = sum(1 for p in plans for s in p.preds.values() if s)
     flops_pair = 2 * args.width * args.width * args.d
     flops_null = 2 * args.null_samples * args.width * args.d
@@ -126,7 +130,8 @@ def bench_gemmascope(args) -> dict:
 
 
 def bench_embedded(args) -> dict:
-    from saeflow.flow.predecessors import FlowConfig, run_flow
+    from saeflow.flow.compute import run_flow
+    from saeflow.flow.config import FlowConfig
     from saeflow.saes.recipes import open_pack
 
     pack = open_pack("embedded")

@@ -35,7 +35,7 @@ QUICK = {"eval_tokens": 1024, "ce_tokens": 256, "dead_tokens": 8192, "index_toke
 RUN = ("import json, sys\n"
        "from saeflow.pipeline.config import PipelineConfig\n"
        "from saeflow.pipeline.stages import run_pipeline\n"
-       "run_pipeline(sys.argv[1], PipelineConfig(**json.loads(sys.argv[3])),\n"
+       "run_pipeline(sys.argv[1], PipelineConfig.from_flat(**json.loads(sys.argv[3])),\n"
        "             only=sys.argv[2].split(','), progress=False)\n")
 FULL: dict[str, int] = {}  # the default profile's budgets
 TABLES = ["index/features.parquet", "index/examples.parquet", "index/tokens.parquet",

@@ -97,7 +97,8 @@ def main() -> None:
     import torch
 
     from saeflow.evolution.stats import StatsConfig, run_stats
-    from saeflow.flow.predecessors import FlowConfig, run_flow
+    from saeflow.flow.compute import run_flow
+    from saeflow.flow.config import FlowConfig
     from saeflow.lm.model import load_model
     from saeflow.saes.recipes import open_pack
     from saeflow.scale import ScaleConfig

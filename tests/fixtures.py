@@ -185,7 +185,7 @@ def make_tiny_run(model, root: Path, tokens: int = 1500) -> tuple[Path, "object"
     from saeflow.evolution.analyses import write_evolution_outputs
     from saeflow.evolution.stats import StatsConfig, run_stats
     from saeflow.features.index import IndexConfig, build_index
-    from saeflow.flow.predecessors import run_flow
+    from saeflow.flow.compute import run_flow
     from saeflow.saes.packs import save_pack
     from saeflow.saes.sae import random_sae
 

@@ -32,9 +32,11 @@ def main():
     ap.add_argument("--out", default="flow_nulls.json")
     a = ap.parse_args()
     from saeflow.features.liveness import firing_pass
+    from saeflow.flow.inputs import layer_slots as plan_layers
+    from saeflow.flow.inputs import slot_directions
     from saeflow.flow.match import null_top1, top_k_pairs
-    from saeflow.flow.predecessors import plan_layers, resolve_geometry, slot_directions
     from saeflow.flow.tables import classify
+    from saeflow.flow.thresholds import resolve_geometry
     from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
     from saeflow.lm.hooks import HookPoint, capture
     from saeflow.lm.model import load_model
@@ -66,7 +68,7 @@ def main():
                 pairs[(g, p.layer, kind)] = (ia, ib[m.row_indices[:, 0].numpy()],
                                              m.row_values[:, 0].numpy())
                 for nk in NULLS:
-                    nulls[(g, p.layer, kind, nk)] = null_top1(A, B, n=a.null_samples, kind=nk,
+                    nulls[(g, p.layer, kind, nk)] = null_top1(A, B, n=a.null_samples, null=nk,
                                                               seed=p.layer)
         print(f"matched and nulls ({g}): {time.time() - t0:.0f} s", flush=True)
 

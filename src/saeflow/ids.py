@@ -60,7 +60,10 @@ class Slot(_SlotFields):
 CLASSES = ("translated", "processed", "newborn", "unexplained")
 
 
-PRED_KINDS = ("res", "mlp", "attn")
+# Where a feature's predecessor comes from: the previous residual, this layer's MLP or its
+# attention (the flow's "origin"; table columns and manifest keys keep these spellings).
+PRED_ORIGINS = ("res", "mlp", "attn")
+PRED_KINDS = PRED_ORIGINS  # the former name
 
 
 def feature_id(layer: int, position: str, feature: int) -> str:

@@ -170,8 +170,8 @@ def test_search_and_cli(setup, capsys):
 
 def test_trace_nodes_carry_index_labels(setup, tmp_path, capsys):
     from saeflow.features.tables import add_labels
+    from saeflow.flow.compute import run_flow
     from saeflow.flow.graphs import trace
-    from saeflow.flow.predecessors import run_flow
 
     model, _, _ = setup
     d = model.d_model

@@ -9,7 +9,7 @@ import pytest
 
 from saeflow.cli.main import main
 from saeflow.errors import FlowError
-from saeflow.flow.predecessors import run_flow
+from saeflow.flow.compute import run_flow
 from saeflow.saes.packs import load_pack, save_pack
 from saeflow.saes.sae import random_sae
 

@@ -129,8 +129,8 @@ def test_quick_profile_trains_on_the_real_model(gemma, tmp_path):
     assert by[("resid_post", 6)]["fvu"] < 0.35 and by[("mlp_out", 6)]["fvu"] < 0.25
 
     # Data-free flow on the real pack: layers 0, 6, 12 (no residual predecessors in between).
+    from saeflow.flow.compute import run_flow
     from saeflow.flow.graphs import trace
-    from saeflow.flow.predecessors import run_flow
 
     run = run_flow(res.pack, tmp_path / "run", progress=False)
     pred = run.predecessors()

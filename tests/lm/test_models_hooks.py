@@ -247,7 +247,7 @@ def test_embedded_tokenizer_check_refuses_a_wrong_conversion():
 
 
 def test_a_device_torch_cannot_use_is_refused_with_the_fix(tiny_model_dirs):
-    from saeflow.flow.predecessors import FlowConfig
+    from saeflow.flow.config import FlowConfig
     from saeflow.lm.model import resolve_device
 
     assert resolve_device("cpu").type == "cpu" and resolve_device(None) is not None

@@ -227,7 +227,7 @@ def test_raw_sites_read_and_written_by_hooks(tiny_models):
 def test_flow_maps_raw_sites_through_the_post_norm(tiny_models, tmp_path):
     from saeflow import random_sae, save_pack
     from saeflow.errors import FlowError
-    from saeflow.flow.predecessors import run_flow
+    from saeflow.flow.compute import run_flow
 
     g = tiny_models["gemma3"]
     saes = [(p, L, random_sae(32, 24, "relu", seed=L * 7 + i)) for L in range(3)

@@ -173,7 +173,8 @@ def test_ray_is_not_imported_without_workers():
 
 def test_flow_on_two_workers_equals_the_single_process_run(local_ray, pack_and_model, tmp_path,
                                                            monkeypatch):
-    from saeflow.flow.predecessors import FlowConfig, run_flow
+    from saeflow.flow.compute import run_flow
+    from saeflow.flow.config import FlowConfig
 
     pack, _ = pack_and_model
     cfg = FlowConfig(k=3, null_samples=256)

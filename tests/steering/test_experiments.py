@@ -179,7 +179,7 @@ def test_ci_target_adds_texts_until_precise(tiny_models, tmp_path):
 
 def test_dead_latents_are_left_out_of_class_shares_and_lists(tiny_models, tmp_path):
     from saeflow.features.liveness import firing_pass
-    from saeflow.flow.predecessors import run_flow
+    from saeflow.flow.compute import run_flow
 
     model = tiny_models["gemma3"]
     d = model.d_model

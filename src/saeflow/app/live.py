@@ -13,7 +13,7 @@ import torch
 
 from saeflow.app.graph_layout import graph_json
 from saeflow.errors import AppError, SaeflowError
-from saeflow.ids import PRED_KINDS, Slot, feature_id, parse_feature
+from saeflow.ids import PRED_ORIGINS, Slot, feature_id, parse_feature
 from saeflow.lm.hooks import capture
 from saeflow.lm.model import load_model
 from saeflow.saes.recipes import open_pack
@@ -118,14 +118,14 @@ class LiveModel:
                 continue
             cls = flow_index.pred[L].cls[f]
             G.nodes[n]["class"] = str(cls)
-            for kind in PRED_KINDS:
+            for origin in PRED_ORIGINS:
                 for rank in range(max_rank):
-                    match = flow_index.predecessor(L, f, kind, rank)  # PredecessorMatch
+                    match = flow_index.predecessor(L, f, origin, rank)  # PredecessorMatch
                     if match is None:
                         break
                     src = feature_id(match.layer, match.position, match.feature)
                     if src in G:
-                        G.add_edge(src, n, similarity=match.similarity, kind=kind)
+                        G.add_edge(src, n, similarity=match.similarity, kind=origin)
         return G
 
     # --- steering -----------------------------------------------------------------------
@@ -145,7 +145,7 @@ class LiveModel:
         cfg.check(force)
         plan.check(pack, force=force)
         encode_prompt(model, prompt, cfg)
-        typical = self.typical(plan) if plan.mode == "add" else None
+        typical = self.typical(plan) if plan.op == "add" else None
         out = {}
         for which in ("default", "steered"):
             toks: list[torch.Tensor] = []

@@ -28,7 +28,7 @@ from saeflow.evolution.tables import open_stats
 from saeflow.features.tables import open_index
 from saeflow.flow.graphs import FlowIndex, persistence, trace
 from saeflow.flow.run import open_flow
-from saeflow.ids import PRED_KINDS, Slot, feature_id, parse_feature
+from saeflow.ids import PRED_ORIGINS, Slot, feature_id, parse_feature
 
 
 class NotFound(LookupError):
@@ -179,15 +179,15 @@ class RunData:
             row = _row(t, layer=L, feature=f)
             if row is not None:
                 out["class"] = row["class"]
-                for kind in PRED_KINDS:
-                    slot = slots.get(kind)
-                    if slot is None or not row.get(f"top_{kind}"):
+                for origin in PRED_ORIGINS:
+                    slot = slots.get(origin)
+                    if slot is None or not row.get(f"top_{origin}"):
                         continue
                     place = Slot.parse(slot)
-                    out["predecessors"][kind] = [
+                    out["predecessors"][origin] = [
                         {"id": place.feature(e["feature"]),
                          "similarity": float(e["similarity"])}
-                        for e in row[f"top_{kind}"] if e["feature"] >= 0]
+                        for e in row[f"top_{origin}"] if e["feature"] >= 0]
         t = self.flow.table("successors")
         row = _row(t, layer=L, feature=f, position=pos)
         if row is not None and row.get("top_next") and row.get("next_layer") is not None:

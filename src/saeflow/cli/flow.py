@@ -48,8 +48,9 @@ def _thresholds_arg(args) -> dict | None:
 
 def cmd_flow(args) -> int:
     from saeflow.features.liveness import firing_pass, liveness_from_index
+    from saeflow.flow.compute import run_flow
+    from saeflow.flow.config import FlowConfig
     from saeflow.flow.plots import write_flow_plots
-    from saeflow.flow.predecessors import FlowConfig, run_flow
 
     scale = scale_from_args(args)
     model = optional_model(args.model)
@@ -110,7 +111,7 @@ def cmd_flow(args) -> int:
 def cmd_trace(args) -> int:
     from saeflow.features.tables import add_labels
     from saeflow.flow.graphs import node_link, trace, write_graph
-    from saeflow.flow.predecessors import open_flow
+    from saeflow.flow.run import open_flow
 
     run = open_flow(args.run)
     if args.pack:

@@ -31,7 +31,7 @@ _EXPORTS = {
     "liveness_for": "saeflow.features.liveness",
     "liveness_from_index": "saeflow.features.liveness",
     "firing_pass": "saeflow.features.liveness",
-    "ExplainerConfig": "saeflow.features.explain",
+    "ExplainerConfig": "saeflow.features.explain_config",
     "explain_features": "saeflow.features.explain",
     "dashboard": "saeflow.features.dashboards",
     "export_dashboards": "saeflow.features.dashboards",
@@ -45,8 +45,8 @@ if TYPE_CHECKING:
     from saeflow.features.config import IndexConfig as IndexConfig
     from saeflow.features.dashboards import dashboard as dashboard
     from saeflow.features.dashboards import export_dashboards as export_dashboards
-    from saeflow.features.explain import ExplainerConfig as ExplainerConfig
     from saeflow.features.explain import explain_features as explain_features
+    from saeflow.features.explain_config import ExplainerConfig as ExplainerConfig
     from saeflow.features.index import build_index as build_index
     from saeflow.features.index import index_job as index_job
     from saeflow.features.labels import auto_label as auto_label

@@ -63,7 +63,7 @@ from saeflow.flow.thresholds import (
     s_res_shares,
     thresholds_doc,
 )
-from saeflow.ids import PRED_KINDS, Slot
+from saeflow.ids import PRED_ORIGINS, Slot
 from saeflow.lm.model import MAPPED_POSITIONS, describe_mapping
 from saeflow.saes.packs import pack_fingerprint
 from saeflow.scale.ray_backend import run_tasks, shippable
@@ -162,7 +162,7 @@ def run_flow(pack, out: str | os.PathLike, cfg: FlowConfig | None = None, *,
 def _write_results(job: FlowJob, results: dict, out: Path, thresholds: dict | None,
                    t_res: float) -> None:
     """predecessors.parquet, successors.parquet and thresholds.json of the matched layers."""
-    nulls = {entry.layer: {origin: results[entry.layer][f"{origin}_null"] for origin in PRED_KINDS
+    nulls = {entry.layer: {origin: results[entry.layer][f"{origin}_null"] for origin in PRED_ORIGINS
                            if f"{origin}_null" in results[entry.layer]}
              for entry in job.chosen}
     resolved = resolve_thresholds(flow_defaults(nulls, job.cfg, t_res), thresholds)

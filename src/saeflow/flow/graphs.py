@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from saeflow.errors import FlowError
 from saeflow.flow.run import FlowRun
-from saeflow.ids import PRED_KINDS, Slot, feature_id, parse_feature
+from saeflow.ids import PRED_ORIGINS, Slot, feature_id, parse_feature
 from saeflow.store import atomic_path, write_json_atomic
 
 LANES = {"attn_out": 1.0, "attn_z": 1.0, "attn_raw": 1.0, "resid_post": 0.0, "resid_pre": 0.0,
@@ -98,7 +98,7 @@ class FlowIndex:
         for L, sel in _blocks(t, t.column("layer").to_numpy()):
             n = sel.num_rows
             top_i, top_v = {}, {}
-            for origin in PRED_KINDS:
+            for origin in PRED_ORIGINS:
                 top_i[origin], top_v[origin] = _padded(sel.column(f"top_{origin}"), n)
             self.pred[int(L)] = _LayerTops(top_i, top_v,
                                            np.asarray(sel.column("class").to_pylist(),

@@ -13,7 +13,7 @@ import numpy as np
 
 from saeflow.flow.graphs import persistence
 from saeflow.flow.run import FlowRun
-from saeflow.ids import CLASSES, PRED_KINDS
+from saeflow.ids import CLASSES, PRED_ORIGINS
 from saeflow.store import atomic_path, write_bytes_atomic
 
 CLASS_COLORS = {"translated": "#4c72b0", "processed": "#8172b3", "newborn": "#dd8452",
@@ -64,7 +64,7 @@ def similarity_histograms(run: FlowRun, bins: np.ndarray) -> dict[str, np.ndarra
     t = run.table("predecessors")
     layers = t.column("layer").to_numpy()
     out = {}
-    for origin in PRED_KINDS:
+    for origin in PRED_ORIGINS:
         s = t.column(f"s_{origin}").to_numpy(zero_copy_only=False).astype(float)
         rows = []
         for L in run.layers:
@@ -132,7 +132,7 @@ def write_flow_plots(run: FlowRun, out_dir: str | Path, t_res: float = 0.5) -> l
     # 2. top-1 similarity histograms per layer, with the class thresholds
     bins = np.linspace(-0.2, 1.0, 61)
     hists = similarity_histograms(run, bins)
-    origins = [k for k in PRED_KINDS if hists[k].sum() > 0]
+    origins = [k for k in PRED_ORIGINS if hists[k].sum() > 0]
     thr = run.thresholds["layers"]
     fig, axes = plt.subplots(1, len(origins), figsize=(4.2 * len(origins), 3.8), squeeze=False)
     pf = make_subplots(rows=1, cols=len(origins), subplot_titles=[ORIGIN_NAMES[k] for k in origins])

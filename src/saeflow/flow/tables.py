@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from saeflow.ids import PRED_KINDS, Slot
+from saeflow.ids import PRED_ORIGINS, Slot
 
 if TYPE_CHECKING:
     from saeflow.flow.inputs import LayerSlots
@@ -56,7 +56,7 @@ def predecessor_table(chosen: list[LayerSlots], results: dict, thresholds: dict,
         cols = {"layer": pa.array(np.full(n, entry.layer, np.int16)),
                 "feature": pa.array(np.arange(n, dtype=np.int32))}
         scores = {}
-        for origin in PRED_KINDS:
+        for origin in PRED_ORIGINS:
             has = entry.preds[origin] is not None
             idx = r[f"{origin}_row_i"] if has else None
             val = r[f"{origin}_row_v"] if has else None
@@ -68,7 +68,7 @@ def predecessor_table(chosen: list[LayerSlots], results: dict, thresholds: dict,
         t = thresholds[entry.layer]
         cols["class"] = pa.array(classify(scores["res"], scores["mlp"], scores["attn"],
                                           *(t[o]["value"] if o in t else np.inf
-                                            for o in PRED_KINDS)), type=pa.string())
+                                            for o in PRED_ORIGINS)), type=pa.string())
         cols["live"] = _live_column(live, entry.resid, n)
         tables.append(pa.table(cols))
     return pa.concat_tables(tables)

@@ -8,7 +8,7 @@ import numpy as np
 from saeflow.errors import FlowError
 from saeflow.flow.config import FlowConfig
 from saeflow.flow.inputs import LayerSlots
-from saeflow.ids import PRED_KINDS
+from saeflow.ids import PRED_ORIGINS
 
 NULL_QUANTILES = (0.5, 0.9, 0.99, 0.999)  # the null quantiles thresholds.json records
 
@@ -35,7 +35,7 @@ def resolve_thresholds(defaults: dict, overrides: dict | None) -> dict:
     Returns {L: {origin: {"value": t, "source": "null q=..." | "user"}}}.
     """
     overrides = overrides or {}
-    unknown = set(overrides) - set(PRED_KINDS) - {"layers"}
+    unknown = set(overrides) - set(PRED_ORIGINS) - {"layers"}
     if unknown:
         raise FlowError(f"unknown threshold keys {sorted(unknown)}; use res, mlp, attn or layers")
     per_layer = {int(L): v for L, v in (overrides.get("layers") or {}).items()}

@@ -26,8 +26,8 @@ from saeflow.evolution.analyses import write_evolution_outputs
 from saeflow.evolution.stats import run_stats, stats_job
 from saeflow.features.index import build_index, index_job
 from saeflow.features.liveness import firing_pass
+from saeflow.flow.compute import run_flow
 from saeflow.flow.plots import write_flow_plots
-from saeflow.flow.predecessors import run_flow
 from saeflow.lm.model import MAPPED_POSITIONS, load_model
 from saeflow.pipeline.config import PipelineConfig, stage_identity
 from saeflow.pipeline.report import write_report

@@ -44,7 +44,8 @@ _EXPORTS = {
     "scores": ["THEMES", "Theme", "compare_completions", "score_texts", "theme",
                "topic_classifier"],
     "sweep": ["SweepJob", "run_sweep"],
-    "validate": ["ValidateConfig", "run_validation"],
+    "validate_config": ["ValidateConfig"],
+    "validate": ["run_validation"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -79,7 +80,8 @@ if TYPE_CHECKING:
     )
     from saeflow.steering.sweep import SweepJob, run_sweep
     from saeflow.steering.typical import typical_activations
-    from saeflow.steering.validate import ValidateConfig, run_validation
+    from saeflow.steering.validate import run_validation
+    from saeflow.steering.validate_config import ValidateConfig
 
 
 def __getattr__(name: str) -> Any:

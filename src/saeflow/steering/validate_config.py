@@ -10,7 +10,7 @@ from typing import Literal
 
 from saeflow.configs import CorpusSpec, Layers, setting
 from saeflow.errors import ValidateError
-from saeflow.ids import PRED_KINDS
+from saeflow.ids import PRED_ORIGINS
 from saeflow.lm.corpus_spec import DEFAULT_SPEC
 
 METHODS = ("top1_cosine", "predecessor_group", "top5_cosine", "random_top5", "permutation",
@@ -25,7 +25,7 @@ PAIRS = (("top1_cosine", "control_matched"), ("exhaustive", "exhaustive_control"
 VALIDATE_DIR = "validate"  # RUN/validate: cases.parquet, summary.json, r_sweep.csv
 RULES = ("rank", "threshold")
 TARGET_CHOICES = ("random", "all", "most_active")
-KINDS = PRED_KINDS
+KINDS = PRED_ORIGINS
 RANK_BIN = 8  # rank bin width when the target SAE has no k (a TopK SAE's bins are k/4 wide)
 RANK_BINS = 4  # bins below the top one; ranks >= RANK_BINS x width share the last bin
 HEADLINE_RANKS = 16  # the separate headline "top1_cosine, ranks 0-15"
