@@ -1,4 +1,4 @@
-"""The index's table writing (features/tables.write_index): the logit lens and the examples'
+"""The index's table writing (features/writer.write_index): the logit lens and the examples'
 quantiles, the current form against the earlier one, on the embedded model in one run.
 
 - Logit lens: every decoder row of `--saes` SAEs of the pack through the real unembedding
@@ -7,7 +7,7 @@ quantiles, the current form against the earlier one, on the embedded model in on
   converts only the selected values. Both use the same bf16 product.
 - Quantiles: where each kept example's activation falls in its feature's histogram, for a
   4096-feature SAE with 24 examples per feature: one Python call per example (earlier) against
-  one vectorised call per SAE (`tables._quantiles_from_hist`).
+  one vectorised call per SAE (`writer._quantiles_from_hist`).
 
 Prints each form's time, their ratio, and whether the results are identical.
 
@@ -45,7 +45,7 @@ def logit_lens_float_blocks(model, dirs, n=10, vocab_block=16384):
 
 def quantiles_per_example(hist, features, values):
     """The earlier form: the CDF of one feature rebuilt for each example."""
-    from saeflow.features.tables import HIST_EDGES
+    from saeflow.features.writer import HIST_EDGES
 
     edges = HIST_EDGES.numpy()
     out = []
@@ -63,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from saeflow.features.labels import logit_lens
-    from saeflow.features.tables import HIST_EDGES, _quantiles_from_hist
+    from saeflow.features.writer import HIST_EDGES, _quantiles_from_hist
     from saeflow.lm.model import load_model
     from saeflow.saes.recipes import open_pack
 

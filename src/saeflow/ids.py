@@ -6,8 +6,19 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from saeflow.errors import FlowError, HookError
-from saeflow.lm.hookpoints import check_position
+from saeflow.errors import FlowError, HookError, UnknownPositionError
+
+# Where an SAE can sit; lm/hookpoints.py says where each is read in a model's modules.
+POSITIONS: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out", "attn_z",
+                              "mlp_raw", "attn_raw")
+
+
+def check_position(position: str) -> str:
+    if position not in POSITIONS:
+        raise UnknownPositionError(
+            f"unknown position {position!r}; use one of: {', '.join(POSITIONS)}"
+        )
+    return position
 
 
 class _SlotFields(NamedTuple):

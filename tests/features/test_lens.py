@@ -6,8 +6,8 @@ import torch
 
 from saeflow.features.index import IndexConfig, build_index
 from saeflow.features.labels import logit_lens, unembed_directions
-from saeflow.features.lens import LogitLens, open_index_with_lens
-from saeflow.features.tables import open_index
+from saeflow.features.lens import LogitLens
+from saeflow.features.tables import open_index, open_index_with_lens
 from saeflow.saes.packs import save_pack
 from saeflow.saes.sae import random_sae
 

@@ -122,8 +122,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_feature(args) -> int:
-    from saeflow.features.lens import open_index_with_lens
-    from saeflow.features.tables import open_index
+    from saeflow.features.tables import open_index, open_index_with_lens
     from saeflow.ids import parse_feature
 
     L, pos, f = parse_feature(args.feature)

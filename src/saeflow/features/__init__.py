@@ -26,7 +26,7 @@ _EXPORTS = {
     "open_index": "saeflow.features.tables",
     "add_labels": "saeflow.features.tables",
     "LogitLens": "saeflow.features.lens",
-    "open_index_with_lens": "saeflow.features.lens",
+    "open_index_with_lens": "saeflow.features.tables",
     "Liveness": "saeflow.features.liveness",
     "liveness_for": "saeflow.features.liveness",
     "liveness_from_index": "saeflow.features.liveness",
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
     from saeflow.features.labels import auto_label as auto_label
     from saeflow.features.labels import logit_lens as logit_lens
     from saeflow.features.lens import LogitLens as LogitLens
-    from saeflow.features.lens import open_index_with_lens as open_index_with_lens
     from saeflow.features.liveness import Liveness as Liveness
     from saeflow.features.liveness import firing_pass as firing_pass
     from saeflow.features.liveness import liveness_for as liveness_for
@@ -60,6 +59,7 @@ if TYPE_CHECKING:
     from saeflow.features.tables import FeatureIndex as FeatureIndex
     from saeflow.features.tables import add_labels as add_labels
     from saeflow.features.tables import open_index as open_index
+    from saeflow.features.tables import open_index_with_lens as open_index_with_lens
     from saeflow.features.writer import write_index as write_index
 
 

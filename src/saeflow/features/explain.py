@@ -23,8 +23,7 @@ import pyarrow.parquet as pq
 
 from saeflow.errors import ExplainError, FeatureIndexError
 from saeflow.features.explain_config import ExplainerConfig
-from saeflow.features.lens import open_index_with_lens
-from saeflow.features.tables import EXPLANATIONS, open_index
+from saeflow.features.tables import EXPLANATIONS, open_index, open_index_with_lens
 from saeflow.ids import parse_feature
 from saeflow.llm import post_chat
 from saeflow.store import atomic_path

@@ -153,35 +153,3 @@ class LogitLens:
                                  "rank": rank, "logit": t["logit"]})
                     break
         return hits
-
-
-def model_spec_of(manifest: dict) -> str | None:
-    """What `load_model` takes to load the model an index was built with (None: unknown)."""
-    src = manifest.get("model_source")
-    if not src:
-        return None
-    if src.startswith("embedded"):
-        return "embedded"
-    return src.removeprefix("hub:")
-
-
-def open_index_with_lens(run, model=None, device: str | None = "cpu"):
-    """The index in RUN with its logit lens: `model`, else the one it was built with (loaded
-    here). Raises FeatureIndexError when that model is unknown or cannot be loaded."""
-    from saeflow.errors import FeatureIndexError
-    from saeflow.features.tables import open_index
-
-    if model is None:
-        idx = open_index(run)
-        spec = model_spec_of(idx.manifest)
-        if spec is None:
-            raise FeatureIndexError(f"{run}'s index does not name its model (written by an "
-                                    f"older saeflow); rebuild it with `saeflow index`")
-        from saeflow.lm.model import load_model
-
-        try:
-            model = load_model(spec, device=device, progress=False)
-        except (OSError, ValueError) as e:
-            raise FeatureIndexError(f"cannot load the index's model {spec!r} for the logit "
-                                    f"lens: {e}") from None
-    return open_index(run, lens_model=model)

@@ -11,12 +11,11 @@
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from saeflow.errors import (
     FeatureIndexError,
@@ -39,18 +38,6 @@ INDEX_FORMAT = "saeflow-index"
 EXPLANATIONS = "explanations.parquet"  # see explain.py
 # the per-feature columns of features.parquet that slot_column reads
 FEATURE_COLUMNS = ("count", "density", "mean_act", "max_act", "label", "neuronpedia")
-
-# The writing half lives in features/writer.py (it needs torch); its names stay importable
-# from here, loaded on first use.
-_WRITER_NAMES = ("HIST_EDGES", "NEURONPEDIA", "neuronpedia_url", "write_index",
-                 "_quantiles_from_hist")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WRITER_NAMES:
-        return getattr(importlib.import_module("saeflow.features.writer"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 # --- reading and search ---------------------------------------------------------------------
 @dataclass
@@ -341,3 +328,32 @@ def add_labels(G: "nx.DiGraph", run_dir: str | Path) -> int:
             if info.get(key):
                 G.nodes[nid][key] = info[key]
     return sum(1 for n in G if G.nodes[n].get("label"))
+
+
+def model_spec_of(manifest: dict) -> str | None:
+    """What `load_model` takes to load the model an index was built with (None: unknown)."""
+    src = manifest.get("model_source")
+    if not src:
+        return None
+    if src.startswith("embedded"):
+        return "embedded"
+    return src.removeprefix("hub:")
+
+
+def open_index_with_lens(run, model=None, device: str | None = "cpu"):
+    """The index in RUN with its logit lens: `model`, else the one it was built with (loaded
+    here). Raises FeatureIndexError when that model is unknown or cannot be loaded."""
+    if model is None:
+        idx = open_index(run)
+        spec = model_spec_of(idx.manifest)
+        if spec is None:
+            raise FeatureIndexError(f"{run}'s index does not name its model (written by an "
+                                    f"older saeflow); rebuild it with `saeflow index`")
+        from saeflow.lm.model import load_model
+
+        try:
+            model = load_model(spec, device=device, progress=False)
+        except (OSError, ValueError) as e:
+            raise FeatureIndexError(f"cannot load the index's model {spec!r} for the logit "
+                                    f"lens: {e}") from None
+    return open_index(run, lens_model=model)

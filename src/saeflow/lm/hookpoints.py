@@ -22,9 +22,9 @@ import re
 from dataclasses import dataclass
 
 from saeflow.errors import ConfigError, UnknownPositionError, UnsupportedArchitectureError
+from saeflow.ids import POSITIONS, check_position
 
-POSITIONS: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out", "attn_z",
-                              "mlp_raw", "attn_raw")
+__all__ = ["POSITIONS", "check_position"]  # re-exported: they live in ids.py, below lm/
 # Positions that are the raw module output, distinct from *_out only under a post-norm.
 RAW_POSITIONS = {"mlp_raw": "mlp_out", "attn_raw": "attn_out"}
 
@@ -38,14 +38,6 @@ TL_NAMES: dict[str, str] = {
 # TransformerLens has no hook on the raw MLP / attention output of a sandwich-norm block;
 # saeflow names those sites the HF way (what sparsify calls them).
 HF_RAW_NAMES: dict[str, str] = {"mlp_raw": "layers.{L}.mlp", "attn_raw": "layers.{L}.self_attn"}
-
-
-def check_position(position: str) -> str:
-    if position not in POSITIONS:
-        raise UnknownPositionError(
-            f"unknown position {position!r}; use one of: {', '.join(POSITIONS)}"
-        )
-    return position
 
 
 @dataclass(frozen=True)
