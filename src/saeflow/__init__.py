@@ -4,9 +4,9 @@ The names below load on first use, so that `import saeflow` (and the command lin
 `saeflow --help`) does not import torch."""
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from saeflow._lazy import lazy_exports
 from saeflow._version import __version__
 
 _EXPORTS = {
@@ -29,16 +29,7 @@ __all__ = ["POSITIONS", "Slot", "HookPoint", "Hooks", "capture", "LoadedModel", 
            "Pack", "load_pack", "save_pack", "convert_pack", "SAE", "random_sae", "__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'saeflow' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ def test_every_export_resolves_to_the_module_that_defines_it():
 
     assert sorted(steering._MODULE_OF) == sorted(steering.__all__)
     for name in steering.__all__:
-        module = importlib.import_module(f"saeflow.steering.{steering._MODULE_OF[name]}")
+        module = importlib.import_module(steering._MODULE_OF[name])
         assert getattr(steering, name) is getattr(module, name)
     with pytest.raises(AttributeError):
         steering.no_such_name  # noqa: B018

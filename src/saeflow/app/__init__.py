@@ -2,8 +2,9 @@
 directory. Its names load on first use, so importing the package (the CLI does) stays light."""
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from saeflow._lazy import lazy_exports
 
 DEFAULT_HOST = "127.0.0.1"  # localhost only: nothing is served to other machines unless asked
 DEFAULT_PORT = 8765
@@ -28,10 +29,4 @@ if TYPE_CHECKING:
     from saeflow.app.server import create_app, flow_pack_spec, serve
     from saeflow.app.views import NotFound, RunData
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'saeflow.app' has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -12,8 +12,9 @@ between SAEs, their tables, and the analyses built on them.
 The names below load on first use, so importing one module (evolution.config) stays light."""
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from saeflow._lazy import lazy_exports
 
 _EXPORTS = {
     "StatsConfig": "saeflow.evolution.config",
@@ -52,15 +53,4 @@ if TYPE_CHECKING:
     from saeflow.evolution.tables import open_stats as open_stats
     from saeflow.evolution.tables import write_stats as write_stats
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

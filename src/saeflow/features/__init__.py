@@ -14,8 +14,9 @@ its tables, explanations and dashboards.
 The names below load on first use, so importing one module (features.config) stays light."""
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from saeflow._lazy import lazy_exports
 
 _EXPORTS = {
     "IndexConfig": "saeflow.features.config",
@@ -62,15 +63,4 @@ if TYPE_CHECKING:
     from saeflow.features.tables import open_index_with_lens as open_index_with_lens
     from saeflow.features.writer import write_index as write_index
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

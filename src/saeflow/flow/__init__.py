@@ -15,8 +15,9 @@ the flow tables, flow graphs and their plots.
 The names below load on first use, so importing one module (flow.config) stays light."""
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from saeflow._lazy import lazy_exports
 
 _EXPORTS = {
     "FlowConfig": "saeflow.flow.config",
@@ -43,15 +44,4 @@ if TYPE_CHECKING:
     from saeflow.flow.run import FlowRun as FlowRun
     from saeflow.flow.run import open_flow as open_flow
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -11,8 +11,9 @@ text corpora that feed every pass.
 The names below load on first use, so importing one module (lm.corpus_spec) stays light."""
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from saeflow._lazy import lazy_exports
 
 _EXPORTS = {
     "LoadedModel": "saeflow.lm.model",
@@ -53,15 +54,4 @@ if TYPE_CHECKING:
     from saeflow.lm.model import resolve_device as resolve_device
     from saeflow.lm.model import resolve_dtype as resolve_dtype
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

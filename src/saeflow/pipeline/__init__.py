@@ -10,8 +10,9 @@
 The names below load on first use, so importing one module (pipeline.config) stays light."""
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from saeflow._lazy import lazy_exports
 
 _EXPORTS = {
     "PipelineConfig": "saeflow.pipeline.config",
@@ -42,15 +43,4 @@ if TYPE_CHECKING:
     from saeflow.pipeline.stages import run_pipeline as run_pipeline
     from saeflow.pipeline.stages import stage_digest as stage_digest
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -14,8 +14,9 @@ hub, training, the embedded recipes, evaluation, and the shared scan over a corp
 The names below load on first use, so importing one module (saes.pass_config) stays light."""
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from saeflow._lazy import lazy_exports
 
 _EXPORTS = {
     "SAE": "saeflow.saes.sae",
@@ -62,15 +63,4 @@ if TYPE_CHECKING:
     from saeflow.saes.train import TrainResult as TrainResult
     from saeflow.saes.train import train_family as train_family
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -16,10 +16,10 @@ The other names below load on first use.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from saeflow._lazy import lazy_exports
 from saeflow.configs import Tokens, setting
 from saeflow.errors import ScaleError
 
@@ -76,15 +76,4 @@ def shard_batches(cfg: ScaleConfig | None, batch_size: int, ctx_len: int) -> int
     tokens = (cfg or ScaleConfig()).shard_tokens
     return max(1, -(-tokens // (batch_size * ctx_len)))
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

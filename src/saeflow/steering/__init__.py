@@ -19,8 +19,9 @@ steers (seed, single, cumulative, span; the sweep adds cumulative_norm, its `mod
 The names below are imported on first use, so importing a config does not load torch."""
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from saeflow._lazy import lazy_exports
 
 __all__ = [
     "CallScope", "DEFAULT_PROMPT", "GRAPH_MODES", "Intervention", "OPS", "PLAN_FORMAT",
@@ -47,7 +48,8 @@ _EXPORTS = {
     "validate_config": ["ValidateConfig"],
     "validate": ["run_validation"],
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+_MODULE_OF = {name: f"{__name__}.{module}" for module, names in _EXPORTS.items()
+              for name in names}
 
 if TYPE_CHECKING:
     from saeflow.steering.config import (
@@ -83,15 +85,4 @@ if TYPE_CHECKING:
     from saeflow.steering.validate import run_validation
     from saeflow.steering.validate_config import ValidateConfig
 
-
-def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _MODULE_OF)
