@@ -5,8 +5,6 @@ and the routes outside the schema (files, page) are checked apart."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 SNAPSHOT = Path(__file__).with_name("openapi_snapshot.json")
@@ -38,17 +36,3 @@ def test_the_routes_outside_the_schema_are_served(tmp_path):
             assert c.request(method, url).status_code in (200, 404), (path, name)
         assert c.get("/static/index.html").status_code == 200
         assert c.get("/").headers["content-type"].startswith("text/html")
-
-
-def test_the_package_exports_its_api_lazily():
-    code = ("import sys, saeflow.app as a; assert 'fastapi' not in sys.modules; "
-            "from saeflow.app.server import create_app; assert a.create_app is create_app; "
-            "assert set(a.__all__) <= set(dir(a)) | set(a._EXPORTS)")
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-if __name__ == "__main__":
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        SNAPSHOT.write_text(json.dumps(current(Path(d)), indent=1, ensure_ascii=False) + "\n")

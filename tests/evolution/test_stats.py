@@ -221,22 +221,3 @@ def test_open_stats_tells_absent_from_corrupt(tmp_path):
     (tmp_path / "stats" / "stats.json").write_text('{"format": "saeflow-index"}')
     with pytest.raises(StatsError, match="not a saeflow stats"):
         open_stats(tmp_path)
-
-
-def test_stats_config_and_package_import_nothing_heavy():
-    """The CLI reads StatsConfig to build its options: evolution/config.py and the package's
-    lazy __init__ import no torch, numpy or pandas by themselves (saeflow/__init__ aside)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import saeflow
-
-    code = ("import sys, types; pkg = types.ModuleType('saeflow'); "
-            f"pkg.__path__ = [{str(Path(saeflow.__file__).parent)!r}]; sys.modules['saeflow'] = pkg; "
-            "import saeflow.evolution, saeflow.evolution.config; "
-            "print(sorted(m for m in ('torch', 'numpy', 'pandas') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
-    from saeflow.evolution import StatsConfig as exported
-    assert exported is StatsConfig

@@ -334,22 +334,3 @@ def test_bulk_accessors_read_the_features_table(setup):
     sel = live[(live.layer == 1) & (live.position == "mlp_out")]
     assert idx.active_ids(layers=[1], positions=["mlp_out"]) == sel.id.tolist()
     assert idx.label_map() == dict(zip(feats.id, feats.label))
-
-
-def test_index_config_and_package_import_nothing_heavy():
-    """The CLI reads IndexConfig to build its options: features/config.py and the package's
-    lazy __init__ import no torch, numpy or pandas by themselves (saeflow/__init__ aside)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import saeflow
-
-    code = ("import sys, types; pkg = types.ModuleType('saeflow'); "
-            f"pkg.__path__ = [{str(Path(saeflow.__file__).parent)!r}]; sys.modules['saeflow'] = pkg; "
-            "import saeflow.features, saeflow.features.config; "
-            "print(sorted(m for m in ('torch', 'numpy', 'pandas') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
-    from saeflow.features import IndexConfig as exported
-    assert exported is IndexConfig

