@@ -7,7 +7,7 @@ from typing import Callable
 
 from saeflow.errors import ConfigError, SAEFormatError, SAEShapeError
 from saeflow.saes.formats import gemmascope, saelens, sparsify
-from saeflow.saes.formats.common import ExpectedTensors, SAEInfo, _dtype_name, _read_json
+from saeflow.saes.formats.common import ExpectedTensors, SAEInfo, dtype_name, read_json
 from saeflow.saes.formats.saelens import SAELENS_CFG, SAELENS_WEIGHTS
 from saeflow.saes.sae import SAE
 
@@ -41,7 +41,7 @@ def check_files(folder: Path, fmt: str) -> list[str]:
     for name, shape in want.shapes.items():
         if name in h and None not in shape and tuple(h[name][0]) != shape:
             problems.append(f"{name} has shape {tuple(h[name][0])}, the config implies {shape}")
-    dtypes = {n: _dtype_name(v[1]) for n, v in h.items()}
+    dtypes = {n: dtype_name(v[1]) for n, v in h.items()}
     not_float = sorted(f"{n} is {d}" for n, d in dtypes.items() if d not in _FLOAT_RANK)
     if not_float:
         problems.append(f"non-float tensors ({', '.join(not_float)}); saeflow reads float16, "
@@ -90,7 +90,7 @@ def _manifest_problems(info: SAEInfo) -> list[str]:
     if "sha256" not in info.extra:  # described from its own files, not from a manifest
         return []
     try:
-        cfg = _read_json(info.path / SAELENS_CFG)
+        cfg = read_json(info.path / SAELENS_CFG)
     except SAEFormatError as e:
         return [str(e)]
     return [f"cfg.json {key}={cfg.get(key)!r} but pack.json says {have!r}"

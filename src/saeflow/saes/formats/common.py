@@ -58,7 +58,7 @@ class ExpectedTensors:
 
 
 # --- helpers --------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -67,13 +67,13 @@ def _read_json(path: Path) -> dict:
         raise SAEFormatError(f"{path} is not valid JSON ({e}); re-download or re-convert it") from e
 
 
-def _require(cfg: dict, key: str, path: Path):
+def require(cfg: dict, key: str, path: Path):
     if key not in cfg:
         raise SAEFormatError(f"{path} is missing the key {key!r}; it is needed to load this SAE")
     return cfg[key]
 
 
-def _safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+def safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """{name: (shape, dtype)} from a safetensors header, without reading tensor data."""
     from safetensors import safe_open
 
@@ -105,12 +105,12 @@ def _check_safetensors_length(path: Path) -> None:
                              f"re-download or re-convert it")
 
 
-def _load_safetensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+def load_safetensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a file; with `sha256` (a saeflow pack's manifest), the bytes read are
     hashed too, and a file edited after the pack was written is refused."""
     from safetensors.torch import load as load_bytes
 
-    _safetensors_header(path)
+    safetensors_header(path)
     data = path.read_bytes()
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise SAEFormatError(f"{path} was changed after the pack was written (its sha256 differs "
@@ -126,11 +126,11 @@ _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "fl
               "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
-def _dtype_name(st_dtype: str) -> str:
+def dtype_name(st_dtype: str) -> str:
     return _ST_DTYPES.get(st_dtype, st_dtype.lower())
 
 
-def _hook_position(hook: str | None, where: Path, family: str | None = None):
+def hook_position(hook: str | None, where: Path, family: str | None = None):
     if hook is None:
         return None, None
     try:
@@ -139,7 +139,7 @@ def _hook_position(hook: str | None, where: Path, family: str | None = None):
         raise SAEFormatError(f"{where}: {e}") from e
 
 
-def _family_of(model_name: str | None) -> str | None:
+def family_of(model_name: str | None) -> str | None:
     """The family a model name says for sure (None when it does not: Gemma 1 and Gemma 2
     place `post_attention_layernorm` differently, so a bare 'gemma' decides nothing)."""
     if not model_name:
@@ -155,10 +155,10 @@ def _family_of(model_name: str | None) -> str | None:
     return None
 
 
-def _placed(hook: str | None, where: Path, family: str | None):
+def placed(hook: str | None, where: Path, family: str | None):
     """(position, layer, refusal): an SAE whose site cannot be known is refused, not guessed."""
     try:
-        position, layer = _hook_position(hook, where, family)
+        position, layer = hook_position(hook, where, family)
     except SAEFormatError as e:
         return None, None, str(e).removeprefix(f"{where}: ")
     return position, layer, None

@@ -13,12 +13,12 @@ from saeflow.errors import SAEFormatError
 from saeflow.saes.formats.common import (
     ExpectedTensors,
     SAEInfo,
-    _dtype_name,
-    _hook_position,
-    _load_safetensors,
-    _read_json,
-    _require,
-    _safetensors_header,
+    dtype_name,
+    hook_position,
+    load_safetensors,
+    read_json,
+    require,
+    safetensors_header,
 )
 from saeflow.saes.sae import SAE
 
@@ -86,22 +86,22 @@ _GS2_NAME = re.compile(r"layer_(\d+)_width_([^_]+)_l0_([^_/]+)")
 
 
 def describe_gemmascope2(folder: Path) -> SAEInfo:
-    cfg = _read_json(folder / "config.json")
-    header = _safetensors_header(folder / "params.safetensors")
+    cfg = read_json(folder / "config.json")
+    header = safetensors_header(folder / "params.safetensors")
     if "w_enc" not in header:
         raise SAEFormatError(f"{folder / 'params.safetensors'} has no w_enc tensor")
     d_in, d_sae = header["w_enc"][0]
-    hook = _require(cfg, "hf_hook_point_in", folder / "config.json")
+    hook = require(cfg, "hf_hook_point_in", folder / "config.json")
     refused = _gemmascope2_refusal(cfg)
     try:
-        position, layer = _hook_position(hook, folder / "config.json", "gemma3")
+        position, layer = hook_position(hook, folder / "config.json", "gemma3")
     except SAEFormatError:
         if not refused:
             raise
         position, layer = None, None  # listed as refused; its site does not matter
     m = _GS2_NAME.search(folder.name)
     return SAEInfo("gemmascope2", folder, d_in, d_sae, "jumprelu",
-                   _dtype_name(header["w_enc"][1]), position, layer, hook,
+                   dtype_name(header["w_enc"][1]), position, layer, hook,
                    cfg.get("model_name"), str(cfg.get("width") or (m.group(2) if m else "")),
                    str(cfg.get("l0") or (m.group(3) if m else "")) or None, refused=refused)
 
@@ -118,13 +118,13 @@ def _gemmascope2_refusal(cfg: dict) -> str | None:
 
 
 def load_gemmascope2(folder: Path, sha256: str | None = None) -> SAE:
-    cfg = _read_json(folder / "config.json")
+    cfg = read_json(folder / "config.json")
     if refused := _gemmascope2_refusal(cfg):
         raise SAEFormatError(f"{folder}: {refused}")
     arch = cfg.get("architecture", "jump_relu")
     if arch not in ("jump_relu", "jumprelu"):
         raise SAEFormatError(f"{folder}: architecture {arch!r} is not supported (expected jump_relu)")
-    t = _load_safetensors(folder / "params.safetensors", sha256)
+    t = load_safetensors(folder / "params.safetensors", sha256)
     missing = [n for n in ("w_enc", "w_dec", "b_enc", "b_dec", "threshold") if n not in t]
     if missing:
         raise SAEFormatError(f"{folder / 'params.safetensors'} lacks tensors {missing}")
@@ -142,7 +142,7 @@ def expected_tensors_gemmascope(folder: Path) -> ExpectedTensors:
 
 
 def expected_tensors_gemmascope2(folder: Path) -> ExpectedTensors:
-    h = _safetensors_header(folder / "params.safetensors")
+    h = safetensors_header(folder / "params.safetensors")
     d_in, d_sae = h.get("w_enc", ((None, None), ""))[0]
     names = {"w_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,),
              "threshold": (d_sae,)}

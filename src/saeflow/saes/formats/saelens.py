@@ -17,13 +17,13 @@ from saeflow.errors import SAEFormatError
 from saeflow.saes.formats.common import (
     ExpectedTensors,
     SAEInfo,
-    _dtype_name,
-    _family_of,
-    _load_safetensors,
-    _placed,
-    _read_json,
-    _require,
-    _safetensors_header,
+    dtype_name,
+    family_of,
+    load_safetensors,
+    placed,
+    read_json,
+    require,
+    safetensors_header,
 )
 from saeflow.saes.sae import SAE
 
@@ -149,22 +149,22 @@ def _saelens_hook(cfg: dict) -> str | None:
 
 
 def describe_saelens(folder: Path, family: str | None = None) -> SAEInfo:
-    cfg = _read_json(folder / SAELENS_CFG)
-    header = _safetensors_header(folder / SAELENS_WEIGHTS)
+    cfg = read_json(folder / SAELENS_CFG)
+    header = safetensors_header(folder / SAELENS_WEIGHTS)
     plan = _saelens_plan(cfg, header, folder / SAELENS_CFG)
-    d_in = int(_require(cfg, "d_in", folder / SAELENS_CFG))
+    d_in = int(require(cfg, "d_in", folder / SAELENS_CFG))
     meta = cfg.get("metadata") or {}
     model_name = meta.get("model_name") or cfg.get("model_name")
     hook = _saelens_hook(cfg)
     arch = plan.arch or str(cfg.get("architecture"))
-    dtype = plan.dtype or (_dtype_name(header["W_enc"][1]) if "W_enc" in header else "?")
+    dtype = plan.dtype or (dtype_name(header["W_enc"][1]) if "W_enc" in header else "?")
     if plan.refused:  # listed by its reason; its tensors and site do not matter
         return SAEInfo("saelens", folder, d_in, int(cfg.get("d_sae") or 0), arch, dtype,
                        None, None, hook, model_name, refused=plan.refused)
     if "W_enc" not in header:
         raise SAEFormatError(f"{folder / SAELENS_WEIGHTS} has no W_enc tensor")
     d_sae = int(cfg.get("d_sae") or header["W_enc"][0][1])
-    position, layer, refused = _placed(hook, folder / SAELENS_CFG, family or _family_of(model_name))
+    position, layer, refused = placed(hook, folder / SAELENS_CFG, family or family_of(model_name))
     sf = meta.get("saeflow") or {}
     if "position" in sf and "layer" in sf:  # saeflow's own record of the site
         position, layer, refused = sf["position"], sf["layer"], None
@@ -183,9 +183,9 @@ def describe_saelens(folder: Path, family: str | None = None) -> SAEInfo:
 
 def load_saelens(folder: Path, sha256: str | None = None) -> SAE:
     cfg_path = folder / SAELENS_CFG
-    cfg = _read_json(cfg_path)
-    _require(cfg, "d_in", cfg_path)
-    t = _load_safetensors(folder / SAELENS_WEIGHTS, sha256)
+    cfg = read_json(cfg_path)
+    require(cfg, "d_in", cfg_path)
+    t = load_safetensors(folder / SAELENS_WEIGHTS, sha256)
     plan = _saelens_plan(cfg, t, cfg_path)
     if plan.refused:
         raise SAEFormatError(f"{folder}: {plan.refused}")
@@ -291,7 +291,7 @@ def save_saelens(sae: SAE, folder: Path, *, position: str, layer: int, hook_name
 
 
 def expected_tensors(folder: Path) -> ExpectedTensors:
-    cfg, h = _read_json(folder / SAELENS_CFG), _safetensors_header(folder / SAELENS_WEIGHTS)
+    cfg, h = read_json(folder / SAELENS_CFG), safetensors_header(folder / SAELENS_WEIGHTS)
     d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
     names = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,),
              "b_dec": (d_in,), "threshold": (d_sae,), "log_threshold": (d_sae,),

@@ -8,13 +8,13 @@ from saeflow.errors import SAEFormatError
 from saeflow.saes.formats.common import (
     ExpectedTensors,
     SAEInfo,
-    _dtype_name,
-    _family_of,
-    _load_safetensors,
-    _placed,
-    _read_json,
-    _require,
-    _safetensors_header,
+    dtype_name,
+    family_of,
+    load_safetensors,
+    placed,
+    read_json,
+    require,
+    safetensors_header,
 )
 from saeflow.saes.sae import SAE
 
@@ -48,7 +48,7 @@ def _sparsify_run_model(run: Path) -> str | None:
     config.json or it names none. A config.json that is not JSON is refused, not ignored."""
     if not (run / "config.json").is_file():
         return None
-    cfg = _read_json(run / "config.json")
+    cfg = read_json(run / "config.json")
     model = cfg.get("model") if isinstance(cfg, dict) else None
     return model if isinstance(model, str) else None
 
@@ -65,8 +65,8 @@ def _sparsify_refusal(cfg: dict) -> str | None:
 
 
 def describe_sparsify(folder: Path, family: str | None = None) -> SAEInfo:
-    cfg = _read_json(folder / "cfg.json")
-    header = _safetensors_header(folder / "sae.safetensors")
+    cfg = read_json(folder / "cfg.json")
+    header = safetensors_header(folder / "sae.safetensors")
     if "encoder.weight" not in header:
         raise SAEFormatError(f"{folder / 'sae.safetensors'} has no encoder.weight tensor")
     d_sae, d_in = header["encoder.weight"][0]
@@ -75,24 +75,24 @@ def describe_sparsify(folder: Path, family: str | None = None) -> SAEInfo:
                              f"{header['encoder.weight'][0]}")
     lay = sparsify_layout(folder)
     model_name = _sparsify_run_model(lay["run"])
-    position, layer, unplaced = _placed(lay["hookpoint"], folder,
-                                        family or _family_of(model_name))
+    position, layer, unplaced = placed(lay["hookpoint"], folder,
+                                        family or family_of(model_name))
     variant = ", ".join(([f"seed {lay['seed']}"] if lay["seed"] is not None else [])
                         + (["best"] if lay["best"] else []))
     return SAEInfo("sparsify", folder, d_in, d_sae, cfg.get("activation", "topk"),
-                   _dtype_name(header["encoder.weight"][1]), position, layer, lay["hookpoint"],
+                   dtype_name(header["encoder.weight"][1]), position, layer, lay["hookpoint"],
                    model_name, extra={"seed": lay["seed"], "best": lay["best"],
                                       "variant": variant or None},
                    refused=_sparsify_refusal(cfg) or unplaced)
 
 
 def load_sparsify(folder: Path, sha256: str | None = None) -> SAE:
-    cfg = _read_json(folder / "cfg.json")
+    cfg = read_json(folder / "cfg.json")
     refused = _sparsify_refusal(cfg)
     if refused:
         raise SAEFormatError(f"{folder}: {refused}")
-    k = int(_require(cfg, "k", folder / "cfg.json"))
-    t = _load_safetensors(folder / "sae.safetensors", sha256)
+    k = int(require(cfg, "k", folder / "cfg.json"))
+    t = load_safetensors(folder / "sae.safetensors", sha256)
     missing = [n for n in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if n not in t]
     if missing:
         raise SAEFormatError(f"{folder / 'sae.safetensors'} lacks tensors {missing}")
@@ -109,7 +109,7 @@ def load_sparsify(folder: Path, sha256: str | None = None) -> SAE:
 
 
 def expected_tensors(folder: Path) -> ExpectedTensors:
-    cfg, h = _read_json(folder / "cfg.json"), _safetensors_header(folder / "sae.safetensors")
+    cfg, h = read_json(folder / "cfg.json"), safetensors_header(folder / "sae.safetensors")
     d_in = cfg.get("d_in")
     d_sae = cfg.get("num_latents") or (d_in * cfg["expansion_factor"]
                                        if d_in and cfg.get("expansion_factor") else None)
