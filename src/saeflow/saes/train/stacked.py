@@ -3,12 +3,33 @@ fastest on a GPU)."""
 from __future__ import annotations
 
 import functools
+import os
+from typing import NamedTuple
 
 import torch
 
 from saeflow.saes.sae import SAE
 from saeflow.saes.train import recipe
 from saeflow.saes.train.config import TrainConfig
+from saeflow.saes.train.stacked_kernels import (
+    CodeFn,
+    DeadBound,
+    StackedEncoder,
+    aux_compact,
+    code,
+)
+
+
+class _Step(NamedTuple):
+    """What a step's update and metrics keep from its forward pass."""
+
+    x: torch.Tensor  # [S, B, d_in] scaled inputs
+    z: torch.Tensor  # [S, B, n] code
+    vals: torch.Tensor  # the top pre-activations (per row [S, B, k], or per batch [S, B*k])
+    err: torch.Tensor  # [S, B, d_in] reconstruction error
+    dead: torch.Tensor  # [S, n] dead before the step
+    mse: torch.Tensor  # [S]
+    aux: torch.Tensor  # [S]
 
 
 class StackedTrainer:
@@ -16,16 +37,20 @@ class StackedTrainer:
 
     The same recipe as SAETrainer, step for step (same init per seed, same losses, same Adam),
     but dense and batched: pre-activations [S, B, n] from one bmm, TopK / BatchTopK as a scatter
-    into a dense code, decoding as a second bmm, gradients from autograd. Nothing in a step waits
-    for the host: dead-latent bookkeeping, AuxK and the metrics stay on the device, and metrics
-    are read once per chunk (`metrics()`). In fp32 it equals SAETrainer to rounding; with a bf16
-    `enc_dtype` both products run in bf16 (parameters, Adam and losses stay fp32).
+    into a dense code, decoding as a second bmm, gradients from autograd (the encoder's from
+    StackedEncoder, without the input gradient). Nothing in a step waits for the device:
+    dead-latent bookkeeping and the metrics stay on it, metrics are read once per chunk
+    (`metrics()`), and AuxK runs only when a latent can be dead, by a bound the host keeps from
+    lagged reads (`DeadBound`; on the dead latents alone when each SAE has at most aux_k). In
+    fp32 it equals SAETrainer to rounding; with a bf16 `enc_dtype` both products run in bf16
+    (parameters, Adam and losses stay fp32). `compile_code` (default: SAEFLOW_COMPILE=1 on
+    CUDA) runs the TopK code through torch.compile, eager if that fails.
     """
 
     engine = "stacked"
 
     def __init__(self, d_in: int, cfg: TrainConfig, steps_total: int, device, seeds: list[int],
-                 enc_dtype: torch.dtype):
+                 enc_dtype: torch.dtype, compile_code: bool | None = None):
         self.cfg, self.d_in, self.n, self.S = cfg, d_in, cfg.width, len(seeds)
         self.steps_total, self.enc_dtype, self.seeds = steps_total, enc_dtype, list(seeds)
         W_dec = torch.stack([recipe.init_decoder(self.n, d_in, s) for s in seeds])  # [S, n, d_in]
@@ -47,6 +72,12 @@ class StackedTrainer:
         self.aux_k = recipe.aux_k_of(cfg, d_in)
         self.dead_tokens = recipe.dead_tokens_of(cfg)
         self._last: dict[str, torch.Tensor] = {}  # metric -> [S], on the device
+        self._bound = DeadBound(self.since_fired, self.dead_tokens, cfg.batch_size)
+        self.aux_path = ""  # the last step's AuxK: "skip" | "compact" | "dense"
+        if compile_code is None:
+            compile_code = (os.environ.get("SAEFLOW_COMPILE") == "1"
+                            and torch.device(device).type == "cuda")
+        self._code_fn = CodeFn(compile_code)
 
     @property
     def initialised(self) -> bool:
@@ -63,70 +94,86 @@ class StackedTrainer:
         self.input_scale = torch.tensor(self.input_scales, device=x.device)  # [S]
         self.b_dec.copy_(init.median)
 
-    def _code(self, pre: torch.Tensor, k: int, batch_level: bool, linear: bool = False):
-        """Dense code [S, B, n] of the top-k pre-activations (per row, or per batch); relu'd,
-        or with their sign (`linear`; -inf, a masked entry, counts as 0)."""
-        S, B, n = pre.shape
-        if batch_level:
-            vals, pos = pre.reshape(S, B * n).topk(B * k, dim=1)  # [S, B*k]
-            z = torch.zeros_like(pre).reshape(S, B * n).scatter(1, pos, torch.relu(vals))
-            return z.reshape(S, B, n), vals
-        vals, idx = pre.topk(k, dim=-1)  # [S, B, k]
-        acts = torch.where(torch.isfinite(vals), vals, 0.0) if linear else torch.relu(vals)
-        return torch.zeros_like(pre).scatter(-1, idx, acts), vals
-
-    def step(self, x: torch.Tensor) -> None:
-        """x [S, B, d_in] raw activations; updates the parameters (no host sync)."""
-        cfg, dt = self.cfg, self.enc_dtype
-        S, B, _ = x.shape
+    def _loss(self, x: torch.Tensor) -> tuple[torch.Tensor, _Step]:
+        """The summed loss of a step on raw x [S, B, d_in], and what the update needs."""
+        cfg = self.cfg
         assert self.input_scale is not None  # fixed by the first chunk
         x = x.float() * self.input_scale[:, None, None]
         if self.dim_scale is not None:
             x = x * self.dim_scale[:, None, :]
-        xc = x - self.b_dec[:, None, :]
-        pre = torch.baddbmm(self.b_enc[:, None, :].to(dt), xc.to(dt), self.W_enc.to(dt))
-        batch_level = cfg.architecture == "batchtopk"
-        z, vals = self._code(pre, cfg.k, batch_level)  # [S, B, n]
-        W_dec = self.W_dec.to(dt)
+        pre = StackedEncoder.apply(x, self.W_enc, self.b_enc, self.b_dec, self.enc_dtype)
+        z, vals = self._code_fn(pre, cfg.k, cfg.architecture == "batchtopk")  # [S, B, n]
+        W_dec = self.W_dec.to(self.enc_dtype)
         recon = torch.bmm(z, W_dec).float() + self.b_dec[:, None, :]
-        err = recon - x
-        mse = err.pow(2).sum((1, 2)) / B  # [S]
-        # AuxK: the top aux_k pre-activations among dead latents explain the residual error.
+        err = recon - x  # [S, B, d_in]
+        mse = err.pow(2).sum((1, 2)) / x.shape[1]  # [S]
         with torch.no_grad():
             dead = self.since_fired > self.dead_tokens  # [S, n]
-            has_dead = dead.any(1)
-        masked = pre.masked_fill(~dead[:, None, :], float("-inf"))
-        az, _ = self._code(masked, min(self.aux_k, self.n), False,
-                           linear=cfg.aux_activation == "linear")
-        arecon = torch.bmm(az, W_dec).float()
-        aux = (arecon - err.detach().neg()).pow(2).sum((1, 2)) / B * has_dead  # [S]
-        loss = (mse + cfg.aux_coef * aux).sum()
+        aux = self._aux(pre, W_dec, err, dead)  # [S]
+        return (mse + cfg.aux_coef * aux).sum(), _Step(x, z, vals, err, dead, mse, aux)
+
+    def _aux(self, pre: torch.Tensor, W_dec: torch.Tensor, err: torch.Tensor,
+             dead: torch.Tensor) -> torch.Tensor:
+        """AuxK [S]: the top aux_k pre-activations among dead latents explain the residual
+        error; 0 for an SAE without dead latents. Skipped when the host-side bound shows none
+        can be dead, and computed on the dead latents only when each SAE has at most aux_k."""
+        S, B, _ = pre.shape
+        aux_k = min(self.aux_k, self.n)
+        self.aux_path, m = self._bound.plan(aux_k)
+        if self.aux_path == "skip":
+            return torch.zeros(S, device=pre.device)
+        linear = self.cfg.aux_activation == "linear"
+        if self.aux_path == "compact":
+            arecon = aux_compact(pre, W_dec, self.since_fired, self.dead_tokens, m, linear)
+        else:
+            masked = pre.masked_fill(~dead[:, None, :], float("-inf"))
+            az, _ = code(masked, aux_k, False, linear=linear)
+            arecon = torch.bmm(az, W_dec)
+        return (arecon.float() - err.detach().neg()).pow(2).sum((1, 2)) / B * dead.any(1)
+
+    def step(self, x: torch.Tensor) -> None:
+        """x [S, B, d_in] raw activations; updates the parameters (no host sync)."""
+        loss, st = self._loss(x)
         for p in self.params:
             p.grad = None
         loss.backward()
-        with torch.no_grad():
-            g = self.W_dec.grad  # keep decoder rows on the unit sphere
-            assert g is not None
-            g.addcmul_(torch.linalg.vecdot(g, self.W_dec)[..., None], self.W_dec, value=-1)
-            for group in self.opt.param_groups:
-                group["lr"] = recipe.lr_at(cfg, self.steps_total, self.step_i)
-            self.opt.step()
-            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            on = z > 0
-            fired = on.any(1)  # [S, n]
-            self.since_fired += B
-            self.since_fired.masked_fill_(fired, 0)
-            self.fired_ever |= fired
-            if batch_level and self.step_i >= recipe.threshold_from(cfg, self.steps_total):
-                pos = vals > 0
-                least = torch.where(pos, vals, torch.inf).amin(1).double()
-                self.thr_sum += torch.where(pos.any(1), least, 0.0)
-                self.thr_count += pos.any(1)
-            var = (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
-            self._last = {"fvu": err.pow(2).sum((1, 2)) / var, "l0": on.sum((1, 2)) / B,
-                          "dead": dead.float().mean(1), "loss": mse + cfg.aux_coef * aux,
-                          "aux": aux}
+        self._update(st)
         self.step_i += 1
+        self._bound.stepped(x.shape[1])
+
+    @torch.no_grad()
+    def _update(self, st: _Step) -> None:
+        """Adam on the gradients (decoder rows kept unit-norm), dead-latent bookkeeping, the
+        BatchTopK threshold and the step's metrics, all on the device."""
+        cfg, B = self.cfg, st.x.shape[1]
+        g = self.W_dec.grad  # keep decoder rows on the unit sphere
+        assert g is not None
+        g.addcmul_(torch.linalg.vecdot(g, self.W_dec)[..., None], self.W_dec, value=-1)
+        for group in self.opt.param_groups:
+            group["lr"] = recipe.lr_at(cfg, self.steps_total, self.step_i)
+        self.opt.step()
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        on = st.z > 0
+        fired = on.any(1)  # [S, n]
+        self.since_fired += B
+        self.since_fired.masked_fill_(fired, 0)
+        self.fired_ever |= fired
+        if (cfg.architecture == "batchtopk"
+                and self.step_i >= recipe.threshold_from(cfg, self.steps_total)):
+            pos = st.vals > 0
+            least = torch.where(pos, st.vals, torch.inf).amin(1).double()
+            self.thr_sum += torch.where(pos.any(1), least, 0.0)
+            self.thr_count += pos.any(1)
+        x = st.x
+        var = (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
+        self._last = {"fvu": st.err.pow(2).sum((1, 2)) / var, "l0": on.sum((1, 2)) / B,
+                      "dead": st.dead.float().mean(1), "loss": st.mse + cfg.aux_coef * st.aux,
+                      "aux": st.aux}
+
+    def refresh_dead_bound(self) -> None:
+        """since_fired was written from outside (tests, benchmarks): start reading a new bound
+        now (until it is read, AuxK takes the dense path, which is always exact)."""
+        self._bound.snapshot()
 
     @torch.no_grad()
     def resample(self, x: torch.Tensor) -> int:
@@ -135,7 +182,7 @@ class StackedTrainer:
         if not cfg.resample_dead or self.step_i >= recipe.decay_start(cfg, self.steps_total):
             return 0
         assert self.input_scale is not None
-        total = 0
+        total, bound_held = 0, self._bound.valid()
         for i in range(self.S):
             dead = self.since_fired[i] > self.dead_tokens
             n_dead = int(dead.sum())
@@ -150,12 +197,13 @@ class StackedTrainer:
                                 seed=recipe.resample_seed(self.seeds[i], self.step_i))
             self.since_fired[i][dead] = 0
             total += n_dead
+        self._bound.lowered(bound_held)  # resampling only lowers since_fired
         return total
 
     def _reconstruct(self, i: int, xs: torch.Tensor) -> torch.Tensor:
         """xs [B, d_in] scaled inputs of SAE i -> its reconstruction [B, d_in]."""
         pre = torch.addmm(self.b_enc[i], xs - self.b_dec[i], self.W_enc[i])[None]
-        z, _ = self._code(pre, self.cfg.k, self.cfg.architecture == "batchtopk")
+        z, _ = code(pre, self.cfg.k, self.cfg.architecture == "batchtopk")
         return z[0] @ self.W_dec[i] + self.b_dec[i]
 
     def metrics(self) -> list[dict]:
@@ -207,3 +255,4 @@ class StackedTrainer:
         self.fired_ever.copy_(torch.stack([s["fired_ever"] for s in states]))
         self.thr_sum.copy_(torch.tensor([float(s["thr"][0]) for s in states]))
         self.thr_count.copy_(torch.tensor([int(s["thr"][1]) for s in states]))
+        self._bound.snapshot()  # since_fired replaced: a new bound
