@@ -1,11 +1,14 @@
 """The family loop: every (position, layer) SAE of a config trained from one pass of the model
 over a corpus, into a pack.
 
-Per forward batch, the activations of every slot are captured once and appended to per-SAE
-chunk buffers. When a chunk is full (chunk_tokens), each engine shuffles its SAEs' buffers and
-trains on them in batches; then the buffers are empty, which is where checkpoints are taken. So
-a resumed run replays exactly the same batches: the corpus is deterministic and skipped chunks
-only need tokenising, not a forward pass.
+Per forward batch, the activations of every slot are captured once and written straight into
+one preallocated buffer per engine ([S, chunk capacity, d_in], the content tokens only). When a
+chunk is full (chunk_tokens), each engine trains on it in batches of rows drawn by one shuffled
+permutation; then the chunk starts over, which is where checkpoints are taken. So a resumed run
+replays exactly the same batches: the corpus is deterministic and skipped chunks only need
+tokenising, not a forward pass. Nothing in a forward batch or a step waits for the device (the
+content positions come from the tokenizer's CPU mask), so on a GPU the host queues the next
+forward while the SAE updates run; metrics are read once per chunk.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from saeflow.lm.corpora import Corpus
 from saeflow.lm.hooks import capture
 from saeflow.lm.model import LoadedModel, dtype_name, resolve_encoder_dtype
 from saeflow.saes.packs import PACK_MANIFEST, Pack, load_pack, save_pack
+from saeflow.saes.train import recipe
 from saeflow.saes.train.config import TrainConfig
 from saeflow.saes.train.recipe import Engine
 from saeflow.saes.train.sparse import SAETrainer
@@ -45,13 +49,23 @@ class TrainResult:
     metrics: dict
 
 
-def count_tokens(corpus: Corpus, tokenizer, cfg: TrainConfig, limit: int) -> int:
-    """Content tokens the corpus can give (stops counting at `limit`)."""
+def count_tokens(corpus: Corpus, tokenizer, cfg: TrainConfig, limit: int,
+                 docs_per_call: int = 256) -> int:
+    """Content tokens the corpus can give (stops counting at `limit`): every token of every
+    training document is a content token of `token_batches` (BOS, separators and padding are
+    not), so the documents are only tokenised, in large batches, and never packed into rows."""
     n = 0
-    for b in corpus.token_batches(tokenizer, cfg.model_batch, cfg.ctx_len):
-        n += int(b.content_mask().sum())
+    docs: list[str] = []
+    for doc in corpus.documents("train"):
+        docs.append(doc.text)
+        if len(docs) < docs_per_call:
+            continue
+        n += sum(map(len, tokenizer(docs, add_special_tokens=False)["input_ids"]))
+        docs = []
         if n >= limit:
-            break
+            return n
+    if docs:
+        n += sum(map(len, tokenizer(docs, add_special_tokens=False)["input_ids"]))
     return n
 
 
@@ -198,47 +212,88 @@ def _model_in(model: LoadedModel, dtype: torch.dtype) -> Iterator[None]:
         model.hf.load_state_dict(backup)
 
 
-def _chunks(model: LoadedModel, corpus: Corpus, cfg: TrainConfig, slots: list[Slot],
-            skip: int, todo: int) -> Iterator[tuple[dict[Slot, list[torch.Tensor]], int]]:
-    """({slot: activations [n, d_in] per forward batch}, n tokens >= chunk_tokens) for each of
-    `todo` chunks, after skipping `skip` chunks (done by earlier runs: tokenising only)."""
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """CPU tensor t on `device`. To a GPU from pinned memory, without the host waiting for the
+    copy (torch's pinned allocator keeps the block until the copy is done)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class _ChunkBuffer:
+    """One engine group's chunk: its SAEs' activations x [S, capacity, d_in] in the capture's
+    dtype, which each forward batch writes into in place (no per-batch lists, cat or stack)."""
+
+    def __init__(self, slots: list[Slot], capacity: int):
+        self.slots, self.capacity = slots, capacity
+        self.x: torch.Tensor | None = None  # allocated by the first batch: its dtype and width
+
+    def add(self, acts: dict[Slot, torch.Tensor], rows: torch.Tensor, at: int) -> None:
+        """acts {slot: [batch, ctx, d_in]}; rows [n] flat positions of the content tokens, on
+        the device: they become the chunk's rows at..at+n, in order."""
+        for i, s in enumerate(self.slots):
+            a = acts[s].reshape(-1, acts[s].shape[-1])  # [batch * ctx, d_in]
+            if self.x is None:
+                self.x = a.new_empty(len(self.slots), self.capacity, a.shape[-1])
+            torch.index_select(a, 0, rows, out=self.x[i, at:at + rows.shape[0]])
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows idx [m] (on the device) of every SAE's chunk: [S, m, d_in], a gathered copy."""
+        assert self.x is not None
+        return self.x.index_select(1, idx)
+
+
+def _chunks(model: LoadedModel, corpus: Corpus, cfg: TrainConfig, groups: list[EngineGroup],
+            skip: int, todo: int) -> Iterator[tuple[list[_ChunkBuffer], int]]:
+    """(a buffer per engine group, n tokens >= chunk_tokens in each) for each of `todo` chunks,
+    after skipping `skip` chunks (done by earlier runs: tokenising only). The buffers are
+    reused: a chunk is overwritten by the next one (on a GPU, in stream order)."""
+    dev = torch.device(model.device)
+    slots = [s for g in groups for s in g.slots]
+    # A chunk ends with the batch that fills it, so it can hold one batch beyond chunk_tokens.
+    cap = cfg.chunk_tokens + cfg.model_batch * cfg.ctx_len
+    bufs = [_ChunkBuffer(g.slots, cap) for g in groups]
     n_buf, seen, made = 0, 0, 0
-    buffers: dict[Slot, list[torch.Tensor]] = {s: [] for s in slots}
     for b in corpus.token_batches(model.tokenizer, cfg.model_batch, cfg.ctx_len):
+        mask = b.content_mask()  # [batch, ctx] on the CPU: counting it waits for no device
+        n = int(mask.sum())
         if seen < skip:
-            n_buf += int(b.content_mask().sum())
+            n_buf += n
             if n_buf >= cfg.chunk_tokens:
                 seen += 1
                 n_buf = 0
             continue
         if made >= todo:
             return
-        mask = b.content_mask()
-        acts = capture(model, b.input_ids, slots, attention_mask=b.attention_mask)
-        m = mask.to(model.device)
-        for s in slots:
-            buffers[s].append(acts[s][m])
-        n_buf += int(mask.sum())
+        rows = _to_device(mask.reshape(-1).nonzero().squeeze(1), dev)  # [n] content positions
+        acts = capture(model, _to_device(b.input_ids, dev), slots,
+                       attention_mask=_to_device(b.attention_mask, dev))
+        for buf in bufs:
+            buf.add(acts, rows, n_buf)
+        del acts
+        n_buf += n
         if n_buf < cfg.chunk_tokens:
             continue
-        yield buffers, n_buf
-        buffers = {s: [] for s in slots}
+        yield bufs, n_buf
         n_buf, made = 0, made + 1
 
 
-def _train_chunk(groups: list[EngineGroup], buffers: dict[Slot, list[torch.Tensor]],
-                 perm: torch.Tensor, cfg: TrainConfig, ckpt_dir: Path) -> dict[Slot, dict]:
-    """Each engine's SAEs trained on their shuffled chunk (rows `perm`); their last metrics."""
+def _train_chunk(groups: list[EngineGroup], bufs: list[_ChunkBuffer], perm: torch.Tensor,
+                 cfg: TrainConfig, steps_total: int, ckpt_dir: Path) -> dict[Slot, dict]:
+    """Each engine's SAEs trained on their chunk's rows in the shuffled order `perm` [N] (on
+    the device): step by step, each batch gathered by its slice of perm. Their last metrics."""
     last: dict[Slot, dict] = {}
-    for g in groups:
+    for g, buf in zip(groups, bufs):
         t = g.engine
-        x = torch.stack([torch.cat(buffers.pop(s))[perm] for s in g.slots])  # [S, N, d_in]
+        # init and resampling see the whole shuffled chunk [S, N, d_in], as they always did;
+        # resample only copies it when the engine can resample (its own rule, recipe.decay_start)
         if not t.initialised:
-            t.init_from(x)
-        t.resample(x)
-        for b0 in range(0, x.shape[1], cfg.batch_size):
+            t.init_from(buf.rows(perm).float())  # once per run; float32 here, not a 2nd copy
+        if cfg.resample_dead and t.step_i < recipe.decay_start(cfg, steps_total):
+            t.resample(buf.rows(perm))
+        for b0 in range(0, perm.shape[0], cfg.batch_size):
             try:
-                t.step(x[:, b0:b0 + cfg.batch_size])
+                t.step(buf.rows(perm[b0:b0 + cfg.batch_size]))  # [S, B, d_in]
             except TrainingError as e:
                 raise TrainingError(
                     f"{e} in the SAE at {g.slots[0].position} layer {g.slots[0].layer} (step "
@@ -294,11 +349,14 @@ def _loop(run: _Run, corpus: Corpus, progress: bool,
     with tqdm(total=n_chunks * cfg.chunk_tokens, initial=run.chunk_i * cfg.chunk_tokens,
               unit="tok", unit_scale=True, desc=f"training {len(run.slots)} SAEs",
               disable=not progress, smoothing=0.1) as bar:
-        for buffers, n_buf in _chunks(run.model, corpus, cfg, run.slots, skip=run.chunk_i,
-                                      todo=n_chunks - run.chunk_i):
-            # A full chunk: shuffle and train each SAE on exactly chunk_tokens tokens.
-            perm = torch.randperm(n_buf, generator=run.gen)[:cfg.chunk_tokens].to(run.model.device)
-            last_of.update(_train_chunk(run.groups, buffers, perm, cfg, run.ckpt_dir))
+        for bufs, n_buf in _chunks(run.model, corpus, cfg, run.groups, skip=run.chunk_i,
+                                   todo=n_chunks - run.chunk_i):
+            # A full chunk: shuffle and train each SAE on exactly chunk_tokens of its n_buf
+            # tokens (the rest of the batch that filled it is dropped).
+            perm = torch.randperm(n_buf, generator=run.gen)[:cfg.chunk_tokens]  # [N] on the CPU
+            perm = _to_device(perm, torch.device(run.model.device))
+            last_of.update(_train_chunk(run.groups, bufs, perm, cfg, run.schedule.steps_total,
+                                        run.ckpt_dir))
             run.chunk_i += 1
             bar.update(cfg.chunk_tokens)
             bar.set_postfix(**_mean_postfix(last_of))
