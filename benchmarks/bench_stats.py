@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_stats.py synthetic [--width 24576 --l0 64 --tokens 16384]
     .venv/bin/python benchmarks/bench_stats.py embedded [--tokens 8192]
+    .venv/bin/python benchmarks/bench_stats.py device [--device cuda --width 4096 --k 32 \
+        --tokens 16384 --batch 4096 --pairs 4]
 
 synthetic: two SAEs' activations with a realistic L0 (power-law feature frequencies, and half of
     the downstream activity copied from upstream features). Times saeflow's PairAccumulator and
@@ -10,6 +12,14 @@ synthetic: two SAEs' activations with a realistic L0 (power-law feature frequenc
 embedded: the embedded model and pack: one capture + encode of every resid_post SAE (timed),
     then the 17 adjacent resid_post pairs accumulated sparsely and densely (timed); tokens/s
     of each with the encode included.
+device: the per-token work of the corpus passes on random TopK codes (--pairs + 1 SAEs of
+    width --width, k --k, batches of --batch tokens) on --device, old vs new in one run:
+    statistics: the pre-issue-29 path (per pair: [T, m] lists copied to the host, bincounts
+        and pair keys in numpy, index_add_ into CPU sums) vs the device path (each SAE's codes
+        once, pair keys and sums on the device); checks C equal and P to 1e-12;
+    index: _SlotStats.update with the old reservoir bookkeeping (boolean-mask indexing, a
+        host sync each) vs the new one (gathers and masked writes); checks the tables equal.
+    tok/s of each (tokens x SAE pairs, or x SAEs, per second) and new / old.
 """
 from __future__ import annotations
 
@@ -126,18 +136,236 @@ def bench_embedded(args) -> dict:
             "speedup_with_encode": round((encode_s + dense_s) / (encode_s + sparse_s), 2)}
 
 
+# --- device: the pre-issue-29 paths, kept verbatim for the old-vs-new comparison --------------
+def _old_lists(z, active):
+    """The old _nonzero_lists: [T, m] lists built on z's device, then copied to the host."""
+    nz = z > 0 if active is None else (z != 0) | active
+    t, f = nz.nonzero(as_tuple=True)
+    T = z.shape[0]
+    per_token = torch.bincount(t, minlength=T)
+    m = int(per_token.max()) if T else 0
+    dev = z.device
+    slot = torch.arange(len(t), device=dev) - (per_token.cumsum(0) - per_token)[t]
+    idx = torch.zeros(T, m, dtype=torch.long, device=dev)
+    val = torch.zeros(T, m, dtype=torch.float64, device=dev)
+    ok = torch.zeros(T, m, dtype=torch.bool, device=dev)
+    idx[t, slot], val[t, slot], ok[t, slot] = f, z[t, f].double(), True
+    return idx.cpu().numpy(), val.cpu().numpy(), ok.cpu().numpy(), ok.cpu().numpy()
+
+
+def old_update(acc, z_up, z_down) -> None:
+    """The old PairAccumulator.update, dense path, "active" = z > 0 (`acc` on the CPU: its
+    per-feature sums are numpy views this adds into, C and P CPU tensors)."""
+    T = z_up.shape[0]
+    acc.n_tokens += T
+    iu, vu, nz_u, on_u = _old_lists(z_up, None)
+    id_, vd, nz_d, on_d = _old_lists(z_down, None)
+    for idx, val, nz, on, side in ((iu, vu, nz_u, on_u, "up"), (id_, vd, nz_d, on_d, "down")):
+        d = getattr(acc, f"d_{side}")
+        f, v = idx[nz], val[nz]
+        getattr(acc, f"n_{side}")[:] += np.bincount(idx[on], minlength=d)
+        getattr(acc, f"s_{side}")[:] += np.bincount(f, weights=v, minlength=d)
+        getattr(acc, f"q_{side}")[:] += np.bincount(f, weights=v * v, minlength=d)
+        np.maximum.at(getattr(acc, f"max_{side}"), f, v)
+    step = max(1, acc.max_block_pairs // max(1, iu.shape[1] * id_.shape[1]))
+    for a in range(0, T, step):
+        b = slice(a, a + step)
+        both = nz_u[b, :, None] & nz_d[b, None, :]
+        keys = (iu[b, :, None] * acc.d_down + id_[b, None, :])[both]
+        prods = (vu[b, :, None] * vd[b, None, :])[both]
+        on = (on_u[b, :, None] & on_d[b, None, :])[both]
+        kt = torch.from_numpy(keys)
+        acc.C.index_add_(0, kt, torch.from_numpy(on).to(torch.int32))
+        acc.P.index_add_(0, kt, torch.from_numpy(prods))
+
+
+def _old_offer(self, key, act, feat, flat_tok, z, batch, W_left: int, W_right: int) -> None:
+    """The old _Reservoir.offer (boolean-mask indexing: a host sync each)."""
+    d, n = self.key.shape
+    if key.numel() == 0:
+        return
+    o = torch.argsort(key, descending=True, stable=True)
+    o = o[torch.argsort(feat[o], stable=True)]
+    f_sorted = feat[o]
+    counts = torch.bincount(f_sorted, minlength=d)
+    starts = torch.cumsum(counts, 0) - counts
+    dev = key.device
+    rank = torch.arange(len(o), device=dev) - starts[f_sorted]
+    keep = rank < n
+    sel, f, r = o[keep], f_sorted[keep], rank[keep]
+    cand_key = torch.full((d, n), float("-inf"), device=dev)
+    cand_key[f, r] = key[sel]
+    cand_idx = torch.full((d, n), -1, dtype=torch.long, device=dev)
+    cand_idx[f, r] = sel
+    new_key, pos = torch.cat([self.key, cand_key], 1).topk(n, dim=1)
+    from_new = pos >= n
+    fo, jo = (~from_new).nonzero(as_tuple=True)
+    po = pos[fo, jo]
+    value, doc, tok = self.value.clone(), self.doc.clone(), self.tok.clone()
+    win_ids, win_act = self.win_ids.clone(), self.win_act.clone()
+    value[fo, jo], doc[fo, jo], tok[fo, jo] = self.value[fo, po], self.doc[fo, po], self.tok[fo, po]
+    win_ids[fo, jo], win_act[fo, jo] = self.win_ids[fo, po], self.win_act[fo, po]
+    fn, jn = from_new.nonzero(as_tuple=True)
+    if len(fn):
+        c = cand_idx[fn, pos[fn, jn] - n]
+        ft = flat_tok[c]
+        B, T = batch.input_ids.shape
+        b, t = ft // T, ft % T
+        offs = torch.arange(-W_left, W_right + 1, device=dev)
+        p = t[:, None] + offs[None, :]
+        inside = (p >= 0) & (p < T)
+        pc = p.clamp(0, T - 1)
+        ids = batch.input_ids[b[:, None], pc].to(torch.int32)
+        ids[~inside] = -1
+        acts = z[b[:, None], pc, fn[:, None]].float()
+        acts[~inside] = 0
+        value[fn, jn] = act[c]
+        doc[fn, jn] = batch.doc_ids[b, t]
+        tok[fn, jn] = batch.token_index[b, t]
+        win_ids[fn, jn], win_act[fn, jn] = ids, acts.to(torch.float16)
+    self.key, self.value, self.doc, self.tok = new_key, value, doc, tok
+    self.win_ids, self.win_act = win_ids, win_act
+
+
+def _old_slot_update(self, z, batch, content, cfg) -> None:
+    """The old _SlotStats.update (bincount, index_add_ and a pageable copy of the sample keys)."""
+    B, T, d = z.shape
+    z = z * content[..., None].to(z.dtype)
+    flat = z.reshape(B * T, d)
+    tok, feat = flat.nonzero(as_tuple=True)
+    val = flat[tok, feat].float()
+    self.count += torch.bincount(feat, minlength=d)
+    self.total.index_add_(0, feat, val.double())
+    self.max = torch.maximum(self.max, torch.zeros_like(self.max).scatter_reduce(
+        0, feat, val, "amax"))
+    bins = (torch.bucketize(val, self.edges) - 1).clamp(0, self.hist.shape[1] - 1)
+    self.hist.view(-1).index_add_(0, feat * self.hist.shape[1] + bins, torch.ones_like(bins))
+    self.top.offer(val, val, feat, tok, z, batch, cfg.window_left, cfg.window_right)
+    u = torch.rand(len(val), generator=self.gen).to(val.device)
+    self.sample.offer(u, val, feat, tok, z, batch, cfg.window_left, cfg.window_right)
+
+
+def topk_codes(n: int, T: int, d: int, k: int, device) -> list[torch.Tensor]:
+    """n SAEs' random TopK codes [T, d] on `device` (power-law feature frequencies)."""
+    g = torch.Generator().manual_seed(0)
+    freq = (1.0 / torch.arange(1, d + 1).float() ** 0.7).log()
+    out = []
+    for _ in range(n):
+        score = freq[torch.randperm(d, generator=g)] - torch.rand(T, d, generator=g).log().neg().log()
+        top = score.topk(k, dim=1).indices  # Gumbel top-k: k distinct features per token
+        z = torch.zeros(T, d).scatter_(1, top, torch.rand(T, k, generator=g) * 4 + 0.1)
+        out.append(z.to(device))
+    return out
+
+
+def _timed(fn, dev) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t
+
+
+def _bench_stats_device(zs, args, dev) -> dict:
+    from saeflow.evolution.sums import PairAccumulator, codes_of
+
+    d, T, B = args.width, args.tokens, args.batch
+    old = [PairAccumulator(d, d) for _ in range(args.pairs)]  # on the CPU, as they were
+    new = [PairAccumulator(d, d, device=dev) for _ in range(args.pairs)]
+
+    def run_old():
+        for a in range(0, T, B):
+            for p, acc in enumerate(old):
+                old_update(acc, zs[p][a:a + B], zs[p + 1][a:a + B])
+
+    def run_new():
+        for a in range(0, T, B):
+            codes = [codes_of(z[a:a + B]) for z in zs]  # each SAE once, as StatsShard does
+            for p, acc in enumerate(new):
+                acc.update_codes(codes[p], codes[p + 1])
+
+    s_old, s_new = _timed(run_old, dev), _timed(run_new, dev)
+    rel = max(float(((a.P.cpu() - b.P) / b.P.abs().clamp(min=1e-300)).abs().max())
+              for a, b in zip(new, old))
+    return {"stats_old_tok_s": round(T * args.pairs / s_old), "stats_new_tok_s":
+            round(T * args.pairs / s_new), "stats_new_over_old": round(s_old / s_new, 2),
+            "C_equal": all(torch.equal(a.C.cpu(), b.C) for a, b in zip(new, old)),
+            "P_max_rel_diff": rel, "P_within_1e-12": rel <= 1e-12}
+
+
+def _bench_index_device(zs, args, dev) -> dict:
+    from saeflow.features.index import IndexConfig, _Reservoir, _SlotStats
+    from saeflow.lm.corpora import TokenBatch
+
+    cfg, T, B, ctx = IndexConfig(), args.tokens, args.batch, 128
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50_000, (T // ctx, ctx), generator=g).to(dev)
+    tok = torch.arange(ctx, device=dev).repeat(T // ctx, 1) - 1
+    old_stats = type("OldSlotStats", (_SlotStats,), {"update": _old_slot_update})
+    old_reservoir = type("OldReservoir", (_Reservoir,), {"offer": _old_offer})
+    stats = {name: [_SlotStats(args.width, cfg, seed=i, device=dev) for i in range(len(zs))]
+             for name in ("old", "new")}
+    for st in stats["old"]:  # the same statistics running the old methods
+        st.__class__, st.top.__class__, st.sample.__class__ = (old_stats, old_reservoir,
+                                                               old_reservoir)
+
+    def run(name):
+        for a in range(0, T // ctx, B // ctx):
+            b = slice(a, a + B // ctx)
+            batch = TokenBatch(ids[b], torch.ones_like(ids[b]), tok[b] * 0 + a, tok[b])
+            for st, z in zip(stats[name], zs):
+                st.update(z[a * ctx:(a + B // ctx) * ctx].view(-1, ctx, args.width), batch,
+                          batch.token_index >= 0, cfg)
+
+    s_old, s_new = _timed(lambda: run("old"), dev), _timed(lambda: run("new"), dev)
+    same = all(_same_state(a.state(), b.state(), exact=dev.type == "cpu")
+               for a, b in zip(stats["new"], stats["old"]))
+    n = T * len(zs)
+    return {"index_old_tok_s": round(n / s_old), "index_new_tok_s": round(n / s_new),
+            "index_new_over_old": round(s_old / s_new, 2), "index_tables_equal": same}
+
+
+def _same_state(a: dict, b: dict, exact: bool) -> bool:
+    """Equal running statistics: every tensor on the CPU; on a GPU the keys and counts (ties
+    among equal keys may pick other entries there, and float sums differ by rounding)."""
+    for k, v in a.items():
+        if isinstance(v, dict):
+            if not _same_state(v, b[k], exact):
+                return False
+        elif isinstance(v, torch.Tensor) and (exact or k in ("key", "count", "hist", "max")):
+            if not torch.equal(v, b[k]):
+                return False
+    return True
+
+
+def bench_device(args) -> dict:
+    dev = torch.device(args.device)
+    zs = topk_codes(args.pairs + 1, args.tokens, args.width, args.k, dev)
+    res = {"case": f"{args.pairs} pairs of TopK SAEs, width {args.width}, k {args.k}, "
+                   f"{args.tokens} tokens in batches of {args.batch}, on {dev}"}
+    res.update(_bench_stats_device(zs, args, dev))
+    res.update(_bench_index_device(zs, args, dev))
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["synthetic", "embedded"])
+    ap.add_argument("mode", choices=["synthetic", "embedded", "device"])
     ap.add_argument("--width", type=int, default=24576)
     ap.add_argument("--l0", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--dense-tokens", type=int, default=1024,
                     help="synthetic: tokens the dense reference is timed on (it is slow)")
     ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--device", default="cpu", help="device: where the codes and sums live")
+    ap.add_argument("--k", type=int, default=32, help="device: active features per token")
+    ap.add_argument("--pairs", type=int, default=4, help="device: SAE pairs (a chain)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    res = bench_synthetic(args) if args.mode == "synthetic" else bench_embedded(args)
+    modes = {"synthetic": bench_synthetic, "embedded": bench_embedded, "device": bench_device}
+    res = modes[args.mode](args)
     print(json.dumps(res, indent=2))
 
 

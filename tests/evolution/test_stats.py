@@ -221,3 +221,140 @@ def test_open_stats_tells_absent_from_corrupt(tmp_path):
     (tmp_path / "stats" / "stats.json").write_text('{"format": "saeflow-index"}')
     with pytest.raises(StatsError, match="not a saeflow stats"):
         open_stats(tmp_path)
+
+
+# --- the sums on the device (issue 29) ------------------------------------------------------
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique",
+            "_unique2", "item", "bincount"}
+
+
+class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make the host wait for a GPU: scalar reads, and ops whose output size
+    depends on the data (nonzero, boolean-mask indexing, bincount's length)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        idx = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else []
+        self.n += name in SYNC_OPS or any(i is not None and i.dtype == torch.bool for i in idx)
+        return func(*args, **(kwargs or {}))
+
+
+def count_syncs(device: torch.device, fn) -> int:
+    """Host syncs in fn(): on CUDA those torch's sync debug mode reports, on the CPU the ops
+    that would sync on a GPU."""
+    if device.type != "cuda":
+        with _SyncCounter() as c:
+            fn()
+        return c.n
+    import warnings
+
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(x.message) for x in w)
+
+
+def _topk_acts(T, d, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    top = torch.rand(T, d, generator=g).topk(k, dim=1).indices
+    return torch.zeros(T, d).scatter_(1, top, torch.rand(T, k, generator=g) * 3 + 0.1)
+
+
+def _exact_sums(zu, zd, au, ad):
+    """An independent host reference: per token, in token order, every co-nonzero pair's
+    product and (both active) count added into dense d_up x d_down sums."""
+    U, D, au, ad = zu.double().numpy(), zd.double().numpy(), au.numpy(), ad.numpy()
+    nu, nd = (U != 0) | au, (D != 0) | ad
+    C, P = np.zeros((U.shape[1], D.shape[1]), np.int64), np.zeros((U.shape[1], D.shape[1]))
+    for t in range(len(U)):
+        i, j = np.flatnonzero(nu[t]), np.flatnonzero(nd[t])
+        P[np.ix_(i, j)] += np.outer(U[t, i], D[t, j])
+        C[np.ix_(i, j)] += np.outer(au[t, i], ad[t, j])
+    side = {f"n_{s}": a.sum(0) for s, a in (("up", au), ("down", ad))}
+    for s, Z, nz in (("up", U, nu), ("down", D, nd)):
+        side.update({f"s_{s}": (Z * nz).sum(0), f"q_{s}": (Z * Z * nz).sum(0),
+                     f"max_{s}": np.maximum(Z * nz, 0).max(0)})
+    return C, P, side
+
+
+@pytest.mark.parametrize("codes", ["topk", "relu"])
+@pytest.mark.parametrize("active", [None, "frac"])
+@pytest.mark.parametrize("dense_limit,block", [(10**9, 4 * 2**20), (10**9, 300), (0, 300)])
+def test_device_sums_equal_an_exact_reference_and_keep_their_format(
+        test_device, codes, active, dense_limit, block):
+    """On the test device: counts exact, float64 sums to 1e-12 relative (a GPU may add in
+    another order); state() is CPU tensors in the format of every saeflow version, and a
+    state saved, loaded and merged on the device gives the same sums."""
+    dev = torch.device(test_device)
+    if codes == "topk":
+        zu, zd = _topk_acts(400, 37, 5, 0), _topk_acts(400, 29, 4, 1)
+    else:
+        zu, zd = _sparse_acts(400, 37, 0.1, 0), _sparse_acts(400, 29, 0.15, 1)
+    zd[:, :5] = torch.maximum(zd[:, :5], zu[:, :5])  # some real correlation
+    au, ad = ((zu > 0, zd > 0) if active is None else
+              (zu > 0.5 * zu.max(0).values, zd > 0.5 * zd.max(0).values))
+    kw = dict(dense_limit=dense_limit, max_block_pairs=block, flush_tokens=90, device=dev)
+    first, second = PairAccumulator(37, 29, **kw), PairAccumulator(37, 29, **kw)
+    for acc, rows in ((first, range(0, 200, 64)), (second, range(200, 400, 64))):
+        for i in rows:
+            end = min(i + 64, 200 if acc is first else 400)
+            acc.update(zu[i:end].to(dev), zd[i:end].to(dev),
+                       *((None, None) if active is None else (au[i:end].to(dev),
+                                                              ad[i:end].to(dev))))
+    st = first.state()
+    assert list(st)[:6] == ["d_up", "d_down", "flush_tokens", "dense_limit", "n_tokens",
+                            "max_block_pairs"]
+    assert all(v.device.type == "cpu" for v in st.values() if isinstance(v, torch.Tensor))
+    assert st["n_up"].dtype == torch.int64 and st["s_up"].dtype == torch.float64
+    if first.dense:
+        assert st["C"].dtype == torch.int32 and st["P"].dtype == torch.float64
+    total = PairAccumulator(37, 29, **kw)
+    total.load(torch.load(_roundtrip(st), weights_only=False))
+    total.merge(second)
+    C, P, side = _exact_sums(zu, zd, au, ad)
+    p = total.pairs()
+    assert set(zip(p["up"], p["down"])) == set(zip(*np.nonzero(P)))
+    np.testing.assert_array_equal(p["count"], C[p["up"], p["down"]])
+    if total.dense:  # (the sparse runs round each product to float32: checked above to 1e-5)
+        np.testing.assert_allclose(total.P.cpu().numpy().reshape(37, 29), P, rtol=1e-12, atol=0)
+    for k, v in side.items():
+        tol = dict(rtol=0, atol=0) if k[0] in "nm" else dict(rtol=1e-12, atol=1e-300)
+        np.testing.assert_allclose(getattr(total, k), v, err_msg=k, **tol)
+    assert total.n_tokens == 400
+
+
+def _roundtrip(st):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(st, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_dense_update_of_topk_codes_makes_no_host_sync(test_device):
+    """Building an SAE's codes syncs twice (their count and the lists' width); the pair update
+    of TopK codes (no padding) none; padded lists one per block (the real pairs' count)."""
+    from saeflow.evolution.sums import codes_of
+
+    dev = torch.device(test_device)
+    zu, zd = _topk_acts(256, 64, 8, 0).to(dev), _topk_acts(256, 48, 6, 1).to(dev)
+    acc = PairAccumulator(64, 48, device=dev)
+    acc.update(zu, zd)  # warm-up
+    cu, cd = codes_of(zu), codes_of(zd)
+    assert count_syncs(dev, lambda: codes_of(zu)) == 2
+    assert count_syncs(dev, lambda: acc.update_codes(cu, cd)) == 0
+    zr = _sparse_acts(256, 48, 0.1, 2).to(dev)
+    cr = codes_of(zr)
+    # blocks of 64 tokens: m_up x m_down pairs a token
+    blocks = PairAccumulator(64, 48, device=dev, max_block_pairs=64 * 8 * cr.idx.shape[1])
+    assert count_syncs(dev, lambda: blocks.update_codes(cu, cr)) == 256 // 64

@@ -334,3 +334,86 @@ def test_bulk_accessors_read_the_features_table(setup):
     sel = live[(live.layer == 1) & (live.position == "mlp_out")]
     assert idx.active_ids(layers=[1], positions=["mlp_out"]) == sel.id.tolist()
     assert idx.label_map() == dict(zip(feats.id, feats.label))
+
+
+class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make the host wait for a GPU: scalar reads, and ops whose output size
+    depends on the data (nonzero, boolean-mask indexing, bincount's length)."""
+    OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "item", "bincount"}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        idx = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else []
+        self.n += name in self.OPS or any(i is not None and i.dtype == torch.bool for i in idx)
+        return func(*args, **(kwargs or {}))
+
+
+def _count_syncs(dev, fn) -> int:
+    """Host syncs in fn(): torch's sync debug mode on CUDA; on the CPU the ops that would sync."""
+    if dev.type != "cuda":
+        with _SyncCounter() as c:
+            fn()
+        return c.n
+    import warnings
+
+    torch.cuda.synchronize(dev)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(x.message) for x in w)
+
+
+def test_slot_statistics_on_the_device_keep_each_features_best_with_its_window(test_device):
+    """_SlotStats over batches with tied activations, on the test device: per feature the n
+    largest activations (and n largest sample keys, the same draws as the CPU generator
+    gives), each entry pointing at a token with that activation and its window; counts and
+    histograms exact. One host sync for the nonzero codes and one per reservoir a batch."""
+    from saeflow.features.index import _SlotStats
+    from saeflow.lm.corpora import TokenBatch
+
+    dev = torch.device(test_device)
+    cfg = IndexConfig(n_top=4, n_samples=3, window_left=2, window_right=1)
+    d, B, T, seed = 23, 3, 17, 5
+    st, gen = _SlotStats(d, cfg, seed=seed, device=dev), torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(0)
+    zs, keys, syncs = [], [], []
+    for i in range(5):
+        z = ((torch.rand(B, T, d, generator=g) < 0.2) * torch.rand(B, T, d, generator=g) * 4)
+        z = z.ceil() / 2  # activations tie often
+        ids = torch.randint(0, 50, (B, T), generator=g)
+        tok = torch.arange(T).repeat(B, 1) - 1  # token 0 of each row is a BOS (not content)
+        b = TokenBatch(ids, torch.ones_like(ids), torch.arange(B)[:, None] + B * i + 0 * ids, tok)
+        content = tok >= 0
+        zc = z * content[..., None]
+        zs.append((zc.reshape(-1, d), b))
+        keys.append(torch.rand(int((zc > 0).sum()), generator=gen))  # the sample keys drawn
+        on_dev = TokenBatch(*(t.to(dev) for t in b.__dict__.values()))
+        syncs.append(_count_syncs(dev, lambda: st.update(z.to(dev), on_dev, content.to(dev), cfg)))
+    assert all(n <= 3 for n in syncs), syncs
+    Z = torch.cat([z for z, _ in zs])  # [N, d]
+    ids = torch.cat([b.input_ids.reshape(-1) for _, b in zs])
+    U = torch.zeros_like(Z)
+    U[Z > 0] = torch.cat(keys)  # row-major, as the pass draws them
+    s = st.state()
+    assert torch.equal(s["count"], (Z > 0).sum(0)) and torch.equal(s["max"], Z.max(0).values)
+    assert torch.equal(s["hist"].sum(1), s["count"])
+    for res, source, n in ((s["top"], Z, 4), (s["sample"], U, 3)):
+        for f in range(d):
+            want = source[:, f][Z[:, f] > 0].sort(descending=True).values[:n]
+            got = res["key"][f][res["key"][f] > float("-inf")]
+            assert torch.equal(got, want), f
+            for j in range(len(got)):  # the entry's token holds that activation, its window too
+                row = int(res["doc"][f, j]) * T + int(res["tok"][f, j]) + 1
+                assert res["value"][f, j] == Z[row, f]
+                assert res["win_ids"][f, j, 2] == ids[row]
+                assert res["win_act"][f, j, 2] == Z[row, f].half()
+                first = int(res["tok"][f, j]) + 1 - 2  # the row position of window slot 0
+                assert (res["win_ids"][f, j, 0] == -1) == (first < 0)

@@ -8,10 +8,11 @@ import numpy as np
 import torch
 
 from saeflow.errors import MissingResultError, StatsError
-from saeflow.evolution.sums import PairAccumulator
+from saeflow.evolution.sums import PairAccumulator, codes_of
 from saeflow.flow.run import open_flow
 from saeflow.ids import Slot
 from saeflow.saes.packs import pack_fingerprint
+from saeflow.saes.scan import to_device
 
 
 @dataclass
@@ -72,20 +73,22 @@ def pair_key(up: Slot, down: Slot) -> str:
 
 
 class StatsShard:
-    """The sums of every pair (and the predecessor-group counts) over one shard of tokens."""
+    """The sums of every pair (and the predecessor-group counts) over one shard of tokens, kept
+    on `device` (the codes' device in a pass); state() and the properties hand numpy arrays to
+    the host."""
 
     def __init__(self, targets: StatsTargets, k: int, device):
         self.targets = targets
         dev = self.dev = torch.device(device)
-        self.acc = {pr: PairAccumulator(targets.widths[pr[0]], targets.widths[pr[1]])
+        self.acc = {pr: PairAccumulator(targets.widths[pr[0]], targets.widths[pr[1]], device=dev)
                     for pr in targets.pairs}
-        self.group_counts: dict[int, np.ndarray] = {L: np.zeros(8, np.int64)
-                                                    for L in targets.predecessors}
+        self._groups = {L: torch.zeros(8, dtype=torch.long, device=dev)
+                        for L in targets.predecessors}
         # per layer: [4, d_sae] counts of the target on, and on with its top-1 RES / MLP / ATT
         # predecessor (the co-firing that tells a real data-free match from a chance one)
-        self.cofire: dict[int, np.ndarray] = {
-            L: np.zeros((4, targets.widths[Slot("resid_post", L)]), np.int64)
-            for L in targets.predecessors}
+        self._cofire = {L: torch.zeros(4, targets.widths[Slot("resid_post", L)],
+                                       dtype=torch.long, device=dev)
+                        for L in targets.predecessors}
         self.thresholds = None
         if targets.active_fraction is not None:
             assert targets.maxima is not None
@@ -97,62 +100,83 @@ class StatsShard:
                 for origin in ("res", "mlp", "attn") if origin in info.top1}
             for L, info in targets.predecessors.items()}
 
+    @property
+    def group_counts(self) -> dict[int, np.ndarray]:
+        """{layer: [8] counts by predecessor group}, on the host."""
+        return {L: _host(v) for L, v in self._groups.items()}
+
+    @property
+    def cofire(self) -> dict[int, np.ndarray]:
+        """{layer: [4, d] co-firing counts}, on the host."""
+        return {L: _host(v) for L, v in self._cofire.items()}
+
     def on_batch(self, z, b, content, acts=None) -> None:
         """z {slot: [B, T, d]} codes of one batch; content [B, T] bool (document tokens)."""
-        thresholds = self.thresholds
-        content = content.to(self.dev)
-        flat = {s: z[s][content] for s in self.targets.slots}  # [T_content, d]
+        thresholds, dev = self.thresholds, self.dev
+        # the content tokens' rows, found where `content` lives (the host in a pass: no sync)
+        rows = to_device(content.reshape(-1).nonzero().squeeze(1), dev)
+        flat = {s: z[s].to(dev).reshape(-1, z[s].shape[-1]).index_select(0, rows)
+                for s in self.targets.slots}  # [T_content, d]
         # "active": above the threshold, else nonzero
         act = {s: (flat[s] > thresholds[s]) if thresholds else flat[s] > 0 for s in flat}
+        # each SAE's codes once for all its pairs; the default "active" is the codes' own z > 0
+        codes = {s: codes_of(flat[s], act[s] if thresholds else None)
+                 for s in dict.fromkeys(s for pr in self.acc for s in pr)}
         for (u, d), a in self.acc.items():
-            if thresholds:
-                a.update(flat[u], flat[d], act[u], act[d])
-            else:  # the default: the accumulator's own z > 0 (no mask to carry)
-                a.update(flat[u], flat[d])
+            a.update_codes(codes[u], codes[d])
         for L, info in self.targets.predecessors.items():
             self._count_groups(L, info, act)
 
     def _count_groups(self, L: int, info: LayerPredecessors, act: dict) -> None:
         """Empirical predecessor groups: for every active resid_post feature of layer L on
-        every token, which of its top-1 predecessors are active there too."""
-        dev = self.dev
+        every token, which of its top-1 predecessors are active there too. One host sync (the
+        number of active entries); the counts stay on the device."""
         on_r = act[Slot("resid_post", L)]  # [T_content, d] bool
         t, f = on_r.nonzero(as_tuple=True)
-        code = torch.zeros(len(t), dtype=torch.long, device=dev)
-        n_d = on_r.shape[1]
-        self.cofire[L][0] += torch.bincount(f, minlength=n_d).cpu().numpy()
+        code = torch.zeros(len(t), dtype=torch.long, device=self.dev)
+        cofire = self._cofire[L]
+        cofire[0].index_add_(0, f, torch.ones_like(f))
         for row, (bit, origin) in enumerate(((1, "res"), (2, "mlp"), (4, "attn")), start=1):
             slot = info.slots.get(origin)
             if slot is None:
                 continue
             pred = self.pred_of[L][origin][f]  # top-1 predecessor of each active feature
-            ok = pred >= 0
-            src = act[slot]
-            fired = torch.zeros(len(t), dtype=torch.bool, device=dev)
-            fired[ok] = src[t[ok], pred[ok]]
-            code += bit * fired.long()
-            self.cofire[L][row] += torch.bincount(f[fired], minlength=n_d).cpu().numpy()
-        self.group_counts[L] += torch.bincount(code, minlength=8).cpu().numpy()
+            # -1 (none) reads column 0 and is masked out: no boolean indexing, no sync
+            fired = (act[slot][t, pred.clamp(min=0)] & (pred >= 0)).long()
+            code += bit * fired
+            cofire[row].index_add_(0, f, fired)
+        # [8] counts by group: a compare-and-sum (an index_add_ into 8 bins would make every
+        # GPU thread contend for the same 8 atomics)
+        self._groups[L] += (code[:, None] == torch.arange(8, device=self.dev)).sum(0)
 
     def state(self) -> dict:
         return {"pairs": {pair_key(u, d): a.state() for (u, d), a in self.acc.items()},
-                "groups": {L: v.copy() for L, v in self.group_counts.items()},
-                "cofire": {L: v.copy() for L, v in self.cofire.items()}}
+                "groups": self.group_counts, "cofire": self.cofire}
 
     def load(self, st: dict) -> None:
         for (u, d), a in self.acc.items():
             a.load(st["pairs"][pair_key(u, d)])
-        self.group_counts.update({L: np.array(v, np.int64) for L, v in st["groups"].items()})
+        self._groups.update({L: _device_counts(v, self.dev) for L, v in st["groups"].items()})
         # a state saved before saeflow counted co-firing has none: the pass then starts over
-        if "cofire" not in st and self.cofire:
+        if "cofire" not in st and self._cofire:
             raise StatsError("this statistics checkpoint predates the co-firing counts; rerun "
                              "with --force")
-        self.cofire.update({L: np.array(v, np.int64) for L, v in st.get("cofire", {}).items()})
+        self._cofire.update({L: _device_counts(v, self.dev)
+                             for L, v in st.get("cofire", {}).items()})
 
     def merge(self, other: "StatsShard") -> None:
         for pr, a in self.acc.items():
             a.merge(other.acc[pr])
-        for L, v in other.group_counts.items():
-            self.group_counts[L] += v
-        for L, v in other.cofire.items():
-            self.cofire[L] += v
+        for L, v in other._groups.items():
+            self._groups[L] += v.to(self.dev)
+        for L, v in other._cofire.items():
+            self._cofire[L] += v.to(self.dev)
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A numpy copy of `t` (never a view of a live counter)."""
+    return t.to("cpu", copy=True).numpy()
+
+
+def _device_counts(v, device) -> torch.Tensor:
+    return torch.as_tensor(np.array(v, np.int64), device=device)

@@ -3,33 +3,84 @@ pairs only (`PairAccumulator`), and the sorted-run arithmetic that keeps them sp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from saeflow.evolution.measures import measures
 from saeflow.evolution.tables import MEASURES
+from saeflow.saes.scan import add_at
 
 
-def _nonzero_lists(z: torch.Tensor, active: torch.Tensor | None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """z [T, d], active [T, d] bool (None: z > 0) -> (index, value, nonzero, active), each
-    [T, m] with m the most features nonzero on one token: every token's nonzero features,
-    padded to m. Runs on z's device; only the [T, m] lists come back to the host."""
+class Codes(NamedTuple):
+    """One SAE's codes on T tokens, as the sums read them (on the codes' device): every
+    nonzero entry flat, grouped by token, and the same entries as per-token lists padded to m,
+    the most features nonzero on one token."""
+    feat: torch.Tensor  # [N] feature of each nonzero entry (row-major: by token)
+    val: torch.Tensor  # [N] float64 its value
+    on: torch.Tensor  # [N] bool: active
+    idx: torch.Tensor  # [T, m] each token's nonzero features (0 in the padding)
+    lval: torch.Tensor  # [T, m] float64 their values (0 in the padding)
+    ok: torch.Tensor  # [T, m] bool: a real entry, not padding
+    lon: torch.Tensor  # [T, m] bool: active
+    full: bool  # every token has m nonzero features (TopK): the lists hold no padding
+
+
+def codes_of(z: torch.Tensor, active: torch.Tensor | None = None) -> Codes:
+    """z [T, d], active [T, d] bool (None: z > 0) -> Codes, on z's device. Two host syncs: the
+    number of nonzero entries and the lists' width m (both shape the tensors)."""
     nz = z > 0 if active is None else (z != 0) | active
     t, f = nz.nonzero(as_tuple=True)  # row-major: grouped by token
     T = z.shape[0]
-    per_token = torch.bincount(t, minlength=T)
-    m = int(per_token.max()) if T else 0
     dev = z.device
+    # [T] features per token (an index_add_: a bool row sum is slow on the CPU, and bincount
+    # syncs on a GPU)
+    per_token = torch.zeros(T, dtype=torch.long, device=dev).index_add_(0, t, torch.ones_like(t))
+    m = int(per_token.max()) if T else 0
     slot = torch.arange(len(t), device=dev) - (per_token.cumsum(0) - per_token)[t]  # rank in token
+    val = z[t, f].double()
     idx = torch.zeros(T, m, dtype=torch.long, device=dev)
-    val = torch.zeros(T, m, dtype=torch.float64, device=dev)
+    lval = torch.zeros(T, m, dtype=torch.float64, device=dev)
     ok = torch.zeros(T, m, dtype=torch.bool, device=dev)
-    idx[t, slot], val[t, slot], ok[t, slot] = f, z[t, f].double(), True
-    on = ok if active is None else torch.zeros(T, m, dtype=torch.bool, device=dev).index_put_(
-        (t, slot), active[t, f])
-    return idx.cpu().numpy(), val.cpu().numpy(), ok.cpu().numpy(), on.cpu().numpy()
+    idx[t, slot], lval[t, slot], ok[t, slot] = f, val, True
+    full = len(t) == T * m
+    if active is None:
+        return Codes(f, val, torch.ones_like(f, dtype=torch.bool), idx, lval, ok, ok, full)
+    on = active[t, f]
+    lon = torch.zeros(T, m, dtype=torch.bool, device=dev).index_put_((t, slot), on)
+    return Codes(f, val, on, idx, lval, ok, lon, full)
+
+
+def _block_pairs(up: Codes, down: Codes, b: slice, d_down: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The co-nonzero pairs of the tokens b, in token order: (keys i * d_down + j, products
+    z_i z_j float64, both active), each [n_pairs] on the codes' device. Lists with padding
+    are compressed to the real pairs (one sync: their number); TopK lists have none."""
+    keys = (up.idx[b, :, None] * d_down + down.idx[b, None, :]).reshape(-1)  # [t * m_up * m_down]
+    prods = (up.lval[b, :, None] * down.lval[b, None, :]).reshape(-1)
+    on = (up.lon[b, :, None] & down.lon[b, None, :]).reshape(-1)
+    if up.full and down.full:
+        return keys, prods, on
+    sel = (up.ok[b, :, None] & down.ok[b, None, :]).reshape(-1).nonzero().squeeze(1)
+    return keys[sel], prods[sel], on[sel]
+
+
+class _HostView:
+    """A per-feature sum (n_up, s_down, ...) read as a numpy array: a view on the CPU, a copy
+    from another device."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner=None) -> np.ndarray:
+        return obj._sums[self.name].cpu().numpy()
+
+
+# per-feature sums: (name, dtype); their state order is n, s, q, max, each up then down
+SIDE_SUMS = (("n", torch.int64), ("s", torch.float64), ("q", torch.float64),
+             ("max", torch.float64))
+STATE_SCALARS = ("d_up", "d_down", "flush_tokens", "dense_limit", "n_tokens", "max_block_pairs")
 
 
 @dataclass
@@ -39,11 +90,14 @@ class PairAccumulator:
     Each token contributes only its m_up x m_down pairs of nonzero features (TopK k=32: 1,024
     of the 16.8M entries of a 4096 x 4096 matrix), as flat keys i * d_down + j. C counts the
     pairs where both are *active*, P sums z_i z_j where both are nonzero (Pearson needs every
-    token). The sums live
-      - in dense tensors (d_up * d_down <= dense_limit), updated in place by index_add_, or
-      - as sorted runs of (key, count, product): the pairs of `flush_tokens` tokens are sorted
-        and reduced into a run; runs of similar size are merged (a stable sort of two sorted
-        runs is a linear merge), so each pair is merged O(log) times, not once per flush.
+    token). The per-token work runs on `device` (the codes' device in a pass), and the sums
+    live
+      - in dense tensors on `device` (d_up * d_down <= dense_limit), updated in place, or
+      - on the host as sorted runs of (key, count, product): the pairs of `flush_tokens`
+        tokens are sorted and reduced into a run; runs of similar size are merged (a stable
+        sort of two sorted runs is a linear merge), so each pair is merged O(log) times.
+    The per-feature sums (n_up, s_up, q_up, max_up and the down ones) stay on `device`;
+    state(), merge() and pairs() hand the host CPU tensors / numpy arrays.
     """
 
     d_up: int
@@ -52,20 +106,25 @@ class PairAccumulator:
     dense_limit: int = 32 * 2**20
     n_tokens: int = 0
     max_block_pairs: int = 4 * 2**20  # pairs materialised at once (bounds memory per update)
+    device: torch.device | str | None = None  # None: the CPU
+
+    n_up = _HostView()
+    n_down = _HostView()
+    s_up = _HostView()
+    s_down = _HostView()
+    q_up = _HostView()
+    q_down = _HostView()
+    max_up = _HostView()
+    max_down = _HostView()
 
     def __post_init__(self):
-        self.n_up = np.zeros(self.d_up, np.int64)
-        self.n_down = np.zeros(self.d_down, np.int64)
-        self.s_up = np.zeros(self.d_up)
-        self.s_down = np.zeros(self.d_down)
-        self.q_up = np.zeros(self.d_up)
-        self.q_down = np.zeros(self.d_down)
-        self.max_up = np.zeros(self.d_up)
-        self.max_down = np.zeros(self.d_down)
+        dev = self.device = torch.device("cpu" if self.device is None else self.device)
+        self._sums = {f"{name}_{side}": torch.zeros(self._width(side), dtype=dtype, device=dev)
+                      for name, dtype in SIDE_SUMS for side in ("up", "down")}
         self.dense = self.d_up * self.d_down <= self.dense_limit
         if self.dense:
-            self.C = torch.zeros(self.d_up * self.d_down, dtype=torch.int32)
-            self.P = torch.zeros(self.d_up * self.d_down, dtype=torch.float64)
+            self.C = torch.zeros(self.d_up * self.d_down, dtype=torch.int32, device=dev)
+            self.P = torch.zeros(self.d_up * self.d_down, dtype=torch.float64, device=dev)
         else:  # sorted unique keys i * d_down + j, with their count and product sums
             self.keys = np.zeros(0, np.int64)
             self.count = np.zeros(0, np.int64)
@@ -74,39 +133,47 @@ class PairAccumulator:
         self._buffer: list[tuple[np.ndarray, ...]] = []
         self._buffered = 0
 
+    def _width(self, side: str) -> int:
+        return self.d_up if side == "up" else self.d_down
+
     def update(self, z_up: torch.Tensor, z_down: torch.Tensor, act_up: torch.Tensor | None = None,
                act_down: torch.Tensor | None = None) -> None:
         """z_up [T, d_up], z_down [T, d_down] on the same T tokens; act_* [T, d] bool
-        ("active"; default z > 0)."""
-        T = z_up.shape[0]
+        ("active"; default z > 0). Moved to this accumulator's device first."""
+        dev = self.device
+        self.update_codes(
+            codes_of(z_up.to(dev), None if act_up is None else act_up.to(dev)),
+            codes_of(z_down.to(dev), None if act_down is None else act_down.to(dev)))
+
+    def update_codes(self, up: Codes, down: Codes) -> None:
+        """The same from `codes_of` (a pass builds each SAE's codes once for all its pairs)."""
+        T = up.idx.shape[0]
         self.n_tokens += T
-        iu, vu, nz_u, on_u = _nonzero_lists(z_up, act_up)  # [T, m_up]
-        id_, vd, nz_d, on_d = _nonzero_lists(z_down, act_down)  # [T, m_down]
-        for idx, val, nz, on, side in ((iu, vu, nz_u, on_u, "up"), (id_, vd, nz_d, on_d, "down")):
-            d = getattr(self, f"d_{side}")
-            f, v = idx[nz], val[nz]
-            getattr(self, f"n_{side}")[:] += np.bincount(idx[on], minlength=d)
-            getattr(self, f"s_{side}")[:] += np.bincount(f, weights=v, minlength=d)
-            getattr(self, f"q_{side}")[:] += np.bincount(f, weights=v * v, minlength=d)
-            np.maximum.at(getattr(self, f"max_{side}"), f, v)
-        per_token = max(1, iu.shape[1] * id_.shape[1])
+        self._add_features(up, "up")
+        self._add_features(down, "down")
+        per_token = max(1, up.idx.shape[1] * down.idx.shape[1])
         step = max(1, self.max_block_pairs // per_token)
         for a in range(0, T, step):
-            b = slice(a, a + step)
-            both = nz_u[b, :, None] & nz_d[b, None, :]  # [t, m_up, m_down]
-            keys = (iu[b, :, None] * self.d_down + id_[b, None, :])[both]
-            prods = (vu[b, :, None] * vd[b, None, :])[both]
-            on = (on_u[b, :, None] & on_d[b, None, :])[both]
+            keys, prods, on = _block_pairs(up, down, slice(a, a + step), self.d_down)
             if self.dense:
-                kt = torch.from_numpy(keys)
-                self.C.index_add_(0, kt, torch.from_numpy(on).to(torch.int32))
-                self.P.index_add_(0, kt, torch.from_numpy(prods))
+                self.C.index_add_(0, keys, on.to(torch.int32))
+                add_at(self.P, keys, prods)
             else:
-                self._buffer.append((keys, prods, on))
+                self._buffer.append((keys.cpu().numpy(), prods.cpu().numpy(), on.cpu().numpy()))
         if not self.dense:
             self._buffered += T
             if self._buffered >= self.flush_tokens:
                 self._flush()
+
+    def _add_features(self, c: Codes, side: str) -> None:
+        """The per-feature sums of one side: each batch's float sums are formed from zero and
+        then added (the order the host bincounts used)."""
+        sums, d = self._sums, self._width(side)
+        sums[f"n_{side}"].index_add_(0, c.feat, c.on.long())
+        for name, v in (("s", c.val), ("q", c.val * c.val)):
+            sums[f"{name}_{side}"] += add_at(torch.zeros(d, dtype=torch.float64,
+                                                         device=c.val.device), c.feat, v)
+        sums[f"max_{side}"].scatter_reduce_(0, c.feat, c.val, "amax")
 
     def _flush(self) -> None:
         if self._buffer:
@@ -131,18 +198,31 @@ class PairAccumulator:
         self._runs = []
 
     def state(self) -> dict:
-        """The running sums; numpy arrays are handed over as tensors that share their memory,
-        so torch.save writes them without the pickled copy numpy arrays get (at 4096 x 4096
-        that copy is 200 MB a pair)."""
+        """The running sums as CPU tensors (the format of every saeflow version). On the CPU
+        they share this accumulator's memory, so torch.save writes them without the pickled
+        copy numpy arrays get (at 4096 x 4096 that copy is 200 MB a pair)."""
         self._compact()
-        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-                for k, v in vars(self).items() if not k.startswith("_")}
+        out: dict = {k: getattr(self, k) for k in STATE_SCALARS}
+        out.update({k: v.cpu() for k, v in self._sums.items()})
+        out["dense"] = self.dense
+        if self.dense:
+            out.update(C=self.C.cpu(), P=self.P.cpu())
+        else:
+            out.update(keys=torch.from_numpy(self.keys), count=torch.from_numpy(self.count),
+                       prod=torch.from_numpy(self.prod))
+        return out
 
     def load(self, state: dict) -> None:
+        dev = self.device
         for k, v in state.items():
-            if isinstance(v, torch.Tensor) and not (self.dense and k in ("C", "P")):
-                v = v.numpy()
-            setattr(self, k, v)
+            if k in self._sums:
+                self._sums[k] = torch.as_tensor(v).to(dev)
+            elif k in ("C", "P"):
+                setattr(self, k, torch.as_tensor(v).to(dev))
+            elif k in ("keys", "count", "prod"):
+                setattr(self, k, v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+            else:
+                setattr(self, k, v)
         self._runs, self._buffer, self._buffered = [], [], 0
 
     def merge(self, other: "PairAccumulator") -> None:
@@ -150,14 +230,15 @@ class PairAccumulator:
         float64 sums elementwise (self + other, in that order), maxima by maximum, the sparse
         runs by one linear merge."""
         self.n_tokens += other.n_tokens
-        for side in ("up", "down"):
-            for name in ("n", "s", "q"):
-                getattr(self, f"{name}_{side}")[:] += getattr(other, f"{name}_{side}")
-            np.maximum(getattr(self, f"max_{side}"), getattr(other, f"max_{side}"),
-                       out=getattr(self, f"max_{side}"))
+        for k, v in self._sums.items():
+            o = other._sums[k].to(self.device)
+            if k.startswith("max_"):
+                torch.maximum(v, o, out=v)
+            else:
+                v += o
         if self.dense:
-            self.C += other.C
-            self.P += other.P
+            self.C += other.C.to(self.device)
+            self.P += other.P.to(self.device)
             return
         self._compact()
         other._compact()
@@ -171,20 +252,22 @@ class PairAccumulator:
         were active) and all measures (float64 arrays)."""
         self._compact()
         if self.dense:
-            P = self.P.numpy()
-            keys = np.flatnonzero(P)  # z > 0 for SAE codes, so a product sum of 0 means unseen
-            c, p = self.C.numpy()[keys].astype(np.float64), P[keys]
+            # z > 0 for SAE codes, so a product sum of 0 means unseen; only these leave the device
+            seen = self.P.nonzero().squeeze(1)
+            keys = seen.cpu().numpy()
+            c, p = self.C[seen].cpu().numpy().astype(np.float64), self.P[seen].cpu().numpy()
         else:
             keys, c, p = self.keys, self.count.astype(np.float64), self.prod
         i, j = np.divmod(keys, self.d_down)
+        n_up, n_down, s_up, s_down = self.n_up, self.n_down, self.s_up, self.s_down
+        q_up, q_down = self.q_up, self.q_down
         out = {"up": i, "down": j, "count": c, **{m: np.empty(len(c)) for m in MEASURES}}
         step = 2**22  # measures in blocks: their float64 temporaries stay small and reused
         for a in range(0, len(c), step):
             b = slice(a, a + step)
             ib, jb = i[b], j[b]
-            for m, v in measures(c[b], p[b], self.n_up[ib], self.n_down[jb], self.s_up[ib],
-                                 self.s_down[jb], self.q_up[ib], self.q_down[jb],
-                                 self.n_tokens).items():
+            for m, v in measures(c[b], p[b], n_up[ib], n_down[jb], s_up[ib], s_down[jb],
+                                 q_up[ib], q_down[jb], self.n_tokens).items():
                 out[m][b] = v
         return out
 

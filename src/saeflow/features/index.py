@@ -28,7 +28,7 @@ from saeflow.features.writer import HIST_EDGES, write_index
 from saeflow.ids import Slot
 from saeflow.lm.corpora import TokenBatch
 from saeflow.saes.packs import pack_fingerprint
-from saeflow.saes.scan import PassJob, PassParts, pass_identity
+from saeflow.saes.scan import PassJob, PassParts, add_at, pass_identity, to_device
 from saeflow.scale import ScaleConfig
 from saeflow.scale.shards import run_jobs
 from saeflow.store import finished_pass
@@ -74,7 +74,8 @@ class _Reservoir:
         self.key = key.gather(1, order)
 
     def offer(self, key, act, feat, flat_tok, z, batch, W_left: int, W_right: int) -> None:
-        """Candidates: key/value/feat/flat_tok [M] (flat_tok indexes the batch's B*T tokens)."""
+        """Candidates: key/value/feat/flat_tok [M] (flat_tok indexes the batch's B*T tokens).
+        One host sync (how many entries are new); the rest is gathers and masked writes."""
         d, n = self.key.shape
         if key.numel() == 0:
             return
@@ -82,25 +83,24 @@ class _Reservoir:
         o = torch.argsort(key, descending=True, stable=True)
         o = o[torch.argsort(feat[o], stable=True)]
         f_sorted = feat[o]
-        counts = torch.bincount(f_sorted, minlength=d)
-        starts = torch.cumsum(counts, 0) - counts
         dev = key.device
-        rank = torch.arange(len(o), device=dev) - starts[f_sorted]
-        keep = rank < n
-        sel, f, r = o[keep], f_sorted[keep], rank[keep]
-        cand_key = torch.full((d, n), float("-inf"), device=dev)
-        cand_key[f, r] = key[sel]
-        cand_idx = torch.full((d, n), -1, dtype=torch.long, device=dev)
-        cand_idx[f, r] = sel
+        rank = torch.arange(len(o), device=dev) - torch.searchsorted(f_sorted, f_sorted)
+        # [d, n + 1]: column n takes every candidate past a feature's best n, then is dropped
+        col = rank.clamp(max=n)
+        cand_key = torch.full((d, n + 1), float("-inf"), device=dev)
+        cand_key[f_sorted, col] = key[o]
+        cand_idx = torch.full((d, n + 1), -1, dtype=torch.long, device=dev)
+        cand_idx[f_sorted, col] = o
+        cand_key, cand_idx = cand_key[:, :n], cand_idx[:, :n]
         new_key, pos = torch.cat([self.key, cand_key], 1).topk(n, dim=1)  # [d, n]
         from_new = pos >= n
-        # Survivors from the old buffers move to their new slots.
-        fo, jo = (~from_new).nonzero(as_tuple=True)
-        po = pos[fo, jo]
-        value, doc, tok = self.value.clone(), self.doc.clone(), self.tok.clone()
-        win_ids, win_act = self.win_ids.clone(), self.win_act.clone()
-        value[fo, jo], doc[fo, jo], tok[fo, jo] = self.value[fo, po], self.doc[fo, po], self.tok[fo, po]
-        win_ids[fo, jo], win_act[fo, jo] = self.win_ids[fo, po], self.win_act[fo, po]
+        # Survivors from the old buffers move to their new slots (a gather; the slots of new
+        # entries get a placeholder, overwritten below).
+        po = pos.clamp(max=n - 1)
+        W = self.win_ids.shape[2]
+        value, doc, tok = (getattr(self, k).gather(1, po) for k in ("value", "doc", "tok"))
+        pw = po[..., None].expand(-1, -1, W)
+        win_ids, win_act = self.win_ids.gather(1, pw), self.win_act.gather(1, pw)
         # New entries: read their windows out of this batch.
         fn, jn = from_new.nonzero(as_tuple=True)
         if len(fn):
@@ -110,12 +110,10 @@ class _Reservoir:
             b, t = ft // T, ft % T
             offs = torch.arange(-W_left, W_right + 1, device=dev)
             p = t[:, None] + offs[None, :]  # [m, W]
-            inside = (p >= 0) & (p < T)
+            outside = (p < 0) | (p >= T)
             pc = p.clamp(0, T - 1)
-            ids = batch.input_ids[b[:, None], pc].to(torch.int32)
-            ids[~inside] = -1
-            acts = z[b[:, None], pc, fn[:, None]].float()
-            acts[~inside] = 0
+            ids = batch.input_ids[b[:, None], pc].to(torch.int32).masked_fill_(outside, -1)
+            acts = z[b[:, None], pc, fn[:, None]].float().masked_fill_(outside, 0)
             value[fn, jn] = act[c]
             doc[fn, jn] = batch.doc_ids[b, t]
             tok[fn, jn] = batch.token_index[b, t]
@@ -144,17 +142,17 @@ class _SlotStats:
         B, T, d = z.shape
         z = z * content[..., None].to(z.dtype)
         flat = z.reshape(B * T, d)
-        tok, feat = flat.nonzero(as_tuple=True)  # sparse: tens of features per token
+        tok, feat = flat.nonzero(as_tuple=True)  # sparse: tens of features per token (a sync)
         val = flat[tok, feat].float()
-        self.count += torch.bincount(feat, minlength=d)
-        self.total.index_add_(0, feat, val.double())
+        self.count.index_add_(0, feat, torch.ones_like(feat))  # bincount would sync on a GPU
+        add_at(self.total, feat, val.double())
         self.max = torch.maximum(self.max, torch.zeros_like(self.max).scatter_reduce(
             0, feat, val, "amax"))
         bins = (torch.bucketize(val, self.edges) - 1).clamp(0, self.hist.shape[1] - 1)
         self.hist.view(-1).index_add_(0, feat * self.hist.shape[1] + bins,
                                       torch.ones_like(bins))
         self.top.offer(val, val, feat, tok, z, batch, cfg.window_left, cfg.window_right)
-        u = torch.rand(len(val), generator=self.gen).to(val.device)
+        u = to_device(torch.rand(len(val), generator=self.gen), val.device)
         self.sample.offer(u, val, feat, tok, z, batch, cfg.window_left, cfg.window_right)
 
     def state(self) -> dict:
@@ -214,9 +212,9 @@ class _IndexShard:
 
     def on_batch(self, z, b, content, acts=None) -> None:
         dev = self.dev
-        on_dev = TokenBatch(*(t.to(dev) for t in (b.input_ids, b.attention_mask, b.doc_ids,
-                                                  b.token_index)))
-        content_dev = content.to(dev)
+        on_dev = TokenBatch(*(to_device(t, dev) for t in (b.input_ids, b.attention_mask,
+                                                          b.doc_ids, b.token_index)))
+        content_dev = to_device(content, dev)
         for slot, zs in z.items():
             self.stats[slot].update(zs, on_dev, content_dev, self.cfg)
         self.unigram += torch.bincount(b.input_ids[content], minlength=len(self.unigram))

@@ -60,6 +60,25 @@ def check_memory(model, pack, slots, spec: ScanSpec, error: type[Exception]) -> 
                     f"{have / 2**30:.1f} GiB available; lower --batch-size or --ctx-len")
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """`t` on `device`. A host tensor goes to a GPU through pinned memory without blocking:
+    a plain copy from pageable memory waits for the GPU's queued work (a host sync)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def add_at(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """out[index[i]] += values[i] for every i, in place; returns `out`. The CPU adds in the
+    order of i (index_add_); a GPU sorts the indices stably first (index_put_ with
+    accumulate), so its float sums come out the same on every run, where index_add_'s
+    atomics add in a varying order."""
+    if out.device.type == "cpu":
+        return out.index_add_(0, index, values)
+    return out.index_put_((index,), values, accumulate=True)
+
+
 def load_saes(pack, slots, device, dtype) -> dict:
     out = {}
     for slot in slots:
