@@ -1,14 +1,24 @@
 """Feature-flow matching at scale, against the machine's GEMM ceiling and a naive reference.
 
     .venv/bin/python benchmarks/bench_flow.py gemmascope [--layers 26 --d 2304 --width 16384]
+    .venv/bin/python benchmarks/bench_flow.py widepack [--layers 26 --d 2304 --width 131072]
     .venv/bin/python benchmarks/bench_flow.py embedded
     .venv/bin/python benchmarks/bench_flow.py wide --width 131072 [--rows 2048]
 
 gemmascope: the full flow matching (R_L vs R_{L-1}, M_L, A_L, both directions, plus the null
-    samples) of a random pack of Gemma Scope's shape, generated in memory slot by slot. Prints
-    wall time, achieved GFLOP/s, the GEMM ceiling (a plain torch matmul of the same block shape,
-    timed in the same run), the naive reference (full similarity matrix in numpy, then argsort),
-    timed on one pair and multiplied by the number of pairs, and peak RSS.
+    samples) of a random pack of Gemma Scope's shape, through `compute_layer`. The unit rows are
+    generated slot by slot where the matching runs (`--dicts host`: on the host, so the transfers
+    are timed; generation excluded either way). Prints wall time, achieved GFLOP/s, the GEMM
+    ceiling of the tile shape the matching used (a plain matmul of that shape and dtype on the
+    same device, timed in the same run) and the ratio to it, the bf16 check (how often bf16
+    ranking + fp32 re-scoring gives the exact top-k sets, on one pair), the naive reference
+    (full similarity matrix in numpy, then argsort; one pair, times the pairs) and peak RSS.
+    `--baseline-src DIR` also times an older checkout's library (DIR/src) on the same pack in a
+    child process (pack on the host there: that is how it read its dictionaries) and prints
+    current / baseline.
+widepack: the same at width 131072 (26 layers x 3 positions, d 2304), the pack generated in bf16
+    on the matching device, timed end to end (generation included); the bf16 check on the
+    first 8192 rows of one pair. --layers/--width/--d shrink it for a dry run on a CPU.
 embedded: `run_flow` on the embedded pack with an empty cache (so everything is computed).
 wide: one slice of a very wide pair read from safetensors files on disk (streamed): `--rows`
     rows of A against all of B, in a child process so its peak RSS is its own; the full pair
@@ -24,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +45,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def gemm_ceiling(block_a: int, block_b: int, d: int, dtype=torch.float32, reps: int = 6,
                  device="cpu") -> float:
-    """GFLOP/s of a plain matmul of one block's shape on `device` (the achievable ceiling)."""
-    a = torch.randn(block_a, d, dtype=dtype, device=device)
-    b = torch.randn(block_b, d, dtype=dtype, device=device)
+    """GFLOP/s of a plain matmul of one tile's shape on `device` (the achievable ceiling)."""
+    a = torch.randn(block_a, d, device=device).to(dtype)
+    b = torch.randn(block_b, d, device=device).to(dtype)
+    reps = reps * 4 if torch.device(device).type == "cuda" else reps
     a @ b.T
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    sync()
+    _sync(device)
     t = time.perf_counter()
     for _ in range(reps):
         a @ b.T
-    sync()
+    _sync(device)
     return 2 * block_a * block_b * d * reps / (time.perf_counter() - t) / 1e9
 
 
@@ -60,73 +76,136 @@ def naive_pair(A: torch.Tensor, B: torch.Tensor, k: int) -> float:
     return time.perf_counter() - t
 
 
-def bench_gemmascope(args) -> dict:
-    from saeflow.flow.compute import compute_layer
-    from saeflow.flow.config import FlowConfig
+def _pack(args, device, dtype):
+    """(the layer plans, directions(slot)): unit rows [width, d] of a random pack, generated
+    on `device` in `dtype`, the same for a slot in any process (seeded by its name)."""
     from saeflow.flow.inputs import LayerSlots
     from saeflow.flow.match import TensorDirections
     from saeflow.ids import Slot
 
-    cfg = FlowConfig(k=args.k, precision=args.precision, block_a=args.block_a,
-                     block_b=args.block_b, null_samples=args.null_samples, device=args.device)
-    block_a, block_b = cfg.blocks()
-    print(f"matching on {cfg.resolved_device()}"
-          + (f" ({torch.cuda.get_device_name()})" if cfg.resolved_device().type == "cuda" else "")
-          + f", blocks {block_a} x {block_b}", flush=True)
-
     def directions(slot):
-        pos, L = slot
-        g = torch.Generator().manual_seed(hash((pos, L)) % (2**31))
-        return TensorDirections(torch.randn(args.width, args.d, generator=g), label=str(Slot(pos, L)))
+        g = torch.Generator(device=device).manual_seed(zlib.crc32(str(Slot(*slot)).encode()))
+        W = torch.randn(args.width, args.d, generator=g, device=device)
+        W = (W / W.norm(dim=1, keepdim=True)).to(dtype)
+        return TensorDirections(W, normalized=True, label=str(Slot(*slot)))
 
     plans = [LayerSlots(L, Slot("resid_post", L),
                         {"res": Slot("resid_post", L - 1) if L else None,
                          "mlp": Slot("mlp_out", L), "attn": Slot("attn_out", L)})
              for L in range(args.layers)]
-    n_pairs = sum(1 for p in plans for s in p.preds.values() if s)
-    flops_pair = 2 * args.width * args.width * args.d
-    flops_null = 2 * args.null_samples * args.width * args.d
-    gen_s = 0.0
+    return plans, directions
+
+
+def _match_pack(args, cfg, plans, directions) -> tuple[float, float]:
+    """(matching seconds, generation seconds) of the whole pack, layer by layer."""
+    from saeflow.flow.compute import compute_layer
+
+    dev = cfg.resolved_device()
+    gen_s, held = 0.0, {}
     t0 = time.perf_counter()
     for p in plans:
         tg = time.perf_counter()
-        cache = {s: directions(s).materialize(1 << 40) for s in [p.resid, *p.preds.values()] if s}
+        held = {s: held.get(s) or directions(s) for s in [p.resid, *p.preds.values()] if s}
+        _sync(dev)
         gen_s += time.perf_counter() - tg
-        compute_layer(None, p, cfg, directions=lambda s, drop=None: cache[s])
+        compute_layer(None, p, cfg, directions=lambda s, drop=None: held[s])
         print(f"  layer {p.layer}: {time.perf_counter() - t0:.1f}s", flush=True)
-    wall = time.perf_counter() - t0 - gen_s
-    flops = n_pairs * (flops_pair + flops_null)
+    _sync(dev)
+    return time.perf_counter() - t0 - gen_s, gen_s
+
+
+def _bf16_check(A, B, args, kw) -> dict:
+    """How often bf16 ranking + fp32 re-scoring gives the exact top-k sets, on one pair."""
+    from saeflow.flow.match import top_k_pairs
+
+    ex = top_k_pairs(A, B, k=args.k, cols=True, **kw)
+    fa = top_k_pairs(A, B, k=args.k, cols=True, precision="bf16", **kw)
+    same = lambda x, y: float((x.sort(1).values == y.sort(1).values).all(1).float().mean())
+    return {"bf16_rows_with_exact_topk_set": round(same(ex.row_indices, fa.row_indices), 5),
+            "bf16_cols_with_exact_topk_set": round(same(ex.col_indices, fa.col_indices), 5),
+            "bf16_top1_identical": round(float((ex.row_indices[:, 0] ==
+                                                fa.row_indices[:, 0]).float().mean()), 5)}
+
+
+def bench_gemmascope(args) -> dict:
+    from saeflow.flow.config import FlowConfig
+
+    wide = args.mode == "widepack"
+    cfg = FlowConfig(k=args.k, precision=args.precision, block_a=args.block_a,
+                     block_b=args.block_b, null_samples=args.null_samples, device=args.device)
+    dev = cfg.resolved_device()
+    tile = tuple(min(b, args.width) for b in cfg.blocks())  # the tile shape the matching runs
+    where = torch.device("cpu") if args.dicts == "host" else dev
+    gen_dtype = torch.bfloat16 if wide else torch.float32
+    print(f"matching on {dev}" + (f" ({torch.cuda.get_device_name()})" if dev.type == "cuda"
+                                  else "") + f", tiles {tile[0]} x {tile[1]}, pack on {where}",
+          flush=True)
+    plans, directions = _pack(args, where, gen_dtype)
+    n_pairs = sum(1 for p in plans for s in p.preds.values() if s)
+    flops = n_pairs * (2 * args.width * args.width * args.d
+                       + 2 * args.null_samples * args.width * args.d)
+    t0 = time.perf_counter()
+    wall, gen_s = _match_pack(args, cfg, plans, directions)
+    end_to_end = time.perf_counter() - t0
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    ceiling = gemm_ceiling(block_a, block_b, args.d, dtype, device=cfg.resolved_device())
-    res = {"case": "gemmascope-shaped random pack", "layers": args.layers, "d": args.d,
-           "width": args.width, "pairs": n_pairs, "k": args.k, "precision": args.precision,
-           "wall_s": round(wall, 1), "generation_s_excluded": round(gen_s, 1),
-           "gflops_achieved": round(flops / wall / 1e9, 1), "gflops_ceiling": round(ceiling, 1),
-           "ratio_to_ceiling": round(flops / wall / 1e9 / ceiling, 3),
+    ceiling = gemm_ceiling(*tile, args.d, dtype, device=dev)
+    res = {"case": f"{'wide' if wide else 'gemmascope'}-shaped random pack", "layers": args.layers,
+           "d": args.d, "width": args.width, "pairs": n_pairs, "k": args.k,
+           "precision": args.precision, "device": str(dev), "pack_on": f"{where} ({gen_dtype})",
+           "tile": list(tile), "wall_s": round(wall, 2),
+           ("generation_s_included" if wide else "generation_s_excluded"): round(gen_s, 2),
+           "gflops_achieved": round(flops / wall / 1e9, 1),
+           "gflops_ceiling_of_tile": round(ceiling, 1),
+           "ratio_to_ceiling": round(flops / wall / 1e9 / ceiling, 4),
            "gflops_effective_two_directions": round(2 * flops / wall / 1e9, 1),
            "peak_rss_mb": round(peak_rss_mb())}
-    if args.precision == "bf16":  # how often bf16 ranking + fp32 re-scoring gives the exact sets
-        from saeflow.flow.match import top_k_pairs
+    if wide:
+        res["end_to_end_s"] = round(end_to_end, 2)
+    if args.precision == "bf16" and not args.no_check:
+        from saeflow.flow.match import TensorDirections
 
         A, B = directions(("resid_post", 1)), directions(("resid_post", 0))
-        ex = top_k_pairs(A, B, k=args.k, cols=True)
-        fa = top_k_pairs(A, B, k=args.k, cols=True, precision="bf16")
-        same = lambda x, y: float((x.sort(1).values == y.sort(1).values).all(1).float().mean())
-        res["bf16_rows_with_exact_topk_set"] = round(same(ex.row_indices, fa.row_indices), 5)
-        res["bf16_cols_with_exact_topk_set"] = round(same(ex.col_indices, fa.col_indices), 5)
-        res["bf16_top1_identical"] = round(float((ex.row_indices[:, 0] ==
-                                                  fa.row_indices[:, 0]).float().mean()), 5)
-    if not args.skip_naive:
-        g = torch.Generator().manual_seed(0)
-        A = torch.randn(args.width, args.d, generator=g)
-        B = torch.randn(args.width, args.d, generator=g)
-        naive = naive_pair(A, B, args.k)
-        res["naive_one_pair_s"] = round(naive, 1)
-        res["naive_all_pairs_s_extrapolated"] = round(naive * n_pairs, 1)
-        res["speedup_vs_naive"] = round(naive * n_pairs / wall, 2)
-        res["naive_similarity_matrix_mb"] = round(args.width * args.width * 4 / 2**20)
-        res["peak_rss_mb_after_naive"] = round(peak_rss_mb())
+        if wide:  # the first 8192 rows of A: the exact fp32 pass over a whole pair is long
+            A = TensorDirections(A.W[:8192], normalized=True)
+        res.update(_bf16_check(A, B, args, cfg.match_kw()))
+    if args.baseline_src:
+        res.update(_baseline(args, res))
+    if not args.skip_naive and not wide:
+        res.update(_naive(args, n_pairs, wall))
     return res
+
+
+def _baseline(args, res: dict) -> dict:
+    """The same pack matched by an older checkout's library (DIR/src), in a child process."""
+    src = Path(args.baseline_src).resolve() / "src"
+    cmd = [sys.executable, __file__, args.mode, "--layers", str(args.layers), "--d", str(args.d),
+           "--width", str(args.width), "--k", str(args.k), "--precision", args.precision,
+           "--device", args.device, "--null-samples", str(args.null_samples), "--skip-naive",
+           "--no-check", "--dicts", "host"]
+    for flag, value in (("--block-a", args.block_a), ("--block-b", args.block_b)):
+        if value:
+            cmd += [flag, str(value)]
+    env = dict(os.environ, PYTHONPATH=str(src))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        return {"baseline_error": out.stderr.strip().splitlines()[-1:]}
+    base = json.loads(out.stdout[out.stdout.index("{"):])
+    return {"baseline": {"src": str(src), "pack_on": base["pack_on"], "tile": base["tile"],
+                         "wall_s": base["wall_s"], "gflops_achieved": base["gflops_achieved"],
+                         "ratio_to_ceiling": base["ratio_to_ceiling"]},
+            "speedup_vs_baseline": round(base["wall_s"] / res["wall_s"], 2)}
+
+
+def _naive(args, n_pairs: int, wall: float) -> dict:
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(args.width, args.d, generator=g)
+    B = torch.randn(args.width, args.d, generator=g)
+    naive = naive_pair(A, B, args.k)
+    return {"naive_one_pair_s": round(naive, 1),
+            "naive_all_pairs_s_extrapolated": round(naive * n_pairs, 1),
+            "speedup_vs_naive": round(naive * n_pairs / wall, 2),
+            "naive_similarity_matrix_mb": round(args.width * args.width * 4 / 2**20),
+            "peak_rss_mb_after_naive": round(peak_rss_mb())}
 
 
 def bench_embedded(args) -> dict:
@@ -210,14 +289,21 @@ def bench_wide(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["gemmascope", "embedded", "wide"])
+    ap.add_argument("mode", choices=["gemmascope", "widepack", "embedded", "wide"])
     ap.add_argument("--layers", type=int, default=26)
     ap.add_argument("--d", type=int, default=2304)
-    ap.add_argument("--width", type=int, default=16384)
+    ap.add_argument("--width", type=int, default=None,
+                    help="default: 16384; widepack: 131072")
     ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                    help="default: fp32; widepack: bf16")
     ap.add_argument("--block-a", type=int, default=None, help="default: 1024 CPU, 8192 GPU")
     ap.add_argument("--block-b", type=int, default=None, help="default: 4096 CPU, 16384 GPU")
+    ap.add_argument("--dicts", default="device", choices=["device", "host"],
+                    help="gemmascope: where the pack is generated (host: transfers are timed)")
+    ap.add_argument("--baseline-src", default=None,
+                    help="gemmascope/widepack: also time an older checkout (DIR/src) on the pack")
+    ap.add_argument("--no-check", action="store_true", help="skip the bf16 exactness check")
     ap.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
     ap.add_argument("--null-samples", type=int, default=2048)
     ap.add_argument("--skip-naive", action="store_true")
@@ -226,9 +312,11 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/saeflow-bench-wide")
     ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.width = args.width or (131072 if args.mode == "widepack" else 16384)
+    args.precision = args.precision or ("bf16" if args.mode == "widepack" else "fp32")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    res = {"gemmascope": bench_gemmascope, "embedded": bench_embedded, "wide": bench_wide}[
-        args.mode](args)
+    res = {"gemmascope": bench_gemmascope, "widepack": bench_gemmascope,
+           "embedded": bench_embedded, "wide": bench_wide}[args.mode](args)
     if res:
         print(json.dumps(res, indent=2))
 

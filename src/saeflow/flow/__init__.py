@@ -4,6 +4,7 @@ the flow tables, flow graphs and their plots.
     config.py      FlowConfig (import-light: the command line reads it)
     inputs.py      which SAEs feed which, their directions in residual space
     match.py       exact blocked top-k matching, null models, one-to-one matching
+    tiles.py       the tiled top-k engine under match.py (GEMM tiles, running top-k on the device)
     compute.py     run_flow: the stage (matches cached per layer, tables, manifest)
     thresholds.py  class thresholds, the matching geometry, thresholds.json
     tables.py      predecessors.parquet and successors.parquet

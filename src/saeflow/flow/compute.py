@@ -41,6 +41,7 @@ from saeflow.flow.inputs import (
 )
 from saeflow.flow.match import (
     TensorDirections,
+    device_budget,
     gather_rows,
     null_top1,
     permutation_match,
@@ -306,19 +307,20 @@ def compute_layer(pack, plan: LayerSlots, cfg: FlowConfig, model=None,
     `alt_drop` (None: skip): the other geometry, whose top-1 residual match is kept beside
     (`res_alt_row_*`) so that the s_res share can be shown both ways.
     """
-    budget = cfg.memory_budget_mb << 20
+    dev = cfg.resolved_device()
+    budget = device_budget(dev, cfg.memory_budget_mb << 20)  # held where the matching runs
     live = live or {}
     if directions is None:
         def directions(slot, drop_dims=None):
             return slot_directions(pack, slot, cfg.method, model, drop_dims=drop_dims)
-    A_all = directions(plan.resid, drop).materialize(budget)
+    A_all = directions(plan.resid, drop).materialize(budget, device=dev)
     A, a_idx = _live_subset(A_all, live.get(plan.resid))
     out: dict[str, np.ndarray] = {"n_resid": np.array(A_all.n)}
     kw = cfg.match_kw()
     for origin, slot in plan.preds.items():
         if slot is None:
             continue
-        B_all = directions(slot, drop).materialize(budget)
+        B_all = directions(slot, drop).materialize(budget, device=dev)
         B, b_idx = _live_subset(B_all, live.get(slot))
         out[f"{origin}_n"] = np.array(B_all.n)
         row_i, row_v, col_i, col_v = _match_pair(A, B, cfg, kw)
@@ -330,9 +332,10 @@ def compute_layer(pack, plan: LayerSlots, cfg: FlowConfig, model=None,
                                           seed=cfg.seed + plan.layer, precision=cfg.precision,
                                           **kw)
         if origin == "res" and alt_drop is not None and cfg.method != "permutation":
-            A_alt, _ = _live_subset(directions(plan.resid, alt_drop).materialize(budget),
-                                    live.get(plan.resid))
-            B_alt, _ = _live_subset(directions(slot, alt_drop).materialize(budget),
+            A_alt, _ = _live_subset(
+                directions(plan.resid, alt_drop).materialize(budget, device=dev),
+                live.get(plan.resid))
+            B_alt, _ = _live_subset(directions(slot, alt_drop).materialize(budget, device=dev),
                                     live.get(slot))
             m = top_k_pairs(A_alt, B_alt, k=1, precision=cfg.precision, **kw)
             i, v = _scatter(m.row_indices.numpy(), m.row_values.numpy(), a_idx, b_idx, A_all.n)

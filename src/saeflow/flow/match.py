@@ -21,7 +21,10 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,6 +34,7 @@ import torch
 
 from saeflow.errors import MatchError
 from saeflow.flow.config import MATCH_METHODS, NULL_MODELS  # noqa: F401 (their old home)
+from saeflow.flow.tiles import RANK_DTYPES, Rows, rescore, scan
 
 
 # --- dictionaries ---------------------------------------------------------------------------
@@ -48,34 +52,61 @@ class Directions(ABC):
         # coordinates of the matching space set to zero before the rows are normalised (the
         # massive residual dimensions, when the flow's geometry leaves them out)
         self.drop_dims = sorted(set(drop_dims)) if drop_dims else None
+        self._moved: dict = {}  # project / row_scale on other devices, moved once
 
     @abstractmethod
     def _read(self, i0: int, i1: int) -> torch.Tensor:  # [i1-i0, d_src]
         """Raw rows i0..i1 of the source dictionary (each subclass reads its own storage)."""
 
-    def block(self, i0: int, i1: int) -> torch.Tensor:
-        """Rows i0..i1 in the matching space, float32 [i1-i0, d]."""
-        x = self._read(i0, i1).float()
+    def _on(self, name: str, device: torch.device) -> torch.Tensor:
+        t = getattr(self, name)
+        if t.device == device:
+            return t
+        if (name, device) not in self._moved:
+            self._moved[name, device] = t.to(device)
+        return self._moved[name, device]
+
+    def block(self, i0: int, i1: int, device=None) -> torch.Tensor:
+        """Rows i0..i1 in the matching space, float32 [i1-i0, d], on `device` (None: where they
+        are stored). The raw rows cross to the device before they are widened: fewer bytes."""
+        x = self._read(i0, i1)
+        x = (x if device is None else x.to(device)).float()
         if self.project is not None:
-            x = x @ self.project
+            x = x @ self._on("project", x.device)
         if self.drop_dims is not None:
             x = x.clone() if self.project is None else x  # never write into the source rows
             x[:, self.drop_dims] = 0.0
         return x
 
-    def unit_block(self, i0: int, i1: int) -> torch.Tensor:
+    def unit_block(self, i0: int, i1: int, device=None) -> torch.Tensor:
         """Unit rows, times `row_scale` when set (folded matching). Zero rows stay zero."""
-        x = self.block(i0, i1)
+        x = self.block(i0, i1, device)
         x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
         if self.row_scale is not None:
-            x = x * self.row_scale[i0:i1, None]
+            x = x * self._on("row_scale", x.device)[i0:i1, None]
         return x
 
-    def materialize(self, budget_bytes: int) -> "Directions":
-        """An in-memory copy of the unit rows when it fits in `budget_bytes`, else self."""
+    def materialize(self, budget_bytes: int, device=None,
+                    block: int | None = None) -> "Directions":
+        """An in-memory copy of the unit rows (on `device`; None: the CPU) when it fits in
+        `budget_bytes`, else self. Rows already held as unit rows on that device are kept as
+        they are. Rows bound for another device are normalised there, `block` rows at a time
+        (default 65536; on the CPU, all at once unless `block` is given), so the host holds one
+        block."""
         if self.n * self.d * 4 > budget_bytes:
             return self
-        return TensorDirections(self.unit_block(0, self.n), normalized=True, label=self.label)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        held = _in_memory_rows(self)
+        if held is not None and held.device == dev and dev.type != "cpu":
+            return self
+        if dev.type == "cpu" and block is None:
+            return TensorDirections(self.unit_block(0, self.n, device=dev), normalized=True,
+                                    label=self.label)
+        block = block or 65536
+        out = torch.empty(self.n, self.d, device=dev)  # [n, d]
+        for i0 in range(0, self.n, block):
+            out[i0:i0 + block] = self.unit_block(i0, min(i0 + block, self.n), device=dev)
+        return TensorDirections(out, normalized=True, label=self.label)
 
 
 class TensorDirections(Directions):
@@ -92,11 +123,12 @@ class TensorDirections(Directions):
     def _read(self, i0, i1):
         return self.W[i0:i1]
 
-    def unit_block(self, i0, i1):
+    def unit_block(self, i0, i1, device=None):
         if self.normalized and self.project is None and self.row_scale is None \
                 and self.drop_dims is None:
-            return self.W[i0:i1].float()
-        return super().unit_block(i0, i1)
+            x = self.W[i0:i1]
+            return (x if device is None else x.to(device)).float()
+        return super().unit_block(i0, i1, device)
 
 
 _ST_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -149,15 +181,19 @@ class Matches:
     col_indices: torch.Tensor | None = None  # [n_b, k] int64 into A
 
 
-def _merge(best_v, best_i, v, i):
-    cat_v = torch.cat([best_v, v], dim=1)
-    cat_i = torch.cat([best_i, i], dim=1)
-    top_v, pos = cat_v.topk(best_v.shape[1], dim=1)
-    return top_v, cat_i.gather(1, pos)
-
-
 def _as_directions(x) -> Directions:
     return x if isinstance(x, Directions) else TensorDirections(x)
+
+
+def device_budget(device, host_budget: int) -> int:
+    """Bytes one dictionary's unit rows may take where the matching runs: `host_budget` on a
+    CPU; on a GPU an eighth of its free memory (both dictionaries, their bf16 copies, the tiles
+    and the re-scoring fit inside the rest), never less than `host_budget`."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return host_budget
+    free, _ = torch.cuda.mem_get_info(dev)
+    return max(host_budget, free // 8)
 
 
 def top_k_pairs(A, B, k: int = 5, cols: bool = False, block_a: int = 1024, block_b: int = 4096,
@@ -167,8 +203,10 @@ def top_k_pairs(A, B, k: int = 5, cols: bool = False, block_a: int = 1024, block
 
     A, B: `Directions` or tensors [n, d]. Similarities are cosines of the rows (times B's
     `row_scale` when set). `progress(n_rows_of_A_done)` is called after each A block.
-    device: where the products and running top-k run (e.g. "cuda"); blocks are read on the host
-    and moved there, and the result comes back to the CPU. None: the CPU.
+    device: where the tiles and the running top-k run (e.g. "cuda"; None: the CPU). There, the
+    unit rows of both dictionaries are held once when they fit (`device_budget`); on a CPU, B
+    when it fits `memory_budget`, and A is read block by block. What does not fit is streamed.
+    The results come back to the CPU once, at the end.
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     A, B = _as_directions(A), _as_directions(B)
@@ -178,58 +216,26 @@ def top_k_pairs(A, B, k: int = 5, cols: bool = False, block_a: int = 1024, block
     k_max = min(A.n, B.n) if cols else B.n
     if not 0 < k <= k_max:
         raise MatchError(f"k must be in 1..{k_max} (the size of the smaller dictionary)")
-    if precision not in ("fp32", "bf16"):
+    if precision not in RANK_DTYPES:
         raise MatchError("precision must be 'fp32' or 'bf16'")
-    B = B.materialize(memory_budget)  # read B once when it fits; else stream it per A block
+    budget = device_budget(dev, memory_budget)
+    B = B.materialize(budget, device=dev)  # read B once when it fits; else stream it per A block
+    if dev.type != "cpu":
+        A = A.materialize(budget, device=dev)
     kc = min(k + rerank_margin, B.n) if precision == "bf16" else k  # candidates kept per row
     kc_col = min(k + rerank_margin, A.n) if precision == "bf16" else k
-    n_a, n_b = A.n, B.n
-    rows_b = _in_memory_rows(B)
-    if rows_b is not None:
-        rows_b = rows_b.to(dev)  # moved once
-    B_low = rows_b.bfloat16() if precision == "bf16" and rows_b is not None else None  # once
-
-    def b_block(b0: int, b1: int) -> torch.Tensor:
-        if B_low is not None:
-            return B_low[b0:b1]
-        if rows_b is not None:
-            return rows_b[b0:b1]
-        return B.unit_block(b0, b1).to(dev)
-
-    row_v = torch.empty(n_a, kc)
-    row_i = torch.empty(n_a, kc, dtype=torch.long)
-    col_v = torch.full((n_b, kc_col), float("-inf"), device=dev) if cols else None
-    col_i = torch.zeros((n_b, kc_col), dtype=torch.long, device=dev) if cols else None
-    on_host_a = _in_memory_rows(A)  # unit rows already: moved as they are
-    for a0 in range(0, n_a, block_a):
-        a1 = min(a0 + block_a, n_a)
-        a = (on_host_a[a0:a1] if on_host_a is not None else A.unit_block(a0, a1)).to(dev)  # [ba, d]
-        if precision == "bf16":
-            a = a.bfloat16()
-        best_v = torch.full((a.shape[0], kc), float("-inf"), device=dev)
-        best_i = torch.zeros((a.shape[0], kc), dtype=torch.long, device=dev)
-        for b0 in range(0, n_b, block_b):
-            b = b_block(b0, min(b0 + block_b, n_b))  # [bb, d]
-            sims = (a @ b.to(a.dtype).T).float()  # [ba, bb]
-            v, i = sims.topk(min(kc, sims.shape[1]), dim=1)
-            best_v, best_i = _merge(best_v, best_i, v, i + b0)
-            if cols:
-                assert col_v is not None and col_i is not None
-                v, i = sims.T.topk(min(kc_col, sims.shape[0]), dim=1)  # [bb, kc]
-                cv, ci = _merge(col_v[b0:b0 + b.shape[0]], col_i[b0:b0 + b.shape[0]], v, i + a0)
-                col_v[b0:b0 + b.shape[0]], col_i[b0:b0 + b.shape[0]] = cv, ci
-        row_v[a0:a0 + a.shape[0]], row_i[a0:a0 + a.shape[0]] = best_v.cpu(), best_i.cpu()
-        if progress:
-            progress(a.shape[0])
-    if cols:
-        assert col_v is not None and col_i is not None
-        col_v, col_i = col_v.cpu(), col_i.cpu()
+    ra, rb = _rows(A, dev, RANK_DTYPES[precision]), _rows(B, dev, RANK_DTYPES[precision])
+    row_v, row_i, col_v, col_i = scan(ra, rb, kc, kc_col, cols, block_a, block_b, progress)
     if precision == "bf16":
-        row_v, row_i = _rerank(A, B, row_i, k, device=dev)
+        cpu = dev.type == "cpu"
+        row_v, row_i = rescore(ra, rb, row_i, k, _taker(B, rb), _rescore_step(dev, kc, rb),
+                               per_column=cpu and rb.W is not None)
         if cols:
             assert col_i is not None
-            col_v, col_i = _rerank(B, A, col_i, k, device=dev)
-    return Matches(row_v, row_i, col_v, col_i)
+            col_v, col_i = rescore(rb, ra, col_i, k, _taker(A, ra), _rescore_step(dev, kc_col, ra),
+                                   per_column=cpu and ra.W is not None)
+    return Matches(row_v.cpu(), row_i.cpu(), None if col_v is None else col_v.cpu(),
+                   None if col_i is None else col_i.cpu())
 
 
 def _in_memory_rows(D: Directions) -> torch.Tensor | None:
@@ -240,39 +246,51 @@ def _in_memory_rows(D: Directions) -> torch.Tensor | None:
     return None
 
 
-def _rerank(A: Directions, B: Directions, cand: torch.Tensor, k: int, block: int = 1024,
-            device=None):
-    """Exact fp32 scores of candidate pairs, re-sorted; keeps the best k. cand [n_a, kc]."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    out_v = torch.empty(A.n, k)
-    out_i = torch.empty(A.n, k, dtype=torch.long)
-    rows_b = _in_memory_rows(B)
-    if rows_b is not None:
-        rows_b = rows_b.to(dev)
-    for a0 in range(0, A.n, block):
-        a = A.unit_block(a0, min(a0 + block, A.n)).float().to(dev)  # [ba, d]
-        c = cand[a0:a0 + a.shape[0]].to(dev)  # [ba, kc]
-        if rows_b is not None:
-            # One candidate column at a time: a [ba, d] gather stays in cache, [ba, kc, d] not.
-            s = torch.stack([(a * rows_b.index_select(0, c[:, j]).float()).sum(1)
-                             for j in range(c.shape[1])], dim=1)  # [ba, kc]
-        else:
-            uniq, inv = torch.unique(c.cpu(), return_inverse=True)
-            rows = gather_rows(B, uniq).to(dev)
-            s = torch.einsum("ad,akd->ak", a, rows[inv.to(dev)])  # [ba, kc]
-        v, pos = s.topk(k, dim=1)
-        out_v[a0:a0 + a.shape[0]], out_i[a0:a0 + a.shape[0]] = v.cpu(), c.gather(1, pos).cpu()
-    return out_v, out_i
+def _rows(D: Directions, dev: torch.device, rank_dtype: torch.dtype) -> Rows:
+    """D as the tile engine reads it: its unit rows on `dev` when held in memory, else streamed."""
+    held = _in_memory_rows(D)
+    if held is not None:
+        return Rows(D.n, D.d, dev, rank_dtype, resident=held.to(dev))
+    return Rows(D.n, D.d, dev, rank_dtype, read=lambda i0, i1: D.unit_block(i0, i1, device=dev))
+
+
+def _taker(D: Directions, rows: Rows) -> Callable[[torch.Tensor], torch.Tensor]:
+    """fp32 unit rows D[idx] on the engine's device: gathered there when D is held there, else
+    read from D's storage once per distinct index."""
+    if rows.W is not None:
+        W = rows.W
+        return lambda idx: W[idx].float()
+
+    def take(idx: torch.Tensor) -> torch.Tensor:
+        uniq, inv = torch.unique(idx, return_inverse=True)
+        return gather_rows(D, uniq.cpu()).to(rows.dev)[inv]
+    return take
+
+
+def _rescore_step(dev: torch.device, kc: int, cand: Rows) -> int:
+    """Rows re-scored at a time: their gathered candidates [step, kc, d] fp32 take 32 MB on a
+    CPU (cache-sized), 256 MB on a GPU (a few large gathers and bmms, not hundreds of small
+    launches); at least 1024 when the candidates are streamed (each step reads their
+    dictionary once)."""
+    step = ((32 if dev.type == "cpu" else 256) << 20) // (kc * cand.d * 4)
+    return max(1024 if cand.W is None else 1, step)
 
 
 def gather_rows(D: Directions, idx: torch.Tensor, block: int = 8192) -> torch.Tensor:
-    """Unit rows D[idx] (idx sorted ascending), reading D block by block."""
-    out = torch.empty(len(idx), D.d)
+    """Unit rows D[idx] (idx sorted ascending): gathered where D holds them in memory (so on its
+    device), else read from D block by block."""
+    held = _in_memory_rows(D)
+    if held is not None:
+        return held[idx.to(held.device)].float()
+    out = None
     for b0 in range(0, D.n, block):
         sel = (idx >= b0) & (idx < b0 + block)
         if sel.any():
-            out[sel] = D.unit_block(b0, min(b0 + block, D.n))[idx[sel] - b0]
-    return out
+            rows = D.unit_block(b0, min(b0 + block, D.n))
+            if out is None:
+                out = torch.empty(len(idx), D.d, device=rows.device)
+            out[sel.to(rows.device)] = rows[(idx[sel] - b0).to(rows.device)]
+    return out if out is not None else torch.empty(len(idx), D.d)
 
 
 def unit_rows(W: torch.Tensor) -> torch.Tensor:
@@ -313,31 +331,75 @@ def null_top1(A, B, n: int = 2048, null: str = "shuffle", seed: int = 0, *,
     `kind`: the former name of `null` (kept for old callers).
     """
     null = kind if kind is not None else null
-    A, B = _as_directions(A), _as_directions(B)
-    g = torch.Generator().manual_seed(seed)  # draws on the CPU: the same null on any device
-    dev = torch.device(kw.get("device") or "cpu")
-    if null == "shuffle":
-        rows = torch.randperm(A.n, generator=g)[:n].sort().values
-        X = gather_rows(A, rows)  # [n, d]
-        # the argsort of n x d random keys is the costly part; it runs where the matching does
-        perm = torch.argsort(torch.rand(X.shape, generator=g).to(dev), dim=1)
-        X = X.to(dev).gather(1, perm).cpu()
-    elif null == "columns":
-        rows = torch.randperm(A.n, generator=g)[:max(n, 8192)].sort().values
-        S = gather_rows(A, rows)  # [m, d] unit rows: the pool each column is drawn from
-        pick = torch.randint(0, len(rows), (min(n, A.n), A.d), generator=g)  # [n, d]
-        X = S.gather(0, pick)
-    elif null == "rotation":
-        rows = torch.randperm(A.n, generator=g)[:n].sort().values
-        Q, R = torch.linalg.qr(torch.randn(A.d, A.d, generator=g, dtype=torch.float64))
-        Q = Q * torch.sign(torch.diagonal(R))  # Haar-distributed (sign fix of the QR)
-        X = gather_rows(A, rows) @ Q.float()  # [n, d]
-    elif null == "gaussian":
-        X = torch.randn(min(n, A.n), A.d, generator=g)
-    else:
+    if null not in NULL_MODELS:
         raise MatchError(f"unknown null model {null!r}; use one of {', '.join(NULL_MODELS)}")
+    A, B = _as_directions(A), _as_directions(B)
+    dev = torch.device(kw.get("device") or "cpu")
+    draws = null_draws(null, seed, n, A.n, A.d, dev)
+    if null == "gaussian":
+        X = draws["X"]
+    else:
+        X = gather_rows(A, draws["rows"]).to(dev)  # [n, d] (columns: [m, d], the pool)
+        if null == "shuffle":
+            X = X.gather(1, draws["perm"])
+        elif null == "columns":
+            X = X.gather(0, draws["pick"])
+        else:
+            X = X @ draws["Q"]
     m = top_k_pairs(TensorDirections(X), B, k=1, **kw)
     return m.row_values[:, 0].numpy()
+
+
+_DRAWS: OrderedDict = OrderedDict()  # (null, seed, n, n_a, d, device) -> Future of the draws
+_DRAWS_LOCK = threading.Lock()
+_DRAW_POOL: list[ThreadPoolExecutor] = []
+
+
+def draws_ahead(dev: torch.device) -> int:
+    """Seeds whose null draws start early: the next layers' (seed + 1, ...), on a GPU, where the
+    matching outruns the CPU's random draws; none on a CPU (the draws would compete with it)."""
+    return 0 if dev.type == "cpu" else 4
+
+
+def null_draws(null: str, seed: int, n: int, n_a: int, d: int, dev: torch.device) -> dict:
+    """The null's random draws (from a CPU generator, so the null is the same on any device),
+    prepared on `dev`, memoised: a layer's predecessors share one seed. On a GPU the draws of
+    the next `draws_ahead` seeds start on background threads."""
+    keys = [(null, seed + j, n, n_a, d, dev) for j in range(draws_ahead(dev) + 1)]
+    with _DRAWS_LOCK:
+        for j, key in enumerate(keys):
+            if key in _DRAWS:
+                _DRAWS.move_to_end(key)
+            elif j == 0:
+                _DRAWS[key] = Future()
+                _DRAWS[key].set_result(_draw(*key))
+            else:
+                if not _DRAW_POOL:
+                    _DRAW_POOL.append(ThreadPoolExecutor(4, thread_name_prefix="saeflow-null"))
+                _DRAWS[key] = _DRAW_POOL[0].submit(_draw, *key)
+        future = _DRAWS[keys[0]]
+        while len(_DRAWS) > len(keys) + 1:  # the current seed's, the ones ahead, one spare
+            _DRAWS.popitem(last=False)
+    return future.result()
+
+
+def _draw(null: str, seed: int, n: int, n_a: int, d: int, dev: torch.device) -> dict:
+    """One null's draws, in the order the generator has always been used (the same null as
+    before), prepared where the matching runs: the argsort and the QR are the costly parts."""
+    g = torch.Generator().manual_seed(seed)
+    if null == "gaussian":
+        return {"X": torch.randn(min(n, n_a), d, generator=g).to(dev)}
+    pool = max(n, 8192) if null == "columns" else n
+    rows = torch.randperm(n_a, generator=g)[:pool].sort().values
+    if null == "shuffle":
+        keys = torch.rand((len(rows), d), generator=g)
+        return {"rows": rows, "perm": torch.argsort(keys.to(dev), dim=1)}  # [n, d]
+    if null == "columns":
+        pick = torch.randint(0, len(rows), (min(n, n_a), d), generator=g)  # [n, d]
+        return {"rows": rows, "pick": pick.to(dev)}
+    Q, R = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64).to(dev))
+    Q = Q * torch.sign(torch.diagonal(R))  # Haar-distributed (sign fix of the QR)
+    return {"rows": rows, "Q": Q.float()}
 
 
 # --- one-to-one matching --------------------------------------------------------------------
@@ -357,7 +419,7 @@ def permutation_match(A, B, dense_limit: int = 8192 * 8192, candidates: int = 32
         raise MatchError(f"the dictionaries have different widths: {A.d} vs {B.d}")
     if A.n * B.n <= dense_limit:
         a, b = A.unit_block(0, A.n), B.unit_block(0, B.n)
-        sims = (a @ b.T).double().numpy()  # [n_a, n_b]
+        sims = (a @ b.T).double().cpu().numpy()  # [n_a, n_b]
         rows, cols = linear_sum_assignment(sims, maximize=True)
         return rows, cols, sims[rows, cols].astype(np.float32)
     from scipy.sparse import csr_matrix
