@@ -365,19 +365,22 @@ def null_draws(null: str, seed: int, n: int, n_a: int, d: int, dev: torch.device
     """The null's random draws (from a CPU generator, so the null is the same on any device),
     prepared on `dev`, memoised: a layer's predecessors share one seed. On a GPU the draws of
     the next `draws_ahead` seeds start on background threads."""
+    if dev.type == "cuda" and dev.index is None:  # the threads must use this thread's GPU
+        dev = torch.device("cuda", torch.cuda.current_device())
     keys = [(null, seed + j, n, n_a, d, dev) for j in range(draws_ahead(dev) + 1)]
     with _DRAWS_LOCK:
-        for j, key in enumerate(keys):
+        for key in keys[1:]:  # the seeds ahead first: they start while this one is drawn
             if key in _DRAWS:
                 _DRAWS.move_to_end(key)
-            elif j == 0:
-                _DRAWS[key] = Future()
-                _DRAWS[key].set_result(_draw(*key))
-            else:
-                if not _DRAW_POOL:
-                    _DRAW_POOL.append(ThreadPoolExecutor(4, thread_name_prefix="saeflow-null"))
-                _DRAWS[key] = _DRAW_POOL[0].submit(_draw, *key)
-        future = _DRAWS[keys[0]]
+                continue
+            if not _DRAW_POOL:
+                _DRAW_POOL.append(ThreadPoolExecutor(4, thread_name_prefix="saeflow-null"))
+            _DRAWS[key] = _DRAW_POOL[0].submit(_draw, *key)
+        future = _DRAWS.get(keys[0])
+        if future is None:
+            future = _DRAWS[keys[0]] = Future()
+            future.set_result(_draw(*keys[0]))
+        _DRAWS.move_to_end(keys[0])
         while len(_DRAWS) > len(keys) + 1:  # the current seed's, the ones ahead, one spare
             _DRAWS.popitem(last=False)
     return future.result()
