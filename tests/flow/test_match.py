@@ -385,10 +385,13 @@ def test_the_tile_scan_never_waits_for_the_gpu(test_device):
     SAEFLOW_TEST_DEVICE=cuda; skipped on a CPU."""
     if not test_device.startswith("cuda"):
         pytest.skip("a GPU check")
+    from saeflow.flow.match import TensorDirections
     from saeflow.flow.tiles import Rows, rescore, scan
 
     g = torch.Generator().manual_seed(13)
     A, B = unit_rows(torch.randn(700, 64, generator=g)), unit_rows(torch.randn(900, 64, generator=g))
+    held = TensorDirections(A.to(test_device), normalized=True)
+    assert held.materialize(1 << 30, device="cuda") is held  # "cuda" is where it is held
     ra = Rows(700, 64, torch.device(test_device), torch.bfloat16, resident=A.to(test_device))
     rb = Rows(900, 64, torch.device(test_device), torch.bfloat16, resident=B.to(test_device))
     torch.cuda.synchronize()

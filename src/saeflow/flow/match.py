@@ -8,10 +8,11 @@ has to sit in memory), optionally projected (attn_z -> residual through W_O) and
     top_k_pairs(A, B, k, cols=True) -> Matches(row_values [n_a, k], row_indices [n_a, k],
                                                col_values [n_b, k], col_indices [n_b, k])
 
-One pass computes each block of cosine similarities once (a GEMM) and feeds it to both a running
-row top-k (A -> B, e.g. predecessors) and a running column top-k (B -> A, e.g. successors), so
-the two directions cost one GEMM, not two. Memory is O(block_a * block_b + (n_a + n_b) * k),
-never n_a * n_b. The result is exact in fp32; `precision="bf16"` ranks candidates in bf16 and
+One pass computes each tile of cosine similarities once (a GEMM; the engine is tiles.py) and
+feeds it to both a running row top-k (A -> B, e.g. predecessors) and a running column top-k
+(B -> A, e.g. successors), so the two directions cost one GEMM, not two; on a GPU both
+dictionaries' unit rows, the tiles and the running top-k stay on the device. Memory is
+O(block_a * block_b + (n_a + n_b) * k), never n_a * n_b. The result is exact in fp32; `precision="bf16"` ranks candidates in bf16 and
 re-scores the best `k + rerank_margin` of them exactly in fp32 (the values are exact; the
 membership of the top-k is exact unless bf16 rounding pushed a true member below k + margin
 candidates; benchmarks/bench_flow.py measures how often).
@@ -95,7 +96,7 @@ class Directions(ABC):
         block."""
         if self.n * self.d * 4 > budget_bytes:
             return self
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = indexed_device(device)
         held = _in_memory_rows(self)
         if held is not None and held.device == dev and dev.type != "cpu":
             return self
@@ -181,6 +182,15 @@ class Matches:
     col_indices: torch.Tensor | None = None  # [n_b, k] int64 into A
 
 
+def indexed_device(device) -> torch.device:
+    """The device with its index ("cuda" -> "cuda:0", the current one), so that it compares
+    equal to the device of a tensor held there; None: the CPU."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 def _as_directions(x) -> Directions:
     return x if isinstance(x, Directions) else TensorDirections(x)
 
@@ -189,7 +199,7 @@ def device_budget(device, host_budget: int) -> int:
     """Bytes one dictionary's unit rows may take where the matching runs: `host_budget` on a
     CPU; on a GPU an eighth of its free memory (both dictionaries, their bf16 copies, the tiles
     and the re-scoring fit inside the rest), never less than `host_budget`."""
-    dev = torch.device(device)
+    dev = indexed_device(device)
     if dev.type != "cuda":
         return host_budget
     free, _ = torch.cuda.mem_get_info(dev)
@@ -208,7 +218,7 @@ def top_k_pairs(A, B, k: int = 5, cols: bool = False, block_a: int = 1024, block
     when it fits `memory_budget`, and A is read block by block. What does not fit is streamed.
     The results come back to the CPU once, at the end.
     """
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = indexed_device(device)
     A, B = _as_directions(A), _as_directions(B)
     if A.d != B.d:
         raise MatchError(f"the dictionaries have different widths: {A.d} vs {B.d}; map them into "
@@ -249,8 +259,8 @@ def _in_memory_rows(D: Directions) -> torch.Tensor | None:
 def _rows(D: Directions, dev: torch.device, rank_dtype: torch.dtype) -> Rows:
     """D as the tile engine reads it: its unit rows on `dev` when held in memory, else streamed."""
     held = _in_memory_rows(D)
-    if held is not None:
-        return Rows(D.n, D.d, dev, rank_dtype, resident=held.to(dev))
+    if held is not None and held.device == dev:  # elsewhere: it did not fit `dev`'s budget
+        return Rows(D.n, D.d, dev, rank_dtype, resident=held)
     return Rows(D.n, D.d, dev, rank_dtype, read=lambda i0, i1: D.unit_block(i0, i1, device=dev))
 
 
@@ -334,7 +344,7 @@ def null_top1(A, B, n: int = 2048, null: str = "shuffle", seed: int = 0, *,
     if null not in NULL_MODELS:
         raise MatchError(f"unknown null model {null!r}; use one of {', '.join(NULL_MODELS)}")
     A, B = _as_directions(A), _as_directions(B)
-    dev = torch.device(kw.get("device") or "cpu")
+    dev = indexed_device(kw.get("device"))
     draws = null_draws(null, seed, n, A.n, A.d, dev)
     if null == "gaussian":
         X = draws["X"]
@@ -365,8 +375,7 @@ def null_draws(null: str, seed: int, n: int, n_a: int, d: int, dev: torch.device
     """The null's random draws (from a CPU generator, so the null is the same on any device),
     prepared on `dev`, memoised: a layer's predecessors share one seed. On a GPU the draws of
     the next `draws_ahead` seeds start on background threads."""
-    if dev.type == "cuda" and dev.index is None:  # the threads must use this thread's GPU
-        dev = torch.device("cuda", torch.cuda.current_device())
+    dev = indexed_device(dev)  # with its index: the threads must use this thread's GPU
     keys = [(null, seed + j, n, n_a, d, dev) for j in range(draws_ahead(dev) + 1)]
     with _DRAWS_LOCK:
         for key in keys[1:]:  # the seeds ahead first: they start while this one is drawn
