@@ -155,7 +155,7 @@ def bench_gemmascope(args) -> dict:
            "tile": list(tile), "wall_s": round(wall, 2),
            ("generation_s_included" if wide else "generation_s_excluded"): round(gen_s, 2),
            "gflops_achieved": round(flops / wall / 1e9, 1),
-           "gflops_ceiling_of_tile": round(ceiling, 1),
+           "gflops_ceiling": round(ceiling, 1),
            "ratio_to_ceiling": round(flops / wall / 1e9 / ceiling, 4),
            "gflops_effective_two_directions": round(2 * flops / wall / 1e9, 1),
            "peak_rss_mb": round(peak_rss_mb())}
