@@ -57,15 +57,20 @@ PIPELINE_FILE = "pipeline.json"
 RATES = {"pack": 1 / 340, "eval_pass": 3.9e-3, "index_extra": 3.6e-3, "stats_extra": 3.6e-3,
          "index": 4.6e-3, "stats": 5.5e-3, "splice": 4.1e-3, "analyses": 35, "flow": 60,
          "validate": 1.1, "sweep": 1, "report": 12}
+# Training tokens per second of the 54-SAE family on a GPU (an H200, stacked engine; measured in
+# docs/benchmarks.md): the pack is the one stage with no earlier stage of the run to pace it.
+GPU_PACK_TOK_S = 19_458
 
 
 def estimate_seconds(cfg: PipelineConfig, stage: str, cached_pack: bool,
-                     fused: frozenset[str] | set[str] = frozenset()) -> float:
-    """The expected seconds of `stage`; `fused`: the stages eval's pass also feeds."""
+                     fused: frozenset[str] | set[str] = frozenset(), gpu: bool = False) -> float:
+    """The expected seconds of `stage` on 2 CPU cores (the pack: on a GPU when `gpu`);
+    `fused`: the stages eval's pass also feeds."""
     if stage == "pack":
         if cached_pack or cfg.pack not in EMBEDDED_NAMES:
             return 10
-        return PACK_PROFILES[EMBEDDED_NAMES[cfg.pack]].tokens * RATES["pack"]
+        tokens = PACK_PROFILES[EMBEDDED_NAMES[cfg.pack]].tokens
+        return tokens / GPU_PACK_TOK_S if gpu else tokens * RATES["pack"]
     if stage == "eval":
         ev = cfg.eval
         n_layers = 18  # the embedded model's; a rough scale for other packs
@@ -198,12 +203,14 @@ class Pipeline:
                         self.cfg, name)
                     self._fuse[name] = "force" if (force or changed) else "resume"
         t_all = time.perf_counter()
+        gpu = self._on_gpu()
+        pace = _Pace()  # the CPU rates, scaled by how this machine ran the stages so far
         for i, stage in enumerate(todo):
             fused = set(self._fuse) if "eval" in todo[i:] else self._fused_done
-            left = sum(estimate_seconds(self.cfg, s, cached, fused) for s in todo[i:])
-            self._say(f"[{i + 1}/{len(todo)}] {stage}: about "
-                      f"{_fmt(estimate_seconds(self.cfg, stage, cached, fused))} "
-                      f"(all stages left: about {_fmt(left)})")
+            est = {s: estimate_seconds(self.cfg, s, cached, fused, gpu) for s in todo[i:]}
+            self._say(f"[{i + 1}/{len(todo)}] {stage}: about {_fmt(pace(stage, est[stage]))} "
+                      f"(all stages left: about "
+                      f"{_fmt(sum(pace(s, e) for s, e in est.items()))})")
             t0 = time.perf_counter()
             digest = stage_digest(self.cfg, stage)
             prev = self.state["stages"].get(stage) or {}
@@ -220,6 +227,7 @@ class Pipeline:
                 "status": "done", "seconds": round(dt, 1), "settings": digest,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "result": result}
             self._save()
+            pace.add(stage, est[stage], dt)
             self._say(f"    {stage} done in {_fmt(dt)}")
         skipped = [s for s in STAGES if s not in todo and self.is_done(s)]
         if skipped:
@@ -227,6 +235,15 @@ class Pipeline:
         self._say(f"pipeline finished in {_fmt(time.perf_counter() - t_all)}; "
                   f"report: {self.root / 'report.html'}")
         return self.state
+
+    def _on_gpu(self) -> bool:
+        """Whether the model runs on a CUDA GPU (the setting, or the automatic choice)."""
+        if self._model is not None:
+            return self._model.device.type == "cuda"
+        import torch
+
+        dev = self.cfg.device
+        return torch.device(dev).type == "cuda" if dev else torch.cuda.is_available()
 
     def _say(self, msg: str) -> None:
         if self.progress:
@@ -327,6 +344,24 @@ class Pipeline:
     def stage_report(self) -> dict:
         html, md = write_report(self.root, self.pack)
         return {"html": str(html), "markdown": str(md)}
+
+
+class _Pace:
+    """Scales the 2-core CPU estimates by this run's own speed: the ratio of the seconds the
+    finished stages took to their estimates (the pack excluded: its GPU rate is its own)."""
+
+    def __init__(self) -> None:
+        self.estimated = self.took = 0.0
+
+    def add(self, stage: str, estimate: float, seconds: float) -> None:
+        if stage != "pack" and estimate >= 5:
+            self.estimated += estimate
+            self.took += seconds
+
+    def __call__(self, stage: str, estimate: float) -> float:
+        if stage == "pack" or self.estimated < 30:
+            return estimate
+        return estimate * self.took / self.estimated
 
 
 def _fmt(seconds: float) -> str:

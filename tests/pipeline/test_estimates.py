@@ -1,0 +1,24 @@
+"""The time-left estimates `saeflow run` prints: the pack's GPU rate, and the pace of the run."""
+from saeflow.pipeline.config import PipelineConfig
+from saeflow.pipeline.stages import GPU_PACK_TOK_S, RATES, _Pace, estimate_seconds
+from saeflow.saes.recipes import PROFILES
+
+
+def test_pack_estimate_uses_the_gpu_rate_on_a_gpu():
+    cfg = PipelineConfig.from_flat(pack="embedded-gpu")
+    tokens = PROFILES["gpu"].tokens
+    assert estimate_seconds(cfg, "pack", cached_pack=False) == tokens * RATES["pack"]
+    on_gpu = estimate_seconds(cfg, "pack", cached_pack=False, gpu=True)
+    assert on_gpu == tokens / GPU_PACK_TOK_S
+    assert on_gpu < 20 * 60 < tokens * RATES["pack"]  # minutes on a GPU, hours on 2 cores
+
+
+def test_pace_scales_the_estimates_by_the_stages_done():
+    pace = _Pace()
+    assert pace("index", 100.0) == 100.0  # nothing done yet: the CPU rates
+    pace.add("pack", 1000.0, 10.0)  # the pack never paces the others
+    pace.add("report", 2.0, 50.0)  # nor a stage too short to say anything
+    assert pace("index", 100.0) == 100.0
+    pace.add("flow", 60.0, 6.0)
+    assert pace("index", 100.0) == 10.0  # this machine ran 10x faster than the CPU rates
+    assert pace("pack", 300.0) == 300.0
