@@ -42,7 +42,8 @@ def summary(run: Path) -> list[str]:
             lines.append(f"  no {name} manifest")
             continue
         sec = m.get("seconds") or 0
-        rate = f", {m['tokens'] / sec:,.0f} tok/s over the pass's {sec} s" if sec else ""
+        rate = (f", {m['tokens'] / sec:,.0f} tok/s over its pass's {sec} s (the pass it shares "
+                f"with eval, when fused)" if sec else "")
         lines.append(f"  {name}: {m.get('tokens')} tokens{rate}")
     from saeflow.pipeline.scorecard import measure_run
 

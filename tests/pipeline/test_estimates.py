@@ -22,3 +22,9 @@ def test_pace_scales_the_estimates_by_the_stages_done():
     pace.add("flow", 60.0, 6.0)
     assert pace("index", 100.0) == 10.0  # this machine ran 10x faster than the CPU rates
     assert pace("pack", 300.0) == 300.0
+
+
+def test_pace_is_off_on_a_cpu():
+    pace = _Pace(enabled=False)
+    pace.add("flow", 60.0, 6.0)
+    assert pace("index", 100.0) == 100.0

@@ -204,7 +204,7 @@ class Pipeline:
                     self._fuse[name] = "force" if (force or changed) else "resume"
         t_all = time.perf_counter()
         gpu = self._on_gpu()
-        pace = _Pace()  # the CPU rates, scaled by how this machine ran the stages so far
+        pace = _Pace(enabled=gpu)  # on a GPU: the CPU rates scaled by the stages done so far
         for i, stage in enumerate(todo):
             fused = set(self._fuse) if "eval" in todo[i:] else self._fused_done
             est = {s: estimate_seconds(self.cfg, s, cached, fused, gpu) for s in todo[i:]}
@@ -347,10 +347,12 @@ class Pipeline:
 
 
 class _Pace:
-    """Scales the 2-core CPU estimates by this run's own speed: the ratio of the seconds the
-    finished stages took to their estimates (the pack excluded: its GPU rate is its own)."""
+    """On a GPU, scales the 2-core CPU estimates by this run's own speed: the ratio of the
+    seconds the finished stages took to their estimates (the pack excluded: its GPU rate is its
+    own). On a CPU the rates are calibrated already, and one stage's ratio only adds noise."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.estimated = self.took = 0.0
 
     def add(self, stage: str, estimate: float, seconds: float) -> None:
@@ -359,7 +361,7 @@ class _Pace:
             self.took += seconds
 
     def __call__(self, stage: str, estimate: float) -> float:
-        if stage == "pack" or self.estimated < 30:
+        if not self.enabled or stage == "pack" or self.estimated < 30:
             return estimate
         return estimate * self.took / self.estimated
 
