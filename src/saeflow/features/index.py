@@ -36,6 +36,63 @@ from saeflow.store import finished_pass
 __all__ = ["IndexConfig", "build_index", "index_job"]
 
 
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor of its own: one SAE's checkpoint must not carry (or, pickled for a worker,
+    repeat) the storage of its whole group."""
+    return t.clone() if t.device.type == "cpu" else t.cpu()
+
+
+class _GroupCodes:
+    """One batch's codes of S SAEs of width d, as the bookkeeping reads them: every nonzero
+    entry (feat [M] = SAE j's feature f as j * d + f, tok [M] into the batch's B*T tokens,
+    val [M] float32), SAE by SAE in order, each SAE's in nonzero()'s order (token, then
+    feature), and the activations around them (`window`). Padding tokens (content False)
+    read as zero.
+
+    stack: the codes stacked into one [S, B, T, d] tensor, one nonzero() for the group: a few
+    kernels and two host syncs a batch on a GPU, and one more copy of the group's codes in
+    memory. Otherwise SAE by SAE (the same entries; memory for one SAE's copy at a time)."""
+
+    def __init__(self, zs: list, content: torch.Tensor, stack: bool):
+        S, (B, T, d) = len(zs), zs[0].shape
+        self.d, self.zs, self.content = d, zs, content
+        mask = content[..., None].to(zs[0].dtype)  # [B, T, 1]
+        self.Z: torch.Tensor | None = None
+        if stack:
+            Z = torch.stack(zs).mul_(mask) if S > 1 else (zs[0] * mask)[None]  # [S, B, T, d]
+            flat = Z.view(S, B * T, d)
+            s, tok, f = flat.nonzero(as_tuple=True)  # (a host sync)
+            val, feat, self.Z = flat[s, tok, f], s * d + f, Z
+            self.counts = [len(tok)] if S == 1 else (  # entries per SAE (a host sync)
+                torch.searchsorted(s, torch.arange(S + 1, device=s.device)).diff().tolist())
+        else:
+            parts = []
+            for j, z in enumerate(zs):
+                flat = (z * mask).view(B * T, d)
+                t, f = flat.nonzero(as_tuple=True)
+                parts.append((t, f + j * d, flat[t, f]))
+            tok, feat, val = (torch.cat(x) for x in zip(*parts))
+            self.counts = [len(p[0]) for p in parts]
+        self.tok, self.feat, self.val = tok, feat, val.float()
+
+    def window(self, feat: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """[m, W] float32: feature feat [m] (ascending, as nonzero() gives them) at batch row
+        b [m] and positions p [m, W] (inside the context)."""
+        d, bc = self.d, b[:, None]
+        if self.Z is not None:
+            return self.Z[(feat // d)[:, None], bc, p, (feat % d)[:, None]].float()
+        out = torch.empty(p.shape, dtype=self.zs[0].dtype, device=p.device)
+        ends = torch.arange(len(self.zs) + 1, device=feat.device) * d
+        at = torch.searchsorted(feat, ends).tolist()  # each SAE's run of features
+        for j, z in enumerate(self.zs):
+            a, e = at[j], at[j + 1]
+            if a < e:  # (z * content)[...] read only where needed: the same products
+                pj, bj = p[a:e], bc[a:e]
+                out[a:e] = z[bj, pj, (feat[a:e] - j * d)[:, None]] * self.content[bj, pj].to(
+                    z.dtype)
+        return out.float()
+
+
 class _Reservoir:
     """Per feature, the n entries with the largest key seen so far, with their token windows.
 
@@ -54,12 +111,20 @@ class _Reservoir:
 
     def state(self) -> dict:
         """CPU copies, so a checkpoint resumes on any device."""
-        return {k: v.cpu() for k, v in vars(self).items()}
+        return {k: _host(v) for k, v in vars(self).items()}
 
     def load(self, state: dict, device=None) -> None:
         dev = device if device is not None else self.key.device
         for k, v in state.items():
             setattr(self, k, v.to(dev))
+
+    def rows(self, a: int, e: int) -> "_Reservoir":
+        """Features a..e-1 as a reservoir of their own: views (no copy), valid until this
+        reservoir's next offer, load or merge replaces its tensors."""
+        out = object.__new__(_Reservoir)
+        for k, v in vars(self).items():
+            setattr(out, k, v[a:e])
+        return out
 
     def merge(self, other: "_Reservoir") -> None:
         """Keep, per feature, the n largest keys of both; on equal keys this one's entries
@@ -73,9 +138,14 @@ class _Reservoir:
             setattr(self, name, both.gather(1, idx))
         self.key = key.gather(1, order)
 
-    def offer(self, key, act, feat, flat_tok, z, batch, W_left: int, W_right: int) -> None:
-        """Candidates: key/value/feat/flat_tok [M] (flat_tok indexes the batch's B*T tokens).
-        One host sync (how many entries are new); the rest is gathers and masked writes."""
+    def offer(self, key, act, feat, flat_tok, codes: _GroupCodes, batch, W_left: int,
+              W_right: int, keep: list[tuple[int, int]] | None = None) -> None:
+        """Candidates: key/value/feat/flat_tok [M] (flat_tok indexes the batch's B*T tokens);
+        `codes` reads the activations around them. One host sync (how many entries are new);
+        the rest is gathers and masked writes. Features never mix: each row's result depends
+        only on its own candidates, in their order. keep: row ranges [a, e) left as they
+        are (an SAE of a group without candidates: on its own it is offered nothing, and
+        topk may reorder its tied keys)."""
         d, n = self.key.shape
         if key.numel() == 0:
             return
@@ -113,37 +183,48 @@ class _Reservoir:
             outside = (p < 0) | (p >= T)
             pc = p.clamp(0, T - 1)
             ids = batch.input_ids[b[:, None], pc].to(torch.int32).masked_fill_(outside, -1)
-            acts = z[b[:, None], pc, fn[:, None]].float().masked_fill_(outside, 0)
+            acts = codes.window(fn, b, pc).masked_fill_(outside, 0)
             value[fn, jn] = act[c]
             doc[fn, jn] = batch.doc_ids[b, t]
             tok[fn, jn] = batch.token_index[b, t]
             win_ids[fn, jn], win_act[fn, jn] = ids, acts.to(torch.float16)
-        self.key, self.value, self.doc, self.tok = new_key, value, doc, tok
-        self.win_ids, self.win_act = win_ids, win_act
+        new = {"key": new_key, "value": value, "doc": doc, "tok": tok, "win_ids": win_ids,
+               "win_act": win_act}
+        for a, e in keep or ():
+            for k, t in new.items():
+                t[a:e] = getattr(self, k)[a:e]
+        for k, t in new.items():
+            setattr(self, k, t)
 
 
-class _SlotStats:
-    """Running statistics of one SAE's features."""
+class _GroupStats:
+    """Running statistics of S SAEs of one width d, held as S*d features (SAE j's feature f
+    is row j * d + f), so a batch's bookkeeping is one set of ops for the group instead of
+    one per SAE (on a GPU: ~50x fewer kernel launches for 54 SAEs). Features never mix, and
+    each SAE's candidates keep their order, so row j * d + f holds exactly what that SAE's
+    own statistics would; each SAE's sample keys come from its own generator, as before."""
 
-    def __init__(self, d: int, cfg: IndexConfig, seed: int, device=None):
+    def __init__(self, d: int, cfg: IndexConfig, seeds: list[int], device=None):
         dev = self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.count = torch.zeros(d, dtype=torch.long, device=dev)
-        self.total = torch.zeros(d, dtype=torch.float64, device=dev)
-        self.max = torch.zeros(d, device=dev)
-        self.hist = torch.zeros(d, len(HIST_EDGES) - 1, dtype=torch.long, device=dev)
+        self.d, n = d, len(seeds) * d
+        self.count = torch.zeros(n, dtype=torch.long, device=dev)
+        self.total = torch.zeros(n, dtype=torch.float64, device=dev)
+        self.max = torch.zeros(n, device=dev)
+        self.hist = torch.zeros(n, len(HIST_EDGES) - 1, dtype=torch.long, device=dev)
         self.edges = HIST_EDGES.to(dev)
-        self.top = _Reservoir(d, cfg.n_top, cfg.window, dev)
-        self.sample = _Reservoir(d, cfg.n_samples, cfg.window, dev)
-        self.gen = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on any device
+        self.top = _Reservoir(n, cfg.n_top, cfg.window, dev)
+        self.sample = _Reservoir(n, cfg.n_samples, cfg.window, dev)
+        # on the CPU: the same draws on any device
+        self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+        # stacked codes on a GPU (launches); SAE by SAE on the CPU (memory)
+        self.stack_codes = dev.type != "cpu" or len(seeds) == 1
 
-    def update(self, z: torch.Tensor, batch, content: torch.Tensor, cfg: IndexConfig) -> None:
-        """z [B, T, d] activations; content [B, T] bool (real document tokens); `batch`'s
-        input_ids, doc_ids and token_index, z and content all on this statistics' device."""
-        B, T, d = z.shape
-        z = z * content[..., None].to(z.dtype)
-        flat = z.reshape(B * T, d)
-        tok, feat = flat.nonzero(as_tuple=True)  # sparse: tens of features per token (a sync)
-        val = flat[tok, feat].float()
+    def update_group(self, zs: list, batch, content: torch.Tensor, cfg: IndexConfig) -> None:
+        """zs: each SAE's activations [B, T, d], in the group's order; content [B, T] bool
+        (real document tokens); `batch`'s input_ids, doc_ids and token_index, zs and content
+        all on this statistics' device."""
+        codes = _GroupCodes(zs, content, self.stack_codes)
+        feat, tok, val = codes.feat, codes.tok, codes.val
         self.count.index_add_(0, feat, torch.ones_like(feat))  # bincount would sync on a GPU
         add_at(self.total, feat, val.double())
         self.max = torch.maximum(self.max, torch.zeros_like(self.max).scatter_reduce(
@@ -151,18 +232,27 @@ class _SlotStats:
         bins = (torch.bucketize(val, self.edges) - 1).clamp(0, self.hist.shape[1] - 1)
         self.hist.view(-1).index_add_(0, feat * self.hist.shape[1] + bins,
                                       torch.ones_like(bins))
-        self.top.offer(val, val, feat, tok, z, batch, cfg.window_left, cfg.window_right)
-        u = to_device(torch.rand(len(val), generator=self.gen), val.device)
-        self.sample.offer(u, val, feat, tok, z, batch, cfg.window_left, cfg.window_right)
+        d, W = self.d, (cfg.window_left, cfg.window_right)
+        keep = [(j * d, j * d + d) for j, m in enumerate(codes.counts) if m == 0]
+        self.top.offer(val, val, feat, tok, codes, batch, *W, keep=keep)
+        u = torch.cat([torch.rand(m, generator=g) for m, g in zip(codes.counts, self.gens)])
+        self.sample.offer(to_device(u, val.device), val, feat, tok, codes, batch, *W, keep=keep)
 
-    def state(self) -> dict:
-        """CPU copies, so a checkpoint resumes on any device."""
-        return {"count": self.count.cpu(), "total": self.total.cpu(), "max": self.max.cpu(),
-                "hist": self.hist.cpu(), "top": self.top.state(), "sample": self.sample.state(),
-                "gen": self.gen.get_state()}
+    def slot(self, j: int) -> "_SlotStats":
+        """SAE j's statistics: views of this group's tensors (no copy), valid until the
+        group's next update, load or merge."""
+        a, e = j * self.d, (j + 1) * self.d
+        one = object.__new__(_SlotStats)
+        one.device, one.d, one.edges = self.device, self.d, self.edges
+        one.count, one.total, one.max, one.hist = (t[a:e] for t in (self.count, self.total,
+                                                                    self.max, self.hist))
+        one.top, one.sample = self.top.rows(a, e), self.sample.rows(a, e)
+        one.gens, one.stack_codes = [self.gens[j]], True
+        return one
 
-    def merge(self, other: "_SlotStats") -> None:
-        """Add another shard's statistics of the same SAE (this one holds the earlier tokens)."""
+    def merge(self, other: "_GroupStats") -> None:
+        """Add another shard's statistics of the same SAEs (this one holds the earlier
+        tokens)."""
         self.count += other.count.to(self.device)
         self.total += other.total.to(self.device)
         self.max = torch.maximum(self.max, other.max.to(self.device))
@@ -171,16 +261,51 @@ class _SlotStats:
         self.sample.merge(other.sample)
 
     def to_cpu(self) -> None:
-        self.device = torch.device("cpu")
-        self.load(self.state())
+        self.device = cpu = torch.device("cpu")
+        self.count, self.total, self.max, self.hist, self.edges = (
+            t.cpu() for t in (self.count, self.total, self.max, self.hist, self.edges))
+        for res in (self.top, self.sample):
+            res.load(dict(vars(res)), cpu)
+
+    def load_slots(self, states: list[dict]) -> None:
+        """The group from each SAE's state (`_SlotStats.state`), in the group's order."""
+        dev = self.device
+
+        def cat(parts: list[dict], k: str) -> torch.Tensor:
+            return torch.cat([s[k] for s in parts]).to(dev)
+
+        self.count, self.total = cat(states, "count"), cat(states, "total")
+        self.max, self.hist = cat(states, "max"), cat(states, "hist")
+        for name in ("top", "sample"):
+            parts = [s[name] for s in states]
+            getattr(self, name).load({k: cat(parts, k) for k in parts[0]}, dev)
+        for g, s in zip(self.gens, states):
+            g.set_state(s["gen"])
+
+
+class _SlotStats(_GroupStats):
+    """Running statistics of one SAE: a group of one. Its state() is the checkpoint format
+    of one SAE (what the tables writer and a resume read)."""
+
+    def __init__(self, d: int, cfg: IndexConfig, seed: int, device=None):
+        super().__init__(d, cfg, [seed], device)
+
+    @property
+    def gen(self) -> torch.Generator:
+        return self.gens[0]
+
+    def update(self, z: torch.Tensor, batch, content: torch.Tensor, cfg: IndexConfig) -> None:
+        """z [B, T, d] activations; the rest as `update_group`."""
+        self.update_group([z], batch, content, cfg)
+
+    def state(self) -> dict:
+        """CPU copies, so a checkpoint resumes on any device."""
+        return {"count": _host(self.count), "total": _host(self.total),
+                "max": _host(self.max), "hist": _host(self.hist), "top": self.top.state(),
+                "sample": self.sample.state(), "gen": self.gen.get_state()}
 
     def load(self, s: dict) -> None:
-        dev = self.device
-        self.count, self.total = s["count"].to(dev), s["total"].to(dev)
-        self.max, self.hist = s["max"].to(dev), s["hist"].to(dev)
-        self.top.load(s["top"], dev)
-        self.sample.load(s["sample"], dev)
-        self.gen.set_state(s["gen"])
+        self.load_slots([s])
 
 
 # --- the pass -------------------------------------------------------------------------------
@@ -198,25 +323,36 @@ class IndexTargets:
 
 
 class _IndexShard:
-    """Every SAE's running statistics (and the token counts) over one shard of tokens. The
-    random keys of the sample sketch come from a generator seeded by (seed, SAE, shard), so a
-    shard draws the same keys on any worker."""
+    """Every SAE's running statistics (and the token counts) over one shard of tokens, the
+    SAEs of one width held together (`_GroupStats`). The random keys of the sample sketch
+    come from a generator seeded by (seed, SAE, shard), so a shard draws the same keys on any
+    worker."""
 
     def __init__(self, targets: IndexTargets, k: int, device):
         cfg = self.cfg = targets.cfg
         self.dev = torch.device(device)
-        self.stats = {slot: _SlotStats(targets.widths[slot], cfg,
-                                       seed=cfg.seed * 1000 + i + k * 1_000_003, device=device)
-                      for i, slot in enumerate(targets.slots)}
+        members: dict[int, list] = {}  # width -> [(index in targets.slots, slot)]
+        for i, slot in enumerate(targets.slots):
+            members.setdefault(targets.widths[slot], []).append((i, slot))
+        self.groups = [([s for _, s in m], _GroupStats(
+            d, cfg, [cfg.seed * 1000 + i + k * 1_000_003 for i, _ in m], device=device))
+            for d, m in members.items()]
+        where = {s: (g, j) for slots, g in self.groups for j, s in enumerate(slots)}
+        self.where = {s: where[s] for s in targets.slots}  # in the order of targets.slots
         self.unigram = torch.zeros(targets.vocab_size, dtype=torch.long)
+
+    @property
+    def stats(self) -> dict:
+        """{slot: _SlotStats} views of the groups (what the tables writer reads)."""
+        return {slot: g.slot(j) for slot, (g, j) in self.where.items()}
 
     def on_batch(self, z, b, content, acts=None) -> None:
         dev = self.dev
         on_dev = TokenBatch(*(to_device(t, dev) for t in (b.input_ids, b.attention_mask,
                                                           b.doc_ids, b.token_index)))
         content_dev = to_device(content, dev)
-        for slot, zs in z.items():
-            self.stats[slot].update(zs, on_dev, content_dev, self.cfg)
+        for slots, g in self.groups:
+            g.update_group([z[s] for s in slots], on_dev, content_dev, self.cfg)
         self.unigram += torch.bincount(b.input_ids[content], minlength=len(self.unigram))
 
     def state(self) -> dict:
@@ -225,13 +361,17 @@ class _IndexShard:
 
     def load(self, st: dict) -> None:
         self.unigram = st["unigram"].clone()
-        for slot, s in self.stats.items():
-            s.load(st["stats"][str(Slot.of(slot))])
+        for slots, g in self.groups:
+            g.load_slots([st["stats"][str(Slot.of(s))] for s in slots])
 
     def merge(self, other: "_IndexShard") -> None:
         self.unigram += other.unigram
-        for slot, s in self.stats.items():
-            s.merge(other.stats[slot])
+        for (_, g), (_, h) in zip(self.groups, other.groups):
+            g.merge(h)
+
+    def to_cpu(self) -> None:
+        for _, g in self.groups:
+            g.to_cpu()
 
 
 def index_job(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = None, *,
@@ -250,8 +390,7 @@ def index_job(pack, model, out: str | os.PathLike, cfg: IndexConfig | None = Non
     def finish(total: PassParts, seconds: float, saes: dict) -> FeatureIndex:
         part: _IndexShard = total.parts["index"]
         if model.device.type != "cpu":
-            for st in part.stats.values():  # the table writer reads them as numpy arrays
-                st.to_cpu()
+            part.to_cpu()  # the table writer reads them as numpy arrays
         write_index(root, pack, model, {s: saes[s] for s in slots}, part.stats, part.unigram,
                     cfg, ident, total.tokens["index"], seconds, progress=progress)
         return open_index(out)
