@@ -6,6 +6,7 @@ between SAEs, their tables, and the analyses built on them.
     sums.py        PairAccumulator: the running sums of one pair, over co-active pairs only
     measures.py    Pearson, Jaccard, sufficiency, necessity, mutual information from the sums
     shard.py       one shard of the pass (sums and predecessor co-firing)
+    batched.py     a shard's per-batch work over many pairs and layers at once (PairGroup)
     tables.py      edges/features/cofire.parquet, groups.json; open_stats -> StatsRun (reader)
     analyses.py    pass-through, gates, communities, agreement; their files and figures
 

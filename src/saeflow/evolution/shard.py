@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from saeflow.errors import MissingResultError, StatsError
-from saeflow.evolution.sums import PairAccumulator, codes_of
+from saeflow.evolution.batched import PairGroup, PredecessorCounts, feature_sums
+from saeflow.evolution.sums import Codes, PairAccumulator, codes_of
 from saeflow.flow.run import open_flow
 from saeflow.ids import Slot
 from saeflow.saes.packs import pack_fingerprint
@@ -75,30 +76,65 @@ def pair_key(up: Slot, down: Slot) -> str:
 class StatsShard:
     """The sums of every pair (and the predecessor-group counts) over one shard of tokens, kept
     on `device` (the codes' device in a pass); state() and the properties hand numpy arrays to
-    the host."""
+    the host.
+
+    A batch is a few launches for the whole family, not tens per pair (issue 29): the codes of
+    the SAEs the sums read (the pairs', and the resid_post of each predecessor layer) are built
+    once for each width, as one stack; dense pairs of one shape are updated as one `PairGroup`;
+    the predecessor counts of all layers at once (`PredecessorCounts`). Pairs too wide for
+    dense sums keep the one-pair path."""
+
+    stacked_sums: bool | None = None  # PairGroup's `stacked` (None: on a GPU; tests force it)
 
     def __init__(self, targets: StatsTargets, k: int, device):
         self.targets = targets
         dev = self.dev = torch.device(device)
         self.acc = {pr: PairAccumulator(targets.widths[pr[0]], targets.widths[pr[1]], device=dev)
                     for pr in targets.pairs}
-        self._groups = {L: torch.zeros(8, dtype=torch.long, device=dev)
-                        for L in targets.predecessors}
-        # per layer: [4, d_sae] counts of the target on, and on with its top-1 RES / MLP / ATT
-        # predecessor (the co-firing that tells a real data-free match from a chance one)
-        self._cofire = {L: torch.zeros(4, targets.widths[Slot("resid_post", L)],
-                                       dtype=torch.long, device=dev)
-                        for L in targets.predecessors}
         self.thresholds = None
         if targets.active_fraction is not None:
             assert targets.maxima is not None
             self.thresholds = {s: torch.as_tensor(targets.maxima[s], dtype=torch.float32,
                                                   device=dev) * targets.active_fraction
                                for s in targets.slots}
-        self.pred_of: dict[int, dict[str, torch.Tensor]] = {
-            L: {origin: torch.as_tensor(info.top1[origin], device=dev)
-                for origin in ("res", "mlp", "attn") if origin in info.top1}
-            for L, info in targets.predecessors.items()}
+        dense = [pr for pr, a in self.acc.items() if a.dense]
+        self.sparse = [pr for pr, a in self.acc.items() if not a.dense]
+        coded = [s for pr in dense for s in pr] + [Slot("resid_post", L)
+                                                     for L in targets.predecessors]
+        self.stacks: dict[int, list[Slot]] = {}  # {width: the SAEs of one stack of codes}
+        for s in dict.fromkeys(coded):
+            self.stacks.setdefault(targets.widths[s], []).append(s)
+        self.where = {s: (w, i) for w, ss in self.stacks.items() for i, s in enumerate(ss)}
+        self._thr = None if self.thresholds is None else {  # [S, 1, width]
+            w: torch.stack([self.thresholds[s] for s in ss])[:, None, :]
+            for w, ss in self.stacks.items()}
+        by_shape: dict[tuple[int, int], list] = {}
+        for u, d in dense:
+            by_shape.setdefault((targets.widths[u], targets.widths[d]), []).append((u, d))
+        self.pair_groups = {shape: PairGroup([self.acc[pr] for pr in prs],
+                                             [self.where[u][1] for u, _ in prs],
+                                             [self.where[d][1] for _, d in prs],
+                                             stacked=self.stacked_sums)
+                            for shape, prs in by_shape.items()}
+        self._summed = {w for shape in self.pair_groups for w in shape}
+        self._predecessors(targets)
+
+    def _predecessors(self, targets: StatsTargets) -> None:
+        """The predecessor counts, one `PredecessorCounts` per width of the resid_post SAEs;
+        the per-layer counts (`_groups`, `_cofire`) are views of theirs."""
+        by_width: dict[int, dict[int, LayerPredecessors]] = {}
+        for L, info in targets.predecessors.items():
+            by_width.setdefault(targets.widths[Slot("resid_post", L)], {})[L] = info
+        self.pred_counts = {w: PredecessorCounts(
+            layers, [self.where[Slot("resid_post", L)][1] for L in layers], w, self.where,
+            targets.widths, self.thresholds, self.dev) for w, layers in by_width.items()}
+        views = {L: (pc.groups[i], pc.cofire[i]) for w, pc in self.pred_counts.items()
+                 for i, L in enumerate(by_width[w])}
+        # [8] counts by predecessor group, and [4, d_sae] counts of the target on, and on with
+        # its top-1 RES / MLP / ATT predecessor (the co-firing that tells a real data-free match
+        # from a chance one), in the order of the layers
+        self._groups = {L: views[L][0] for L in targets.predecessors}
+        self._cofire = {L: views[L][1] for L in targets.predecessors}
 
     @property
     def group_counts(self) -> dict[int, np.ndarray]:
@@ -112,42 +148,31 @@ class StatsShard:
 
     def on_batch(self, z, b, content, acts=None) -> None:
         """z {slot: [B, T, d]} codes of one batch; content [B, T] bool (document tokens)."""
-        thresholds, dev = self.thresholds, self.dev
+        dev = self.dev
         # the content tokens' rows, found where `content` lives (the host in a pass: no sync)
         rows = to_device(content.reshape(-1).nonzero().squeeze(1), dev)
-        flat = {s: z[s].to(dev).reshape(-1, z[s].shape[-1]).index_select(0, rows)
-                for s in self.targets.slots}  # [T_content, d]
-        # "active": above the threshold, else nonzero
-        act = {s: (flat[s] > thresholds[s]) if thresholds else flat[s] > 0 for s in flat}
-        # each SAE's codes once for all its pairs; the default "active" is the codes' own z > 0
-        codes = {s: codes_of(flat[s], act[s] if thresholds else None)
-                 for s in dict.fromkeys(s for pr in self.acc for s in pr)}
-        for (u, d), a in self.acc.items():
-            a.update_codes(codes[u], codes[d])
-        for L, info in self.targets.predecessors.items():
-            self._count_groups(L, info, act)
-
-    def _count_groups(self, L: int, info: LayerPredecessors, act: dict) -> None:
-        """Empirical predecessor groups: for every active resid_post feature of layer L on
-        every token, which of its top-1 predecessors are active there too. One host sync (the
-        number of active entries); the counts stay on the device."""
-        on_r = act[Slot("resid_post", L)]  # [T_content, d] bool
-        t, f = on_r.nonzero(as_tuple=True)
-        code = torch.zeros(len(t), dtype=torch.long, device=self.dev)
-        cofire = self._cofire[L]
-        cofire[0].index_add_(0, f, torch.ones_like(f))
-        for row, (bit, origin) in enumerate(((1, "res"), (2, "mlp"), (4, "attn")), start=1):
-            slot = info.slots.get(origin)
-            if slot is None:
-                continue
-            pred = self.pred_of[L][origin][f]  # top-1 predecessor of each active feature
-            # -1 (none) reads column 0 and is masked out: no boolean indexing, no sync
-            fired = (act[slot][t, pred.clamp(min=0)] & (pred >= 0)).long()
-            code += bit * fired
-            cofire[row].index_add_(0, f, fired)
-        # [8] counts by group: a compare-and-sum (an index_add_ into 8 bins would make every
-        # GPU thread contend for the same 8 atomics)
-        self._groups[L] += (code[:, None] == torch.arange(8, device=self.dev)).sum(0)
+        flats, codes, sums = {}, {}, {}
+        for w, ss in self.stacks.items():
+            flat = flats[w] = torch.empty(len(ss), len(rows), w, dtype=z[ss[0]].dtype,
+                                          device=dev)  # [S, T_content, w]
+            for i, s in enumerate(ss):
+                _select_rows(flat[i], z[s].to(dev).reshape(-1, w), rows)
+            # "active": above the threshold, else nonzero (the codes' own z > 0)
+            codes[w] = codes_of(flat, None if self._thr is None else flat > self._thr[w])
+            if w in self._summed:
+                sums[w] = feature_sums(codes[w], len(ss), w)
+        for (wu, wd), g in self.pair_groups.items():
+            g.update(codes[wu], codes[wd], sums[wu], sums[wd])
+        one: dict[Slot, Codes] = {}  # pairs too wide for dense sums: one SAE's codes each
+        for u, d in self.sparse:
+            for s in (u, d):
+                if s not in one:
+                    flat = z[s].to(dev).reshape(-1, z[s].shape[-1]).index_select(0, rows)
+                    one[s] = codes_of(flat, None if self.thresholds is None
+                                      else flat > self.thresholds[s])
+            self.acc[(u, d)].update_codes(one[u], one[d])
+        for w, pc in self.pred_counts.items():
+            pc.count(codes[w], flats, z, rows)
 
     def state(self) -> dict:
         return {"pairs": {pair_key(u, d): a.state() for (u, d), a in self.acc.items()},
@@ -156,13 +181,13 @@ class StatsShard:
     def load(self, st: dict) -> None:
         for (u, d), a in self.acc.items():
             a.load(st["pairs"][pair_key(u, d)])
-        self._groups.update({L: _device_counts(v, self.dev) for L, v in st["groups"].items()})
         # a state saved before saeflow counted co-firing has none: the pass then starts over
         if "cofire" not in st and self._cofire:
             raise StatsError("this statistics checkpoint predates the co-firing counts; rerun "
                              "with --force")
-        self._cofire.update({L: _device_counts(v, self.dev)
-                             for L, v in st.get("cofire", {}).items()})
+        for mine, saved in ((self._groups, st["groups"]), (self._cofire, st.get("cofire", {}))):
+            for L, v in saved.items():  # into the stacked counts, whose views these are
+                mine[L].copy_(torch.as_tensor(np.asarray(v, np.int64)))
 
     def merge(self, other: "StatsShard") -> None:
         for pr, a in self.acc.items():
@@ -178,5 +203,9 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return t.to("cpu", copy=True).numpy()
 
 
-def _device_counts(v, device) -> torch.Tensor:
-    return torch.as_tensor(np.array(v, np.int64), device=device)
+def _select_rows(out: torch.Tensor, z: torch.Tensor, rows: torch.Tensor) -> None:
+    """out = z[rows] (one launch where the dtypes agree)."""
+    if z.dtype == out.dtype:
+        torch.index_select(z, 0, rows, out=out)
+    else:
+        out.copy_(z.index_select(0, rows))

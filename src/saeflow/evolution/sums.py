@@ -16,7 +16,9 @@ from saeflow.saes.scan import add_at
 class Codes(NamedTuple):
     """One SAE's codes on T tokens, as the sums read them (on the codes' device): every
     nonzero entry flat, grouped by token, and the same entries as per-token lists padded to m,
-    the most features nonzero on one token."""
+    the most features nonzero on one token. Of a stack of S SAEs of one width d (`codes_of`
+    of [S, T, d]) the lists are [S, T, m] and the flat entries are grouped by SAE, then token,
+    with feat = s * d + f."""
     feat: torch.Tensor  # [N] feature of each nonzero entry (row-major: by token)
     val: torch.Tensor  # [N] float64 its value
     on: torch.Tensor  # [N] bool: active
@@ -28,28 +30,34 @@ class Codes(NamedTuple):
 
 
 def codes_of(z: torch.Tensor, active: torch.Tensor | None = None) -> Codes:
-    """z [T, d], active [T, d] bool (None: z > 0) -> Codes, on z's device. Two host syncs: the
-    number of nonzero entries and the lists' width m (both shape the tensors)."""
+    """z [T, d] or a stack [S, T, d], active the same shape, bool (None: z > 0) -> Codes, on
+    z's device. Two host syncs, for a stack too: the number of nonzero entries and the lists'
+    width m (both shape the tensors)."""
     nz = z > 0 if active is None else (z != 0) | active
-    t, f = nz.nonzero(as_tuple=True)  # row-major: grouped by token
-    T = z.shape[0]
+    ix = nz.nonzero(as_tuple=True)  # row-major: grouped by SAE, then token
+    f = ix[-1]
+    t = ix[0] if z.dim() == 2 else ix[0] * z.shape[1] + ix[1]  # [N] list row (SAE, token)
+    T = z.shape[:-1].numel()
     dev = z.device
-    # [T] features per token (an index_add_: a bool row sum is slow on the CPU, and bincount
+    # [rows] features per row (an index_add_: a bool row sum is slow on the CPU, and bincount
     # syncs on a GPU)
     per_token = torch.zeros(T, dtype=torch.long, device=dev).index_add_(0, t, torch.ones_like(t))
     m = int(per_token.max()) if T else 0
     slot = torch.arange(len(t), device=dev) - (per_token.cumsum(0) - per_token)[t]  # rank in token
-    val = z[t, f].double()
+    val = z[ix].double()
     idx = torch.zeros(T, m, dtype=torch.long, device=dev)
     lval = torch.zeros(T, m, dtype=torch.float64, device=dev)
     ok = torch.zeros(T, m, dtype=torch.bool, device=dev)
     idx[t, slot], lval[t, slot], ok[t, slot] = f, val, True
     full = len(t) == T * m
+    shape = (*z.shape[:-1], m)
+    idx, lval, ok = idx.view(shape), lval.view(shape), ok.view(shape)
+    feat = f if z.dim() == 2 else ix[0] * z.shape[-1] + f
     if active is None:
-        return Codes(f, val, torch.ones_like(f, dtype=torch.bool), idx, lval, ok, ok, full)
-    on = active[t, f]
+        return Codes(feat, val, torch.ones_like(f, dtype=torch.bool), idx, lval, ok, ok, full)
+    on = active[ix]
     lon = torch.zeros(T, m, dtype=torch.bool, device=dev).index_put_((t, slot), on)
-    return Codes(f, val, on, idx, lval, ok, lon, full)
+    return Codes(feat, val, on, idx, lval, ok, lon.view(shape), full)
 
 
 def _block_pairs(up: Codes, down: Codes, b: slice, d_down: int
@@ -132,6 +140,9 @@ class PairAccumulator:
         self._runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._buffer: list[tuple[np.ndarray, ...]] = []
         self._buffered = 0
+        # in a PairGroup: the per-feature sums (grouped) and C, P (stacked) are views of its
+        # stacked tensors, which load() then copies into
+        self.grouped = self.stacked = False
 
     def _width(self, side: str) -> int:
         return self.d_up if side == "up" else self.d_down
@@ -203,22 +214,24 @@ class PairAccumulator:
         copy numpy arrays get (at 4096 x 4096 that copy is 200 MB a pair)."""
         self._compact()
         out: dict = {k: getattr(self, k) for k in STATE_SCALARS}
-        out.update({k: v.cpu() for k, v in self._sums.items()})
+        out.update({k: own_cpu(v) for k, v in self._sums.items()})
         out["dense"] = self.dense
         if self.dense:
-            out.update(C=self.C.cpu(), P=self.P.cpu())
+            out.update(C=own_cpu(self.C), P=own_cpu(self.P))
         else:
             out.update(keys=torch.from_numpy(self.keys), count=torch.from_numpy(self.count),
                        prod=torch.from_numpy(self.prod))
         return out
 
     def load(self, state: dict) -> None:
+        """The sums of `state`, copied into this accumulator's tensors (which may be views of
+        a `PairGroup`'s stacked sums)."""
         dev = self.device
         for k, v in state.items():
             if k in self._sums:
-                self._sums[k] = torch.as_tensor(v).to(dev)
+                self._sums[k] = load_into(self._sums[k], v, dev, self.grouped)
             elif k in ("C", "P"):
-                setattr(self, k, torch.as_tensor(v).to(dev))
+                setattr(self, k, load_into(getattr(self, k, None), v, dev, self.stacked))
             elif k in ("keys", "count", "prod"):
                 setattr(self, k, v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
             else:
@@ -270,6 +283,26 @@ class PairAccumulator:
                                  q_up[ib], q_down[jb], self.n_tokens).items():
                 out[m][b] = v
         return out
+
+
+def own_cpu(v: torch.Tensor) -> torch.Tensor:
+    """v as a CPU tensor that owns its memory: pickle (a Ray worker's result) writes a view's
+    whole storage, so a view of stacked sums is copied; a tensor of its own is not (on the CPU
+    it is returned as is, without a copy)."""
+    v = v.cpu()
+    whole = v.untyped_storage().nbytes() == v.numel() * v.element_size()
+    return v if whole and v.is_contiguous() else v.clone()
+
+
+def load_into(cur: torch.Tensor | None, v, device, in_place: bool) -> torch.Tensor:
+    """A saved tensor `v` on `device`: copied into `cur` when `in_place` (`cur` is a view of a
+    `PairGroup`'s stacked sums), else `v` itself moved there (on the CPU: no copy)."""
+    v = torch.as_tensor(v)
+    if in_place:
+        assert cur is not None and cur.shape == v.shape and cur.dtype == v.dtype, \
+            f"a saved sum of shape {tuple(v.shape)} ({v.dtype}) loaded into stacked sums"
+        return cur.copy_(v)
+    return v.to(device)
 
 
 PACKED_SORT_MAX_KEYS = 2**32  # keys fit the high half of a uint64

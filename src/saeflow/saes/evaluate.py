@@ -38,7 +38,7 @@ from saeflow.intervals import (  # noqa: F401  (re-exported: eval's intervals li
 from saeflow.lm.corpora import DEFAULT_SPEC, Corpus
 from saeflow.lm.model import LoadedModel, dtype_name, resolve_dtype, resolve_encoder_dtype
 from saeflow.saes.packs import Pack, pack_fingerprint
-from saeflow.saes.scan import PassJob, PassParts, ScanSpec, batch_budgets, scan
+from saeflow.saes.scan import PassJob, PassParts, ScanSpec, batch_budgets, scan, to_device
 from saeflow.saes.splice import nll_and_kl, splice_ce  # noqa: F401  (nll_and_kl: re-exported)
 
 DENSE_FRACTION = 0.10
@@ -50,6 +50,7 @@ MASSIVE_SHARE = 0.10
 MASSIVE_FACTOR = 1000.0
 CI_UNITS = ("document", "row")  # what the ΔCE / KL bootstrap resamples
 DEAD_TOKENS = 50_000  # held-out tokens on which the dead and dense fractions are counted
+STACK_ELEMENTS = 1 << 26  # inputs of SAEs whose reconstruction sums are stacked at once
 
 
 def massive_dims(var: torch.Tensor, share: float = MASSIVE_SHARE,
@@ -80,37 +81,86 @@ class _Acc:
     sq_dim: torch.Tensor | None = None  # [d] float64: sum of x^2 per dimension
     sse_dim: torch.Tensor | None = None  # [d] float64: sum of squared error per dimension
 
-    def add(self, other: "_Acc") -> None:
-        self.sse += other.sse
-        self.sum_sq += other.sum_sq
-        self.n += other.n
-        self.l0_sum += other.l0_sum
-        for name in ("x_sum", "sq_dim", "sse_dim"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if theirs is not None:
-                theirs = theirs.to(mine.device) if mine is not None else theirs
-                setattr(self, name, theirs.clone() if mine is None else mine + theirs)
-
 
 class _Reconstruction:
     """FVU, L0 and per-dimension sums of every SAE, encoded and decoded in float32 from the
-    SAEs' inputs (the pass's own codes may be bf16), on the batches of its token budget."""
+    SAEs' inputs (the pass's own codes may be bf16), on the batches of its token budget.
+
+    A batch costs each SAE its encode, decode and three float32 sums, and no host sync: the
+    sums stay on the device, stacked for the SAEs whose inputs have one width, whose
+    per-dimension float64 sums are a few launches for all of them (issue 29). `acc` hands them
+    out as an `_Acc` per SAE with the numbers of every saeflow version: the same float32 sums,
+    added in float64 in the same order."""
 
     def __init__(self, plan: dict, k: int, device):
-        self.plan = plan
-        self.acc = {s: _Acc() for s in plan["slots"]}
+        self.plan, dev = plan, torch.device(device)
+        self.groups: dict[int, list] = {}  # {d_in: the SAEs reading inputs of that width}
+        for s in plan["slots"]:
+            self.groups.setdefault(plan["d_in"][s], []).append(s)
+        self.n = dict.fromkeys(plan["slots"], 0)
+        self.seen = dict.fromkeys(plan["slots"], False)  # added a batch: the sums are tensors
+        # [S, 3] sse, sum_sq, l0_sum, from +0.0 as the float sums were; [S, 3, d_in] x_sum,
+        # sq_dim, sse_dim from -0.0, which adds as nothing (x + -0.0 is x, -0.0 included)
+        self.scal = {d: torch.zeros(len(ss), 3, dtype=torch.float64, device=dev)
+                     for d, ss in self.groups.items()}
+        self.dims = {d: torch.full((len(ss), 3, d), -0.0, dtype=torch.float64, device=dev)
+                     for d, ss in self.groups.items()}
 
     def on_batch(self, z, b, content, acts) -> None:
+        found = content.reshape(-1).nonzero().squeeze(1)  # where content is (the host: no sync)
+        rows: dict = {}  # ... and on each device
         with torch.inference_mode():
-            for s in self.plan["slots"]:
-                x = acts[s][content.to(acts[s].device)].float()  # [n, d_in]
-                sae = self.plan["sae_of"](s)
-                code = sae.encode(x)  # [n, d_sae]
-                err = sae.decode(code) - x
-                xd = x.double()
-                self.acc[s].add(_Acc(float(err.pow(2).sum()), float(x.pow(2).sum()),
-                                     x.shape[0], float((code > 0).sum()), xd.sum(0),
-                                     xd.pow(2).sum(0), err.double().pow(2).sum(0)))
+            for d, ss in self.groups.items():
+                dev = acts[ss[0]].device
+                if dev not in rows:
+                    rows[dev] = to_device(found, dev)
+                # SAEs in chunks: the float64 copy of a chunk's inputs stays <= 512 MB
+                step = max(1, STACK_ELEMENTS // max(1, len(found) * d))
+                for a in range(0, len(ss), step):
+                    self._add(d, a, ss[a:a + step], acts, rows[dev])
+        for s in self.plan["slots"]:
+            self.n[s] += len(found)
+            self.seen[s] = True
+
+    def _add(self, d: int, first: int, slots: list, acts: dict, rows: torch.Tensor) -> None:
+        """One batch of the SAEs `slots`, from row `first` of the stacked sums of width d."""
+        X = torch.empty(len(slots), len(rows), d, dtype=torch.float32, device=rows.device)
+        E = torch.empty_like(X)  # [S, n, d_in] inputs and reconstruction errors
+        f32, l0 = [], []
+        for i, s in enumerate(slots):
+            x = X[i]
+            if acts[s].dtype == x.dtype:
+                torch.index_select(acts[s].reshape(-1, d), 0, rows, out=x)
+            else:
+                x.copy_(acts[s].reshape(-1, d).index_select(0, rows))
+            sae = self.plan["sae_of"](s)
+            code = sae.encode(x)  # [n, d_sae]
+            err = torch.sub(sae.decode(code), x, out=E[i])
+            # each SAE's own float32 sums: a stacked sum may add in another order
+            f32 += [err.pow(2).sum(), x.pow(2).sum()]
+            l0.append((code > 0).sum())
+        b = slice(first, first + len(slots))
+        scal, dims = self.scal[d], self.dims[d]
+        scal[b, :2] += torch.stack(f32).view(-1, 2).to(scal.device)
+        scal[b, 2] += torch.stack(l0).to(scal.device)
+        # the float64 dimension sums, stacked: sum(1) of [S, n, d_in] adds in the order sum(0)
+        # of each SAE's [n, d_in] did (one float64 buffer, squared in place)
+        Xd = X.double()
+        dims[b, 0] += Xd.sum(1).to(dims.device)
+        dims[b, 1] += Xd.pow_(2).sum(1).to(dims.device)
+        dims[b, 2] += Xd.copy_(E).pow_(2).sum(1).to(dims.device)
+
+    @property
+    def acc(self) -> dict:
+        """{slot: _Acc} (tensors None before any batch)."""
+        out = {}
+        for d, ss in self.groups.items():
+            scal = self.scal[d].cpu()
+            for i, s in enumerate(ss):
+                dims = [self.dims[d][i, j].clone() if self.seen[s] else None for j in range(3)]
+                out[s] = _Acc(float(scal[i, 0]), float(scal[i, 1]), self.n[s],
+                              float(scal[i, 2]), *dims)
+        return out
 
     def state(self) -> dict:
         return {str(Slot.of(s)): {k: (v.cpu() if isinstance(v, torch.Tensor) else v)
@@ -118,34 +168,59 @@ class _Reconstruction:
                 for s, a in self.acc.items()}
 
     def load(self, st: dict) -> None:
-        self.acc = {s: _Acc(**st[str(Slot.of(s))]) for s in self.plan["slots"]}
+        for d, ss in self.groups.items():
+            for i, s in enumerate(ss):
+                a = _Acc(**st[str(Slot.of(s))])
+                self.scal[d][i] = torch.tensor([a.sse, a.sum_sq, a.l0_sum], dtype=torch.float64)
+                self.n[s], self.seen[s] = a.n, a.x_sum is not None
+                for j, v in enumerate((a.x_sum, a.sq_dim, a.sse_dim)):
+                    self.dims[d][i, j] = -0.0 if v is None else v
 
     def merge(self, other: "_Reconstruction") -> None:
-        for s, a in self.acc.items():
-            a.add(other.acc[s])
+        for d in self.groups:
+            self.scal[d] += other.scal[d].to(self.scal[d].device)
+            self.dims[d] += other.dims[d].to(self.dims[d].device)
+        for s in self.n:
+            self.n[s] += other.n[s]
+            self.seen[s] |= other.seen[s]
 
 
 class _Firing:
     """How many content tokens each latent fired on (the pass's codes), for the dead and dense
-    fractions, on the batches of its token budget."""
+    fractions, on the batches of its token budget. A batch costs each SAE three launches and
+    no host sync; the counts of the SAEs of one width are one [S, d] tensor (each SAE's `fire`
+    a view of it), added to once."""
 
     def __init__(self, plan: dict, k: int, device):
-        self.fire = {s: torch.zeros(plan["d"][s], dtype=torch.long, device=device)
-                     for s in plan["slots"]}
+        self.groups: dict[int, list] = {}  # {d_sae: the SAEs of that width}
+        for s in plan["slots"]:
+            self.groups.setdefault(plan["d"][s], []).append(s)
+        self.counts = {d: torch.zeros(len(ss), d, dtype=torch.long, device=device)
+                       for d, ss in self.groups.items()}
+        self.fire = {s: self.counts[d][i] for d, ss in self.groups.items()
+                     for i, s in enumerate(ss)}
 
     def on_batch(self, z, b, content, acts=None) -> None:
-        for s, f in self.fire.items():
-            f += (z[s][content.to(z[s].device)] > 0).sum(0)
+        rows: dict = {}  # the content rows on each device (found on the host: no sync)
+        for d, ss in self.groups.items():
+            counts = []
+            for s in ss:
+                dev = z[s].device
+                if dev not in rows:
+                    rows[dev] = to_device(content.reshape(-1).nonzero().squeeze(1), dev)
+                counts.append((z[s].reshape(-1, d).index_select(0, rows[dev]) > 0).sum(0))
+            self.counts[d] += torch.stack(counts).to(self.counts[d].device)
 
     def state(self) -> dict:
-        return {str(Slot.of(s)): v.cpu() for s, v in self.fire.items()}
+        return {str(Slot.of(s)): v.to("cpu", copy=True) for s, v in self.fire.items()}
 
     def load(self, st: dict) -> None:
-        self.fire = {s: st[str(Slot.of(s))].to(v.device) for s, v in self.fire.items()}
+        for s, v in self.fire.items():  # into the stacked counts, whose views these are
+            v.copy_(st[str(Slot.of(s))])
 
     def merge(self, other: "_Firing") -> None:
-        for s, v in self.fire.items():
-            v += other.fire[s].to(v.device)
+        for d, v in self.counts.items():
+            v += other.counts[d].to(v.device)
 
 
 def eval_job(pack: Pack, model: LoadedModel, tokens: int = 8192,
@@ -171,7 +246,8 @@ def eval_job(pack: Pack, model: LoadedModel, tokens: int = 8192,
     spec = ScanSpec(tokens=dead_tokens, corpus=corpus, seed=seed, batch_size=batch,
                     ctx_len=ctx_len, encoder_dtype=encoder_dtype, checkpoint_every_s=120.0,
                     split="heldout", require_tokens=False)
-    plan = {"slots": slots, "sae_of": sae_of, "d": {s: pack.entries[s].d_sae for s in slots}}
+    plan = {"slots": slots, "sae_of": sae_of, "d": {s: pack.entries[s].d_sae for s in slots},
+            "d_in": {s: pack.entries[s].d_in for s in slots}}
     parts = {"reconstruction": (partial(_Reconstruction, plan), tokens),
              "firing": (partial(_Firing, plan), dead_tokens)}
     identity = {"pack": pack_fingerprint(pack), "model": model.name,
