@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import partial
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -37,60 +38,42 @@ __all__ = ["IndexConfig", "build_index", "index_job"]
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
-    """A CPU tensor of its own: one SAE's checkpoint must not carry (or, pickled for a worker,
-    repeat) the storage of its whole group."""
-    return t.clone() if t.device.type == "cpu" else t.cpu()
+    """`t` on the CPU, with a storage of its own: one SAE's checkpoint must not carry (or,
+    pickled for a worker, repeat) the storage of its whole group."""
+    if t.device.type != "cpu":
+        return t.cpu()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
 class _GroupCodes:
     """One batch's codes of S SAEs of width d, as the bookkeeping reads them: every nonzero
     entry (feat [M] = SAE j's feature f as j * d + f, tok [M] into the batch's B*T tokens,
     val [M] float32), SAE by SAE in order, each SAE's in nonzero()'s order (token, then
-    feature), and the activations around them (`window`). Padding tokens (content False)
-    read as zero.
+    feature), and the activations around them (`window`), padding tokens (content False)
+    read as zero. The codes are stacked into one [S, B, T, d] tensor (one more copy of them)
+    so that the group takes one nonzero() and one read per window: on a GPU a few kernels
+    and two host syncs, not that many per SAE."""
 
-    stack: the codes stacked into one [S, B, T, d] tensor, one nonzero() for the group: a few
-    kernels and two host syncs a batch on a GPU, and one more copy of the group's codes in
-    memory. Otherwise SAE by SAE (the same entries; memory for one SAE's copy at a time)."""
-
-    def __init__(self, zs: list, content: torch.Tensor, stack: bool):
+    def __init__(self, zs: list, content: torch.Tensor):
         S, (B, T, d) = len(zs), zs[0].shape
-        self.d, self.zs, self.content = d, zs, content
         mask = content[..., None].to(zs[0].dtype)  # [B, T, 1]
-        self.Z: torch.Tensor | None = None
-        if stack:
-            Z = torch.stack(zs).mul_(mask) if S > 1 else (zs[0] * mask)[None]  # [S, B, T, d]
-            flat = Z.view(S, B * T, d)
-            s, tok, f = flat.nonzero(as_tuple=True)  # (a host sync)
-            val, feat, self.Z = flat[s, tok, f], s * d + f, Z
-            self.counts = [len(tok)] if S == 1 else (  # entries per SAE (a host sync)
-                torch.searchsorted(s, torch.arange(S + 1, device=s.device)).diff().tolist())
-        else:
-            parts = []
-            for j, z in enumerate(zs):
-                flat = (z * mask).view(B * T, d)
-                t, f = flat.nonzero(as_tuple=True)
-                parts.append((t, f + j * d, flat[t, f]))
-            tok, feat, val = (torch.cat(x) for x in zip(*parts))
-            self.counts = [len(p[0]) for p in parts]
-        self.tok, self.feat, self.val = tok, feat, val.float()
+        Z = torch.stack(zs).mul_(mask) if S > 1 else (zs[0] * mask)[None]  # [S, B, T, d]
+        flat = Z.view(S, B * T, d)
+        s, tok, f = flat.nonzero(as_tuple=True)  # (a host sync)
+        self.Z, self.d, self.tok = Z, d, tok
+        self.feat, self.val = (f, flat[0, tok, f].float()) if S == 1 else (
+            s * d + f, flat[s, tok, f].float())
+        self.counts = [len(tok)] if S == 1 else (  # entries per SAE (a host sync)
+            torch.searchsorted(s, torch.arange(S + 1, device=s.device)).diff().tolist())
+        # [S] each SAE's last entry (an index into the group's M entries); one SAE's: -1
+        self.last = None if S == 1 else to_device(
+            torch.tensor(list(accumulate(self.counts))) - 1, tok.device)
 
     def window(self, feat: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """[m, W] float32: feature feat [m] (ascending, as nonzero() gives them) at batch row
-        b [m] and positions p [m, W] (inside the context)."""
-        d, bc = self.d, b[:, None]
-        if self.Z is not None:
-            return self.Z[(feat // d)[:, None], bc, p, (feat % d)[:, None]].float()
-        out = torch.empty(p.shape, dtype=self.zs[0].dtype, device=p.device)
-        ends = torch.arange(len(self.zs) + 1, device=feat.device) * d
-        at = torch.searchsorted(feat, ends).tolist()  # each SAE's run of features
-        for j, z in enumerate(self.zs):
-            a, e = at[j], at[j + 1]
-            if a < e:  # (z * content)[...] read only where needed: the same products
-                pj, bj = p[a:e], bc[a:e]
-                out[a:e] = z[bj, pj, (feat[a:e] - j * d)[:, None]] * self.content[bj, pj].to(
-                    z.dtype)
-        return out.float()
+        """[m, W] float32: feature feat [m] at batch row b [m], positions p [m, W] (inside
+        the context)."""
+        d = self.d
+        return self.Z[(feat // d)[:, None], b[:, None], p, (feat % d)[:, None]].float()
 
 
 class _Reservoir:
@@ -174,7 +157,11 @@ class _Reservoir:
         # New entries: read their windows out of this batch.
         fn, jn = from_new.nonzero(as_tuple=True)
         if len(fn):
-            c = cand_idx[fn, pos[fn, jn] - n]  # candidate index
+            c = cand_idx[fn, pos[fn, jn] - n]  # candidate index; -1: an empty entry
+            # An empty entry (key -inf) reads its own SAE's last candidate, as when each SAE
+            # was offered its candidates alone (the tokens table lists its window's tokens).
+            if codes.last is not None:
+                c = torch.where(c < 0, codes.last[fn // codes.d], c)
             ft = flat_tok[c]
             B, T = batch.input_ids.shape
             b, t = ft // T, ft % T
@@ -199,8 +186,8 @@ class _Reservoir:
 
 class _GroupStats:
     """Running statistics of S SAEs of one width d, held as S*d features (SAE j's feature f
-    is row j * d + f), so a batch's bookkeeping is one set of ops for the group instead of
-    one per SAE (on a GPU: ~50x fewer kernel launches for 54 SAEs). Features never mix, and
+    is row j * d + f), so a batch's bookkeeping is one set of ~170 ops for the group instead
+    of ~140 per SAE (on a GPU, each a kernel launch). Features never mix, and
     each SAE's candidates keep their order, so row j * d + f holds exactly what that SAE's
     own statistics would; each SAE's sample keys come from its own generator, as before."""
 
@@ -216,14 +203,12 @@ class _GroupStats:
         self.sample = _Reservoir(n, cfg.n_samples, cfg.window, dev)
         # on the CPU: the same draws on any device
         self.gens = [torch.Generator().manual_seed(s) for s in seeds]
-        # stacked codes on a GPU (launches); SAE by SAE on the CPU (memory)
-        self.stack_codes = dev.type != "cpu" or len(seeds) == 1
 
     def update_group(self, zs: list, batch, content: torch.Tensor, cfg: IndexConfig) -> None:
         """zs: each SAE's activations [B, T, d], in the group's order; content [B, T] bool
         (real document tokens); `batch`'s input_ids, doc_ids and token_index, zs and content
         all on this statistics' device."""
-        codes = _GroupCodes(zs, content, self.stack_codes)
+        codes = _GroupCodes(zs, content)
         feat, tok, val = codes.feat, codes.tok, codes.val
         self.count.index_add_(0, feat, torch.ones_like(feat))  # bincount would sync on a GPU
         add_at(self.total, feat, val.double())
@@ -247,7 +232,7 @@ class _GroupStats:
         one.count, one.total, one.max, one.hist = (t[a:e] for t in (self.count, self.total,
                                                                     self.max, self.hist))
         one.top, one.sample = self.top.rows(a, e), self.sample.rows(a, e)
-        one.gens, one.stack_codes = [self.gens[j]], True
+        one.gens = [self.gens[j]]
         return one
 
     def merge(self, other: "_GroupStats") -> None:
@@ -322,21 +307,43 @@ class IndexTargets:
     vocab_size: int  # length of the unigram counts
 
 
-class _IndexShard:
-    """Every SAE's running statistics (and the token counts) over one shard of tokens, the
-    SAEs of one width held together (`_GroupStats`). The random keys of the sample sketch
-    come from a generator seeded by (seed, SAE, shard), so a shard draws the same keys on any
-    worker."""
+# Bytes of one batch's stacked codes (`_GroupCodes`) a group of SAEs may take: on a GPU the
+# bookkeeping is launch-bound, so the SAEs of one width go together up to this; on the CPU
+# each SAE alone (not launch-bound there: one SAE's sorts and gathers stay in cache).
+_STACK_BYTES_GPU = 4 << 30
+_STACK_BYTES_CPU = 0
 
-    def __init__(self, targets: IndexTargets, k: int, device):
+
+def _slot_groups(targets: IndexTargets, device) -> list[list[int]]:
+    """Indices into targets.slots of the SAEs kept together, each list of one width."""
+    budget = _STACK_BYTES_CPU if torch.device(device).type == "cpu" else _STACK_BYTES_GPU
+    per_feature = targets.cfg.batch_size * targets.cfg.ctx_len * 4  # float32 codes
+    runs: dict[int, list[list[int]]] = {}
+    for i, slot in enumerate(targets.slots):
+        d = targets.widths[slot]
+        cap = max(1, budget // (per_feature * d))
+        groups = runs.setdefault(d, [[]])
+        if len(groups[-1]) >= cap:
+            groups.append([])
+        groups[-1].append(i)
+    return [g for groups in runs.values() for g in groups]
+
+
+class _IndexShard:
+    """Every SAE's running statistics (and the token counts) over one shard of tokens, SAEs
+    of one width held together on a GPU (`_GroupStats`, `_slot_groups`). The random keys of
+    the sample sketch come from a generator seeded by (seed, SAE, shard), so a shard draws
+    the same keys on any worker."""
+
+    def __init__(self, targets: IndexTargets, k: int, device,
+                 layout: list[list[int]] | None = None):
         cfg = self.cfg = targets.cfg
-        self.dev = torch.device(device)
-        members: dict[int, list] = {}  # width -> [(index in targets.slots, slot)]
-        for i, slot in enumerate(targets.slots):
-            members.setdefault(targets.widths[slot], []).append((i, slot))
-        self.groups = [([s for _, s in m], _GroupStats(
-            d, cfg, [cfg.seed * 1000 + i + k * 1_000_003 for i, _ in m], device=device))
-            for d, m in members.items()]
+        self.targets, self.dev = targets, torch.device(device)
+        self.layout = layout or _slot_groups(targets, device)
+        self.groups = [([targets.slots[i] for i in g], _GroupStats(
+            targets.widths[targets.slots[g[0]]], cfg,
+            [cfg.seed * 1000 + i + k * 1_000_003 for i in g], device=device))
+            for g in self.layout]
         where = {s: (g, j) for slots, g in self.groups for j, s in enumerate(slots)}
         self.where = {s: where[s] for s in targets.slots}  # in the order of targets.slots
         self.unigram = torch.zeros(targets.vocab_size, dtype=torch.long)
@@ -366,6 +373,10 @@ class _IndexShard:
 
     def merge(self, other: "_IndexShard") -> None:
         self.unigram += other.unigram
+        if other.layout != self.layout:  # another device's grouping
+            twin = _IndexShard(self.targets, 0, self.dev, self.layout)
+            twin.load(other.state())
+            other = twin
         for (_, g), (_, h) in zip(self.groups, other.groups):
             g.merge(h)
 
