@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/bench_stats.py embedded [--tokens 8192]
     .venv/bin/python benchmarks/bench_stats.py device [--device cuda --width 4096 --k 32 \
         --tokens 16384 --batch 4096 --pairs 4]
+    .venv/bin/python benchmarks/bench_stats.py consumers [--device cuda --layers 18 \
+        --width 4096 --batch 4096 --batches 4 --baseline-src DIR]
 
 synthetic: two SAEs' activations with a realistic L0 (power-law feature frequencies, and half of
     the downstream activity copied from upstream features). Times saeflow's PairAccumulator and
@@ -12,6 +14,13 @@ synthetic: two SAEs' activations with a realistic L0 (power-law feature frequenc
 embedded: the embedded model and pack: one capture + encode of every resid_post SAE (timed),
     then the 17 adjacent resid_post pairs accumulated sparsely and densely (timed); tokens/s
     of each with the encode included.
+consumers: the statistics and eval consumers of a corpus pass (StatsShard, eval's reconstruction
+    and firing accumulators) on the family's shape: --layers x 3 TopK SAEs of width --width,
+    resid_post adjacent pairs, flow predecessors of every layer, random codes and inputs;
+    per batch of --batch tokens the aten ops dispatched (each a kernel launch on a GPU), the
+    ops that would make the host wait for a GPU, and tokens/s (the fastest of --batches). With
+    --baseline-src DIR also DIR/src's library (a `git archive` of an older commit) in a
+    child process on the same batches: new / old and whether their states are equal.
 device: the per-token work of the corpus passes on random TopK codes (--pairs + 1 SAEs of
     width --width, k --k, batches of --batch tokens) on --device, old vs new in one run:
     statistics: the pre-issue-29 path (per pair: [T, m] lists copied to the host, bincounts
@@ -350,9 +359,142 @@ def bench_device(args) -> dict:
     return res
 
 
+# --- consumers: the pass's statistics and eval consumers at the family's shape -----------------
+VIEW_OPS = {"view", "_unsafe_view", "reshape", "as_strided", "slice", "select", "expand", "t",
+            "unsqueeze", "squeeze", "detach", "alias", "transpose", "permute", "unbind", "split",
+            "_reshape_alias", "lift_fresh", "empty", "empty_like", "new_empty", "view_as"}
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique",
+            "_unique2", "item", "bincount"}
+
+
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """aten ops dispatched (on a GPU each is a kernel launch; views and no-op casts aside) and
+    those that make the host wait for a GPU (scalar reads, data-dependent sizes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        out = func(*args, **(kwargs or {}))
+        idx = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else []
+        self.syncs += name in SYNC_OPS or any(i is not None and i.dtype == torch.bool
+                                              for i in idx)
+        self.ops += name not in VIEW_OPS and not (name in ("to", "contiguous")
+                                                  and out is args[0])
+        return out
+
+
+def _family(args, dev):
+    """The embedded family's statistics targets (resid_post adjacent pairs, flow predecessors
+    of every layer) and eval plan, `--layers` layers x 3 positions of width `--width`."""
+    from saeflow.evolution.shard import LayerPredecessors, StatsTargets
+    from saeflow.ids import Slot
+    from saeflow.saes.sae import random_sae
+
+    W, n = args.width, args.layers
+    slots = sorted(Slot(p, L) for L in range(n) for p in ("resid_post", "mlp_out", "attn_out"))
+    g = np.random.default_rng(0)
+    preds = {}
+    for L in range(n):
+        origins = {"res": Slot("resid_post", L - 1) if L else None,
+                   "mlp": Slot("mlp_out", L), "attn": Slot("attn_out", L)}
+        preds[L] = LayerPredecessors({o: np.where(g.random(W) < 0.1, -1, g.integers(0, W, W))
+                                      for o, s in origins.items() if s}, origins)
+    pairs = [(Slot("resid_post", L), Slot("resid_post", L + 1)) for L in range(n - 1)]
+    targets = StatsTargets(pairs, slots, dict.fromkeys(slots, W), None, None, preds)
+    saes = {s: random_sae(args.d_in, W, "topk", k=args.k, seed=i).to(dev)
+            for i, s in enumerate(slots)}
+    plan = {"slots": slots, "sae_of": saes.__getitem__, "d": dict.fromkeys(slots, W),
+            "d_in": dict.fromkeys(slots, args.d_in)}
+    return targets, plan
+
+
+def bench_consumers(args) -> dict:
+    """Per batch of --batch tokens: StatsShard.on_batch and eval's _Reconstruction / _Firing
+    (ops dispatched, would-be host syncs, tokens/s of the fastest of --batches), on the library
+    on PYTHONPATH; with --baseline-src DIR the same in a child process on DIR/src, its states
+    compared with these."""
+    from saeflow.evolution.shard import StatsShard
+    from saeflow.saes.evaluate import _Firing, _Reconstruction
+
+    dev = torch.device(args.device)
+    if args.stacked:  # a GPU's layout of the pair sums on any device
+        StatsShard.stacked_sums = True
+    targets, plan = _family(args, dev)
+    B, ctx = args.batch // 128, 128
+    zs = topk_codes(len(plan["slots"]), args.batch * (args.batches + 2), args.width, args.k, dev)
+    g = torch.Generator().manual_seed(1)
+    acts = {s: torch.randn(B, ctx, args.d_in, generator=g).to(dev) for s in plan["slots"]}
+    content = torch.ones(B, ctx, dtype=torch.bool)
+    content[:, 0] = False  # BOS
+    parts = {"stats": StatsShard(targets, 0, dev), "recon": _Reconstruction(plan, 0, dev),
+             "firing": _Firing(plan, 0, dev)}
+    res: dict = {"case": f"{len(plan['slots'])} SAEs of width {args.width} (k {args.k}), "
+                         f"{len(targets.pairs)} pairs, batches of {args.batch} tokens, {dev}"}
+    for name, part in parts.items():
+        def batch(i):
+            z = {s: zs[j][i * args.batch:(i + 1) * args.batch].view(B, ctx, -1)
+                 for j, s in enumerate(plan["slots"])}
+            part.on_batch(z, None, content, acts)
+        batch(0)  # warm-up
+        with OpCounter() as c:
+            batch(1)
+        # the fastest batch: other work on a shared machine only ever slows one down
+        seconds = min(_timed(lambda: batch(i), dev) for i in range(2, args.batches + 2))
+        res[name] = {"ops_per_batch": c.ops, "syncs_per_batch": c.syncs,
+                     "tok_s": round(args.batch / seconds)}
+    if args.save_state:
+        torch.save({n: p.state() for n, p in parts.items()}, args.save_state)
+    if args.baseline_src:
+        res.update(_consumers_baseline(args, res, {n: p.state() for n, p in parts.items()}))
+    return res
+
+
+def _consumers_baseline(args, res: dict, states: dict) -> dict:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "state.pt"
+        cmd = [sys.executable, __file__, "consumers", "--save-state", str(saved)] + [
+            f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
+            ("device", "width", "k", "batch", "batches", "layers", "d_in")] + (
+            ["--stacked"] if args.stacked else [])
+        env = dict(os.environ, PYTHONPATH=str(Path(args.baseline_src).resolve() / "src"))
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode:
+            return {"baseline_error": out.stderr.strip().splitlines()[-3:]}
+        base = json.loads(out.stdout[out.stdout.index("{"):])
+        old = torch.load(saved, weights_only=False)
+    exact = args.device == "cpu"
+    return {"baseline": {n: base[n] for n in states},
+            "new_over_old_tok_s": {n: round(res[n]["tok_s"] / base[n]["tok_s"], 2)
+                                   for n in states},
+            "states_equal": {n: _equal_states(states[n], old[n], exact) for n in states}}
+
+
+def _equal_states(a, b, exact: bool) -> bool:
+    """Equal nested states: tensors and arrays exactly (float ones to 1e-12 off the CPU)."""
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_equal_states(a[k], b[k], exact) for k in a)
+    if isinstance(a, (torch.Tensor, np.ndarray)):
+        a, b = torch.as_tensor(a), torch.as_tensor(b)
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        if exact or not a.is_floating_point():
+            return torch.equal(a, b)
+        return torch.allclose(a, b, rtol=1e-12, atol=0)
+    return a == b
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["synthetic", "embedded", "device"])
+    ap.add_argument("mode", choices=["synthetic", "embedded", "device", "consumers"])
     ap.add_argument("--width", type=int, default=24576)
     ap.add_argument("--l0", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=16384)
@@ -362,9 +504,18 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="device: where the codes and sums live")
     ap.add_argument("--k", type=int, default=32, help="device: active features per token")
     ap.add_argument("--pairs", type=int, default=4, help="device: SAE pairs (a chain)")
+    ap.add_argument("--layers", type=int, default=18, help="consumers: layers (3 SAEs each)")
+    ap.add_argument("--d-in", type=int, default=640, help="consumers: the SAEs' input width")
+    ap.add_argument("--batches", type=int, default=2, help="consumers: batches timed")
+    ap.add_argument("--baseline-src", default=None,
+                    help="consumers: also run an older checkout's library (DIR/src)")
+    ap.add_argument("--stacked", action="store_true",
+                    help="consumers: the pairs' C and P stacked (a GPU's layout) on any device")
+    ap.add_argument("--save-state", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    modes = {"synthetic": bench_synthetic, "embedded": bench_embedded, "device": bench_device}
+    modes = {"synthetic": bench_synthetic, "embedded": bench_embedded, "device": bench_device,
+             "consumers": bench_consumers}
     res = modes[args.mode](args)
     print(json.dumps(res, indent=2))
 

@@ -48,7 +48,7 @@ class PairGroup:
     pair p reads row up_rows[p] of the upstream stack and down_rows[p] of the downstream one.
 
     stacked: C and P of all pairs in one tensor each (the default on a GPU: a block of tokens
-    is then two launches for every pair); otherwise each pair keeps its own C and P (the CPU:
+    is then two launches for all the pairs); otherwise each pair keeps its own C and P (the CPU:
     no launches to save, and a pair's state is then its own memory, written without a copy).
     max_pairs: co-nonzero pairs materialised at once over all pairs of the group (None: each
     pair's max_block_pairs, summed; with separate sums on the CPU: the largest of them).

@@ -106,6 +106,11 @@ class PairAccumulator:
         sort of two sorted runs is a linear merge), so each pair is merged O(log) times.
     The per-feature sums (n_up, s_up, q_up, max_up and the down ones) stay on `device`;
     state(), merge() and pairs() hand the host CPU tensors / numpy arrays.
+    Determinism: C's int32 counts are added with index_add_ (exact in any order); P's and the
+    per-feature float64 sums through `add_at`: index_add_ on the CPU (the order of the
+    entries), a stable sort then accumulate (index_put_) on a GPU, where index_add_'s atomics
+    would add in another order on every run. A `PairGroup` (batched.py) updates many pairs
+    at once with the same adds in the same order.
     """
 
     d_up: int
