@@ -127,15 +127,14 @@ class _Reconstruction:
         X = torch.empty(len(slots), len(rows), d, dtype=torch.float32, device=rows.device)
         E = torch.empty_like(X)  # [S, n, d_in] inputs and reconstruction errors
         f32, l0 = [], []
-        for i, s in enumerate(slots):
-            x = X[i]
+        for s, x, e in zip(slots, X.unbind(0), E.unbind(0)):
             if acts[s].dtype == x.dtype:
                 torch.index_select(acts[s].reshape(-1, d), 0, rows, out=x)
             else:
                 x.copy_(acts[s].reshape(-1, d).index_select(0, rows))
             sae = self.plan["sae_of"](s)
             code = sae.encode(x)  # [n, d_sae]
-            err = torch.sub(sae.decode(code), x, out=E[i])
+            err = torch.sub(sae.decode(code), x, out=e)
             # each SAE's own float32 sums: a stacked sum may add in another order
             f32 += [err.pow(2).sum(), x.pow(2).sum()]
             l0.append((code > 0).sum())
