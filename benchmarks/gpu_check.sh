@@ -11,7 +11,11 @@
 #            (a) the model's forward alone, (b) the SAE updates alone, (c) the full loop, and
 #            the bf16 GEMM peak, all in one run
 #   passes   bench_stats device: the statistics sums and the index bookkeeping on TopK codes,
-#            the old host-side code against the new device-side code in the same run
+#            the old host-side code against the new device-side code in the same run;
+#            bench_index_ops: the index of 54 SAEs SAE by SAE (the old code) vs one group per
+#            width (ops per batch, tok/s, states compared); bench_stats consumers: the pass's
+#            statistics and eval consumers at the family's shape (against BASE/src, an older
+#            checkout, when BASE is set: `git archive 0d7080f src | tar -x -C .base`)
 #   main     CPU-vs-GPU logits of the embedded model; `saeflow run --device cuda` on the default
 #            profile (the sweep too when the sentence embedder is installed), with its stage
 #            times and the real index / statistics passes' tok/s; steer, trace and serve on it
@@ -22,7 +26,7 @@
 # Every step's timeout is the smaller of its own cap and what is left of BUDGET seconds
 # (default 480: the 8 minutes of the issue); a step with no time left is reported as skipped.
 # Env: PY (python, default python3), MODEL / PACK (default embedded), PROFILE (default),
-# FEATURE (what steer/trace use), BUDGET, DEVICE (cpu: a dry run of this script without a GPU;
+# FEATURE (what steer/trace use), BUDGET, BASE (see passes), DEVICE (cpu: a dry run of this script without a GPU;
 # give small SIZES=small then, so the benchmarks run at toy shapes). Prints a summary at the
 # end, which docs/benchmarks.md quotes; everything is also kept under OUT (default gpu-check/).
 set -u
@@ -37,6 +41,7 @@ FEATURE=${FEATURE:-6/resid_post/7}
 BUDGET=${BUDGET:-480}
 DEVICE=${DEVICE:-cuda}
 SIZES=${SIZES:-full}
+BASE=${BASE:-}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
@@ -71,9 +76,11 @@ if [ "$SIZES" = small ]; then  # toy shapes for a dry run on a CPU
   FLOW=(--layers 2 --width 1024 --d 256); WIDE=(--layers 2 --width 2048 --d 256)
   STEP=(--saes 4 --width 1024 --batch 256 --steps 3); LOOP=(--layers 0 --width 256 --model-batch 16 --chunk-tokens 8192 --tokens 16k)
   STATS=(--width 1024 --tokens 2048 --batch 1024 --pairs 2); RUNPROFILE=quick; RUNPACK=embedded-quick
+  IDX=(--slots 4 --width 1024 --tokens 1024); CONS=(--layers 2 --width 1024 --batch 1024 --batches 2)
 else
   FLOW=(); WIDE=(); STEP=(--saes 54 --width 4096 --batch 4096 --steps 20); LOOP=(--tokens 1M)
   STATS=(--width 4096 --k 32 --tokens 16384 --batch 4096 --pairs 4); RUNPROFILE=$PROFILE; RUNPACK=$PACK
+  IDX=(--slots 54 --width 4096 --tokens 4096 --batches 3); CONS=(--layers 18 --width 4096 --batch 4096 --batches 4)
 fi
 
 say "gpu_check $(date -u +%FT%TZ): $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1)"
@@ -101,8 +108,15 @@ train)
   ;;
 passes)
   step "corpus-pass bookkeeping: statistics sums and index reservoirs, old vs new"
-  run passes 90 "$PY" benchmarks/bench_stats.py device --device "$DEVICE" "${STATS[@]}"
+  run passes 60 "$PY" benchmarks/bench_stats.py device --device "$DEVICE" "${STATS[@]}"
   say "passes: $(json_of "$OUT/passes.log" stats_old_tok_s stats_new_tok_s stats_new_over_old C_equal P_within_1e-12 index_old_tok_s index_new_tok_s index_new_over_old index_tables_equal)"
+  step "the index of 54 SAEs: SAE by SAE (old) vs one group per width, ops and tok/s"
+  run index_ops 90 "$PY" benchmarks/bench_index_ops.py --device "$DEVICE" "${IDX[@]}"
+  say "index ops: $(json_of "$OUT/index_ops.log" old alone group | tr -d '{}"')"
+  step "the pass's statistics and eval consumers at the family's shape${BASE:+ (old: $BASE)}"
+  run consumers 90 "$PY" benchmarks/bench_stats.py consumers --device "$DEVICE" "${CONS[@]}" \
+    ${BASE:+--baseline-src "$BASE"}
+  say "consumers: $(json_of "$OUT/consumers.log" stats recon firing baseline | tr -d '{}"')"
   ;;
 main)
   step "logits of the embedded model: CPU vs GPU"
