@@ -337,11 +337,20 @@ def test_train_family_stacked_engine_writes_the_same_pack(tiny_models, tmp_path)
 def test_training_in_bf16_leaves_the_callers_weights_exact(tiny_models, tmp_path):
     m = tiny_models["gemma3"]
     before = {k: v.clone() for k, v in m.hf.state_dict().items()}
+    # non-persistent buffers (embed_scale, rotary inv_freq) are outside the state dict
+    buffers = {k: v.clone() for k, v in m.hf.named_buffers()}
+    assert set(buffers) - set(before), "the tiny Gemma 3 has buffers outside its state dict"
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0)).to(m.device)
+    with torch.no_grad():
+        logits = m.hf(input_ids=ids).logits
     train_family(m, tiny_cfg(tokens=1024, model_dtype="bfloat16", layers=[0]), tmp_path / "p",
                  progress=False)
     after = m.hf.state_dict()
     assert m.dtype == torch.float32
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(buffers[k], v) for k, v in m.hf.named_buffers())
+    with torch.no_grad():
+        assert torch.equal(m.hf(input_ids=ids).logits, logits)
 
 
 def _massive_data(n, g, d=16, n_dirs=64):
