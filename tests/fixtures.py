@@ -234,3 +234,44 @@ def reference_splice_logprobs(model, batch, point, sae):
         with Hooks(model, edits={point: splice}):
             ls = logprobs()
     return lc, ls, ids[:, 1:][tm]
+
+
+# --- host syncs, counted the same way on a CPU and on a GPU ---------------------------------------
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique",
+            "_unique2", "item", "bincount"}
+
+
+class SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make the host wait for a GPU: scalar reads, and ops whose output size
+    depends on the data (nonzero, boolean-mask indexing, bincount's length)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        idx = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else []
+        self.n += name in SYNC_OPS or any(i is not None and i.dtype == torch.bool for i in idx)
+        return func(*args, **(kwargs or {}))
+
+
+def count_syncs(device, fn) -> int:
+    """Host syncs in fn(): on CUDA those torch's sync debug mode reports, on the CPU the ops
+    that would sync on a GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        with SyncCounter() as c:
+            fn()
+        return c.n
+    import warnings
+
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(x.message) for x in w)

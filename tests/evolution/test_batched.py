@@ -9,12 +9,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from fixtures import count_syncs
 
 from saeflow.evolution import shard as shard_mod
 from saeflow.evolution.shard import LayerPredecessors, StatsShard, StatsTargets
 from saeflow.evolution.sums import PairAccumulator
 from saeflow.ids import Slot
-from tests.evolution.test_stats import count_syncs
 
 LAYERS = 4
 WIDTH = {"resid_post": 37, "mlp_out": 37, "attn_out": 29}

@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fixtures import count_syncs
 
 from saeflow.cli.main import main
 from saeflow.errors import FeatureIndexError, MissingResultError
@@ -336,39 +337,6 @@ def test_bulk_accessors_read_the_features_table(setup):
     assert idx.label_map() == dict(zip(feats.id, feats.label))
 
 
-class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the ops that make the host wait for a GPU: scalar reads, and ops whose output size
-    depends on the data (nonzero, boolean-mask indexing, bincount's length)."""
-    OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "item", "bincount"}
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        idx = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else []
-        self.n += name in self.OPS or any(i is not None and i.dtype == torch.bool for i in idx)
-        return func(*args, **(kwargs or {}))
-
-
-def _count_syncs(dev, fn) -> int:
-    """Host syncs in fn(): torch's sync debug mode on CUDA; on the CPU the ops that would sync."""
-    if dev.type != "cuda":
-        with _SyncCounter() as c:
-            fn()
-        return c.n
-    import warnings
-
-    torch.cuda.synchronize(dev)
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(x.message) for x in w)
 
 
 def test_slot_statistics_on_the_device_keep_each_features_best_with_its_window(test_device):
@@ -396,7 +364,7 @@ def test_slot_statistics_on_the_device_keep_each_features_best_with_its_window(t
         zs.append((zc.reshape(-1, d), b))
         keys.append(torch.rand(int((zc > 0).sum()), generator=gen))  # the sample keys drawn
         on_dev = TokenBatch(*(t.to(dev) for t in b.__dict__.values()))
-        syncs.append(_count_syncs(dev, lambda: st.update(z.to(dev), on_dev, content.to(dev), cfg)))
+        syncs.append(count_syncs(dev, lambda: st.update(z.to(dev), on_dev, content.to(dev), cfg)))
     assert all(n <= 3 for n in syncs), syncs
     Z = torch.cat([z for z, _ in zs])  # [N, d]
     ids = torch.cat([b.input_ids.reshape(-1) for _, b in zs])
@@ -454,7 +422,7 @@ def test_grouped_statistics_equal_slot_by_slot(test_device):
             b = TokenBatch(*(t.to(dev) for t in (ids, torch.ones_like(ids),
                                                  torch.arange(B)[:, None] + B * i + 0 * ids, tok)))
             content, zs = (tok >= 0).to(dev), list(z.to(dev).unbind(0))
-            n = _count_syncs(dev, lambda: group.update_group(zs, b, content, cfg))
+            n = count_syncs(dev, lambda: group.update_group(zs, b, content, cfg))
             assert n <= (4 if dev.type == "cuda" else 3), n
             for st, zj in zip(own, zs):
                 st.update(zj, b, content, cfg)

@@ -6,12 +6,12 @@ import io
 
 import pytest
 import torch
+from fixtures import count_syncs
 
 from saeflow.ids import Slot
 from saeflow.saes import evaluate
 from saeflow.saes.evaluate import _Firing, _Reconstruction
 from saeflow.saes.sae import random_sae
-from tests.evolution.test_stats import count_syncs
 
 # two input widths and two SAE widths, TopK and ReLU
 SAES = {Slot("resid_post", 0): (16, 40, "topk"), Slot("resid_post", 1): (16, 40, "relu"),
