@@ -11,6 +11,7 @@ from saeflow.lm.corpora import Corpus
 from saeflow.lm.hooks import capture
 from saeflow.saes.train import TrainConfig, train_family
 from saeflow.saes.train import family as fam
+from saeflow.saes.train import stacked
 
 
 def tiny_cfg(**kw):
@@ -109,6 +110,25 @@ def test_the_loop_trains_the_packs_of_the_old_loop_bit_for_bit(tiny_models, tmp_
     assert not cfg.resample_dead or sum(revived) > 0
 
 
+def test_init_and_resampling_read_the_chunk_sae_by_sae_and_train_the_same_pack(
+        tiny_models, tmp_path, monkeypatch):
+    """With blocks of one SAE, init and resampling never gather more than one SAE's rows of the
+    chunk at a time, and the pack is still the old loop's, bit for bit."""
+    m = tiny_models["llama"]
+    cfg = tiny_cfg(engine="stacked", resample_dead=True, dead_tokens=256)
+    monkeypatch.setattr(stacked, "INIT_BLOCK_BYTES", 1)
+    widest = []
+    real = fam._Shuffled.__getitem__
+    monkeypatch.setattr(fam._Shuffled, "__getitem__",
+                        lambda self, i: widest.append(real(self, i)) or widest[-1])
+    new = train_family(m, cfg, tmp_path / "new", progress=False).pack
+    with monkeypatch.context() as mp:
+        mp.setattr(fam, "_loop", _old_loop)
+        old = train_family(m, cfg, tmp_path / "old", progress=False).pack
+    _assert_same_pack(new, old)
+    assert widest and all(x.numel() == cfg.chunk_tokens * m.d_model for x in widest)
+
+
 @pytest.mark.parametrize("engine", ["sparse", "stacked"])
 def test_resume_is_bit_identical(tiny_models, tmp_path, engine):
     m = tiny_models["gemma3"]
@@ -187,8 +207,8 @@ def test_the_gpu_profile_and_the_pinned_profiles():
     assert gpu.dead_tokens // gpu.batch_size == default.dead_tokens // default.batch_size
     names = {n for n, _ in parse_corpus_spec(gpu.corpus)}
     assert names == {"wiki", "python"}
-    # the chunk buffer of the 54 SAEs (bf16, d 640) and the first chunk's float32 init copies
-    # stay inside an 80 GB card
+    # the chunk buffer of the 54 SAEs (bf16, d 640) and the init's blocks (~5 float32 copies
+    # of at most INIT_BLOCK_BYTES) stay well inside an 80 GB card
     rows = gpu.chunk_tokens + gpu.model_batch * gpu.ctx_len
-    assert 54 * rows * 640 * 2 + 3 * 54 * gpu.chunk_tokens * 640 * 4 < 70e9
+    assert 54 * rows * 640 * 2 + 5 * stacked.INIT_BLOCK_BYTES < 20e9
     assert replace(gpu).identity() == gpu.identity()

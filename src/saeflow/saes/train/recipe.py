@@ -28,6 +28,19 @@ from saeflow.saes.sae import SAE
 from saeflow.saes.train.config import TrainConfig
 
 
+class ChunkRows(Protocol):
+    """Rows [S, N, d_in] that are read SAE by SAE: a tensor, or a lazily gathered chunk (so
+    init and resampling never hold a second copy of the whole chunk)."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def __getitem__(self, i, /) -> torch.Tensor: ...
+
+
 class Engine(Protocol):
     """S SAEs in training, as the family loop sees them (x is always [S, ..., d_in])."""
 
@@ -39,11 +52,11 @@ class Engine(Protocol):
         """Whether the input scales are fixed (by the first chunk, or a checkpoint)."""
         ...
 
-    def init_from(self, x: torch.Tensor) -> None:
+    def init_from(self, x: ChunkRows) -> None:
         """x [S, N, d_in], the first chunk: input scales, b_dec at the geometric median."""
         ...
 
-    def resample(self, x: torch.Tensor) -> int:
+    def resample(self, x: ChunkRows) -> int:
         """x [S, N, d_in] raw chunk: re-initialise dead latents; returns how many."""
         ...
 

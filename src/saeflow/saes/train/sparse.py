@@ -18,11 +18,12 @@ from saeflow.saes.sae import SAE
 from saeflow.saes.train import recipe
 from saeflow.saes.train.config import TrainConfig
 from saeflow.saes.train.kernels import BlockPre, GatherPre, csr_rows
+from saeflow.saes.train.recipe import ChunkRows
 
 
-def _single(x: torch.Tensor) -> torch.Tensor:
+def _single(x: ChunkRows) -> torch.Tensor:
     """The one SAE's inputs [N, d_in], from [N, d_in] or the family loop's stack [1, N, d_in]."""
-    return x[0] if x.dim() == 3 else x
+    return x[0] if len(x.shape) == 3 else x  # type: ignore[return-value]
 
 
 def _flip(v):
@@ -75,7 +76,7 @@ class SAETrainer:
         return recipe.SAEView(self.W_enc, self.W_dec, self.b_enc, self.b_dec)
 
     @torch.no_grad()
-    def init_from(self, x: torch.Tensor) -> None:
+    def init_from(self, x: ChunkRows) -> None:
         """x [N, d_in] (first chunk): fix the input scale and start b_dec at the geometric median."""
         init = recipe.init_scales(_single(x).float()[None], self.cfg, ratio_in_float32=True)
         self.input_scale = init.input_scale[0]
@@ -198,7 +199,7 @@ class SAETrainer:
         self.fired_ever |= fired
 
     @torch.no_grad()
-    def resample(self, x: torch.Tensor) -> int:
+    def resample(self, x: ChunkRows) -> int:
         """x [N, d_in] (or [1, N, d_in]) raw chunk: re-initialise the dead latents
         (cfg.resample_dead) before the lr decay (recipe.resample_sae); returns how many."""
         if not self.cfg.resample_dead or self.step_i >= recipe.decay_start(self.cfg,

@@ -11,6 +11,7 @@ import torch
 from saeflow.saes.sae import SAE
 from saeflow.saes.train import recipe
 from saeflow.saes.train.config import TrainConfig
+from saeflow.saes.train.recipe import ChunkRows
 from saeflow.saes.train.stacked_kernels import (
     CodeFn,
     DeadBound,
@@ -18,6 +19,10 @@ from saeflow.saes.train.stacked_kernels import (
     aux_compact,
     code,
 )
+
+# The first chunk's init runs on blocks of SAEs of at most this many float32 bytes: its
+# temporaries are ~4 copies of a block, not of the chunk (54 x 131k x 640 x 4 B = 18 GB each).
+INIT_BLOCK_BYTES = 1 << 30
 
 
 class _Step(NamedTuple):
@@ -87,12 +92,18 @@ class StackedTrainer:
         return recipe.SAEView(self.W_enc[i], self.W_dec[i], self.b_enc[i], self.b_dec[i])
 
     @torch.no_grad()
-    def init_from(self, x: torch.Tensor) -> None:
-        """x [S, N, d_in] (first chunk): input scales and b_dec at the geometric medians."""
-        init = recipe.init_scales(x.float(), self.cfg, ratio_in_float32=False)
-        self.input_scales, self.dim_scale = init.input_scale, init.dim_scale
+    def init_from(self, x: ChunkRows) -> None:
+        """x [S, N, d_in] (first chunk): input scales and b_dec at the geometric medians,
+        computed on blocks of SAEs (each SAE's figures are bit-identical to one big batch)."""
+        S, N, d_in = x.shape
+        per = max(1, INIT_BLOCK_BYTES // (N * d_in * 4))
+        parts = [recipe.init_scales(x[a:a + per].float(), self.cfg, ratio_in_float32=False)
+                 for a in range(0, S, per)]
+        self.input_scales = [s for p in parts for s in p.input_scale]
+        dims = [p.dim_scale for p in parts if p.dim_scale is not None]
+        self.dim_scale = torch.cat(dims) if dims else None  # [S, d_in]
         self.input_scale = torch.tensor(self.input_scales, device=x.device)  # [S]
-        self.b_dec.copy_(init.median)
+        self.b_dec.copy_(torch.cat([p.median for p in parts]))
 
     def _loss(self, x: torch.Tensor) -> tuple[torch.Tensor, _Step]:
         """The summed loss of a step on raw x [S, B, d_in], and what the update needs."""
@@ -176,8 +187,8 @@ class StackedTrainer:
         self._bound.snapshot()
 
     @torch.no_grad()
-    def resample(self, x: torch.Tensor) -> int:
-        """x [S, N, d_in] raw chunk: SAETrainer.resample for each SAE of the stack."""
+    def resample(self, x: ChunkRows) -> int:
+        """x [S, N, d_in] raw chunk, read SAE by SAE: SAETrainer.resample for each SAE."""
         cfg = self.cfg
         if not cfg.resample_dead or self.step_i >= recipe.decay_start(cfg, self.steps_total):
             return 0
