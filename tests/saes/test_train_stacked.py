@@ -5,6 +5,7 @@ decides it; and no host sync inside a step."""
 import collections
 import importlib.util
 import pathlib
+import shutil
 
 import pytest
 import torch
@@ -247,3 +248,21 @@ def test_compiled_code_falls_back_to_eager(monkeypatch):
         z, vals = fn(pre, 3, False)
     z0, vals0 = sk.code(pre, 3, False)
     assert torch.equal(z, z0) and torch.equal(vals, vals0) and fn.fn is None
+
+
+@pytest.mark.skipif(not shutil.which("cc") and not shutil.which("g++"),
+                    reason="torch.compile on the CPU needs a C compiler")
+def test_the_compiled_code_trains_exactly_as_eager():
+    """SAEFLOW_COMPILE's path, forced on the CPU (inductor's C++ backend, not CUDA's Triton):
+    the graph compiles, nothing falls back, and three steps with dead latents give the eager
+    trainer's parameters bit for bit."""
+    make, x = _setup(torch.float32)
+    ts = [make(), make()]
+    ts[1]._code_fn = sk.CodeFn(True)
+    for t in ts:
+        t.init_from(x)
+        for s in range(3):
+            t.step(x[:, s * 64:(s + 1) * 64])
+    assert ts[1]._code_fn.fn is not None and ts[1]._code_fn._probed
+    for a, b in zip(ts[0].params, ts[1].params):
+        assert torch.equal(a, b)
