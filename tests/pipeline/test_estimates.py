@@ -1,6 +1,12 @@
 """The time-left estimates `saeflow run` prints: the pack's GPU rate, and the pace of the run."""
 from saeflow.pipeline.config import PipelineConfig
-from saeflow.pipeline.stages import GPU_PACK_TOK_S, RATES, _Pace, estimate_seconds
+from saeflow.pipeline.stages import (
+    GPU_PACK_TOK_S,
+    RATES,
+    _Pace,
+    estimate_seconds,
+    pack_advice,
+)
 from saeflow.saes.recipes import PROFILES
 
 
@@ -28,3 +34,12 @@ def test_pace_is_off_on_a_cpu():
     pace = _Pace(enabled=False)
     pace.add("flow", 60.0, 6.0)
     assert pace("index", 100.0) == 100.0
+
+
+def test_a_gpu_pack_on_a_cpu_says_so_and_what_to_use_instead():
+    gpu_pack = PipelineConfig.from_flat(pack="embedded-gpu")
+    msg = pack_advice(gpu_pack, cached_pack=False, gpu=False)
+    assert msg and "--device cuda" in msg and "--pack embedded" in msg and "980 min" in msg
+    assert pack_advice(gpu_pack, cached_pack=False, gpu=True) is None
+    assert pack_advice(gpu_pack, cached_pack=True, gpu=False) is None
+    assert pack_advice(PipelineConfig.from_flat(pack="embedded"), False, False) is None

@@ -9,9 +9,8 @@ import torch
 from saeflow.ids import Slot
 from saeflow.lm.corpora import Corpus
 from saeflow.lm.hooks import capture
-from saeflow.saes.train import TrainConfig, train_family
+from saeflow.saes.train import TrainConfig, stacked, train_family
 from saeflow.saes.train import family as fam
-from saeflow.saes.train import stacked
 
 
 def tiny_cfg(**kw):

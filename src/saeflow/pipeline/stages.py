@@ -62,6 +62,17 @@ RATES = {"pack": 1 / 340, "eval_pass": 3.9e-3, "index_extra": 3.6e-3, "stats_ext
 GPU_PACK_TOK_S = 19_458
 
 
+def pack_advice(cfg: PipelineConfig, cached_pack: bool, gpu: bool) -> str | None:
+    """A warning before training a GPU-sized embedded pack without a GPU; None otherwise."""
+    if cached_pack or gpu or cfg.pack != "embedded-gpu":
+        return None
+    tokens = PACK_PROFILES["gpu"].tokens
+    return (f"note: --pack embedded-gpu is the gpu profile's pack ({tokens / 1e6:.0f}M training "
+            f"tokens), meant for a CUDA GPU (--device cuda): without one it trains for about "
+            f"{_fmt(tokens * RATES['pack'])} on 2 cores. For a CPU run use --pack embedded; "
+            f"Ctrl-C is safe, the same command resumes.")
+
+
 def estimate_seconds(cfg: PipelineConfig, stage: str, cached_pack: bool,
                      fused: frozenset[str] | set[str] = frozenset(), gpu: bool = False) -> float:
     """The expected seconds of `stage` on 2 CPU cores (the pack: on a GPU when `gpu`);
@@ -205,6 +216,9 @@ class Pipeline:
         t_all = time.perf_counter()
         gpu = self._on_gpu()
         pace = _Pace(enabled=gpu)  # on a GPU: the CPU rates scaled by the stages done so far
+        advice = pack_advice(self.cfg, cached, gpu) if "pack" in todo else None
+        if advice:
+            self._say(advice)
         for i, stage in enumerate(todo):
             fused = set(self._fuse) if "eval" in todo[i:] else self._fused_done
             est = {s: estimate_seconds(self.cfg, s, cached, fused, gpu) for s in todo[i:]}
