@@ -38,16 +38,14 @@ def child(side: str, saes: int, tokens: int, d: int, blocks: int) -> dict:
     import torch
 
     from saeflow.ids import Slot
-    from saeflow.saes.train import StackedTrainer, TrainConfig
-    from saeflow.saes.train import family as fam
-    from saeflow.saes.train import stacked
+    from saeflow.saes.train import StackedTrainer, TrainConfig, chunks, stacked
 
     torch.set_num_threads(1)
     cfg = TrainConfig(width=64, k=4, tokens=tokens * 4, batch_size=1024, input_norm="dim",
                       dim_cap=10.0, resample_dead=True, dead_tokens=1024)
     g = torch.Generator().manual_seed(0)
     slots = [Slot("resid_post", i) for i in range(saes)]
-    buf = fam._ChunkBuffer(slots, tokens)
+    buf = chunks.ChunkBuffer(slots, tokens)
     buf.x = (torch.randn(saes, tokens, d, generator=g) * 2 + 1).to(torch.bfloat16)
     perm = torch.randperm(tokens, generator=g)
     stacked.INIT_BLOCK_BYTES = max(1, saes * tokens * d * 4 // blocks)

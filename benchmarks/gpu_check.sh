@@ -8,8 +8,9 @@
 #            of its tile, timed in the same run; then widepack (26 x 3 x 131k, end to end)
 #   train    bench_train_step --stacked: the old and the new stacked step, interleaved, at the
 #            family's shape (54 SAEs, 4096 wide, SAE batch 4096); bench_train --profile gpu:
-#            (a) the model's forward alone, (b) the SAE updates alone, (c) the full loop, and
-#            the bf16 GEMM peak, all in one run
+#            (a) the model's forward alone, (b) the SAE updates alone, (c) the full loop, serial
+#            and with SAEFLOW_OVERLAP=1 (capture on a side stream; its pack must be identical),
+#            and the bf16 GEMM peak, all in one run
 #   passes   bench_stats device: the statistics sums and the index bookkeeping on TopK codes,
 #            the old host-side code against the new device-side code in the same run;
 #            bench_index_ops: the index of 54 SAEs SAE by SAE (the old code) vs one group per
@@ -102,8 +103,8 @@ train)
   run train_step 90 "$PY" benchmarks/bench_train_step.py --stacked --device "$DEVICE" "${STEP[@]}"
   grep -E "^  (dead|param)" "$OUT/train_step.log" | sed 's/^/train step: /' | tee -a "$SUMMARY"
   step "training throughput, gpu profile shapes (54 SAEs)"
-  run train_loop 150 "$PY" benchmarks/bench_train.py --model "$MODEL" --profile gpu \
-    --device "$DEVICE" "${LOOP[@]}"
+  run train_loop 180 "$PY" benchmarks/bench_train.py --model "$MODEL" --profile gpu \
+    --device "$DEVICE" --overlap "${LOOP[@]}"
   grep -E "^\(|^    " "$OUT/train_loop.log" | sed 's/^/train: /' | tee -a "$SUMMARY"
   ;;
 passes)

@@ -1,5 +1,11 @@
 """The family loop: its preallocated chunk buffers and gathered batches train exactly the packs
-of the loop they replaced (a frozen copy below), resume exactly, and wait for no device."""
+of the loop they replaced (a frozen copy below), resume exactly, and wait for no device. With
+overlap on (two buffer sets, a side stream, events), the stream calls go to a recorder that
+models two CUDA streams: every write of a chunk happens before its training reads it, and every
+training before the writes that later reuse its buffers."""
+import collections
+import contextlib
+import functools
 import math
 from dataclasses import replace
 
@@ -9,7 +15,7 @@ import torch
 from saeflow.ids import Slot
 from saeflow.lm.corpora import Corpus
 from saeflow.lm.hooks import capture
-from saeflow.saes.train import TrainConfig, stacked, train_family
+from saeflow.saes.train import TrainConfig, chunks, stacked, train_family
 from saeflow.saes.train import family as fam
 
 
@@ -117,8 +123,8 @@ def test_init_and_resampling_read_the_chunk_sae_by_sae_and_train_the_same_pack(
     cfg = tiny_cfg(engine="stacked", resample_dead=True, dead_tokens=256)
     monkeypatch.setattr(stacked, "INIT_BLOCK_BYTES", 1)
     widest = []
-    real = fam._Shuffled.__getitem__
-    monkeypatch.setattr(fam._Shuffled, "__getitem__",
+    real = chunks.Shuffled.__getitem__
+    monkeypatch.setattr(chunks.Shuffled, "__getitem__",
                         lambda self, i: widest.append(real(self, i)) or widest[-1])
     new = train_family(m, cfg, tmp_path / "new", progress=False).pack
     with monkeypatch.context() as mp:
@@ -162,7 +168,7 @@ def test_chunk_buffer_gathers_the_content_rows_without_a_host_sync(tiny_models, 
     dev = torch.device(m.device)
     slots = [Slot("resid_post", 0), Slot("mlp_out", 1)]
     batches = list(Corpus.from_spec("wiki", seed=0).token_batches(m.tokenizer, 4, 32))[:3]
-    buf = fam._ChunkBuffer(slots, capacity=3 * 4 * 32)
+    buf = chunks.ChunkBuffer(slots, capacity=3 * 4 * 32)
     expect, at = {s: [] for s in slots}, 0
     cuda = dev.type == "cuda"
     for b in batches:
@@ -174,9 +180,9 @@ def test_chunk_buffer_gathers_the_content_rows_without_a_host_sync(tiny_models, 
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         try:
-            rows = fam._to_device(mask.reshape(-1).nonzero().squeeze(1), dev)
+            rows = chunks.to_device(mask.reshape(-1).nonzero().squeeze(1), dev)
             buf.add(acts, rows, at)
-            perm = fam._to_device(torch.randperm(at + rows.shape[0]), dev)
+            perm = chunks.to_device(torch.randperm(at + rows.shape[0]), dev)
             got = buf.rows(perm[:16])  # [S, 16, d]
         finally:
             if cuda:
@@ -207,7 +213,110 @@ def test_the_gpu_profile_and_the_pinned_profiles():
     names = {n for n, _ in parse_corpus_spec(gpu.corpus)}
     assert names == {"wiki", "python"}
     # the chunk buffer of the 54 SAEs (bf16, d 640) and the init's blocks (~5 float32 copies
-    # of at most INIT_BLOCK_BYTES) stay well inside an 80 GB card
+    # of at most INIT_BLOCK_BYTES) stay well inside an 80 GB card, with overlap's second set
     rows = gpu.chunk_tokens + gpu.model_batch * gpu.ctx_len
-    assert 54 * rows * 640 * 2 + 5 * stacked.INIT_BLOCK_BYTES < 20e9
+    assert 2 * 54 * rows * 640 * 2 + 5 * stacked.INIT_BLOCK_BYTES < 30e9  # 2 sets: overlap
     assert replace(gpu).identity() == gpu.identity()
+
+
+# --- overlap: the stream hand-over --------------------------------------------------------------
+class RecordedStreams(chunks.Streams):
+    """Two modelled streams ("main", "side") with vector clocks: an op's clock says which ops of
+    each stream are known to be done before it runs; events carry the recording stream's clock
+    and `wait` merges it in, as CUDA's stream semantics do."""
+
+    def __init__(self):
+        self.on, self.side = True, None
+        self.current = "main"
+        self.clock = {"main": collections.Counter(), "side": collections.Counter()}
+        self.ops: list[tuple[str, str, int, dict]] = []  # (kind, stream, key, clock)
+
+    @contextlib.contextmanager
+    def capturing(self):
+        before, self.current = self.current, "side"
+        try:
+            yield
+        finally:
+            self.current = before
+
+    def op(self, kind: str, key: int) -> None:
+        c = self.clock[self.current]
+        c[self.current] += 1
+        self.ops.append((kind, self.current, key, dict(c)))
+
+    def record(self):
+        self.op("record", -1)
+        return dict(self.clock[self.current])
+
+    def wait(self, event) -> None:
+        if event is not None:
+            c = self.clock[self.current]
+            for s, n in event.items():
+                c[s] = max(c[s], n)
+
+
+def _before(a, b) -> bool:
+    """Op a is done before op b starts (same stream in order, or through events)."""
+    _, sa, _, ca = a
+    return ca[sa] <= b[3].get(sa, 0)
+
+
+def test_overlap_hand_over_is_race_free_and_trains_the_serial_pack(tiny_models, tmp_path,
+                                                                   monkeypatch):
+    m = tiny_models["llama"]
+    cfg = tiny_cfg(engine="stacked", tokens=5000, chunk_tokens=1000, batch_size=96)
+    serial = train_family(m, cfg, tmp_path / "serial", progress=False).pack
+
+    rec = RecordedStreams()
+    monkeypatch.setattr(fam, "ChunkCapture", functools.partial(chunks.ChunkCapture, streams=rec))
+    sets: dict[int, int] = {}  # id(buffer set) -> set index
+    captured = [0]  # chunks whose capture is queued (ready recorded)
+
+    real_add, real_record = chunks.ChunkBuffer.add, rec.record
+
+    def add(self, acts, rows, at):
+        rec.op("write", captured[0])
+        return real_add(self, acts, rows, at)
+
+    def record():
+        ev = real_record()
+        if rec.current == "side":
+            captured[0] += 1
+        return ev
+
+    real_train, real_check = fam._train_chunk, fam._checked_metrics
+    trained = [0]
+
+    def train(groups, bufs, *a):
+        sets.setdefault(id(bufs), len(sets))
+        rec.op("train", trained[0])
+        real_train(groups, bufs, *a)
+        trained[0] += 1
+
+    def check(*a):
+        rec.op("metrics", trained[0] - 1)
+        return real_check(*a)
+
+    monkeypatch.setattr(chunks.ChunkBuffer, "add", add)
+    monkeypatch.setattr(rec, "record", record)
+    monkeypatch.setattr(fam, "_train_chunk", train)
+    monkeypatch.setattr(fam, "_checked_metrics", check)
+    overlapped = train_family(m, cfg, tmp_path / "overlap", progress=False).pack
+    _assert_same_pack(serial, overlapped)
+
+    assert len(sets) == 2  # the chunks alternate between two buffer sets
+    writes = [o for o in rec.ops if o[0] == "write"]
+    trains = [o for o in rec.ops if o[0] == "train"]
+    assert {o[1] for o in writes} == {"side"} and {o[1] for o in trains} == {"main"}
+    n = len(trains)
+    assert n == cfg.tokens // cfg.chunk_tokens
+    for t in trains:
+        c = t[2]
+        # every write of chunk c is done before c trains ...
+        assert all(_before(w, t) for w in writes if w[2] == c)
+        # ... and c's training before chunk c + 2 overwrites the same buffers
+        assert all(_before(t, w) for w in writes if w[2] == c + 2)
+    # and the overlap is real: chunk c + 1's capture is queued before c's metrics are read
+    order = [(o[0], o[2]) for o in rec.ops if o[0] in ("write", "metrics")]
+    for c in range(n - 1):
+        assert order.index(("write", c + 1)) < order.index(("metrics", c))

@@ -1,14 +1,14 @@
 """The family loop: every (position, layer) SAE of a config trained from one pass of the model
 over a corpus, into a pack.
 
-Per forward batch, the activations of every slot are captured once and written straight into
-one preallocated buffer per engine ([S, chunk capacity, d_in], the content tokens only). When a
-chunk is full (chunk_tokens), each engine trains on it in batches of rows drawn by one shuffled
-permutation; then the chunk starts over, which is where checkpoints are taken. So a resumed run
-replays exactly the same batches: the corpus is deterministic and skipped chunks only need
-tokenising, not a forward pass. Nothing in a forward batch or a step waits for the device (the
-content positions come from the tokenizer's CPU mask), so on a GPU the host queues the next
-forward while the SAE updates run; metrics are read once per chunk.
+The corpus is cut into chunks (chunks.py captures each into one preallocated buffer per engine,
+[S, chunk capacity, d_in], the content tokens only). When a chunk is full (chunk_tokens), each
+engine trains on it in batches of rows drawn by one shuffled permutation; then the next chunk
+starts, which is where checkpoints are taken. So a resumed run replays exactly the same batches:
+the corpus is deterministic and skipped chunks only need tokenising, not a forward pass. Nothing
+in a forward batch or a step waits for the device, and a chunk's metrics are read only once the
+next chunk's capture is queued, so on a GPU the host keeps the device fed (with SAEFLOW_OVERLAP=1
+the capture runs on a side stream beside the training).
 """
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ from saeflow.checks import flag
 from saeflow.errors import ConfigError, TrainingError
 from saeflow.ids import Slot
 from saeflow.lm.corpora import Corpus
-from saeflow.lm.hooks import capture
 from saeflow.lm.model import LoadedModel, dtype_name, resolve_encoder_dtype
 from saeflow.saes.packs import PACK_MANIFEST, Pack, load_pack, save_pack
 from saeflow.saes.train import recipe
+from saeflow.saes.train.chunks import ChunkBuffer, ChunkCapture, to_device
 from saeflow.saes.train.config import TrainConfig
 from saeflow.saes.train.recipe import Engine
 from saeflow.saes.train.sparse import SAETrainer
@@ -218,96 +218,11 @@ def _model_in(model: LoadedModel, dtype: torch.dtype) -> Iterator[None]:
                 v.copy_(buffers[k])
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """CPU tensor t on `device`. To a GPU from pinned memory, without the host waiting for the
-    copy (torch's pinned allocator keeps the block until the copy is done)."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-class _ChunkBuffer:
-    """One engine group's chunk: its SAEs' activations x [S, capacity, d_in] in the capture's
-    dtype, which each forward batch writes into in place (no per-batch lists, cat or stack)."""
-
-    def __init__(self, slots: list[Slot], capacity: int):
-        self.slots, self.capacity = slots, capacity
-        self.x: torch.Tensor | None = None  # allocated by the first batch: its dtype and width
-
-    def add(self, acts: dict[Slot, torch.Tensor], rows: torch.Tensor, at: int) -> None:
-        """acts {slot: [batch, ctx, d_in]}; rows [n] flat positions of the content tokens, on
-        the device: they become the chunk's rows at..at+n, in order."""
-        for i, s in enumerate(self.slots):
-            a = acts[s].reshape(-1, acts[s].shape[-1])  # [batch * ctx, d_in]
-            if self.x is None:
-                self.x = a.new_empty(len(self.slots), self.capacity, a.shape[-1])
-            torch.index_select(a, 0, rows, out=self.x[i, at:at + rows.shape[0]])
-
-    def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """Rows idx [m] (on the device) of every SAE's chunk: [S, m, d_in], a gathered copy."""
-        assert self.x is not None
-        return self.x.index_select(1, idx)
-
-    def shuffled(self, perm: torch.Tensor) -> "_Shuffled":
-        """The chunk in the order perm [N], gathered only SAE by SAE when read."""
-        assert self.x is not None
-        return _Shuffled(self.x, perm)
-
-
-class _Shuffled:
-    """x [S, cap, d_in] read as x[:, perm] ([S, N, d_in]) without gathering all of it: indexing
-    by SAE (an int or a slice) gathers just those SAEs' rows. Init and resampling read the
-    whole chunk; a full copy of it is 9 GB in bf16 on the gpu profile."""
-
-    def __init__(self, x: torch.Tensor, perm: torch.Tensor):
-        self.x, self.perm = x, perm
-        self.shape = torch.Size((x.shape[0], perm.shape[0], x.shape[2]))
-        self.device = x.device
-
-    def __getitem__(self, i: int | slice) -> torch.Tensor:
-        return self.x[i].index_select(-2, self.perm)  # [N, d_in] or [s, N, d_in]
-
-
-def _chunks(model: LoadedModel, corpus: Corpus, cfg: TrainConfig, groups: list[EngineGroup],
-            skip: int, todo: int) -> Iterator[tuple[list[_ChunkBuffer], int]]:
-    """(a buffer per engine group, n tokens >= chunk_tokens in each) for each of `todo` chunks,
-    after skipping `skip` chunks (done by earlier runs: tokenising only). The buffers are
-    reused: a chunk is overwritten by the next one (on a GPU, in stream order)."""
-    dev = torch.device(model.device)
-    slots = [s for g in groups for s in g.slots]
-    # A chunk ends with the batch that fills it, so it can hold one batch beyond chunk_tokens.
-    cap = cfg.chunk_tokens + cfg.model_batch * cfg.ctx_len
-    bufs = [_ChunkBuffer(g.slots, cap) for g in groups]
-    n_buf, seen, made = 0, 0, 0
-    for b in corpus.token_batches(model.tokenizer, cfg.model_batch, cfg.ctx_len):
-        mask = b.content_mask()  # [batch, ctx] on the CPU: counting it waits for no device
-        n = int(mask.sum())
-        if seen < skip:
-            n_buf += n
-            if n_buf >= cfg.chunk_tokens:
-                seen += 1
-                n_buf = 0
-            continue
-        if made >= todo:
-            return
-        rows = _to_device(mask.reshape(-1).nonzero().squeeze(1), dev)  # [n] content positions
-        acts = capture(model, _to_device(b.input_ids, dev), slots,
-                       attention_mask=_to_device(b.attention_mask, dev))
-        for buf in bufs:
-            buf.add(acts, rows, n_buf)
-        del acts
-        n_buf += n
-        if n_buf < cfg.chunk_tokens:
-            continue
-        yield bufs, n_buf
-        n_buf, made = 0, made + 1
-
-
-def _train_chunk(groups: list[EngineGroup], bufs: list[_ChunkBuffer], perm: torch.Tensor,
-                 cfg: TrainConfig, steps_total: int, ckpt_dir: Path) -> dict[Slot, dict]:
+def _train_chunk(groups: list[EngineGroup], bufs: list[ChunkBuffer], perm: torch.Tensor,
+                 cfg: TrainConfig, steps_total: int, ckpt_dir: Path) -> None:
     """Each engine's SAEs trained on their chunk's rows in the shuffled order `perm` [N] (on
-    the device): step by step, each batch gathered by its slice of perm. Their last metrics."""
-    last: dict[Slot, dict] = {}
+    the device): step by step, each batch gathered by its slice of perm. Only queued on a GPU:
+    `_checked_metrics` reads the result."""
     for g, buf in zip(groups, bufs):
         t = g.engine
         # init and resampling see the whole shuffled chunk [S, N, d_in], as they always did,
@@ -324,7 +239,14 @@ def _train_chunk(groups: list[EngineGroup], bufs: list[_ChunkBuffer], perm: torc
                     f"{e} in the SAE at {g.slots[0].position} layer {g.slots[0].layer} (step "
                     f"{t.step_i}); stopped. The last good checkpoint is kept in {ckpt_dir}; try "
                     f"a lower --lr") from None
-        for s, m in zip(g.slots, t.metrics()):  # once per chunk: one host sync per group
+
+
+def _checked_metrics(groups: list[EngineGroup], ckpt_dir: Path) -> dict[Slot, dict]:
+    """The SAEs' last metrics (one host sync per group), or a TrainingError if one diverged."""
+    last: dict[Slot, dict] = {}
+    for g in groups:
+        t = g.engine
+        for s, m in zip(g.slots, t.metrics()):
             if not math.isfinite(m["loss"]) or m["fvu"] > 1e3:
                 raise TrainingError(
                     f"loss is {m['loss']} (FVU {m['fvu']:.3g}) in the SAE at {s.position} "
@@ -360,37 +282,52 @@ class _Run:
 def _loop(run: _Run, corpus: Corpus, progress: bool,
           stop_after_chunks: int | None) -> dict[Slot, dict]:
     """Capture, chunk and train until the run's tokens are done, checkpointing every
-    checkpoint_every_s seconds; the SAEs' last metrics."""
+    checkpoint_every_s seconds; the SAEs' last metrics. A chunk's metrics are read after the
+    next chunk's capture is queued, so on a GPU that capture runs beside its training."""
     from tqdm.auto import tqdm
 
     cfg, n_chunks = run.cfg, run.schedule.n_chunks
+    dev = torch.device(run.model.device)
     t_start = last_ckpt = time.perf_counter()
     last_of: dict[Slot, dict] = {}
+    cap = ChunkCapture(run.model, corpus, cfg, [g.slots for g in run.groups])
 
     def save() -> None:
         _save_checkpoint(run.ckpt_dir, ident=run.ident, chunk=run.chunk_i, gen=run.gen,
                          wall=run.wall_before + time.perf_counter() - t_start, groups=run.groups)
 
+    def finish(bar) -> None:
+        """The last trained chunk's metrics checked; progress, stop and checkpoint."""
+        nonlocal last_ckpt
+        last_of.update(_checked_metrics(run.groups, run.ckpt_dir))
+        run.chunk_i += 1
+        bar.update(cfg.chunk_tokens)
+        bar.set_postfix(**_mean_postfix(last_of))
+        if stop_after_chunks is not None and stop_after_chunks <= run.chunk_i < n_chunks:
+            save()
+            raise KeyboardInterrupt("stop_after_chunks")
+        if time.perf_counter() - last_ckpt > cfg.checkpoint_every_s and run.chunk_i < n_chunks:
+            save()
+            last_ckpt = time.perf_counter()
+
     with tqdm(total=n_chunks * cfg.chunk_tokens, initial=run.chunk_i * cfg.chunk_tokens,
               unit="tok", unit_scale=True, desc=f"training {len(run.slots)} SAEs",
               disable=not progress, smoothing=0.1) as bar:
-        for bufs, n_buf in _chunks(run.model, corpus, cfg, run.groups, skip=run.chunk_i,
-                                   todo=n_chunks - run.chunk_i):
-            # A full chunk: shuffle and train each SAE on exactly chunk_tokens of its n_buf
+        trained = False  # a chunk is trained whose metrics are not read yet
+        for chunk in cap.chunks(skip=run.chunk_i, todo=n_chunks - run.chunk_i):
+            if trained:
+                finish(bar)
+            # A full chunk: shuffle and train each SAE on exactly chunk_tokens of its n
             # tokens (the rest of the batch that filled it is dropped).
-            perm = torch.randperm(n_buf, generator=run.gen)[:cfg.chunk_tokens]  # [N] on the CPU
-            perm = _to_device(perm, torch.device(run.model.device))
-            last_of.update(_train_chunk(run.groups, bufs, perm, cfg, run.schedule.steps_total,
-                                        run.ckpt_dir))
-            run.chunk_i += 1
-            bar.update(cfg.chunk_tokens)
-            bar.set_postfix(**_mean_postfix(last_of))
-            if stop_after_chunks is not None and stop_after_chunks <= run.chunk_i < n_chunks:
-                save()
-                raise KeyboardInterrupt("stop_after_chunks")
-            if time.perf_counter() - last_ckpt > cfg.checkpoint_every_s and run.chunk_i < n_chunks:
-                save()
-                last_ckpt = time.perf_counter()
+            perm = torch.randperm(chunk.n, generator=run.gen)[:cfg.chunk_tokens]  # [N], CPU
+            perm = to_device(perm, dev)
+            cap.acquire(chunk)
+            _train_chunk(run.groups, chunk.bufs, perm, cfg, run.schedule.steps_total,
+                         run.ckpt_dir)
+            cap.release(chunk)
+            trained = True
+        if trained:
+            finish(bar)
     if run.chunk_i < n_chunks:
         raise ConfigError(f"the corpus ran out after {run.chunk_i} of {n_chunks} chunks")
     run.wall_before += time.perf_counter() - t_start
