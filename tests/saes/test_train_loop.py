@@ -7,6 +7,7 @@ import collections
 import contextlib
 import functools
 import math
+import os
 from dataclasses import replace
 
 import pytest
@@ -159,6 +160,33 @@ def test_count_tokens_counts_the_content_tokens_of_the_batches(tiny_models, tmp_
     assert fam.count_tokens(corpus, m.tokenizer, cfg, 10**9) == batches
     assert batches // 2 <= fam.count_tokens(corpus, m.tokenizer, cfg, batches // 2,
                                             docs_per_call=3) < batches
+
+
+def test_training_tokenises_on_every_core_and_leaves_the_setting_as_it_was(tiny_models,
+                                                                          monkeypatch):
+    """count_tokens and the chunks' batches tokenise with TOKENIZERS_PARALLELISM on; the
+    process-wide setting (off) is back afterwards."""
+    m = tiny_models["gemma3"]
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    seen = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(m.tokenizer, name)
+
+        def __call__(self, *a, **kw):
+            seen.append(os.environ.get("TOKENIZERS_PARALLELISM"))
+            return m.tokenizer(*a, **kw)
+
+    cfg = tiny_cfg()
+    corpus = Corpus.from_spec("wiki", seed=0)
+    n = fam.count_tokens(corpus, Recording(), cfg, 3000)
+    assert n == fam.count_tokens(corpus, m.tokenizer, cfg, 3000)
+    model = replace(m, tokenizer=Recording())
+    cap = chunks.ChunkCapture(model, corpus, cfg, [[Slot("resid_post", 0)]])
+    assert next(cap.chunks(skip=0, todo=1)).n >= cfg.chunk_tokens
+    assert seen and set(seen) == {"true"}
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
 
 
 def test_chunk_buffer_gathers_the_content_rows_without_a_host_sync(tiny_models, test_device):

@@ -7,6 +7,7 @@ rebuilt.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -14,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Iterator, cast
 
 import torch
 
@@ -412,6 +413,22 @@ def tokenizer_adds_bos(tokenizer) -> bool:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextlib.contextmanager
+def parallel_tokenizing() -> Iterator[None]:
+    """Batch tokenisation on every core inside the block (the Rust tokenizer reads the variable
+    at each call). Outside it stays off process-wide: a fork after parallel use would otherwise
+    warn, and it stays "configured", so the tokenizer never warns about the fork either."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 # --- dtype choice -----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 from saeflow.ids import Slot
 from saeflow.lm.corpora import Corpus
 from saeflow.lm.hooks import capture
-from saeflow.lm.model import LoadedModel
+from saeflow.lm.model import LoadedModel, parallel_tokenizing
 from saeflow.saes.train.config import TrainConfig
 
 
@@ -138,6 +138,10 @@ class ChunkCapture:
         """Each of `todo` chunks, after skipping `skip` chunks (done by earlier runs: tokenising
         only). A chunk's buffers are overwritten by the capture after the next one, once its
         training has been `release`d (with one set: by the next capture)."""
+        with parallel_tokenizing():  # the host keeps ahead of a GPU
+            yield from self._chunks(skip, todo)
+
+    def _chunks(self, skip: int, todo: int) -> Iterator[Chunk]:
         cfg = self.cfg
         n_buf, seen, made, set_i = 0, 0, 0, 0
         for b in self.corpus.token_batches(self.model.tokenizer, cfg.model_batch, cfg.ctx_len):

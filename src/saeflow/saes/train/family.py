@@ -28,7 +28,12 @@ from saeflow.checks import flag
 from saeflow.errors import ConfigError, TrainingError
 from saeflow.ids import Slot
 from saeflow.lm.corpora import Corpus
-from saeflow.lm.model import LoadedModel, dtype_name, resolve_encoder_dtype
+from saeflow.lm.model import (
+    LoadedModel,
+    dtype_name,
+    parallel_tokenizing,
+    resolve_encoder_dtype,
+)
 from saeflow.saes.packs import PACK_MANIFEST, Pack, load_pack, save_pack
 from saeflow.saes.train import recipe
 from saeflow.saes.train.chunks import ChunkBuffer, ChunkCapture, to_device
@@ -53,19 +58,21 @@ def count_tokens(corpus: Corpus, tokenizer, cfg: TrainConfig, limit: int,
                  docs_per_call: int = 256) -> int:
     """Content tokens the corpus can give (stops counting at `limit`): every token of every
     training document is a content token of `token_batches` (BOS, separators and padding are
-    not), so the documents are only tokenised, in large batches, and never packed into rows."""
+    not), so the documents are only tokenised, in large batches on every core, and never packed
+    into rows."""
     n = 0
     docs: list[str] = []
-    for doc in corpus.documents("train"):
-        docs.append(doc.text)
-        if len(docs) < docs_per_call:
-            continue
-        n += sum(map(len, tokenizer(docs, add_special_tokens=False)["input_ids"]))
-        docs = []
-        if n >= limit:
-            return n
-    if docs:
-        n += sum(map(len, tokenizer(docs, add_special_tokens=False)["input_ids"]))
+    with parallel_tokenizing():
+        for doc in corpus.documents("train"):
+            docs.append(doc.text)
+            if len(docs) < docs_per_call:
+                continue
+            n += sum(map(len, tokenizer(docs, add_special_tokens=False)["input_ids"]))
+            docs = []
+            if n >= limit:
+                return n
+        if docs:
+            n += sum(map(len, tokenizer(docs, add_special_tokens=False)["input_ids"]))
     return n
 
 
